@@ -1,0 +1,108 @@
+"""Backends that run the fused ops, and the ONE selector that picks one per call.
+
+A backend says which fused-op *variants* it implements and, for one call, why it cannot
+run it (``None`` when it can). The selector walks :data:`ORDER` and takes the first
+backend that can run the call; the reference backend runs everything, so it is always
+last. Every number a backend's limits use lives in :mod:`fusion_passes.backends.thresholds`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Protocol
+
+import torch
+
+from fusion_passes.backends import thresholds
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """What the selector knows about one fused call (or, with ``tokens=None``, a graph site)."""
+
+    variant: str
+    device: str  # "cpu", "cuda" or "rocm"
+    dtype: torch.dtype
+    hidden: int
+    world_size: int
+    tokens: int | None = None
+    single_node: bool = True
+
+
+class Backend(Protocol):
+    """A backend: a name, the variants it implements, a gate and a runner."""
+
+    name: str
+    variants: frozenset[str]
+
+    def unsupported(self, call: Call) -> str | None:
+        """Why this backend cannot run *call*, or ``None`` if it can."""
+
+    def run(self, variant: str, *args, **kwargs):
+        """Run one fused call of *variant*; same arguments and results as the op."""
+
+
+_REGISTRY: dict[str, Callable[[], Backend]] = {}
+ORDER: list[str] = []
+
+
+def register(name: str, factory: Callable[[], Backend], *, before: str | None = None) -> None:
+    """Add a backend (created lazily: importing a vendor library is deferred to first use)."""
+    _REGISTRY[name] = factory
+    if name in ORDER:
+        ORDER.remove(name)
+    ORDER.insert(ORDER.index(before) if before in ORDER else len(ORDER), name)
+    get.cache_clear()
+    select.cache_clear()
+
+
+@functools.lru_cache(maxsize=None)
+def get(name: str) -> Backend:
+    """The backend called *name*; a clear error naming the known ones otherwise."""
+    if name not in _REGISTRY:
+        raise ValueError(f"fusion_passes: unknown backend {name!r}; known: {', '.join(ORDER)}")
+    return _REGISTRY[name]()
+
+
+def why_not(name: str, call: Call) -> str | None:
+    """Why backend *name* cannot run *call* (``None`` if it can), never raising."""
+    try:
+        backend = get(name)
+    except Exception as e:  # noqa: BLE001 - an unimportable backend is just unavailable
+        return f"{name} unavailable: {e}"
+    if call.variant not in backend.variants:
+        return f"{name} does not implement {call.variant}"
+    return backend.unsupported(call)
+
+
+@functools.lru_cache(maxsize=4096)
+def select(call: Call, prefer: str = "auto") -> str:
+    """The backend to run *call*: *prefer* if given and able, else the first able in ORDER."""
+    if prefer != "auto":
+        reason = why_not(prefer, call)
+        if reason is not None:
+            raise RuntimeError(f"fusion_passes: backend {prefer!r} cannot run {call}: {reason}")
+        return prefer
+    for name in ORDER:
+        if why_not(name, call) is None:
+            return name
+    raise RuntimeError(f"fusion_passes: no backend can run {call}")  # reference runs all
+
+
+def device_kind(device: torch.device) -> str:
+    """``cpu``, ``cuda`` or ``rocm`` (ROCm builds report their GPUs as ``cuda``)."""
+    if device.type == "cuda" and torch.version.hip is not None:
+        return "rocm"
+    return device.type
+
+
+def _reference() -> Backend:
+    from fusion_passes.backends.reference import ReferenceBackend
+
+    return ReferenceBackend()
+
+
+register("reference", _reference)
+
+__all__ = ["Backend", "Call", "ORDER", "get", "register", "select", "why_not", "thresholds"]

@@ -1,0 +1,113 @@
+"""FusionPass: the Inductor post-grad custom pass (recognize -> hoist -> match -> rewrite -> report)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import time
+import dataclasses
+
+import torch
+from torch.fx import Graph
+
+from fusion_passes import _compat, ops  # noqa: F401  (ops registers the fused ops)
+from fusion_passes.match import find_site
+from fusion_passes.options import FusionOptions
+from fusion_passes.recognize import Miss, all_reduce
+from fusion_passes.report import FusionReport, SiteReport
+from fusion_passes.rewrite import FakeVals, rewrite
+
+log = logging.getLogger("fusion_passes")
+
+
+@functools.lru_cache(maxsize=1)
+def source_hash() -> str:
+    """sha256 of every source file of the installed library (patterns and tools included)."""
+    root = pathlib.Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    files = []
+    for top, dirs, names in os.walk(root, followlinks=True):  # patterns/, tools/ may be links
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        files += [pathlib.Path(top, n) for n in sorted(names) if n.endswith(".py")]
+    for p in files:
+        h.update(str(p.relative_to(root)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+class FusionPass(_compat.CustomGraphPass):
+    """Fuse every tensor-parallel all-reduce that feeds a residual add + RMSNorm.
+
+    Use as ``torch._inductor.config.post_grad_custom_post_pass`` (or through
+    :func:`fusion_passes.install`). After each call :attr:`report` holds the
+    :class:`~fusion_passes.report.FusionReport` of the graph just processed and
+    :attr:`reports` every report since construction. Never raises: an internal error
+    leaves the graph as it was, logs one warning and is recorded in the report.
+    """
+
+    def __init__(self, **options):
+        self.options = FusionOptions(**options)
+        self.report = FusionReport()
+        self.reports: list[FusionReport] = []
+
+    def uuid(self) -> str:
+        """Changes with the library's sources and the options (the FX-graph cache key)."""
+        opts = json.dumps(dataclasses.asdict(self.options), sort_keys=True)
+        return hashlib.sha256(f"{source_hash()}|{opts}".encode()).hexdigest()
+
+    def __call__(self, graph: Graph) -> None:
+        start = time.perf_counter()
+        report = FusionReport()
+        if any(all_reduce(n) is not None for n in graph.nodes):
+            backup = _compat.copy_graph(graph)
+            try:
+                self._run(graph, report)
+                graph.lint()
+            except Exception as e:  # noqa: BLE001 - a pass must never break compilation
+                _compat.restore_graph(graph, backup)
+                msg = f"fusion_passes: internal error, graph left unchanged: {type(e).__name__}: {e}"
+                log.warning(msg)
+                report.errors.append(msg)
+                for s in report.sites:
+                    s.fused, s.variant, s.backend, s.reason = False, None, None, "pass failed: graph unchanged"
+        report.seconds = time.perf_counter() - start
+        self.report = report
+        self.reports.append(report)
+        log.info("fusion_passes: %s in %.1f ms", report.summary(), report.seconds * 1e3)
+
+    def _run(self, graph: Graph, report: FusionReport) -> None:
+        hoisted: dict[str, list[str]] = {}
+        if self.options.hoist:
+            from fusion_passes import hoist
+
+            hoisted = hoist.run(graph, self.options)
+        fake_vals = FakeVals(graph)
+        # Match each site on the graph as the previous rewrites left it: a site's residual
+        # is often the previous site's sum, which that rewrite has just replaced.
+        for node in [n for n in graph.nodes if all_reduce(n) is not None]:
+            entry = SiteReport(node.name, hoisted_over=hoisted.get(node.name, []))
+            entry.source = _source_line(node)
+            report.sites.append(entry)
+            found = all_reduce(node)
+            site = found if isinstance(found, Miss) else find_site(found, self.options.backend)
+            if isinstance(site, Miss):
+                entry.reason, entry.blocker = site.reason, getattr(site.node, "name", None)
+                entry.source = _source_line(site.node) or entry.source
+                continue
+            if self.options.debug_fail:
+                raise RuntimeError("debug_fail option set")
+            rewrite(graph, site, fake_vals, self.options.backend)
+            entry.fused, entry.variant, entry.backend = True, site.family.name, site.backend
+
+
+def _source_line(node) -> str | None:
+    """The last ``File ..., line N`` of the node's stack trace: the model source it came from."""
+    trace = node.meta.get("stack_trace") if node is not None else None
+    if not trace:
+        return None
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File ")]
+    return lines[-1] if lines else None

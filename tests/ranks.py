@@ -1,0 +1,82 @@
+"""Evaluate an FX graph across simulated ranks, in one process.
+
+Every value is a list with one tensor per rank. Ordinary ops run per rank; an
+all-reduce sums the ranks' tensors (in rank order, in the tensor's dtype, as a ring of
+one would); a fused op sums its input the same way and then runs the reference
+epilogue per rank. Running the unfused and the fused graph through this gives the
+numerics of both on R ranks without processes.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fusion_passes import epilogue
+
+
+def rank_sum(xs: list[torch.Tensor]) -> torch.Tensor:
+    total = xs[0].clone()
+    for x in xs[1:]:
+        total = total + x
+    return total
+
+
+def _fused_add_rmsnorm(rank_args):
+    reduced = rank_sum([a[0] for a in rank_args])
+    outs = []
+    for a in rank_args:
+        _, residual, weight, eps, _group, gemma, w_fp32 = a[:7]
+        outs.append(epilogue.add_rms_norm(reduced, residual, weight, eps, gemma=gemma, weight_in_fp32=w_fp32))
+    return outs
+
+
+COLLECTIVES = {
+    "_c10d_functional.all_reduce.default": lambda ra: [rank_sum([a[0] for a in ra])] * len(ra),
+    "_c10d_functional.wait_tensor.default": lambda ra: [a[0] for a in ra],
+    "vllm.all_reduce.default": lambda ra: [rank_sum([a[0] for a in ra])] * len(ra),
+    "fusion_passes.allreduce_add_rmsnorm.default": _fused_add_rmsnorm,
+}
+
+
+def _name(target) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._opname}.{target._overloadname}"
+    return ""
+
+
+def run_ranks(gm: GraphModule, rank_inputs: list[tuple]) -> list:
+    """Outputs of *gm* on each rank; ``rank_inputs[r]`` are rank r's placeholders."""
+    world = len(rank_inputs)
+    env: dict[Node, list] = {}
+
+    def load(a, r):
+        return torch.fx.node.map_arg(a, lambda n: env[n][r])
+
+    placeholders = iter(range(10**9))
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            i = next(placeholders)
+            env[node] = [rank_inputs[r][i] for r in range(world)]
+        elif node.op == "get_attr":
+            v = getattr(gm, node.target)
+            env[node] = [v] * world
+        elif node.op == "call_function":
+            rank_args = [load(node.args, r) for r in range(world)]
+            special = COLLECTIVES.get(_name(node.target))
+            if special is not None:
+                env[node] = special(rank_args)
+            else:
+                env[node] = [
+                    node.target(*rank_args[r], **load(node.kwargs, r)) for r in range(world)
+                ]
+        elif node.op == "output":
+            return [load(node.args[0], r) for r in range(world)]
+        else:
+            raise NotImplementedError(node.op)
+    raise AssertionError("graph without output")
+
+
+__all__ = ["run_ranks", "rank_sum", "operator"]

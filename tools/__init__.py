@@ -1,0 +1,1 @@
+"""The ``fusion-passes`` command line (installed as ``fusion_passes.tools``)."""
