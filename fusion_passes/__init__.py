@@ -14,7 +14,7 @@ The fused ops are ``torch.ops.fusion_passes.*`` (see :mod:`fusion_passes.ops`).
 
 from fusion_passes import ops  # noqa: F401  (registers torch.ops.fusion_passes.*)
 from fusion_passes.fusion_pass import FusionPass
-from fusion_passes.install import enabled, install, uninstall
+from fusion_passes.registration import enabled, install, uninstall
 from fusion_passes.options import FusionOptions
 from fusion_passes.report import FusionReport, SiteReport
 

@@ -44,8 +44,8 @@ def gemma_rms_norm(x, w, eps=1e-6):
 
 def trace(fn, *args) -> torch.fx.GraphModule:
     """make_fx under fake tensors: an aten graph shaped like Inductor's post-grad input."""
-    with torch.no_grad():
-        return make_fx(fn, tracing_mode="fake")(*args)
+    with torch.no_grad():  # functionalized, as Inductor's post-grad graphs are
+        return make_fx(torch.func.functionalize(fn), tracing_mode="fake")(*args)
 
 
 def count(gm: torch.fx.GraphModule, name: str) -> int:

@@ -1,0 +1,125 @@
+"""Real Hugging Face transformers models with tensor parallelism on CPU processes.
+
+Tiny RANDOM models, built with the transformers config classes and written with
+``save_pretrained`` into a local folder (no download, HF_HUB_OFFLINE=1), loaded with
+``tp_plan="auto"`` on ranks that talk over gloo (DESIGN.md section 7).
+
+:func:`save_tiny` writes a model; :func:`spawn` runs a worker function on N processes
+and returns each rank's result; :func:`load_tp` loads a saved model sharded over the
+current process group.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from typing import Any, Callable
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _llama():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, vocab_size=256, max_position_embeddings=64, rms_norm_eps=1e-6,
+    )
+
+
+def _deepseek_v3():
+    """Layer 0 dense MLP, layer 1 MoE (routed + shared experts, reduced separately)."""
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(
+        hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=None,
+        kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
+        vocab_size=256, max_position_embeddings=64, rms_norm_eps=1e-6,
+    )
+
+
+def _qwen3_moe():
+    """Every layer MoE (decoder_sparse_step 1), no shared expert."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=4,
+        num_experts_per_tok=2, decoder_sparse_step=1, vocab_size=256,
+        max_position_embeddings=64, rms_norm_eps=1e-6,
+    )
+
+
+# name -> config builder. Sizes: the smallest that still shard at TP 2 and 4 (heads,
+# kv heads and intermediate divisible by 4) so a model loads and compiles in seconds.
+MODELS: dict[str, Callable[[], Any]] = {"llama": _llama, "deepseek_v3": _deepseek_v3, "qwen3_moe": _qwen3_moe}
+
+
+def save_tiny(name: str, directory: str, seed: int = 0) -> str:
+    """Write tiny random model *name* (a key of :data:`MODELS`) to *directory*."""
+    from transformers import AutoModelForCausalLM
+
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(MODELS[name]())
+    model.save_pretrained(directory)
+    return directory
+
+
+def load_tp(directory: str, dtype: torch.dtype):
+    """Load *directory* sharded over the default process group with the model's tp_plan."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers.distributed import DistributedConfig
+
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, distributed_config=DistributedConfig(tp_plan="auto"), dtype=dtype
+        )
+    except (ImportError, TypeError):  # older transformers spelling
+        model = AutoModelForCausalLM.from_pretrained(directory, tp_plan="auto", dtype=dtype)
+    return model.eval()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, args, results):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # two ranks share two cores
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results[rank] = fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable, world_size: int = 2, *args) -> list:
+    """Run ``fn(rank, *args)`` on *world_size* processes joined by gloo on 127.0.0.1.
+
+    *fn* must be importable (module level). Returns each rank's (picklable) result;
+    an exception on any rank is raised here.
+    """
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_entry, args=(world_size, free_port(), fn, args, results), nprocs=world_size)
+        return [results[r] for r in range(world_size)]
+
+
+def tiny_dir(name: str) -> str:
+    """A fresh temporary folder holding tiny model *name*."""
+    return save_tiny(name, tempfile.mkdtemp(prefix=f"fusion-passes-{name}-"))
