@@ -55,3 +55,193 @@ def add_rms_norm(
     """``(rms_norm(x + residual), x + residual)``: the two values the fused op returns."""
     summed = add_residual(x, residual)
     return rms_norm(summed, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32), summed
+
+
+# ---------------------------------------------------------------------------------------
+# Quantization of the norm output: one function per catalogue family, each in exactly the
+# order of the unfused chain that vLLM 0.33 (or plain PyTorch) emits for it. Sources:
+# vllm/model_executor/layers/quantization/input_quant_fp8.py (QuantFP8.forward_native and
+# _quantize_group_native), csrc/quantization/w8a8/fp8/per_token_group_quant.cu (the custom
+# op's eps / UE8M0 handling), utils/nvfp4_emulation_utils.py (ref_nvfp4_quant),
+# utils/nvfp4_utils.py (swizzle_blockscale) and utils/mxfp4_utils.py
+# (_compute_quant_and_scale, the OCP MX / AITER dynamic_mxfp4_quant rounding).
+# ---------------------------------------------------------------------------------------
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+# NVFP4 and MXFP4 quantize 16-bit activations only (scaled_fp4_quant asserts fp16/bf16;
+# AITER dynamic_mxfp4_quant is instantiated for the same two).
+FP4_INPUT_DTYPES = (torch.float16, torch.bfloat16)
+NVFP4_BLOCK = 16  # NVFP4: one FP8 E4M3 scale per 16 elements (scaled_fp4_quant block_size)
+MXFP4_BLOCK = 32  # MXFP4: one E8M0 scale per 32 elements (OCP MX spec v1.0)
+E2M1_MAX = 6.0  # largest E2M1 magnitude (OCP MX spec; vLLM FLOAT4_E2M1_MAX)
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn (torch.finfo)
+# Swizzled NVFP4 scale tiles: 128 rows x 4 scale columns, rows interleaved 4 x 32
+# (vllm/_custom_ops.py create_fp4_scale_tensor; PTX tcgen05 "scale-factor-b-layout-4x").
+NVFP4_SWIZZLE_ROWS, NVFP4_SWIZZLE_COLS = 128, 4
+
+
+def fp8_max(dtype: torch.dtype = torch.float8_e4m3fn) -> float:
+    """Largest value vLLM quantizes to: finfo max, but 224 for ROCm's fnuz (get_fp8_min_max)."""
+    return 224.0 if dtype == torch.float8_e4m3fnuz else torch.finfo(dtype).max
+
+
+def fp8_min_scaling_factor(dtype: torch.dtype = torch.float8_e4m3fn) -> float:
+    """Smallest dynamic FP8 scale: ``1 / (fp8_max * 512)`` (input_quant_fp8.py)."""
+    return 1.0 / (fp8_max(dtype) * 512.0)
+
+
+def _to_fp8(scaled: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    m = fp8_max(dtype)
+    return scaled.clamp(-m, m).to(dtype)
+
+
+def fp8_static(
+    y: torch.Tensor, scale: torch.Tensor, *, dtype: torch.dtype = torch.float8_e4m3fn
+) -> torch.Tensor:
+    """Static per-tensor FP8: ``clamp(y32 * (1/scale)) -> fp8`` (QuantFP8 static; the
+    ``static_scaled_fp8_quant`` kernel multiplies by the inverted scale the same way)."""
+    return _to_fp8(y.to(torch.float32) * scale.to(torch.float32).reciprocal(), dtype)
+
+
+def fp8_per_token(
+    y: torch.Tensor,
+    scale_ub: torch.Tensor | None = None,
+    *,
+    dtype: torch.dtype = torch.float8_e4m3fn,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token FP8 -> ``(q, scales[..., 1] fp32)``.
+
+    ``scale = clamp(min(amax(|y|), scale_ub) / fp8_max, min=1/(fp8_max*512))``,
+    ``q = clamp(y32 * (1/scale)) -> fp8`` (QuantFP8.forward_native, PER_TOKEN).
+    """
+    amax = y.abs().amax(dim=-1).unsqueeze(-1).to(torch.float32)
+    if scale_ub is not None:
+        amax = amax.clamp(max=scale_ub)
+    scales = (amax / fp8_max(dtype)).clamp(min=fp8_min_scaling_factor(dtype))
+    return _to_fp8(y.to(torch.float32) * scales.reciprocal(), dtype), scales
+
+
+def fp8_per_group(
+    y: torch.Tensor,
+    group_size: int,
+    ue8m0: bool = False,
+    column_major: bool = False,
+    *,
+    dtype: torch.dtype = torch.float8_e4m3fn,
+    amax_eps: float = 0.0,
+    scale_min: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token-group FP8 (1 x ``group_size``) -> ``(q, scales[..., H // group_size] fp32)``.
+
+    ``scale = clamp(max(amax_g, amax_eps) / fp8_max, min=scale_min)``, rounded up to a
+    power of two when ``ue8m0``; ``q = clamp(y / scale) -> fp8``. The defaults are
+    QuantFP8._quantize_group_native (``amax_eps=0``, ``scale_min=1/(fp8_max*512)``); the
+    ``_C.per_token_group_fp8_quant`` kernel is ``amax_eps=eps`` (1e-10), ``scale_min=1e-10``
+    with UE8M0 else 0. ``column_major``: same values, the scales' token dim contiguous
+    (``scales.transpose(-2, -1).contiguous().transpose(-2, -1)``), as DeepGEMM reads them.
+    """
+    hidden = y.shape[-1]
+    if hidden % group_size:
+        raise ValueError(f"fusion_passes: hidden {hidden} is not a multiple of group size {group_size}")
+    if scale_min is None:
+        scale_min = fp8_min_scaling_factor(dtype)
+    grouped = y.reshape(-1, hidden // group_size, group_size)
+    amax = grouped.abs().amax(dim=-1, keepdim=True).to(torch.float32)
+    if amax_eps:
+        amax = amax.clamp(min=amax_eps)
+    scales = (amax / fp8_max(dtype)).clamp(min=scale_min)
+    if ue8m0:
+        scales = torch.exp2(torch.ceil(torch.log2(scales)))
+    q = _to_fp8(grouped / scales, dtype).reshape(y.shape)
+    scales = scales.reshape(y.shape[:-1] + (hidden // group_size,))
+    if column_major:
+        scales = scales.transpose(-2, -1).contiguous().transpose(-2, -1)
+    return q, scales
+
+
+def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
+    """FP4 E2M1 codes (uint8, sign in bit 3) of fp32 ``x``: round to nearest, ties to even,
+    saturating at 6; a negative value that rounds to 0 keeps its sign (-0, code 8), as the
+    hardware ``cvt.rn.satfinite.e2m1x2`` and vLLM's Triton MX quantizer both produce.
+    Magnitudes by code: 0, 0.5, 1, 1.5, 2, 3, 4, 6."""
+    a = x.abs()
+    # A tie goes to the even code: up at 0.75, 1.75, 3.5; down at 0.25, 1.25, 2.5, 5.
+    code = (
+        (a > 0.25).to(torch.uint8)
+        + (a >= 0.75)
+        + (a > 1.25)
+        + (a >= 1.75)
+        + (a > 2.5)
+        + (a >= 3.5)
+        + (a > 5.0)
+    ).to(torch.uint8)
+    return code | (torch.signbit(x).to(torch.uint8) << 3)
+
+
+def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
+    """Two E2M1 codes per byte along the last dim: element ``2i`` low nibble, ``2i+1`` high."""
+    pairs = codes.reshape(codes.shape[:-1] + (codes.shape[-1] // 2, 2))
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def nvfp4_swizzle(scales: torch.Tensor) -> torch.Tensor:
+    """Block scales ``[M, K]`` -> the 128x4-tiled layout ``[round_up(M,128), round_up(K,4)]``
+    (zero padded) that CUTLASS/FlashInfer read (vllm nvfp4_utils.swizzle_blockscale)."""
+    m, k = scales.shape
+    rm = -(-m // NVFP4_SWIZZLE_ROWS) * NVFP4_SWIZZLE_ROWS
+    rk = -(-k // NVFP4_SWIZZLE_COLS) * NVFP4_SWIZZLE_COLS
+    padded = scales.new_zeros((rm, rk))
+    padded[:m, :k] = scales
+    tiled = padded.reshape(rm // 128, 4, 32, rk // 4, 4).permute(0, 3, 2, 1, 4)
+    return tiled.contiguous().reshape(rm, rk)
+
+
+def nvfp4(
+    y: torch.Tensor, global_scale: torch.Tensor, swizzle: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 -> ``(packed uint8 [T, H//2], block scales float8_e4m3fn)``; scales are
+    ``[T, H//16]`` linear or :func:`nvfp4_swizzle`-d (``swizzle=True``, vLLM's default).
+
+    Per 16-element block (vllm ref_nvfp4_quant, the math of ``_C.scaled_fp4_quant``):
+    ``s = fp8(clamp(global_scale * amax / 6, +-448))``,
+    ``q = e2m1(clamp(y32 * 1/(s * 1/global_scale), +-6))`` with ``1/0 := 0``.
+    """
+    hidden = y.shape[-1]
+    if hidden % NVFP4_BLOCK:
+        raise ValueError(f"fusion_passes: NVFP4 needs hidden % {NVFP4_BLOCK} == 0, got {hidden}")
+    x = y.reshape(-1, hidden // NVFP4_BLOCK, NVFP4_BLOCK)
+    gs = global_scale.to(torch.float32)
+    amax = x.abs().amax(dim=-1, keepdim=True).to(torch.float32)
+    s = (gs * (amax * (1.0 / E2M1_MAX))).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    s32 = s.to(torch.float32)
+
+    def recip(t: torch.Tensor) -> torch.Tensor:  # vLLM get_reciprocal: 1/(t + (t==0)*1e8)
+        return 1.0 / (t + (t == 0) * 1e8)
+
+    scaled = (x.to(torch.float32) * recip(s32 * recip(gs))).clamp(-E2M1_MAX, E2M1_MAX)
+    packed = pack_e2m1(e2m1_codes(scaled).reshape(-1, hidden))
+    s = s.reshape(-1, hidden // NVFP4_BLOCK)
+    return packed, (nvfp4_swizzle(s) if swizzle else s)
+
+
+def mxfp4(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 -> ``(packed uint8 [T, H//2], E8M0 scales uint8 [T, H//32])``.
+
+    Per 32-element block (OCP MX; vllm mxfp4_utils._compute_quant_and_scale, which says it
+    matches AITER's ``dynamic_mxfp4_quant``): round amax's mantissa to nearest
+    (``(bits + 0x200000) & 0x7F800000``), ``e = clamp(floor(log2(.)) - 2, +-127)``,
+    ``q = e2m1(y32 * 2^-e)``, scale byte ``e + 127``.
+    """
+    hidden = y.shape[-1]
+    if hidden % MXFP4_BLOCK:
+        raise ValueError(f"fusion_passes: MXFP4 needs hidden % {MXFP4_BLOCK} == 0, got {hidden}")
+    x = y.reshape(-1, hidden // MXFP4_BLOCK, MXFP4_BLOCK).to(torch.float32)
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    rounded = ((amax.view(torch.int32) + 0x200000) & 0x7F800000).view(torch.float32)
+    rounded = rounded + (rounded == 0) * 2.0**-126  # log2(0) guard, as the Triton kernel
+    exponent = (torch.floor(torch.log2(rounded)) - 2).clamp(-127, 127)
+    dequant = torch.exp2(exponent)  # 2^-127 is an fp32 subnormal: biased exponent 0
+    quant_scale = torch.where(dequant == 0, 0.0, 1.0 / dequant)
+    codes = e2m1_codes(x * quant_scale).reshape(-1, hidden)
+    scale_bytes = (exponent + 127).to(torch.uint8).reshape(-1, hidden // MXFP4_BLOCK)
+    return pack_e2m1(codes), scale_bytes

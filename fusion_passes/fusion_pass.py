@@ -49,6 +49,10 @@ class FusionPass(_compat.CustomGraphPass):
     leaves the graph as it was, logs one warning and is recorded in the report.
     """
 
+    after_hoist = None
+    """Optional ``callable(graph)`` run between hoisting and matching (a debugging hook:
+    ``fusion-passes dump`` records the hoisted graph with it). Not part of :meth:`uuid`."""
+
     def __init__(self, **options):
         self.options = FusionOptions(**options)
         self.report = FusionReport()
@@ -80,28 +84,30 @@ class FusionPass(_compat.CustomGraphPass):
         log.info("fusion_passes: %s in %.1f ms", report.summary(), report.seconds * 1e3)
 
     def _run(self, graph: Graph, report: FusionReport) -> None:
-        hoisted: dict[str, list[str]] = {}
-        if self.options.hoist:
-            from fusion_passes import hoist
+        from fusion_passes import hoist
 
-            hoisted = hoist.run(graph, self.options)
+        hoisted = hoist.run(graph, self.options) if self.options.hoist else hoist.HoistResult()
+        if self.after_hoist is not None:  # `fusion-passes dump` records this stage
+            self.after_hoist(graph)
         fake_vals = FakeVals(graph)
         # Match each site on the graph as the previous rewrites left it: a site's residual
         # is often the previous site's sum, which that rewrite has just replaced.
         for node in [n for n in graph.nodes if all_reduce(n) is not None]:
-            entry = SiteReport(node.name, hoisted_over=hoisted.get(node.name, []))
+            entry = SiteReport(node.name, hoisted_over=list(hoisted.hoisted_over.get(node.name, [])))
             entry.source = _source_line(node)
             report.sites.append(entry)
             found = all_reduce(node)
             site = found if isinstance(found, Miss) else find_site(found, self.options.backend)
             if isinstance(site, Miss):
+                site = hoisted.stopped.get(node.name, site)  # names the op that stopped hoisting
                 entry.reason, entry.blocker = site.reason, getattr(site.node, "name", None)
                 entry.source = _source_line(site.node) or entry.source
                 continue
             if self.options.debug_fail:
                 raise RuntimeError("debug_fail option set")
             rewrite(graph, site, fake_vals, self.options.backend)
-            entry.fused, entry.variant, entry.backend = True, site.family.name, site.backend
+            entry.fused, entry.variant, entry.backend, entry.reason = True, site.family.name, site.backend, site.note
+        hoist.report_merged(hoisted, report)  # all-reduces merged into a partner keep an entry
 
 
 def _source_line(node) -> str | None:

@@ -51,9 +51,7 @@ def world_size(group: str) -> int:
     dialect, name = split(group)
     if dialect == "c10d":
         return dist.get_world_size(_resolve_c10d(name))
-    from vllm.distributed import parallel_state
-
-    return parallel_state._groups[name]().world_size
+    return _vllm_coordinator(name).world_size
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,17 +64,31 @@ def is_single_node(group: str) -> bool:
     dialect, name = split(group)
     try:
         if dialect == "vllm":
+            # vLLM counts the nodes of its world once, at init (``_NODE_COUNT``); asking
+            # again (``in_the_same_node_as``) is a collective, unsafe inside a fused op
+            # that may run under CUDA-graph capture. One node: every group is local. More:
+            # a TP group may still be local, but we cannot tell without a collective.
             from vllm.distributed import parallel_state
 
-            from vllm.distributed.parallel_state import in_the_same_node_as
-
-            coordinator = parallel_state._groups[name]()
-            return all(in_the_same_node_as(coordinator.cpu_group, source_rank=0))
+            _vllm_coordinator(name)  # the group must exist
+            return parallel_state.get_node_count() == 1
         pg = _resolve_c10d(name)
         local = int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
         return 0 < dist.get_world_size(pg) <= local and _same_host(pg)
     except Exception:  # noqa: BLE001 - unknown means "not single node"
         return False
+
+
+def _vllm_coordinator(name: str):
+    """vLLM's ``GroupCoordinator`` called *name* (``tp:0``), as ``torch.ops.vllm.all_reduce``
+    resolves it (vllm/distributed/parallel_state.py ``_groups``, weak references)."""
+    from vllm.distributed import parallel_state
+
+    ref = parallel_state._groups.get(name)
+    coordinator = ref() if ref is not None else None
+    if coordinator is None:
+        raise ValueError(f"fusion_passes: vLLM group {name!r} does not exist (or was destroyed)")
+    return coordinator
 
 
 def _resolve_c10d(name: str) -> dist.ProcessGroup:

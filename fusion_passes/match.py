@@ -12,7 +12,7 @@ import dataclasses
 import torch
 from torch.fx import Node
 
-from fusion_passes import backends, groups
+from fusion_passes import backends, groups, quant
 from fusion_passes.patterns import CATALOGUE, Family
 from fusion_passes.recognize import AllReduce, Miss, Norm, residual_add, rms_norm, short, val
 
@@ -27,11 +27,14 @@ class Site:
     backend: str
     add: Node | None = None  # the aten add of the residual (plain dialect)
     residual: Node | None = None
+    quant: "quant.Quant | None" = None  # the quant fused into the op (quant families)
+    note: str | None = None  # e.g. why a quant after the norm was left unfused
 
     @property
     def removed(self) -> set[Node]:
         """Every node the fused op replaces."""
-        return {*self.ar.nodes, *self.norm.nodes, *([self.add] if self.add is not None else [])}
+        q = self.quant.nodes if self.quant is not None else ()
+        return {*self.ar.nodes, *self.norm.nodes, *([self.add] if self.add is not None else []), *q}
 
 
 def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
@@ -53,7 +56,7 @@ def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
     else:
         norm = rms_norm(v)
         if not norm:
-            return Miss(_why_no_norm(v, norm), norm.node or v)
+            return _why_no_norm(v, norm)
         if norm.residual is not None:  # vLLM's fused_add_rms_norm adds the residual itself
             residual = norm.residual
             if len(v.users) != 1:
@@ -62,18 +65,33 @@ def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
         else:
             residual_out = any(u not in norm.nodes for u in v.users)
     has_residual = residual is not None
-    family = next(
-        (f for f in CATALOGUE if f.residual == has_residual and f.residual_out in (None, residual_out)),
-        None,
-    )
-    if family is None:  # the catalogue covers every shape found above; a gap is a bug
+    # Quant-aware: the largest family first (norm -> quant), then the plain one.
+    found_quant = quant.find(norm.out)
+    note = None
+    families = []
+    if isinstance(found_quant, quant.Quant):
+        norm_out = any(u not in found_quant.nodes for u in norm.out.users)
+        families += [f for f in CATALOGUE if f.quant == found_quant.kind and f.residual == has_residual
+                     and getattr(f, "norm_out", False) == norm_out]
+    elif isinstance(found_quant, Miss):
+        note = f"quant left unfused: {found_quant.reason}"
+    families += [f for f in CATALOGUE if f.quant is None and f.residual == has_residual
+                 and f.residual_out in (None, residual_out)]
+    if not families:  # the catalogue covers every shape found above; a gap is a bug
         return Miss(f"no catalogue family for residual={has_residual} residual_out={residual_out}", v)
-    call = compile_time_call(family.variant, ar)
-    try:
-        backend = backends.select(call, prefer_backend)
-    except RuntimeError as e:
-        return Miss(str(e), ar.node)
-    return Site(ar, norm, family, backend, add, residual)
+    reasons: list[str] = []
+    for family in families:
+        call = compile_time_call(family.variant, ar)
+        try:
+            backend = backends.select(call, prefer_backend)
+        except RuntimeError as e:
+            reasons.append(str(e))
+            continue
+        if family.quant is None and isinstance(found_quant, quant.Quant):
+            note = f"quant {found_quant.kind} left unfused: no backend runs {found_quant.variant} here ({reasons[0]})"
+        return Site(ar, norm, family, backend, add, residual,
+                    quant=found_quant if family.quant is not None else None, note=note)
+    return Miss(reasons[-1], ar.node)
 
 
 def compile_time_call(variant: str, ar: AllReduce) -> backends.Call:
@@ -97,13 +115,15 @@ def _second_user(ar: AllReduce, v: Node) -> str:
     return f"all-reduce output {v.name} has {len(v.users)} users ({names}): a second user blocks fusion"
 
 
-def _why_no_norm(v: Node, miss: Miss) -> str:
+def _why_no_norm(v: Node, miss: Miss) -> Miss:
+    """Why the reduced value *v* reaches no norm, naming the op that stands in the way."""
     users = list(v.users)
     if len(users) > 1 and any(residual_add_like(u) for u in users):
-        return f"all-reduce output {v.name} has {len(users)} users ({', '.join(short(u) for u in users)}): a second user blocks fusion"
-    if len(users) == 1:
-        return f"all-reduce output feeds {short(users[0])}, not a residual add or RMSNorm"
-    return miss.reason
+        names = ", ".join(short(u) for u in users)
+        return Miss(f"all-reduce output {v.name} has {len(users)} users ({names}): a second user blocks fusion", v)
+    if len(users) == 1 and miss.node is not users[0]:  # else the recognizer refused that very op: keep its reason
+        return Miss(f"all-reduce output feeds {short(users[0])}, not a residual add or RMSNorm", users[0])
+    return Miss(miss.reason, miss.node or v)
 
 
 def residual_add_like(node: Node) -> bool:

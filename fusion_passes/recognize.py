@@ -66,6 +66,9 @@ class Norm:
     nodes: tuple[Node, ...]  # every node of the norm, out included, to be removed
     residual: Node | None = None  # set when the norm op adds the residual itself
     residual_out: Node | None = None  # ... and then the node carrying input + residual
+    # vLLM's fused_add_rms_norm adds in fp32 and normalizes the UNROUNDED fp32 sum (only
+    # the returned residual is rounded); the plain chain rounds the sum first.
+    residual_in_fp32: bool = False
 
 
 def target_name(node: Node) -> str:
@@ -200,7 +203,8 @@ def decomposed_rms_norm(x: Node) -> Norm | Miss:
     add_eps = _sole_user(mean)
     if not add_eps:
         return add_eps
-    if not is_op(add_eps, aten.add.Tensor, aten.add.Scalar) or not isinstance(
+    # (add_ appears in non-functionalized traces of F.rms_norm; it mutates only mean's result)
+    if not is_op(add_eps, aten.add.Tensor, aten.add.Scalar, aten.add_.Scalar, aten.add_.Tensor) or not isinstance(
         eps := _other(add_eps, mean), (int, float)
     ):
         return Miss(f"{short(add_eps)} after mean is not + eps", add_eps)
@@ -247,14 +251,18 @@ def _norm_tail(normed: Node, in_dtype, upcast: bool, hidden: int):
         w = _other(nxt, normed)
         gemma = False
         extra: set[Node] = set()
-        if is_op(w, aten.add.Tensor) and 1 in w.args[:2] and len(w.users) == 1:
+        if is_op(w, aten.add.Tensor) and len(w.users) == 1 and 1 in [a for a in w.args[:2] if not isinstance(a, Node)]:
             # Gemma: n * (1 + w.float())
-            base = _other(w, 1)
+            base = next(a for a in w.args[:2] if isinstance(a, Node))
             extra = {w}
             if _convert_to(base, torch.float32) and len(base.users) == 1:
                 extra.add(base)
                 base = base.args[0]
             w, gemma = base, True
+        if not gemma and _convert_to(w, torch.float32) and len(w.users) == 1 and weight_ok(w.args[0]):
+            # n * w.float(): the fused op takes w itself (fp32 n * w promotes exactly the
+            # same), so the cast does not survive as a kernel of its own
+            extra, w = {w}, w.args[0]
         if not weight_ok(w):
             return Miss(f"{short(nxt)} multiplies the norm by {getattr(w, 'name', w)!r}, not a [{hidden}] weight", nxt)
         if not upcast:
@@ -268,20 +276,75 @@ def _norm_tail(normed: Node, in_dtype, upcast: bool, hidden: int):
     return Miss(f"{short(nxt)} follows the normalization; expected a cast back or a weight multiply", nxt)
 
 
+def _vllm_arg(node: Node, index: int, name: str, default=None):
+    """Argument *index* / keyword *name* of a vLLM IR op call (schema order)."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _vllm_weight_order(node: Node, x: Node, w) -> bool | Miss:
+    """``weight_in_fp32`` of a vLLM IR norm: its native implementation computes
+    ``(normed32.to(w.dtype) * w).to(x.dtype)`` (vllm/ir/ops/layernorm.py), i.e. the
+    multiply happens in the WEIGHT's dtype: fp32 for an fp32 weight, else the activation
+    dtype after the cast (the Hugging Face order). Other weight dtypes: a Miss."""
+    if w is None:
+        return True
+    wd, xd = dtype_of(w), dtype_of(x)
+    if wd == torch.float32:
+        return True
+    if wd == xd:
+        return False
+    return Miss(f"{short(node)}: weight dtype {wd} is neither fp32 nor the activation dtype {xd}", node)
+
+
 def vllm_rms_norm(x: Node) -> Norm | Miss | None:
-    """vLLM's IR norms consuming *x*: ``vllm_ir.rms_norm(x, w, eps)`` and
-    ``vllm_ir.fused_add_rms_norm(x, residual, w, eps) -> (out, residual_out)``."""
+    """vLLM's IR norms consuming *x*, as vLLM 0.33 traces them (``ir_enable_torch_wrap``):
+
+    * ``vllm_ir.rms_norm.default(x, weight, epsilon, variance_size=None)``
+    * ``vllm_ir.fused_add_rms_norm.default(x, x_residual, weight, epsilon,
+      variance_size=None) -> (out, residual_out)``, read through ``getitem`` 0 / 1; the
+      final norm of a model has no ``getitem 1``. Its sum is taken in fp32 and symmetric
+      in ``x`` and ``x_residual``, so *x* may sit in either position.
+
+    ``variance_size`` (a norm over a prefix of the hidden dim) does not fuse."""
     for u in x.users:
-        if is_named(u, VLLM_RMS_NORM) and u.args[0] is x:
-            w, eps = u.args[1], u.args[2]
-            return Norm(x, w, float(eps), False, True, u, (u,))
-        if is_named(u, VLLM_ADD_RMS_NORM) and u.args[0] is x:
-            res, w, eps = u.args[1], u.args[2], u.args[3]
-            getitems = {g.args[1]: g for g in u.users if g.target is operator.getitem}
+        if is_named(u, VLLM_RMS_NORM) and _vllm_arg(u, 0, "x") is x:
+            w, eps = _vllm_arg(u, 1, "weight"), _vllm_arg(u, 2, "epsilon")
+            if _vllm_arg(u, 3, "variance_size") is not None:
+                return Miss(f"{short(u)} normalizes over a variance_size prefix", u)
+            w_fp32 = _vllm_weight_order(u, x, w)
+            if isinstance(w_fp32, Miss):
+                return w_fp32
+            return Norm(x, w, float(eps), False, w_fp32, u, (u,))
+        if is_named(u, VLLM_ADD_RMS_NORM):
+            a, b = _vllm_arg(u, 0, "x"), _vllm_arg(u, 1, "x_residual")
+            if a is x and b is not x:
+                res = b
+            elif b is x and a is not x:
+                if dtype_of(a) != dtype_of(x):  # x's dtype is the output dtype: not symmetric
+                    return Miss(f"{short(u)}: residual and input dtypes differ", u)
+                res = a
+            else:
+                continue
+            w, eps = _vllm_arg(u, 2, "weight"), _vllm_arg(u, 3, "epsilon")
+            if _vllm_arg(u, 4, "variance_size") is not None:
+                return Miss(f"{short(u)} normalizes over a variance_size prefix", u)
+            w_fp32 = _vllm_weight_order(u, x, w)
+            if isinstance(w_fp32, Miss):
+                return w_fp32
+            if any(g.target is not operator.getitem for g in u.users):
+                return Miss(f"{short(u)}: its tuple is used other than through getitem", u)
+            getitems: dict[int, Node] = {}
+            for g in u.users:
+                if g.args[1] in getitems:  # two getitems of one output: keep the graph simple
+                    return Miss(f"{short(u)}: output {g.args[1]} read by two getitems", g)
+                getitems[g.args[1]] = g
             if 0 not in getitems:
-                return Miss(f"{u.name}: norm output unused", u)
+                return Miss(f"{short(u)}: norm output unused", u)
             nodes = (u, *getitems.values())
-            return Norm(x, w, float(eps), False, True, getitems[0], nodes, res, getitems.get(1))
+            return Norm(x, w, float(eps), False, w_fp32, getitems[0], nodes, res, getitems.get(1),
+                        residual_in_fp32=True)
     return None
 
 

@@ -74,7 +74,7 @@ class FusionReport:
             rows.append((
                 s.all_reduce,
                 "yes" if s.fused else "no",
-                (s.variant or "") if s.fused else (s.reason or ""),
+                ((s.variant or "") + (f" ({s.reason})" if s.reason else "")) if s.fused else (s.reason or ""),
                 s.backend or "",
                 ", ".join(s.hoisted_over),
             ))

@@ -8,7 +8,9 @@ patterns`` prints this table.
 
 from fusion_passes.patterns.family import Family
 from fusion_passes.patterns.allreduce_rmsnorm import FAMILIES as _AR_RMSNORM
+from fusion_passes.patterns.allreduce_rmsnorm_quant import FAMILIES as _AR_RMSNORM_QUANT
 
-CATALOGUE: tuple[Family, ...] = (*_AR_RMSNORM,)
+# quant families first (largest first): the plain families would consume their all-reduce
+CATALOGUE: tuple[Family, ...] = (*_AR_RMSNORM_QUANT, *_AR_RMSNORM)
 
 __all__ = ["CATALOGUE", "Family"]

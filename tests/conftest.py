@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 
+# vLLM on a machine without GPUs: its CPU platform (DESIGN.md section 7); never a hub download.
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import pytest
 import torch
 import torch.distributed as dist

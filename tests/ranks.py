@@ -33,11 +33,41 @@ def _fused_add_rmsnorm(rank_args):
     return outs
 
 
+def _fused_quant(variant: str):
+    """A fused quant op across ranks: the summed input, then the reference epilogue with the
+    op's own arguments (``fusion_passes.rewrite.QUANT_ARGS`` names them)."""
+    from fusion_passes.backends.reference import quantize
+    from fusion_passes.rewrite import QUANT_ARGS
+
+    names = QUANT_ARGS[variant]
+    n_pos = _POSITIONAL[variant]
+
+    def run(rank_args):
+        reduced = rank_sum([a[0] for a in rank_args])
+        outs = []
+        for a in rank_args:
+            _, residual, weight, eps, _group = a[:5]
+            params = a[5:5 + len(names)]
+            gemma, w_fp32, return_norm = a[5 + len(names):8 + len(names)]
+            norm, res_out = epilogue.add_rms_norm(reduced, residual, weight, eps, gemma=gemma, weight_in_fp32=w_fp32)
+            q, scales = quantize(variant, norm, *params[:n_pos], **dict(zip(names[n_pos:], params[n_pos:])))
+            norm = norm if return_norm else reduced.new_empty((0,))
+            outs.append((q, res_out, norm) if scales is None else (q, scales, res_out, norm))
+        return outs
+
+    return run
+
+
+# how many of a variant's QUANT_ARGS are positional quant params (the rest are options)
+_POSITIONAL = {"add_rmsnorm_fp8_static": 1, "add_rmsnorm_fp8_per_token": 1, "add_rmsnorm_fp8_per_group": 3,
+               "add_rmsnorm_nvfp4": 2, "add_rmsnorm_mxfp4": 0}
+
 COLLECTIVES = {
     "_c10d_functional.all_reduce.default": lambda ra: [rank_sum([a[0] for a in ra])] * len(ra),
     "_c10d_functional.wait_tensor.default": lambda ra: [a[0] for a in ra],
     "vllm.all_reduce.default": lambda ra: [rank_sum([a[0] for a in ra])] * len(ra),
     "fusion_passes.allreduce_add_rmsnorm.default": _fused_add_rmsnorm,
+    **{f"fusion_passes.allreduce_{v}.default": _fused_quant(v) for v in _POSITIONAL},
 }
 
 

@@ -15,6 +15,11 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "run a real HF tensor-parallel model on 2 gloo CPU processes, fused vs unfused"),
     "patterns": ("patterns_cmd", "list the pattern catalogue: what each family matches and becomes"),
+    "bench": ("bench", "benchmarks: `bench kernels` times the fused kernels against the unfused chain"),
+    "dump": ("dump", "compile a model; write its graphs before/after our passes (text + JSON)"),
+    "diff": ("diff", "structural diff of two graph dumps: which chains became which fused ops"),
+    "capture": ("capture", "trace real vLLM models on CPU (fake ranks); write post-grad graphs before/after our passes"),
+    "explain": ("explain", "for every all-reduce: fused (variant, ops hoisted over) or the op that blocked it"),
 }
 
 
@@ -53,4 +58,8 @@ class UsageError(Exception):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m fusion_passes.tools.cli`: run the imported module's main, whose UsageError
+    # is the class the subcommands raise (this file runs as __main__, a second copy)
+    from fusion_passes.tools.cli import main as _main
+
+    sys.exit(_main())

@@ -99,6 +99,9 @@ def _entry(rank: int, world: int, port: int, fn, args, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # two ranks share two cores
+    # One Inductor cache per rank: two ranks compiling the same kernel into one cache
+    # directory race ("file too short" on load).
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"fusion-passes-inductor-r{rank}-")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results[rank] = fn(rank, *args)

@@ -105,4 +105,29 @@ def _reference() -> Backend:
 
 register("reference", _reference)
 
+
+def _triton() -> Backend:
+    from fusion_passes.backends.triton import TritonBackend
+
+    return TritonBackend()
+
+
+def _flashinfer() -> Backend:
+    from fusion_passes.backends.flashinfer import FlashInferBackend
+
+    return FlashInferBackend()
+
+
+def _aiter() -> Backend:
+    from fusion_passes.backends.aiter import AiterBackend
+
+    return AiterBackend()
+
+
+# Vendor kernels first where they run, then ours, then the oracle. Each backend's gate
+# declines shapes where it was measured (or, for vendors, documented) slower than unfused.
+register("triton", _triton, before="reference")
+register("flashinfer", _flashinfer, before="triton")
+register("aiter", _aiter, before="flashinfer")
+
 __all__ = ["Backend", "Call", "ORDER", "get", "register", "select", "why_not", "thresholds"]

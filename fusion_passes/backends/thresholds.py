@@ -10,3 +10,104 @@ from __future__ import annotations
 # Reference backend: torch.distributed + torch math. No limits: it is the oracle and the
 # CPU default. (Source: it runs the unfused ops themselves.)
 REFERENCE: dict[str, object] = {}
+
+MiB = 1024 * 1024
+
+# AITER (ROCm gfx942/gfx950), written against ROCm/aiter commit e4048607a535 (2026-08-22).
+AITER: dict[str, object] = {
+    # gfx942 (MI300) and gfx950 (MI350): the targets of AITER's custom all-reduce kernels
+    # (csrc/kernels/custom_all_reduce.cu); gcnArchName prefix.
+    "archs": ("gfx942", "gfx950"),
+    # CustomAllreduce._SUPPORTED_WORLD_SIZES = [2, 4, 6, 8]
+    # (aiter/dist/device_communicators/custom_all_reduce.py); the FUSED AR+RMSNorm kernels
+    # are instantiated for 2/4/8 only (DESIGN.md section 5).
+    "world_sizes": (2, 4, 8),
+    # 16-byte packed accesses of 8 bf16/fp16 (csrc/include/custom_all_reduce.cuh; DESIGN.md 5).
+    "hidden_multiple": 8,
+    # 1-stage kernel: n <= 8192; 2-stage kernel: 512 <= n <= 16384 (DESIGN.md section 5,
+    # from csrc/kernels/custom_all_reduce.cu host dispatch).
+    "one_stage_max_hidden": 8192,
+    "two_stage_hidden": (512, 16384),
+    # Per-token FP8 epilogue instantiated only for these n (DESIGN.md section 5).
+    "per_token_fp8_hidden": (512, 1024, 2048, 4096, 6144, 7168),
+    # Per-group FP8: group size 128 (``fused_ar_rms_per_group_quant(group_size=128)``;
+    # _validate_per_group_size in custom_all_reduce.py), fp32 scales.
+    "per_group_sizes": (128,),
+    # Custom AR runs only up to _DEFAULT_CAR_MAX_SIZE = 8192 * 8192 bytes (64 MiB) of input
+    # (custom_all_reduce.py); above, ``should_custom_ar`` is False and the fused call returns None.
+    "max_input_bytes": 8192 * 8192,
+    # 1-stage chosen automatically only for small sizes: about 16 tokens at TP8, hidden 7168
+    # (DESIGN.md section 5) = 16 * 7168 * 2 bytes * 8 ranks.
+    "one_stage_max_bytes_x_ranks": 16 * 7168 * 2 * 8,
+}
+
+# FlashInfer (CUDA), written against flashinfer-ai/flashinfer v0.6.18
+# (commit fb28d7242b35, 2026-08-22), flashinfer/comm/allreduce.py + trtllm_ar.py.
+FLASHINFER: dict[str, object] = {
+    # allreduce_fusion_kernel dispatch: "Supported ranks: 2, 4, 8, 16"
+    # (include/flashinfer/comm/trtllm_allreduce_fusion.cuh).
+    "world_sizes": (2, 4, 8, 16),
+    # FLASHINFER_CHECK(params.hidden_dim % VEC_SIZE == 0) with 16-byte accesses
+    # (kBytesPerAccess = 16): 8 elements of bf16/fp16 (trtllm_allreduce_fusion.cuh).
+    "bytes_per_access": 16,
+    # kOneShotMaxToken = 128 (trtllm_allreduce_fusion.cuh): oneshot above that is not used.
+    "oneshot_max_tokens": 128,
+    # FP4 quant patterns need SM100+ (DESIGN.md section 5; cvt_warp_fp16_to_fp4).
+    "fp4_min_sm": 100,
+    # Fused path only below these input sizes (MiB) per SM version and world size: vLLM's
+    # crossovers vs. NCCL + unfused norm, measured by vLLM on H100/B200/B300
+    # (vllm/compilation/passes/fusion/allreduce_rms_fusion.py, FI_ALLREDUCE_FUSION_MAX_SIZE_MB).
+    "max_input_mib": {
+        90: {2: 64, 4: 2, 8: 0.5},
+        100: {2: 64, 4: 32, 8: 1},
+        103: {2: 64, 4: 64, 8: 2},
+    },
+}
+
+# Triton backend (ours): fusion_passes/backends/triton_kernels.py.
+TRITON: dict[str, object] = {
+    # tl.arange(0, WORLD_SIZE) in the barrier needs a power of two; 1 = no collective;
+    # 8 = the largest NVLink clique of one host we target.
+    "world_sizes": (1, 2, 4, 8),
+    # One row lives in registers: BLOCK = next_pow2(hidden) fp32 values over at most 16
+    # warps = 32 values per thread at 16384 (kernel design limit).
+    "max_hidden": 16384,
+    # Rows start 16-byte aligned in the symmetric buffer and are read with 16-byte
+    # vector loads: hidden * itemsize % 16 == 0 (kernel design limit).
+    "row_alignment_bytes": 16,
+    # Warps per program: next_pow2(hidden) // 512 clamped to [1, 16] (4..16 elements of
+    # 16 bytes per thread); a kernel tuning choice.
+    "elements_per_warp": 512,
+    "max_warps": 16,
+    # Resident programs per SM for the persistent one-shot grid: 2048 threads per SM on
+    # Hopper (CUDA occupancy limit) / (32 * num_warps).
+    "threads_per_sm": 2048,
+    # Per-group FP8 group sizes the kernel reshapes a row into (powers of two).
+    "per_group_sizes": (64, 128),
+    # One symmetric workspace per group, grown to the largest call; above this the
+    # one-shot path declines (16384 tokens x 16384 hidden x 2 bytes).
+    "max_workspace_bytes": 512 * MiB,
+    # Token ranges where the fused kernel is FASTER than the unfused chain (NCCL
+    # all-reduce, or none at world size 1, + the Inductor-compiled epilogue), per
+    # (world_size, variant): the largest token count at which it still wins at every
+    # measured hidden size. None = wins at every measured size. A (world size, variant)
+    # not listed was not measured, so the backend declines it.
+    # Source: `fusion-passes bench kernels` on 1x / 2x NVIDIA H200 (results/*.json).
+    "max_tokens_faster": {
+        # 1x H200, `fusion-passes bench kernels` (results/bench_kernels_h200_ws1.json): the
+        # fused kernel beat Inductor's compiled epilogue at every point (1..16384 tokens,
+        # hidden 4096/7168/8192; quant variants at 7168) by 1.4x to 6.4x.
+        (1, "add_rmsnorm"): None,
+        (1, "add_rmsnorm_fp8_static"): None,
+        (1, "add_rmsnorm_fp8_per_token"): None,
+        (1, "add_rmsnorm_fp8_per_group"): None,
+        # 2x H200 (one host, NVLink), `torchrun --nproc_per_node=2 -m fusion_passes.tools.cli
+        # bench kernels` (results/bench_kernels_h200_ws2.json): faster than NCCL + Inductor
+        # epilogue at every point (1..16384 tokens), 1.5x to 2.7x.
+        (2, "add_rmsnorm"): None,
+        (2, "add_rmsnorm_fp8_static"): None,
+        (2, "add_rmsnorm_fp8_per_token"): None,
+        (2, "add_rmsnorm_fp8_per_group"): None,
+        # World sizes 4 and 8: not measured (no machine of 4+ GPUs lent), so declined.
+    },
+}

@@ -1,0 +1,208 @@
+"""The ``aiter`` backend: AMD AITER's fused all-reduce + RMSNorm (+ quant) kernels (ROCm).
+
+NOT EXECUTED: written against the published API of ROCm/aiter at commit
+``e4048607a535ace3a2b51ded31b1c8c2d45c0879`` (2026-08-22) --
+``aiter/dist/communication_op.py`` (``tensor_model_parallel_fused_allreduce_rmsnorm`` and
+``tensor_model_parallel_fused_allreduce_rmsnorm_quant``), which route to
+``CustomAllreduce.custom_fused_ar_rms`` / ``custom_fused_ar_rms_quant`` /
+``custom_fused_ar_rms_per_group_quant`` / ``custom_fused_ar_rms_mxfp4_quant`` in
+``aiter/dist/device_communicators/custom_all_reduce.py``. AITER imports only on ROCm
+and there is no ROCm machine here, so this adapter has never run; the tests check its
+argument mapping with the AITER module replaced by a recording fake, and its gate.
+The PyPI ``amd-aiter`` wheel predates the quant variants.
+
+AITER's functions all-reduce over AITER's OWN tensor-parallel group
+(``aiter.dist.parallel_state.get_tp_group()``), which its user initialises (as vLLM's
+ROCm path does); :meth:`AiterBackend.run` checks that this group has the fused op's
+world size and refuses otherwise (it cannot address an arbitrary torch group).
+
+Variants: ``add_rmsnorm``, ``add_rmsnorm_fp8_per_token``, ``add_rmsnorm_fp8_per_group``,
+``add_rmsnorm_mxfp4``. AITER has no static per-tensor FP8 epilogue. Limits are in
+:data:`fusion_passes.backends.thresholds.AITER`. FP8 outputs use AITER's fp8 dtype
+(``float8_e4m3fnuz`` on gfx942, ``float8_e4m3fn`` on gfx950: the platform's FP8, as
+in the graphs vLLM builds there).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+
+import torch
+
+from fusion_passes.backends import Call, thresholds
+
+_log = logging.getLogger("fusion_passes")
+
+
+class Unfusable(NotImplementedError):
+    """This call's options are outside what the vendor kernel computes identically."""
+
+
+def run_on_reference(backend: str, why: Exception, variant: str, *args, **kwargs):
+    """Answer one call with the unfused chain (correct, just not fused), logging why once."""
+    from fusion_passes.backends.reference import ReferenceBackend
+
+    if (backend, str(why)) not in _LOGGED:
+        _LOGGED.add((backend, str(why)))
+        _log.warning("fusion_passes: %s runs %s unfused: %s", backend, variant, why)
+    return ReferenceBackend().run(variant, *args, **kwargs)
+
+
+_LOGGED: set[tuple[str, str]] = set()
+
+LIMITS = thresholds.AITER
+VARIANTS = frozenset(
+    {"add_rmsnorm", "add_rmsnorm_fp8_per_token", "add_rmsnorm_fp8_per_group", "add_rmsnorm_mxfp4"}
+)
+DTYPES = (torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def _gcn_arch() -> str:
+    try:
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).gcnArchName
+    except Exception:  # noqa: BLE001 - no ROCm device
+        return ""
+
+
+def unsupported(call: Call, arch: str | None = None, installed: bool | None = None) -> str | None:
+    """Why AITER's fused kernels cannot run *call* (*arch*, *installed* may be given for tests)."""
+    if call.device != "rocm":
+        return f"needs a ROCm GPU (AITER kernels are HIP), got device {call.device!r}"
+    arch = _gcn_arch() if arch is None else arch
+    if not arch.startswith(tuple(LIMITS["archs"])):
+        return f"GPU arch {arch or 'unknown'!r} not in {LIMITS['archs']}"
+    if call.dtype not in DTYPES:
+        return f"dtype {call.dtype} not in {[str(d) for d in DTYPES]}"
+    if call.world_size not in LIMITS["world_sizes"]:
+        return f"world size {call.world_size} not in {LIMITS['world_sizes']} (fused AR kernels)"
+    if not call.single_node:
+        return "the group spans several nodes: AITER's custom all-reduce uses IPC within one host"
+    if call.hidden % LIMITS["hidden_multiple"]:
+        return f"hidden {call.hidden} is not a multiple of {LIMITS['hidden_multiple']}"
+    lo, hi = LIMITS["two_stage_hidden"]
+    if call.hidden > hi:
+        return f"hidden {call.hidden} > {hi} (largest hidden of the 2-stage kernel)"
+    if call.variant == "add_rmsnorm_fp8_per_token" and call.hidden not in LIMITS["per_token_fp8_hidden"]:
+        return f"per-token FP8 epilogue only for hidden in {LIMITS['per_token_fp8_hidden']}"
+    if call.tokens is not None:
+        itemsize = torch.empty((), dtype=call.dtype).element_size()
+        nbytes = call.tokens * call.hidden * itemsize
+        if nbytes > LIMITS["max_input_bytes"]:
+            return f"{nbytes} input bytes > {LIMITS['max_input_bytes']} (custom all-reduce falls back to RCCL)"
+        one_stage = nbytes * call.world_size <= LIMITS["one_stage_max_bytes_x_ranks"]
+        if not one_stage and call.hidden < lo:
+            return f"hidden {call.hidden} < {lo}: the 2-stage kernel that this size needs does not run it"
+    if not (importlib.util.find_spec("aiter") is not None if installed is None else installed):
+        return "AITER is not installed (ROCm only; the PyPI amd-aiter wheel lacks the quant variants)"
+    return None
+
+
+class AiterBackend:
+    name = "aiter"
+    variants = VARIANTS
+
+    # fusion_passes.ops passes fp8_dtype when it is not float8_e4m3fn (e.g. gfx942's fnuz).
+    quant_options = frozenset({"fp8_dtype"})
+
+    def __init__(self, comm=None, fp8_dtype: torch.dtype | None = None) -> None:
+        self._injected = comm  # tests pass a fake; otherwise AITER's module on first run
+        self._fp8 = fp8_dtype  # AITER's platform FP8 (aiter.utility.dtypes.fp8) unless given
+
+    def _check_fp8(self, fp8_dtype) -> None:
+        if self._fp8 is None:
+            from aiter.utility.dtypes import fp8
+
+            self._fp8 = fp8
+        if (fp8_dtype or torch.float8_e4m3fn) != self._fp8:
+            raise Unfusable(f"aiter writes {self._fp8} on this GPU, the graph wants {fp8_dtype or torch.float8_e4m3fn}")
+
+    @functools.cached_property
+    def _comm(self):
+        if self._injected is not None:
+            return self._injected
+        import aiter.dist.communication_op  # imports only on ROCm
+
+        return aiter.dist.communication_op
+
+    def unsupported(self, call: Call) -> str | None:
+        return unsupported(call)
+
+    def run(self, variant: str, *args, **kwargs):
+        if variant not in VARIANTS:
+            raise ValueError(f"fusion_passes: the aiter backend does not implement {variant!r}")
+        try:
+            return getattr(self, variant)(*args, **kwargs)
+        except Unfusable as why:  # raised before any vendor call: answer this call unfused
+            return run_on_reference(self.name, why, variant, *args, **kwargs)
+
+    # -- argument mapping ---------------------------------------------------------------
+    def _common(self, input, residual, weight, group, gemma, weight_in_fp32, *, gemma_ok=True):
+        from fusion_passes import groups
+
+        if weight is not None and not weight_in_fp32 and not gemma:
+            raise Unfusable(
+                "aiter multiplies the weight in fp32 before the cast (vLLM order); the Hugging Face "
+                "order (weight_in_fp32=False) would round differently"
+            )
+        if gemma and not gemma_ok:
+            raise Unfusable("aiter's per-group FP8 and MXFP4 epilogues have no gemma (1 + w) norm")
+        self._check_group(group, groups.world_size(group))
+        hidden = input.shape[-1]
+        residual = torch.zeros_like(input) if residual is None else residual  # x + 0 == x
+        weight = torch.ones(hidden, dtype=input.dtype, device=input.device) if weight is None else weight
+        return input, residual, weight
+
+    def _check_group(self, group: str, world_size: int) -> None:
+        tp = self._comm.get_tp_group()
+        if tp.world_size != world_size:
+            raise RuntimeError(
+                f"fusion_passes: aiter all-reduces over its own TP group (world size {tp.world_size}), "
+                f"but the fused op's group {group!r} has world size {world_size}"
+            )
+
+    def add_rmsnorm(self, input, residual, weight, eps, group, gemma, weight_in_fp32):
+        x, res, w = self._common(input, residual, weight, group, gemma, weight_in_fp32)
+        norm, res_out = self._comm.tensor_model_parallel_fused_allreduce_rmsnorm(
+            x, res, w, eps, gemma_norm=bool(gemma)
+        )
+        return norm, res_out
+
+    def add_rmsnorm_fp8_per_token(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
+                                  scale_ub=None, with_norm_out=False, fp8_dtype=None):
+        self._check_fp8(fp8_dtype)
+        if scale_ub is not None:
+            raise Unfusable("aiter's per-token FP8 epilogue has no scale upper bound")
+        x, res, w = self._common(input, residual, weight, group, gemma, weight_in_fp32)
+        out = self._comm.tensor_model_parallel_fused_allreduce_rmsnorm_quant(
+            x, res, w, eps, quant_type="per_token", emit_bf16=bool(with_norm_out), gemma_norm=bool(gemma)
+        )
+        q, res_out, scales = out[:3]
+        return q, scales, res_out, out[3] if with_norm_out else None
+
+    def add_rmsnorm_fp8_per_group(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
+                                  group_size=128, ue8m0=False, column_major=False, with_norm_out=False,
+                                  fp8_dtype=None):
+        self._check_fp8(fp8_dtype)
+        if ue8m0:
+            raise Unfusable("aiter's per-group FP8 epilogue writes fp32 scales, not UE8M0")
+        if group_size not in LIMITS["per_group_sizes"]:
+            raise Unfusable(f"aiter per-group FP8 group sizes: {LIMITS['per_group_sizes']}")
+        x, res, w = self._common(input, residual, weight, group, gemma, weight_in_fp32, gemma_ok=False)
+        out = self._comm.tensor_model_parallel_fused_allreduce_rmsnorm_quant(
+            x, res, w, eps, quant_type="per_group", group_size=group_size,
+            emit_bf16=bool(with_norm_out), transpose_scale=bool(column_major),
+        )
+        q, res_out, scales = out[:3]
+        return q, scales, res_out, out[3] if with_norm_out else None
+
+    def add_rmsnorm_mxfp4(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
+                          with_norm_out=False):
+        x, res, w = self._common(input, residual, weight, group, gemma, weight_in_fp32, gemma_ok=False)
+        out = self._comm.tensor_model_parallel_fused_allreduce_rmsnorm_mxfp4_quant(
+            x, res, w, eps, emit_bf16=bool(with_norm_out)
+        )
+        packed, res_out, scales = out[:3]  # uint8 [T, H/2] (2 x e2m1), uint8 e8m0 [T, H/32]
+        return packed, scales, res_out, out[3] if with_norm_out else None

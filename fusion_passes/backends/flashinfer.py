@@ -1,0 +1,234 @@
+"""The ``flashinfer`` backend: FlashInfer's TRT-LLM fused all-reduce + RMSNorm (+ quant) (CUDA).
+
+NOT EXECUTED: written against the published API of flashinfer-ai/flashinfer v0.6.18
+(commit ``fb28d7242b3506a2348265962041acc1fb56cca4``, 2026-08-22):
+``flashinfer.comm.allreduce_fusion`` and ``create_allreduce_fusion_workspace``
+(``flashinfer/comm/allreduce.py``) with ``AllReduceFusionPattern``
+(``flashinfer/comm/trtllm_ar.py``). FlashInfer JIT-compiles its communication kernels
+with nvcc and downloads dependencies on first use; the GPU machine here has no network
+and FlashInfer is not installed there, so this adapter has never run. The tests check
+its argument mapping with ``flashinfer.comm`` replaced by a recording fake, and its gate.
+
+The workspace (IPC buffers of the TRT-LLM backend; never the multicast/MNNVL one) is
+created once per (group, hidden, dtype), sized for the largest input the gate admits,
+on the first eager call: never during CUDA-graph capture.
+
+Variants: ``add_rmsnorm`` (kARResidualRMSNorm), ``add_rmsnorm_fp8_static``
+(kARResidualRMSNorm[Out]FP8Quant; the kernel multiplies by ``1 / scale``),
+``add_rmsnorm_fp8_per_token`` (kARResidualRMSNorm[Out]DynamicFP8Quant; no scale upper
+bound), ``add_rmsnorm_nvfp4`` (kARResidualRMSNorm[Out]FP4Quant, SM100+ only). Its
+per-token-group pattern writes packed UE8M0 int32 scales, not the fp32 scales of our
+``add_rmsnorm_fp8_per_group``, so that variant is not offered. Limits (and vLLM's
+measured size crossovers) are in :data:`fusion_passes.backends.thresholds.FLASHINFER`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+
+import torch
+
+from fusion_passes.backends import Call, thresholds
+
+_log = logging.getLogger("fusion_passes")
+
+
+class Unfusable(NotImplementedError):
+    """This call's options are outside what the vendor kernel computes identically."""
+
+
+def run_on_reference(backend: str, why: Exception, variant: str, *args, **kwargs):
+    """Answer one call with the unfused chain (correct, just not fused), logging why once."""
+    from fusion_passes.backends.reference import ReferenceBackend
+
+    if (backend, str(why)) not in _LOGGED:
+        _LOGGED.add((backend, str(why)))
+        _log.warning("fusion_passes: %s runs %s unfused: %s", backend, variant, why)
+    return ReferenceBackend().run(variant, *args, **kwargs)
+
+
+_LOGGED: set[tuple[str, str]] = set()
+
+LIMITS = thresholds.FLASHINFER
+VARIANTS = frozenset(
+    {"add_rmsnorm", "add_rmsnorm_fp8_static", "add_rmsnorm_fp8_per_token", "add_rmsnorm_nvfp4"}
+)
+DTYPES = (torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm() -> int:
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+def max_input_bytes(sm: int, world_size: int) -> float | None:
+    """vLLM's measured crossover for this SM and world size, in bytes (None: not measured)."""
+    mib = LIMITS["max_input_mib"].get(sm, {}).get(world_size)
+    return None if mib is None else mib * 1024 * 1024
+
+
+def unsupported(call: Call, sm: int | None = None, installed: bool | None = None) -> str | None:
+    """Why FlashInfer's fused kernels cannot (or should not) run *call* (*sm*, *installed*: for tests)."""
+    if call.device != "cuda":
+        return f"needs an NVIDIA CUDA GPU, got device {call.device!r}"
+    if call.dtype not in DTYPES:
+        return f"dtype {call.dtype} not in {[str(d) for d in DTYPES]}"
+    if call.world_size not in LIMITS["world_sizes"]:
+        return f"world size {call.world_size} not in {LIMITS['world_sizes']}"
+    if not call.single_node:
+        return "the group spans several nodes: the multi-node (MNNVL) path needs NVLink multicast, kept off"
+    itemsize = torch.empty((), dtype=call.dtype).element_size()
+    if (call.hidden * itemsize) % LIMITS["bytes_per_access"]:
+        return f"hidden*itemsize {call.hidden * itemsize} not a multiple of {LIMITS['bytes_per_access']} bytes"
+    sm = _sm() if sm is None else sm
+    if call.variant == "add_rmsnorm_nvfp4" and sm < LIMITS["fp4_min_sm"]:
+        return f"NVFP4 quant needs SM{LIMITS['fp4_min_sm']}+, this GPU is SM{sm}"
+    limit = max_input_bytes(sm, call.world_size)
+    if limit is None:
+        return f"no measured crossover for SM{sm} at world size {call.world_size}"
+    if call.tokens is not None and call.tokens * call.hidden * itemsize > limit:
+        return f"{call.tokens * call.hidden * itemsize} input bytes > {int(limit)}: slower than unfused (vLLM's crossover)"
+    if not (importlib.util.find_spec("flashinfer") is not None if installed is None else installed):
+        return "flashinfer is not installed (pip install flashinfer-python; needs nvcc for its JIT)"
+    return None
+
+
+class FlashInferBackend:
+    name = "flashinfer"
+    variants = VARIANTS
+
+    def __init__(self, comm=None) -> None:
+        self._injected = comm  # tests pass a fake; otherwise flashinfer.comm on first run
+        self._workspaces: dict[tuple, object] = {}
+
+    @functools.cached_property
+    def _comm(self):
+        if self._injected is not None:
+            return self._injected
+        import flashinfer.comm  # heavy; JIT-builds its kernels on first use (nvcc)
+
+        return flashinfer.comm
+
+    def unsupported(self, call: Call) -> str | None:
+        return unsupported(call)
+
+    def run(self, variant: str, *args, **kwargs):
+        if variant not in VARIANTS:
+            raise ValueError(f"fusion_passes: the flashinfer backend does not implement {variant!r}")
+        try:
+            return getattr(self, variant)(*args, **kwargs)
+        except Unfusable as why:  # raised before any vendor call: answer this call unfused
+            return run_on_reference(self.name, why, variant, *args, **kwargs)
+
+    # -- workspace ------------------------------------------------------------------------
+    def _workspace(self, group: str, x: torch.Tensor):
+        import torch.distributed as dist
+
+        from fusion_passes import groups
+        from fusion_passes.backends import symm
+
+        hidden = x.shape[-1]
+        key = (group, hidden, x.dtype, x.device.index)
+        ws = self._workspaces.get(key)
+        if ws is not None:
+            return ws
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"fusion_passes: flashinfer workspace for {group!r} (hidden {hidden}) must be created "
+                "by an eager call before CUDA-graph capture"
+            )
+        from torch._C._distributed_c10d import _resolve_process_group
+
+        pg = _resolve_process_group(symm.c10d_group_name(group))
+        world = groups.world_size(group)
+        limit = max_input_bytes(_sm(), world) or 0
+        max_tokens = max(1, int(limit // (hidden * x.element_size())))
+        ws = self._comm.create_allreduce_fusion_workspace(
+            backend="trtllm", world_size=world, rank=dist.get_rank(pg), max_token_num=max_tokens,
+            hidden_dim=hidden, dtype=x.dtype, group=pg,
+        )
+        self._workspaces[key] = ws
+        return ws
+
+    # -- argument mapping -----------------------------------------------------------------
+    def _prepare(self, input, residual, weight, gemma, weight_in_fp32):
+        if weight is not None and not weight_in_fp32 and not gemma:
+            raise Unfusable(
+                "flashinfer multiplies the weight in fp32 before the cast (vLLM order); the Hugging "
+                "Face order (weight_in_fp32=False) would round differently"
+            )
+        hidden = input.shape[-1]
+        x = input.reshape(-1, hidden).contiguous()
+        res = torch.zeros_like(x) if residual is None else residual.reshape(-1, hidden).contiguous()
+        w = torch.ones(hidden, dtype=x.dtype, device=x.device) if weight is None else weight.to(x.dtype)
+        return x, res, w
+
+    def _call(self, pattern, group, x, res, w, eps, gemma, **outs):
+        res_out = torch.empty_like(x)
+        self._comm.allreduce_fusion(
+            input=x,
+            workspace=self._workspace(group, x),
+            pattern=pattern,
+            launch_with_pdl=False,
+            residual_out=res_out,
+            residual_in=res,
+            rms_gamma=w,
+            rms_eps=float(eps),
+            fp32_acc=True,
+            weight_bias=1.0 if gemma else 0.0,
+            **outs,
+        )
+        return res_out
+
+    def add_rmsnorm(self, input, residual, weight, eps, group, gemma, weight_in_fp32):
+        x, res, w = self._prepare(input, residual, weight, gemma, weight_in_fp32)
+        norm = torch.empty_like(x)
+        res_out = self._call(self._comm.AllReduceFusionPattern.kARResidualRMSNorm, group, x, res, w, eps,
+                             gemma, norm_out=norm)
+        return norm.view(input.shape), res_out.view(input.shape)
+
+    def add_rmsnorm_fp8_static(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
+                               scale, with_norm_out=False):
+        P = self._comm.AllReduceFusionPattern
+        x, res, w = self._prepare(input, residual, weight, gemma, weight_in_fp32)
+        q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+        norm = torch.empty_like(x) if with_norm_out else None
+        pattern = P.kARResidualRMSNormOutFP8Quant if with_norm_out else P.kARResidualRMSNormFP8Quant
+        res_out = self._call(pattern, group, x, res, w, eps, gemma, quant_out=q, norm_out=norm,
+                             scale_factor=scale.reshape(-1).to(torch.float32))
+        return q, None, res_out, norm
+
+    def add_rmsnorm_fp8_per_token(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
+                                  scale_ub=None, with_norm_out=False):
+        if scale_ub is not None:
+            raise Unfusable("flashinfer's dynamic FP8 epilogue has no scale upper bound")
+        P = self._comm.AllReduceFusionPattern
+        x, res, w = self._prepare(input, residual, weight, gemma, weight_in_fp32)
+        q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+        scales = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
+        norm = torch.empty_like(x) if with_norm_out else None
+        pattern = P.kARResidualRMSNormOutDynamicFP8Quant if with_norm_out else P.kARResidualRMSNormDynamicFP8Quant
+        res_out = self._call(pattern, group, x, res, w, eps, gemma, quant_out=q, scale_out=scales, norm_out=norm)
+        return q, scales, res_out, norm
+
+    def add_rmsnorm_nvfp4(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
+                          global_scale, swizzle=True, with_norm_out=False):
+        P = self._comm.AllReduceFusionPattern
+        layouts = self._comm.QuantizationSFLayout
+        x, res, w = self._prepare(input, residual, weight, gemma, weight_in_fp32)
+        t, h = x.shape
+        packed = torch.empty((t, h // 2), dtype=torch.uint8, device=x.device)
+        if swizzle:  # 128x4 tiles: rows padded to 128, block columns to 4 (QuantizationSFLayout doc)
+            rows, cols = -(-t // 128) * 128, -(-(h // 16) // 4) * 4
+        else:
+            rows, cols = t, h // 16
+        scales = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=x.device)
+        norm = torch.empty_like(x) if with_norm_out else None
+        pattern = P.kARResidualRMSNormOutFP4Quant if with_norm_out else P.kARResidualRMSNormFP4Quant
+        res_out = self._call(pattern, group, x, res, w, eps, gemma, quant_out=packed, scale_out=scales,
+                             norm_out=norm, scale_factor=global_scale.reshape(-1).to(torch.float32),
+                             layout_code=layouts.SWIZZLED_128x4 if swizzle else layouts.LINEAR)
+        return packed, scales, res_out, norm

@@ -1,0 +1,223 @@
+"""Correctness of the triton backend against the reference backend, on real GPUs.
+
+Run directly at world size 1 (``python tests/gpu/triton_check.py``) or under torchrun
+(``torchrun --nproc_per_node=2 tests/gpu/triton_check.py``); the pytest wrappers in
+``test_triton_backend.py`` do exactly that. Exits non-zero on the first mismatch and
+prints one line per case.
+
+Tolerances (against :mod:`fusion_passes.epilogue` after the real collective):
+* ``residual_out``: bit-exact. The kernel rounds the all-reduce to the activation dtype
+  and adds the residual in that dtype exactly as ``aten.add`` does (at world size 2 a
+  sum of two values rounds once, like NCCL's; at 4+ the fp32 sum can differ from NCCL's
+  ring order by one ulp, so there it gets the norm's tolerance).
+* ``norm_out``: one ulp of the output dtype (bf16 2^-7, fp16 2^-10 relative), plus a
+  tiny absolute term: the kernel's fp32 sum of squares runs in a different order than
+  ``torch.mean`` and uses the hardware ``rsqrt``.
+* FP8 (against the reference backend's quant, i.e. :mod:`fusion_passes.epilogue`):
+  compared after dequantization, one e4m3 step (2^-3 relative) on at most 1% of the
+  elements: the kernel does the same scaling arithmetic, but a norm value one bf16 ulp
+  off moves a value across an FP8 rounding boundary now and then. Scales: relative 1e-2
+  (they follow the row or group absmax, one bf16 ulp); UE8M0 scales are powers of two,
+  so one ulp of the absmax may double them (relative 1).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from fusion_passes.backends.reference import ReferenceBackend
+from fusion_passes.backends.triton import TritonBackend
+
+ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-20}
+
+
+def close(name, got, want, rtol, atol=1e-6):
+    if got.shape != want.shape or got.dtype != want.dtype:
+        raise AssertionError(f"{name}: {tuple(got.shape)}/{got.dtype} vs {tuple(want.shape)}/{want.dtype}")
+    g, w = got.float(), want.float()
+    if torch.isnan(g).any():
+        raise AssertionError(f"{name}: NaN in output")
+    bad = (g - w).abs() > atol + rtol * w.abs()
+    if bad.any():
+        i = bad.nonzero()[0].tolist()
+        raise AssertionError(f"{name}: {int(bad.sum())} elements off, first at {i}: {g[tuple(i)]} vs {w[tuple(i)]}")
+
+
+def fp8_close(name, got, want, scale_got=None, scale_want=None):
+    g, w = got.float(), want.float()
+    if scale_got is not None:
+        g, w = g * scale_got.float(), w * scale_want.float()
+    bad = (g - w).abs() > 2.0**-3 * torch.maximum(g.abs(), w.abs()) + 1e-6
+    if bad.float().mean() > 0.01:
+        raise AssertionError(f"{name}: {bad.float().mean():.2%} of FP8 values off by more than one step")
+
+
+def check_case(group, rank, world, tokens, hidden, dtype, *, residual=True, weight=True, gemma=False,
+               w_fp32=True, w_dtype=None, quant=None, seed=0):
+    dev = torch.device("cuda", torch.cuda.current_device())
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    shared = torch.Generator(device=dev).manual_seed(seed + 1000)
+    x = torch.randn((world, tokens, hidden), generator=gen, device=dev, dtype=torch.float32)[rank].to(dtype)
+    res = torch.randn((tokens, hidden), generator=shared, device=dev).to(dtype) if residual else None
+    w = (torch.rand((hidden,), generator=shared, device=dev) + 0.5).to(w_dtype or dtype) if weight else None
+    eps = 1e-6
+    ref_norm, ref_res = ReferenceBackend.add_rmsnorm(x, res, w, eps, group, gemma, w_fp32)
+    tb = TritonBackend()
+    tol = max(ULP[ref_norm.dtype], ULP[dtype])  # the norm rounds to the activation dtype first
+    res_tol = 0.0 if world <= 2 else ULP[dtype]
+    tag = f"ws{world} T{tokens} H{hidden} {str(dtype)[6:]} res={residual} w={weight} gemma={gemma} wfp32={w_fp32} q={quant}"
+    if quant is None:
+        norm, res_out = tb.run("add_rmsnorm", x, res, w, eps, group, gemma, w_fp32)
+        close(f"{tag} residual_out", res_out, ref_res, res_tol)
+        close(f"{tag} norm_out", norm, ref_norm, tol)
+    else:
+        ref = ReferenceBackend()
+        params = {
+            "fp8_static": [(torch.tensor([0.02], device=dev),)],
+            "fp8_per_token": [(None,), (torch.tensor([3.0], device=dev),)],
+            "fp8_per_group": [(128, False, False), (128, True, True), (64, False, True)],
+        }[quant]
+        for p in params:
+            variant = "add_rmsnorm_" + quant
+            q, s, res_out, norm = tb.run(variant, x, res, w, eps, group, gemma, w_fp32, *p, with_norm_out=True)
+            rq, rs, rr, rn = ref.run(variant, x, res, w, eps, group, gemma, w_fp32, *p, with_norm_out=True)
+            sub = f"{tag} params={[v if not torch.is_tensor(v) else v.item() for v in p]}"
+            close(f"{sub} residual_out", res_out, rr, res_tol)
+            close(f"{sub} norm_out", norm, rn, tol)
+            if rs is None:
+                assert s is None, f"{sub}: static FP8 returns no scales"
+                fp8_close(f"{sub} q", q, rq)
+                continue
+            if quant == "fp8_per_group" and p[2] and tokens > 1:  # one row: both layouts coincide
+                assert s.stride(0) == 1, f"{sub}: column-major scales expected, strides {s.stride()}"
+            # UE8M0 scales are powers of two: one bf16 ulp of the absmax can double them
+            close(f"{sub} scales", s, rs.reshape(s.shape), 1.0 if quant == "fp8_per_group" and p[1] else 1e-2)
+            reps = q.shape[-1] // s.shape[-1]
+            fp8_close(f"{sub} q", q, rq, s.repeat_interleave(reps, dim=-1), rs.reshape(s.shape).repeat_interleave(reps, dim=-1))
+    return tag
+
+
+def check_graph_replay(group, rank, world, tokens=64, hidden=4096, dtype=torch.bfloat16, replays=20):
+    """The kernel captured once in a CUDA graph, replayed on fresh data, stays right."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    tb = TritonBackend()
+    x = torch.empty((tokens, hidden), device=dev, dtype=dtype)
+    res = torch.empty_like(x)
+    w = torch.rand((hidden,), device=dev, dtype=dtype) + 0.5
+    tb.run("add_rmsnorm", x, res, w, 1e-6, group, False, True)  # registers the workspace eagerly
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        tb.run("add_rmsnorm", x, res, w, 1e-6, group, False, True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tb.run("add_rmsnorm", x, res, w, 1e-6, group, False, True)
+    for i in range(replays):
+        gen = torch.Generator(device=dev).manual_seed(100 + i)
+        x.copy_(torch.randn((world, tokens, hidden), generator=gen, device=dev)[rank].to(dtype))
+        res.copy_(torch.randn((tokens, hidden), generator=gen, device=dev).to(dtype))
+        graph.replay()
+        ref_norm, ref_res = ReferenceBackend.add_rmsnorm(x, res, w, 1e-6, group, False, True)
+        close(f"graph replay {i} residual_out", out[1], ref_res, 0.0 if world <= 2 else ULP[dtype])
+        close(f"graph replay {i} norm_out", out[0], ref_norm, ULP[dtype])
+    return f"ws{world} CUDA graph: {replays} replays"
+
+
+def check_back_to_back(group, rank, world, iters=200):
+    """Many calls without host sync (signal pad reuse, buffer overwrite races)."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    tb = TritonBackend()
+    outs, refs = [], []
+    for i in range(iters):
+        tokens = (1, 7, 300, 2048)[i % 4]
+        gen = torch.Generator(device=dev).manual_seed(7 * i)
+        x = torch.randn((world, tokens, 4096), generator=gen, device=dev)[rank].to(torch.bfloat16)
+        res = torch.randn((tokens, 4096), generator=gen, device=dev).to(torch.bfloat16)
+        outs.append(tb.run("add_rmsnorm", x, res, None, 1e-6, group, False, True))
+        refs.append((x, res))
+    torch.cuda.synchronize()
+    for i, ((norm, res_out), (x, res)) in enumerate(zip(outs, refs)):
+        rn, rr = ReferenceBackend.add_rmsnorm(x, res, None, 1e-6, group, False, True)
+        close(f"back-to-back {i} residual_out", res_out, rr, 0.0 if world <= 2 else ULP[torch.bfloat16])
+        close(f"back-to-back {i} norm_out", norm, rn, ULP[torch.bfloat16])
+    return f"ws{world} {iters} back-to-back calls"
+
+
+def check_op(group, rank, world):
+    """The fused op with backend="auto": the selector's choice runs and matches the reference."""
+    import fusion_passes.ops  # noqa: F401  (registers the op)
+    from fusion_passes import backends
+    from fusion_passes.ops import call_for
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    x = torch.randn((world, 64, 4096), device=dev)[rank].to(torch.bfloat16)
+    res = torch.randn((64, 4096), device=dev).to(torch.bfloat16)
+    w = torch.rand(4096, device=dev).to(torch.bfloat16) + 0.5
+    chosen = backends.select(call_for("add_rmsnorm", x, group))
+    norm, res_out = torch.ops.fusion_passes.allreduce_add_rmsnorm(x, res, w, 1e-6, group)
+    rn, rr = ReferenceBackend.add_rmsnorm(x, res, w, 1e-6, group, False, True)
+    close("op residual_out", res_out, rr, 0.0 if world <= 2 else ULP[torch.bfloat16])
+    close("op norm_out", norm, rn, ULP[torch.bfloat16])
+    return f"ws{world} fused op, backend auto -> {chosen}"
+
+
+def main() -> int:
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if world == 1 and "MASTER_ADDR" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", torch.cuda.current_device()))
+    group = "c10d:" + dist.group.WORLD.group_name
+    cases = []
+    for tokens in (1, 3, 64, 257, 2048):
+        for hidden in (128, 4096, 7168):
+            cases.append(dict(tokens=tokens, hidden=hidden, dtype=torch.bfloat16))
+    cases += [
+        dict(tokens=33, hidden=16384, dtype=torch.bfloat16),
+        dict(tokens=33, hidden=8192, dtype=torch.float16),
+        dict(tokens=33, hidden=2048, dtype=torch.float32),
+        dict(tokens=17, hidden=4096, dtype=torch.bfloat16, residual=False),
+        dict(tokens=17, hidden=4096, dtype=torch.bfloat16, weight=False),
+        dict(tokens=17, hidden=4096, dtype=torch.bfloat16, gemma=True),
+        dict(tokens=17, hidden=4096, dtype=torch.bfloat16, w_fp32=False),
+        dict(tokens=17, hidden=4096, dtype=torch.bfloat16, w_fp32=False, w_dtype=torch.float32),
+        dict(tokens=17, hidden=4096, dtype=torch.bfloat16, w_dtype=torch.float32),
+    ]
+    for quant in ("fp8_static", "fp8_per_token", "fp8_per_group"):
+        for tokens, hidden in ((1, 4096), (77, 7168), (1024, 8192)):
+            cases.append(dict(tokens=tokens, hidden=hidden, dtype=torch.bfloat16, quant=quant))
+    failures = 0
+    for i, case in enumerate(cases):
+        try:
+            tag = check_case(group, rank, world, seed=i, **case)
+            ok = "ok  "
+        except Exception as e:  # noqa: BLE001 - report every failure, keep going
+            tag, ok = str(e), "FAIL"
+            failures += 1
+        if rank == 0:
+            print(ok, tag, flush=True)
+    for fn in (check_graph_replay, check_back_to_back, check_op):
+        try:
+            tag, ok = fn(group, rank, world), "ok  "
+        except Exception as e:  # noqa: BLE001 - report every failure, keep going
+            tag, ok = str(e), "FAIL"
+            failures += 1
+        if rank == 0:
+            print(ok, tag, flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank == 0:
+        print(f"{len(cases) + 3 - failures} passed, {failures} failed at world size {world}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""``fusion-passes diff``: structural alignment, goldens (text, JSON), the HTML page in
+headless Chromium, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+from fusion_passes import graphio
+from fusion_passes.tools import cli
+from fusion_passes.tools.diff import render_text, to_dict
+from fusion_passes.tools.graph_align import align
+from test_cli_models import MODEL, check_golden, relu_block, two_sites, write_dumps
+
+
+@pytest.fixture
+def dumps(fake_pg, tmp_path, monkeypatch):
+    """before/fused dumps of both small graphs, under relative paths (goldens stay portable)."""
+    monkeypatch.chdir(tmp_path)
+    write_dumps(relu_block, MODEL, pathlib.Path("relu"))
+    write_dumps(two_sites, "test_cli_models:two_sites", pathlib.Path("two"))
+    return tmp_path
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_two_fused_sites_text_and_json_golden(dumps, capsys):
+    rc, text, _ = _run(capsys, "diff", "two/graph_0.before.json", "two/graph_0.fused.json")
+    assert rc == 0
+    check_golden("diff_two_sites.txt", text)
+    rc, js, _ = _run(capsys, "diff", "--json", "two/graph_0.before.json", "two/graph_0.fused.json")
+    check_golden("diff_two_sites.json", js)
+    d = json.loads(js)
+    assert [s["fused_target"] for s in d["sites"]] == ["fusion_passes.allreduce_add_rmsnorm.default"] * 2
+    # each chain: all-reduce, wait, residual add, the 8 ops of the norm (fp32 weight form),
+    # and the weight's fp32 cast, which the fused op absorbs (it takes the weight itself)
+    assert [len(s["removed"]) for s in d["sites"]] == [12, 12]
+    assert [s["collective"] for s in d["sites"]] == ["all_reduce", "all_reduce_1"]
+    assert d["removed"] == [] and d["added"] == []
+    assert (d["a"]["collectives"], d["b"]["collectives"]) == (2, 2)
+    assert (d["a"]["fused_ops"], d["b"]["fused_ops"]) == (0, 2)
+    # A: 2 all-reduces + {add, norm1, x2 + h} + {add, norm2};  B: 2 fused ops + {x2 + h}
+    assert (d["a"]["kernels_estimate"], d["b"]["kernels_estimate"]) == (4, 3)
+
+
+def test_blocked_site_stays_text_golden(dumps, capsys):
+    rc, text, _ = _run(capsys, "diff", "relu/graph_0.before.json", "relu/graph_0.fused.json")
+    assert rc == 0
+    check_golden("diff_relu_block.txt", text)
+    d = to_dict(align(graphio.load("relu/graph_0.before.json"), graphio.load("relu/graph_0.fused.json")))
+    assert len(d["sites"]) == 1 and d["sites"][0]["collective"] == "all_reduce"
+    removed = {r["name"] for s in d["sites"] for r in s["removed"]}
+    assert not removed & {"all_reduce_1", "wait_tensor_1", "relu"}  # the blocked all-reduce is untouched
+
+
+def test_a_graph_against_itself_is_all_unchanged(dumps):
+    a = graphio.load("two/graph_0.before.json")
+    al = align(a, graphio.load("two/graph_0.before.json"))
+    assert (al.sites, al.removed, al.added, al.rewired) == ([], [], [], [])
+    assert al.unchanged == len(a.nodes)
+
+
+def test_no_colour_when_not_a_terminal(dumps, capsys, monkeypatch):
+    rc, text, _ = _run(capsys, "diff", "two/graph_0.before.json", "two/graph_0.fused.json")
+    assert "\033[" not in text  # capsys is not a tty
+    d = to_dict(align(graphio.load("two/graph_0.before.json"), graphio.load("two/graph_0.fused.json")))
+    assert "\033[31m" in render_text(d, colour=True)
+
+    class Tty:
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert cli.use_colour(Tty())
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not cli.use_colour(Tty())
+
+
+@pytest.mark.parametrize("case", ["not_a_dump", "missing", "other_model", "other_inputs"])
+def test_bad_input_exits_2_with_a_message(dumps, capsys, case):
+    pathlib.Path("notes.json").write_text('{"hello": 1}')
+    doc = json.loads(pathlib.Path("two/graph_0.fused.json").read_text())
+    doc["model"] = None
+    doc["nodes"][0]["name"] = doc["nodes"][0]["target"] = "renamed_input"
+    doc["nodes"] = [_rename_refs(n, "x_1", "renamed_input") for n in doc["nodes"]]
+    pathlib.Path("other_inputs.json").write_text(json.dumps(doc))
+    b = {"not_a_dump": "notes.json", "missing": "nope.json", "other_model": "relu/graph_0.fused.json",
+         "other_inputs": "other_inputs.json"}[case]
+    rc, out, err = _run(capsys, "diff", "two/graph_0.before.json", b)
+    assert rc == 2 and out == ""
+    expected = {"not_a_dump": "notes.json is not a fusion-passes graph dump", "missing": "cannot read nope.json",
+                "other_model": "graphs of different models", "other_inputs": "graphs of different models"}[case]
+    assert err.startswith("fusion-passes diff: error: ") and expected in err, err
+
+
+def _rename_refs(node: dict, old: str, new: str) -> dict:
+    return json.loads(json.dumps(node).replace(f'{{"node": "{old}"}}', f'{{"node": "{new}"}}'))
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
+def test_html_renders_every_fused_site_in_chromium(dumps, capsys):
+    rc, out, _ = _run(capsys, "diff", "--html", "page.html", "two/graph_0.before.json", "two/graph_0.fused.json")
+    assert rc == 0 and "2 fused sites" in out
+    page = pathlib.Path("page.html").resolve()
+    assert "http" not in page.read_text().replace("http-equiv", "")  # self-contained: no remote resource
+    base = [CHROMIUM, *FLAGS, f"--user-data-dir={dumps / 'chromium-profile'}"]
+    dom = subprocess.run([*base, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count('class="site"') == 2
+    assert 'data-fused-op="allreduce_add_rmsnorm_default"' in dom
+    assert 'data-fused-op="allreduce_add_rmsnorm_default_1"' in dom
+    assert dom.count('class="node removed"') == 24 and dom.count('class="node added"') == 5
+    for name in ("all_reduce", "wait_tensor", "all_reduce_1"):  # each site links to its removed nodes
+        assert f'href="#a-{name}"' in dom and f'id="a-{name}"' in dom
+    shot = dumps / "page.png"
+    subprocess.run([*base, f"--screenshot={shot}", "--window-size=1400,1000", page.as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.exists() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000

@@ -1,0 +1,285 @@
+"""vLLM's quant custom ops (``_C.*`` through ``auto_functionalized``) before a fused norm.
+
+The CUDA extension of the vLLM 0.33 wheel (``vllm/_C_stable_libtorch.abi3.so``) cannot load
+on this machine: it links ``libcuda.so.1``, the NVIDIA driver, which a GPU-less host does not
+have, so ``torch.ops._C.*`` quant ops do not exist here. :func:`register_c_quant_ops`
+registers them from the wheel's OWN registration strings (the ``TORCH_LIBRARY`` schema text
+read out of that .so), with a fake implementation (they mutate and return nothing) and a
+CPU implementation that writes what the CUDA kernel computes (the kernel's documented
+math, via :mod:`fusion_passes.epilogue`). The graphs are then produced by vLLM's own
+``MatcherQuantFP8.forward_custom`` (the exact form vLLM's fusion passes match).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import FileCheck
+
+from fusion_passes import FusionPass, epilogue
+from graphs import all_reduce, fp32_weight_rms_norm, trace
+from ranks import run_ranks
+
+auto_functionalized = torch.ops.higher_order.auto_functionalized
+
+C_OPS = ("static_scaled_fp8_quant", "dynamic_per_token_scaled_fp8_quant", "per_token_group_fp8_quant",
+         "scaled_fp4_quant.out")
+
+
+def _wheel_so() -> Path | None:
+    try:
+        import vllm
+    except Exception:  # noqa: BLE001
+        return None
+    so = Path(vllm.__file__).parent / "_C_stable_libtorch.abi3.so"
+    return so if so.exists() else None
+
+
+@functools.lru_cache(maxsize=1)
+def wheel_schemas() -> dict[str, str]:
+    """``name[.overload] -> schema`` for :data:`C_OPS`, read from the wheel's .so."""
+    so = _wheel_so()
+    if so is None:
+        return {}
+    data = so.read_bytes()
+    out = {}
+    for name in C_OPS:
+        # the schema string is NUL-terminated text starting with "<name>(" in .rodata
+        at = data.find(b"\x00" + name.encode() + b"(")
+        if at >= 0:
+            text = data[at + 1:data.index(b"\x00", at + 1)].decode()
+            if text.endswith("-> ()"):
+                out[name] = re.sub(r"\s+", " ", text)
+    return out
+
+
+def _cpu_static(result, input, scale, group_shape=None):
+    result.copy_(epilogue.fp8_static(input, scale, dtype=result.dtype))
+
+
+def _cpu_per_token(result, input, scale, scale_ub):
+    q, s = epilogue.fp8_per_token(input, scale_ub, dtype=result.dtype)
+    result.copy_(q)
+    scale.copy_(s)
+
+
+def _cpu_per_group(input, output_q, output_s, group_size, eps, fp8_min, fp8_max, scale_ue8m0,
+                   dummy_is_scale_transposed, dummy_is_tma_aligned):
+    # the kernel's floors: eps on the group absmax, 1e-10 on the scale before UE8M0 rounding
+    q, s = epilogue.fp8_per_group(input, group_size, scale_ue8m0, False, dtype=output_q.dtype,
+                                  amax_eps=eps, scale_min=1e-10 if scale_ue8m0 else 0.0)
+    output_q.copy_(q)
+    output_s.copy_(s)
+
+
+def _cpu_fp4(input, input_scale, is_sf_swizzled_layout, *, output, output_scale):
+    q, s = epilogue.nvfp4(input, input_scale, is_sf_swizzled_layout)
+    output.copy_(q)
+    output_scale.view(torch.uint8).view(s.shape).copy_(s.view(torch.uint8))
+
+
+_CPU = {"static_scaled_fp8_quant": _cpu_static, "dynamic_per_token_scaled_fp8_quant": _cpu_per_token,
+        "per_token_group_fp8_quant": _cpu_per_group, "scaled_fp4_quant.out": _cpu_fp4}
+_LIBS: list = []
+
+
+def register_c_quant_ops() -> bool:
+    """Define the missing ``_C`` quant ops from the wheel's schemas; True if all exist now."""
+    have = lambda n: hasattr(torch.ops._C, n.split(".")[0]) and hasattr(  # noqa: E731
+        getattr(torch.ops._C, n.split(".")[0]), n.split(".")[1] if "." in n else "default")
+    missing = [n for n in C_OPS if not have(n)]
+    if not missing:
+        return True
+    try:  # vllm._custom_ops registers fakes for the _C ops it sees at import: import it first
+        import vllm._custom_ops  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    schemas = wheel_schemas()
+    if any(n not in schemas for n in missing):
+        return False
+    lib = torch.library.Library("_C", "FRAGMENT")
+    _LIBS.append(lib)
+    for n in missing:
+        lib.define(schemas[n])
+        lib.impl(n, _CPU[n], "CPU")
+        torch.library.register_fake(f"_C::{n}", lambda *a, **k: None, lib=lib)
+    return True
+
+
+needs_c_ops = pytest.mark.skipif(not register_c_quant_ops(),
+                                 reason="needs vLLM 0.33's wheel (its _C schemas) installed")
+
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+# The three functions below are vLLM 0.33's MatcherQuantFP8.forward_custom
+# (compilation/passes/fusion/matcher_utils.py), line for line: vLLM's fusion passes match
+# exactly these graphs. (matcher_utils itself cannot be imported here: at import it looks
+# up torch.ops._C.rotary_embedding, another op of the CUDA extension.)
+def vllm_static_fp8(y, scale):
+    result = torch.empty(y.shape, device=y.device, dtype=FP8)
+    _, result = auto_functionalized(torch.ops._C.static_scaled_fp8_quant.default, result=result, input=y,
+                                    scale=scale, group_shape=[-1, -1])
+    return result, scale
+
+
+def vllm_per_token_fp8(y, scale_ub=None):
+    result = torch.empty(y.shape, device=y.device, dtype=FP8)
+    scale = torch.empty((y.shape[0], 1), device=y.device, dtype=torch.float32)
+    _, result, scale = auto_functionalized(torch.ops._C.dynamic_per_token_scaled_fp8_quant.default,
+                                           result=result, input=y, scale=scale, scale_ub=scale_ub)
+    return result, scale
+
+
+def vllm_per_group_fp8(y, group_size=128, ue8m0=False, column_major=False):
+    result = torch.empty(y.shape, device=y.device, dtype=FP8)
+    shape = (y.shape[0], y.shape[1] // group_size)
+    if column_major:
+        scale = torch.empty(tuple(reversed(shape)), device=y.device, dtype=torch.float32).permute(-1, -2)
+    else:
+        scale = torch.empty(shape, device=y.device, dtype=torch.float32)
+    _, result, scale = auto_functionalized(
+        torch.ops._C.per_token_group_fp8_quant.default, input=y, output_q=result, output_s=scale,
+        group_size=group_size, eps=1e-10, fp8_min=-FP8_MAX, fp8_max=FP8_MAX, scale_ue8m0=ue8m0,
+        dummy_is_scale_transposed=column_major, dummy_is_tma_aligned=False)
+    return result, scale
+
+
+QUANTS = {
+    "static": vllm_static_fp8,
+    "token": vllm_per_token_fp8,
+    "group": vllm_per_group_fp8,
+    "group_ue8m0_col": lambda y: vllm_per_group_fp8(y, 128, True, True),
+}
+
+
+def _inputs(hidden: int, tokens: int = 5, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(hidden + tokens)
+    x = torch.randn(tokens, hidden, dtype=dtype, generator=g)
+    res = torch.randn(tokens, hidden, dtype=dtype, generator=g)
+    w = 1 + 0.1 * torch.randn(hidden, dtype=dtype, generator=g)
+    return x, res, w
+
+
+def _ranks(args):
+    return [[a.clone() if r == 0 else (a + 0.25 * r if a.is_floating_point() and a.numel() > 1 else a.clone())
+             for a in args] for r in range(2)]
+
+
+def _strides(t):
+    """Layout that matters: strides of the dims longer than 1 (a size-1 dim's is arbitrary)."""
+    return tuple(st for sz, st in zip(t.shape, t.stride()) if sz > 1)
+
+
+def _bits(t):
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
+def _check_same(ref_gm, gm, args):
+    rank_args = _ranks(args)
+    want, got = run_ranks(ref_gm, rank_args), run_ranks(gm, rank_args)
+    for r in range(2):
+        assert len(want[r]) == len(got[r])
+        for a, b in zip(want[r], got[r]):
+            assert (a.dtype, a.shape, _strides(a)) == (b.dtype, b.shape, _strides(b))
+            # the reference backend runs the same math in the same order: bit-identical
+            assert torch.equal(_bits(a), _bits(b))
+
+
+def _fuse(gm):
+    ref = copy.deepcopy(gm)
+    p = FusionPass()
+    p(gm.graph)
+    gm.recompile()
+    gm.graph.lint()
+    return ref, p.report
+
+
+@needs_c_ops
+@pytest.mark.parametrize("key,variant", [
+    ("static", "fp8_static"), ("token", "fp8_per_token"), ("group", "fp8_per_group"),
+    ("group_ue8m0_col", "fp8_per_group"),
+])
+def test_vllm_custom_quant_fuses(fake_pg, key, variant):
+    m = QUANTS[key]
+    H = 256
+    x, res, w = _inputs(H)
+    scale = torch.tensor([[0.03]], dtype=torch.float32)
+
+    def block(x, res, w, scale):
+        t = all_reduce(x) + res
+        y = fp32_weight_rms_norm(t, w)
+        q, s = m(y, scale) if key == "static" else m(y)
+        return (q, t) if key == "static" else (q, s, t)
+
+    gm = trace(block, x, res, w, scale)
+    ref, report = _fuse(gm)
+    assert [s.variant for s in report.sites] == [f"allreduce_add_rmsnorm_{variant}"]
+    FileCheck().check_count(f"fusion_passes.allreduce_add_rmsnorm_{variant}.default", 1, exactly=True) \
+        .check_not("auto_functionalized").check_not("all_reduce").run(gm.code)
+    _check_same(ref, gm, (x, res, w, scale))
+
+
+def _nvfp4_block(swizzle: bool):
+    from vllm._custom_ops import create_fp4_output_tensors
+
+    def block(x, res, w, gs):
+        t = all_reduce(x) + res
+        y = fp32_weight_rms_norm(t, w)
+        out, out_scale = create_fp4_output_tensors(y.shape[0], y.shape[1], y.device, swizzle)
+        # rms_quant_fusion.py's NVFP4 pattern: auto_functionalized(scaled_fp4_quant.out, ...)
+        at = auto_functionalized(torch.ops._C.scaled_fp4_quant.out, input=y, input_scale=gs,
+                                 is_sf_swizzled_layout=swizzle, output=out, output_scale=out_scale)
+        return at[1], at[2], t
+
+    return block
+
+
+@needs_c_ops
+@pytest.mark.parametrize("swizzle", [True, False])
+def test_vllm_nvfp4_quant_fuses(fake_pg, swizzle):
+    H = 64
+    x, res, w = _inputs(H, tokens=3)
+    gs = torch.tensor([448.0 * 6.0 / 8.0])
+    gm = trace(_nvfp4_block(swizzle), x, res, w, gs)
+    ref, report = _fuse(gm)
+    assert [s.variant for s in report.sites] == ["allreduce_add_rmsnorm_nvfp4"]
+    FileCheck().check_count("fusion_passes.allreduce_add_rmsnorm_nvfp4.default", 1, exactly=True) \
+        .check_not("auto_functionalized").run(gm.code)
+    _check_same(ref, gm, (x, res, w, gs))
+
+
+@needs_c_ops
+def test_nvfp4_on_fp32_does_not_fuse_the_quant(fake_pg):
+    """NVFP4 takes fp16/bf16 only: on an fp32 norm output only all-reduce + norm fuse."""
+    H = 64
+    x, res, w = _inputs(H, tokens=3, dtype=torch.float32)
+    gs = torch.tensor([100.0])
+    gm = trace(_nvfp4_block(True), x, res, w, gs)
+    ref, report = _fuse(gm)
+    (site,) = report.sites
+    assert site.fused and site.variant == "allreduce_add_rmsnorm"
+    FileCheck().check_count("fusion_passes.allreduce_add_rmsnorm.default", 1, exactly=True) \
+        .check("auto_functionalized").check_not("allreduce_add_rmsnorm_nvfp4").run(gm.code)
+
+
+def test_wheel_schemas_are_the_registered_ones():
+    """The schemas we register are the wheel's own text (so our graphs are vLLM's)."""
+    schemas = wheel_schemas()
+    if not schemas:
+        pytest.skip("needs vLLM 0.33's wheel installed")
+    assert set(schemas) == set(C_OPS)
+    assert schemas["static_scaled_fp8_quant"].startswith("static_scaled_fp8_quant(Tensor! result, Tensor input")
+    register_c_quant_ops()
+    assert "Tensor(a!) output" in str(torch.ops._C.scaled_fp4_quant.out._schema)
+
+
+del sys
