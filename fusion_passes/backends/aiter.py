@@ -27,30 +27,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import logging
 
 import torch
 
 from fusion_passes.backends import Call, thresholds
 
-_log = logging.getLogger("fusion_passes")
-
-
-class Unfusable(NotImplementedError):
-    """This call's options are outside what the vendor kernel computes identically."""
-
-
-def run_on_reference(backend: str, why: Exception, variant: str, *args, **kwargs):
-    """Answer one call with the unfused chain (correct, just not fused), logging why once."""
-    from fusion_passes.backends.reference import ReferenceBackend
-
-    if (backend, str(why)) not in _LOGGED:
-        _LOGGED.add((backend, str(why)))
-        _log.warning("fusion_passes: %s runs %s unfused: %s", backend, variant, why)
-    return ReferenceBackend().run(variant, *args, **kwargs)
-
-
-_LOGGED: set[tuple[str, str]] = set()
+from fusion_passes.backends.fallback import Unfusable, run_on_reference  # noqa: F401
 
 LIMITS = thresholds.AITER
 VARIANTS = frozenset(

@@ -10,20 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from fusion_passes import epilogue, groups
+from fusion_passes import epilogue, groups, ops
 from fusion_passes.backends import Call
 
 
 class ReferenceBackend:
     name = "reference"
-    variants = frozenset({
-        "add_rmsnorm",
-        "add_rmsnorm_fp8_static",
-        "add_rmsnorm_fp8_per_token",
-        "add_rmsnorm_fp8_per_group",
-        "add_rmsnorm_nvfp4",
-        "add_rmsnorm_mxfp4",
-    })
+    variants = frozenset(ops.VARIANTS)  # the reference runs every fused op
     # keyword options of the quant variants beyond the contract (fusion_passes.ops)
     quant_options = frozenset({"fp8_dtype", "amax_eps", "scale_min"})
 
