@@ -298,6 +298,16 @@ def _vllm_weight_order(node: Node, x: Node, w) -> bool | Miss:
     return Miss(f"{short(node)}: weight dtype {wd} is neither fp32 nor the activation dtype {xd}", node)
 
 
+def _vllm_norm_args(u: Node, x: Node, w_pos: int) -> tuple[Node, float, bool] | Miss:
+    """``(weight, eps, weight_in_fp32)`` of a vLLM norm whose weight is argument *w_pos*
+    (epsilon and variance_size follow it), or why it does not fuse."""
+    w, eps = _vllm_arg(u, w_pos, "weight"), _vllm_arg(u, w_pos + 1, "epsilon")
+    if _vllm_arg(u, w_pos + 2, "variance_size") is not None:
+        return Miss(f"{short(u)} normalizes over a variance_size prefix", u)
+    w_fp32 = _vllm_weight_order(u, x, w)
+    return w_fp32 if isinstance(w_fp32, Miss) else (w, float(eps), w_fp32)
+
+
 def vllm_rms_norm(x: Node) -> Norm | Miss | None:
     """vLLM's IR norms consuming *x*, as vLLM 0.33 traces them (``ir_enable_torch_wrap``):
 
@@ -310,13 +320,11 @@ def vllm_rms_norm(x: Node) -> Norm | Miss | None:
     ``variance_size`` (a norm over a prefix of the hidden dim) does not fuse."""
     for u in x.users:
         if is_named(u, VLLM_RMS_NORM) and _vllm_arg(u, 0, "x") is x:
-            w, eps = _vllm_arg(u, 1, "weight"), _vllm_arg(u, 2, "epsilon")
-            if _vllm_arg(u, 3, "variance_size") is not None:
-                return Miss(f"{short(u)} normalizes over a variance_size prefix", u)
-            w_fp32 = _vllm_weight_order(u, x, w)
-            if isinstance(w_fp32, Miss):
-                return w_fp32
-            return Norm(x, w, float(eps), False, w_fp32, u, (u,))
+            args = _vllm_norm_args(u, x, 1)
+            if isinstance(args, Miss):
+                return args
+            w, eps, w_fp32 = args
+            return Norm(x, w, eps, False, w_fp32, u, (u,))
         if is_named(u, VLLM_ADD_RMS_NORM):
             a, b = _vllm_arg(u, 0, "x"), _vllm_arg(u, 1, "x_residual")
             if a is x and b is not x:
@@ -327,12 +335,10 @@ def vllm_rms_norm(x: Node) -> Norm | Miss | None:
                 res = a
             else:
                 continue
-            w, eps = _vllm_arg(u, 2, "weight"), _vllm_arg(u, 3, "epsilon")
-            if _vllm_arg(u, 4, "variance_size") is not None:
-                return Miss(f"{short(u)} normalizes over a variance_size prefix", u)
-            w_fp32 = _vllm_weight_order(u, x, w)
-            if isinstance(w_fp32, Miss):
-                return w_fp32
+            args = _vllm_norm_args(u, x, 2)
+            if isinstance(args, Miss):
+                return args
+            w, eps, w_fp32 = args
             if any(g.target is not operator.getitem for g in u.users):
                 return Miss(f"{short(u)}: its tuple is used other than through getitem", u)
             getitems: dict[int, Node] = {}

@@ -19,8 +19,6 @@ import sys
 from fusion_passes.tools.cli import UsageError, use_colour
 
 RED, GREEN, BOLD, RESET = "\033[31m", "\033[32m", "\033[1m", "\033[0m"
-WALK_THROUGH = ("torch.ops._c10d_functional.", "torch.ops.c10d_functional.", "torch.ops.vllm.all_reduce.")
-"""Nodes a blocker is never reported as: the all-reduce itself (and its wait)."""
 
 
 def add_arguments(parser) -> None:
@@ -58,15 +56,9 @@ def _backend_arg(n) -> str | None:
 
 
 def site_extras(site, pre) -> dict:
-    """Blocker node (walked past the all-reduce to the op that consumed it), its op and source."""
+    """Blocker node (the pass names the op that stopped the site), its op and source."""
     nodes = pre.by_name() if pre is not None else {}
-    users: dict[str, list[str]] = {}
-    for n in pre.nodes if pre is not None else ():
-        for i in dict.fromkeys(n.inputs()):
-            users.setdefault(i, []).append(n.name)
     name = site.blocker
-    while name in nodes and nodes[name].target.startswith(WALK_THROUGH) and len(users.get(name, [])) == 1:
-        name = users[name][0]  # the all-reduce's value fed exactly one op: that op blocked it
     rec = nodes.get(name) if name else None
     where = rec if rec is not None and rec.source else nodes.get(site.all_reduce)
     return {
