@@ -22,6 +22,7 @@ def rms_norm(
     *,
     gemma: bool = False,
     weight_in_fp32: bool = True,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """RMSNorm over the last dim, computed in fp32 as every real model does.
 
@@ -29,9 +30,10 @@ def rms_norm(
     ``torch.nn.functional.rms_norm``, vLLM and Gemma's form (Gemma multiplies by ``1 + w``).
     ``weight_in_fp32=False``: ``w * (x32 * rsqrt(...)).to(dtype)``, the Hugging Face
     Llama form, where the weight multiplies after the cast back (result dtype follows
-    type promotion of ``w`` and ``x``).
+    type promotion of ``w`` and ``x``). ``out_dtype`` (default ``x.dtype``) is the
+    activation dtype when ``x`` is an fp32 sum that was never rounded to it.
     """
-    dtype = x.dtype
+    dtype = out_dtype or x.dtype
     x32 = x.to(torch.float32)
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     if weight is None:
@@ -51,8 +53,19 @@ def add_rms_norm(
     *,
     gemma: bool = False,
     weight_in_fp32: bool = True,
+    residual_in_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rms_norm(x + residual), x + residual)``: the two values the fused op returns."""
+    """``(rms_norm(x + residual), x + residual)``: the two values the fused op returns.
+
+    ``residual_in_fp32``: vLLM's ``fused_add_rms_norm`` (vllm/ir/ops/layernorm.py) adds in
+    fp32, returns the sum rounded to the activation dtype as the new residual, but
+    normalizes the UNROUNDED fp32 sum. Without it the sum is ``aten.add`` in the
+    activation dtype and the norm reads that rounded sum (Hugging Face, plain PyTorch).
+    """
+    if residual_in_fp32 and residual is not None:
+        summed32 = x.to(torch.float32) + residual.to(torch.float32)
+        norm = rms_norm(summed32, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32, out_dtype=x.dtype)
+        return norm, summed32.to(x.dtype)
     summed = add_residual(x, residual)
     return rms_norm(summed, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32), summed
 

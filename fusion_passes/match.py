@@ -81,11 +81,18 @@ def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
         return Miss(f"no catalogue family for residual={has_residual} residual_out={residual_out}", v)
     reasons: list[str] = []
     for family in families:
-        call = compile_time_call(family.variant, ar)
+        call = compile_time_call(family.variant, ar, norm, found_quant if family.quant is not None else None)
         try:
             backend = backends.select(call, prefer_backend)
         except RuntimeError as e:
             reasons.append(str(e))
+            continue
+        if backend == "reference" and prefer_backend == "auto" and call.device != "cpu":
+            # On a GPU the reference backend is the unfused chain run eagerly inside one op:
+            # slower than Inductor's compiled chain, so the site stays as it is.
+            reasons.append(f"no fused kernel runs {family.variant} on {call.device} here: " + "; ".join(
+                f"{name}: {why}" for name in backends.ORDER if name != "reference"
+                for why in [backends.why_not(name, call)] if why))
             continue
         if family.quant is None and isinstance(found_quant, quant.Quant):
             note = f"quant {found_quant.kind} left unfused: no backend runs {found_quant.variant} here ({reasons[0]})"
@@ -94,7 +101,7 @@ def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
     return Miss(reasons[-1], ar.node)
 
 
-def compile_time_call(variant: str, ar: AllReduce) -> backends.Call:
+def compile_time_call(variant: str, ar: AllReduce, norm=None, found_quant=None) -> backends.Call:
     """The selector's view of a graph site (token count unknown until run time)."""
     v = val(ar.input)
     try:
@@ -107,6 +114,10 @@ def compile_time_call(variant: str, ar: AllReduce) -> backends.Call:
         dtype=v.dtype,
         hidden=int(v.shape[-1]),
         world_size=world,
+        gemma=bool(norm and norm.gemma),
+        weight_in_fp32=norm.weight_in_fp32 if norm is not None else True,
+        residual_in_fp32=bool(norm and norm.residual_in_fp32 and norm.residual is not None),
+        group_size=(found_quant.params.get("group_size") if found_quant is not None else None),
     )
 
 

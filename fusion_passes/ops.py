@@ -5,13 +5,16 @@ aliasing), have fake implementations for tracing, and return what the unfused ch
 returned, so consumers of the rewritten graph need no change:
 
 ``torch.ops.fusion_passes.allreduce_add_rmsnorm(input, residual, weight, eps, group,
-gemma=False, weight_in_fp32=True, backend="auto") -> (norm_out, residual_out)``
+gemma=False, weight_in_fp32=True, backend="auto", residual_in_fp32=False)
+-> (norm_out, residual_out)``
 
 * ``input``: this rank's partial sum, ``[..., hidden]``.
 * ``residual``: added after the all-reduce, or ``None`` (then ``residual_out`` is the
   all-reduced input).
 * ``weight``: the norm weight ``[hidden]`` or ``None``; ``gemma`` multiplies by ``1 + w``.
 * ``weight_in_fp32``: where the weight multiplies (see :func:`fusion_passes.epilogue.rms_norm`).
+* ``residual_in_fp32``: the residual add in fp32 with the norm reading the unrounded sum
+  (vLLM's ``fused_add_rms_norm``; see :func:`fusion_passes.epilogue.add_rms_norm`).
 * ``group``: ``"c10d:<name>"`` or ``"vllm:<name>"`` (:mod:`fusion_passes.groups`).
 * ``backend``: ``"auto"`` lets the selector choose per call.
 """
@@ -57,7 +60,8 @@ def _norm_dtype(input: torch.Tensor, weight, weight_in_fp32: bool, gemma: bool) 
     return torch.promote_types(weight.dtype, input.dtype)
 
 
-def call_for(variant: str, input: torch.Tensor, group: str) -> backends.Call:
+def call_for(variant: str, input: torch.Tensor, group: str, *, gemma: bool = False, weight_in_fp32: bool = True,
+             residual_in_fp32: bool = False, group_size: int | None = None) -> backends.Call:
     """The selector's view of one call (sizes from the live tensor, world size resolved)."""
     return backends.Call(
         variant=variant,
@@ -67,6 +71,10 @@ def call_for(variant: str, input: torch.Tensor, group: str) -> backends.Call:
         tokens=input.numel() // input.shape[-1],
         world_size=groups.world_size(group),
         single_node=groups.is_single_node(group) if input.is_cuda else True,
+        gemma=gemma,
+        weight_in_fp32=weight_in_fp32,
+        residual_in_fp32=residual_in_fp32,
+        group_size=group_size,
     )
 
 
@@ -80,17 +88,20 @@ def allreduce_add_rmsnorm(
     gemma: bool = False,
     weight_in_fp32: bool = True,
     backend: str = "auto",
+    residual_in_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """all-reduce(input) [+ residual] -> RMSNorm, in one call. See the module docstring."""
     _check(input, residual, weight, group)
-    name = backends.select(call_for("add_rmsnorm", input, group), backend)
-    return backends.get(name).run(
-        "add_rmsnorm", input.contiguous(), residual, weight, eps, group, gemma, weight_in_fp32
+    call = call_for("add_rmsnorm", input, group, gemma=gemma, weight_in_fp32=weight_in_fp32,
+                    residual_in_fp32=residual_in_fp32)
+    return backends.get(backends.select(call, backend)).run(
+        "add_rmsnorm", input.contiguous(), residual, weight, eps, group, gemma, weight_in_fp32,
+        residual_in_fp32=residual_in_fp32,
     )
 
 
 @allreduce_add_rmsnorm.register_fake
-def _(input, residual, weight, eps, group, gemma=False, weight_in_fp32=True, backend="auto"):
+def _(input, residual, weight, eps, group, gemma=False, weight_in_fp32=True, backend="auto", residual_in_fp32=False):
     _check(input, residual, weight, group)
     return (
         input.new_empty(input.shape, dtype=_norm_dtype(input, weight, weight_in_fp32, gemma)),
@@ -141,10 +152,13 @@ _warned_fallback: set[tuple[str, str]] = set()
 
 
 def _run_quant(variant: str, input, group: str, backend: str, common: tuple, params: tuple,
-               return_norm: bool, options: dict):
+               return_norm: bool, options: dict, residual_in_fp32: bool, group_size: int | None = None):
     """Select a backend and run *variant*; ``options`` that the chosen backend does not list
     in ``quant_options`` send the call to the reference backend (logged once)."""
-    name = backends.select(call_for(variant, input, group), backend)
+    gemma, weight_in_fp32 = common[-2:]
+    call = call_for(variant, input, group, gemma=gemma, weight_in_fp32=weight_in_fp32,
+                    residual_in_fp32=residual_in_fp32, group_size=group_size)
+    name = backends.select(call, backend)
     impl = backends.get(name)
     if options and not set(options) <= set(getattr(impl, "quant_options", ())):
         if (name, variant) not in _warned_fallback:
@@ -155,7 +169,7 @@ def _run_quant(variant: str, input, group: str, backend: str, common: tuple, par
             )
         impl = backends.get("reference")
     q, scales, res_out, norm = impl.run(variant, input.contiguous(), *common, *params,
-                                        with_norm_out=return_norm, **options)
+                                        with_norm_out=return_norm, residual_in_fp32=residual_in_fp32, **options)
     if norm is None or not return_norm:
         norm = input.new_empty((0,))
     return q, scales, res_out, norm
@@ -172,6 +186,7 @@ def allreduce_add_rmsnorm_fp8_static(
     input: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
     group: str, scale: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
     gemma: bool = False, weight_in_fp32: bool = True, return_norm: bool = False, backend: str = "auto",
+    residual_in_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """... -> RMSNorm -> static per-tensor FP8 (:func:`epilogue.fp8_static`):
     ``(q, residual_out, norm_out)``."""
@@ -182,13 +197,14 @@ def allreduce_add_rmsnorm_fp8_static(
     opts = {} if fp8_dtype == torch.float8_e4m3fn else {"fp8_dtype": fp8_dtype}
     q, _, res_out, norm = _run_quant("add_rmsnorm_fp8_static", input, group, backend,
                                      (residual, weight, eps, group, gemma, weight_in_fp32), (scale,),
-                                     return_norm, opts)
+                                     return_norm, opts, residual_in_fp32)
     return q, res_out, norm
 
 
 @allreduce_add_rmsnorm_fp8_static.register_fake
 def _(input, residual, weight, eps, group, scale, fp8_dtype=torch.float8_e4m3fn, gemma=False,
-      weight_in_fp32=True, return_norm=False, backend="auto"):
+      weight_in_fp32=True, return_norm=False, backend="auto",
+      residual_in_fp32=False):
     _check(input, residual, weight, group)
     _check_fp8(fp8_dtype)
     return (input.new_empty(input.shape, dtype=fp8_dtype),
@@ -200,6 +216,7 @@ def allreduce_add_rmsnorm_fp8_per_token(
     input: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
     group: str, scale_ub: torch.Tensor | None = None, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
     gemma: bool = False, weight_in_fp32: bool = True, return_norm: bool = False, backend: str = "auto",
+    residual_in_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """... -> RMSNorm -> dynamic per-token FP8 (:func:`epilogue.fp8_per_token`):
     ``(q, scales[..., 1] fp32, residual_out, norm_out)``."""
@@ -207,12 +224,14 @@ def allreduce_add_rmsnorm_fp8_per_token(
     _check_fp8(fp8_dtype)
     opts = {} if fp8_dtype == torch.float8_e4m3fn else {"fp8_dtype": fp8_dtype}
     return _run_quant("add_rmsnorm_fp8_per_token", input, group, backend,
-                      (residual, weight, eps, group, gemma, weight_in_fp32), (scale_ub,), return_norm, opts)
+                      (residual, weight, eps, group, gemma, weight_in_fp32), (scale_ub,), return_norm, opts,
+                      residual_in_fp32)
 
 
 @allreduce_add_rmsnorm_fp8_per_token.register_fake
 def _(input, residual, weight, eps, group, scale_ub=None, fp8_dtype=torch.float8_e4m3fn, gemma=False,
-      weight_in_fp32=True, return_norm=False, backend="auto"):
+      weight_in_fp32=True, return_norm=False, backend="auto",
+      residual_in_fp32=False):
     _check(input, residual, weight, group)
     _check_fp8(fp8_dtype)
     scales = input.new_empty(input.shape[:-1] + (1,), dtype=torch.float32)
@@ -227,6 +246,7 @@ def allreduce_add_rmsnorm_fp8_per_group(
     amax_eps: float = KERNEL_GROUP_EPS, scale_min: float = -1.0,
     fp8_dtype: torch.dtype = torch.float8_e4m3fn,
     gemma: bool = False, weight_in_fp32: bool = True, return_norm: bool = False, backend: str = "auto",
+    residual_in_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """... -> RMSNorm -> per-token-group FP8 (:func:`epilogue.fp8_per_group`):
     ``(q, scales[..., H // group_size] fp32, residual_out, norm_out)``; ``column_major``
@@ -246,7 +266,7 @@ def allreduce_add_rmsnorm_fp8_per_group(
     q, scales, res_out, norm = _run_quant(
         "add_rmsnorm_fp8_per_group", input, group, backend,
         (residual, weight, eps, group, gemma, weight_in_fp32), (group_size, ue8m0, column_major),
-        return_norm, opts)
+        return_norm, opts, residual_in_fp32, group_size)
     if column_major:  # the token dim contiguous, exactly as the fake (and vLLM) lay it out
         scales = scales.transpose(-2, -1).contiguous().transpose(-2, -1)
     return q, scales, res_out, norm
@@ -255,7 +275,8 @@ def allreduce_add_rmsnorm_fp8_per_group(
 @allreduce_add_rmsnorm_fp8_per_group.register_fake
 def _(input, residual, weight, eps, group, group_size, ue8m0=False, column_major=False,
       amax_eps=KERNEL_GROUP_EPS, scale_min=-1.0, fp8_dtype=torch.float8_e4m3fn, gemma=False,
-      weight_in_fp32=True, return_norm=False, backend="auto"):
+      weight_in_fp32=True, return_norm=False, backend="auto",
+      residual_in_fp32=False):
     _check(input, residual, weight, group)
     _check_fp8(fp8_dtype)
     _check_quant(input, "add_rmsnorm_fp8_per_group", hidden_multiple=group_size)
@@ -281,6 +302,7 @@ def allreduce_add_rmsnorm_nvfp4(
     input: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
     group: str, global_scale: torch.Tensor, swizzle: bool = True,
     gemma: bool = False, weight_in_fp32: bool = True, return_norm: bool = False, backend: str = "auto",
+    residual_in_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """... -> RMSNorm -> NVFP4 (:func:`epilogue.nvfp4`): ``(packed uint8 [T, H//2],
     block scales float8_e4m3fn [T, H//16] or swizzled, residual_out, norm_out)``."""
@@ -288,12 +310,13 @@ def allreduce_add_rmsnorm_nvfp4(
     _check_quant(input, "add_rmsnorm_nvfp4", hidden_multiple=epilogue.NVFP4_BLOCK, fp4=True)
     return _run_quant("add_rmsnorm_nvfp4", input, group, backend,
                       (residual, weight, eps, group, gemma, weight_in_fp32), (global_scale, swizzle),
-                      return_norm, {})
+                      return_norm, {}, residual_in_fp32)
 
 
 @allreduce_add_rmsnorm_nvfp4.register_fake
 def _(input, residual, weight, eps, group, global_scale, swizzle=True, gemma=False,
-      weight_in_fp32=True, return_norm=False, backend="auto"):
+      weight_in_fp32=True, return_norm=False, backend="auto",
+      residual_in_fp32=False):
     _check(input, residual, weight, group)
     _check_quant(input, "add_rmsnorm_nvfp4", hidden_multiple=epilogue.NVFP4_BLOCK, fp4=True)
     hidden = input.shape[-1]
@@ -307,18 +330,19 @@ def _(input, residual, weight, eps, group, global_scale, swizzle=True, gemma=Fal
 def allreduce_add_rmsnorm_mxfp4(
     input: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
     group: str, gemma: bool = False, weight_in_fp32: bool = True, return_norm: bool = False,
-    backend: str = "auto",
+    backend: str = "auto", residual_in_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """... -> RMSNorm -> MXFP4 (:func:`epilogue.mxfp4`): ``(packed uint8 [T, H//2],
     E8M0 scales uint8 [T, H//32], residual_out, norm_out)``."""
     _check(input, residual, weight, group)
     _check_quant(input, "add_rmsnorm_mxfp4", hidden_multiple=epilogue.MXFP4_BLOCK, fp4=True)
     return _run_quant("add_rmsnorm_mxfp4", input, group, backend,
-                      (residual, weight, eps, group, gemma, weight_in_fp32), (), return_norm, {})
+                      (residual, weight, eps, group, gemma, weight_in_fp32), (), return_norm, {}, residual_in_fp32)
 
 
 @allreduce_add_rmsnorm_mxfp4.register_fake
-def _(input, residual, weight, eps, group, gemma=False, weight_in_fp32=True, return_norm=False, backend="auto"):
+def _(input, residual, weight, eps, group, gemma=False, weight_in_fp32=True, return_norm=False, backend="auto",
+      residual_in_fp32=False):
     _check(input, residual, weight, group)
     _check_quant(input, "add_rmsnorm_mxfp4", hidden_multiple=epilogue.MXFP4_BLOCK, fp4=True)
     hidden = input.shape[-1]

@@ -42,7 +42,7 @@ class FakeVals:
     def __init__(self, graph: Graph):
         self.mode = _compat.detect_fake_mode(graph) or _compat.FakeTensorMode(allow_non_fake_inputs=True)
 
-    def __call__(self, op, args: tuple):
+    def __call__(self, op, args: tuple, kwargs: dict | None = None):
         def fake(a):
             if isinstance(a, Node):
                 v = val(a)
@@ -52,7 +52,7 @@ class FakeVals:
             return a
 
         with self.mode:
-            return op(*[fake(a) for a in args])
+            return op(*[fake(a) for a in args], **(kwargs or {}))
 
 
 def rewrite(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -> Node:
@@ -62,7 +62,8 @@ def rewrite(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -> Node
         return rewrite_quant(graph, site, fake_vals, backend)
     norm, ar = site.norm, site.ar
     args = (ar.input, site.residual, norm.weight, norm.eps, ar.group, norm.gemma, norm.weight_in_fp32, backend)
-    edit = _Edit(graph, site, FUSED_OPS[site.family.variant], args, ("norm_out", "residual_out"), fake_vals)
+    edit = _Edit(graph, site, FUSED_OPS[site.family.variant], args, ("norm_out", "residual_out"), fake_vals,
+                 _kwargs(site))
     norm.out.replace_all_uses_with(edit.outs["norm_out"])
     edit.take_residual()
     edit.finish()
@@ -82,7 +83,7 @@ def rewrite_quant(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -
             norm.gemma, norm.weight_in_fp32, norm_out, backend)
     names = ("q", "residual_out", "norm_out") if variant == "add_rmsnorm_fp8_static" else (
         "q", "scales", "residual_out", "norm_out")
-    edit = _Edit(graph, site, FUSED_OPS[variant], args, names, fake_vals)
+    edit = _Edit(graph, site, FUSED_OPS[variant], args, names, fake_vals, _kwargs(site))
     outs = edit.outs
     scales = outs.get("scales")
     if scales is not None and quant.scale_view is not None:  # e.g. NVFP4 scales held as int32
@@ -104,11 +105,20 @@ def rewrite_quant(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -
     return edit.fused
 
 
+def _kwargs(site: Site) -> dict:
+    """Keyword arguments of the fused node: only those that differ from the op's defaults
+    (a graph printed before this flag existed reads the same)."""
+    if site.norm.residual_in_fp32 and site.residual is not None:
+        return {"residual_in_fp32": True}
+    return {}
+
+
 class _Edit:
     """One site's rewrite: the fused node and its getitems inserted after all inputs and
     before the chain; then the chain erased (it must have no users left)."""
 
-    def __init__(self, graph: Graph, site: Site, op, args: tuple, names: tuple[str, ...], fake_vals: FakeVals):
+    def __init__(self, graph: Graph, site: Site, op, args: tuple, names: tuple[str, ...], fake_vals: FakeVals,
+                 kwargs: dict | None = None):
         self.graph, self.site, self.removed = graph, site, site.removed
         self.order = {n: i for i, n in enumerate(graph.nodes)}
         first = min((n for n in self.removed if n not in site.ar.nodes), key=self.order.__getitem__)
@@ -117,8 +127,8 @@ class _Edit:
         # it and restore topological order at the end
         self.needs_sort = self.order[late] >= self.order[first]
         with graph.inserting_after(late) if self.needs_sort else graph.inserting_before(first):
-            self.fused = graph.call_function(op, args)
-        self.fused.meta["val"] = fake_vals(op, args)
+            self.fused = graph.call_function(op, args, kwargs or {})
+        self.fused.meta["val"] = fake_vals(op, args, kwargs)
         self.fused.meta["stack_trace"] = site.norm.out.meta.get("stack_trace")
         self.outs: dict[str, Node] = {}
         prev = self.fused

@@ -24,12 +24,13 @@ def rank_sum(xs: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def _fused_add_rmsnorm(rank_args):
+def _fused_add_rmsnorm(rank_args, kwargs):
     reduced = rank_sum([a[0] for a in rank_args])
     outs = []
     for a in rank_args:
         _, residual, weight, eps, _group, gemma, w_fp32 = a[:7]
-        outs.append(epilogue.add_rms_norm(reduced, residual, weight, eps, gemma=gemma, weight_in_fp32=w_fp32))
+        outs.append(epilogue.add_rms_norm(reduced, residual, weight, eps, gemma=gemma, weight_in_fp32=w_fp32,
+                                          residual_in_fp32=kwargs.get("residual_in_fp32", False)))
     return outs
 
 
@@ -42,14 +43,15 @@ def _fused_quant(variant: str):
     names = QUANT_ARGS[variant]
     n_pos = _POSITIONAL[variant]
 
-    def run(rank_args):
+    def run(rank_args, kwargs):
         reduced = rank_sum([a[0] for a in rank_args])
         outs = []
         for a in rank_args:
             _, residual, weight, eps, _group = a[:5]
             params = a[5:5 + len(names)]
             gemma, w_fp32, return_norm = a[5 + len(names):8 + len(names)]
-            norm, res_out = epilogue.add_rms_norm(reduced, residual, weight, eps, gemma=gemma, weight_in_fp32=w_fp32)
+            norm, res_out = epilogue.add_rms_norm(reduced, residual, weight, eps, gemma=gemma, weight_in_fp32=w_fp32,
+                                                  residual_in_fp32=kwargs.get("residual_in_fp32", False))
             q, scales = quantize(variant, norm, *params[:n_pos], **dict(zip(names[n_pos:], params[n_pos:])))
             norm = norm if return_norm else reduced.new_empty((0,))
             outs.append((q, res_out, norm) if scales is None else (q, scales, res_out, norm))
@@ -63,9 +65,9 @@ _POSITIONAL = {"add_rmsnorm_fp8_static": 1, "add_rmsnorm_fp8_per_token": 1, "add
                "add_rmsnorm_nvfp4": 2, "add_rmsnorm_mxfp4": 0}
 
 COLLECTIVES = {
-    "_c10d_functional.all_reduce.default": lambda ra: [rank_sum([a[0] for a in ra])] * len(ra),
-    "_c10d_functional.wait_tensor.default": lambda ra: [a[0] for a in ra],
-    "vllm.all_reduce.default": lambda ra: [rank_sum([a[0] for a in ra])] * len(ra),
+    "_c10d_functional.all_reduce.default": lambda ra, kw: [rank_sum([a[0] for a in ra])] * len(ra),
+    "_c10d_functional.wait_tensor.default": lambda ra, kw: [a[0] for a in ra],
+    "vllm.all_reduce.default": lambda ra, kw: [rank_sum([a[0] for a in ra])] * len(ra),
     "fusion_passes.allreduce_add_rmsnorm.default": _fused_add_rmsnorm,
     **{f"fusion_passes.allreduce_{v}.default": _fused_quant(v) for v in _POSITIONAL},
 }
@@ -97,7 +99,7 @@ def run_ranks(gm: GraphModule, rank_inputs: list[tuple]) -> list:
             rank_args = [load(node.args, r) for r in range(world)]
             special = COLLECTIVES.get(_name(node.target))
             if special is not None:
-                env[node] = special(rank_args)
+                env[node] = special(rank_args, node.kwargs)
             else:
                 env[node] = [
                     node.target(*rank_args[r], **load(node.kwargs, r)) for r in range(world)

@@ -101,11 +101,9 @@ def test_weight_order_follows_vllm_native(fake_pg, wdtype, expect):
     assert flags == {expect}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "vLLM's fused_add_rms_norm normalizes the UNROUNDED fp32 sum (vllm/ir/ops/layernorm.py); "
-    "the fused op rounds x + residual to bf16 first. The recognizer sets Norm.residual_in_fp32; "
-    "the op/epilogue/rewrite must take it (reported to the lead). Remove this mark when wired."))
 def test_fused_numerics_equal_unfused_vllm_chain(fake_pg):
+    """vLLM's fused_add_rms_norm normalizes the UNROUNDED fp32 sum (vllm/ir/ops/layernorm.py):
+    the fused op carries residual_in_fp32=True and reproduces it bit for bit."""
     args = _inputs(torch.bfloat16, torch.bfloat16, seed=3)
     gm = trace(decoder, *args)
     ref = copy.deepcopy(gm)

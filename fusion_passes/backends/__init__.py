@@ -28,6 +28,13 @@ class Call:
     world_size: int
     tokens: int | None = None
     single_node: bool = True
+    # The norm's conventions (fusion_passes.ops): a backend whose kernel rounds differently
+    # under one of them declines the call instead of answering it inexactly.
+    gemma: bool = False
+    weight_in_fp32: bool = True
+    residual_in_fp32: bool = False
+    # Per-group FP8: the group size (None for every other variant).
+    group_size: int | None = None
 
 
 class Backend(Protocol):

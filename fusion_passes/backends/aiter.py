@@ -21,6 +21,10 @@ Variants: ``add_rmsnorm``, ``add_rmsnorm_fp8_per_token``, ``add_rmsnorm_fp8_per_
 :data:`fusion_passes.backends.thresholds.AITER`. FP8 outputs use AITER's fp8 dtype
 (``float8_e4m3fnuz`` on gfx942, ``float8_e4m3fn`` on gfx950: the platform's FP8, as
 in the graphs vLLM builds there).
+
+``residual_in_fp32`` (vLLM's ``fused_add_rms_norm``: the norm reads the unrounded fp32 sum)
+is accepted and ignored: whether the vendor kernel normalizes the rounded or the unrounded
+sum is NOT verified (never executed here); the two differ by at most one ulp of the sum.
 """
 
 from __future__ import annotations
@@ -69,6 +73,13 @@ def unsupported(call: Call, arch: str | None = None, installed: bool | None = No
         return f"hidden {call.hidden} > {hi} (largest hidden of the 2-stage kernel)"
     if call.variant == "add_rmsnorm_fp8_per_token" and call.hidden not in LIMITS["per_token_fp8_hidden"]:
         return f"per-token FP8 epilogue only for hidden in {LIMITS['per_token_fp8_hidden']}"
+    if not call.weight_in_fp32 and not call.gemma:
+        return ("aiter multiplies the weight in fp32 before the cast; the graph multiplies after it "
+                "(weight_in_fp32=False), which rounds differently")
+    if call.gemma and call.variant in ("add_rmsnorm_fp8_per_group", "add_rmsnorm_mxfp4"):
+        return "aiter's per-group FP8 and MXFP4 epilogues have no gemma (1 + w) norm"
+    if call.group_size is not None and call.group_size not in LIMITS["per_group_sizes"]:
+        return f"group size {call.group_size} not in {LIMITS['per_group_sizes']}"
     if call.tokens is not None:
         itemsize = torch.empty((), dtype=call.dtype).element_size()
         nbytes = call.tokens * call.hidden * itemsize
@@ -145,7 +156,7 @@ class AiterBackend:
                 f"but the fused op's group {group!r} has world size {world_size}"
             )
 
-    def add_rmsnorm(self, input, residual, weight, eps, group, gemma, weight_in_fp32):
+    def add_rmsnorm(self, input, residual, weight, eps, group, gemma, weight_in_fp32, residual_in_fp32=False):
         x, res, w = self._common(input, residual, weight, group, gemma, weight_in_fp32)
         norm, res_out = self._comm.tensor_model_parallel_fused_allreduce_rmsnorm(
             x, res, w, eps, gemma_norm=bool(gemma)
@@ -153,7 +164,8 @@ class AiterBackend:
         return norm, res_out
 
     def add_rmsnorm_fp8_per_token(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
-                                  scale_ub=None, with_norm_out=False, fp8_dtype=None):
+                                  scale_ub=None, with_norm_out=False, fp8_dtype=None,
+                                  residual_in_fp32=False):
         self._check_fp8(fp8_dtype)
         if scale_ub is not None:
             raise Unfusable("aiter's per-token FP8 epilogue has no scale upper bound")
@@ -166,7 +178,7 @@ class AiterBackend:
 
     def add_rmsnorm_fp8_per_group(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
                                   group_size=128, ue8m0=False, column_major=False, with_norm_out=False,
-                                  fp8_dtype=None):
+                                  fp8_dtype=None, residual_in_fp32=False):
         self._check_fp8(fp8_dtype)
         if ue8m0:
             raise Unfusable("aiter's per-group FP8 epilogue writes fp32 scales, not UE8M0")
@@ -181,7 +193,7 @@ class AiterBackend:
         return q, scales, res_out, out[3] if with_norm_out else None
 
     def add_rmsnorm_mxfp4(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
-                          with_norm_out=False):
+                          with_norm_out=False, residual_in_fp32=False):
         x, res, w = self._common(input, residual, weight, group, gemma, weight_in_fp32, gemma_ok=False)
         out = self._comm.tensor_model_parallel_fused_allreduce_rmsnorm_mxfp4_quant(
             x, res, w, eps, emit_bf16=bool(with_norm_out)

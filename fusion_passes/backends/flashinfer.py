@@ -20,6 +20,10 @@ bound), ``add_rmsnorm_nvfp4`` (kARResidualRMSNorm[Out]FP4Quant, SM100+ only). It
 per-token-group pattern writes packed UE8M0 int32 scales, not the fp32 scales of our
 ``add_rmsnorm_fp8_per_group``, so that variant is not offered. Limits (and vLLM's
 measured size crossovers) are in :data:`fusion_passes.backends.thresholds.FLASHINFER`.
+
+``residual_in_fp32`` (vLLM's ``fused_add_rms_norm``: the norm reads the unrounded fp32 sum)
+is accepted and ignored: whether the vendor kernel normalizes the rounded or the unrounded
+sum is NOT verified (never executed here); the two differ by at most one ulp of the sum.
 """
 
 from __future__ import annotations
@@ -65,6 +69,9 @@ def unsupported(call: Call, sm: int | None = None, installed: bool | None = None
     itemsize = torch.empty((), dtype=call.dtype).element_size()
     if (call.hidden * itemsize) % LIMITS["bytes_per_access"]:
         return f"hidden*itemsize {call.hidden * itemsize} not a multiple of {LIMITS['bytes_per_access']} bytes"
+    if not call.weight_in_fp32 and not call.gemma:
+        return ("flashinfer multiplies the weight in fp32 before the cast; the graph multiplies after "
+                "it (weight_in_fp32=False), which rounds differently")
     sm = _sm() if sm is None else sm
     if call.variant == "add_rmsnorm_nvfp4" and sm < LIMITS["fp4_min_sm"]:
         return f"NVFP4 quant needs SM{LIMITS['fp4_min_sm']}+, this GPU is SM{sm}"
@@ -165,7 +172,7 @@ class FlashInferBackend:
         )
         return res_out
 
-    def add_rmsnorm(self, input, residual, weight, eps, group, gemma, weight_in_fp32):
+    def add_rmsnorm(self, input, residual, weight, eps, group, gemma, weight_in_fp32, residual_in_fp32=False):
         x, res, w = self._prepare(input, residual, weight, gemma, weight_in_fp32)
         norm = torch.empty_like(x)
         res_out = self._call(self._comm.AllReduceFusionPattern.kARResidualRMSNorm, group, x, res, w, eps,
@@ -173,7 +180,7 @@ class FlashInferBackend:
         return norm.view(input.shape), res_out.view(input.shape)
 
     def add_rmsnorm_fp8_static(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
-                               scale, with_norm_out=False):
+                               scale, with_norm_out=False, residual_in_fp32=False):
         P = self._comm.AllReduceFusionPattern
         x, res, w = self._prepare(input, residual, weight, gemma, weight_in_fp32)
         q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
@@ -184,7 +191,7 @@ class FlashInferBackend:
         return q, None, res_out, norm
 
     def add_rmsnorm_fp8_per_token(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
-                                  scale_ub=None, with_norm_out=False):
+                                  scale_ub=None, with_norm_out=False, residual_in_fp32=False):
         if scale_ub is not None:
             raise Unfusable("flashinfer's dynamic FP8 epilogue has no scale upper bound")
         P = self._comm.AllReduceFusionPattern
@@ -197,7 +204,8 @@ class FlashInferBackend:
         return q, scales, res_out, norm
 
     def add_rmsnorm_nvfp4(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
-                          global_scale, swizzle=True, with_norm_out=False):
+                          global_scale, swizzle=True, with_norm_out=False,
+                          residual_in_fp32=False):
         P = self._comm.AllReduceFusionPattern
         layouts = self._comm.QuantizationSFLayout
         x, res, w = self._prepare(input, residual, weight, gemma, weight_in_fp32)

@@ -35,19 +35,22 @@ class ReferenceBackend:
         group: str,
         gemma: bool,
         weight_in_fp32: bool,
+        residual_in_fp32: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         reduced = groups.all_reduce(input, group)
         return epilogue.add_rms_norm(
-            reduced, residual, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32
+            reduced, residual, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32,
+            residual_in_fp32=residual_in_fp32,
         )
 
     # -- quant variants: (q, scales | None, residual_out, norm_out | None) -----------------
 
     def _quant(self, variant, input, residual, weight, eps, group, gemma, weight_in_fp32, *params,
-               with_norm_out=False, **options):
+               with_norm_out=False, residual_in_fp32=False, **options):
         reduced = groups.all_reduce(input, group)
         norm, summed = epilogue.add_rms_norm(
-            reduced, residual, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32
+            reduced, residual, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32,
+            residual_in_fp32=residual_in_fp32,
         )
         q, scales = quantize(variant, norm, *params, **options)
         return q, scales, summed, norm if with_norm_out else None

@@ -15,11 +15,21 @@ variant                        quant parameters                        returns
 ``add_rmsnorm_fp8_static``     ``scale`` (fp32, 1 element)             ``(q, None, residual_out, norm_out|None)``
 ``add_rmsnorm_fp8_per_token``  ``scale_ub`` (fp32 tensor or None)      ``(q, scales[T,1], residual_out, norm_out|None)``
 ``add_rmsnorm_fp8_per_group``  ``group_size, ue8m0, column_major``     ``(q, scales[T,H/g], residual_out, norm_out|None)``
+``add_rmsnorm_nvfp4``          ``global_scale, swizzle=True``          ``(packed[T,H/2] u8, e4m3 scales, residual_out, norm_out|None)``
+``add_rmsnorm_mxfp4``          --                                      ``(packed[T,H/2] u8, e8m0 scales[T,H/32] u8, residual_out, norm_out|None)``
 =============================  ======================================  =====================
 
 Every quant variant also takes ``with_norm_out=False`` (keyword or last positional):
-``True`` also returns the norm output (the "Out" variants). FP4 (NVFP4, MXFP4) is not
-implemented here: those variants are not in :attr:`TritonBackend.variants`.
+``True`` also returns the norm output (the "Out" variants). Every variant takes
+``residual_in_fp32=False`` (keyword): ``True`` adds the residual in fp32 and normalizes
+the unrounded sum (vLLM's ``fused_add_rms_norm``; :func:`fusion_passes.epilogue.add_rms_norm`).
+
+FP4 (fp16/bf16 activations only): NVFP4 scales are ``float8_e4m3fn``, ``[T, H/16]``
+linear or, with ``swizzle``, ``[round_up(T,128), round_up(H/16,4)]`` in the 128x4-tiled
+layout with zero padding (:func:`fusion_passes.epilogue.nvfp4_swizzle`); packed bytes
+hold element ``2i`` in the low nibble. The E2M1 rounding is plain arithmetic (the PTX
+``cvt...e2m1x2`` needs sm_100+), written to match :func:`fusion_passes.epilogue.e2m1_codes`
+bit for bit; ``tests/gpu/triton_check.py`` checks that on an H200.
 
 Every number it gates on is in :data:`fusion_passes.backends.thresholds.TRITON`.
 
@@ -48,9 +58,13 @@ from fusion_passes.backends import symm
 LIMITS = thresholds.TRITON
 
 VARIANTS = frozenset(
-    {"add_rmsnorm", "add_rmsnorm_fp8_static", "add_rmsnorm_fp8_per_token", "add_rmsnorm_fp8_per_group"}
+    {"add_rmsnorm", "add_rmsnorm_fp8_static", "add_rmsnorm_fp8_per_token", "add_rmsnorm_fp8_per_group",
+     "add_rmsnorm_nvfp4", "add_rmsnorm_mxfp4"}
 )
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# FP4 variants: elements per scale block (the epilogue's), and the activations they take.
+FP4_BLOCK = {"add_rmsnorm_nvfp4": epilogue.NVFP4_BLOCK, "add_rmsnorm_mxfp4": epilogue.MXFP4_BLOCK}
+FP4_DTYPES = epilogue.FP4_INPUT_DTYPES
 
 # The quant math is fusion_passes.epilogue's (the oracle); its constants come from there.
 FP8_DTYPE = torch.float8_e4m3fn  # the only FP8 format of this backend (CUDA)
@@ -95,55 +109,78 @@ class TritonBackend:
             raise ValueError(f"fusion_passes: the triton backend does not implement {variant!r}")
         return getattr(self, variant)(*args, **kwargs)
 
-    def add_rmsnorm(self, input, residual, weight, eps, group, gemma, weight_in_fp32):
+    def add_rmsnorm(self, input, residual, weight, eps, group, gemma, weight_in_fp32, *,
+                    residual_in_fp32=False):
         norm, res_out, _, _ = self._launch(
             input, residual, weight, eps, group, gemma, weight_in_fp32,
-            quant=self._k.QUANT_NONE, write_norm=True,
+            quant=self._k.QUANT_NONE, write_norm=True, residual_in_fp32=residual_in_fp32,
         )
         return norm, res_out
 
     def add_rmsnorm_fp8_static(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
-                               scale, with_norm_out=False):
+                               scale, with_norm_out=False, *, residual_in_fp32=False):
         norm, res_out, q, _ = self._launch(
             input, residual, weight, eps, group, gemma, weight_in_fp32,
             quant=self._k.QUANT_FP8_STATIC, write_norm=with_norm_out, scale=scale,
+            residual_in_fp32=residual_in_fp32,
         )
         return q, None, res_out, norm
 
     def add_rmsnorm_fp8_per_token(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
-                                  scale_ub=None, with_norm_out=False):
+                                  scale_ub=None, with_norm_out=False, *, residual_in_fp32=False):
         norm, res_out, q, scales = self._launch(
             input, residual, weight, eps, group, gemma, weight_in_fp32,
             quant=self._k.QUANT_FP8_PER_TOKEN, write_norm=with_norm_out, scale_ub=scale_ub,
+            residual_in_fp32=residual_in_fp32,
         )
         return q, scales, res_out, norm
 
     def add_rmsnorm_fp8_per_group(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
                                   group_size=128, ue8m0=False, column_major=False, with_norm_out=False,
-                                  amax_eps=None, scale_min=None):
+                                  amax_eps=None, scale_min=None, *, residual_in_fp32=False):
         from fusion_passes.ops import KERNEL_GROUP_EPS, kernel_group_scale_min  # the op's defaults
 
         if group_size not in LIMITS["per_group_sizes"] or input.shape[-1] % group_size:
-            # The selector's Call carries no group size: run this one call unfused, correctly.
+            # unsupported() declines such a call (Call.group_size); a direct run() still
+            # gets the right answer, unfused.
             from fusion_passes.backends.reference import ReferenceBackend
 
             return ReferenceBackend().run(
                 "add_rmsnorm_fp8_per_group", input, residual, weight, eps, group, gemma, weight_in_fp32,
                 group_size, ue8m0, column_major, with_norm_out=with_norm_out, amax_eps=amax_eps,
-                scale_min=scale_min,
+                scale_min=scale_min, residual_in_fp32=residual_in_fp32,
             )
         norm, res_out, q, scales = self._launch(
             input, residual, weight, eps, group, gemma, weight_in_fp32,
-            quant=self._k.QUANT_FP8_PER_GROUP, write_norm=with_norm_out,
+            quant=self._k.QUANT_FP8_PER_GROUP, write_norm=with_norm_out, residual_in_fp32=residual_in_fp32,
             group_size=group_size, ue8m0=ue8m0, column_major=column_major,
             amax_eps=KERNEL_GROUP_EPS if amax_eps is None else amax_eps,
             scale_min=kernel_group_scale_min(ue8m0) if scale_min is None else scale_min,
         )
         return q, scales, res_out, norm
 
+    def add_rmsnorm_nvfp4(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
+                          global_scale, swizzle=True, with_norm_out=False, *, residual_in_fp32=False):
+        _check_fp4(input, "add_rmsnorm_nvfp4")
+        norm, res_out, q, scales = self._launch(
+            input, residual, weight, eps, group, gemma, weight_in_fp32,
+            quant=self._k.QUANT_NVFP4, write_norm=with_norm_out, global_scale=global_scale,
+            swizzle=bool(swizzle), residual_in_fp32=residual_in_fp32,
+        )
+        return q, scales, res_out, norm
+
+    def add_rmsnorm_mxfp4(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
+                          with_norm_out=False, *, residual_in_fp32=False):
+        _check_fp4(input, "add_rmsnorm_mxfp4")
+        norm, res_out, q, scales = self._launch(
+            input, residual, weight, eps, group, gemma, weight_in_fp32,
+            quant=self._k.QUANT_MXFP4, write_norm=with_norm_out, residual_in_fp32=residual_in_fp32,
+        )
+        return q, scales, res_out, norm
+
     def _launch(self, input, residual, weight, eps, group, gemma, weight_in_fp32, *, quant, write_norm,
                 scale=None, scale_ub=None, group_size=128, ue8m0=False, column_major=False,
-                amax_eps=0.0, scale_min=0.0):
+                amax_eps=0.0, scale_min=0.0, global_scale=None, swizzle=True, residual_in_fp32=False):
         k = self._k
         hidden = input.shape[-1]
         lead = input.shape[:-1]
@@ -160,9 +197,14 @@ class TritonBackend:
         write_norm = write_norm or quant == k.QUANT_NONE
         norm = torch.empty((tokens, hidden), dtype=out_dtype, device=dev) if write_norm else None
         q = scales = None
-        if quant != k.QUANT_NONE:
+        fp4 = quant in (k.QUANT_NVFP4, k.QUANT_MXFP4)
+        if fp4:  # two E2M1 codes per byte; [T, H/2] whatever the input's leading dims (ops' fakes)
+            q = torch.empty((tokens, hidden // 2), dtype=torch.uint8, device=dev)
+        elif quant != k.QUANT_NONE:
             q = torch.empty((tokens, hidden), dtype=FP8_DTYPE, device=dev)
         stride_t = stride_g = 0
+        scale_rows, scale_cols = tokens, 1
+        block = _next_pow2(hidden)
         if quant == k.QUANT_FP8_STATIC:
             scales_arg = scale.reshape(-1).to(torch.float32)
         elif quant == k.QUANT_FP8_PER_TOKEN:
@@ -175,6 +217,21 @@ class TritonBackend:
             else:
                 scales = torch.empty((tokens, ng), dtype=torch.float32, device=dev)
             scales_arg, stride_t, stride_g = scales, scales.stride(0), scales.stride(1)
+        elif quant == k.QUANT_NVFP4:
+            nb = hidden // epilogue.NVFP4_BLOCK
+            if swizzle:
+                rows, cols = epilogue.NVFP4_SWIZZLE_ROWS, epilogue.NVFP4_SWIZZLE_COLS
+                scale_rows, scale_cols = -(-tokens // rows) * rows, -(-nb // cols) * cols
+            else:
+                scale_rows, scale_cols = tokens, nb
+            scales = torch.empty((scale_rows, scale_cols), dtype=torch.float8_e4m3fn, device=dev)
+            scales_arg = scales
+            scale_ub = global_scale  # the kernel reads the global scale through the same slot
+            # >= 4 scale columns per row in registers (a swizzle tile is 4 wide)
+            block = max(block, epilogue.NVFP4_BLOCK * epilogue.NVFP4_SWIZZLE_COLS)
+        elif quant == k.QUANT_MXFP4:
+            scales = torch.empty((tokens, hidden // epilogue.MXFP4_BLOCK), dtype=torch.uint8, device=dev)
+            scales_arg = scales
         else:
             scales_arg = x  # unused
 
@@ -196,13 +253,15 @@ class TritonBackend:
                 res_out if norm is None else norm, res_out if q is None else q,
                 scales_arg, x if scale_ub is None else scale_ub.reshape(-1).to(torch.float32),
                 buf_ptrs, sig_ptrs,
-                tokens, float(eps), stride_t, stride_g,
-                H=hidden, BLOCK=_next_pow2(hidden), RANK=rank, WS=world,
-                HAS_RES=res is not None, HAS_W=w is not None, GEMMA=bool(gemma),
+                tokens, float(eps), stride_t, stride_g, scale_rows,
+                H=hidden, BLOCK=block, RANK=rank, WS=world,
+                HAS_RES=res is not None, RES_FP32=bool(residual_in_fp32) and res is not None,
+                HAS_W=w is not None, GEMMA=bool(gemma),
                 W_FP32=bool(weight_in_fp32), WRITE_NORM=norm is not None, QUANT=quant,
-                HAS_UB=scale_ub is not None, GROUP=group_size, UE8M0=bool(ue8m0),
+                HAS_UB=scale_ub is not None and quant == k.QUANT_FP8_PER_TOKEN, GROUP=group_size, UE8M0=bool(ue8m0),
                 FP8_MAX=FP8_MAX, AMAX_EPS=float(amax_eps),
                 MIN_SCALE=float(scale_min) if quant == k.QUANT_FP8_PER_GROUP else PER_TOKEN_MIN_SCALE,
+                SWIZZLE=quant == k.QUANT_NVFP4 and bool(swizzle), SCALE_COLS=scale_cols,
                 num_warps=nw,
             )
 
@@ -212,8 +271,17 @@ class TritonBackend:
         out_norm = shaped(norm, hidden)
         if quant == k.QUANT_NONE:
             return out_norm, shaped(res_out, hidden), None, None
+        if fp4:
+            return out_norm, shaped(res_out, hidden), q, scales
         out_scales = None if scales is None else shaped(scales, scales.shape[-1])
         return out_norm, shaped(res_out, hidden), shaped(q, hidden), out_scales
+
+
+def _check_fp4(input, variant: str) -> None:
+    if input.dtype not in FP4_DTYPES:
+        raise TypeError(f"fusion_passes: {variant} quantizes fp16/bf16 activations only, got {input.dtype}")
+    if input.shape[-1] % FP4_BLOCK[variant]:
+        raise ValueError(f"fusion_passes: {variant} needs hidden % {FP4_BLOCK[variant]} == 0")
 
 
 def _world_size(group: str) -> int:
@@ -237,6 +305,16 @@ def unsupported(call: Call) -> str | None:
     itemsize = torch.empty((), dtype=call.dtype).element_size()
     if (call.hidden * itemsize) % LIMITS["row_alignment_bytes"]:
         return f"hidden*itemsize = {call.hidden * itemsize} bytes is not a multiple of {LIMITS['row_alignment_bytes']}"
+    if call.variant in FP4_BLOCK:
+        if call.dtype not in FP4_DTYPES:
+            return f"{call.variant} quantizes fp16/bf16 activations only, got {call.dtype}"
+        if call.hidden % FP4_BLOCK[call.variant]:
+            return f"{call.variant} needs hidden % {FP4_BLOCK[call.variant]} == 0, got {call.hidden}"
+    group_size = getattr(call, "group_size", None)
+    if call.variant == "add_rmsnorm_fp8_per_group" and group_size is not None:
+        if group_size not in LIMITS["per_group_sizes"] or call.hidden % group_size:
+            return (f"per-group FP8 group size {group_size} not in {LIMITS['per_group_sizes']} "
+                    f"or does not divide hidden {call.hidden}")
     if call.tokens is not None and call.world_size > 1:
         if call.tokens * call.hidden * itemsize > LIMITS["max_workspace_bytes"]:
             return f"{call.tokens}x{call.hidden} exceeds the {LIMITS['max_workspace_bytes']}-byte symmetric workspace"

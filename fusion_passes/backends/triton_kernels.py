@@ -5,8 +5,11 @@ One kernel, specialised by ``tl.constexpr`` flags, computes for every row of ``[
     s  = sum over ranks r of input_r      (fp32 accumulation, in rank order, rounded to
                                            the activation dtype: what the all-reduce returns)
     s  = (s + residual) in the activation dtype          -> residual_out
+         (RES_FP32: added in fp32; residual_out is the sum rounded, the norm reads
+         the unrounded fp32 sum, as vLLM's fused_add_rms_norm)
     y  = RMSNorm(s) with the epilogue's weight conventions -> norm_out (optional)
-    q  = quant(y)  (FP8 static / per-token / per-group)   -> q, scales
+    q  = quant(y)  (FP8 static / per-token / per-group,   -> q, scales
+                    NVFP4, MXFP4)
 
 The numerics follow :mod:`fusion_passes.epilogue` step by step (each rounding to the
 activation dtype that the unfused chain performs is performed here too); the only
@@ -38,6 +41,8 @@ QUANT_NONE = 0
 QUANT_FP8_STATIC = 1
 QUANT_FP8_PER_TOKEN = 2
 QUANT_FP8_PER_GROUP = 3
+QUANT_NVFP4 = 4
+QUANT_MXFP4 = 5
 
 
 @triton.jit
@@ -110,6 +115,25 @@ def _div_rn(y, s):
 
 
 @triton.jit
+def _e2m1_codes(x):
+    """E2M1 codes (int32, sign in bit 3) of fp32 ``x``, exactly :func:`fusion_passes.epilogue.e2m1_codes`:
+    round to nearest, ties to even, saturating at 6, -0 kept. Plain comparisons: the
+    hardware ``cvt.rn.satfinite.e2m1x2.f32`` needs sm_100+."""
+    a = tl.abs(x)
+    code = (
+        (a > 0.25).to(tl.int32)
+        + (a >= 0.75).to(tl.int32)
+        + (a > 1.25).to(tl.int32)
+        + (a >= 1.75).to(tl.int32)
+        + (a > 2.5).to(tl.int32)
+        + (a >= 3.5).to(tl.int32)
+        + (a > 5.0).to(tl.int32)
+    )
+    sign = (x.to(tl.int32, bitcast=True) < 0).to(tl.int32)
+    return code | (sign << 3)
+
+
+@triton.jit
 def _barrier(signal_pad_ptrs, slot, RANK: tl.constexpr, WS: tl.constexpr):
     """Program ``slot`` of every rank meets here; writes before are visible to reads after."""
     peers = tl.arange(0, WS)
@@ -132,18 +156,20 @@ def fused_allreduce_add_rmsnorm_kernel(
     norm_ptr,
     q_ptr,
     qscale_ptr,  # scales written (per-token / per-group) or read (static)
-    ub_ptr,  # per-token scale upper bound (fp32 scalar), if HAS_UB
+    ub_ptr,  # per-token scale upper bound (fp32 scalar), if HAS_UB; NVFP4: the global scale
     buf_ptrs,  # device array of WS peer buffer pointers (WS > 1)
     sig_ptrs,  # device array of WS peer signal-pad pointers (WS > 1)
     T,
     eps,
     scale_stride_t,
     scale_stride_g,
+    scale_rows,  # NVFP4 swizzled: rows of the scale tensor, round_up(T, 128) (rows >= T zeroed)
     H: tl.constexpr,
     BLOCK: tl.constexpr,
     RANK: tl.constexpr,
     WS: tl.constexpr,
     HAS_RES: tl.constexpr,
+    RES_FP32: tl.constexpr,
     HAS_W: tl.constexpr,
     GEMMA: tl.constexpr,
     W_FP32: tl.constexpr,
@@ -155,6 +181,8 @@ def fused_allreduce_add_rmsnorm_kernel(
     FP8_MAX: tl.constexpr,
     MIN_SCALE: tl.constexpr,  # per-token / per-group floor of the scale
     AMAX_EPS: tl.constexpr,  # per-group floor of the group absmax
+    SWIZZLE: tl.constexpr = False,  # NVFP4 scales in the 128x4-tiled layout
+    SCALE_COLS: tl.constexpr = 1,  # NVFP4 swizzled: round_up(H / 16, 4)
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -176,6 +204,9 @@ def fused_allreduce_add_rmsnorm_kernel(
         inv_scale = tl.math.div_rn(1.0, tl.load(qscale_ptr).to(tl.float32))
     if HAS_UB:
         ub = tl.load(ub_ptr).to(tl.float32)
+    if QUANT == 4:  # epilogue.nvfp4: 1 / global_scale, with vLLM's get_reciprocal (1/0 := 1e-8)
+        gs = tl.load(ub_ptr).to(tl.float32)
+        inv_gs = tl.math.div_rn(1.0, gs + (gs == 0).to(tl.float32) * 1e8)
 
     for row in range(pid, T, nprog):
         off = tl.cast(row, tl.int64) * H
@@ -192,7 +223,10 @@ def fused_allreduce_add_rmsnorm_kernel(
             s = tl.load(in_ptr + off + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
             r_in = tl.load(res_ptr + off + cols, mask=mask, other=0.0).to(tl.float32)
-            s = (s + r_in).to(act).to(tl.float32)  # aten.add in the activation dtype
+            if RES_FP32:
+                s = s + r_in  # vLLM fused_add_rms_norm: the norm reads the unrounded fp32 sum
+            else:
+                s = (s + r_in).to(act).to(tl.float32)  # aten.add in the activation dtype
         tl.store(res_out_ptr + off + cols, s.to(act), mask=mask)
 
         rstd = tl.math.rsqrt(tl.sum(s * s, axis=0) / H + eps)
@@ -239,6 +273,47 @@ def fused_allreduce_add_rmsnorm_kernel(
                 scale,
                 mask=g < H // GROUP,
             )
+        elif QUANT == 4 or QUANT == 5:
+            FB: tl.constexpr = 16 if QUANT == 4 else 32  # epilogue.NVFP4_BLOCK / MXFP4_BLOCK
+            NB: tl.constexpr = BLOCK // FB
+            y2 = tl.reshape(y, (NB, FB))
+            amax = tl.max(tl.abs(y2), axis=1)
+            kb = tl.arange(0, NB)
+            if QUANT == 4:
+                # s = fp8(clamp(gs * (amax * (1/6)), +-448)); q = y * 1/(s * 1/gs), 1/0 := 1e-8
+                s32 = tl.clamp(gs * (amax * (1.0 / 6.0)), -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
+                d = s32 * inv_gs
+                qs = tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32), d + (d == 0).to(tl.float32) * 1e8)
+                if SWIZZLE:  # [rows/128, cols/4, 32, 4, 4] tiles (epilogue.nvfp4_swizzle)
+                    soff = (((row // 128) * (SCALE_COLS // 4) + kb // 4) * 512
+                            + (row % 32) * 16 + ((row // 32) % 4) * 4 + kb % 4)
+                    tl.store(qscale_ptr + soff, tl.where(kb < H // FB, s32, 0.0).to(tl.float8e4nv),
+                             mask=kb < SCALE_COLS)
+                else:
+                    tl.store(qscale_ptr + tl.cast(row, tl.int64) * (H // FB) + kb, s32.to(tl.float8e4nv), mask=kb < H // FB)
+            else:
+                # epilogue.mxfp4: amax's exponent after rounding its mantissa to nearest,
+                # e = clamp(floor(log2) - 2, +-127) (inf -> 127, 0 -> -127); q = y * 2^-e exactly
+                bits = amax.to(tl.int32, bitcast=True)
+                eb = ((bits + 0x200000) >> 23) & 0xFF
+                e = tl.where(eb == 255, 127, tl.minimum(tl.maximum(eb - 129, -127), 127))
+                # 2^-e: a normal fp32 power of two, except 2^-127 (subnormal, e = 127)
+                qs = tl.where(e == 127, 0x00400000, (127 - e) << 23).to(tl.float32, bitcast=True)
+                tl.store(qscale_ptr + tl.cast(row, tl.int64) * (H // FB) + kb, (e + 127).to(tl.uint8),
+                         mask=kb < H // FB)
+            codes = _e2m1_codes(y2 * qs[:, None])
+            lo, hi = tl.split(tl.reshape(codes, (BLOCK // 2, 2)))
+            cols2 = tl.arange(0, BLOCK // 2)
+            tl.store(q_ptr + tl.cast(row, tl.int64) * (H // 2) + cols2, (lo | (hi << 4)).to(tl.uint8),
+                     mask=cols2 < H // 2)
+
+    if QUANT == 4 and SWIZZLE:  # the swizzled scales' padding rows are zeros
+        kb = tl.arange(0, BLOCK // 16)
+        for row in range(T + pid, scale_rows, nprog):
+            soff = (((row // 128) * (SCALE_COLS // 4) + kb // 4) * 512
+                    + (row % 32) * 16 + ((row // 32) % 4) * 4 + kb % 4)
+            tl.store(qscale_ptr + soff, tl.zeros([BLOCK // 16], tl.float32).to(tl.float8e4nv),
+                     mask=kb < SCALE_COLS)
 
     if WS > 1:
         _barrier(sig_ptrs, pid, RANK, WS)  # peers are done reading this rank's buffer
