@@ -262,3 +262,28 @@ def test_install_chains_and_uninstall_restores():
         config.post_grad_custom_post_pass = old
     with pytest.raises(RuntimeError, match="nothing installed"):
         fusion_passes.uninstall()
+
+
+def test_gpu_site_with_only_the_reference_backend_stays_unfused(monkeypatch):
+    """On a GPU the reference backend is the unfused chain run eagerly inside one op, slower
+    than Inductor's compiled chain: with ``backend="auto"`` such a site is left as it is and
+    the report names why each kernel backend declined. The device is the one thing faked:
+    this machine has no GPU. Hidden 32768 is past the triton kernel's one-row-in-registers
+    limit, flashinfer is not installed here and aiter wants ROCm: every kernel declines."""
+    from fusion_passes import match
+
+    monkeypatch.setattr(match.backends, "device_kind", lambda device: "cuda")
+    big = 32768
+    args = (rand(T, big), rand(T, big), rand(T, big), rand(big), rand(big))
+    gm = trace(decoder_layer, *args)
+    _, report = run_pass(gm)
+    assert count(gm, "_c10d_functional.all_reduce") == 2
+    assert count(gm, "fusion_passes.allreduce_add_rmsnorm") == 0
+    assert len(report.unfused) == 2
+    for site in report.unfused:
+        assert "no fused kernel runs add_rmsnorm on cuda here" in site.reason, site.reason
+        assert "triton:" in site.reason and "aiter:" in site.reason and "flashinfer:" in site.reason
+    # forcing the reference backend is the user's explicit choice: then it fuses
+    gm = trace(decoder_layer, *args)
+    _, report = run_pass(gm, backend="reference")
+    assert count(gm, "fusion_passes.allreduce_add_rmsnorm") == 2
