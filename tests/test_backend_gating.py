@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 
-from fusion_passes import backends
+from fusion_passes import backends, ops
 from fusion_passes.backends import Call, aiter as aiter_backend, flashinfer as fi_backend, thresholds
 from fusion_passes.backends import triton as triton_backend
 
@@ -70,8 +70,24 @@ def test_triton_declines_beyond_measured_crossover(monkeypatch):
 
 
 def test_triton_variants_are_declared_honestly():
-    assert "add_rmsnorm_nvfp4" not in triton_backend.VARIANTS
-    assert "add_rmsnorm_mxfp4" not in triton_backend.VARIANTS
+    """Every fused op is in the triton kernel (FP4 since the NVFP4/MXFP4 epilogues); each
+    is admitted only where `bench kernels` measured it (thresholds.TRITON)."""
+    assert triton_backend.VARIANTS == frozenset(ops.VARIANTS) - {"add_rmsnorm_fp8_per_tensor"}
+    measured = {v for (_, v) in thresholds.TRITON["max_tokens_faster"]}
+    assert measured == triton_backend.VARIANTS
+
+
+@pytest.mark.parametrize("kw, reason", [
+    (dict(variant="add_rmsnorm_fp8_per_group", group_size=32), "group size 32"),
+    (dict(variant="add_rmsnorm_nvfp4", dtype=torch.float32), "float32"),
+    (dict(variant="add_rmsnorm_mxfp4", hidden=4112), "4112"),
+])
+def test_triton_declines_quant_shapes_it_does_not_run(kw, reason):
+    """The selector sees the group size and the activation dtype, so these calls go elsewhere
+    before any launch (the backend's run-time fallback is only a safety net)."""
+    why = triton_backend.unsupported(Call(**{**dict(device="cuda", dtype=torch.bfloat16, hidden=4096,
+                                                     world_size=1, tokens=8), **kw}))
+    assert why is not None and reason in why, why
 
 
 # -- aiter ----------------------------------------------------------------------------
@@ -287,7 +303,8 @@ def test_flashinfer_quant_mappings(fi_fake):
 
 
 def test_triton_runs_an_unsupported_group_size_on_the_reference(fake_pg, monkeypatch):
-    """The selector cannot see the group size; such a call must still be answered correctly."""
+    """A call that bypasses the selector (e.g. ``backend="triton"`` forced past its gate is refused,
+    but ``TritonBackend.run`` called directly is not) is still answered correctly."""
     from fusion_passes.backends import reference
 
     seen = []
@@ -297,7 +314,8 @@ def test_triton_runs_an_unsupported_group_size_on_the_reference(fake_pg, monkeyp
         "add_rmsnorm_fp8_per_group", torch.randn(2, 96), None, None, 1e-6, "c10d:" + fake_pg.group_name,
         False, True, 32, True, False)
     assert out == "ref" and seen == [("add_rmsnorm_fp8_per_group", (32, True, False),
-                                      {"with_norm_out": False, "amax_eps": None, "scale_min": None})]
+                                      {"with_norm_out": False, "amax_eps": None, "scale_min": None,
+                                       "residual_in_fp32": False})]
 
 
 def test_flashinfer_runs_unfused_what_it_would_compute_differently(fi_fake, monkeypatch):

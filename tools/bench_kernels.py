@@ -29,7 +29,10 @@ import platform
 import statistics
 import sys
 
-VARIANTS = ("add_rmsnorm", "add_rmsnorm_fp8_static", "add_rmsnorm_fp8_per_token", "add_rmsnorm_fp8_per_group")
+VARIANTS = ("add_rmsnorm", "add_rmsnorm_fp8_static", "add_rmsnorm_fp8_per_token", "add_rmsnorm_fp8_per_group",
+            "add_rmsnorm_nvfp4", "add_rmsnorm_mxfp4")
+# NVFP4's global scale: 448 * 6 / 5, so a norm output of absmax ~5 spans the e4m3 scales
+NVFP4_GLOBAL_SCALE = 448.0 * 6 / 5
 DEFAULT_TOKENS = tuple(2**i for i in range(15))  # 1 .. 16384
 DEFAULT_HIDDEN = (4096, 7168, 8192)
 
@@ -51,13 +54,15 @@ def _epilogue_fn(variant: str, eps: float):
     from fusion_passes.backends.reference import quantize
 
     params = {"add_rmsnorm_fp8_static": None, "add_rmsnorm_fp8_per_token": (None,),
-              "add_rmsnorm_fp8_per_group": (128, False, False)}
+              "add_rmsnorm_fp8_per_group": (128, False, False), "add_rmsnorm_nvfp4": "swizzled",
+              "add_rmsnorm_mxfp4": ()}
 
     def fn(x, res, w, scale):
         y, r = epilogue.add_rms_norm(x, res, w, eps)
         if variant == "add_rmsnorm":
             return y, r
-        p = (scale,) if params[variant] is None else params[variant]
+        p = params[variant]
+        p = (scale,) if p is None else (scale, True) if p == "swizzled" else p
         return quantize(variant, y, *p), r
 
     return fn
@@ -72,10 +77,12 @@ def _fused_fn(variant, group, eps):
         "add_rmsnorm_fp8_static": None,  # scale added per call
         "add_rmsnorm_fp8_per_token": (None,),
         "add_rmsnorm_fp8_per_group": (128, False, False),
+        "add_rmsnorm_nvfp4": "swizzled",  # global scale added per call, swizzled scales
+        "add_rmsnorm_mxfp4": (),
     }[variant]
 
     def run(x, res, w, scale):
-        args = (scale,) if extra is None else extra
+        args = (scale,) if extra is None else (scale, True) if extra == "swizzled" else extra
         return tb.run(variant, x, res, w, eps, group, False, True, *args)
 
     return run
@@ -87,6 +94,10 @@ def _bytes_moved(variant, tokens, hidden, itemsize):
     read = 2 * n * itemsize + hidden * itemsize  # input, residual, weight
     if variant == "add_rmsnorm":
         return read + 2 * n * itemsize  # norm_out, residual_out
+    if variant == "add_rmsnorm_nvfp4":  # residual_out, packed codes, swizzled e4m3 scales (padded)
+        return read + n * itemsize + n // 2 + -(-tokens // 128) * 128 * -(-(hidden // 16) // 4) * 4
+    if variant == "add_rmsnorm_mxfp4":  # residual_out, packed codes, E8M0 scale bytes
+        return read + n * itemsize + n // 2 + tokens * (hidden // 32)
     scales = {"add_rmsnorm_fp8_static": 0, "add_rmsnorm_fp8_per_token": tokens * 4,
               "add_rmsnorm_fp8_per_group": tokens * (hidden // 128) * 4}[variant]
     return read + n * itemsize + n + scales  # residual_out, q, scales
@@ -202,7 +213,7 @@ def run(args) -> int:
         fused = _fused_fn(variant, group, eps)
         for hidden in hiddens:
             w = (torch.rand(hidden, device="cuda") + 0.5).to(dtype)
-            scale = torch.tensor([0.02], device="cuda")
+            scale = torch.tensor([NVFP4_GLOBAL_SCALE if variant == "add_rmsnorm_nvfp4" else 0.02], device="cuda")
             for tokens in args.tokens:
                 torch.manual_seed(rank * 7919 + tokens)
                 x = torch.randn(tokens, hidden, device="cuda").to(dtype)

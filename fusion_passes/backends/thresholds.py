@@ -82,6 +82,13 @@ TRITON: dict[str, object] = {
     # Resident programs per SM for the persistent one-shot grid: 2048 threads per SM on
     # Hopper (CUDA occupancy limit) / (32 * num_warps).
     "threads_per_sm": 2048,
+    # FP4 epilogues (NVFP4 / MXFP4) from this many tokens on run with at most this many
+    # warps per row: more rows in flight per SM. A/B of 2, 4, 8, 16 warps on 1x H200
+    # (2026-11-29, bf16, hidden 4096 / 7168, 1..16384 tokens; table in results/README.md):
+    # at 16384x7168 NVFP4 273 us with 8 warps vs 402 with 16, MXFP4 247 us with 4 vs 285;
+    # at <= 256 tokens 16 warps (num_warps_for) was as fast or faster.
+    "fp4_many_tokens": 1024,
+    "fp4_many_tokens_warps": {"add_rmsnorm_nvfp4": 8, "add_rmsnorm_mxfp4": 4},
     # Per-group FP8 group sizes the kernel reshapes a row into (powers of two).
     "per_group_sizes": (64, 128),
     # One symmetric workspace per group, grown to the largest call; above this the
@@ -108,6 +115,16 @@ TRITON: dict[str, object] = {
         (2, "add_rmsnorm_fp8_static"): None,
         (2, "add_rmsnorm_fp8_per_token"): None,
         (2, "add_rmsnorm_fp8_per_group"): None,
+        # FP4 (bf16, hidden 7168, 1..16384 tokens), `fusion-passes bench kernels --variants
+        # add_rmsnorm_nvfp4 add_rmsnorm_mxfp4` on 1x and (torchrun) 2x NVIDIA H200
+        # (results/bench_kernels_h200_fp4_ws1.json, _ws2.json, 2026-11-29): faster than the
+        # unfused chain (NCCL at ws2 + Inductor-compiled epilogue.nvfp4 / mxfp4) at every
+        # point: ws1 1.5x to 3.2x, ws2 1.3x (NVFP4 at 1024 tokens) to 4.8x. Other hidden
+        # sizes were not measured for FP4.
+        (1, "add_rmsnorm_nvfp4"): None,
+        (1, "add_rmsnorm_mxfp4"): None,
+        (2, "add_rmsnorm_nvfp4"): None,
+        (2, "add_rmsnorm_mxfp4"): None,
         # World sizes 4 and 8: not measured (no machine of 4+ GPUs lent), so declined.
     },
 }

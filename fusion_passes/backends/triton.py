@@ -29,7 +29,10 @@ linear or, with ``swizzle``, ``[round_up(T,128), round_up(H/16,4)]`` in the 128x
 layout with zero padding (:func:`fusion_passes.epilogue.nvfp4_swizzle`); packed bytes
 hold element ``2i`` in the low nibble. The E2M1 rounding is plain arithmetic (the PTX
 ``cvt...e2m1x2`` needs sm_100+), written to match :func:`fusion_passes.epilogue.e2m1_codes`
-bit for bit; ``tests/gpu/triton_check.py`` checks that on an H200.
+bit for bit; ``tests/gpu/triton_check.py`` checks that on an H200 (passed at world
+sizes 1 and 2 on 2026-11-29: packed codes and scales byte-identical to the epilogue on
+the kernel's own norm output). From ``TRITON["fp4_many_tokens"]`` tokens on, the FP4
+variants run with fewer warps per row (a measured choice; see thresholds.py).
 
 Every number it gates on is in :data:`fusion_passes.backends.thresholds.TRITON`.
 
@@ -42,6 +45,8 @@ communicator: two concurrent calls would share the workspace.
 Not implemented: a two-shot (reduce-scatter + all-gather) kernel. At world size 2 it
 moves exactly the one-shot's NVLink bytes per direction, and world sizes 4/8, where it
 would pay, could not be measured here; the gate declines those world sizes instead.
+(GPU issue 7 asked for it as its lowest priority; it was not written or measured in that
+round, so nothing selects it.)
 """
 
 from __future__ import annotations
@@ -224,7 +229,12 @@ class TritonBackend:
                 scale_rows, scale_cols = -(-tokens // rows) * rows, -(-nb // cols) * cols
             else:
                 scale_rows, scale_cols = tokens, nb
-            scales = torch.empty((scale_rows, scale_cols), dtype=torch.float8_e4m3fn, device=dev)
+            # Swizzled with padding rows (T % 128): zero-filled first (one fill, about 1 us),
+            # the kernel then writes rows < T (and the padding columns). Zeroing the padding
+            # in the kernel instead cost 15-20 us at 1 token (one program's scattered
+            # byte stores over a 57 KB tile; 1x H200, see results/README.md).
+            alloc = torch.zeros if swizzle and scale_rows != tokens else torch.empty
+            scales = alloc((scale_rows, scale_cols), dtype=torch.float8_e4m3fn, device=dev)
             scales_arg = scales
             scale_ub = global_scale  # the kernel reads the global scale through the same slot
             # >= 4 scale columns per row in registers (a swizzle tile is 4 wide)
@@ -238,6 +248,8 @@ class TritonBackend:
         rank, world = 0, 1
         buf_ptrs = sig_ptrs = 0
         nw = num_warps_for(hidden)
+        if fp4 and tokens >= LIMITS["fp4_many_tokens"]:
+            nw = min(nw, int(LIMITS["fp4_many_tokens_warps"][_FP4_VARIANT[quant]]))
         grid = max(tokens, 1)
         if tokens and _world_size(group) > 1:
             ws = symm.get(group, x.numel() * x.element_size(), dev)
@@ -253,7 +265,7 @@ class TritonBackend:
                 res_out if norm is None else norm, res_out if q is None else q,
                 scales_arg, x if scale_ub is None else scale_ub.reshape(-1).to(torch.float32),
                 buf_ptrs, sig_ptrs,
-                tokens, float(eps), stride_t, stride_g, scale_rows,
+                tokens, float(eps), stride_t, stride_g,
                 H=hidden, BLOCK=block, RANK=rank, WS=world,
                 HAS_RES=res is not None, RES_FP32=bool(residual_in_fp32) and res is not None,
                 HAS_W=w is not None, GEMMA=bool(gemma),
@@ -275,6 +287,9 @@ class TritonBackend:
             return out_norm, shaped(res_out, hidden), q, scales
         out_scales = None if scales is None else shaped(scales, scales.shape[-1])
         return out_norm, shaped(res_out, hidden), shaped(q, hidden), out_scales
+
+
+_FP4_VARIANT = {4: "add_rmsnorm_nvfp4", 5: "add_rmsnorm_mxfp4"}  # triton_kernels.QUANT_NVFP4 / _MXFP4
 
 
 def _check_fp4(input, variant: str) -> None:

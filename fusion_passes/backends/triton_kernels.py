@@ -14,7 +14,9 @@ One kernel, specialised by ``tl.constexpr`` flags, computes for every row of ``[
 The numerics follow :mod:`fusion_passes.epilogue` step by step (each rounding to the
 activation dtype that the unfused chain performs is performed here too); the only
 differences are fp32 summation order inside the norm's mean and the hardware
-``rsqrt``, worth at most one bf16 ulp on a few elements.
+``rsqrt``, worth at most one bf16 ulp on a few elements. Given the same norm output the
+quant epilogues are exact: FP8 bit-identical, NVFP4 / MXFP4 byte-identical (packed
+codes, e4m3 / E8M0 scales, swizzle padding) to fusion_passes.epilogue on an H200.
 
 World size 1: no symmetric memory, no barriers; one program per row reads the input
 in place (a fused add + RMSNorm (+ quant) kernel).
@@ -163,7 +165,6 @@ def fused_allreduce_add_rmsnorm_kernel(
     eps,
     scale_stride_t,
     scale_stride_g,
-    scale_rows,  # NVFP4 swizzled: rows of the scale tensor, round_up(T, 128) (rows >= T zeroed)
     H: tl.constexpr,
     BLOCK: tl.constexpr,
     RANK: tl.constexpr,
@@ -306,14 +307,6 @@ def fused_allreduce_add_rmsnorm_kernel(
             cols2 = tl.arange(0, BLOCK // 2)
             tl.store(q_ptr + tl.cast(row, tl.int64) * (H // 2) + cols2, (lo | (hi << 4)).to(tl.uint8),
                      mask=cols2 < H // 2)
-
-    if QUANT == 4 and SWIZZLE:  # the swizzled scales' padding rows are zeros
-        kb = tl.arange(0, BLOCK // 16)
-        for row in range(T + pid, scale_rows, nprog):
-            soff = (((row // 128) * (SCALE_COLS // 4) + kb // 4) * 512
-                    + (row % 32) * 16 + ((row // 32) % 4) * 4 + kb % 4)
-            tl.store(qscale_ptr + soff, tl.zeros([BLOCK // 16], tl.float32).to(tl.float8e4nv),
-                     mask=kb < SCALE_COLS)
 
     if WS > 1:
         _barrier(sig_ptrs, pid, RANK, WS)  # peers are done reading this rank's buffer

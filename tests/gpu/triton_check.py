@@ -19,6 +19,15 @@ Tolerances (against :mod:`fusion_passes.epilogue` after the real collective):
   off moves a value across an FP8 rounding boundary now and then. Scales: relative 1e-2
   (they follow the row or group absmax, one bf16 ulp); UE8M0 scales are powers of two,
   so one ulp of the absmax may double them (relative 1).
+* NVFP4 / MXFP4, two checks. (1) Bit-exact: the packed codes and the scales (and the
+  swizzled layout's zero padding) equal :func:`fusion_passes.epilogue.nvfp4` /
+  ``mxfp4`` applied to the kernel's OWN norm output, on every byte: the quant epilogue
+  itself must be exact. (2) Against the reference backend end to end: at least 99% of
+  the packed bytes and 99% of the scale bytes equal. Not 100%, because the norm output
+  may differ by one ulp on a few elements (above), which can move a value across an E2M1
+  rounding boundary or, when it is a block's absmax, its scale across an e4m3 step.
+* ``residual_in_fp32``: the same tolerances, against the reference backend called with
+  the same flag (the residual add in fp32, the norm on the unrounded sum).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from fusion_passes import epilogue
 from fusion_passes.backends.reference import ReferenceBackend
 from fusion_passes.backends.triton import TritonBackend
 
@@ -56,8 +66,32 @@ def fp8_close(name, got, want, scale_got=None, scale_want=None):
         raise AssertionError(f"{name}: {bad.float().mean():.2%} of FP8 values off by more than one step")
 
 
+def same_bytes(t):
+    return t.contiguous().view(torch.uint8)
+
+
+def fp4_check(name, q, s, norm, rq, rs, variant, params):
+    """Bit-exact against the epilogue on the kernel's own norm output; >= 99% against the reference."""
+    if variant == "add_rmsnorm_nvfp4":
+        eq, es = epilogue.nvfp4(norm, *params)
+    else:
+        eq, es = epilogue.mxfp4(norm)
+    for what, got, want in (("packed", q, eq), ("scales", s, es)):
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise AssertionError(f"{name} {what}: {tuple(got.shape)}/{got.dtype} vs {tuple(want.shape)}/{want.dtype}")
+        bad = same_bytes(got) != same_bytes(want)
+        if bad.any():
+            i = bad.nonzero()[0].tolist()
+            raise AssertionError(f"{name} {what}: {int(bad.sum())} bytes differ from the epilogue on the kernel's "
+                                 f"own norm output, first at {i}")
+    for what, got, want in (("packed", q, rq), ("scales", s, rs)):
+        equal = (same_bytes(got) == same_bytes(want)).float().mean().item()
+        if equal < 0.99:
+            raise AssertionError(f"{name} {what}: only {equal:.2%} of bytes equal the reference's")
+
+
 def check_case(group, rank, world, tokens, hidden, dtype, *, residual=True, weight=True, gemma=False,
-               w_fp32=True, w_dtype=None, quant=None, seed=0):
+               w_fp32=True, w_dtype=None, quant=None, res_fp32=False, seed=0):
     dev = torch.device("cuda", torch.cuda.current_device())
     gen = torch.Generator(device=dev).manual_seed(seed)
     shared = torch.Generator(device=dev).manual_seed(seed + 1000)
@@ -65,13 +99,15 @@ def check_case(group, rank, world, tokens, hidden, dtype, *, residual=True, weig
     res = torch.randn((tokens, hidden), generator=shared, device=dev).to(dtype) if residual else None
     w = (torch.rand((hidden,), generator=shared, device=dev) + 0.5).to(w_dtype or dtype) if weight else None
     eps = 1e-6
-    ref_norm, ref_res = ReferenceBackend.add_rmsnorm(x, res, w, eps, group, gemma, w_fp32)
+    rf = dict(residual_in_fp32=res_fp32)
+    ref_norm, ref_res = ReferenceBackend.add_rmsnorm(x, res, w, eps, group, gemma, w_fp32, **rf)
     tb = TritonBackend()
     tol = max(ULP[ref_norm.dtype], ULP[dtype])  # the norm rounds to the activation dtype first
     res_tol = 0.0 if world <= 2 else ULP[dtype]
     tag = f"ws{world} T{tokens} H{hidden} {str(dtype)[6:]} res={residual} w={weight} gemma={gemma} wfp32={w_fp32} q={quant}"
+    tag += " res_fp32=True" if res_fp32 else ""
     if quant is None:
-        norm, res_out = tb.run("add_rmsnorm", x, res, w, eps, group, gemma, w_fp32)
+        norm, res_out = tb.run("add_rmsnorm", x, res, w, eps, group, gemma, w_fp32, **rf)
         close(f"{tag} residual_out", res_out, ref_res, res_tol)
         close(f"{tag} norm_out", norm, ref_norm, tol)
     else:
@@ -80,14 +116,28 @@ def check_case(group, rank, world, tokens, hidden, dtype, *, residual=True, weig
             "fp8_static": [(torch.tensor([0.02], device=dev),)],
             "fp8_per_token": [(None,), (torch.tensor([3.0], device=dev),)],
             "fp8_per_group": [(128, False, False), (128, True, True), (64, False, True)],
+            # global scale 448 * 6 / 5: a norm output of absmax ~5 uses the whole e4m3 range
+            "nvfp4": [(torch.tensor([448.0 * 6 / 5], device=dev), True),
+                      (torch.tensor([448.0 * 6 / 5], device=dev), False)],
+            "mxfp4": [()],
         }[quant]
         for p in params:
             variant = "add_rmsnorm_" + quant
-            q, s, res_out, norm = tb.run(variant, x, res, w, eps, group, gemma, w_fp32, *p, with_norm_out=True)
-            rq, rs, rr, rn = ref.run(variant, x, res, w, eps, group, gemma, w_fp32, *p, with_norm_out=True)
+            if quant == "nvfp4":  # hand the allocator dirty blocks: the scales' padding must be written
+                dirty = [torch.full((1 << 16,), 0x7F, dtype=torch.uint8, device=dev) for _ in range(64)]
+                del dirty
+            q, s, res_out, norm = tb.run(variant, x, res, w, eps, group, gemma, w_fp32, *p, with_norm_out=True, **rf)
+            rq, rs, rr, rn = ref.run(variant, x, res, w, eps, group, gemma, w_fp32, *p, with_norm_out=True, **rf)
             sub = f"{tag} params={[v if not torch.is_tensor(v) else v.item() for v in p]}"
             close(f"{sub} residual_out", res_out, rr, res_tol)
             close(f"{sub} norm_out", norm, rn, tol)
+            if quant in ("nvfp4", "mxfp4"):
+                fp4_check(sub, q, s, norm, rq, rs, variant, p)
+                if quant == "nvfp4":  # without the norm output: the same quant
+                    q2, s2, _, n2 = tb.run(variant, x, res, w, eps, group, gemma, w_fp32, *p, **rf)
+                    assert n2 is None and torch.equal(same_bytes(q2), same_bytes(q)) and torch.equal(
+                        same_bytes(s2), same_bytes(s)), f"{sub}: with_norm_out=False changed the quant"
+                continue
             if rs is None:
                 assert s is None, f"{sub}: static FP8 returns no scales"
                 fp8_close(f"{sub} q", q, rq)
@@ -194,6 +244,30 @@ def main() -> int:
     for quant in ("fp8_static", "fp8_per_token", "fp8_per_group"):
         for tokens, hidden in ((1, 4096), (77, 7168), (1024, 8192)):
             cases.append(dict(tokens=tokens, hidden=hidden, dtype=torch.bfloat16, quant=quant))
+    # FP4: 77 and 1 tokens pad the swizzled scales' rows; hidden 2080 pads their columns
+    # (130 -> 132 NVFP4 blocks) and is 65 MXFP4 blocks.
+    for quant in ("nvfp4", "mxfp4"):
+        for tokens, hidden in ((1, 4096), (77, 7168), (1024, 8192), (33, 2080), (300, 16384)):
+            cases.append(dict(tokens=tokens, hidden=hidden, dtype=torch.bfloat16, quant=quant))
+        cases += [
+            dict(tokens=64, hidden=4096, dtype=torch.float16, quant=quant),
+            dict(tokens=17, hidden=4096, dtype=torch.bfloat16, quant=quant, w_fp32=False),
+            dict(tokens=17, hidden=4096, dtype=torch.bfloat16, quant=quant, gemma=True),
+            dict(tokens=17, hidden=4096, dtype=torch.bfloat16, quant=quant, residual=False),
+            dict(tokens=130, hidden=7168, dtype=torch.bfloat16, quant=quant, res_fp32=True),
+        ]
+    # residual_in_fp32 (vLLM's fused_add_rms_norm): against the reference with the same flag
+    cases += [
+        dict(tokens=1, hidden=4096, dtype=torch.bfloat16, res_fp32=True),
+        dict(tokens=257, hidden=7168, dtype=torch.bfloat16, res_fp32=True),
+        dict(tokens=33, hidden=8192, dtype=torch.float16, res_fp32=True),
+        dict(tokens=33, hidden=2048, dtype=torch.float32, res_fp32=True),
+        dict(tokens=17, hidden=4096, dtype=torch.bfloat16, res_fp32=True, gemma=True),
+        dict(tokens=17, hidden=4096, dtype=torch.bfloat16, res_fp32=True, w_fp32=False),
+        dict(tokens=17, hidden=4096, dtype=torch.bfloat16, res_fp32=True, residual=False),
+    ]
+    for quant in ("fp8_static", "fp8_per_token", "fp8_per_group"):
+        cases.append(dict(tokens=77, hidden=7168, dtype=torch.bfloat16, quant=quant, res_fp32=True))
     failures = 0
     for i, case in enumerate(cases):
         try:
