@@ -258,3 +258,31 @@ def mxfp4(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     codes = e2m1_codes(x * quant_scale).reshape(-1, hidden)
     scale_bytes = (exponent + 127).to(torch.uint8).reshape(-1, hidden // MXFP4_BLOCK)
     return pack_e2m1(codes), scale_bytes
+
+
+def fp8_per_tensor(
+    y: torch.Tensor,
+    *,
+    dtype: torch.dtype = torch.float8_e4m3fn,
+    scale_min: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-tensor FP8 -> ``(q, scale[1] fp32)``: ONE scale for the whole tensor.
+
+    ``scale = clamp(max(|y|) / fp8_max, min=scale_min)``, ``q = clamp(y32 * (1/scale)) -> fp8``.
+    The default ``scale_min`` is ``1/(fp8_max*512)``: vLLM's
+    ``QuantFP8.forward_native`` for ``GroupShape.PER_TENSOR``
+    (vllm/model_executor/layers/quantization/input_quant_fp8.py:
+    ``x.abs().max().unsqueeze(-1).to(float32)``, ``(x_max / _FP8_MAX).clamp(min=_FP8_MIN_SCALING_FACTOR)``,
+    ``x.to(float32) * scale.reciprocal()``, clamp, convert), what Fp8LinearMethod runs for
+    a checkpoint with ``activation_scheme: dynamic``. The ``_C.dynamic_scaled_fp8_quant``
+    kernel (csrc/quantization/w8a8/fp8/common.cu ``segmented_max_reduction_strided`` +
+    ``scaled_fp8_quant_kernel_strided_dynamic``) does not floor the scale: ``scale_min=0``
+    (an all-zero tensor then has scale 0 and ``0 * inf``; here that is NaN, while the kernel's
+    fminf/fmaxf clamp turns NaN into a bound; no real norm output is all zero).
+    The max over every element needs all tokens of the tensor before any is quantized.
+    """
+    if scale_min is None:
+        scale_min = fp8_min_scaling_factor(dtype)
+    amax = y.abs().max().unsqueeze(-1).to(torch.float32)
+    scale = (amax / fp8_max(dtype)).clamp(min=scale_min)
+    return _to_fp8(y.to(torch.float32) * scale.reciprocal(), dtype), scale

@@ -42,7 +42,9 @@ def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
     if dialect == "c10d":
         out = torch.ops._c10d_functional.all_reduce.default(x, "sum", name)
         return torch.ops._c10d_functional.wait_tensor.default(out)
-    return torch.ops.vllm.all_reduce.default(x, name)
+    # vLLM's CPU communicator reduces IN PLACE (dist.all_reduce) and returns its input, and
+    # other communicators may too; a fused op may neither mutate nor alias its inputs.
+    return torch.ops.vllm.all_reduce.default(x.clone(), name)
 
 
 @functools.lru_cache(maxsize=None)

@@ -32,6 +32,7 @@ VARIANTS = (
     "add_rmsnorm_fp8_static",
     "add_rmsnorm_fp8_per_token",
     "add_rmsnorm_fp8_per_group",
+    "add_rmsnorm_fp8_per_tensor",
     "add_rmsnorm_nvfp4",
     "add_rmsnorm_mxfp4",
 )
@@ -286,6 +287,41 @@ def _(input, residual, weight, eps, group, group_size, ue8m0=False, column_major
     else:
         scales = input.new_empty(shape, dtype=torch.float32)
     return (input.new_empty(input.shape, dtype=fp8_dtype), scales,
+            *_fake_common(input, weight, weight_in_fp32, gemma, return_norm))
+
+
+@torch.library.custom_op("fusion_passes::allreduce_add_rmsnorm_fp8_per_tensor", mutates_args=())
+def allreduce_add_rmsnorm_fp8_per_tensor(
+    input: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
+    group: str, scale_min: float = -1.0, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+    gemma: bool = False, weight_in_fp32: bool = True, return_norm: bool = False, backend: str = "auto",
+    residual_in_fp32: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """... -> RMSNorm -> dynamic per-tensor FP8 (:func:`epilogue.fp8_per_tensor`): ONE scale,
+    the max over the whole norm output: ``(q, scale[1] fp32, residual_out, norm_out)``.
+    ``scale_min < 0`` means vLLM's native floor ``1/(fp8_max*512)``
+    (``QuantFP8.forward_native``); the ``_C.dynamic_scaled_fp8_quant`` kernel is
+    ``scale_min=0``. vLLM has no scale upper bound for per-tensor scales (``QuantFP8``
+    asserts ``scale_ub`` only with per-token), so there is none here."""
+    _check(input, residual, weight, group)
+    _check_fp8(fp8_dtype)
+    opts = {}
+    if scale_min >= 0 and scale_min != epilogue.fp8_min_scaling_factor(fp8_dtype):
+        opts["scale_min"] = scale_min
+    if fp8_dtype != torch.float8_e4m3fn:
+        opts["fp8_dtype"] = fp8_dtype
+    return _run_quant("add_rmsnorm_fp8_per_tensor", input, group, backend,
+                      (residual, weight, eps, group, gemma, weight_in_fp32), (), return_norm, opts,
+                      residual_in_fp32)
+
+
+@allreduce_add_rmsnorm_fp8_per_tensor.register_fake
+def _(input, residual, weight, eps, group, scale_min=-1.0, fp8_dtype=torch.float8_e4m3fn, gemma=False,
+      weight_in_fp32=True, return_norm=False, backend="auto",
+      residual_in_fp32=False):
+    _check(input, residual, weight, group)
+    _check_fp8(fp8_dtype)
+    return (input.new_empty(input.shape, dtype=fp8_dtype), input.new_empty((1,), dtype=torch.float32),
             *_fake_common(input, weight, weight_in_fp32, gemma, return_norm))
 
 

@@ -7,10 +7,11 @@ quantization that consumes it, in any of the forms it takes in real graphs:
 * the native aten chains, as ``QuantFP8.forward_native`` (vLLM with ``custom_ops=none``)
   and hand-written PyTorch emit them: ``convert(f32) * reciprocal(scale)`` (or ``/ scale``)
   ``-> clamp(+-fp8_max) -> convert(fp8)``, with ``abs -> amax`` for dynamic per-token
-  scales and ``view(-1, G, g) -> abs -> max`` for 1 x g groups (+ ``log2/ceil/exp2`` UE8M0);
+  scales, ``abs -> max`` (all elements) for dynamic per-tensor scales and
+  ``view(-1, G, g) -> abs -> max`` for 1 x g groups (+ ``log2/ceil/exp2`` UE8M0);
 * vLLM's custom ops through ``auto_functionalized``: ``_C.static_scaled_fp8_quant``,
-  ``_C.dynamic_per_token_scaled_fp8_quant``, ``_C.per_token_group_fp8_quant``,
-  ``_C.scaled_fp4_quant.out``;
+  ``_C.dynamic_scaled_fp8_quant`` (per tensor), ``_C.dynamic_per_token_scaled_fp8_quant``,
+  ``_C.per_token_group_fp8_quant``, ``_C.scaled_fp4_quant.out``;
 * ROCm: ``vllm.rocm_aiter_per_tensor_quant`` (auto_functionalized, static),
   ``vllm.rocm_aiter_per_token_quant``, ``vllm.rocm_aiter_group_fp8_quant``;
 * MXFP4: no unfused form is matched. vLLM 0.33 has no standalone MXFP4 activation quant
@@ -42,12 +43,14 @@ VARIANTS = {
     "fp8_static": "add_rmsnorm_fp8_static",
     "fp8_per_token": "add_rmsnorm_fp8_per_token",
     "fp8_per_group": "add_rmsnorm_fp8_per_group",
+    "fp8_per_tensor": "add_rmsnorm_fp8_per_tensor",
     "nvfp4": "add_rmsnorm_nvfp4",
     "mxfp4": "add_rmsnorm_mxfp4",
 }
 
 AUTO_FUNCTIONALIZED = "auto_functionalized"
 C_STATIC = "_C.static_scaled_fp8_quant.default"
+C_PER_TENSOR = "_C.dynamic_scaled_fp8_quant.default"
 C_PER_TOKEN = "_C.dynamic_per_token_scaled_fp8_quant.default"
 C_PER_GROUP = "_C.per_token_group_fp8_quant.default"
 C_NVFP4 = "_C.scaled_fp4_quant.out"
@@ -255,16 +258,17 @@ def _native_static_or_token(y: Node, u: Node) -> Quant | Miss | None:
         if isinstance(sat, Miss):
             return sat
         q, fp8, tail = sat
-        token = _per_token_scale(y, s, fp8)
+        token = _dynamic_scale(y, s, fp8)
         if isinstance(token, tuple):
-            scale_nodes, scale_ub = token
+            kind, scale_nodes, scale_ub = token
             nodes = [*pre, *recip, m, *tail, *scale_nodes]
             inside = set(nodes)
             leak = _sole_users([n for n in nodes if n not in (q, s)], inside)
+            what = "per-token" if kind == "fp8_per_token" else "per-tensor"
             if leak is not None:
-                return Miss(f"{short(leak)} of the per-token quant has a user outside it", leak)
-            return Quant("fp8_per_token", {"scale_ub": scale_ub, "fp8_dtype": fp8}, tuple(nodes),
-                         {"q": q, "scales": s})
+                return Miss(f"{short(leak)} of the {what} quant has a user outside it", leak)
+            params = {"scale_ub": scale_ub} if kind == "fp8_per_token" else {"scale_min": -1.0}
+            return Quant(kind, {**params, "fp8_dtype": fp8}, tuple(nodes), {"q": q, "scales": s})
         static = _static_scale(s, y)
         if isinstance(static, Miss):
             return token if isinstance(token, Miss) and token.node is not None else static
@@ -276,8 +280,11 @@ def _native_static_or_token(y: Node, u: Node) -> Quant | Miss | None:
     return None
 
 
-def _per_token_scale(y: Node, s: Node, fp8) -> tuple[list[Node], Node | None] | Miss | None:
-    """``clamp_min(div(convert(unsqueeze(amax(abs(y), [-1]))) [min ub], fp8_max), 1/(fp8_max*512))``."""
+def _dynamic_scale(y: Node, s: Node, fp8) -> tuple[str, list[Node], Node | None] | Miss | None:
+    """``clamp_min(div(convert(unsqueeze(amax(abs(y), [-1]))) [min ub], fp8_max), 1/(fp8_max*512))``
+    (per token) or the same over ``max(abs(y))`` of all elements (per tensor; no upper
+    bound: vLLM's ``QuantFP8`` allows ``scale_ub`` only per token) ->
+    ``(kind, nodes, scale_ub)``."""
     c = _clamp(s)
     if c is None:
         return None
@@ -297,9 +304,16 @@ def _per_token_scale(y: Node, s: Node, fp8) -> tuple[list[Node], Node | None] | 
         nodes, cur = nodes + [cur], cur.args[0]
     if is_op(cur, aten.unsqueeze.default):
         nodes, cur = nodes + [cur], cur.args[0]
-    if is_op(cur, aten.max.default):
-        return Miss(f"{short(cur)}: dynamic per-tensor FP8 (one amax over all tokens) has no fused "
-                    "variant: the scale needs every token before any is quantized", cur)
+    if is_op(cur, aten.max.default):  # one max over every element: per tensor
+        if scale_ub is not None:
+            return Miss(f"{short(nodes[-1])}: an upper bound on a per-tensor scale is no vLLM form "
+                        "(QuantFP8 takes scale_ub per token only)", nodes[-1])
+        ab = cur.args[0]
+        if not (is_op(ab, aten.abs.default) and ab.args[0] is y):
+            src = ab.args[0] if is_op(ab, aten.abs.default) else ab
+            return Miss(f"the per-tensor scale is computed from {getattr(src, 'name', src)}, "
+                        f"not from the norm output {y.name}", ab)
+        return "fp8_per_tensor", [*nodes, cur, ab], None
     if not (is_op(cur, aten.amax.default) and list(_kw(cur, "dim", 1, [])) in ([-1], [len(val(y).shape) - 1])):
         return Miss(f"{short(cur)} is not amax over the hidden dim", cur)
     ab = cur.args[0]
@@ -307,7 +321,7 @@ def _per_token_scale(y: Node, s: Node, fp8) -> tuple[list[Node], Node | None] | 
         src = ab.args[0] if is_op(ab, aten.abs.default) else ab
         return Miss(f"the per-token scale is computed from {getattr(src, 'name', src)}, "
                     f"not from the norm output {y.name}", ab)
-    return [*nodes, cur, ab], scale_ub
+    return "fp8_per_token", [*nodes, cur, ab], scale_ub
 
 
 # ------------------------------------------------------------------ native aten: per group
@@ -454,6 +468,15 @@ def _custom_op(y: Node, u: Node) -> Quant | Miss | None:
         fp8 = dtype_of(kw["result"])
         return Quant("fp8_per_token", {"scale_ub": kw.get("scale_ub"), "fp8_dtype": fp8}, nodes,
                      {"q": items.get(1), "scales": items.get(2)})
+    if name == C_PER_TENSOR:
+        scale = kw.get("scale")
+        shape = list(val(scale).shape) if isinstance(scale, Node) else None
+        if shape != [1]:
+            return Miss(f"{short(u)}: per-tensor scale buffer of shape {shape}, not the [1] of "
+                        "ops.scaled_fp8_quant (the fused op's scale)", u)
+        # the kernel does not floor the scale (csrc/quantization/w8a8/fp8/common.cu): scale_min 0
+        return Quant("fp8_per_tensor", {"scale_min": 0.0, "fp8_dtype": dtype_of(kw["result"])}, nodes,
+                     {"q": items.get(1), "scales": items.get(2)})
     if name == C_PER_GROUP:
         fp8 = dtype_of(kw["output_q"])
         g = kw["group_size"]
@@ -492,6 +515,9 @@ def dead_buffers(quant: Quant) -> list[Node]:
             while is_op(chain[-1], aten.permute.default, aten.transpose.int, aten.view.default):
                 chain.append(chain[-1].args[0])
             out += chain
+    scale = af.kwargs.get("scale")
+    if _af_target(af) == C_PER_TENSOR and is_op(scale, aten.empty.memory_format):
+        out.append(scale)  # its scale is an output buffer too (static's scale is a parameter)
     return out
 
 
@@ -524,7 +550,8 @@ def _aiter_op(y: Node, u: Node) -> Quant | Miss | None:
         return Quant("fp8_per_group", params, (u, *items.values()), {"q": items.get(0), "scales": items.get(1)})
     if _af_target(u) == AITER_PER_TENSOR and u.kwargs.get("x") is y:
         if u.kwargs.get("is_dynamic"):
-            return Miss(f"{short(u)}: dynamic per-tensor FP8 (a global amax) is not a fused variant", u)
+            return Miss(f"{short(u)}: dynamic per-tensor FP8 through AITER's dynamic_per_tensor_quant is "
+                        "not fused: its scale rounding is AITER's, unverified against vLLM's (no ROCm here)", u)
         static = _static_scale(u.kwargs["scale"], y)
         if isinstance(static, Miss):
             return static

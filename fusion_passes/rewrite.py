@@ -22,6 +22,7 @@ FUSED_OPS = {
     "add_rmsnorm_fp8_static": _fp.allreduce_add_rmsnorm_fp8_static.default,
     "add_rmsnorm_fp8_per_token": _fp.allreduce_add_rmsnorm_fp8_per_token.default,
     "add_rmsnorm_fp8_per_group": _fp.allreduce_add_rmsnorm_fp8_per_group.default,
+    "add_rmsnorm_fp8_per_tensor": _fp.allreduce_add_rmsnorm_fp8_per_tensor.default,
     "add_rmsnorm_nvfp4": _fp.allreduce_add_rmsnorm_nvfp4.default,
     "add_rmsnorm_mxfp4": _fp.allreduce_add_rmsnorm_mxfp4.default,
 }
@@ -31,6 +32,7 @@ QUANT_ARGS = {
     "add_rmsnorm_fp8_static": ("scale", "fp8_dtype"),
     "add_rmsnorm_fp8_per_token": ("scale_ub", "fp8_dtype"),
     "add_rmsnorm_fp8_per_group": ("group_size", "ue8m0", "column_major", "amax_eps", "scale_min", "fp8_dtype"),
+    "add_rmsnorm_fp8_per_tensor": ("scale_min", "fp8_dtype"),
     "add_rmsnorm_nvfp4": ("global_scale", "swizzle"),
     "add_rmsnorm_mxfp4": (),
 }

@@ -28,6 +28,7 @@ QUANTS = (
     ("fp8_static", "allreduce_add_rmsnorm_fp8_static", "fp8(clamp(y * 1/scale)), scale a parameter"),
     ("fp8_per_token", "allreduce_add_rmsnorm_fp8_per_token", "amax(|y|, -1)/448 [min ub] -> fp8(y / s)"),
     ("fp8_per_group", "allreduce_add_rmsnorm_fp8_per_group", "1 x g groups: amax/448 [UE8M0] -> fp8; row/col-major scales"),
+    ("fp8_per_tensor", "allreduce_add_rmsnorm_fp8_per_tensor", "max(|y|) over ALL tokens/448 -> fp8(y / s), one scale"),
     ("nvfp4", "allreduce_add_rmsnorm_nvfp4", "scaled_fp4_quant: e2m1 x16 + e4m3 scales (swizzled | linear)"),
     ("mxfp4", "allreduce_add_rmsnorm_mxfp4", "e2m1 x32 + e8m0 scales"),
 )

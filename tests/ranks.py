@@ -62,7 +62,7 @@ def _fused_quant(variant: str):
 
 # how many of a variant's QUANT_ARGS are positional quant params (the rest are options)
 _POSITIONAL = {"add_rmsnorm_fp8_static": 1, "add_rmsnorm_fp8_per_token": 1, "add_rmsnorm_fp8_per_group": 3,
-               "add_rmsnorm_nvfp4": 2, "add_rmsnorm_mxfp4": 0}
+               "add_rmsnorm_fp8_per_tensor": 0, "add_rmsnorm_nvfp4": 2, "add_rmsnorm_mxfp4": 0}
 
 COLLECTIVES = {
     "_c10d_functional.all_reduce.default": lambda ra, kw: [rank_sum([a[0] for a in ra])] * len(ra),

@@ -335,3 +335,12 @@ def test_bench_kernels_says_it_needs_a_gpu(capsys):
 
     assert cli.main(["bench", "kernels", "--tokens", "1"]) == 2
     assert "needs an NVIDIA CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CUDA call gated on a machine without a CUDA GPU")
+def test_why_not_never_raises_when_a_gate_cannot_query_the_device():
+    """FlashInfer's gate reads the GPU's SM version; with no GPU that query raises. The
+    selector must answer with a reason (and move on), not fail the compile."""
+    why = backends.why_not("flashinfer", call(variant="add_rmsnorm_nvfp4"))
+    assert why is not None and why.startswith("flashinfer")
+    assert backends.select(call(variant="add_rmsnorm_nvfp4")) in ("triton", "reference")

@@ -41,6 +41,7 @@ def _vllm_quant_fp8():
         return {
             "static": mk(True, GroupShape.PER_TENSOR),
             "token": mk(False, GroupShape.PER_TOKEN),
+            "tensor": mk(False, GroupShape.PER_TENSOR),
             "group128": mk(False, GroupShape(1, 128), use_ue8m0=False),
             "group64_ue8m0": mk(False, GroupShape(1, 64), use_ue8m0=True),
             "group128_col": mk(False, GroupShape(1, 128), column_major_scales=True, use_ue8m0=False),
@@ -55,11 +56,13 @@ FORMS = {
     "native_static": ("fp8_static", None, lambda y, s, ub: VLLM_Q["static"].forward_native(y, s)[:1]),
     "native_token": ("fp8_per_token", None, lambda y, s, ub: VLLM_Q["token"].forward_native(y)),
     "native_token_ub": ("fp8_per_token", None, lambda y, s, ub: VLLM_Q["token"].forward_native(y, scale_ub=ub)),
+    "native_tensor": ("fp8_per_tensor", None, lambda y, s, ub: VLLM_Q["tensor"].forward_native(y)),
     "native_group128": ("fp8_per_group", 128, lambda y, s, ub: VLLM_Q["group128"].forward_native(y)),
     "native_group64_ue8m0": ("fp8_per_group", 64, lambda y, s, ub: VLLM_Q["group64_ue8m0"].forward_native(y)),
     "native_group128_col": ("fp8_per_group", 128, lambda y, s, ub: VLLM_Q["group128_col"].forward_native(y)),
     "c_static": ("fp8_static", None, lambda y, s, ub: C_QUANTS["static"](y, s)[:1]),
     "c_token": ("fp8_per_token", None, lambda y, s, ub: C_QUANTS["token"](y)),
+    "c_tensor": ("fp8_per_tensor", None, lambda y, s, ub: C_QUANTS["tensor"](y)),
     "c_group128_ue8m0_col": ("fp8_per_group", 128, lambda y, s, ub: C_QUANTS["group_ue8m0_col"](y)),
 }
 NORMS = {"vllm": fp32_weight_rms_norm, "gemma": gemma_rms_norm, "hf": hf_rms_norm}
@@ -167,6 +170,40 @@ def test_property_quant_chain_fuses_bit_exact(fake_pg, form, dtype, hidden, toke
     _assert_same(ref, gm, args)
 
 
+@needs_vllm
+@settings(max_examples=30)
+@given(
+    form=st.sampled_from(["native_tensor", "c_tensor"]),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+    hidden=st.sampled_from([8, 33, 64, 200, 256]),
+    tokens=st.sampled_from([1, 2, 5, 8, 17]),
+    eps=st.sampled_from([1e-6, 1e-5]),
+    residual=st.booleans(),
+    consumer=st.booleans(),
+    norm=st.sampled_from(sorted(NORMS)),
+    seed=st.integers(0, 2**16),
+)
+def test_property_per_tensor_quant_fuses_bit_exact(fake_pg, form, dtype, hidden, tokens, eps, residual, consumer,
+                                                   norm, seed):
+    """Dynamic per-tensor FP8 (ONE scale = max over every element of the norm output, as
+    vLLM's Fp8LinearMethod with ``activation_scheme: dynamic``) fuses into
+    ``allreduce_add_rmsnorm_fp8_per_tensor`` at any hidden size and token count, with the
+    native floor (QuantFP8.forward_native) or without (the ``_C`` kernel): bit-exact."""
+    if form == "c_tensor" and (not HAVE_C_OPS or dtype == torch.float32 or norm == "hf"):
+        return  # the CUDA op takes 16-bit activations after vLLM's norm (and needs the wheel's schemas)
+    args = _args(tokens, hidden, dtype, seed)
+    gm = trace(_block(form, residual, consumer, norm, eps), *args)
+    ref, report = _fuse(gm)
+    assert [s.variant for s in report.sites] == [
+        f"allreduce_{'add_' if residual else ''}rmsnorm_fp8_per_tensor{'_out' if consumer else ''}"]
+    code = gm.code
+    FileCheck().check_count("fusion_passes.allreduce_add_rmsnorm_fp8_per_tensor.default", 1, exactly=True) \
+        .run(code)
+    FileCheck().check_not("all_reduce").check_not("aten.max").check_not("float8_e4m3fn);") \
+        .check_not("auto_functionalized").check_not("aten.empty").run(code)
+    _assert_same(ref, gm, args)
+
+
 # ---------------------------------------------------------------------------- negatives
 
 
@@ -243,6 +280,107 @@ def test_quant_intermediate_with_outside_user_does_not_fuse_the_quant(fake_pg):
     gm = trace(block, *args)
     site = _plain_site_note(gm)
     assert site.quant is None and "user outside" in site.note, site.note
+
+
+@needs_vllm
+@pytest.mark.skipif(not HAVE_C_OPS, reason="needs vLLM 0.33's wheel (its _C schemas) installed")
+def test_per_tensor_scale_floor_native_vs_kernel(fake_pg):
+    """A norm output with max |y| < 1/512 (norm weight 1e-4): vLLM's native chain floors the
+    scale at 1/(448*512), the _C.dynamic_scaled_fp8_quant kernel does not. Each form fuses
+    with its own floor (scale_min -1 = native, 0 = kernel), bit-exact, and the two scales differ."""
+    x, res, w, s, ub, wg = _args(6, 128, torch.bfloat16, 21)
+    w = torch.full_like(w, 1e-4)
+    scales = {}
+    for form, scale_min in (("native_tensor", -1.0), ("c_tensor", 0.0)):
+        args = (x, res, w, s, ub, wg)
+        gm = trace(_block(form, True, False, "vllm", 1e-6), *args)
+        ref, report = _fuse(gm)
+        assert [site.variant for site in report.sites] == ["allreduce_add_rmsnorm_fp8_per_tensor"]
+        (fused,) = gm.graph.find_nodes(op="call_function",
+                                       target=torch.ops.fusion_passes.allreduce_add_rmsnorm_fp8_per_tensor.default)
+        assert fused.args[5] == scale_min
+        _assert_same(ref, gm, args)
+        scales[form] = run_ranks(gm, _ranks(args))[0][1]
+    floor = torch.tensor([epilogue.fp8_min_scaling_factor()])  # the fp32 the clamp compares with
+    assert torch.equal(scales["native_tensor"], floor)
+    assert 0 < scales["c_tensor"].item() < floor.item()
+
+
+def test_per_tensor_op_fake_and_bad_input(fake_pg):
+    """The fused op's fake: q like the input in FP8, ONE fp32 scale [1], the norm output only
+    when asked; a non-FP8 quant dtype is refused by name."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op = torch.ops.fusion_passes.allreduce_add_rmsnorm_fp8_per_tensor
+    with FakeTensorMode():
+        x = torch.empty(7, 3, 96, dtype=torch.bfloat16)
+        q, sc, r, n = op(x, x, torch.empty(96, dtype=torch.bfloat16), 1e-6, "c10d:0", return_norm=True)
+        assert (q.shape, q.dtype, sc.shape, sc.dtype) == ((7, 3, 96), torch.float8_e4m3fn, (1,), torch.float32)
+        assert (r.shape, n.shape) == ((7, 3, 96), (7, 3, 96))
+        q, sc, r, n = op(x, None, None, 1e-6, "c10d:0", fp8_dtype=torch.float8_e4m3fnuz)
+        assert (q.dtype, tuple(n.shape)) == (torch.float8_e4m3fnuz, (0,))
+        with pytest.raises(TypeError, match="fp8_dtype"):
+            op(x, None, None, 1e-6, "c10d:0", fp8_dtype=torch.int8)
+
+
+def _per_tensor_block(scale_of, *, floor=None, ub=False, leak=False):
+    """all-reduce -> add -> vLLM norm -> a hand-written per-tensor FP8 chain; ``scale_of``
+    picks the tensor whose max makes the scale (the norm output y, or another input z);
+    ``ub``: z is an upper bound on the amax."""
+    lo = epilogue.fp8_min_scaling_factor() if floor is None else floor
+
+    def block(x, res, w, z):
+        t = all_reduce(x) + res
+        y = fp32_weight_rms_norm(t, w)
+        amax = scale_of(y, z).abs().max().unsqueeze(-1).to(torch.float32)
+        if ub:
+            amax = amax.clamp(max=z)
+        s = (amax / 448.0).clamp(min=lo)
+        q = (y.to(torch.float32) * s.reciprocal()).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+        return (q, s, t, amax) if leak else (q, s, t)
+
+    return block
+
+
+@pytest.mark.parametrize("case,reason", [
+    (dict(scale_of=lambda y, z: z), "per-tensor scale is computed from z"),
+    (dict(scale_of=lambda y, z: y, floor=1e-12), "floors the scale at 1e-12"),
+    (dict(scale_of=lambda y, z: y, ub=True), "upper bound on a per-tensor scale"),
+    (dict(scale_of=lambda y, z: y, leak=True), "of the per-tensor quant has a user outside it"),
+], ids=["scale_from_other_tensor", "other_floor", "scale_ub", "amax_has_outside_user"])
+def test_per_tensor_quant_that_is_not_vllms_does_not_fuse(fake_pg, case, reason):
+    """Per-tensor chains that differ from vLLM's (scale from another tensor, another floor,
+    an upper bound, an intermediate read outside): AR + norm fuse, the quant stays, numerics
+    unchanged bit for bit."""
+    z = torch.tensor([3.0]) if case.get("ub") else torch.randn(5, 64, dtype=torch.bfloat16)
+    args = (*_args(5, 64, torch.bfloat16, 11)[:3], z)
+    gm = trace(_per_tensor_block(**case), *args)
+    site = _plain_site_note(gm)
+    assert site.family.name == "allreduce_add_rmsnorm" and site.quant is None
+    assert reason in site.note, site.note
+    ref, report = _fuse(gm)
+    assert [s.variant for s in report.sites] == ["allreduce_add_rmsnorm"]
+    FileCheck().check_count("fusion_passes.allreduce_add_rmsnorm.default", 1, exactly=True) \
+        .check("aten.max").check("float8_e4m3fn").run(gm.code)
+    FileCheck().check_not("allreduce_add_rmsnorm_fp8_per_tensor").run(gm.code)
+    _assert_same(ref, gm, args)
+
+
+def test_per_tensor_has_no_gpu_kernel_so_the_gpu_leaves_the_quant(fake_pg):
+    """No kernel backend implements add_rmsnorm_fp8_per_tensor: for a CUDA call the selector
+    lands on the reference backend, which match.find_site refuses on a GPU (the eager chain
+    inside one op is slower than Inductor's compiled chain), so AR + norm fuse and the quant
+    stays. Each vendor's refusal names the variant."""
+    call = backends.Call(variant="add_rmsnorm_fp8_per_tensor", device="cuda", dtype=torch.bfloat16,
+                         hidden=7168, world_size=2, residual_in_fp32=True)
+    assert backends.select(call) == "reference"
+    for name in backends.ORDER:
+        why = backends.why_not(name, call)
+        if name == "reference":
+            assert why is None
+        else:
+            assert why is not None and "add_rmsnorm_fp8_per_tensor" in why, (name, why)
+    assert backends.why_not("triton", call) == "triton does not implement add_rmsnorm_fp8_per_tensor"
 
 
 class _PlainOnly:

@@ -80,7 +80,10 @@ def why_not(name: str, call: Call) -> str | None:
         return f"{name} unavailable: {e}"
     if call.variant not in backend.variants:
         return f"{name} does not implement {call.variant}"
-    return backend.unsupported(call)
+    try:
+        return backend.unsupported(call)
+    except Exception as e:  # noqa: BLE001 - e.g. a device query on a machine without that device
+        return f"{name} cannot tell whether it runs this call: {type(e).__name__}: {e}"
 
 
 @functools.lru_cache(maxsize=4096)

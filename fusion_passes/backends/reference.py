@@ -64,6 +64,9 @@ class ReferenceBackend:
     def add_rmsnorm_fp8_per_group(self, *args, **kwargs):
         return self._quant("add_rmsnorm_fp8_per_group", *args, **kwargs)
 
+    def add_rmsnorm_fp8_per_tensor(self, *args, **kwargs):
+        return self._quant("add_rmsnorm_fp8_per_tensor", *args, **kwargs)
+
     def add_rmsnorm_nvfp4(self, *args, **kwargs):
         return self._quant("add_rmsnorm_nvfp4", *args, **kwargs)
 
@@ -76,7 +79,8 @@ def quantize(variant: str, norm: torch.Tensor, *params, fp8_dtype=torch.float8_e
     """The quant epilogue of *variant* on the norm output: ``(q, scales | None)``.
 
     ``params`` are the contract's quant parameters (:mod:`fusion_passes.ops`); per-group
-    ``amax_eps`` / ``scale_min`` default to the ``_C.per_token_group_fp8_quant`` kernel's.
+    ``amax_eps`` / ``scale_min`` default to the ``_C.per_token_group_fp8_quant`` kernel's,
+    per-tensor ``scale_min`` to vLLM's native ``1/(fp8_max*512)``.
     """
     if variant == "add_rmsnorm_fp8_static":
         (scale,) = params
@@ -93,6 +97,9 @@ def quantize(variant: str, norm: torch.Tensor, *params, fp8_dtype=torch.float8_e
             amax_eps=KERNEL_GROUP_EPS if amax_eps is None else amax_eps,
             scale_min=kernel_group_scale_min(ue8m0) if scale_min is None else scale_min,
         )
+    if variant == "add_rmsnorm_fp8_per_tensor":  # scale_min < 0: vLLM's native floor (fusion_passes.ops)
+        return epilogue.fp8_per_tensor(norm, dtype=fp8_dtype,
+                                       scale_min=None if scale_min is None or scale_min < 0 else scale_min)
     if variant == "add_rmsnorm_nvfp4":
         global_scale, swizzle = (tuple(params) + (True,))[:2]
         return epilogue.nvfp4(norm, global_scale, swizzle)
