@@ -2,115 +2,30 @@
 
 The CUDA extension of the vLLM 0.33 wheel (``vllm/_C_stable_libtorch.abi3.so``) cannot load
 on this machine: it links ``libcuda.so.1``, the NVIDIA driver, which a GPU-less host does not
-have, so ``torch.ops._C.*`` quant ops do not exist here. :func:`register_c_quant_ops`
-registers them from the wheel's OWN registration strings (the ``TORCH_LIBRARY`` schema text
-read out of that .so), with a fake implementation (they mutate and return nothing) and a
-CPU implementation that writes what the CUDA kernel computes (the kernel's documented
-math, via :mod:`fusion_passes.epilogue`). The graphs are then produced by vLLM's own
+have, so ``torch.ops._C.*`` quant ops do not exist here.
+:func:`fusion_passes.tools.vllm_cpu_ops.register_c_quant_ops` registers them from the
+wheel's OWN registration strings (the ``TORCH_LIBRARY`` schema text read out of that .so),
+with a fake implementation (they mutate and return nothing) and a CPU implementation that
+writes what the CUDA kernel computes (the kernel's documented math, via
+:mod:`fusion_passes.epilogue`). The graphs are then produced by vLLM's own
 ``MatcherQuantFP8.forward_custom`` (the exact form vLLM's fusion passes match).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.testing import FileCheck
 
-from fusion_passes import FusionPass, epilogue
+from fusion_passes import FusionPass
+from fusion_passes.tools.vllm_cpu_ops import C_OPS, register_c_quant_ops, wheel_schemas
 from graphs import all_reduce, fp32_weight_rms_norm, trace
 from ranks import run_ranks
 
 auto_functionalized = torch.ops.higher_order.auto_functionalized
-
-C_OPS = ("static_scaled_fp8_quant", "dynamic_per_token_scaled_fp8_quant", "per_token_group_fp8_quant",
-         "scaled_fp4_quant.out")
-
-
-def _wheel_so() -> Path | None:
-    try:
-        import vllm
-    except Exception:  # noqa: BLE001
-        return None
-    so = Path(vllm.__file__).parent / "_C_stable_libtorch.abi3.so"
-    return so if so.exists() else None
-
-
-@functools.lru_cache(maxsize=1)
-def wheel_schemas() -> dict[str, str]:
-    """``name[.overload] -> schema`` for :data:`C_OPS`, read from the wheel's .so."""
-    so = _wheel_so()
-    if so is None:
-        return {}
-    data = so.read_bytes()
-    out = {}
-    for name in C_OPS:
-        # the schema string is NUL-terminated text starting with "<name>(" in .rodata
-        at = data.find(b"\x00" + name.encode() + b"(")
-        if at >= 0:
-            text = data[at + 1:data.index(b"\x00", at + 1)].decode()
-            if text.endswith("-> ()"):
-                out[name] = re.sub(r"\s+", " ", text)
-    return out
-
-
-def _cpu_static(result, input, scale, group_shape=None):
-    result.copy_(epilogue.fp8_static(input, scale, dtype=result.dtype))
-
-
-def _cpu_per_token(result, input, scale, scale_ub):
-    q, s = epilogue.fp8_per_token(input, scale_ub, dtype=result.dtype)
-    result.copy_(q)
-    scale.copy_(s)
-
-
-def _cpu_per_group(input, output_q, output_s, group_size, eps, fp8_min, fp8_max, scale_ue8m0,
-                   dummy_is_scale_transposed, dummy_is_tma_aligned):
-    # the kernel's floors: eps on the group absmax, 1e-10 on the scale before UE8M0 rounding
-    q, s = epilogue.fp8_per_group(input, group_size, scale_ue8m0, False, dtype=output_q.dtype,
-                                  amax_eps=eps, scale_min=1e-10 if scale_ue8m0 else 0.0)
-    output_q.copy_(q)
-    output_s.copy_(s)
-
-
-def _cpu_fp4(input, input_scale, is_sf_swizzled_layout, *, output, output_scale):
-    q, s = epilogue.nvfp4(input, input_scale, is_sf_swizzled_layout)
-    output.copy_(q)
-    output_scale.view(torch.uint8).view(s.shape).copy_(s.view(torch.uint8))
-
-
-_CPU = {"static_scaled_fp8_quant": _cpu_static, "dynamic_per_token_scaled_fp8_quant": _cpu_per_token,
-        "per_token_group_fp8_quant": _cpu_per_group, "scaled_fp4_quant.out": _cpu_fp4}
-_LIBS: list = []
-
-
-def register_c_quant_ops() -> bool:
-    """Define the missing ``_C`` quant ops from the wheel's schemas; True if all exist now."""
-    have = lambda n: hasattr(torch.ops._C, n.split(".")[0]) and hasattr(  # noqa: E731
-        getattr(torch.ops._C, n.split(".")[0]), n.split(".")[1] if "." in n else "default")
-    missing = [n for n in C_OPS if not have(n)]
-    if not missing:
-        return True
-    try:  # vllm._custom_ops registers fakes for the _C ops it sees at import: import it first
-        import vllm._custom_ops  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False
-    schemas = wheel_schemas()
-    if any(n not in schemas for n in missing):
-        return False
-    lib = torch.library.Library("_C", "FRAGMENT")
-    _LIBS.append(lib)
-    for n in missing:
-        lib.define(schemas[n])
-        lib.impl(n, _CPU[n], "CPU")
-        torch.library.register_fake(f"_C::{n}", lambda *a, **k: None, lib=lib)
-    return True
-
 
 needs_c_ops = pytest.mark.skipif(not register_c_quant_ops(),
                                  reason="needs vLLM 0.33's wheel (its _C schemas) installed")
@@ -139,6 +54,18 @@ def vllm_per_token_fp8(y, scale_ub=None):
     return result, scale
 
 
+def vllm_per_tensor_fp8(y):
+    """vLLM 0.33's ``_custom_ops.scaled_fp8_quant(y)`` (dynamic, per tensor), functionalized:
+    a ``[1]`` fp32 scale buffer written by ``_C.dynamic_scaled_fp8_quant``: the form a model
+    (Fp8LinearMethod through QuantFP8.forward_cuda) emits. (MatcherQuantFP8.forward_custom
+    would pass ``scale_ub=None``, an argument this op's schema does not have.)"""
+    result = torch.empty(y.shape, device=y.device, dtype=FP8)
+    scale = torch.empty(1, device=y.device, dtype=torch.float32)
+    _, result, scale = auto_functionalized(torch.ops._C.dynamic_scaled_fp8_quant.default,
+                                           result=result, input=y, scale=scale)
+    return result, scale
+
+
 def vllm_per_group_fp8(y, group_size=128, ue8m0=False, column_major=False):
     result = torch.empty(y.shape, device=y.device, dtype=FP8)
     shape = (y.shape[0], y.shape[1] // group_size)
@@ -156,6 +83,7 @@ def vllm_per_group_fp8(y, group_size=128, ue8m0=False, column_major=False):
 QUANTS = {
     "static": vllm_static_fp8,
     "token": vllm_per_token_fp8,
+    "tensor": vllm_per_tensor_fp8,
     "group": vllm_per_group_fp8,
     "group_ue8m0_col": lambda y: vllm_per_group_fp8(y, 128, True, True),
 }
@@ -205,7 +133,7 @@ def _fuse(gm):
 
 @needs_c_ops
 @pytest.mark.parametrize("key,variant", [
-    ("static", "fp8_static"), ("token", "fp8_per_token"), ("group", "fp8_per_group"),
+    ("static", "fp8_static"), ("token", "fp8_per_token"), ("tensor", "fp8_per_tensor"), ("group", "fp8_per_group"),
     ("group_ue8m0_col", "fp8_per_group"),
 ])
 def test_vllm_custom_quant_fuses(fake_pg, key, variant):

@@ -50,18 +50,6 @@ def _timed_pass_cls():
     return TimedPass
 
 
-def _patch_cpu_wheel() -> None:
-    """vLLM's FixFunctionalizationPass names ``torch.ops._C.rotary_embedding``, absent from the
-    CUDA wheel running on CPU; it has nothing to fix in these graphs, so skip it there."""
-    import torch
-    from vllm.compilation.passes.utility import fix_functionalization as ff
-
-    if hasattr(torch.ops._C, "rotary_embedding") or getattr(ff.FixFunctionalizationPass, "_fp_patched", False):
-        return
-    ff.FixFunctionalizationPass.__call__ = lambda self, graph: None
-    ff.FixFunctionalizationPass._fp_patched = True
-
-
 def compile_once(model: str, layers: int, tp: int, dtype: str) -> dict:
     """Compile *model* with *layers* layers cold; the row of timings."""
     import torch
@@ -70,7 +58,7 @@ def compile_once(model: str, layers: int, tp: int, dtype: str) -> dict:
     from fusion_passes.tools import capture
     capture._prepare_process()
     capture._fake_world(tp)
-    _patch_cpu_wheel()
+    capture.patch_cpu_wheel_for_compile()
     torch._dynamo.reset()
     fusion = _timed_pass_cls()()
     _REPORTS.clear()

@@ -73,8 +73,10 @@ def _hf_config(model: str, layers: int, dtype: str):
     if model == "deepseek_v3":
         from transformers import DeepseekV3Config
 
-        # first_k_dense_replace=1: layer 0 has a dense MLP, the rest are MoE (as the real model)
-        return DeepseekV3Config(intermediate_size=512, moe_intermediate_size=128, num_attention_heads=8,
+        # first_k_dense_replace=1: layer 0 has a dense MLP, the rest are MoE (as the real model);
+        # moe_intermediate_size 256: at TP=2 each shard of the shared experts' down_proj is
+        # one whole 128-block, as block FP8 requires (fp8_utils.validate_fp8_block_shape)
+        return DeepseekV3Config(intermediate_size=512, moe_intermediate_size=256, num_attention_heads=8,
                                 num_key_value_heads=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
                                 n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=128, kv_lora_rank=128,
                                 qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32, routed_scaling_factor=2.5,
@@ -144,6 +146,18 @@ def _prepare_process() -> None:
     from vllm.platforms import current_platform
 
     type(current_platform).use_custom_op_collectives = classmethod(lambda cls: True)  # as CUDA
+    from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
+
+    def all_reduce_out_of_place(self, input_):
+        # The custom op's contract (and CUDA's communicators): a NEW tensor. vLLM's CPU
+        # communicator reduces in place and returns its input, which Inductor (told the op
+        # is functional) may then overwrite by reusing the input's buffer. Matters only when
+        # the graph runs (tools/vllm_e2e.py); tracing never calls it.
+        out = input_.clone()
+        self.dist_module.all_reduce(out, group=self.device_group)
+        return out
+
+    CpuCommunicator.all_reduce = all_reduce_out_of_place
     from vllm.distributed.device_communicators import shm_broadcast
 
     # a shared-memory broadcaster waits for readers that a fake world never starts
@@ -160,6 +174,34 @@ def _prepare_process() -> None:
         from vllm.model_executor.layers.fused_moe.experts import cpu_moe
 
         cpu_moe.CPUUnquantizedExperts.process_weights_after_loading = lambda self, layer: None
+
+
+@functools.lru_cache(maxsize=1)
+def _prepare_block_fp8() -> None:
+    """What block FP8 (``quant="fp8_block"``) needs on this CPU; none of it touches the graph
+    around the norms:
+
+    * the block-FP8 linear kernel: vLLM's CPU kernels need AMX tiles
+      ("CPUFp8W8A8BlockScaledMMKernel requires AMX tile support"); take vLLM's own
+      ``TritonFp8BlockScaledMMKernel`` (ROCm's and XPU's choice; its GEMM is the opaque
+      ``vllm.w8a8_triton_block_scaled_mm_func``), whose input quant is
+      ``QuantFP8(dynamic, GroupShape(1, 128), use_ue8m0=False)``, row-major scales;
+    * FP8 MoE weights: there is no FP8 MoE backend on CPU ("Unsupported FP8 MoE backend:
+      NONE"); the experts sit behind the opaque ``moe_forward(_shared)`` op, which tracing
+      never runs, so their weight conversion is skipped.
+    """
+    from vllm.model_executor.kernels.linear import _POSSIBLE_FP8_BLOCK_KERNELS
+    from vllm.model_executor.kernels.linear.scaled_mm.triton import TritonFp8BlockScaledMMKernel
+    from vllm.model_executor.layers.quantization.fp8 import Fp8MoEMethod
+    from vllm.platforms import PlatformEnum
+
+    class TritonBlockFp8(TritonFp8BlockScaledMMKernel):
+        @classmethod
+        def is_supported(cls, compute_capability=None):
+            return True, None
+
+    _POSSIBLE_FP8_BLOCK_KERNELS[PlatformEnum.CPU] = [TritonBlockFp8]
+    Fp8MoEMethod.process_weights_after_loading = lambda self, layer: None
 
 
 def _fake_world(tp: int) -> None:
@@ -190,6 +232,17 @@ def _vllm_parallel_state(tp: int, cfg) -> None:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         ps.ensure_model_parallel_initialized(tp, 1)
+
+
+def patch_cpu_wheel_for_compile() -> None:
+    """vLLM's FixFunctionalizationPass names ``torch.ops._C.rotary_embedding``, absent from the
+    CUDA wheel running on CPU; it has nothing to fix in these graphs, so skip it there."""
+    from vllm.compilation.passes.utility import fix_functionalization as ff
+
+    if hasattr(torch.ops._C, "rotary_embedding") or getattr(ff.FixFunctionalizationPass, "_fp_patched", False):
+        return
+    ff.FixFunctionalizationPass.__call__ = lambda self, graph: None
+    ff.FixFunctionalizationPass._fp_patched = True
 
 
 # ----------------------------------------------------------------------- capture
@@ -266,6 +319,8 @@ def engine_config(path, tp: int, dtype: str, post_pass=None, extra_compilation: 
     cc.mode = CompilationMode.VLLM_COMPILE
     cc.backend = "inductor"
     cc.ir_enable_torch_wrap = True
+    if cc.compile_sizes is None:  # the CPU path skips post_init_cudagraph_sizes; the compiled
+        cc.compile_sizes = []  # forward looks its range up there (piecewise_backend)
     return cfg
 
 
@@ -309,6 +364,15 @@ def _caused_by(e: BaseException, kind) -> bool:
 @functools.lru_cache(maxsize=None)
 def _trace_cached(model: str, tp: int, dtype: str, quant: str | None, layers: int) -> tuple:
     _prepare_process()
+    if quant is not None:  # FP8 weight loading runs vLLM's _C quant ops (CUDA-only)
+        from fusion_passes.tools.vllm_cpu_ops import register_c_quant_ops
+
+        if not register_c_quant_ops():
+            raise RuntimeError(f"trace_vllm(quant={quant!r}): vLLM's _C quant ops are missing (its CUDA "
+                               "extension does not load here) and could not be registered from the "
+                               "vLLM 0.33 wheel's schemas (fusion_passes.tools.vllm_cpu_ops)")
+    if quant == "fp8_block":
+        _prepare_block_fp8()
     _fake_world(tp)
     torch._dynamo.reset()
     capture = _capture_pass_cls()(stop=True)
