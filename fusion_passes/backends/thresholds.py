@@ -83,12 +83,18 @@ TRITON: dict[str, object] = {
     # Hopper (CUDA occupancy limit) / (32 * num_warps).
     "threads_per_sm": 2048,
     # FP4 epilogues (NVFP4 / MXFP4) from this many tokens on run with at most this many
-    # warps per row: more rows in flight per SM. A/B of 2, 4, 8, 16 warps on 1x H200
-    # (2026-11-29, bf16, hidden 4096 / 7168, 1..16384 tokens; table in results/README.md):
-    # at 16384x7168 NVFP4 273 us with 8 warps vs 402 with 16, MXFP4 247 us with 4 vs 285;
-    # at <= 256 tokens 16 warps (num_warps_for) was as fast or faster.
+    # warps per row: more rows in flight per SM. Source: A/B of 4, 8, 16 warps on 1x H200
+    # (2026-11-29, bf16, hidden 7168, 1..16384 tokens, `python tests/gpu/fp4_ab.py`; table
+    # in results/README.md), after the E2M1 rounding became bit arithmetic: at 16384 tokens
+    # 4 warps took NVFP4 211 us (8: 259, 16: 259) and MXFP4 192 us (8: 240, 16: 226); at
+    # 1024 tokens 4 warps was fastest too (17.4 / 15.9 us); at 1 and 64 tokens 16 warps
+    # (num_warps_for) was as fast or faster (4.4-4.8 / 3.0-3.5 us). A register cap
+    # (Triton maxnreg 80 at 8 warps, 128 at 4; a launcher knob used for that A/B only) was
+    # not taken: NVFP4 slower (276 / 224 us), MXFP4 within noise (212 / 189 us). At world
+    # size 2 the same rule was measured only as shipped (results/bench_kernels_h200_fp4_ws2.json:
+    # NVFP4 825 us at 16384 tokens, 72 at 1024, vs 905 / 111 with 8 warps and the old E2M1).
     "fp4_many_tokens": 1024,
-    "fp4_many_tokens_warps": {"add_rmsnorm_nvfp4": 8, "add_rmsnorm_mxfp4": 4},
+    "fp4_many_tokens_warps": {"add_rmsnorm_nvfp4": 4, "add_rmsnorm_mxfp4": 4},
     # Per-group FP8 group sizes the kernel reshapes a row into (powers of two).
     "per_group_sizes": (64, 128),
     # One symmetric workspace per group, grown to the largest call; above this the
@@ -115,12 +121,13 @@ TRITON: dict[str, object] = {
         (2, "add_rmsnorm_fp8_static"): None,
         (2, "add_rmsnorm_fp8_per_token"): None,
         (2, "add_rmsnorm_fp8_per_group"): None,
-        # FP4 (bf16, hidden 7168, 1..16384 tokens), `fusion-passes bench kernels --variants
-        # add_rmsnorm_nvfp4 add_rmsnorm_mxfp4` on 1x and (torchrun) 2x NVIDIA H200
-        # (results/bench_kernels_h200_fp4_ws1.json, _ws2.json, 2026-11-29): faster than the
-        # unfused chain (NCCL at ws2 + Inductor-compiled epilogue.nvfp4 / mxfp4) at every
-        # point: ws1 1.5x to 3.2x, ws2 1.3x (NVFP4 at 1024 tokens) to 4.8x. Other hidden
-        # sizes were not measured for FP4.
+        # FP4 (bf16, hidden 7168), `fusion-passes bench kernels --variants add_rmsnorm_nvfp4
+        # add_rmsnorm_mxfp4` on 1x (1..16384 tokens) and (torchrun) 2x NVIDIA H200 (1, 16, 64,
+        # 128, 1024, 4096, 16384 tokens) (results/bench_kernels_h200_fp4_ws1.json, _ws2.json,
+        # 2026-11-29, the bit-arithmetic E2M1 kernel): faster than the unfused chain (NCCL at
+        # ws2 + Inductor-compiled epilogue.nvfp4 / mxfp4) at every point: ws1 1.9x to 13.8x,
+        # ws2 2.0x to 3.1x. (The kernel before it was also faster at every point of its runs:
+        # ws1 1.5x-3.2x, ws2 1.3x-4.8x.) Other hidden sizes were not measured for FP4.
         (1, "add_rmsnorm_nvfp4"): None,
         (1, "add_rmsnorm_mxfp4"): None,
         (2, "add_rmsnorm_nvfp4"): None,

@@ -27,11 +27,12 @@ the unrounded sum (vLLM's ``fused_add_rms_norm``; :func:`fusion_passes.epilogue.
 FP4 (fp16/bf16 activations only): NVFP4 scales are ``float8_e4m3fn``, ``[T, H/16]``
 linear or, with ``swizzle``, ``[round_up(T,128), round_up(H/16,4)]`` in the 128x4-tiled
 layout with zero padding (:func:`fusion_passes.epilogue.nvfp4_swizzle`); packed bytes
-hold element ``2i`` in the low nibble. The E2M1 rounding is plain arithmetic (the PTX
-``cvt...e2m1x2`` needs sm_100+), written to match :func:`fusion_passes.epilogue.e2m1_codes`
-bit for bit; ``tests/gpu/triton_check.py`` checks that on an H200 (passed at world
-sizes 1 and 2 on 2026-11-29: packed codes and scales byte-identical to the epilogue on
-the kernel's own norm output). From ``TRITON["fp4_many_tokens"]`` tokens on, the FP4
+hold element ``2i`` in the low nibble. The E2M1 rounding is arithmetic on the fp32 value
+and its bits (the PTX ``cvt...e2m1x2`` needs sm_100+), equal to
+:func:`fusion_passes.epilogue.e2m1_codes` (see ``triton_kernels._e2m1_codes``);
+``tests/gpu/triton_check.py`` checks the whole quant on an H200 (passed at world sizes 1
+and 2 on 2026-11-29: packed codes and scales byte-identical to the epilogue on the
+kernel's own norm output). From ``TRITON["fp4_many_tokens"]`` tokens on, the FP4
 variants run with fewer warps per row (a measured choice; see thresholds.py).
 
 Every number it gates on is in :data:`fusion_passes.backends.thresholds.TRITON`.
@@ -46,7 +47,11 @@ Not implemented: a two-shot (reduce-scatter + all-gather) kernel. At world size 
 moves exactly the one-shot's NVLink bytes per direction, and world sizes 4/8, where it
 would pay, could not be measured here; the gate declines those world sizes instead.
 (GPU issue 7 asked for it as its lowest priority; it was not written or measured in that
-round, so nothing selects it.)
+round, so nothing selects it.) For the quant variants, running the epilogue on owned rows
+and gathering the outputs moves more at world size 2, not less: per rank half the
+input (T*H bytes at bf16) plus the peer's residual_out, codes and scales (about
+1.25 T*H for FP4, 1.5 T*H for FP8) against the one-shot's 2 T*H. Not written in the
+FP4 round either (2026-11-29).
 """
 
 from __future__ import annotations

@@ -119,20 +119,24 @@ def _div_rn(y, s):
 @triton.jit
 def _e2m1_codes(x):
     """E2M1 codes (int32, sign in bit 3) of fp32 ``x``, exactly :func:`fusion_passes.epilogue.e2m1_codes`:
-    round to nearest, ties to even, saturating at 6, -0 kept. Plain comparisons: the
-    hardware ``cvt.rn.satfinite.e2m1x2.f32`` needs sm_100+."""
-    a = tl.abs(x)
-    code = (
-        (a > 0.25).to(tl.int32)
-        + (a >= 0.75).to(tl.int32)
-        + (a > 1.25).to(tl.int32)
-        + (a >= 1.75).to(tl.int32)
-        + (a > 2.5).to(tl.int32)
-        + (a >= 3.5).to(tl.int32)
-        + (a > 5.0).to(tl.int32)
-    )
-    sign = (x.to(tl.int32, bitcast=True) < 0).to(tl.int32)
-    return code | (sign << 3)
+    round to nearest, ties to even, saturating at 6, -0 kept (code 8), NaN -> 0 (as the
+    epilogue's comparisons give). The hardware ``cvt.rn.satfinite.e2m1x2.f32`` needs
+    sm_100+, so the rounding is done on the fp32 value and its bits, about 11 instructions
+    per element instead of 7 compares and 7 adds. The same steps in numpy gave the
+    epilogue's codes on every fp32 input of magnitude below 8, both signs (exhaustive),
+    on every 1024th pattern above it, on +-inf and on quiet NaN (CPU, 2026-11-29).
+    """
+    a = tl.maximum(tl.abs(x), 0.0)  # |x|; max.f32 returns the non-NaN operand: NaN -> 0
+    # |x| < 1 (codes 0, 1, 2 = 0, 0.5, 1): adding 2^22 rounds |x| to a multiple of 0.5
+    # (the fp32 ulp there), ties to even, and leaves 2 |x| rounded in the low bits.
+    den = (a + 4194304.0).to(tl.int32, bitcast=True) - 0x4A800000
+    # |x| >= 1: round the fp32 mantissa to one bit, ties to even (add 0x1FFFFF plus the
+    # kept bit); (biased exponent, kept bit) then reads 2 * (e - 126) + m = the code
+    # (1 -> 2, 1.5 -> 3, ..., 6 -> 7); saturate at 7 (inf included).
+    b = a.to(tl.int32, bitcast=True)
+    nrm = tl.minimum((b + ((b >> 22) & 1) + (0x1FFFFF - (252 << 22))) >> 22, 7)
+    code = tl.where(a < 1.0, den, nrm)
+    return code | ((x.to(tl.int32, bitcast=True) >> 28) & 8)  # the sign bit -> bit 3
 
 
 @triton.jit
