@@ -3,9 +3,9 @@ CUDA graphs (as tools/bench_kernels.py does) with ``TRITON["fp4_many_tokens_warp
 patched, and "of floor" as that tool counts it.
 
 ``AB_CONFIGS="new:4 new:8 old:8"``: ``old`` runs the kernel module copied to
-``tests/gpu/_fp4_ab_old_kernels.py`` (e.g. ``git show 37c839b:fusion_passes/backends/triton_kernels.py``)
+``tools/_fp4_ab_old_kernels.py`` (e.g. ``git show 37c839b:fusion_passes/backends/triton_kernels.py``)
 instead of the current one. ``AB_TOKENS``, ``AB_HIDDEN`` pick the sizes.
-Run: ``PYTHONPATH=. python tests/gpu/fp4_ab.py`` on one GPU."""
+Run: ``PYTHONPATH=. python tools/ab_fp4_warps.py`` on one GPU (a benchmark, not a test)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from fusion_passes.backends import thresholds  # noqa: E402
 from fusion_passes.backends.triton import TritonBackend  # noqa: E402
 from fusion_passes.tools import bench_kernels as bk  # noqa: E402
