@@ -11,13 +11,16 @@ under 3% of the compile and linear in layers.
 Every compile starts cold: a fresh Inductor cache directory and no FX-graph cache.
 ``splitting_ops=[]``: one graph per model (vLLM's piecewise split compiles the same layers
 as N smaller graphs; our pass sees the same nodes either way).
+
+``--pass-only`` traces each model (Dynamo + AOT, no code generation) and times our pass
+alone on the post-grad graph, best of 3: how it scales in layers without the noise of a
+compile on a shared machine.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pathlib
 import platform
 import tempfile
 import time
@@ -32,6 +35,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default="deepseek_v3", help="a model of `fusion-passes capture` (default deepseek_v3)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--pass-only", action="store_true",
+                        help="trace each model once (no Inductor code generation) and time only our pass on "
+                             "the post-grad graph, best of 3: its scaling in layers without compile noise")
 
 
 _REPORTS: list = []  # every report of every TimedPass copy (vLLM deep-copies its config)
@@ -81,7 +87,6 @@ def compile_once(model: str, layers: int, tp: int, dtype: str) -> dict:
                     # if our pass saw the graph and Inductor wrote code (checked below).
                     error = f"{type(e).__name__}: {str(e)[:200]}"
                 total = time.perf_counter() - start
-                codegen = sum(1 for _ in pathlib.Path(root, "inductor").rglob("*.py"))
         finally:
             if old_dir is None:
                 os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
@@ -94,25 +99,54 @@ def compile_once(model: str, layers: int, tp: int, dtype: str) -> dict:
     return {"model": model, "layers": layers, "tp": tp, "dtype": dtype, "compile_s": round(total, 3),
             "ours_s": round(ours, 4), "ratio": ours / total if total else None, "graphs": len(_REPORTS),
             "all_reduces": sites, "fused": fused, "ours_ms_per_layer": round(1e3 * ours / layers, 3),
-            "inductor_files": codegen, "forward_error": error}
+            "forward_error": error}
+
+
+def pass_only(model: str, layers: int, tp: int, dtype: str, repeats: int = 3) -> dict:
+    """Our pass alone on *model*'s post-grad graph (traced, not compiled), best of *repeats*."""
+    from fusion_passes import FusionPass
+    from fusion_passes.tools import capture
+
+    best, report = float("inf"), None
+    for _ in range(repeats):
+        (gm,) = capture.trace_vllm(model, tp, dtype, None, layers)  # cached: a fresh copy each time
+        fusion = FusionPass()
+        start = time.perf_counter()
+        fusion(gm.graph)
+        best, report = min(best, time.perf_counter() - start), fusion.report
+    nodes = len(capture.trace_vllm(model, tp, dtype, None, layers)[0].graph.nodes)
+    return {"model": model, "layers": layers, "tp": tp, "dtype": dtype, "ours_s": round(best, 4),
+            "ours_ms_per_layer": round(1e3 * best / layers, 3), "nodes": nodes,
+            "all_reduces": len(report.sites), "fused": len(report.fused)}
 
 
 def run(args) -> int:
     rows = []
+    if args.pass_only:
+        for n in args.layers:
+            row = pass_only(args.model, n, args.tp, args.dtype)
+            rows.append(row)
+            if not args.json:
+                print(f"{row['model']} {n:3d} layers: {row['nodes']} nodes, ours {row['ours_s'] * 1e3:8.1f} ms, "
+                      f"{row['ours_ms_per_layer']:.2f} ms/layer, {row['fused']}/{row['all_reduces']} fused", flush=True)
+        return _print_json(rows) if args.json else 0
     for n in args.layers:
         row = compile_once(args.model, n, args.tp, args.dtype)
         rows.append(row)
         if not args.json:
             print(f"{row['model']} {n:3d} layers: compile {row['compile_s']:8.1f} s, ours {row['ours_s'] * 1e3:8.1f} ms "
                   f"({100 * row['ratio']:.2f}%), {row['ours_ms_per_layer']:.2f} ms/layer, "
-                  f"{row['fused']}/{row['all_reduces']} all-reduces fused, {row['inductor_files']} Inductor files"
+                  f"{row['fused']}/{row['all_reduces']} all-reduces fused"
                   + (f" (forward after compile: {row['forward_error']})" if row["forward_error"] else ""), flush=True)
-    if args.json:
-        import torch
-        import vllm
+    return _print_json(rows) if args.json else 0
 
-        print(json.dumps({"machine": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                          "vllm": vllm.__version__, "rows": rows}, indent=2))
+
+def _print_json(rows: list[dict]) -> int:
+    import torch
+    import vllm
+
+    print(json.dumps({"machine": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                      "vllm": vllm.__version__, "rows": rows}, indent=2))
     return 0
 
 
