@@ -87,9 +87,11 @@ def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
         except RuntimeError as e:
             reasons.append(str(e))
             continue
-        if backend == "reference" and prefer_backend == "auto" and call.device != "cpu":
+        if backend == "reference" and prefer_backend == "auto" and call.device != "cpu" and call.world_size:
             # On a GPU the reference backend is the unfused chain run eagerly inside one op:
-            # slower than Inductor's compiled chain, so the site stays as it is.
+            # slower than Inductor's compiled chain, so the site stays as it is. (A group not
+            # resolvable here, world size 0, e.g. a dump read on another machine, is left to
+            # the selector at run time.)
             reasons.append(f"no fused kernel runs {family.variant} on {call.device} here: " + "; ".join(
                 f"{name}: {why}" for name in backends.ORDER if name != "reference"
                 for why in [backends.why_not(name, call)] if why))
