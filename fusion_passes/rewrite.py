@@ -122,12 +122,13 @@ class _Edit:
     def __init__(self, graph: Graph, site: Site, op, args: tuple, names: tuple[str, ...], fake_vals: FakeVals,
                  kwargs: dict | None = None):
         self.graph, self.site, self.removed = graph, site, site.removed
-        self.order = {n: i for i, n in enumerate(graph.nodes)}
-        first = min((n for n in self.removed if n not in site.ar.nodes), key=self.order.__getitem__)
-        late = max((a for a in args if isinstance(a, Node)), key=self.order.__getitem__)
+        # FX nodes compare by their position in the graph (Node._sort_key): no per-site scan
+        # of the whole graph, which made the pass quadratic in layers
+        first = min(n for n in self.removed if n not in site.ar.nodes)
+        late = max(a for a in args if isinstance(a, Node))
         # an input defined after the chain starts (a weight cast placed late): insert after
         # it and restore topological order at the end
-        self.needs_sort = self.order[late] >= self.order[first]
+        self.needs_sort = not late < first
         with graph.inserting_after(late) if self.needs_sort else graph.inserting_before(first):
             self.fused = graph.call_function(op, args, kwargs or {})
         self.fused.meta["val"] = fake_vals(op, args, kwargs)
@@ -152,12 +153,12 @@ class _Edit:
             site.ar.value.replace_all_uses_with(res, delete_user_cb=keep)
 
     def finish(self, dead: tuple[Node, ...] | list[Node] = ()) -> None:
-        for n in sorted(self.removed, key=self.order.__getitem__, reverse=True):
+        for n in sorted(self.removed, reverse=True):
             if n.users:
                 raise RuntimeError(f"cannot remove {n.name}: still used by {[u.name for u in n.users]}")
             self.graph.erase_node(n)
         for n in dead:
-            if n in self.order and not n.users:
+            if not n._erased and n.graph is self.graph and not n.users:
                 self.graph.erase_node(n)
         for name in ("norm_out", "scales", "residual_out"):
             n = self.outs.get(name)
