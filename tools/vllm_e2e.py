@@ -43,9 +43,8 @@ def _one_token_prompts() -> None:
         if attn_metadata is not None:
             return original(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         tokens = query.shape[0]
-        heads = query.reshape(tokens, -1).shape[1] // value.shape[-1]
-        v = value.reshape(tokens, -1, value.shape[-1])
-        out = v.repeat_interleave(heads // v.shape[1], dim=1)
+        v = value.reshape(tokens, self.num_kv_heads, self.head_size)  # [T, kv heads, D] in any layout
+        out = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)  # each query head's KV head
         output.reshape(tokens, -1).copy_(out.reshape(tokens, -1))
         return output
 
