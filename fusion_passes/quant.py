@@ -309,19 +309,21 @@ def _dynamic_scale(y: Node, s: Node, fp8) -> tuple[str, list[Node], Node | None]
             return Miss(f"{short(nodes[-1])}: an upper bound on a per-tensor scale is no vLLM form "
                         "(QuantFP8 takes scale_ub per token only)", nodes[-1])
         ab = cur.args[0]
-        if not (is_op(ab, aten.abs.default) and ab.args[0] is y):
-            src = ab.args[0] if is_op(ab, aten.abs.default) else ab
-            return Miss(f"the per-tensor scale is computed from {getattr(src, 'name', src)}, "
-                        f"not from the norm output {y.name}", ab)
-        return "fp8_per_tensor", [*nodes, cur, ab], None
+        miss = _not_abs_of(ab, y, "per-tensor")
+        return miss if miss is not None else ("fp8_per_tensor", [*nodes, cur, ab], None)
     if not (is_op(cur, aten.amax.default) and list(_kw(cur, "dim", 1, [])) in ([-1], [len(val(y).shape) - 1])):
         return Miss(f"{short(cur)} is not amax over the hidden dim", cur)
     ab = cur.args[0]
-    if not (is_op(ab, aten.abs.default) and ab.args[0] is y):
-        src = ab.args[0] if is_op(ab, aten.abs.default) else ab
-        return Miss(f"the per-token scale is computed from {getattr(src, 'name', src)}, "
-                    f"not from the norm output {y.name}", ab)
-    return "fp8_per_token", [*nodes, cur, ab], scale_ub
+    miss = _not_abs_of(ab, y, "per-token")
+    return miss if miss is not None else ("fp8_per_token", [*nodes, cur, ab], scale_ub)
+
+
+def _not_abs_of(ab, y: Node, kind: str) -> Miss | None:
+    """A Miss unless *ab* is ``abs(y)``: a dynamic scale must come from the norm output."""
+    if is_op(ab, aten.abs.default) and ab.args[0] is y:
+        return None
+    src = ab.args[0] if is_op(ab, aten.abs.default) else ab
+    return Miss(f"the {kind} scale is computed from {getattr(src, 'name', src)}, not from the norm output {y.name}", ab)
 
 
 # ------------------------------------------------------------------ native aten: per group
