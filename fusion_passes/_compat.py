@@ -13,6 +13,9 @@ from torch._inductor import config as inductor_config  # noqa: F401  (re-exporte
 from torch._inductor.custom_graph_pass import CustomGraphPass  # noqa: F401  (re-exported)
 from torch._subclasses.fake_tensor import FakeTensorMode, FakeTensor  # noqa: F401
 
+OpOverload = torch._ops.OpOverload
+"""The class of ``torch.ops.<ns>.<op>.<overload>`` (what an FX node's target is)."""
+
 C10D = torch.ops._c10d_functional
 """The functional collectives namespace of the plain-PyTorch dialect."""
 

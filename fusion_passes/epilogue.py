@@ -1,13 +1,25 @@
 """The math after the all-reduce, in exactly the order of the unfused chain.
 
-This is the oracle: the reference backend runs it after a real collective, the per-rank
-simulator in the tests runs it after summing simulated ranks, and every kernel backend is
-tested against it. One function per step so each quant variant can reuse the norm.
+This is the oracle: the reference backend runs it after the dialect's own collective
+(in the tests, after a simulated cross-rank sum: :func:`fusion_passes.groups.simulated_sum`),
+and every kernel backend is tested against it. One function per step so each quant
+variant can reuse the norm.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable, Mapping
+
 import torch
+
+from fusion_passes.variants import (  # noqa: F401  (re-exported: the format constants)
+    FP4_INPUT_DTYPES,
+    MXFP4_BLOCK,
+    NVFP4_BLOCK,
+    NVFP4_SWIZZLE_COLS,
+    NVFP4_SWIZZLE_ROWS,
+    nvfp4_scale_shape,
+)
 
 
 def add_residual(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
@@ -81,16 +93,10 @@ def add_rms_norm(
 # ---------------------------------------------------------------------------------------
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
-# NVFP4 and MXFP4 quantize 16-bit activations only (scaled_fp4_quant asserts fp16/bf16;
-# AITER dynamic_mxfp4_quant is instantiated for the same two).
-FP4_INPUT_DTYPES = (torch.float16, torch.bfloat16)
-NVFP4_BLOCK = 16  # NVFP4: one FP8 E4M3 scale per 16 elements (scaled_fp4_quant block_size)
-MXFP4_BLOCK = 32  # MXFP4: one E8M0 scale per 32 elements (OCP MX spec v1.0)
 E2M1_MAX = 6.0  # largest E2M1 magnitude (OCP MX spec; vLLM FLOAT4_E2M1_MAX)
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn (torch.finfo)
-# Swizzled NVFP4 scale tiles: 128 rows x 4 scale columns, rows interleaved 4 x 32
-# (vllm/_custom_ops.py create_fp4_scale_tensor; PTX tcgen05 "scale-factor-b-layout-4x").
-NVFP4_SWIZZLE_ROWS, NVFP4_SWIZZLE_COLS = 128, 4
+# FP4 formats (block sizes, the swizzled tile, the activations they take) are declared
+# with their variants in fusion_passes.variants.
 
 
 def fp8_max(dtype: torch.dtype = torch.float8_e4m3fn) -> float:
@@ -201,11 +207,11 @@ def nvfp4_swizzle(scales: torch.Tensor) -> torch.Tensor:
     """Block scales ``[M, K]`` -> the 128x4-tiled layout ``[round_up(M,128), round_up(K,4)]``
     (zero padded) that CUTLASS/FlashInfer read (vllm nvfp4_utils.swizzle_blockscale)."""
     m, k = scales.shape
-    rm = -(-m // NVFP4_SWIZZLE_ROWS) * NVFP4_SWIZZLE_ROWS
-    rk = -(-k // NVFP4_SWIZZLE_COLS) * NVFP4_SWIZZLE_COLS
+    rm, rk = nvfp4_scale_shape(m, k * NVFP4_BLOCK, swizzle=True)
     padded = scales.new_zeros((rm, rk))
     padded[:m, :k] = scales
-    tiled = padded.reshape(rm // 128, 4, 32, rk // 4, 4).permute(0, 3, 2, 1, 4)
+    tiled = padded.reshape(rm // NVFP4_SWIZZLE_ROWS, 4, 32, rk // NVFP4_SWIZZLE_COLS, NVFP4_SWIZZLE_COLS)
+    tiled = tiled.permute(0, 3, 2, 1, 4)
     return tiled.contiguous().reshape(rm, rk)
 
 
@@ -280,9 +286,35 @@ def fp8_per_tensor(
     (an all-zero tensor then has scale 0 and ``0 * inf``; here that is NaN, while the kernel's
     fminf/fmaxf clamp turns NaN into a bound; no real norm output is all zero).
     The max over every element needs all tokens of the tensor before any is quantized.
+    With no element (0 tokens) the max is taken as 0, the identity of a max over ``|y|``:
+    the scale is then the floor, and ``q`` is empty.
     """
     if scale_min is None:
         scale_min = fp8_min_scaling_factor(dtype)
-    amax = y.abs().max().unsqueeze(-1).to(torch.float32)
+    if y.numel() == 0:
+        amax = torch.zeros((1,), dtype=torch.float32, device=y.device)
+    else:
+        amax = y.abs().max().unsqueeze(-1).to(torch.float32)
     scale = (amax / fp8_max(dtype)).clamp(min=scale_min)
     return _to_fp8(y.to(torch.float32) * scale.reciprocal(), dtype), scale
+
+
+# The quant epilogue of each variant (fusion_passes.variants) on the norm output, from its
+# resolved quant arguments (fusion_passes.arguments.resolve): (q, scales | None).
+QUANT: dict[str, Callable[[torch.Tensor, Mapping[str, Any]], tuple]] = {
+    "add_rmsnorm_fp8_static": lambda y, p: (fp8_static(y, p["scale"], dtype=p["fp8_dtype"]), None),
+    "add_rmsnorm_fp8_per_token": lambda y, p: fp8_per_token(y, p["scale_ub"], dtype=p["fp8_dtype"]),
+    "add_rmsnorm_fp8_per_group": lambda y, p: fp8_per_group(
+        y, p["group_size"], p["ue8m0"], p["column_major"], dtype=p["fp8_dtype"], amax_eps=p["amax_eps"],
+        scale_min=p["scale_min"]),
+    "add_rmsnorm_fp8_per_tensor": lambda y, p: fp8_per_tensor(y, dtype=p["fp8_dtype"], scale_min=p["scale_min"]),
+    "add_rmsnorm_nvfp4": lambda y, p: nvfp4(y, p["global_scale"], p["swizzle"]),
+    "add_rmsnorm_mxfp4": lambda y, p: mxfp4(y),
+}
+
+
+def quantize(variant: str, y: torch.Tensor, params: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The quant epilogue of *variant* on the norm output *y*: ``(q, scales | None)``."""
+    if variant not in QUANT:
+        raise ValueError(f"fusion_passes: unknown quant variant {variant!r}")
+    return QUANT[variant](y, params)

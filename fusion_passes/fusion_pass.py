@@ -10,11 +10,12 @@ import os
 import pathlib
 import time
 import dataclasses
+from typing import Callable
 
 import torch
 from torch.fx import Graph
 
-from fusion_passes import _compat, ops  # noqa: F401  (ops registers the fused ops)
+from fusion_passes import _compat, fx_util, ops  # noqa: F401  (ops registers the fused ops)
 from fusion_passes.match import find_site
 from fusion_passes.options import FusionOptions
 from fusion_passes.recognize import Miss, all_reduce
@@ -49,14 +50,13 @@ class FusionPass(_compat.CustomGraphPass):
     leaves the graph as it was, logs one warning and is recorded in the report.
     """
 
-    after_hoist = None
-    """Optional ``callable(graph)`` run between hoisting and matching (a debugging hook:
-    ``fusion-passes dump`` records the hoisted graph with it). Not part of :meth:`uuid`."""
-
     def __init__(self, **options):
         self.options = FusionOptions(**options)
         self.report = FusionReport()
         self.reports: list[FusionReport] = []
+        self.after_hoist: Callable[[Graph], None] | None = None
+        """Optional ``callable(graph)`` run between hoisting and matching (a debugging hook:
+        ``fusion-passes dump`` records the hoisted graph with it). Not part of :meth:`uuid`."""
 
     def uuid(self) -> str:
         """Changes with the library's sources and the options (the FX-graph cache key)."""
@@ -103,8 +103,6 @@ class FusionPass(_compat.CustomGraphPass):
                 entry.reason, entry.blocker = site.reason, getattr(site.node, "name", None)
                 entry.source = _source_line(site.node) or entry.source
                 continue
-            if self.options.debug_fail:
-                raise RuntimeError("debug_fail option set")
             rewrite(graph, site, fake_vals, self.options.backend)
             entry.fused, entry.variant, entry.backend, entry.reason = True, site.family.name, site.backend, site.note
         hoist.report_merged(hoisted, report)  # all-reduces merged into a partner keep an entry
@@ -112,8 +110,4 @@ class FusionPass(_compat.CustomGraphPass):
 
 def _source_line(node) -> str | None:
     """The last ``File ..., line N`` of the node's stack trace: the model source it came from."""
-    trace = node.meta.get("stack_trace") if node is not None else None
-    if not trace:
-        return None
-    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File ")]
-    return lines[-1] if lines else None
+    return fx_util.source_of(node.meta.get("stack_trace") if node is not None else None)[0]

@@ -8,7 +8,9 @@ happens at run time, once per process, never while tracing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -39,6 +41,8 @@ def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
     unfused chain: same algorithm, same reduction order, same transport.
     """
     dialect, name = split(group)
+    if _simulated is not None:
+        return _simulated.reduce(x, group)
     if dialect == "c10d":
         out = torch.ops._c10d_functional.all_reduce.default(x, "sum", name)
         return torch.ops._c10d_functional.wait_tensor.default(out)
@@ -47,9 +51,16 @@ def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
     return torch.ops.vllm.all_reduce.default(x.clone(), name)
 
 
-@functools.lru_cache(maxsize=None)
 def world_size(group: str) -> int:
     """Number of ranks in *group* (resolved once per process)."""
+    if _simulated is not None:
+        split(group)
+        return _simulated.world_size
+    return _world_size(group)
+
+
+@functools.lru_cache(maxsize=None)
+def _world_size(group: str) -> int:
     dialect, name = split(group)
     if dialect == "c10d":
         return dist.get_world_size(_resolve_c10d(name))
@@ -105,3 +116,43 @@ def _same_host(pg: dist.ProcessGroup) -> bool:
     names: list[str | None] = [None] * dist.get_world_size(pg)
     dist.all_gather_object(names, socket.gethostname(), group=pg)
     return len(set(names)) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Test hook: simulated ranks in one process
+# ---------------------------------------------------------------------------------------
+
+
+class _Simulation:
+    """The precomputed cross-rank sum that :func:`all_reduce` returns while simulating."""
+
+    def __init__(self, total: torch.Tensor, world_size: int):
+        self.total, self.world_size = total, world_size
+
+    def reduce(self, x: torch.Tensor, group: str) -> torch.Tensor:
+        if x.shape != self.total.shape or x.dtype != self.total.dtype:
+            raise ValueError(
+                f"fusion_passes: simulated all-reduce over {group!r} got {tuple(x.shape)}/{x.dtype}, "
+                f"but the ranks' sum is {tuple(self.total.shape)}/{self.total.dtype}"
+            )
+        return self.total.clone()  # a fresh tensor per call, as a collective returns
+
+
+_simulated: _Simulation | None = None
+
+
+@contextlib.contextmanager
+def simulated_sum(total: torch.Tensor, world_size: int) -> Iterator[None]:
+    """TEST HOOK, not for production: inside, :func:`all_reduce` returns a copy of *total*
+    (the sum of every simulated rank's input, computed by the caller in rank order) and
+    :func:`world_size` says *world_size*, for any group name. The real fused ops then run
+    eagerly, one simulated rank at a time, in one process without a process group
+    (tests/ranks.py). Outside it the two functions pay one ``is None`` check."""
+    global _simulated
+    if _simulated is not None:
+        raise RuntimeError("fusion_passes: simulated_sum does not nest")
+    _simulated = _Simulation(total, world_size)
+    try:
+        yield
+    finally:
+        _simulated = None

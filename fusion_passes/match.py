@@ -12,7 +12,7 @@ import dataclasses
 import torch
 from torch.fx import Node
 
-from fusion_passes import backends, groups, quant
+from fusion_passes import backends, groups, quant, variants
 from fusion_passes.patterns import CATALOGUE, Family
 from fusion_passes.recognize import AllReduce, Miss, Norm, residual_add, rms_norm, short, val
 
@@ -110,16 +110,18 @@ def compile_time_call(variant: str, ar: AllReduce, norm=None, found_quant=None) 
         world = groups.world_size(ar.group)
     except Exception:  # noqa: BLE001 - unresolvable at compile time: decided per call
         world = 0
+    spec = variants.get(variant)
+    block = None
+    if found_quant is not None and isinstance(spec.block, str):
+        block = found_quant.params.get(spec.block)
     return backends.Call(
         variant=variant,
         device=backends.device_kind(v.device),
         dtype=v.dtype,
         hidden=int(v.shape[-1]),
         world_size=world,
-        gemma=bool(norm and norm.gemma),
-        weight_in_fp32=norm.weight_in_fp32 if norm is not None else True,
-        residual_in_fp32=bool(norm and norm.residual_in_fp32 and norm.residual is not None),
-        group_size=(found_quant.params.get("group_size") if found_quant is not None else None),
+        flags=norm.flags if norm is not None else variants.Flags(),
+        group_size=block,
     )
 
 

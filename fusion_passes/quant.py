@@ -33,20 +33,13 @@ from typing import Any
 import torch
 from torch.fx import Node
 
-from fusion_passes import epilogue
+from fusion_passes import epilogue, fx_util, variants
 from fusion_passes.recognize import Miss, _convert_to, dtype_of, is_named, is_op, short, target_name, val
 
 aten = torch.ops.aten
 
-# quant kinds -> fused-op variant (the backend contract's names)
-VARIANTS = {
-    "fp8_static": "add_rmsnorm_fp8_static",
-    "fp8_per_token": "add_rmsnorm_fp8_per_token",
-    "fp8_per_group": "add_rmsnorm_fp8_per_group",
-    "fp8_per_tensor": "add_rmsnorm_fp8_per_tensor",
-    "nvfp4": "add_rmsnorm_nvfp4",
-    "mxfp4": "add_rmsnorm_mxfp4",
-}
+# quant kinds -> fused-op variant (fusion_passes.variants)
+VARIANTS = {kind: v.name for kind, v in variants.BY_KIND.items()}
 
 AUTO_FUNCTIONALIZED = "auto_functionalized"
 C_STATIC = "_C.static_scaled_fp8_quant.default"
@@ -64,7 +57,7 @@ class Quant:
     """One quantization of the norm output.
 
     ``kind``: a key of :data:`VARIANTS`; ``params``: the fused op's quant arguments by
-    name (nodes or constants); ``nodes``: every node the fused op replaces (all used only
+    name (nodes or constants; one omitted takes its default, ``fusion_passes.variants``); ``nodes``: every node the fused op replaces (all used only
     inside the quant or through ``outputs``); ``outputs``: ``"q"`` and ``"scales"`` (None
     when the chain exposes no scale, e.g. static) -> the node carrying that value;
     ``scale_view``: the dtype the graph's scale output has when it differs from the fused
@@ -79,7 +72,7 @@ class Quant:
 
     @property
     def variant(self) -> str:
-        return VARIANTS[self.kind]
+        return variants.BY_KIND[self.kind].name
 
 
 def find(y: Node) -> Quant | Miss | None:
@@ -267,7 +260,7 @@ def _native_static_or_token(y: Node, u: Node) -> Quant | Miss | None:
             what = "per-token" if kind == "fp8_per_token" else "per-tensor"
             if leak is not None:
                 return Miss(f"{short(leak)} of the {what} quant has a user outside it", leak)
-            params = {"scale_ub": scale_ub} if kind == "fp8_per_token" else {"scale_min": -1.0}
+            params = {"scale_ub": scale_ub} if kind == "fp8_per_token" else {"scale_min": variants.SCALE_MIN_NATIVE}
             return Quant(kind, {**params, "fp8_dtype": fp8}, tuple(nodes), {"q": q, "scales": s})
         static = _static_scale(s, y)
         if isinstance(static, Miss):
@@ -432,13 +425,7 @@ def _af_target(node: Node) -> str | None:
         return "v2"
     if node.op != "call_function" or getattr(node.target, "__name__", "") != AUTO_FUNCTIONALIZED:
         return None
-    return target_name_of(node.args[0])
-
-
-def target_name_of(op) -> str:
-    if isinstance(op, torch._ops.OpOverload):
-        return f"{op.namespace}.{op._opname}.{op._overloadname}"
-    return str(op)
+    return fx_util.op_name(node.args[0])
 
 
 def _custom_op(y: Node, u: Node) -> Quant | Miss | None:
@@ -491,7 +478,9 @@ def _custom_op(y: Node, u: Node) -> Quant | Miss | None:
             return Miss(f"{short(u)}: TMA-aligned scale layout is not a fused-op output layout", u)
         ue8m0 = bool(kw.get("scale_ue8m0"))
         params = {"group_size": g, "ue8m0": ue8m0, "column_major": bool(kw.get("dummy_is_scale_transposed")),
-                  "amax_eps": float(kw.get("eps", 1e-10)), "scale_min": 1e-10 if ue8m0 else 0.0,
+                  # the kernel's floors (variants.SCALE_MIN_KERNEL), as values: the graph says them
+                  "amax_eps": float(kw.get("eps", variants.KERNEL_GROUP_EPS)),
+                  "scale_min": variants.KERNEL_GROUP_EPS if ue8m0 else 0.0,
                   "fp8_dtype": fp8}
         return Quant("fp8_per_group", params, nodes, {"q": items.get(1), "scales": items.get(2)})
     if name == C_NVFP4:

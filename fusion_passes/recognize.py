@@ -19,7 +19,8 @@ from typing import Callable, Union
 import torch
 from torch.fx import Node
 
-from fusion_passes import groups
+from fusion_passes import fx_util, groups
+from fusion_passes.variants import Flags
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -70,13 +71,16 @@ class Norm:
     # the returned residual is rounded); the plain chain rounds the sum first.
     residual_in_fp32: bool = False
 
+    @property
+    def flags(self) -> Flags:
+        """The fused op's norm conventions for this norm (``fusion_passes.variants.FLAGS``:
+        each is an attribute of the same name)."""
+        return Flags(**{name: bool(getattr(self, name)) for name in Flags.__dataclass_fields__})
+
 
 def target_name(node: Node) -> str:
     """``aten.mul.Tensor``-style name of a call_function target (no import of its library)."""
-    t = node.target
-    if isinstance(t, torch._ops.OpOverload):
-        return f"{t.namespace}.{t._opname}.{t._overloadname}"
-    return getattr(t, "__name__", str(t))
+    return fx_util.op_name(node.target)
 
 
 def short(node: Node) -> str:

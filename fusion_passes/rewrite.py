@@ -7,35 +7,17 @@ the graph's fake mode) and carries the norm's stack trace over, so Inductor and
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
 from torch.fx import Graph, Node
 
-from fusion_passes import _compat
+from fusion_passes import _compat, fx_util, ops, variants
 from fusion_passes.match import Site
-from fusion_passes.recognize import val
+from fusion_passes.variants import REQUIRED
 
-_fp = torch.ops.fusion_passes
-FUSED_OPS = {
-    "add_rmsnorm": _fp.allreduce_add_rmsnorm.default,
-    "add_rmsnorm_fp8_static": _fp.allreduce_add_rmsnorm_fp8_static.default,
-    "add_rmsnorm_fp8_per_token": _fp.allreduce_add_rmsnorm_fp8_per_token.default,
-    "add_rmsnorm_fp8_per_group": _fp.allreduce_add_rmsnorm_fp8_per_group.default,
-    "add_rmsnorm_fp8_per_tensor": _fp.allreduce_add_rmsnorm_fp8_per_tensor.default,
-    "add_rmsnorm_nvfp4": _fp.allreduce_add_rmsnorm_nvfp4.default,
-    "add_rmsnorm_mxfp4": _fp.allreduce_add_rmsnorm_mxfp4.default,
-}
-
-# quant params of each variant, in the fused op's argument order (fusion_passes.ops)
-QUANT_ARGS = {
-    "add_rmsnorm_fp8_static": ("scale", "fp8_dtype"),
-    "add_rmsnorm_fp8_per_token": ("scale_ub", "fp8_dtype"),
-    "add_rmsnorm_fp8_per_group": ("group_size", "ue8m0", "column_major", "amax_eps", "scale_min", "fp8_dtype"),
-    "add_rmsnorm_fp8_per_tensor": ("scale_min", "fp8_dtype"),
-    "add_rmsnorm_nvfp4": ("global_scale", "swizzle"),
-    "add_rmsnorm_mxfp4": (),
-}
+FUSED_OPS = ops.OPS  # variant name -> the fused op overload
 
 
 class FakeVals:
@@ -44,17 +26,37 @@ class FakeVals:
     def __init__(self, graph: Graph):
         self.mode = _compat.detect_fake_mode(graph) or _compat.FakeTensorMode(allow_non_fake_inputs=True)
 
-    def __call__(self, op, args: tuple, kwargs: dict | None = None):
-        def fake(a):
-            if isinstance(a, Node):
-                v = val(a)
-                if isinstance(v, torch.Tensor) and not isinstance(v, _compat.FakeTensor):
-                    return self.mode.from_tensor(v)
-                return v
-            return a
+    def fake(self, a):
+        """*a* as a value under the graph's fake mode (a node's ``meta['val']``)."""
+        return fx_util.fake_value(self.mode, a)
 
+    def __call__(self, op, args: tuple, kwargs: dict | None = None):
         with self.mode:
-            return op(*[fake(a) for a in args], **(kwargs or {}))
+            return op(*[self.fake(a) for a in args], **(kwargs or {}))
+
+
+def op_arguments(site: Site, backend: str) -> tuple[tuple, dict]:
+    """The fused op's ``(args, kwargs)`` for *site*, in its schema order
+    (:data:`fusion_passes.variants.SIGNATURE`). Arguments up to ``backend`` go positionally;
+    later ones (added to the schema since) as keywords, only when they differ from their
+    default, so a graph printed before they existed reads the same."""
+    spec = variants.get(site.family.variant)
+    norm, ar = site.norm, site.ar
+    values = {"input": ar.input, "residual": site.residual, "weight": norm.weight, "eps": norm.eps,
+              "group": ar.group, "return_norm": bool(getattr(site.family, "norm_out", False)), "backend": backend,
+              **dataclasses.asdict(norm.flags), **(site.quant.params if site.quant is not None else {})}
+    cut = [a.name for a in spec.args].index("backend") + 1
+    args: list = []
+    kwargs: dict = {}
+    for i, a in enumerate(spec.args):
+        v = values.get(a.name, a.default)
+        if v is REQUIRED:
+            raise KeyError(f"{spec.name}: the recognizer gave no {a.name!r}")
+        if i < cut:
+            args.append(v)
+        elif v is not a.default and v != a.default:
+            kwargs[a.name] = v
+    return tuple(args), kwargs
 
 
 def rewrite(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -> Node:
@@ -62,11 +64,10 @@ def rewrite(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -> Node
     (the pass catches it and restores the graph)."""
     if site.quant is not None:
         return rewrite_quant(graph, site, fake_vals, backend)
-    norm, ar = site.norm, site.ar
-    args = (ar.input, site.residual, norm.weight, norm.eps, ar.group, norm.gemma, norm.weight_in_fp32, backend)
-    edit = _Edit(graph, site, FUSED_OPS[site.family.variant], args, ("norm_out", "residual_out"), fake_vals,
-                 _kwargs(site))
-    norm.out.replace_all_uses_with(edit.outs["norm_out"])
+    args, kwargs = op_arguments(site, backend)
+    spec = variants.get(site.family.variant)
+    edit = _Edit(graph, site, FUSED_OPS[spec.name], args, spec.output_names, fake_vals, kwargs)
+    site.norm.out.replace_all_uses_with(edit.outs["norm_out"])
     edit.take_residual()
     edit.finish()
     return edit.fused
@@ -77,15 +78,11 @@ def rewrite_quant(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -
     ``q`` / ``scales`` / ``residual_out`` / ``norm_out`` take over the chain's values."""
     from fusion_passes.quant import dead_buffers
 
-    quant, norm, ar = site.quant, site.norm, site.ar
-    variant = site.family.variant
+    quant, norm = site.quant, site.norm
+    spec = variants.get(site.family.variant)
     norm_out = bool(getattr(site.family, "norm_out", False))
-    args = (ar.input, site.residual, norm.weight, norm.eps, ar.group,
-            *(quant.params[k] for k in QUANT_ARGS[variant]),
-            norm.gemma, norm.weight_in_fp32, norm_out, backend)
-    names = ("q", "residual_out", "norm_out") if variant == "add_rmsnorm_fp8_static" else (
-        "q", "scales", "residual_out", "norm_out")
-    edit = _Edit(graph, site, FUSED_OPS[variant], args, names, fake_vals, _kwargs(site))
+    args, kwargs = op_arguments(site, backend)
+    edit = _Edit(graph, site, FUSED_OPS[spec.name], args, spec.output_names, fake_vals, kwargs)
     outs = edit.outs
     scales = outs.get("scales")
     if scales is not None and quant.scale_view is not None:  # e.g. NVFP4 scales held as int32
@@ -105,14 +102,6 @@ def rewrite_quant(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -
     edit.take_residual()
     edit.finish(dead_buffers(quant))  # buffers found before erasing: erase_node clears kwargs
     return edit.fused
-
-
-def _kwargs(site: Site) -> dict:
-    """Keyword arguments of the fused node: only those that differ from the op's defaults
-    (a graph printed before this flag existed reads the same)."""
-    if site.norm.residual_in_fp32 and site.residual is not None:
-        return {"residual_in_fp32": True}
-    return {}
 
 
 class _Edit:

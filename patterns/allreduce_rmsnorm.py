@@ -1,8 +1,9 @@
 """all-reduce -> [+ residual] -> RMSNorm, with a bf16 / fp16 / fp32 norm output."""
 
+from fusion_passes import variants
 from fusion_passes.patterns.family import Family
 
-OP = "fusion_passes.allreduce_add_rmsnorm"
+OP = f"fusion_passes.{variants.BY_NAME['add_rmsnorm'].op}"
 
 FAMILIES = (
     # every attention / MLP block of a decoder layer: the sum is the next residual

@@ -13,7 +13,7 @@ class Family:
     ``residual`` says whether a residual add sits between all-reduce and norm;
     ``residual_out`` whether the sum (or the reduced value) also feeds other users and so
     must be returned; ``quant`` names the quant epilogue (None: the bf16/fp16 norm output);
-    ``becomes`` is the fused op; ``variant`` is the backend variant that runs it.
+    ``becomes`` is the fused op; ``variant`` is its name in :mod:`fusion_passes.variants`.
     """
 
     name: str
@@ -24,7 +24,3 @@ class Family:
     variant: str
     where: str
     quant: str | None = None
-
-    def size(self) -> int:
-        """Ops the family replaces besides the norm (for largest-first ordering)."""
-        return 1 + int(self.residual) + int(self.quant is not None)

@@ -6,6 +6,8 @@ import torch
 import torch.distributed as dist
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from fusion_passes.fx_util import op_name
+
 c10d = torch.ops._c10d_functional
 
 
@@ -53,5 +55,5 @@ def count(gm: torch.fx.GraphModule, name: str) -> int:
     return sum(
         1 for n in gm.graph.nodes
         if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-        and f"{n.target.namespace}.{n.target._opname}" == name
+        and op_name(n.target).rpartition(".")[0] == name
     )

@@ -13,9 +13,16 @@ import types
 import pytest
 import torch
 
-from fusion_passes import backends, ops
+from fusion_passes import arguments, backends, ops, variants
 from fusion_passes.backends import Call, aiter as aiter_backend, flashinfer as fi_backend, thresholds
 from fusion_passes.backends import triton as triton_backend
+
+
+def bound(variant, x, residual, weight, eps, group, **kw):
+    """One call's FusedArgs, bound and resolved as the fused op binds them."""
+    spec = variants.get(variant)
+    a = arguments.bind(spec, (x, residual, weight, eps, group), kw)
+    return arguments.fused_args(spec, a, arguments.resolve(spec, a))
 
 
 def call(variant="add_rmsnorm", device="cuda", dtype=torch.bfloat16, hidden=4096, world_size=2, tokens=64,
@@ -168,7 +175,7 @@ def vendor_calls(rec):
 def test_aiter_add_rmsnorm_mapping(aiter_fake):
     be, rec, group = aiter_fake
     x, r, w = torch.randn(4, 16), torch.randn(4, 16), torch.randn(16)
-    be.run("add_rmsnorm", x, r, w, 1e-5, group, True, True)
+    be.run("add_rmsnorm", bound("add_rmsnorm", x, r, w, 1e-5, group, gemma=True))
     ((name, args, kwargs),) = vendor_calls(rec)
     assert name == "tensor_model_parallel_fused_allreduce_rmsnorm"
     assert args[0] is x and args[1] is r and args[2] is w and args[3] == 1e-5
@@ -178,7 +185,7 @@ def test_aiter_add_rmsnorm_mapping(aiter_fake):
 def test_aiter_fills_missing_residual_and_weight(aiter_fake):
     be, rec, group = aiter_fake
     x = torch.randn(4, 16)
-    be.run("add_rmsnorm", x, None, None, 1e-5, group, False, True)
+    be.run("add_rmsnorm", bound("add_rmsnorm", x, None, None, 1e-5, group))
     (_, args, _), = vendor_calls(rec)
     assert torch.equal(args[1], torch.zeros_like(x)) and torch.equal(args[2], torch.ones(16))
 
@@ -186,10 +193,12 @@ def test_aiter_fills_missing_residual_and_weight(aiter_fake):
 def test_aiter_quant_mappings(aiter_fake):
     be, rec, group = aiter_fake
     x, r, w = torch.randn(4, 256), torch.randn(4, 256), torch.randn(256)
-    q, s, res_out, norm = be.run("add_rmsnorm_fp8_per_token", x, r, w, 1e-6, group, False, True, None, True)
-    assert norm is not None
-    be.run("add_rmsnorm_fp8_per_group", x, r, w, 1e-6, group, False, True, 128, False, True)
-    be.run("add_rmsnorm_mxfp4", x, r, w, 1e-6, group, False, True)
+    out = be.run("add_rmsnorm_fp8_per_token", bound("add_rmsnorm_fp8_per_token", x, r, w, 1e-6, group,
+                                                    return_norm=True))
+    assert out.norm_out is not None
+    be.run("add_rmsnorm_fp8_per_group", bound("add_rmsnorm_fp8_per_group", x, r, w, 1e-6, group, group_size=128,
+                                              column_major=True))
+    be.run("add_rmsnorm_mxfp4", bound("add_rmsnorm_mxfp4", x, r, w, 1e-6, group))
     calls = vendor_calls(rec)
     assert [c[0] for c in calls] == [
         "tensor_model_parallel_fused_allreduce_rmsnorm_quant",
@@ -206,14 +215,17 @@ def test_aiter_runs_unfused_what_it_would_compute_differently(aiter_fake, monkey
 
     be, rec, group = aiter_fake
     seen = []
-    monkeypatch.setattr(reference.ReferenceBackend, "run", lambda self, variant, *a, **k: seen.append(variant) or "ref")
+    monkeypatch.setattr(reference.ReferenceBackend, "run", lambda self, variant, a: seen.append(variant) or "ref")
     x, r, w = torch.randn(4, 256), torch.randn(4, 256), torch.randn(256)
-    assert be.run("add_rmsnorm", x, r, w, 1e-6, group, False, False) == "ref"  # Hugging Face weight order
-    assert be.run("add_rmsnorm_fp8_per_group", x, r, w, 1e-6, group, False, True, 128, True, False) == "ref"  # UE8M0
-    assert be.run("add_rmsnorm_fp8_per_token", x, r, w, 1e-6, group, False, True, torch.tensor([1.0])) == "ref"
-    assert be.run("add_rmsnorm_mxfp4", x, r, w, 1e-6, group, True, True) == "ref"  # gemma
-    assert be.run("add_rmsnorm_fp8_per_token", x, r, w, 1e-6, group, False, True, None,
-                  fp8_dtype=torch.float8_e4m3fnuz) == "ref"  # not this GPU's FP8
+    calls = [
+        ("add_rmsnorm", dict(weight_in_fp32=False)),  # Hugging Face weight order
+        ("add_rmsnorm_fp8_per_group", dict(group_size=128, ue8m0=True)),  # UE8M0
+        ("add_rmsnorm_fp8_per_token", dict(scale_ub=torch.tensor([1.0]))),
+        ("add_rmsnorm_mxfp4", dict(gemma=True)),
+        ("add_rmsnorm_fp8_per_token", dict(fp8_dtype=torch.float8_e4m3fnuz)),  # not this GPU's FP8
+    ]
+    for variant, kw in calls:
+        assert be.run(variant, bound(variant, x, r, w, 1e-6, group, **kw)) == "ref", (variant, kw)
     assert vendor_calls(rec) == [] and len(seen) == 5
 
 
@@ -221,7 +233,7 @@ def test_aiter_refuses_a_group_of_another_size(fake_pg):
     rec = Recorder(lambda name, a, k: types.SimpleNamespace(world_size=4))
     be = aiter_backend.AiterBackend(comm=rec)
     with pytest.raises(RuntimeError, match="world size 4"):
-        be.run("add_rmsnorm", torch.randn(2, 8), None, None, 1e-6, "c10d:" + fake_pg.group_name, False, True)
+        be.run("add_rmsnorm", bound("add_rmsnorm", torch.randn(2, 8), None, None, 1e-6, "c10d:" + fake_pg.group_name))
 
 
 # -- flashinfer -----------------------------------------------------------------------
@@ -273,7 +285,8 @@ def fi_fake(fake_pg, monkeypatch):
 def test_flashinfer_add_rmsnorm_mapping(fi_fake):
     be, rec, group = fi_fake
     x, r, w = torch.randn(4, 64), torch.randn(4, 64), torch.randn(64)
-    norm, res_out = be.run("add_rmsnorm", x, r, w, 1e-5, group, True, True)
+    out = be.run("add_rmsnorm", bound("add_rmsnorm", x, r, w, 1e-5, group, gemma=True))
+    norm, res_out = out.norm_out, out.residual_out
     (create, _, ckw), (name, _, kw) = rec.calls
     assert create == "create_allreduce_fusion_workspace" and name == "allreduce_fusion"
     assert ckw["backend"] == "trtllm" and ckw["world_size"] == 2 and ckw["hidden_dim"] == 64
@@ -282,7 +295,7 @@ def test_flashinfer_add_rmsnorm_mapping(fi_fake):
     same = lambda a, b: a.data_ptr() == b.data_ptr() and a.shape == b.shape  # noqa: E731 - views of one buffer
     assert same(kw["input"], x) and same(kw["residual_in"], r)
     assert same(kw["norm_out"], norm) and same(kw["residual_out"], res_out)
-    be.run("add_rmsnorm", x, r, w, 1e-5, group, False, True)
+    be.run("add_rmsnorm", bound("add_rmsnorm", x, r, w, 1e-5, group))
     assert [c[0] for c in rec.calls].count("create_allreduce_fusion_workspace") == 1  # created once
 
 
@@ -290,12 +303,15 @@ def test_flashinfer_quant_mappings(fi_fake):
     be, rec, group = fi_fake
     x, r, w = torch.randn(4, 64), torch.randn(4, 64), torch.randn(64)
     scale = torch.tensor([0.5])
-    q, s, _, norm = be.run("add_rmsnorm_fp8_static", x, r, w, 1e-6, group, False, True, scale, True)
-    assert s is None and norm is not None and q.dtype == torch.float8_e4m3fn
-    q, s, _, norm = be.run("add_rmsnorm_fp8_per_token", x, r, w, 1e-6, group, False, True)
-    assert s.shape == (4, 1) and norm is None
-    packed, sf, _, _ = be.run("add_rmsnorm_nvfp4", x, r, w, 1e-6, group, False, True, torch.tensor([2.0]))
-    assert packed.shape == (4, 32) and sf.shape == (128, 4)
+    out = be.run("add_rmsnorm_fp8_static", bound("add_rmsnorm_fp8_static", x, r, w, 1e-6, group, scale=scale,
+                                                 return_norm=True))
+    assert out.scales is None and out.norm_out is not None and out.q.dtype == torch.float8_e4m3fn
+    out = be.run("add_rmsnorm_fp8_per_token", bound("add_rmsnorm_fp8_per_token", x, r, w, 1e-6, group))
+    s = out.scales
+    assert s.shape == (4, 1) and out.norm_out is None
+    out = be.run("add_rmsnorm_nvfp4", bound("add_rmsnorm_nvfp4", x, r, w, 1e-6, group,
+                                            global_scale=torch.tensor([2.0])))
+    assert out.q.shape == (4, 32) and out.scales.shape == (128, 4)
     kws = [kw for name, _, kw in rec.calls if name == "allreduce_fusion"]
     assert [k["pattern"] for k in kws] == [4, 10, 3]
     assert torch.equal(kws[0]["scale_factor"], scale)
@@ -308,24 +324,38 @@ def test_triton_runs_an_unsupported_group_size_on_the_reference(fake_pg, monkeyp
     from fusion_passes.backends import reference
 
     seen = []
-    monkeypatch.setattr(reference.ReferenceBackend, "run",
-                        lambda self, variant, *a, **k: seen.append((variant, a[7:], k)) or "ref")
-    out = triton_backend.TritonBackend().run(
-        "add_rmsnorm_fp8_per_group", torch.randn(2, 96), None, None, 1e-6, "c10d:" + fake_pg.group_name,
-        False, True, 32, True, False)
-    assert out == "ref" and seen == [("add_rmsnorm_fp8_per_group", (32, True, False),
-                                      {"with_norm_out": False, "amax_eps": None, "scale_min": None,
-                                       "residual_in_fp32": False})]
+    monkeypatch.setattr(reference.ReferenceBackend, "run", lambda self, variant, a: seen.append((variant, a)) or "ref")
+    args = bound("add_rmsnorm_fp8_per_group", torch.randn(2, 96), None, None, 1e-6, "c10d:" + fake_pg.group_name,
+                 group_size=32, ue8m0=True)
+    out = triton_backend.TritonBackend().run("add_rmsnorm_fp8_per_group", args)
+    assert out == "ref" and seen == [("add_rmsnorm_fp8_per_group", args)]
+    assert args.quant["scale_min"] == variants.KERNEL_GROUP_EPS  # SCALE_MIN_KERNEL with UE8M0, resolved
+
+
+def test_triton_legacy_positional_form_binds_like_the_op(fake_pg, monkeypatch):
+    """tools/bench_kernels.py still calls ``TritonBackend.run`` positionally: it binds to the
+    same FusedArgs as the op's keywords (here routed to the reference by the group size)."""
+    from fusion_passes.backends import reference
+
+    seen = []
+    monkeypatch.setattr(reference.ReferenceBackend, "run", lambda self, variant, a: seen.append(a) or "ref")
+    x, group = torch.randn(2, 96), "c10d:" + fake_pg.group_name
+    triton_backend.TritonBackend().run("add_rmsnorm_fp8_per_group", x, None, None, 1e-6, group, False, True,
+                                       32, True, False, True)
+    want = bound("add_rmsnorm_fp8_per_group", x, None, None, 1e-6, group, group_size=32, ue8m0=True,
+                 return_norm=True)
+    assert seen[0].quant == want.quant and seen[0].return_norm and seen[0].flags == want.flags
 
 
 def test_flashinfer_runs_unfused_what_it_would_compute_differently(fi_fake, monkeypatch):
     from fusion_passes.backends import reference
 
     be, rec, group = fi_fake
-    monkeypatch.setattr(reference.ReferenceBackend, "run", lambda self, variant, *a, **k: "ref")
+    monkeypatch.setattr(reference.ReferenceBackend, "run", lambda self, variant, a: "ref")
     x, r, w = torch.randn(4, 64), torch.randn(4, 64), torch.randn(64)
-    assert be.run("add_rmsnorm", x, r, w, 1e-6, group, False, False) == "ref"
-    assert be.run("add_rmsnorm_fp8_per_token", x, r, w, 1e-6, group, False, True, torch.tensor([1.0])) == "ref"
+    assert be.run("add_rmsnorm", bound("add_rmsnorm", x, r, w, 1e-6, group, weight_in_fp32=False)) == "ref"
+    assert be.run("add_rmsnorm_fp8_per_token", bound("add_rmsnorm_fp8_per_token", x, r, w, 1e-6, group,
+                                                     scale_ub=torch.tensor([1.0]))) == "ref"
     assert rec.calls == []
 
 

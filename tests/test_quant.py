@@ -20,6 +20,7 @@ from torch.testing import FileCheck
 from fusion_passes import FusionPass, backends, epilogue
 from fusion_passes.match import find_site
 from fusion_passes.recognize import all_reduce as recognize_all_reduce
+from fusion_passes.variants import Flags
 from graphs import all_reduce, fp32_weight_rms_norm, gemma_rms_norm, hf_rms_norm, trace
 from ranks import run_ranks
 from test_quant_vllm_ops import QUANTS as C_QUANTS, _nvfp4_block, register_c_quant_ops
@@ -372,7 +373,7 @@ def test_per_tensor_has_no_gpu_kernel_so_the_gpu_leaves_the_quant(fake_pg):
     inside one op is slower than Inductor's compiled chain), so AR + norm fuse and the quant
     stays. Each vendor's refusal names the variant."""
     call = backends.Call(variant="add_rmsnorm_fp8_per_tensor", device="cuda", dtype=torch.bfloat16,
-                         hidden=7168, world_size=2, residual_in_fp32=True)
+                         hidden=7168, world_size=2, flags=Flags(residual_in_fp32=True))
     assert backends.select(call) == "reference"
     for name in backends.ORDER:
         why = backends.why_not(name, call)

@@ -8,46 +8,13 @@ last. Every number a backend's limits use lives in :mod:`fusion_passes.backends.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
 from fusion_passes.backends import thresholds
-
-
-@dataclasses.dataclass(frozen=True)
-class Call:
-    """What the selector knows about one fused call (or, with ``tokens=None``, a graph site)."""
-
-    variant: str
-    device: str  # "cpu", "cuda" or "rocm"
-    dtype: torch.dtype
-    hidden: int
-    world_size: int
-    tokens: int | None = None
-    single_node: bool = True
-    # The norm's conventions (fusion_passes.ops): a backend whose kernel rounds differently
-    # under one of them declines the call instead of answering it inexactly.
-    gemma: bool = False
-    weight_in_fp32: bool = True
-    residual_in_fp32: bool = False
-    # Per-group FP8: the group size (None for every other variant).
-    group_size: int | None = None
-
-
-class Backend(Protocol):
-    """A backend: a name, the variants it implements, a gate and a runner."""
-
-    name: str
-    variants: frozenset[str]
-
-    def unsupported(self, call: Call) -> str | None:
-        """Why this backend cannot run *call*, or ``None`` if it can."""
-
-    def run(self, variant: str, *args, **kwargs):
-        """Run one fused call of *variant*; same arguments and results as the op."""
+from fusion_passes.backends.contract import Backend, Call
 
 
 _REGISTRY: dict[str, Callable[[], Backend]] = {}
@@ -70,6 +37,14 @@ def get(name: str) -> Backend:
     if name not in _REGISTRY:
         raise ValueError(f"fusion_passes: unknown backend {name!r}; known: {', '.join(ORDER)}")
     return _REGISTRY[name]()
+
+
+def check_name(name: str) -> str:
+    """*name* if it is ``"auto"`` or a registered backend; a ValueError naming the known ones
+    otherwise (without importing any backend)."""
+    if name != "auto" and name not in _REGISTRY:
+        raise ValueError(f"fusion_passes: unknown backend {name!r}; known: auto, {', '.join(ORDER)}")
+    return name
 
 
 def why_not(name: str, call: Call) -> str | None:
@@ -140,4 +115,4 @@ register("triton", _triton, before="reference")
 register("flashinfer", _flashinfer, before="triton")
 register("aiter", _aiter, before="flashinfer")
 
-__all__ = ["Backend", "Call", "ORDER", "get", "register", "select", "why_not", "thresholds"]
+__all__ = ["Backend", "Call", "ORDER", "check_name", "get", "register", "select", "why_not", "thresholds"]

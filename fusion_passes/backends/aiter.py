@@ -34,9 +34,10 @@ import importlib.util
 
 import torch
 
-from fusion_passes.backends import Call, thresholds
-
-from fusion_passes.backends.fallback import Unfusable, run_on_reference  # noqa: F401
+from fusion_passes.backends import thresholds
+from fusion_passes.backends.contract import Call
+from fusion_passes.backends.fallback import Unfusable, run_on_reference
+from fusion_passes.variants import FusedArgs, FusedOutputs
 
 LIMITS = thresholds.AITER
 VARIANTS = frozenset(
@@ -73,10 +74,10 @@ def unsupported(call: Call, arch: str | None = None, installed: bool | None = No
         return f"hidden {call.hidden} > {hi} (largest hidden of the 2-stage kernel)"
     if call.variant == "add_rmsnorm_fp8_per_token" and call.hidden not in LIMITS["per_token_fp8_hidden"]:
         return f"per-token FP8 epilogue only for hidden in {LIMITS['per_token_fp8_hidden']}"
-    if not call.weight_in_fp32 and not call.gemma:
+    if not call.flags.weight_in_fp32 and not call.flags.gemma:
         return ("aiter multiplies the weight in fp32 before the cast; the graph multiplies after it "
                 "(weight_in_fp32=False), which rounds differently")
-    if call.gemma and call.variant in ("add_rmsnorm_fp8_per_group", "add_rmsnorm_mxfp4"):
+    if call.flags.gemma and call.variant in ("add_rmsnorm_fp8_per_group", "add_rmsnorm_mxfp4"):
         return "aiter's per-group FP8 and MXFP4 epilogues have no gemma (1 + w) norm"
     if call.group_size is not None and call.group_size not in LIMITS["per_group_sizes"]:
         return f"group size {call.group_size} not in {LIMITS['per_group_sizes']}"
@@ -104,13 +105,13 @@ class AiterBackend:
         self._injected = comm  # tests pass a fake; otherwise AITER's module on first run
         self._fp8 = fp8_dtype  # AITER's platform FP8 (aiter.utility.dtypes.fp8) unless given
 
-    def _check_fp8(self, fp8_dtype) -> None:
+    def _check_fp8(self, fp8_dtype: torch.dtype) -> None:
         if self._fp8 is None:
             from aiter.utility.dtypes import fp8
 
             self._fp8 = fp8
-        if (fp8_dtype or torch.float8_e4m3fn) != self._fp8:
-            raise Unfusable(f"aiter writes {self._fp8} on this GPU, the graph wants {fp8_dtype or torch.float8_e4m3fn}")
+        if fp8_dtype != self._fp8:
+            raise Unfusable(f"aiter writes {self._fp8} on this GPU, the graph wants {fp8_dtype}")
 
     @functools.cached_property
     def _comm(self):
@@ -123,30 +124,31 @@ class AiterBackend:
     def unsupported(self, call: Call) -> str | None:
         return unsupported(call)
 
-    def run(self, variant: str, *args, **kwargs):
+    def run(self, variant: str, args: FusedArgs) -> FusedOutputs:
         if variant not in VARIANTS:
             raise ValueError(f"fusion_passes: the aiter backend does not implement {variant!r}")
         try:
-            return getattr(self, variant)(*args, **kwargs)
+            return getattr(self, variant)(args)
         except Unfusable as why:  # raised before any vendor call: answer this call unfused
-            return run_on_reference(self.name, why, variant, *args, **kwargs)
+            return run_on_reference(self.name, why, variant, args)
 
     # -- argument mapping ---------------------------------------------------------------
-    def _common(self, input, residual, weight, group, gemma, weight_in_fp32, *, gemma_ok=True):
+    def _common(self, a: FusedArgs, *, gemma_ok=True):
         from fusion_passes import groups
 
-        if weight is not None and not weight_in_fp32 and not gemma:
+        gemma = a.flags.gemma
+        if a.weight is not None and not a.flags.weight_in_fp32 and not gemma:
             raise Unfusable(
                 "aiter multiplies the weight in fp32 before the cast (vLLM order); the Hugging Face "
                 "order (weight_in_fp32=False) would round differently"
             )
         if gemma and not gemma_ok:
             raise Unfusable("aiter's per-group FP8 and MXFP4 epilogues have no gemma (1 + w) norm")
-        self._check_group(group, groups.world_size(group))
-        hidden = input.shape[-1]
-        residual = torch.zeros_like(input) if residual is None else residual  # x + 0 == x
-        weight = torch.ones(hidden, dtype=input.dtype, device=input.device) if weight is None else weight
-        return input, residual, weight
+        self._check_group(a.group, groups.world_size(a.group))
+        x = a.input
+        residual = torch.zeros_like(x) if a.residual is None else a.residual  # x + 0 == x
+        weight = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device) if a.weight is None else a.weight
+        return x, residual, weight
 
     def _check_group(self, group: str, world_size: int) -> None:
         tp = self._comm.get_tp_group()
@@ -156,47 +158,43 @@ class AiterBackend:
                 f"but the fused op's group {group!r} has world size {world_size}"
             )
 
-    def add_rmsnorm(self, input, residual, weight, eps, group, gemma, weight_in_fp32, residual_in_fp32=False):
-        x, res, w = self._common(input, residual, weight, group, gemma, weight_in_fp32)
+    def add_rmsnorm(self, a: FusedArgs) -> FusedOutputs:
+        x, res, w = self._common(a)
         norm, res_out = self._comm.tensor_model_parallel_fused_allreduce_rmsnorm(
-            x, res, w, eps, gemma_norm=bool(gemma)
+            x, res, w, a.eps, gemma_norm=bool(a.flags.gemma)
         )
-        return norm, res_out
+        return FusedOutputs(res_out, norm)
 
-    def add_rmsnorm_fp8_per_token(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
-                                  scale_ub=None, with_norm_out=False, fp8_dtype=None,
-                                  residual_in_fp32=False):
-        self._check_fp8(fp8_dtype)
-        if scale_ub is not None:
+    def add_rmsnorm_fp8_per_token(self, a: FusedArgs) -> FusedOutputs:
+        self._check_fp8(a.quant["fp8_dtype"])
+        if a.quant["scale_ub"] is not None:
             raise Unfusable("aiter's per-token FP8 epilogue has no scale upper bound")
-        x, res, w = self._common(input, residual, weight, group, gemma, weight_in_fp32)
+        x, res, w = self._common(a)
         out = self._comm.tensor_model_parallel_fused_allreduce_rmsnorm_quant(
-            x, res, w, eps, quant_type="per_token", emit_bf16=bool(with_norm_out), gemma_norm=bool(gemma)
+            x, res, w, a.eps, quant_type="per_token", emit_bf16=a.return_norm, gemma_norm=bool(a.flags.gemma)
         )
         q, res_out, scales = out[:3]
-        return q, scales, res_out, out[3] if with_norm_out else None
+        return FusedOutputs(res_out, out[3] if a.return_norm else None, q, scales)
 
-    def add_rmsnorm_fp8_per_group(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
-                                  group_size=128, ue8m0=False, column_major=False, with_norm_out=False,
-                                  fp8_dtype=None, residual_in_fp32=False):
-        self._check_fp8(fp8_dtype)
-        if ue8m0:
+    def add_rmsnorm_fp8_per_group(self, a: FusedArgs) -> FusedOutputs:
+        p = a.quant
+        self._check_fp8(p["fp8_dtype"])
+        if p["ue8m0"]:
             raise Unfusable("aiter's per-group FP8 epilogue writes fp32 scales, not UE8M0")
-        if group_size not in LIMITS["per_group_sizes"]:
+        if p["group_size"] not in LIMITS["per_group_sizes"]:
             raise Unfusable(f"aiter per-group FP8 group sizes: {LIMITS['per_group_sizes']}")
-        x, res, w = self._common(input, residual, weight, group, gemma, weight_in_fp32, gemma_ok=False)
+        x, res, w = self._common(a, gemma_ok=False)
         out = self._comm.tensor_model_parallel_fused_allreduce_rmsnorm_quant(
-            x, res, w, eps, quant_type="per_group", group_size=group_size,
-            emit_bf16=bool(with_norm_out), transpose_scale=bool(column_major),
+            x, res, w, a.eps, quant_type="per_group", group_size=p["group_size"],
+            emit_bf16=a.return_norm, transpose_scale=bool(p["column_major"]),
         )
         q, res_out, scales = out[:3]
-        return q, scales, res_out, out[3] if with_norm_out else None
+        return FusedOutputs(res_out, out[3] if a.return_norm else None, q, scales)
 
-    def add_rmsnorm_mxfp4(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
-                          with_norm_out=False, residual_in_fp32=False):
-        x, res, w = self._common(input, residual, weight, group, gemma, weight_in_fp32, gemma_ok=False)
+    def add_rmsnorm_mxfp4(self, a: FusedArgs) -> FusedOutputs:
+        x, res, w = self._common(a, gemma_ok=False)
         out = self._comm.tensor_model_parallel_fused_allreduce_rmsnorm_mxfp4_quant(
-            x, res, w, eps, emit_bf16=bool(with_norm_out)
+            x, res, w, a.eps, emit_bf16=a.return_norm
         )
         packed, res_out, scales = out[:3]  # uint8 [T, H/2] (2 x e2m1), uint8 e8m0 [T, H/32]
-        return packed, scales, res_out, out[3] if with_norm_out else None
+        return FusedOutputs(res_out, out[3] if a.return_norm else None, packed, scales)

@@ -33,9 +33,11 @@ import importlib.util
 
 import torch
 
-from fusion_passes.backends import Call, thresholds
-
-from fusion_passes.backends.fallback import Unfusable, run_on_reference  # noqa: F401
+from fusion_passes import variants
+from fusion_passes.backends import thresholds
+from fusion_passes.backends.contract import Call
+from fusion_passes.backends.fallback import Unfusable, run_on_reference
+from fusion_passes.variants import FusedArgs, FusedOutputs
 
 LIMITS = thresholds.FLASHINFER
 VARIANTS = frozenset(
@@ -69,7 +71,7 @@ def unsupported(call: Call, sm: int | None = None, installed: bool | None = None
     itemsize = torch.empty((), dtype=call.dtype).element_size()
     if (call.hidden * itemsize) % LIMITS["bytes_per_access"]:
         return f"hidden*itemsize {call.hidden * itemsize} not a multiple of {LIMITS['bytes_per_access']} bytes"
-    if not call.weight_in_fp32 and not call.gemma:
+    if not call.flags.weight_in_fp32 and not call.flags.gemma:
         return ("flashinfer multiplies the weight in fp32 before the cast; the graph multiplies after "
                 "it (weight_in_fp32=False), which rounds differently")
     sm = _sm() if sm is None else sm
@@ -104,13 +106,13 @@ class FlashInferBackend:
     def unsupported(self, call: Call) -> str | None:
         return unsupported(call)
 
-    def run(self, variant: str, *args, **kwargs):
+    def run(self, variant: str, args: FusedArgs) -> FusedOutputs:
         if variant not in VARIANTS:
             raise ValueError(f"fusion_passes: the flashinfer backend does not implement {variant!r}")
         try:
-            return getattr(self, variant)(*args, **kwargs)
+            return getattr(self, variant)(args)
         except Unfusable as why:  # raised before any vendor call: answer this call unfused
-            return run_on_reference(self.name, why, variant, *args, **kwargs)
+            return run_on_reference(self.name, why, variant, args)
 
     # -- workspace ------------------------------------------------------------------------
     def _workspace(self, group: str, x: torch.Tensor):
@@ -143,82 +145,75 @@ class FlashInferBackend:
         return ws
 
     # -- argument mapping -----------------------------------------------------------------
-    def _prepare(self, input, residual, weight, gemma, weight_in_fp32):
-        if weight is not None and not weight_in_fp32 and not gemma:
+    def _prepare(self, a: FusedArgs):
+        if a.weight is not None and not a.flags.weight_in_fp32 and not a.flags.gemma:
             raise Unfusable(
                 "flashinfer multiplies the weight in fp32 before the cast (vLLM order); the Hugging "
                 "Face order (weight_in_fp32=False) would round differently"
             )
-        hidden = input.shape[-1]
-        x = input.reshape(-1, hidden).contiguous()
-        res = torch.zeros_like(x) if residual is None else residual.reshape(-1, hidden).contiguous()
-        w = torch.ones(hidden, dtype=x.dtype, device=x.device) if weight is None else weight.to(x.dtype)
+        hidden = a.input.shape[-1]
+        x = a.input.reshape(-1, hidden).contiguous()
+        res = torch.zeros_like(x) if a.residual is None else a.residual.reshape(-1, hidden).contiguous()
+        w = torch.ones(hidden, dtype=x.dtype, device=x.device) if a.weight is None else a.weight.to(x.dtype)
         return x, res, w
 
-    def _call(self, pattern, group, x, res, w, eps, gemma, **outs):
+    def _call(self, pattern, a: FusedArgs, x, res, w, **outs):
         res_out = torch.empty_like(x)
         self._comm.allreduce_fusion(
             input=x,
-            workspace=self._workspace(group, x),
+            workspace=self._workspace(a.group, x),
             pattern=pattern,
             launch_with_pdl=False,
             residual_out=res_out,
             residual_in=res,
             rms_gamma=w,
-            rms_eps=float(eps),
+            rms_eps=float(a.eps),
             fp32_acc=True,
-            weight_bias=1.0 if gemma else 0.0,
+            weight_bias=1.0 if a.flags.gemma else 0.0,
             **outs,
         )
         return res_out
 
-    def add_rmsnorm(self, input, residual, weight, eps, group, gemma, weight_in_fp32, residual_in_fp32=False):
-        x, res, w = self._prepare(input, residual, weight, gemma, weight_in_fp32)
+    def add_rmsnorm(self, a: FusedArgs) -> FusedOutputs:
+        x, res, w = self._prepare(a)
         norm = torch.empty_like(x)
-        res_out = self._call(self._comm.AllReduceFusionPattern.kARResidualRMSNorm, group, x, res, w, eps,
-                             gemma, norm_out=norm)
-        return norm.view(input.shape), res_out.view(input.shape)
+        res_out = self._call(self._comm.AllReduceFusionPattern.kARResidualRMSNorm, a, x, res, w, norm_out=norm)
+        return FusedOutputs(res_out.view(a.input.shape), norm.view(a.input.shape))
 
-    def add_rmsnorm_fp8_static(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
-                               scale, with_norm_out=False, residual_in_fp32=False):
+    def add_rmsnorm_fp8_static(self, a: FusedArgs) -> FusedOutputs:
         P = self._comm.AllReduceFusionPattern
-        x, res, w = self._prepare(input, residual, weight, gemma, weight_in_fp32)
+        x, res, w = self._prepare(a)
         q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-        norm = torch.empty_like(x) if with_norm_out else None
-        pattern = P.kARResidualRMSNormOutFP8Quant if with_norm_out else P.kARResidualRMSNormFP8Quant
-        res_out = self._call(pattern, group, x, res, w, eps, gemma, quant_out=q, norm_out=norm,
-                             scale_factor=scale.reshape(-1).to(torch.float32))
-        return q, None, res_out, norm
+        norm = torch.empty_like(x) if a.return_norm else None
+        pattern = P.kARResidualRMSNormOutFP8Quant if a.return_norm else P.kARResidualRMSNormFP8Quant
+        res_out = self._call(pattern, a, x, res, w, quant_out=q, norm_out=norm,
+                             scale_factor=a.quant["scale"].reshape(-1).to(torch.float32))
+        return FusedOutputs(res_out, norm, q)
 
-    def add_rmsnorm_fp8_per_token(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
-                                  scale_ub=None, with_norm_out=False, residual_in_fp32=False):
-        if scale_ub is not None:
+    def add_rmsnorm_fp8_per_token(self, a: FusedArgs) -> FusedOutputs:
+        if a.quant["scale_ub"] is not None:
             raise Unfusable("flashinfer's dynamic FP8 epilogue has no scale upper bound")
         P = self._comm.AllReduceFusionPattern
-        x, res, w = self._prepare(input, residual, weight, gemma, weight_in_fp32)
+        x, res, w = self._prepare(a)
         q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
         scales = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
-        norm = torch.empty_like(x) if with_norm_out else None
-        pattern = P.kARResidualRMSNormOutDynamicFP8Quant if with_norm_out else P.kARResidualRMSNormDynamicFP8Quant
-        res_out = self._call(pattern, group, x, res, w, eps, gemma, quant_out=q, scale_out=scales, norm_out=norm)
-        return q, scales, res_out, norm
+        norm = torch.empty_like(x) if a.return_norm else None
+        pattern = P.kARResidualRMSNormOutDynamicFP8Quant if a.return_norm else P.kARResidualRMSNormDynamicFP8Quant
+        res_out = self._call(pattern, a, x, res, w, quant_out=q, scale_out=scales, norm_out=norm)
+        return FusedOutputs(res_out, norm, q, scales)
 
-    def add_rmsnorm_nvfp4(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
-                          global_scale, swizzle=True, with_norm_out=False,
-                          residual_in_fp32=False):
+    def add_rmsnorm_nvfp4(self, a: FusedArgs) -> FusedOutputs:
         P = self._comm.AllReduceFusionPattern
         layouts = self._comm.QuantizationSFLayout
-        x, res, w = self._prepare(input, residual, weight, gemma, weight_in_fp32)
+        swizzle = a.quant["swizzle"]
+        x, res, w = self._prepare(a)
         t, h = x.shape
         packed = torch.empty((t, h // 2), dtype=torch.uint8, device=x.device)
-        if swizzle:  # 128x4 tiles: rows padded to 128, block columns to 4 (QuantizationSFLayout doc)
-            rows, cols = -(-t // 128) * 128, -(-(h // 16) // 4) * 4
-        else:
-            rows, cols = t, h // 16
-        scales = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=x.device)
-        norm = torch.empty_like(x) if with_norm_out else None
-        pattern = P.kARResidualRMSNormOutFP4Quant if with_norm_out else P.kARResidualRMSNormFP4Quant
-        res_out = self._call(pattern, group, x, res, w, eps, gemma, quant_out=packed, scale_out=scales,
-                             norm_out=norm, scale_factor=global_scale.reshape(-1).to(torch.float32),
+        # 128x4 tiles: rows padded to 128, block columns to 4 (QuantizationSFLayout doc)
+        scales = torch.empty(variants.nvfp4_scale_shape(t, h, swizzle), dtype=torch.float8_e4m3fn, device=x.device)
+        norm = torch.empty_like(x) if a.return_norm else None
+        pattern = P.kARResidualRMSNormOutFP4Quant if a.return_norm else P.kARResidualRMSNormFP4Quant
+        res_out = self._call(pattern, a, x, res, w, quant_out=packed, scale_out=scales, norm_out=norm,
+                             scale_factor=a.quant["global_scale"].reshape(-1).to(torch.float32),
                              layout_code=layouts.SWIZZLED_128x4 if swizzle else layouts.LINEAR)
-        return packed, scales, res_out, norm
+        return FusedOutputs(res_out, norm, packed, scales)

@@ -6,23 +6,12 @@ memory), the residual add, RMSNorm and the optional FP8 quantization, with fp32
 accumulation. At world size 1 it is a fused add + RMSNorm (+ quant) kernel that reads
 the input in place.
 
-Variants (and their ``run`` arguments after those of ``add_rmsnorm``):
-
-=============================  ======================================  =====================
-variant                        quant parameters                        returns
-=============================  ======================================  =====================
-``add_rmsnorm``                --                                      ``(norm_out, residual_out)``
-``add_rmsnorm_fp8_static``     ``scale`` (fp32, 1 element)             ``(q, None, residual_out, norm_out|None)``
-``add_rmsnorm_fp8_per_token``  ``scale_ub`` (fp32 tensor or None)      ``(q, scales[T,1], residual_out, norm_out|None)``
-``add_rmsnorm_fp8_per_group``  ``group_size, ue8m0, column_major``     ``(q, scales[T,H/g], residual_out, norm_out|None)``
-``add_rmsnorm_nvfp4``          ``global_scale, swizzle=True``          ``(packed[T,H/2] u8, e4m3 scales, residual_out, norm_out|None)``
-``add_rmsnorm_mxfp4``          --                                      ``(packed[T,H/2] u8, e8m0 scales[T,H/32] u8, residual_out, norm_out|None)``
-=============================  ======================================  =====================
-
-Every quant variant also takes ``with_norm_out=False`` (keyword or last positional):
-``True`` also returns the norm output (the "Out" variants). Every variant takes
-``residual_in_fp32=False`` (keyword): ``True`` adds the residual in fp32 and normalizes
-the unrounded sum (vLLM's ``fused_add_rms_norm``; :func:`fusion_passes.epilogue.add_rms_norm`).
+Variants: every one of :data:`fusion_passes.variants.VARIANTS` but dynamic per-tensor
+FP8 (one scale over all tokens needs every row before the first is quantized). ``run``
+takes the bound call (:class:`~fusion_passes.variants.FusedArgs`) and returns a
+:class:`~fusion_passes.variants.FusedOutputs`; output shapes are the registry's. Only
+``float8_e4m3fn`` FP8 (CUDA); the per-group option arguments (``amax_eps``,
+``scale_min``) are kernel constants, so it runs both the kernel's and vLLM's native floors.
 
 FP4 (fp16/bf16 activations only): NVFP4 scales are ``float8_e4m3fn``, ``[T, H/16]``
 linear or, with ``swizzle``, ``[round_up(T,128), round_up(H/16,4)]`` in the 128x4-tiled
@@ -30,10 +19,10 @@ layout with zero padding (:func:`fusion_passes.epilogue.nvfp4_swizzle`); packed 
 hold element ``2i`` in the low nibble. The E2M1 rounding is arithmetic on the fp32 value
 and its bits (the PTX ``cvt...e2m1x2`` needs sm_100+), equal to
 :func:`fusion_passes.epilogue.e2m1_codes` (see ``triton_kernels._e2m1_codes``);
-``tests/gpu/triton_check.py`` checks the whole quant on an H200 (passed at world sizes 1
-and 2 on 2026-11-29: packed codes and scales byte-identical to the epilogue on the
-kernel's own norm output). From ``TRITON["fp4_many_tokens"]`` tokens on, the FP4
-variants run with fewer warps per row (a measured choice; see thresholds.py).
+``tests/gpu/triton_check.py`` checks the whole quant on a GPU (packed codes and scales
+byte-identical to the epilogue on the kernel's own norm output; results/README.md has
+the runs). From ``TRITON["fp4_many_tokens"]`` tokens on, the FP4 variants run with fewer
+warps per row (a measured choice; see thresholds.py).
 
 Every number it gates on is in :data:`fusion_passes.backends.thresholds.TRITON`.
 
@@ -46,35 +35,41 @@ communicator: two concurrent calls would share the workspace.
 Not implemented: a two-shot (reduce-scatter + all-gather) kernel. At world size 2 it
 moves exactly the one-shot's NVLink bytes per direction, and world sizes 4/8, where it
 would pay, could not be measured here; the gate declines those world sizes instead.
-(GPU issue 7 asked for it as its lowest priority; it was not written or measured in that
-round, so nothing selects it.) For the quant variants, running the epilogue on owned rows
-and gathering the outputs moves more at world size 2, not less: per rank half the
-input (T*H bytes at bf16) plus the peer's residual_out, codes and scales (about
-1.25 T*H for FP4, 1.5 T*H for FP8) against the one-shot's 2 T*H. Not written in the
-FP4 round either (2026-11-29).
+For the quant variants, running the epilogue on owned rows and gathering the outputs
+moves more at world size 2, not less: per rank half the input (T*H bytes at bf16) plus
+the peer's residual_out, codes and scales (about 1.25 T*H for FP4, 1.5 T*H for FP8)
+against the one-shot's 2 T*H.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 
 import torch
 
-from fusion_passes import epilogue
-from fusion_passes.backends import Call, thresholds
-from fusion_passes.backends import symm
+from fusion_passes import arguments, epilogue, groups, variants
+from fusion_passes.backends import symm, thresholds
+from fusion_passes.backends.contract import Call
+from fusion_passes.variants import FusedArgs, FusedOutputs
 
 LIMITS = thresholds.TRITON
 
-VARIANTS = frozenset(
-    {"add_rmsnorm", "add_rmsnorm_fp8_static", "add_rmsnorm_fp8_per_token", "add_rmsnorm_fp8_per_group",
-     "add_rmsnorm_nvfp4", "add_rmsnorm_mxfp4"}
-)
+# variant -> the kernel's QUANT constexpr (a name in triton_kernels, imported on first run)
+KERNEL_QUANT = {
+    "add_rmsnorm": "QUANT_NONE",
+    "add_rmsnorm_fp8_static": "QUANT_FP8_STATIC",
+    "add_rmsnorm_fp8_per_token": "QUANT_FP8_PER_TOKEN",
+    "add_rmsnorm_fp8_per_group": "QUANT_FP8_PER_GROUP",
+    "add_rmsnorm_nvfp4": "QUANT_NVFP4",
+    "add_rmsnorm_mxfp4": "QUANT_MXFP4",
+}
+VARIANTS = frozenset(KERNEL_QUANT)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# FP4 variants: elements per scale block (the epilogue's), and the activations they take.
-FP4_BLOCK = {"add_rmsnorm_nvfp4": epilogue.NVFP4_BLOCK, "add_rmsnorm_mxfp4": epilogue.MXFP4_BLOCK}
-FP4_DTYPES = epilogue.FP4_INPUT_DTYPES
+# FP4 variants: elements per scale block (the registry's), and the activations they take.
+FP4_BLOCK = {name: variants.BY_NAME[name].block for name in ("add_rmsnorm_nvfp4", "add_rmsnorm_mxfp4")}
+FP4_DTYPES = variants.FP4_INPUT_DTYPES
 
 # The quant math is fusion_passes.epilogue's (the oracle); its constants come from there.
 FP8_DTYPE = torch.float8_e4m3fn  # the only FP8 format of this backend (CUDA)
@@ -95,12 +90,28 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@dataclasses.dataclass
+class _Out:
+    """One launch's output buffers and the kernel arguments that describe them."""
+
+    res_out: torch.Tensor
+    norm: torch.Tensor | None
+    q: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    scales_arg: torch.Tensor | None = None  # the kernel's scale pointer (static: the input scale)
+    ub: torch.Tensor | None = None  # per-token scale_ub, or NVFP4's global scale (same slot)
+    stride_t: int = 0
+    stride_g: int = 0
+    scale_cols: int = 1
+    block: int = 1
+
+
 class TritonBackend:
-    """Fused all-reduce + add + RMSNorm (+ FP8) in one Triton kernel (NVIDIA GPUs)."""
+    """Fused all-reduce + add + RMSNorm (+ FP8/FP4) in one Triton kernel (NVIDIA GPUs)."""
 
     name = "triton"
     variants = VARIANTS
-    # Per-group keyword options of fusion_passes.ops it runs itself (others: reference).
+    # Per-group option arguments it runs itself (kernel constants); others: reference.
     quant_options = frozenset({"amax_eps", "scale_min"})
 
     @functools.cached_property
@@ -114,184 +125,126 @@ class TritonBackend:
         return unsupported(call)
 
     # -- run -------------------------------------------------------------------------
-    def run(self, variant: str, *args, **kwargs):
+    def run(self, variant: str, *args, **kwargs) -> FusedOutputs:
+        """``run(variant, FusedArgs)``. The backends' former positional form
+        (:func:`fusion_passes.arguments.legacy`) is accepted too, for tools/bench_kernels.py
+        and tools/ab_fp4_warps.py until they pass a FusedArgs."""
         if variant not in VARIANTS:
             raise ValueError(f"fusion_passes: the triton backend does not implement {variant!r}")
-        return getattr(self, variant)(*args, **kwargs)
-
-    def add_rmsnorm(self, input, residual, weight, eps, group, gemma, weight_in_fp32, *,
-                    residual_in_fp32=False):
-        norm, res_out, _, _ = self._launch(
-            input, residual, weight, eps, group, gemma, weight_in_fp32,
-            quant=self._k.QUANT_NONE, write_norm=True, residual_in_fp32=residual_in_fp32,
-        )
-        return norm, res_out
-
-    def add_rmsnorm_fp8_static(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
-                               scale, with_norm_out=False, *, residual_in_fp32=False):
-        norm, res_out, q, _ = self._launch(
-            input, residual, weight, eps, group, gemma, weight_in_fp32,
-            quant=self._k.QUANT_FP8_STATIC, write_norm=with_norm_out, scale=scale,
-            residual_in_fp32=residual_in_fp32,
-        )
-        return q, None, res_out, norm
-
-    def add_rmsnorm_fp8_per_token(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
-                                  scale_ub=None, with_norm_out=False, *, residual_in_fp32=False):
-        norm, res_out, q, scales = self._launch(
-            input, residual, weight, eps, group, gemma, weight_in_fp32,
-            quant=self._k.QUANT_FP8_PER_TOKEN, write_norm=with_norm_out, scale_ub=scale_ub,
-            residual_in_fp32=residual_in_fp32,
-        )
-        return q, scales, res_out, norm
-
-    def add_rmsnorm_fp8_per_group(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
-                                  group_size=128, ue8m0=False, column_major=False, with_norm_out=False,
-                                  amax_eps=None, scale_min=None, *, residual_in_fp32=False):
-        from fusion_passes.ops import KERNEL_GROUP_EPS, kernel_group_scale_min  # the op's defaults
-
-        if group_size not in LIMITS["per_group_sizes"] or input.shape[-1] % group_size:
+        if len(args) == 1 and not kwargs and isinstance(args[0], FusedArgs):
+            a = args[0]
+        else:
+            a = arguments.legacy(variants.get(variant), *args, **kwargs)
+        group_size = a.quant.get("group_size")
+        if group_size is not None and (group_size not in LIMITS["per_group_sizes"] or a.input.shape[-1] % group_size):
             # unsupported() declines such a call (Call.group_size); a direct run() still
             # gets the right answer, unfused.
             from fusion_passes.backends.reference import ReferenceBackend
 
-            return ReferenceBackend().run(
-                "add_rmsnorm_fp8_per_group", input, residual, weight, eps, group, gemma, weight_in_fp32,
-                group_size, ue8m0, column_major, with_norm_out=with_norm_out, amax_eps=amax_eps,
-                scale_min=scale_min, residual_in_fp32=residual_in_fp32,
-            )
-        norm, res_out, q, scales = self._launch(
-            input, residual, weight, eps, group, gemma, weight_in_fp32,
-            quant=self._k.QUANT_FP8_PER_GROUP, write_norm=with_norm_out, residual_in_fp32=residual_in_fp32,
-            group_size=group_size, ue8m0=ue8m0, column_major=column_major,
-            amax_eps=KERNEL_GROUP_EPS if amax_eps is None else amax_eps,
-            scale_min=kernel_group_scale_min(ue8m0) if scale_min is None else scale_min,
-        )
-        return q, scales, res_out, norm
+            return ReferenceBackend().run(variant, a)
+        if variant in FP4_BLOCK:
+            _check_fp4(a.input, variant)
+        quant = getattr(self._k, KERNEL_QUANT[variant])
+        return self._launch(a, quant, write_norm=a.return_norm or quant == self._k.QUANT_NONE)
 
-    def add_rmsnorm_nvfp4(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
-                          global_scale, swizzle=True, with_norm_out=False, *, residual_in_fp32=False):
-        _check_fp4(input, "add_rmsnorm_nvfp4")
-        norm, res_out, q, scales = self._launch(
-            input, residual, weight, eps, group, gemma, weight_in_fp32,
-            quant=self._k.QUANT_NVFP4, write_norm=with_norm_out, global_scale=global_scale,
-            swizzle=bool(swizzle), residual_in_fp32=residual_in_fp32,
-        )
-        return q, scales, res_out, norm
-
-    def add_rmsnorm_mxfp4(self, input, residual, weight, eps, group, gemma, weight_in_fp32,
-                          with_norm_out=False, *, residual_in_fp32=False):
-        _check_fp4(input, "add_rmsnorm_mxfp4")
-        norm, res_out, q, scales = self._launch(
-            input, residual, weight, eps, group, gemma, weight_in_fp32,
-            quant=self._k.QUANT_MXFP4, write_norm=with_norm_out, residual_in_fp32=residual_in_fp32,
-        )
-        return q, scales, res_out, norm
-
-    def _launch(self, input, residual, weight, eps, group, gemma, weight_in_fp32, *, quant, write_norm,
-                scale=None, scale_ub=None, group_size=128, ue8m0=False, column_major=False,
-                amax_eps=0.0, scale_min=0.0, global_scale=None, swizzle=True, residual_in_fp32=False):
-        k = self._k
-        hidden = input.shape[-1]
-        lead = input.shape[:-1]
-        x = input.reshape(-1, hidden).contiguous()
-        tokens = x.shape[0]
-        res = None if residual is None else residual.reshape(-1, hidden).contiguous()
-        w = None if weight is None else weight.contiguous()
-        dev = x.device
-        out_dtype = x.dtype
-        if w is not None and not (weight_in_fp32 or gemma):
-            out_dtype = torch.promote_types(w.dtype, x.dtype)
-
-        res_out = torch.empty_like(x)
-        write_norm = write_norm or quant == k.QUANT_NONE
-        norm = torch.empty((tokens, hidden), dtype=out_dtype, device=dev) if write_norm else None
-        q = scales = None
-        fp4 = quant in (k.QUANT_NVFP4, k.QUANT_MXFP4)
-        if fp4:  # two E2M1 codes per byte; [T, H/2] whatever the input's leading dims (ops' fakes)
-            q = torch.empty((tokens, hidden // 2), dtype=torch.uint8, device=dev)
+    def _outputs(self, a: FusedArgs, quant: int, write_norm: bool, x: torch.Tensor) -> _Out:
+        """Allocate the outputs of one launch, as the registry shapes them."""
+        k, p, dev = self._k, a.quant, x.device
+        tokens, hidden = x.shape
+        norm_dtype = arguments.norm_dtype(x, a.weight, a.flags)
+        out = _Out(torch.empty_like(x), torch.empty((tokens, hidden), dtype=norm_dtype, device=dev)
+                   if write_norm else None, block=_next_pow2(hidden))
+        if quant in (k.QUANT_NVFP4, k.QUANT_MXFP4):  # two E2M1 codes per byte; [T, H/2] (the registry's)
+            out.q = torch.empty((tokens, hidden // 2), dtype=torch.uint8, device=dev)
         elif quant != k.QUANT_NONE:
-            q = torch.empty((tokens, hidden), dtype=FP8_DTYPE, device=dev)
-        stride_t = stride_g = 0
-        scale_rows, scale_cols = tokens, 1
-        block = _next_pow2(hidden)
+            out.q = torch.empty((tokens, hidden), dtype=FP8_DTYPE, device=dev)
         if quant == k.QUANT_FP8_STATIC:
-            scales_arg = scale.reshape(-1).to(torch.float32)
+            out.scales_arg = p["scale"].reshape(-1).to(torch.float32)
         elif quant == k.QUANT_FP8_PER_TOKEN:
-            scales = torch.empty((tokens, 1), dtype=torch.float32, device=dev)
-            scales_arg, stride_t = scales, 1
+            out.scales = torch.empty((tokens, 1), dtype=torch.float32, device=dev)
+            out.scales_arg, out.stride_t, out.ub = out.scales, 1, p["scale_ub"]
         elif quant == k.QUANT_FP8_PER_GROUP:
-            ng = hidden // group_size
-            if column_major:
-                scales = torch.empty((ng, tokens), dtype=torch.float32, device=dev).t()
+            ng = hidden // p["group_size"]
+            if p["column_major"]:
+                out.scales = torch.empty((ng, tokens), dtype=torch.float32, device=dev).t()
             else:
-                scales = torch.empty((tokens, ng), dtype=torch.float32, device=dev)
-            scales_arg, stride_t, stride_g = scales, scales.stride(0), scales.stride(1)
+                out.scales = torch.empty((tokens, ng), dtype=torch.float32, device=dev)
+            out.scales_arg, out.stride_t, out.stride_g = out.scales, out.scales.stride(0), out.scales.stride(1)
         elif quant == k.QUANT_NVFP4:
-            nb = hidden // epilogue.NVFP4_BLOCK
-            if swizzle:
-                rows, cols = epilogue.NVFP4_SWIZZLE_ROWS, epilogue.NVFP4_SWIZZLE_COLS
-                scale_rows, scale_cols = -(-tokens // rows) * rows, -(-nb // cols) * cols
-            else:
-                scale_rows, scale_cols = tokens, nb
+            rows, out.scale_cols = variants.nvfp4_scale_shape(tokens, hidden, p["swizzle"])
             # Swizzled with padding rows (T % 128): zero-filled first (one fill, about 1 us),
             # the kernel then writes rows < T (and the padding columns). Zeroing the padding
             # in the kernel instead cost 15-20 us at 1 token (one program's scattered
             # byte stores over a 57 KB tile; 1x H200, see results/README.md).
-            alloc = torch.zeros if swizzle and scale_rows != tokens else torch.empty
-            scales = alloc((scale_rows, scale_cols), dtype=torch.float8_e4m3fn, device=dev)
-            scales_arg = scales
-            scale_ub = global_scale  # the kernel reads the global scale through the same slot
+            alloc = torch.zeros if p["swizzle"] and rows != tokens else torch.empty
+            out.scales = alloc((rows, out.scale_cols), dtype=torch.float8_e4m3fn, device=dev)
+            out.scales_arg, out.ub = out.scales, p["global_scale"]  # the global scale goes through the ub slot
             # >= 4 scale columns per row in registers (a swizzle tile is 4 wide)
-            block = max(block, epilogue.NVFP4_BLOCK * epilogue.NVFP4_SWIZZLE_COLS)
+            out.block = max(out.block, variants.NVFP4_BLOCK * variants.NVFP4_SWIZZLE_COLS)
         elif quant == k.QUANT_MXFP4:
-            scales = torch.empty((tokens, hidden // epilogue.MXFP4_BLOCK), dtype=torch.uint8, device=dev)
-            scales_arg = scales
-        else:
-            scales_arg = x  # unused
+            out.scales = torch.empty((tokens, hidden // variants.MXFP4_BLOCK), dtype=torch.uint8, device=dev)
+            out.scales_arg = out.scales
+        return out
 
-        rank, world = 0, 1
-        buf_ptrs = sig_ptrs = 0
+    def _grid(self, a: FusedArgs, x: torch.Tensor, fp4: bool, variant: str):
+        """``(grid, num_warps, rank, world, buffer pointers, signal pointers)`` of one launch."""
+        tokens, hidden = x.shape
         nw = num_warps_for(hidden)
         if fp4 and tokens >= LIMITS["fp4_many_tokens"]:
-            nw = min(nw, int(LIMITS["fp4_many_tokens_warps"][_FP4_VARIANT[quant]]))
-        grid = max(tokens, 1)
-        if tokens and _world_size(group) > 1:
-            ws = symm.get(group, x.numel() * x.element_size(), dev)
-            rank, world = ws.rank, ws.world_size
-            buf_ptrs, sig_ptrs = ws.buffer_ptrs_dev, ws.signal_pad_ptrs_dev
-            resident = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) * max(
-                1, int(LIMITS["threads_per_sm"]) // (32 * nw)
-            )
-            grid = max(1, min(tokens, resident, ws.signal_pad_bytes // 4 // world))
-        if tokens:
+            nw = min(nw, int(LIMITS["fp4_many_tokens_warps"][variant]))
+        if not (tokens and groups.world_size(a.group) > 1):
+            return max(tokens, 1), nw, 0, 1, 0, 0
+        ws = symm.get(a.group, x.numel() * x.element_size(), x.device)
+        dev = x.device
+        resident = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) * max(
+            1, int(LIMITS["threads_per_sm"]) // (32 * nw)
+        )
+        grid = max(1, min(tokens, resident, ws.signal_pad_bytes // 4 // ws.world_size))
+        return grid, nw, ws.rank, ws.world_size, ws.buffer_ptrs_dev, ws.signal_pad_ptrs_dev
+
+    def _launch(self, a: FusedArgs, quant: int, write_norm: bool) -> FusedOutputs:
+        k, p, f = self._k, a.quant, a.flags
+        hidden = a.input.shape[-1]
+        lead = a.input.shape[:-1]
+        x = a.input.reshape(-1, hidden).contiguous()
+        res = None if a.residual is None else a.residual.reshape(-1, hidden).contiguous()
+        w = None if a.weight is None else a.weight.contiguous()
+        fp4 = quant in (k.QUANT_NVFP4, k.QUANT_MXFP4)
+        o = self._outputs(a, quant, write_norm, x)
+        grid, nw, rank, world, buf_ptrs, sig_ptrs = self._grid(a, x, fp4, _FP4_VARIANT.get(quant, ""))
+        per_group = quant == k.QUANT_FP8_PER_GROUP
+        if x.shape[0]:
             k.fused_allreduce_add_rmsnorm_kernel[(grid,)](
-                x, x if res is None else res, x if w is None else w, res_out,
-                res_out if norm is None else norm, res_out if q is None else q,
-                scales_arg, x if scale_ub is None else scale_ub.reshape(-1).to(torch.float32),
+                x, x if res is None else res, x if w is None else w, o.res_out,
+                o.res_out if o.norm is None else o.norm, o.res_out if o.q is None else o.q,
+                x if o.scales_arg is None else o.scales_arg,
+                x if o.ub is None else o.ub.reshape(-1).to(torch.float32),
                 buf_ptrs, sig_ptrs,
-                tokens, float(eps), stride_t, stride_g,
-                H=hidden, BLOCK=block, RANK=rank, WS=world,
-                HAS_RES=res is not None, RES_FP32=bool(residual_in_fp32) and res is not None,
-                HAS_W=w is not None, GEMMA=bool(gemma),
-                W_FP32=bool(weight_in_fp32), WRITE_NORM=norm is not None, QUANT=quant,
-                HAS_UB=scale_ub is not None and quant == k.QUANT_FP8_PER_TOKEN, GROUP=group_size, UE8M0=bool(ue8m0),
-                FP8_MAX=FP8_MAX, AMAX_EPS=float(amax_eps),
-                MIN_SCALE=float(scale_min) if quant == k.QUANT_FP8_PER_GROUP else PER_TOKEN_MIN_SCALE,
-                SWIZZLE=quant == k.QUANT_NVFP4 and bool(swizzle), SCALE_COLS=scale_cols,
+                x.shape[0], float(a.eps), o.stride_t, o.stride_g,
+                H=hidden, BLOCK=o.block, RANK=rank, WS=world,
+                HAS_RES=res is not None, RES_FP32=bool(f.residual_in_fp32) and res is not None,
+                HAS_W=w is not None, GEMMA=bool(f.gemma),
+                W_FP32=bool(f.weight_in_fp32), WRITE_NORM=o.norm is not None, QUANT=quant,
+                HAS_UB=o.ub is not None and quant == k.QUANT_FP8_PER_TOKEN, GROUP=p.get("group_size", 128),
+                UE8M0=bool(p.get("ue8m0", False)), FP8_MAX=FP8_MAX,
+                AMAX_EPS=float(p["amax_eps"]) if per_group else 0.0,
+                MIN_SCALE=float(p["scale_min"]) if per_group else PER_TOKEN_MIN_SCALE,
+                SWIZZLE=quant == k.QUANT_NVFP4 and bool(p["swizzle"]), SCALE_COLS=o.scale_cols,
                 num_warps=nw,
             )
+        return _shaped(o, lead, hidden, fp4)
 
-        def shaped(t, last):
-            return None if t is None else t.reshape(*lead, last) if t.is_contiguous() else t
 
-        out_norm = shaped(norm, hidden)
-        if quant == k.QUANT_NONE:
-            return out_norm, shaped(res_out, hidden), None, None
-        if fp4:
-            return out_norm, shaped(res_out, hidden), q, scales
-        out_scales = None if scales is None else shaped(scales, scales.shape[-1])
-        return out_norm, shaped(res_out, hidden), shaped(q, hidden), out_scales
+def _shaped(o: _Out, lead, hidden: int, fp4: bool) -> FusedOutputs:
+    """The outputs with the input's leading dims (FP4 codes and scales stay [T, ...])."""
+
+    def shaped(t, last):
+        return None if t is None else t.reshape(*lead, last) if t.is_contiguous() else t
+
+    if fp4:
+        return FusedOutputs(shaped(o.res_out, hidden), shaped(o.norm, hidden), o.q, o.scales)
+    scales = None if o.scales is None else shaped(o.scales, o.scales.shape[-1])
+    return FusedOutputs(shaped(o.res_out, hidden), shaped(o.norm, hidden), shaped(o.q, hidden), scales)
 
 
 _FP4_VARIANT = {4: "add_rmsnorm_nvfp4", 5: "add_rmsnorm_mxfp4"}  # triton_kernels.QUANT_NVFP4 / _MXFP4
@@ -302,12 +255,6 @@ def _check_fp4(input, variant: str) -> None:
         raise TypeError(f"fusion_passes: {variant} quantizes fp16/bf16 activations only, got {input.dtype}")
     if input.shape[-1] % FP4_BLOCK[variant]:
         raise ValueError(f"fusion_passes: {variant} needs hidden % {FP4_BLOCK[variant]} == 0")
-
-
-def _world_size(group: str) -> int:
-    from fusion_passes import groups
-
-    return groups.world_size(group)
 
 
 def unsupported(call: Call) -> str | None:

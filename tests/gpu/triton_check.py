@@ -38,9 +38,19 @@ import sys
 import torch
 import torch.distributed as dist
 
-from fusion_passes import epilogue
+from fusion_passes import arguments, epilogue, variants
 from fusion_passes.backends.reference import ReferenceBackend
 from fusion_passes.backends.triton import TritonBackend
+
+
+def run(backend, variant, x, res, w, eps, group, gemma, w_fp32, *params, with_norm_out=False,
+        residual_in_fp32=False):
+    """``backend.run`` as a tuple: ``(norm, residual_out)``, or ``(q, scales, residual_out, norm)``;
+    *params* are the variant's non-option quant arguments in order."""
+    args = arguments.legacy(variants.get(variant), x, res, w, eps, group, gemma, w_fp32, *params,
+                            with_norm_out=with_norm_out, residual_in_fp32=residual_in_fp32)
+    o = backend.run(variant, args)
+    return (o.norm_out, o.residual_out) if variant == "add_rmsnorm" else (o.q, o.scales, o.residual_out, o.norm_out)
 
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-20}
 
@@ -100,14 +110,14 @@ def check_case(group, rank, world, tokens, hidden, dtype, *, residual=True, weig
     w = (torch.rand((hidden,), generator=shared, device=dev) + 0.5).to(w_dtype or dtype) if weight else None
     eps = 1e-6
     rf = dict(residual_in_fp32=res_fp32)
-    ref_norm, ref_res = ReferenceBackend.add_rmsnorm(x, res, w, eps, group, gemma, w_fp32, **rf)
+    ref_norm, ref_res = run(ReferenceBackend(), "add_rmsnorm", x, res, w, eps, group, gemma, w_fp32, **rf)
     tb = TritonBackend()
     tol = max(ULP[ref_norm.dtype], ULP[dtype])  # the norm rounds to the activation dtype first
     res_tol = 0.0 if world <= 2 else ULP[dtype]
     tag = f"ws{world} T{tokens} H{hidden} {str(dtype)[6:]} res={residual} w={weight} gemma={gemma} wfp32={w_fp32} q={quant}"
     tag += " res_fp32=True" if res_fp32 else ""
     if quant is None:
-        norm, res_out = tb.run("add_rmsnorm", x, res, w, eps, group, gemma, w_fp32, **rf)
+        norm, res_out = run(tb, "add_rmsnorm", x, res, w, eps, group, gemma, w_fp32, **rf)
         close(f"{tag} residual_out", res_out, ref_res, res_tol)
         close(f"{tag} norm_out", norm, ref_norm, tol)
     else:
@@ -126,15 +136,15 @@ def check_case(group, rank, world, tokens, hidden, dtype, *, residual=True, weig
             if quant == "nvfp4":  # hand the allocator dirty blocks: the scales' padding must be written
                 dirty = [torch.full((1 << 16,), 0x7F, dtype=torch.uint8, device=dev) for _ in range(64)]
                 del dirty
-            q, s, res_out, norm = tb.run(variant, x, res, w, eps, group, gemma, w_fp32, *p, with_norm_out=True, **rf)
-            rq, rs, rr, rn = ref.run(variant, x, res, w, eps, group, gemma, w_fp32, *p, with_norm_out=True, **rf)
+            q, s, res_out, norm = run(tb, variant, x, res, w, eps, group, gemma, w_fp32, *p, with_norm_out=True, **rf)
+            rq, rs, rr, rn = run(ref, variant, x, res, w, eps, group, gemma, w_fp32, *p, with_norm_out=True, **rf)
             sub = f"{tag} params={[v if not torch.is_tensor(v) else v.item() for v in p]}"
             close(f"{sub} residual_out", res_out, rr, res_tol)
             close(f"{sub} norm_out", norm, rn, tol)
             if quant in ("nvfp4", "mxfp4"):
                 fp4_check(sub, q, s, norm, rq, rs, variant, p)
                 if quant == "nvfp4":  # without the norm output: the same quant
-                    q2, s2, _, n2 = tb.run(variant, x, res, w, eps, group, gemma, w_fp32, *p, **rf)
+                    q2, s2, _, n2 = run(tb, variant, x, res, w, eps, group, gemma, w_fp32, *p, **rf)
                     assert n2 is None and torch.equal(same_bytes(q2), same_bytes(q)) and torch.equal(
                         same_bytes(s2), same_bytes(s)), f"{sub}: with_norm_out=False changed the quant"
                 continue
@@ -158,21 +168,21 @@ def check_graph_replay(group, rank, world, tokens=64, hidden=4096, dtype=torch.b
     x = torch.empty((tokens, hidden), device=dev, dtype=dtype)
     res = torch.empty_like(x)
     w = torch.rand((hidden,), device=dev, dtype=dtype) + 0.5
-    tb.run("add_rmsnorm", x, res, w, 1e-6, group, False, True)  # registers the workspace eagerly
+    run(tb, "add_rmsnorm", x, res, w, 1e-6, group, False, True)  # registers the workspace eagerly
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        tb.run("add_rmsnorm", x, res, w, 1e-6, group, False, True)
+        run(tb, "add_rmsnorm", x, res, w, 1e-6, group, False, True)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = tb.run("add_rmsnorm", x, res, w, 1e-6, group, False, True)
+        out = run(tb, "add_rmsnorm", x, res, w, 1e-6, group, False, True)
     for i in range(replays):
         gen = torch.Generator(device=dev).manual_seed(100 + i)
         x.copy_(torch.randn((world, tokens, hidden), generator=gen, device=dev)[rank].to(dtype))
         res.copy_(torch.randn((tokens, hidden), generator=gen, device=dev).to(dtype))
         graph.replay()
-        ref_norm, ref_res = ReferenceBackend.add_rmsnorm(x, res, w, 1e-6, group, False, True)
+        ref_norm, ref_res = run(ReferenceBackend(), "add_rmsnorm", x, res, w, 1e-6, group, False, True)
         close(f"graph replay {i} residual_out", out[1], ref_res, 0.0 if world <= 2 else ULP[dtype])
         close(f"graph replay {i} norm_out", out[0], ref_norm, ULP[dtype])
     return f"ws{world} CUDA graph: {replays} replays"
@@ -188,11 +198,11 @@ def check_back_to_back(group, rank, world, iters=200):
         gen = torch.Generator(device=dev).manual_seed(7 * i)
         x = torch.randn((world, tokens, 4096), generator=gen, device=dev)[rank].to(torch.bfloat16)
         res = torch.randn((tokens, 4096), generator=gen, device=dev).to(torch.bfloat16)
-        outs.append(tb.run("add_rmsnorm", x, res, None, 1e-6, group, False, True))
+        outs.append(run(tb, "add_rmsnorm", x, res, None, 1e-6, group, False, True))
         refs.append((x, res))
     torch.cuda.synchronize()
     for i, ((norm, res_out), (x, res)) in enumerate(zip(outs, refs)):
-        rn, rr = ReferenceBackend.add_rmsnorm(x, res, None, 1e-6, group, False, True)
+        rn, rr = run(ReferenceBackend(), "add_rmsnorm", x, res, None, 1e-6, group, False, True)
         close(f"back-to-back {i} residual_out", res_out, rr, 0.0 if world <= 2 else ULP[torch.bfloat16])
         close(f"back-to-back {i} norm_out", norm, rn, ULP[torch.bfloat16])
     return f"ws{world} {iters} back-to-back calls"
@@ -210,7 +220,7 @@ def check_op(group, rank, world):
     w = torch.rand(4096, device=dev).to(torch.bfloat16) + 0.5
     chosen = backends.select(call_for("add_rmsnorm", x, group))
     norm, res_out = torch.ops.fusion_passes.allreduce_add_rmsnorm(x, res, w, 1e-6, group)
-    rn, rr = ReferenceBackend.add_rmsnorm(x, res, w, 1e-6, group, False, True)
+    rn, rr = run(ReferenceBackend(), "add_rmsnorm", x, res, w, 1e-6, group, False, True)
     close("op residual_out", res_out, rr, 0.0 if world <= 2 else ULP[torch.bfloat16])
     close("op norm_out", norm, rn, ULP[torch.bfloat16])
     return f"ws{world} fused op, backend auto -> {chosen}"

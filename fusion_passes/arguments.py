@@ -1,0 +1,161 @@
+"""The fused ops' arguments: binding, validation and the resolution of sentinels.
+
+Read by :mod:`fusion_passes.ops` (the op bodies and fakes) and by the backends' legacy
+positional form. Every rule here is generic over :mod:`fusion_passes.variants`: a new
+variant needs no edit in this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from fusion_passes import epilogue, groups
+from fusion_passes.variants import REQUIRED, SCALE_MIN_KERNEL, SCALE_MIN_NATIVE, SENTINELS, Flags, FusedArgs, Variant
+
+_ONE_ELEMENT = ("scale", "global_scale")  # tensor arguments holding one fp32 value
+_SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def bind(spec: Variant, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Every argument of *spec*'s op by name, defaults filled in (as the schema binds them)."""
+    params = spec.args
+    if len(args) > len(params):
+        raise TypeError(f"fusion_passes: {spec.op} takes {len(params)} arguments, got {len(args)}")
+    unknown = set(kwargs) - {a.name for a in params}
+    if unknown:
+        raise TypeError(f"fusion_passes: {spec.op} has no argument {sorted(unknown)}")
+    out: dict[str, Any] = {}
+    for i, a in enumerate(params):
+        if i < len(args):
+            out[a.name] = args[i]
+        elif a.name in kwargs:
+            out[a.name] = kwargs[a.name]
+        elif a.default is REQUIRED:
+            raise TypeError(f"fusion_passes: {spec.op} needs argument {a.name!r}")
+        else:
+            out[a.name] = a.default
+    return out
+
+
+def check(spec: Variant, a: Mapping[str, Any]) -> None:
+    """Clear errors for bad input, naming the problem (never a silent wrong answer)."""
+    x, residual, weight = a["input"], a["residual"], a["weight"]
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"fusion_passes: input must be [..., hidden] with hidden > 0, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"fusion_passes: input must be floating point, got {x.dtype}")
+    for arg in spec.args[1:]:
+        t = a[arg.name]
+        if arg.schema.startswith("Tensor") and t is not None and t.device != x.device:
+            raise ValueError(f"fusion_passes: {arg.name} is on {t.device} but input is on {x.device}: "
+                             "every tensor of a fused call must be on the input's device")
+    hidden = x.shape[-1]
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(
+            "fusion_passes: residual must match input in shape and dtype: "
+            f"{tuple(residual.shape)}/{residual.dtype} vs {tuple(x.shape)}/{x.dtype}"
+        )
+    if weight is not None and tuple(weight.shape) != (hidden,):
+        raise ValueError(f"fusion_passes: weight must be [{hidden}], got {tuple(weight.shape)}")
+    groups.split(a["group"])
+    if spec.kind is not None:
+        _check_quant(spec, a)
+
+
+def _check_quant(spec: Variant, a: Mapping[str, Any]) -> None:
+    x = a["input"]
+    if "fp8_dtype" in a and a["fp8_dtype"] not in epilogue.FP8_DTYPES:
+        raise TypeError(f"fusion_passes: fp8_dtype must be one of {epilogue.FP8_DTYPES}, got {a['fp8_dtype']}")
+    for name in _ONE_ELEMENT:
+        if name in a and a[name].numel() != 1:
+            raise ValueError(f"fusion_passes: {spec.name} needs a 1-element {name}, got {tuple(a[name].shape)}")
+    block = a[spec.block] if isinstance(spec.block, str) else spec.block
+    if isinstance(spec.block, str) and block <= 0:
+        raise ValueError(f"fusion_passes: {spec.name} needs {spec.block} > 0, got {block}")
+    if x.shape[-1] % block:
+        raise ValueError(f"fusion_passes: {spec.name} needs hidden % {block} == 0, got hidden={x.shape[-1]}")
+    if spec.input_dtypes is not None and x.dtype not in spec.input_dtypes:
+        names = "/".join(_SHORT.get(d, str(d)) for d in spec.input_dtypes)
+        raise TypeError(f"fusion_passes: {spec.name} quantizes {names} activations only, got {x.dtype}")
+    scale_min = a.get("scale_min")
+    if scale_min is not None and scale_min < 0 and scale_min not in SENTINELS:
+        raise ValueError(f"fusion_passes: {spec.name} scale_min must be >= 0 or a sentinel "
+                         f"({', '.join(f'{v} = {n}' for v, n in SENTINELS.items())}), got {scale_min}")
+
+
+def resolve(spec: Variant, a: Mapping[str, Any]) -> dict[str, Any]:
+    """*spec*'s quant arguments from the bound arguments *a*, every sentinel replaced by
+    the value it stands for (:mod:`fusion_passes.variants`)."""
+    quant = {q.name: a[q.name] for q in spec.quant}
+    scale_min = quant.get("scale_min")
+    if scale_min == SCALE_MIN_NATIVE:
+        quant["scale_min"] = epilogue.fp8_min_scaling_factor(quant["fp8_dtype"])
+    elif scale_min == SCALE_MIN_KERNEL:
+        if spec.kernel_scale_min is None:
+            raise ValueError(f"fusion_passes: {spec.name} has no kernel scale floor (SCALE_MIN_KERNEL)")
+        quant["scale_min"] = spec.kernel_scale_min(quant)
+    return quant
+
+
+def options(spec: Variant, a: Mapping[str, Any], quant: Mapping[str, Any]) -> frozenset[str]:
+    """The option arguments whose resolved value differs from what their default resolves to
+    (with the other arguments as given): only backends listing them compute those."""
+    out = set()
+    for q in spec.quant:
+        if q.option and resolve(spec, {**a, q.name: q.default})[q.name] != quant[q.name]:
+            out.add(q.name)
+    return frozenset(out)
+
+
+def flags(a: Mapping[str, Any]) -> Flags:
+    """The norm conventions among the bound arguments *a*."""
+    return Flags(**{name: bool(a[name]) for name in Flags.__dataclass_fields__})
+
+
+def fused_args(spec: Variant, a: Mapping[str, Any], quant: Mapping[str, Any]) -> FusedArgs:
+    """What ``Backend.run`` receives for one call with bound arguments *a*."""
+    return FusedArgs(a["input"].contiguous(), a["residual"], a["weight"], a["eps"], a["group"], flags(a),
+                     quant, bool(a.get("return_norm", False)))
+
+
+def legacy(spec: Variant, *args, with_norm_out: bool = False, residual_in_fp32: bool = False,
+           **opts) -> FusedArgs:
+    """The backends' former positional form, bound: ``(input, residual, weight, eps, group,
+    gemma, weight_in_fp32, *non-option quant arguments[, with_norm_out])`` with the options
+    (``fp8_dtype``, ``amax_eps``, ``scale_min``; None: the default) as keywords.
+
+    Kept only for callers outside the library that this change could not edit
+    (tools/bench_kernels.py, tools/ab_fp4_warps.py); new code passes a :class:`FusedArgs`.
+    """
+    head, rest = args[:7], args[7:]
+    names = spec.positional
+    if len(rest) > len(names) + 1:
+        raise TypeError(f"fusion_passes: {spec.name} takes {7 + len(names) + 1} positional arguments")
+    if len(rest) == len(names) + 1:
+        rest, with_norm_out = rest[:-1], rest[-1]
+    a = dict(zip(("input", "residual", "weight", "eps", "group", "gemma", "weight_in_fp32"), head))
+    a.update(zip(names, rest))
+    a.update({k: v for k, v in opts.items() if v is not None})
+    a["residual_in_fp32"] = residual_in_fp32
+    if spec.kind is not None:
+        a["return_norm"] = bool(with_norm_out)
+    a = bind(spec, (), a)
+    return fused_args(spec, a, resolve(spec, a))
+
+
+def quant_params(spec: Variant, *params, **opts) -> dict[str, Any]:
+    """Resolved quant arguments from the legacy positional ones (see :func:`legacy`)."""
+    a = {q.name: q.default for q in spec.quant}
+    a.update(zip(spec.positional, params))
+    a.update({k: v for k, v in opts.items() if v is not None})
+    return resolve(spec, a)
+
+
+def norm_dtype(x: torch.Tensor, weight: torch.Tensor | None, f: Flags) -> torch.dtype:
+    """The norm output's dtype: the activation's, unless the weight multiplies after the
+    cast back (the Hugging Face order), where type promotion decides."""
+    if weight is None or f.weight_in_fp32 or f.gemma:
+        return x.dtype
+    return torch.promote_types(weight.dtype, x.dtype)
