@@ -12,7 +12,16 @@ from typing import Any, Mapping
 import torch
 
 from fusion_passes import epilogue, groups
-from fusion_passes.variants import REQUIRED, SCALE_MIN_KERNEL, SCALE_MIN_NATIVE, SENTINELS, Flags, FusedArgs, Variant
+from fusion_passes.variants import (
+    FLAG_NAMES,
+    REQUIRED,
+    SCALE_MIN_KERNEL,
+    SCALE_MIN_NATIVE,
+    SENTINELS,
+    Flags,
+    FusedArgs,
+    Variant,
+)
 
 _ONE_ELEMENT = ("scale", "global_scale")  # tensor arguments holding one fp32 value
 _SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -23,7 +32,7 @@ def bind(spec: Variant, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any
     params = spec.args
     if len(args) > len(params):
         raise TypeError(f"fusion_passes: {spec.op} takes {len(params)} arguments, got {len(args)}")
-    unknown = set(kwargs) - {a.name for a in params}
+    unknown = kwargs.keys() - spec.arg_names
     if unknown:
         raise TypeError(f"fusion_passes: {spec.op} has no argument {sorted(unknown)}")
     out: dict[str, Any] = {}
@@ -46,10 +55,10 @@ def check(spec: Variant, a: Mapping[str, Any]) -> None:
         raise ValueError(f"fusion_passes: input must be [..., hidden] with hidden > 0, got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"fusion_passes: input must be floating point, got {x.dtype}")
-    for arg in spec.args[1:]:
-        t = a[arg.name]
-        if arg.schema.startswith("Tensor") and t is not None and t.device != x.device:
-            raise ValueError(f"fusion_passes: {arg.name} is on {t.device} but input is on {x.device}: "
+    for name in spec.tensor_args:
+        t = a[name]
+        if t is not None and t.device != x.device:
+            raise ValueError(f"fusion_passes: {name} is on {t.device} but input is on {x.device}: "
                              "every tensor of a fused call must be on the input's device")
     hidden = x.shape[-1]
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
@@ -104,14 +113,16 @@ def options(spec: Variant, a: Mapping[str, Any], quant: Mapping[str, Any]) -> fr
     (with the other arguments as given): only backends listing them compute those."""
     out = set()
     for q in spec.quant:
-        if q.option and resolve(spec, {**a, q.name: q.default})[q.name] != quant[q.name]:
+        if not q.option or a[q.name] is q.default or a[q.name] == q.default:
+            continue
+        if resolve(spec, {**a, q.name: q.default})[q.name] != quant[q.name]:
             out.add(q.name)
     return frozenset(out)
 
 
 def flags(a: Mapping[str, Any]) -> Flags:
     """The norm conventions among the bound arguments *a*."""
-    return Flags(**{name: bool(a[name]) for name in Flags.__dataclass_fields__})
+    return Flags(*(bool(a[name]) for name in FLAG_NAMES))
 
 
 def fused_args(spec: Variant, a: Mapping[str, Any], quant: Mapping[str, Any]) -> FusedArgs:

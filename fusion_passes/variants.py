@@ -15,6 +15,7 @@ This module imports torch and the standard library only: everything else may imp
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import torch
@@ -130,7 +131,7 @@ class Variant:
         """The fused op's name in the ``fusion_passes`` namespace."""
         return f"allreduce_{self.name}"
 
-    @property
+    @functools.cached_property
     def args(self) -> tuple[Arg, ...]:
         """Every argument of the op, in schema order."""
         out: list[Arg] = []
@@ -141,14 +142,23 @@ class Variant:
                 out.append(a)
         return tuple(out)
 
-    @property
+    @functools.cached_property
+    def arg_names(self) -> frozenset[str]:
+        return frozenset(a.name for a in self.args)
+
+    @functools.cached_property
+    def tensor_args(self) -> tuple[str, ...]:
+        """The tensor arguments after ``input``."""
+        return tuple(a.name for a in self.args[1:] if a.schema.startswith("Tensor"))
+
+    @functools.cached_property
     def output_names(self) -> tuple[str, ...]:
         """The op's outputs in order."""
         if self.kind is None:
             return ("norm_out", "residual_out")
         return (*(o.name for o in self.outputs), "residual_out", "norm_out")
 
-    @property
+    @functools.cached_property
     def positional(self) -> tuple[str, ...]:
         """Quant arguments that are not options (the legacy positional backend form)."""
         return tuple(a.name for a in self.quant if not a.option)
@@ -181,6 +191,7 @@ so graphs written before them still load; :mod:`fusion_passes.rewrite` writes th
 ``backend`` as keywords, and only when they differ from the default."""
 
 FLAGS = tuple(a for a in SIGNATURE if a.flag)
+FLAG_NAMES = tuple(a.name for a in FLAGS)
 
 Flags = dataclasses.make_dataclass(
     "Flags", [(a.name, bool, dataclasses.field(default=a.default)) for a in FLAGS], frozen=True,
@@ -301,7 +312,7 @@ class FusedOutputs:
 
 __all__ = [
     "Arg", "Out", "Variant", "VARIANTS", "BY_NAME", "BY_KIND", "NAMES", "SIGNATURE", "QUANT", "FLAGS",
-    "Flags", "FusedArgs", "FusedOutputs", "REQUIRED", "SCALE_MIN_NATIVE", "SCALE_MIN_KERNEL", "SENTINELS",
+    "FLAG_NAMES", "Flags", "FusedArgs", "FusedOutputs", "REQUIRED", "SCALE_MIN_NATIVE", "SCALE_MIN_KERNEL", "SENTINELS",
     "KERNEL_GROUP_EPS", "NVFP4_BLOCK", "MXFP4_BLOCK", "NVFP4_SWIZZLE_ROWS", "NVFP4_SWIZZLE_COLS",
     "FP4_INPUT_DTYPES", "get", "nvfp4_scale_shape",
 ]

@@ -1,0 +1,133 @@
+"""The library's modules import each other without a cycle, and the registry is a leaf.
+
+The import graph is read from the sources with ``ast``: every ``import`` and ``from ...
+import`` statement counts, at module level or inside a function (a lazy import is still
+a dependency, and a cycle through one fails at the first call instead of at import).
+Edges go to the named module, or to the package ``__init__`` when a name is taken from
+it. Not edges: Python running a package's ``__init__`` before its submodules (the
+package mechanism, not a use of its names), and imports of other libraries (vendors'
+lazy imports such as ``aiter`` or ``flashinfer`` cannot close a cycle among ours).
+``tools/`` (the command line, installed as ``fusion_passes.tools``) sits above the
+library and is not part of this graph.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SOURCES = {"fusion_passes": ROOT / "fusion_passes", "fusion_passes.patterns": ROOT / "patterns"}
+# modules that need an optional library to import, and that library
+NEEDS = {"fusion_passes.backends.triton_kernels": "triton", "fusion_passes.vllm": "vllm"}
+
+
+def modules() -> dict[str, pathlib.Path]:
+    """Every module of the library: name -> file (``fusion_passes.tools`` excluded)."""
+    out = {}
+    for package, folder in SOURCES.items():
+        for path in sorted(folder.rglob("*.py")):
+            rel = path.relative_to(folder).with_suffix("")
+            if rel.parts[0] in ("tools", "patterns") and folder.name == "fusion_passes":
+                continue  # links to the top-level folders: tools/ is not library, patterns/ is above
+            parts = [p for p in rel.parts if p != "__init__"]
+            out[".".join([package, *parts])] = path
+    return out
+
+
+def _resolve(importer: str, node: ast.ImportFrom, is_package: bool) -> str:
+    if not node.level:
+        return node.module or ""
+    base = importer.split(".")
+    base = base if is_package else base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def import_graph(mods: dict[str, pathlib.Path]) -> dict[str, set[str]]:
+    """``module -> the library modules it imports`` (see the module docstring for the rules)."""
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for name, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(name, node, path.name == "__init__.py")
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            for t in targets:
+                while t and t not in mods and "." in t:  # `import a.b.c` of a name inside a.b
+                    t = t.rsplit(".", 1)[0]
+                if t in mods and t != name:
+                    graph[name].add(t)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as ``[a, b, ..., a]``, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        path.append(n)
+        for m in sorted(graph.get(n, ())):
+            if state.get(m) == 1:
+                return path[path.index(m):] + [m]
+            if m not in state and (cycle := visit(m)):
+                return cycle
+        path.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (cycle := visit(n)):
+            return cycle
+    return None
+
+
+def test_the_checker_finds_a_planted_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_the_graph_sees_function_level_and_relative_imports(tmp_path):
+    pkg = tmp_path / "p"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from p import a\n")
+    (pkg / "a.py").write_text("def f():\n    from . import b\n")
+    (pkg / "b.py").write_text("from p.a import f\nimport torch\n")
+    mods = {"p": pkg / "__init__.py", "p.a": pkg / "a.py", "p.b": pkg / "b.py"}
+    graph = import_graph(mods)
+    assert graph == {"p": {"p.a"}, "p.a": {"p.b"}, "p.b": {"p.a"}}
+    assert find_cycle(graph) == ["p.a", "p.b", "p.a"]
+
+
+def test_the_library_has_no_import_cycle():
+    mods = modules()
+    assert {"fusion_passes.ops", "fusion_passes.variants", "fusion_passes.backends.reference",
+            "fusion_passes.patterns"} <= set(mods)
+    assert not any(m.startswith("fusion_passes.tools") for m in mods)
+    cycle = find_cycle(import_graph(mods))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_variant_registry_is_a_leaf():
+    """fusion_passes.variants imports torch and the standard library only."""
+    tree = ast.parse(modules()["fusion_passes.variants"].read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported - {"__future__"} <= {"torch"} | set(sys.stdlib_module_names), imported
+
+
+@pytest.mark.parametrize("name", sorted(modules()))
+def test_every_module_imports(name):
+    need = NEEDS.get(name)
+    if need is not None and importlib.util.find_spec(need) is None:
+        pytest.skip(f"{name} needs {need}, which is not installed")
+    importlib.import_module(name)
