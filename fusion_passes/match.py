@@ -39,10 +39,41 @@ class Site:
 
 def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
     """The fusable chain after *ar*, or why there is none."""
+    chain = _chain(ar)
+    if isinstance(chain, Miss):
+        return chain
+    add, residual, norm, residual_out = chain
+    has_residual = residual is not None
+    # Quant-aware: the largest family first (norm -> quant), then the plain one.
+    found_quant = quant.find(norm.out)
+    note = f"quant left unfused: {found_quant.reason}" if isinstance(found_quant, Miss) else None
+    families = []
+    if isinstance(found_quant, quant.Quant):
+        norm_out = any(u not in found_quant.nodes for u in norm.out.users)
+        families += [f for f in CATALOGUE if f.quant == found_quant.kind and f.residual == has_residual
+                     and getattr(f, "norm_out", False) == norm_out]
+    families += [f for f in CATALOGUE if f.quant is None and f.residual == has_residual
+                 and f.residual_out in (None, residual_out)]
+    if not families:  # the catalogue covers every shape found above; a gap is a bug
+        return Miss(f"no catalogue family for residual={has_residual} residual_out={residual_out}", ar.value)
+    reasons: list[str] = []
+    for family in families:
+        site_quant = found_quant if family.quant is not None else None
+        backend = _backend(family, ar, norm, site_quant, prefer_backend, reasons)
+        if backend is None:
+            continue
+        if family.quant is None and isinstance(found_quant, quant.Quant):
+            note = f"quant {found_quant.kind} left unfused: no backend runs {found_quant.variant} here ({reasons[0]})"
+        return Site(ar, norm, family, backend, add, residual, quant=site_quant, note=note)
+    return Miss(reasons[-1], ar.node)
+
+
+def _chain(ar: AllReduce) -> tuple[Node | None, Node | None, Norm, bool] | Miss:
+    """``(add, residual, norm, residual_out)`` after *ar*: the residual add (plain dialect)
+    and its residual, the norm, and whether the sum is also read elsewhere."""
     v = ar.value
     if not v.users:
         return Miss(f"all-reduce {ar.node.name} result is unused", ar.node)
-    add = residual = None
     found = residual_add(v)
     if isinstance(found, Miss):
         return found
@@ -51,56 +82,36 @@ def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
         norm = rms_norm(add)
         if not norm:
             return Miss(f"residual add {add.name} does not feed an RMSNorm: {norm.reason}", norm.node or add)
-        outside = [u for u in add.users if u not in norm.nodes]
-        residual_out = bool(outside)
-    else:
-        norm = rms_norm(v)
-        if not norm:
-            return _why_no_norm(v, norm)
-        if norm.residual is not None:  # vLLM's fused_add_rms_norm adds the residual itself
-            residual = norm.residual
-            if len(v.users) != 1:
-                return Miss(_second_user(ar, v), v)
-            residual_out = norm.residual_out is not None and bool(norm.residual_out.users)
-        else:
-            residual_out = any(u not in norm.nodes for u in v.users)
-    has_residual = residual is not None
-    # Quant-aware: the largest family first (norm -> quant), then the plain one.
-    found_quant = quant.find(norm.out)
-    note = None
-    families = []
-    if isinstance(found_quant, quant.Quant):
-        norm_out = any(u not in found_quant.nodes for u in norm.out.users)
-        families += [f for f in CATALOGUE if f.quant == found_quant.kind and f.residual == has_residual
-                     and getattr(f, "norm_out", False) == norm_out]
-    elif isinstance(found_quant, Miss):
-        note = f"quant left unfused: {found_quant.reason}"
-    families += [f for f in CATALOGUE if f.quant is None and f.residual == has_residual
-                 and f.residual_out in (None, residual_out)]
-    if not families:  # the catalogue covers every shape found above; a gap is a bug
-        return Miss(f"no catalogue family for residual={has_residual} residual_out={residual_out}", v)
-    reasons: list[str] = []
-    for family in families:
-        call = compile_time_call(family.variant, ar, norm, found_quant if family.quant is not None else None)
-        try:
-            backend = backends.select(call, prefer_backend)
-        except RuntimeError as e:
-            reasons.append(str(e))
-            continue
-        if backend == "reference" and prefer_backend == "auto" and call.device != "cpu" and call.world_size:
-            # On a GPU the reference backend is the unfused chain run eagerly inside one op:
-            # slower than Inductor's compiled chain, so the site stays as it is. (A group not
-            # resolvable here, world size 0, e.g. a dump read on another machine, is left to
-            # the selector at run time.)
-            reasons.append(f"no fused kernel runs {family.variant} on {call.device} here: " + "; ".join(
-                f"{name}: {why}" for name in backends.ORDER if name != "reference"
-                for why in [backends.why_not(name, call)] if why))
-            continue
-        if family.quant is None and isinstance(found_quant, quant.Quant):
-            note = f"quant {found_quant.kind} left unfused: no backend runs {found_quant.variant} here ({reasons[0]})"
-        return Site(ar, norm, family, backend, add, residual,
-                    quant=found_quant if family.quant is not None else None, note=note)
-    return Miss(reasons[-1], ar.node)
+        return add, residual, norm, any(u not in norm.nodes for u in add.users)
+    norm = rms_norm(v)
+    if not norm:
+        return _why_no_norm(v, norm)
+    if norm.residual is None:
+        return None, None, norm, any(u not in norm.nodes for u in v.users)
+    # vLLM's fused_add_rms_norm adds the residual itself
+    if len(v.users) != 1:
+        return Miss(_second_user(ar, v), v)
+    return None, norm.residual, norm, norm.residual_out is not None and bool(norm.residual_out.users)
+
+
+def _backend(family: Family, ar: AllReduce, norm: Norm, site_quant, prefer: str, reasons: list[str]) -> str | None:
+    """The backend that would run *family* at this site, or None (the reason appended)."""
+    call = compile_time_call(family.variant, ar, norm, site_quant)
+    try:
+        backend = backends.select(call, prefer)
+    except RuntimeError as e:
+        reasons.append(str(e))
+        return None
+    if backend == "reference" and prefer == "auto" and call.device != "cpu" and call.world_size:
+        # On a GPU the reference backend is the unfused chain run eagerly inside one op:
+        # slower than Inductor's compiled chain, so the site stays as it is. (A group not
+        # resolvable here, world size 0, e.g. a dump read on another machine, is left to
+        # the selector at run time.)
+        reasons.append(f"no fused kernel runs {family.variant} on {call.device} here: " + "; ".join(
+            f"{name}: {why}" for name in backends.ORDER if name != "reference"
+            for why in [backends.why_not(name, call)] if why))
+        return None
+    return backend
 
 
 def compile_time_call(variant: str, ar: AllReduce, norm=None, found_quant=None) -> backends.Call:

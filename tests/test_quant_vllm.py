@@ -26,6 +26,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 from torch.testing import FileCheck
 
+from fusion_passes.fx_util import op_name
 from ranks import run_ranks
 
 pytestmark = pytest.mark.vllm
@@ -200,7 +201,7 @@ def _quantized_sources(gm: GraphModule) -> list[Node]:
 
 def _is(node: Node, qualified: str) -> bool:
     t = node.target
-    return isinstance(t, torch._ops.OpOverload) and f"{t.namespace}.{t._opname}" == qualified
+    return isinstance(t, torch._ops.OpOverload) and op_name(t).rpartition(".")[0] == qualified
 
 
 def test_vllm_deepseek_v3_block_fp8_fuses_the_group_quant(fake_pg, block_fp8_on_cpu):
