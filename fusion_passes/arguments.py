@@ -23,7 +23,6 @@ from fusion_passes.variants import (
     Variant,
 )
 
-_ONE_ELEMENT = ("scale", "global_scale")  # tensor arguments holding one fp32 value
 _SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -77,9 +76,10 @@ def _check_quant(spec: Variant, a: Mapping[str, Any]) -> None:
     x = a["input"]
     if "fp8_dtype" in a and a["fp8_dtype"] not in epilogue.FP8_DTYPES:
         raise TypeError(f"fusion_passes: fp8_dtype must be one of {epilogue.FP8_DTYPES}, got {a['fp8_dtype']}")
-    for name in _ONE_ELEMENT:
-        if name in a and a[name].numel() != 1:
-            raise ValueError(f"fusion_passes: {spec.name} needs a 1-element {name}, got {tuple(a[name].shape)}")
+    for q in spec.quant:
+        if q.numel is not None and a[q.name] is not None and a[q.name].numel() != q.numel:
+            raise ValueError(f"fusion_passes: {spec.name} needs a {q.numel}-element {q.name}, "
+                             f"got {tuple(a[q.name].shape)}")
     block = a[spec.block] if isinstance(spec.block, str) else spec.block
     if isinstance(spec.block, str) and block <= 0:
         raise ValueError(f"fusion_passes: {spec.name} needs {spec.block} > 0, got {block}")
@@ -138,7 +138,8 @@ def legacy(spec: Variant, *args, with_norm_out: bool = False, residual_in_fp32: 
     (``fp8_dtype``, ``amax_eps``, ``scale_min``; None: the default) as keywords.
 
     Kept only for callers outside the library that this change could not edit
-    (tools/bench_kernels.py, tools/ab_fp4_warps.py); new code passes a :class:`FusedArgs`.
+    (tools/bench_kernels.py, tools/ab_fp4_warps.py) and for the tuple helper of
+    tests/gpu/triton_check.py; new code passes a :class:`FusedArgs`.
     """
     head, rest = args[:7], args[7:]
     names = spec.positional

@@ -12,8 +12,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from fusion_passes.variants import (  # noqa: F401  (re-exported: the format constants)
-    FP4_INPUT_DTYPES,
+from fusion_passes.variants import (  # the formats' constants, declared with their variants
     MXFP4_BLOCK,
     NVFP4_BLOCK,
     NVFP4_SWIZZLE_COLS,

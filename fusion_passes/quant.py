@@ -34,7 +34,7 @@ import torch
 from torch.fx import Node
 
 from fusion_passes import epilogue, fx_util, variants
-from fusion_passes.recognize import Miss, _convert_to, dtype_of, is_named, is_op, short, target_name, val
+from fusion_passes.recognize import Miss, _convert_to, dtype_of, is_named, is_op, short, val
 
 aten = torch.ops.aten
 
@@ -484,7 +484,7 @@ def _custom_op(y: Node, u: Node) -> Quant | Miss | None:
                   "fp8_dtype": fp8}
         return Quant("fp8_per_group", params, nodes, {"q": items.get(1), "scales": items.get(2)})
     if name == C_NVFP4:
-        if dtype_of(y) not in epilogue.FP4_INPUT_DTYPES:
+        if dtype_of(y) not in variants.BY_KIND["nvfp4"].input_dtypes:
             return Miss(f"{short(u)}: NVFP4 quantizes fp16/bf16, the norm output is {dtype_of(y)}", u)
         sdt = dtype_of(kw["output_scale"])
         params = {"global_scale": kw["input_scale"], "swizzle": bool(kw["is_sf_swizzled_layout"])}

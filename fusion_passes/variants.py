@@ -67,7 +67,8 @@ class Arg:
     ``flag``: a norm convention (in :class:`Flags`, seen by the backends' gates).
     ``quant_only``: only the quant variants take it. ``option``: a quant argument whose
     non-default values only the backends listing it in ``quant_options`` compute (any
-    other backend's call then runs on the reference backend).
+    other backend's call then runs on the reference backend). ``numel``: a tensor
+    argument must have exactly this many elements.
     """
 
     name: str
@@ -77,6 +78,7 @@ class Arg:
     flag: bool = False
     quant_only: bool = False
     option: bool = False
+    numel: int | None = None
 
     def schema_text(self) -> str:
         """``float scale_min=-1.0``: this argument in a torch schema string."""
@@ -104,6 +106,7 @@ class Out:
     column_major: str | None = None
 
     def dtype_for(self, params: Mapping[str, Any]) -> torch.dtype:
+        """This output's dtype for the resolved quant arguments *params*."""
         return params[self.dtype] if isinstance(self.dtype, str) else self.dtype
 
 
@@ -144,6 +147,7 @@ class Variant:
 
     @functools.cached_property
     def arg_names(self) -> frozenset[str]:
+        """The names of :attr:`args`."""
         return frozenset(a.name for a in self.args)
 
     @functools.cached_property
@@ -222,7 +226,7 @@ _F32 = torch.float32
 VARIANTS: tuple[Variant, ...] = (
     Variant("add_rmsnorm"),
     Variant("add_rmsnorm_fp8_static", "fp8_static",
-            (Arg("scale", "Tensor", doc="fp32 [1]: q = fp8(y * (1 / scale))"), _FP8),
+            (Arg("scale", "Tensor", doc="fp32 [1]: q = fp8(y * (1 / scale))", numel=1), _FP8),
             (_Q_FP8,),
             spelling="fp8(clamp(y * 1/scale)), scale a parameter"),
     Variant("add_rmsnorm_fp8_per_token", "fp8_per_token",
@@ -247,7 +251,7 @@ VARIANTS: tuple[Variant, ...] = (
             kernel_scale_min=lambda p: 0.0,
             spelling="max(|y|) over ALL tokens/448 -> fp8(y / s), one scale"),
     Variant("add_rmsnorm_nvfp4", "nvfp4",
-            (Arg("global_scale", "Tensor", doc="fp32 [1]: the tensor-wide scale of the block scales"),
+            (Arg("global_scale", "Tensor", doc="fp32 [1]: the tensor-wide scale of the block scales", numel=1),
              Arg("swizzle", "bool", True, "block scales in the 128x4-tiled layout (vLLM's default)")),
             (_Q_FP4, Out("scales", lambda x, p: nvfp4_scale_shape(_tokens(x), x.shape[-1], p["swizzle"]),
                          torch.float8_e4m3fn)),
