@@ -86,8 +86,10 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def num_warps_for(hidden: int) -> int:
-    return max(1, min(int(LIMITS["max_warps"]), _next_pow2(hidden) // int(LIMITS["elements_per_warp"])))
+def num_warps_for(hidden: int, quant: bool = False) -> int:
+    """Warps per row (thresholds.TRITON["elements_per_warp"/"_quant"]; measured)."""
+    per_warp = int(LIMITS["elements_per_warp_quant" if quant else "elements_per_warp"])
+    return max(1, min(int(LIMITS["max_warps"]), _next_pow2(hidden) // per_warp))
 
 
 @functools.lru_cache(maxsize=None)
@@ -252,7 +254,7 @@ class TritonBackend:
 
         rank, world = 0, 1
         buf_ptrs = sig_ptrs = 0
-        nw = num_warps_for(hidden)
+        nw = num_warps_for(hidden, quant != k.QUANT_NONE)
         if fp4 and tokens >= LIMITS["fp4_many_tokens"]:
             nw = min(nw, int(LIMITS["fp4_many_tokens_warps"][_FP4_VARIANT[quant]]))
         grid = max(tokens, 1)
