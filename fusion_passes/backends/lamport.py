@@ -1,4 +1,4 @@
-"""Workspaces of the wait-free one-shot kernel (:mod:`fusion_passes.backends.lamport_kernels`).
+"""Workspaces of the wait-free one-shot and two-shot kernel (:mod:`fusion_passes.backends.lamport_kernels`).
 
 A :class:`LamportWorkspace` holds what one rank's kernel needs: the addresses of every
 rank's three-slot buffer (a device ``int64[WS]``), this rank's ``state`` words (parity and
@@ -35,7 +35,8 @@ class LamportWorkspace:
 
     @property
     def slot_elems(self) -> int:
-        return self.world_size * self.max_tokens * self.hidden
+        """A slot: ``world_size`` input regions + one gather region (two-shot) of ``[max_tokens, hidden]``."""
+        return (self.world_size + 1) * self.max_tokens * self.hidden
 
     def fits(self, tokens: int, hidden: int, dtype: torch.dtype) -> bool:
         return dtype == self.dtype and hidden == self.hidden and tokens <= self.max_tokens
@@ -51,8 +52,8 @@ def sentinel(dtype: torch.dtype) -> tuple[torch.dtype, int]:
 
 
 def buffer_elems(world_size: int, max_tokens: int, hidden: int) -> int:
-    """Elements of one rank's buffer: three slots of ``[world_size, max_tokens, hidden]``."""
-    return SLOTS * world_size * max_tokens * hidden
+    """Elements of one rank's buffer: three slots of ``[world_size + 1, max_tokens, hidden]``."""
+    return SLOTS * (world_size + 1) * max_tokens * hidden
 
 
 def arm(buffer: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,38 @@ def _rearm(mine, clear_off, clear_n, pid, nprog, cols, BLOCK: tl.constexpr, BITS
 
 
 @triton.jit
+def _push_to_owners(in_ptr, peers, slot_off, T, pid, nprog, cols, mask, H: tl.constexpr, RANK: tl.constexpr,
+                    WS: tl.constexpr, BITS: tl.constexpr, SENT: tl.constexpr):
+    """Two-shot phase 1: each row goes only to its owner (``row % WS``), region ``[RANK]``."""
+    for row in range(pid, T, nprog):
+        off = tl.cast(row, tl.int64) * H
+        x = tl.load(in_ptr + off + cols, mask=mask).to(BITS, bitcast=True)
+        x = tl.where(x == SENT, 0, x)
+        base = tl.load(peers + row % WS).to(tl.pointer_type(BITS))
+        tl.store(base + slot_off + tl.cast(RANK, tl.int64) * T * H + off + cols, x, mask=mask)
+
+
+@triton.jit
+def _reduce_owned(peers, mine, slot_off, T, pid, nprog, cols, mask, act, H: tl.constexpr, BLOCK: tl.constexpr,
+                  RANK: tl.constexpr, WS: tl.constexpr, BITS: tl.constexpr, SENT: tl.constexpr):
+    """Two-shot phase 2: sum the owned rows (``RANK, RANK + WS, ...``) over the WS regions,
+    round to the activation dtype and push each sum into every rank's gather region."""
+    gather = slot_off + tl.cast(WS, tl.int64) * T * H
+    for k in range(pid, tl.cdiv(T - RANK, WS), nprog):
+        row = RANK + k * WS
+        off = tl.cast(row, tl.int64) * H
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for r in tl.static_range(WS):
+            v = _wait_row(mine + slot_off + tl.cast(r, tl.int64) * T * H + off, cols, mask, BITS, SENT)
+            acc += v.to(act, bitcast=True).to(tl.float32)
+        x = acc.to(act).to(BITS, bitcast=True)
+        x = tl.where(x == SENT, 0, x)
+        for p in tl.static_range(WS):
+            base = tl.load(peers + p).to(tl.pointer_type(BITS))
+            tl.store(base + gather + off + cols, x, mask=mask)
+
+
+@triton.jit
 def _wait_row(src, cols, mask, BITS: tl.constexpr, SENT: tl.constexpr):
     """Volatile loads of one row until none of its elements is the sentinel."""
     v = tl.load(src + cols, mask=mask, other=0, volatile=True)
@@ -81,7 +113,7 @@ def _wait_row(src, cols, mask, BITS: tl.constexpr, SENT: tl.constexpr):
 
 
 @triton.jit
-def lamport_oneshot_kernel(
+def lamport_kernel(
     in_ptr, res_ptr, w_ptr, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, ub_ptr,
     peers_ptr,  # device int64[WS]: base address of every rank's Lamport buffer
     state_ptr,  # this rank's int32[STATE_WORDS]: arrived programs, parity 0..2, elements to re-arm
@@ -91,6 +123,7 @@ def lamport_oneshot_kernel(
     WRITE_NORM: tl.constexpr, QUANT: tl.constexpr, HAS_UB: tl.constexpr, GROUP: tl.constexpr,
     UE8M0: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, AMAX_EPS: tl.constexpr,
     SWIZZLE: tl.constexpr, SCALE_COLS: tl.constexpr, BITS: tl.constexpr, SENT: tl.constexpr,
+    TWO_SHOT: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -104,7 +137,10 @@ def lamport_oneshot_kernel(
     mine = tl.load(peers + RANK).to(tl.pointer_type(BITS))
     slot_off = tl.cast(parity % 3, tl.int64) * slot_elems
 
-    _push_rows(in_ptr, peers, slot_off, T, pid, nprog, cols, mask, H, RANK, WS, BITS, SENT)
+    if TWO_SHOT:
+        _push_to_owners(in_ptr, peers, slot_off, T, pid, nprog, cols, mask, H, RANK, WS, BITS, SENT)
+    else:
+        _push_rows(in_ptr, peers, slot_off, T, pid, nprog, cols, mask, H, RANK, WS, BITS, SENT)
     _rearm(mine, tl.cast((parity + 2) % 3, tl.int64) * slot_elems, clear_n, pid, nprog, cols, BLOCK, BITS, SENT)
 
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 0.0
@@ -112,13 +148,19 @@ def lamport_oneshot_kernel(
     ub = tl.load(ub_ptr).to(tl.float32) if HAS_UB else 0.0
     gs = tl.load(ub_ptr).to(tl.float32) if QUANT == 4 else 0.0
     inv_gs = tl.math.div_rn(1.0, gs + (gs == 0).to(tl.float32) * 1e8) if QUANT == 4 else 0.0
+    if TWO_SHOT:
+        _reduce_owned(peers, mine, slot_off, T, pid, nprog, cols, mask, act, H, BLOCK, RANK, WS, BITS, SENT)
     for row in range(pid, T, nprog):
         off = tl.cast(row, tl.int64) * H
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for r in tl.static_range(WS):
-            v = _wait_row(mine + slot_off + tl.cast(r, tl.int64) * T * H + off, cols, mask, BITS, SENT)
-            acc += v.to(act, bitcast=True).to(tl.float32)
-        s = acc.to(act).to(tl.float32)  # the all-reduce's result is in the activation dtype
+        if TWO_SHOT:  # the owner's sum, already rounded to the activation dtype
+            g = mine + slot_off + tl.cast(WS, tl.int64) * T * H + off
+            s = _wait_row(g, cols, mask, BITS, SENT).to(act, bitcast=True).to(tl.float32)
+        else:
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for r in tl.static_range(WS):
+                v = _wait_row(mine + slot_off + tl.cast(r, tl.int64) * T * H + off, cols, mask, BITS, SENT)
+                acc += v.to(act, bitcast=True).to(tl.float32)
+            s = acc.to(act).to(tl.float32)  # the all-reduce's result is in the activation dtype
         _epilogue_row(s, row, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub,
                       gs, inv_gs, eps, scale_stride_t, scale_stride_g, H, BLOCK, HAS_RES, RES_FP32, HAS_W, GEMMA,
                       W_FP32, WRITE_NORM, QUANT, HAS_UB, GROUP, UE8M0, FP8_MAX, MIN_SCALE, AMAX_EPS, SWIZZLE,
@@ -128,6 +170,6 @@ def lamport_oneshot_kernel(
         arrived = tl.load(state_ptr, volatile=True)
         while arrived < nprog:
             arrived = tl.load(state_ptr, volatile=True)
-        tl.store(state_ptr + 2, WS * T * H)
+        tl.store(state_ptr + 2, (WS + 1) * T * H if TWO_SHOT else WS * T * H)
         tl.store(state_ptr + 1, (parity + 1) % 3)
         tl.store(state_ptr, 0)

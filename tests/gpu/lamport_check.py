@@ -1,4 +1,4 @@
-"""The wait-free one-shot kernel's protocol at world sizes 2, 4 and 8 on ONE GPU.
+"""The wait-free one-shot and two-shot kernel's protocol at world sizes 2, 4 and 8 on ONE GPU.
 
 ``python tests/gpu/lamport_check.py [WS ...]`` starts WS processes on GPU 0. Each allocates
 its three-slot buffer, arms it and shares it through ``torch.multiprocessing`` (CUDA IPC);
@@ -45,19 +45,19 @@ def inputs(rank: int, call: int, tokens: int, device):
     return x.to(device), res.to(device)
 
 
-def launch(ws, x, res, w, eps, quant, outs, grid):
+def launch(ws, x, res, w, eps, quant, outs, grid, two_shot=False):
     from fusion_passes.backends import lamport, lamport_kernels as L
     import triton.language as tl
 
     res_out, norm, q, scales = outs
     view, bits = lamport.sentinel(x.dtype)
     block = 1 << (H - 1).bit_length()
-    L.lamport_oneshot_kernel[(grid,)](
+    L.lamport_kernel[(grid,)](
         x, res, w, res_out, norm, q, scales, scales, ws.peers, ws.state, x.shape[0], eps, 1, 0, ws.slot_elems,
         H=H, BLOCK=block, RANK=ws.rank, WS=ws.world_size, HAS_RES=True, RES_FP32=False, HAS_W=True, GEMMA=False,
         W_FP32=True, WRITE_NORM=True, QUANT=quant, HAS_UB=False, GROUP=128, UE8M0=False, FP8_MAX=448.0,
         MIN_SCALE=1.0 / (448.0 * 512.0), AMAX_EPS=0.0, SWIZZLE=False, SCALE_COLS=1,
-        BITS=tl.int16 if view == torch.int16 else tl.int32, SENT=bits, num_warps=8)
+        BITS=tl.int16 if view == torch.int16 else tl.int32, SENT=bits, TWO_SHOT=two_shot, num_warps=8)
 
 
 def check(rank, world, call, tokens, outs, w, eps, quant, device):
@@ -103,11 +103,11 @@ def worker(rank, world, queue, results, barrier):
                 torch.empty(MAX_TOKENS, H, dtype=torch.float8_e4m3fn, device=device),
                 torch.empty(MAX_TOKENS, 1, dtype=torch.float32, device=device))
         call = 0
-        for tokens in EAGER_TOKENS:  # eager, changing sizes: the re-arm sizes follow
-            for quant in (0, 2):
+        for tokens in EAGER_TOKENS:  # eager, changing sizes and paths: the re-arm sizes follow
+            for quant, two_shot in ((0, False), (2, True), (0, True), (2, False)):
                 x, res = inputs(rank, call, tokens, device)
                 sl = tuple(o[:tokens] for o in outs)
-                launch(ws, x, res, w, eps, quant, sl, min(tokens, 4))
+                launch(ws, x, res, w, eps, quant, sl, min(tokens, 4), two_shot)
                 torch.cuda.synchronize()
                 check(rank, world, call, tokens, outs, w, eps, quant, device)
                 call += 1
@@ -116,7 +116,8 @@ def worker(rank, world, queue, results, barrier):
         graph = torch.cuda.CUDAGraph()
         barrier.wait()
         with torch.cuda.graph(graph):  # capture launches nothing: no peer waits on it
-            launch(ws, x, res, w, eps, 2, sl, 4)
+            launch(ws, x, res, w, eps, 2, sl, 4, False)
+            launch(ws, x, res, w, eps, 2, sl, 4, True)
         barrier.wait()
         for _ in range(GRAPH_REPLAYS):
             nx, nres = inputs(rank, call, GRAPH_TOKENS, device)
@@ -159,8 +160,8 @@ def main(argv) -> int:
             print(f"world size {world}: FAILED\n{err}", flush=True)
         else:
             passed += 1
-            print(f"world size {world}: {len(EAGER_TOKENS) * 2} eager calls + {GRAPH_REPLAYS} graph replays on one "
-                  "GPU, every rank bit-exact (norm within 1 ulp)", flush=True)
+            print(f"world size {world}: {len(EAGER_TOKENS) * 4} eager calls (one-shot and two-shot) + {GRAPH_REPLAYS} "
+                  "replays of a graph of both, on one GPU: every rank bit-exact (norm within 1 ulp)", flush=True)
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 
