@@ -75,9 +75,16 @@ TRITON: dict[str, object] = {
     # Rows start 16-byte aligned in the symmetric buffer and are read with 16-byte
     # vector loads: hidden * itemsize % 16 == 0 (kernel design limit).
     "row_alignment_bytes": 16,
-    # Warps per program: next_pow2(hidden) // 512 clamped to [1, 16] (4..16 elements of
-    # 16 bytes per thread); a kernel tuning choice.
+    # Warps per program: next_pow2(hidden) // elements_per_warp clamped to [1, 16]. add + RMSNorm
+    # takes 512 (16 warps at hidden 7168); the quant variants 1024 (8 warps at 7168): the second
+    # row reduction (absmax) costs a cross-warp exchange per warp. Source: A/B of 4, 8, 16 warps
+    # on 1x H200, world size 1, bf16, hidden 7168, 1..16384 tokens (gpu run 2 of 2026-12-01,
+    # results/ab_warps_h200_ws1.json): 8 warps was fastest or within 2% for FP8 static,
+    # per-token and per-group at every token count (e.g. static 2.41 vs 2.58 us at 1 token,
+    # 198 vs 201 us at 16384) and for NVFP4 / MXFP4 below 1024 tokens; add + RMSNorm at
+    # 16 warps was within 3% of the best at every hidden size (4096 / 7168 / 8192).
     "elements_per_warp": 512,
+    "elements_per_warp_quant": 1024,
     "max_warps": 16,
     # Resident programs per SM for the persistent one-shot grid: 2048 threads per SM on
     # Hopper (CUDA occupancy limit) / (32 * num_warps).

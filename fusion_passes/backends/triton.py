@@ -81,8 +81,10 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def num_warps_for(hidden: int) -> int:
-    return max(1, min(int(LIMITS["max_warps"]), _next_pow2(hidden) // int(LIMITS["elements_per_warp"])))
+def num_warps_for(hidden: int, quant: bool = False) -> int:
+    """Warps per row (thresholds.TRITON["elements_per_warp"/"_quant"]; measured)."""
+    per_warp = int(LIMITS["elements_per_warp_quant" if quant else "elements_per_warp"])
+    return max(1, min(int(LIMITS["max_warps"]), _next_pow2(hidden) // per_warp))
 
 
 @functools.lru_cache(maxsize=None)
@@ -189,7 +191,7 @@ class TritonBackend:
     def _grid(self, a: FusedArgs, x: torch.Tensor, fp4: bool, variant: str):
         """``(grid, num_warps, rank, world, buffer pointers, signal pointers)`` of one launch."""
         tokens, hidden = x.shape
-        nw = num_warps_for(hidden)
+        nw = num_warps_for(hidden, variant != "add_rmsnorm")
         if fp4 and tokens >= LIMITS["fp4_many_tokens"]:
             nw = min(nw, int(LIMITS["fp4_many_tokens_warps"][variant]))
         if not (tokens and groups.world_size(a.group) > 1):

@@ -154,6 +154,128 @@ def _barrier(signal_pad_ptrs, slot, RANK: tl.constexpr, WS: tl.constexpr):
 
 
 @triton.jit
+def _norm(s, w, eps, H: tl.constexpr, HAS_W: tl.constexpr, GEMMA: tl.constexpr, W_FP32: tl.constexpr, act, out_ty):
+    """RMSNorm of the fp32 row ``s`` with the epilogue's weight conventions, rounded to
+    the output dtype and returned in fp32: what the quant of the unfused chain reads."""
+    rstd = tl.math.rsqrt(tl.sum(s * s, axis=0) / H + eps)
+    n = s * rstd
+    if HAS_W:
+        if GEMMA:
+            y = n * (1.0 + w)
+        elif W_FP32:
+            y = n * w
+        else:  # Hugging Face Llama: w * normed.to(dtype), in the promoted dtype
+            y = w * n.to(act).to(tl.float32)
+    else:
+        y = n
+    return y.to(out_ty).to(tl.float32)
+
+
+@triton.jit
+def _fp8_per_token(y, row, q_ptr, qscale_ptr, ub, cols, mask, scale_stride_t, HAS_UB: tl.constexpr,
+                   FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, H: tl.constexpr):
+    """epilogue.fp8_per_token: one scale per row, ``q = clamp(y * (1 / scale))``."""
+    amax = tl.max(tl.abs(y), axis=0)
+    if HAS_UB:
+        amax = tl.minimum(amax, ub)
+    scale = tl.maximum(amax / FP8_MAX, MIN_SCALE)
+    q = tl.clamp(y * tl.math.div_rn(1.0, scale), -FP8_MAX, FP8_MAX)
+    off = tl.cast(row, tl.int64) * H
+    tl.store(q_ptr + off + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(qscale_ptr + tl.cast(row, tl.int64) * scale_stride_t, scale)
+
+
+@triton.jit
+def _fp8_per_group(y, row, q_ptr, qscale_ptr, cols, mask, scale_stride_t, scale_stride_g, H: tl.constexpr,
+                   BLOCK: tl.constexpr, GROUP: tl.constexpr, UE8M0: tl.constexpr, FP8_MAX: tl.constexpr,
+                   MIN_SCALE: tl.constexpr, AMAX_EPS: tl.constexpr):
+    """epilogue.fp8_per_group: 1 x GROUP groups, ``q = y / scale`` correctly rounded."""
+    NG: tl.constexpr = BLOCK // GROUP
+    y2 = tl.reshape(y, (NG, GROUP))
+    amax = tl.maximum(tl.max(tl.abs(y2), axis=1), AMAX_EPS)
+    scale = tl.maximum(amax / FP8_MAX, MIN_SCALE)
+    if UE8M0:
+        scale = tl.math.exp2(tl.math.ceil(tl.math.log2(scale)))
+    q2 = tl.clamp(_div_rn(y2, tl.broadcast_to(scale[:, None], (NG, GROUP))), -FP8_MAX, FP8_MAX)
+    q = tl.reshape(q2, (BLOCK,))
+    tl.store(q_ptr + tl.cast(row, tl.int64) * H + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    g = tl.arange(0, NG)
+    tl.store(qscale_ptr + tl.cast(row, tl.int64) * scale_stride_t + g * scale_stride_g, scale, mask=g < H // GROUP)
+
+
+@triton.jit
+def _fp4(y, row, q_ptr, qscale_ptr, gs, inv_gs, H: tl.constexpr, BLOCK: tl.constexpr, NVFP4: tl.constexpr,
+         SWIZZLE: tl.constexpr, SCALE_COLS: tl.constexpr):
+    """epilogue.nvfp4 (NVFP4: e4m3 scales per 16, optionally swizzled) or epilogue.mxfp4
+    (E8M0 scales per 32); packed E2M1 codes, element ``2i`` in the low nibble."""
+    FB: tl.constexpr = 16 if NVFP4 else 32  # epilogue.NVFP4_BLOCK / MXFP4_BLOCK
+    NB: tl.constexpr = BLOCK // FB
+    y2 = tl.reshape(y, (NB, FB))
+    amax = tl.max(tl.abs(y2), axis=1)
+    kb = tl.arange(0, NB)
+    if NVFP4:
+        # s = fp8(clamp(gs * (amax * (1/6)), +-448)); q = y * 1/(s * 1/gs), 1/0 := 1e-8
+        s32 = tl.clamp(gs * (amax * (1.0 / 6.0)), -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
+        d = s32 * inv_gs
+        qs = tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32), d + (d == 0).to(tl.float32) * 1e8)
+        if SWIZZLE:  # [rows/128, cols/4, 32, 4, 4] tiles (epilogue.nvfp4_swizzle)
+            soff = (((row // 128) * (SCALE_COLS // 4) + kb // 4) * 512
+                    + (row % 32) * 16 + ((row // 32) % 4) * 4 + kb % 4)
+            tl.store(qscale_ptr + soff, tl.where(kb < H // FB, s32, 0.0).to(tl.float8e4nv), mask=kb < SCALE_COLS)
+        else:
+            tl.store(qscale_ptr + tl.cast(row, tl.int64) * (H // FB) + kb, s32.to(tl.float8e4nv), mask=kb < H // FB)
+    else:
+        # epilogue.mxfp4: amax's exponent after rounding its mantissa to nearest,
+        # e = clamp(floor(log2) - 2, +-127) (inf -> 127, 0 -> -127); q = y * 2^-e exactly
+        bits = amax.to(tl.int32, bitcast=True)
+        eb = ((bits + 0x200000) >> 23) & 0xFF
+        e = tl.where(eb == 255, 127, tl.minimum(tl.maximum(eb - 129, -127), 127))
+        # 2^-e: a normal fp32 power of two, except 2^-127 (subnormal, e = 127)
+        qs = tl.where(e == 127, 0x00400000, (127 - e) << 23).to(tl.float32, bitcast=True)
+        tl.store(qscale_ptr + tl.cast(row, tl.int64) * (H // FB) + kb, (e + 127).to(tl.uint8), mask=kb < H // FB)
+    codes = _e2m1_codes(y2 * qs[:, None])
+    lo, hi = tl.split(tl.reshape(codes, (BLOCK // 2, 2)))
+    cols2 = tl.arange(0, BLOCK // 2)
+    tl.store(q_ptr + tl.cast(row, tl.int64) * (H // 2) + cols2, (lo | (hi << 4)).to(tl.uint8), mask=cols2 < H // 2)
+
+
+@triton.jit
+def _epilogue_row(
+    s, row, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub, gs, inv_gs, eps,
+    scale_stride_t, scale_stride_g, H: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
+    RES_FP32: tl.constexpr, HAS_W: tl.constexpr, GEMMA: tl.constexpr, W_FP32: tl.constexpr,
+    WRITE_NORM: tl.constexpr, QUANT: tl.constexpr, HAS_UB: tl.constexpr, GROUP: tl.constexpr,
+    UE8M0: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, AMAX_EPS: tl.constexpr,
+    SWIZZLE: tl.constexpr, SCALE_COLS: tl.constexpr,
+):
+    """Everything after the all-reduce for one row: ``s`` is the reduced row in fp32
+    (already rounded to the activation dtype, as the collective returns it)."""
+    act = res_out_ptr.dtype.element_ty
+    off = tl.cast(row, tl.int64) * H
+    if HAS_RES:
+        r_in = tl.load(res_ptr + off + cols, mask=mask, other=0.0).to(tl.float32)
+        if RES_FP32:
+            s = s + r_in  # vLLM fused_add_rms_norm: the norm reads the unrounded fp32 sum
+        else:
+            s = (s + r_in).to(act).to(tl.float32)  # aten.add in the activation dtype
+    tl.store(res_out_ptr + off + cols, s.to(act), mask=mask)
+    out_ty = norm_ptr.dtype.element_ty
+    y = _norm(s, w, eps, H, HAS_W, GEMMA, W_FP32, act, out_ty)
+    if WRITE_NORM:
+        tl.store(norm_ptr + off + cols, y.to(out_ty), mask=mask)
+    if QUANT == 1:  # epilogue.fp8_static: y * (1 / scale)
+        q = tl.clamp(y * inv_scale, -FP8_MAX, FP8_MAX)
+        tl.store(q_ptr + off + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    elif QUANT == 2:
+        _fp8_per_token(y, row, q_ptr, qscale_ptr, ub, cols, mask, scale_stride_t, HAS_UB, FP8_MAX, MIN_SCALE, H)
+    elif QUANT == 3:
+        _fp8_per_group(y, row, q_ptr, qscale_ptr, cols, mask, scale_stride_t, scale_stride_g, H, BLOCK, GROUP,
+                       UE8M0, FP8_MAX, MIN_SCALE, AMAX_EPS)
+    elif QUANT == 4 or QUANT == 5:
+        _fp4(y, row, q_ptr, qscale_ptr, gs, inv_gs, H, BLOCK, QUANT == 4, SWIZZLE, SCALE_COLS)
+
+
+@triton.jit
 def fused_allreduce_add_rmsnorm_kernel(
     in_ptr,
     res_ptr,
@@ -190,32 +312,31 @@ def fused_allreduce_add_rmsnorm_kernel(
     SCALE_COLS: tl.constexpr = 1,  # NVFP4 swizzled: round_up(H / 16, 4)
 ):
     pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
     act = in_ptr.dtype.element_ty
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 0.0
+    inv_scale = tl.math.div_rn(1.0, tl.load(qscale_ptr).to(tl.float32)) if QUANT == 1 else 0.0
+    ub = tl.load(ub_ptr).to(tl.float32) if HAS_UB else 0.0
+    gs = tl.load(ub_ptr).to(tl.float32) if QUANT == 4 else 0.0  # NVFP4's global scale
+    # epilogue.nvfp4: 1 / global_scale, with vLLM's get_reciprocal (1/0 := 1e-8)
+    inv_gs = tl.math.div_rn(1.0, gs + (gs == 0).to(tl.float32) * 1e8) if QUANT == 4 else 0.0
 
-    if WS > 1:
+    if WS == 1:  # one row per program, no loop: the shortest path from load to store
+        s = tl.load(in_ptr + tl.cast(pid, tl.int64) * H + cols, mask=mask, other=0.0).to(tl.float32)
+        _epilogue_row(s, pid, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub, gs,
+                      inv_gs, eps, scale_stride_t, scale_stride_g, H, BLOCK, HAS_RES, RES_FP32, HAS_W, GEMMA, W_FP32,
+                      WRITE_NORM, QUANT, HAS_UB, GROUP, UE8M0, FP8_MAX, MIN_SCALE, AMAX_EPS, SWIZZLE, SCALE_COLS)
+    else:
+        nprog = tl.num_programs(0)
         bufs = buf_ptrs.to(tl.pointer_type(tl.uint64))
         mine = tl.multiple_of(tl.load(bufs + RANK).to(tl.pointer_type(act)), 16)
         for row in range(pid, T, nprog):
             off = tl.cast(row, tl.int64) * H
             tl.store(mine + off + cols, tl.load(in_ptr + off + cols, mask=mask), mask=mask)
         _barrier(sig_ptrs, pid, RANK, WS)
-
-    if HAS_W:
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    if QUANT == 1:  # y * (1 / scale), as epilogue.fp8_static
-        inv_scale = tl.math.div_rn(1.0, tl.load(qscale_ptr).to(tl.float32))
-    if HAS_UB:
-        ub = tl.load(ub_ptr).to(tl.float32)
-    if QUANT == 4:  # epilogue.nvfp4: 1 / global_scale, with vLLM's get_reciprocal (1/0 := 1e-8)
-        gs = tl.load(ub_ptr).to(tl.float32)
-        inv_gs = tl.math.div_rn(1.0, gs + (gs == 0).to(tl.float32) * 1e8)
-
-    for row in range(pid, T, nprog):
-        off = tl.cast(row, tl.int64) * H
-        if WS > 1:
+        for row in range(pid, T, nprog):
+            off = tl.cast(row, tl.int64) * H
             acc = tl.zeros([BLOCK], dtype=tl.float32)
             for r in tl.static_range(WS):
                 if r == RANK:
@@ -224,93 +345,8 @@ def fused_allreduce_add_rmsnorm_kernel(
                     src = tl.multiple_of(tl.load(bufs + r).to(tl.pointer_type(act)), 16)
                 acc += tl.load(src + off + cols, mask=mask, other=0.0).to(tl.float32)
             s = acc.to(act).to(tl.float32)  # the all-reduce's result is in the activation dtype
-        else:
-            s = tl.load(in_ptr + off + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RES:
-            r_in = tl.load(res_ptr + off + cols, mask=mask, other=0.0).to(tl.float32)
-            if RES_FP32:
-                s = s + r_in  # vLLM fused_add_rms_norm: the norm reads the unrounded fp32 sum
-            else:
-                s = (s + r_in).to(act).to(tl.float32)  # aten.add in the activation dtype
-        tl.store(res_out_ptr + off + cols, s.to(act), mask=mask)
-
-        rstd = tl.math.rsqrt(tl.sum(s * s, axis=0) / H + eps)
-        n = s * rstd
-        out_ty = norm_ptr.dtype.element_ty
-        if HAS_W:
-            if GEMMA:
-                y = n * (1.0 + w)
-            elif W_FP32:
-                y = n * w
-            else:  # Hugging Face Llama: w * normed.to(dtype), in the promoted dtype
-                y = w * n.to(act).to(tl.float32)
-        else:
-            y = n
-        y = y.to(out_ty).to(tl.float32)  # what the quant of the unfused chain reads
-        if WRITE_NORM:
-            tl.store(norm_ptr + off + cols, y.to(out_ty), mask=mask)
-
-        if QUANT == 1:
-            q = tl.clamp(y * inv_scale, -FP8_MAX, FP8_MAX)
-            tl.store(q_ptr + off + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-        elif QUANT == 2:
-            amax = tl.max(tl.abs(y), axis=0)
-            if HAS_UB:
-                amax = tl.minimum(amax, ub)
-            scale = tl.maximum(amax / FP8_MAX, MIN_SCALE)
-            q = tl.clamp(y * tl.math.div_rn(1.0, scale), -FP8_MAX, FP8_MAX)  # as epilogue.fp8_per_token
-            tl.store(q_ptr + off + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-            tl.store(qscale_ptr + tl.cast(row, tl.int64) * scale_stride_t, scale)
-        elif QUANT == 3:
-            NG: tl.constexpr = BLOCK // GROUP
-            y2 = tl.reshape(y, (NG, GROUP))
-            amax = tl.maximum(tl.max(tl.abs(y2), axis=1), AMAX_EPS)
-            scale = tl.maximum(amax / FP8_MAX, MIN_SCALE)
-            if UE8M0:
-                scale = tl.math.exp2(tl.math.ceil(tl.math.log2(scale)))
-            # y / scale, correctly rounded, as epilogue.fp8_per_group
-            q2 = tl.clamp(_div_rn(y2, tl.broadcast_to(scale[:, None], (NG, GROUP))), -FP8_MAX, FP8_MAX)
-            q = tl.reshape(q2, (BLOCK,))
-            tl.store(q_ptr + off + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-            g = tl.arange(0, NG)
-            tl.store(
-                qscale_ptr + tl.cast(row, tl.int64) * scale_stride_t + g * scale_stride_g,
-                scale,
-                mask=g < H // GROUP,
-            )
-        elif QUANT == 4 or QUANT == 5:
-            FB: tl.constexpr = 16 if QUANT == 4 else 32  # epilogue.NVFP4_BLOCK / MXFP4_BLOCK
-            NB: tl.constexpr = BLOCK // FB
-            y2 = tl.reshape(y, (NB, FB))
-            amax = tl.max(tl.abs(y2), axis=1)
-            kb = tl.arange(0, NB)
-            if QUANT == 4:
-                # s = fp8(clamp(gs * (amax * (1/6)), +-448)); q = y * 1/(s * 1/gs), 1/0 := 1e-8
-                s32 = tl.clamp(gs * (amax * (1.0 / 6.0)), -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
-                d = s32 * inv_gs
-                qs = tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32), d + (d == 0).to(tl.float32) * 1e8)
-                if SWIZZLE:  # [rows/128, cols/4, 32, 4, 4] tiles (epilogue.nvfp4_swizzle)
-                    soff = (((row // 128) * (SCALE_COLS // 4) + kb // 4) * 512
-                            + (row % 32) * 16 + ((row // 32) % 4) * 4 + kb % 4)
-                    tl.store(qscale_ptr + soff, tl.where(kb < H // FB, s32, 0.0).to(tl.float8e4nv),
-                             mask=kb < SCALE_COLS)
-                else:
-                    tl.store(qscale_ptr + tl.cast(row, tl.int64) * (H // FB) + kb, s32.to(tl.float8e4nv), mask=kb < H // FB)
-            else:
-                # epilogue.mxfp4: amax's exponent after rounding its mantissa to nearest,
-                # e = clamp(floor(log2) - 2, +-127) (inf -> 127, 0 -> -127); q = y * 2^-e exactly
-                bits = amax.to(tl.int32, bitcast=True)
-                eb = ((bits + 0x200000) >> 23) & 0xFF
-                e = tl.where(eb == 255, 127, tl.minimum(tl.maximum(eb - 129, -127), 127))
-                # 2^-e: a normal fp32 power of two, except 2^-127 (subnormal, e = 127)
-                qs = tl.where(e == 127, 0x00400000, (127 - e) << 23).to(tl.float32, bitcast=True)
-                tl.store(qscale_ptr + tl.cast(row, tl.int64) * (H // FB) + kb, (e + 127).to(tl.uint8),
-                         mask=kb < H // FB)
-            codes = _e2m1_codes(y2 * qs[:, None])
-            lo, hi = tl.split(tl.reshape(codes, (BLOCK // 2, 2)))
-            cols2 = tl.arange(0, BLOCK // 2)
-            tl.store(q_ptr + tl.cast(row, tl.int64) * (H // 2) + cols2, (lo | (hi << 4)).to(tl.uint8),
-                     mask=cols2 < H // 2)
-
-    if WS > 1:
+            _epilogue_row(s, row, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub,
+                          gs, inv_gs, eps, scale_stride_t, scale_stride_g, H, BLOCK, HAS_RES, RES_FP32, HAS_W, GEMMA,
+                          W_FP32, WRITE_NORM, QUANT, HAS_UB, GROUP, UE8M0, FP8_MAX, MIN_SCALE, AMAX_EPS, SWIZZLE,
+                          SCALE_COLS)
         _barrier(sig_ptrs, pid, RANK, WS)  # peers are done reading this rank's buffer

@@ -1,0 +1,103 @@
+"""Workspaces of the wait-free one-shot and two-shot kernel (:mod:`fusion_passes.backends.lamport_kernels`).
+
+A :class:`LamportWorkspace` holds what one rank's kernel needs: the addresses of every
+rank's three-slot buffer (a device ``int64[WS]``), this rank's ``state`` words (parity and
+counters, zero at the start) and the slot size. It is built either from torch symmetric
+memory (:func:`from_symmetric_memory`, the production path: one allocation per rank,
+mapped into every peer) or from buffers the caller already shares between processes
+(:func:`from_peer_buffers`: CUDA IPC through ``torch.multiprocessing``, which is how the
+kernel logic is tested at world sizes 2, 4 and 8 on ONE GPU, where symmetric memory
+refuses several ranks). Either way every buffer must be filled with the sentinel
+(:func:`arm`) before any rank's first call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+SLOTS = 3  # triple buffering: a slot is re-armed one call after its use, rewritten two calls later
+
+
+@dataclasses.dataclass
+class LamportWorkspace:
+    """One rank's view of the Lamport buffers of a group."""
+
+    rank: int
+    world_size: int
+    dtype: torch.dtype
+    hidden: int
+    max_tokens: int
+    peers: torch.Tensor | int  # device int64[world_size] of each rank's buffer address (a tensor, or its address)
+    state: torch.Tensor  # int32[lamport_kernels.STATE_WORDS] on the device, zeros at the start
+    keep: object = None  # what keeps the buffers mapped (symmetric-memory handle, IPC tensors)
+
+    @property
+    def slot_elems(self) -> int:
+        """A slot: ``world_size`` input regions + one gather region (two-shot) of ``[max_tokens, hidden]``."""
+        return (self.world_size + 1) * self.max_tokens * self.hidden
+
+    def fits(self, tokens: int, hidden: int, dtype: torch.dtype) -> bool:
+        return dtype == self.dtype and hidden == self.hidden and tokens <= self.max_tokens
+
+
+def sentinel(dtype: torch.dtype) -> tuple[torch.dtype, int]:
+    """``(integer view dtype, bits of -0.0)`` for an activation dtype."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.int16, -(1 << 15)
+    if dtype == torch.float32:
+        return torch.int32, -(1 << 31)
+    raise TypeError(f"fusion_passes: the Lamport one-shot takes bf16, fp16 or fp32, got {dtype}")
+
+
+def buffer_elems(world_size: int, max_tokens: int, hidden: int) -> int:
+    """Elements of one rank's buffer: three slots of ``[world_size + 1, max_tokens, hidden]``."""
+    return SLOTS * (world_size + 1) * max_tokens * hidden
+
+
+def arm(buffer: torch.Tensor) -> torch.Tensor:
+    """Fill *buffer* (the activation dtype) with the sentinel -0.0; returns it."""
+    view, bits = sentinel(buffer.dtype)
+    buffer.view(view).fill_(bits)
+    return buffer
+
+
+def from_peer_buffers(buffers: list[torch.Tensor], rank: int, max_tokens: int, hidden: int) -> LamportWorkspace:
+    """A workspace over buffers already mapped in this process, one per rank in rank order
+    (this rank's own and its peers', e.g. received through ``torch.multiprocessing``)."""
+    world = len(buffers)
+    dtype = buffers[rank].dtype
+    need = buffer_elems(world, max_tokens, hidden)
+    for r, b in enumerate(buffers):
+        if b.dtype != dtype or b.numel() < need or not b.is_contiguous() or b.device != buffers[rank].device:
+            raise ValueError(f"fusion_passes: Lamport buffer of rank {r} must be a contiguous {dtype} tensor of at "
+                             f"least {need} elements on {buffers[rank].device}, got {b.dtype} {tuple(b.shape)}")
+    device = buffers[rank].device
+    peers = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device=device)
+    state = torch.zeros(4, dtype=torch.int32, device=device)
+    return LamportWorkspace(rank, world, dtype, hidden, max_tokens, peers, state, keep=buffers)
+
+
+def from_symmetric_memory(group_name: str, max_tokens: int, hidden: int, dtype: torch.dtype,
+                          device: torch.device) -> LamportWorkspace:
+    """Allocate, arm and rendezvous one symmetric buffer per rank of *group_name* (collective)."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    world = torch.distributed.get_world_size(_resolve(group_name))
+    buffer = arm(symm_mem.empty(buffer_elems(world, max_tokens, hidden), dtype=dtype, device=device))
+    torch.cuda.synchronize(device)  # armed before any peer can write into it
+    handle = symm_mem.rendezvous(buffer, group_name)
+    state = torch.zeros(4, dtype=torch.int32, device=device)
+    return LamportWorkspace(handle.rank, world, dtype, hidden, max_tokens, handle.buffer_ptrs_dev, state,
+                            keep=(buffer, handle))
+
+
+def _resolve(group_name: str):
+    from torch._C._distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group_name)
+
+
+__all__ = ["LamportWorkspace", "SLOTS", "arm", "buffer_elems", "from_peer_buffers", "from_symmetric_memory",
+           "sentinel"]
