@@ -14,6 +14,7 @@ refuses several ranks). Either way every buffer must be filled with the sentinel
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import torch
 
@@ -93,11 +94,56 @@ def from_symmetric_memory(group_name: str, max_tokens: int, hidden: int, dtype: 
                             keep=(buffer, handle))
 
 
+_LOCK = threading.Lock()
+_WORKSPACES: dict[tuple, LamportWorkspace] = {}
+
+
+def get(group: str, tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> LamportWorkspace:
+    """The group's workspace for calls of up to *tokens* rows (grown eagerly and collectively,
+    to a power of two of tokens; never while a CUDA graph is being captured)."""
+    from fusion_passes.backends.symm import c10d_group_name
+
+    name = c10d_group_name(group)
+    key = (name, device.index if device.index is not None else torch.cuda.current_device(), dtype, hidden)
+    ws = _WORKSPACES.get(key)
+    if ws is not None and ws.max_tokens >= tokens:
+        return ws
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"fusion_passes: the wait-free path needs a workspace for {tokens} tokens of group {group!r} "
+            f"but {0 if ws is None else ws.max_tokens} are registered while a CUDA graph is being captured "
+            "(allocation is collective). Run one eager call at the largest size first.")
+    with _LOCK:
+        ws = _WORKSPACES.get(key)
+        if ws is None or ws.max_tokens < tokens:
+            _WORKSPACES[key] = ws = from_symmetric_memory(name, 1 << max(0, (tokens - 1).bit_length()), hidden,
+                                                          dtype, device)
+    return ws
+
+
+def install(group: str, ws: LamportWorkspace, device: torch.device) -> None:
+    """Use *ws* for *group* on *device* from now on (tests: a workspace over IPC-shared
+    buffers, so the backend's wait-free paths run with several ranks on ONE GPU, where
+    symmetric memory refuses them)."""
+    from fusion_passes.backends.symm import c10d_group_name
+
+    key = (c10d_group_name(group), device.index if device.index is not None else torch.cuda.current_device(),
+           ws.dtype, ws.hidden)
+    with _LOCK:
+        _WORKSPACES[key] = ws
+
+
+def clear() -> None:
+    """Forget every workspace (tests; before destroying a process group)."""
+    with _LOCK:
+        _WORKSPACES.clear()
+
+
 def _resolve(group_name: str):
     from torch._C._distributed_c10d import _resolve_process_group
 
     return _resolve_process_group(group_name)
 
 
-__all__ = ["LamportWorkspace", "SLOTS", "arm", "buffer_elems", "from_peer_buffers", "from_symmetric_memory",
-           "sentinel"]
+__all__ = ["LamportWorkspace", "SLOTS", "arm", "buffer_elems", "clear", "from_peer_buffers",
+           "from_symmetric_memory", "get", "install", "sentinel"]

@@ -107,6 +107,19 @@ TRITON: dict[str, object] = {
     # One symmetric workspace per group, grown to the largest call; above this the
     # one-shot path declines (16384 tokens x 16384 hidden x 2 bytes).
     "max_workspace_bytes": 512 * MiB,
+    # Which multi-rank path runs a call: "barrier" (the one-shot with two signal-pad barriers,
+    # measured at world size 2), "lamport" (wait-free one-shot: the data is the flag) or
+    # "twoshot" (reduce-scatter to the row's owner + gather of the sums, both wait-free).
+    # Per world size, ((max tokens or None, path), ...), first match wins. The wait-free paths
+    # passed their protocol check at world sizes 2, 4 and 8 as processes on ONE H200
+    # (tests/gpu/lamport_check.py) but have never been timed on several GPUs (no such machine
+    # lent), so no entry selects them: FUSION_PASSES_TRITON_PATH=lamport|twoshot|barrier
+    # forces one for benchmarking (read at each call, never while capturing).
+    "paths": {2: ((None, "barrier"),), 4: ((None, "barrier"),), 8: ((None, "barrier"),)},
+    # The wait-free paths' three-slot buffer per rank: 3 x (world + 1) x tokens x hidden
+    # elements; above this many bytes the call takes the barrier path (a memory budget we
+    # chose: 16 tokens at TP8, hidden 7168, bf16 take 7 MB; 2048 tokens 0.8 GB).
+    "lamport_max_workspace_bytes": 1024 * MiB,
     # Token ranges where the fused kernel is FASTER than the unfused chain (NCCL
     # all-reduce, or none at world size 1, + the Inductor-compiled epilogue), per
     # (world_size, variant): the largest token count at which it still wins at every

@@ -32,13 +32,18 @@ reused, so calls replay under CUDA graphs; a call that needs a larger workspace 
 capture raises. Calls on one group must be ordered on one stream, as NCCL's are on one
 communicator: two concurrent calls would share the workspace.
 
-Not implemented: a two-shot (reduce-scatter + all-gather) kernel. At world size 2 it
-moves exactly the one-shot's NVLink bytes per direction, and world sizes 4/8, where it
-would pay, could not be measured here; the gate declines those world sizes instead.
-For the quant variants, running the epilogue on owned rows and gathering the outputs
-moves more at world size 2, not less: per rank half the input (T*H bytes at bf16) plus
-the peer's residual_out, codes and scales (about 1.25 T*H for FP4, 1.5 T*H for FP8)
-against the one-shot's 2 T*H.
+Multi-rank paths (:func:`path_for`): ``barrier`` (above; measured at world size 2),
+``lamport`` (wait-free one-shot: each rank pushes its rows into every peer's three-slot
+buffer and readers wait on the data itself, a -0.0 sentinel; no barrier) and ``twoshot``
+(each row reduced by one owner, ``row % world``, the rounded sums gathered back, the
+epilogue run on every rank: at world size N each rank sends 2 (N-1)/N of the input
+instead of the one-shot's N-1 times it). The wait-free kernels are
+:mod:`fusion_passes.backends.lamport_kernels`; their protocol passed on one GPU at world
+sizes 2, 4 and 8 (tests/gpu/lamport_check.py), but they were never timed on several GPUs,
+so the selector's table does not pick them: ``FUSION_PASSES_TRITON_PATH`` forces one.
+The two-shot gathers the all-reduce's result (activation dtype) and recomputes the
+epilogue locally rather than gathering the outputs: fewer bytes over the links for
+every variant (2 bytes per element against 3 to 4 for residual_out + norm or codes).
 """
 
 from __future__ import annotations
@@ -188,21 +193,28 @@ class TritonBackend:
             out.scales_arg = out.scales
         return out
 
-    def _grid(self, a: FusedArgs, x: torch.Tensor, fp4: bool, variant: str):
-        """``(grid, num_warps, rank, world, buffer pointers, signal pointers)`` of one launch."""
+    def _plan(self, a: FusedArgs, x: torch.Tensor, fp4: bool, variant: str) -> "_Plan":
+        """Grid, warps and multi-rank path of one launch."""
         tokens, hidden = x.shape
         nw = num_warps_for(hidden, variant != "add_rmsnorm")
         if fp4 and tokens >= LIMITS["fp4_many_tokens"]:
             nw = min(nw, int(LIMITS["fp4_many_tokens_warps"][variant]))
         if not (tokens and groups.world_size(a.group) > 1):
-            return max(tokens, 1), nw, 0, 1, 0, 0
-        ws = symm.get(a.group, x.numel() * x.element_size(), x.device)
+            return _Plan(max(tokens, 1), nw)
         dev = x.device
         resident = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) * max(
             1, int(LIMITS["threads_per_sm"]) // (32 * nw)
         )
+        world = groups.world_size(a.group)
+        path = path_for(world, tokens, hidden, x.element_size())
+        if path != "barrier":
+            from fusion_passes.backends import lamport
+
+            lw = lamport.get(a.group, tokens, hidden, x.dtype, dev)
+            return _Plan(max(1, min(tokens, resident)), nw, lw.rank, lw.world_size, path, lamport=lw)
+        ws = symm.get(a.group, x.numel() * x.element_size(), dev)
         grid = max(1, min(tokens, resident, ws.signal_pad_bytes // 4 // ws.world_size))
-        return grid, nw, ws.rank, ws.world_size, ws.buffer_ptrs_dev, ws.signal_pad_ptrs_dev
+        return _Plan(grid, nw, ws.rank, ws.world_size, "barrier", ws.buffer_ptrs_dev, ws.signal_pad_ptrs_dev)
 
     def _launch(self, a: FusedArgs, quant: int, write_norm: bool) -> FusedOutputs:
         k, p, f = self._k, a.quant, a.flags
@@ -213,28 +225,84 @@ class TritonBackend:
         w = None if a.weight is None else a.weight.contiguous()
         fp4 = quant in (k.QUANT_NVFP4, k.QUANT_MXFP4)
         o = self._outputs(a, quant, write_norm, x)
-        grid, nw, rank, world, buf_ptrs, sig_ptrs = self._grid(a, x, fp4, _FP4_VARIANT.get(quant, ""))
+        plan = self._plan(a, x, fp4, _FP4_VARIANT.get(quant, ""))
         per_group = quant == k.QUANT_FP8_PER_GROUP
-        if x.shape[0]:
-            k.fused_allreduce_add_rmsnorm_kernel[(grid,)](
-                x, x if res is None else res, x if w is None else w, o.res_out,
-                o.res_out if o.norm is None else o.norm, o.res_out if o.q is None else o.q,
-                x if o.scales_arg is None else o.scales_arg,
-                x if o.ub is None else o.ub.reshape(-1).to(torch.float32),
-                buf_ptrs, sig_ptrs,
-                x.shape[0], float(a.eps), o.stride_t, o.stride_g,
-                H=hidden, BLOCK=o.block, RANK=rank, WS=world,
-                HAS_RES=res is not None, RES_FP32=bool(f.residual_in_fp32) and res is not None,
-                HAS_W=w is not None, GEMMA=bool(f.gemma),
-                W_FP32=bool(f.weight_in_fp32), WRITE_NORM=o.norm is not None, QUANT=quant,
-                HAS_UB=o.ub is not None and quant == k.QUANT_FP8_PER_TOKEN, GROUP=p.get("group_size", 128),
-                UE8M0=bool(p.get("ue8m0", False)), FP8_MAX=FP8_MAX,
-                AMAX_EPS=float(p["amax_eps"]) if per_group else 0.0,
-                MIN_SCALE=float(p["scale_min"]) if per_group else PER_TOKEN_MIN_SCALE,
-                SWIZZLE=quant == k.QUANT_NVFP4 and bool(p["swizzle"]), SCALE_COLS=o.scale_cols,
-                num_warps=nw,
-            )
+        if not x.shape[0]:
+            return _shaped(o, lead, hidden, fp4)
+        tensors = (x, x if res is None else res, x if w is None else w, o.res_out,
+                   o.res_out if o.norm is None else o.norm, o.res_out if o.q is None else o.q,
+                   x if o.scales_arg is None else o.scales_arg,
+                   x if o.ub is None else o.ub.reshape(-1).to(torch.float32))
+        consts = dict(
+            H=hidden, BLOCK=o.block, RANK=plan.rank, WS=plan.world,
+            HAS_RES=res is not None, RES_FP32=bool(f.residual_in_fp32) and res is not None,
+            HAS_W=w is not None, GEMMA=bool(f.gemma),
+            W_FP32=bool(f.weight_in_fp32), WRITE_NORM=o.norm is not None, QUANT=quant,
+            HAS_UB=o.ub is not None and quant == k.QUANT_FP8_PER_TOKEN, GROUP=p.get("group_size", 128),
+            UE8M0=bool(p.get("ue8m0", False)), FP8_MAX=FP8_MAX,
+            AMAX_EPS=float(p["amax_eps"]) if per_group else 0.0,
+            MIN_SCALE=float(p["scale_min"]) if per_group else PER_TOKEN_MIN_SCALE,
+            SWIZZLE=quant == k.QUANT_NVFP4 and bool(p["swizzle"]), SCALE_COLS=o.scale_cols,
+        )
+        scalars = (x.shape[0], float(a.eps), o.stride_t, o.stride_g)
+        if plan.lamport is not None:
+            import triton.language as tl
+
+            from fusion_passes.backends import lamport, lamport_kernels
+
+            lw = plan.lamport
+            bits, sent = lamport.sentinel(x.dtype)
+            lamport_kernels.lamport_kernel[(plan.grid,)](
+                *tensors, lw.peers, lw.state, *scalars, lw.slot_elems, **consts,
+                BITS=tl.int16 if bits == torch.int16 else tl.int32, SENT=sent, TWO_SHOT=plan.path == "twoshot",
+                num_warps=plan.num_warps)
+        else:
+            k.fused_allreduce_add_rmsnorm_kernel[(plan.grid,)](
+                *tensors, plan.buf_ptrs, plan.sig_ptrs, *scalars, **consts, num_warps=plan.num_warps)
         return _shaped(o, lead, hidden, fp4)
+
+
+@dataclasses.dataclass
+class _Plan:
+    """One launch: grid, warps, this rank's place, and the multi-rank path
+    (``local`` at world size 1, else one of :data:`PATHS`)."""
+
+    grid: int
+    num_warps: int
+    rank: int = 0
+    world: int = 1
+    path: str = "local"
+    buf_ptrs: int = 0  # barrier path: the symmetric workspace's peer buffers / signal pads
+    sig_ptrs: int = 0
+    lamport: object = None  # wait-free paths: their lamport.LamportWorkspace
+
+
+PATHS = ("barrier", "lamport", "twoshot")
+PATH_ENV = "FUSION_PASSES_TRITON_PATH"
+
+
+def path_for(world: int, tokens: int, hidden: int, itemsize: int) -> str:
+    """The multi-rank path for a call: ``$FUSION_PASSES_TRITON_PATH`` if set (benchmarks),
+    else the first entry of ``thresholds.TRITON["paths"][world]`` whose token limit admits it;
+    a wait-free path whose workspace would exceed ``lamport_max_workspace_bytes`` falls back
+    to ``barrier``."""
+    import os
+
+    forced = os.environ.get(PATH_ENV)
+    if forced:
+        if forced not in PATHS:
+            raise ValueError(f"fusion_passes: {PATH_ENV}={forced!r}; expected one of {', '.join(PATHS)}")
+        path = forced
+    else:
+        path = next((p for limit, p in LIMITS["paths"].get(world, ((None, "barrier"),))
+                     if limit is None or tokens <= limit), "barrier")
+    if path != "barrier":
+        from fusion_passes.backends.lamport import buffer_elems
+
+        pow2 = 1 << max(0, (tokens - 1).bit_length())
+        if buffer_elems(world, pow2, hidden) * itemsize > LIMITS["lamport_max_workspace_bytes"]:
+            return "barrier"
+    return path
 
 
 def _shaped(o: _Out, lead, hidden: int, fp4: bool) -> FusedOutputs:

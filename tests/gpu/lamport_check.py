@@ -83,6 +83,39 @@ def check(rank, world, call, tokens, outs, w, eps, quant, device):
             raise AssertionError(f"rank {rank} call {call}: FP8 differs from the epilogue on the kernel's norm")
 
 
+def backend_phase(rank, world, ws, w, eps, outs, call, device):
+    """The same workspace behind the REAL triton backend (its wait-free paths forced), over
+    a gloo process group of the worker processes: TritonBackend.run on a FusedArgs."""
+    import torch.distributed as dist
+
+    from fusion_passes import arguments, variants
+    from fusion_passes.backends import lamport
+    from fusion_passes.backends.triton import PATH_ENV, TritonBackend
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    group = "c10d:" + dist.group.WORLD.group_name
+    lamport.install(group, ws, device)
+    backend = TritonBackend()
+    for path in ("lamport", "twoshot"):
+        os.environ[PATH_ENV] = path
+        for tokens, variant in ((5, "add_rmsnorm"), (64, "add_rmsnorm_fp8_per_token"), (1, "add_rmsnorm")):
+            x, res = inputs(rank, call, tokens, device)
+            spec = variants.get(variant)
+            bound = arguments.bind(spec, (x, res, w, eps, group), {"return_norm": True} if spec.kind else {})
+            got = backend.run(variant, arguments.fused_args(spec, bound, arguments.resolve(spec, bound)))
+            torch.cuda.synchronize()
+            outs[0][:tokens].copy_(got.residual_out)
+            outs[1][:tokens].copy_(got.norm_out)
+            quant = 2 if spec.kind else 0
+            if quant:
+                outs[2][:tokens].copy_(got.q)
+                outs[3][:tokens].copy_(got.scales)
+            check(rank, world, call, tokens, outs, w, eps, quant, device)
+            call += 1
+    dist.destroy_process_group()
+    return call
+
+
 def worker(rank, world, queue, results, barrier):
     try:
         torch.cuda.set_device(0)
@@ -127,12 +160,14 @@ def worker(rank, world, queue, results, barrier):
             torch.cuda.synchronize()
             check(rank, world, call, GRAPH_TOKENS, outs, w, eps, 2, device)
             call += 1
+        call = backend_phase(rank, world, ws, w, eps, outs, call, device)
         results.put((rank, None, call))
     except Exception:  # noqa: BLE001 - reported by the parent
         results.put((rank, traceback.format_exc(), 0))
 
 
 def run(world: int) -> str | None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29600 + world))
     ctx = mp.get_context("spawn")
     queues = [ctx.Queue() for _ in range(world)]
     results = ctx.Queue()
@@ -161,7 +196,8 @@ def main(argv) -> int:
         else:
             passed += 1
             print(f"world size {world}: {len(EAGER_TOKENS) * 4} eager calls (one-shot and two-shot) + {GRAPH_REPLAYS} "
-                  "replays of a graph of both, on one GPU: every rank bit-exact (norm within 1 ulp)", flush=True)
+                  "replays of a graph of both + 6 calls through TritonBackend.run, on one GPU: every rank bit-exact "
+                  "(norm within 1 ulp)", flush=True)
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 
