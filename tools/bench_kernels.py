@@ -1,285 +1,438 @@
-"""``fusion-passes bench kernels``: the fused kernel vs. the unfused chain, under CUDA graphs.
+"""``fusion-passes bench kernels``: the fused call vs the strongest unfused chain, under CUDA graphs.
 
-For every variant, hidden size and token count (powers of two, 1..16384) it times:
+For every variant, hidden size and token count it times, in one process and one run:
 
-* ``fused``: the triton backend's one kernel;
-* ``unfused``: NCCL all-reduce (nothing at world size 1) + the epilogue
-  (:mod:`fusion_passes.epilogue`, add + RMSNorm (+ quant)) compiled by Inductor;
-* ``symm``: (world size > 1) torch's ``symm_mem.one_shot_all_reduce`` (input copied into
-  its symmetric buffer) + the same compiled epilogue.
+* ``fused``: the public op ``torch.ops.fusion_passes.<op>(..., backend="triton")``, timed
+  first and again last in its row (the two show the run's spread);
+* every unfused baseline: each available collective (none at world size 1; NCCL, torch
+  symm-mem one-shot and two-shot at N) + the epilogue (:mod:`fusion_passes.epilogue`: add +
+  RMSNorm, + quant) compiled by Inductor with the hidden size static, per token count
+  (``dynamic=False``) and with only the token dimension dynamic (as vLLM compiles);
+  ``--with-dynamic-true`` adds the ``dynamic=True`` form as a labelled extra column.
 
-Each is captured ``K`` times in one CUDA graph and the graph replayed; the time per call
-is the median replay time / K. ``floor`` is the bytes this rank must move through its
-own memory (inputs read once, outputs written once) divided by the device-to-device copy
-bandwidth measured in the same run, or, at world size > 1 when larger, the bytes an
-all-reduce must receive from peers (2 (ws-1)/ws of the input) divided by the peer-read
-bandwidth measured in the same run; ``of_floor`` = floor / fused time.
+Rows, the best baseline and the speedups are described in :mod:`fusion_passes.tools.bench_rows`.
+Each call is captured ``K`` times in one CUDA graph; a call's time is the median replay / K.
+Where the selector's table (thresholds.py) declines the triton backend, the row says so
+and the kernel is measured anyway (re-deriving the table needs it everywhere).
 
-Run at world size 1 with ``fusion-passes bench kernels`` and at TP N with
-``torchrun --nproc_per_node=N -m fusion_passes.tools.cli bench kernels``. Writes JSON
-(machine, versions, every row) with ``--out``. Multicast stays off
-(``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``).
+``--plan`` prints the sweep's size and rough duration without a GPU; ``--derive-table
+FILE...`` prints the selector table derived from result files
+(:mod:`fusion_passes.tools.bench_table`), also without a GPU, and runs as
+``python tools/bench_kernels.py --derive-table results/x.json`` from a checkout.
+At TP N: ``torchrun --nproc_per_node=N -m fusion_passes.tools.cli bench kernels``.
+Multicast stays off (``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import platform
-import statistics
+import pathlib
 import sys
+import time
+import types
 
-VARIANTS = ("add_rmsnorm", "add_rmsnorm_fp8_static", "add_rmsnorm_fp8_per_token", "add_rmsnorm_fp8_per_group",
-            "add_rmsnorm_nvfp4", "add_rmsnorm_mxfp4")
-# NVFP4's global scale: 448 * 6 / 5, so a norm output of absmax ~5 spans the e4m3 scales
-NVFP4_GLOBAL_SCALE = 448.0 * 6 / 5
-DEFAULT_TOKENS = tuple(2**i for i in range(15))  # 1 .. 16384
-DEFAULT_HIDDEN = (4096, 7168, 8192)
+if __name__ == "__main__":  # `python tools/bench_kernels.py` from a checkout: the repository on the path
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from fusion_passes.tools import bench_rows as br  # noqa: E402
+from fusion_passes.tools.bench_rows import positive_int  # noqa: E402
+
+NVFP4_GLOBAL_SCALE = 448.0 * 6 / 5  # a norm output of absmax ~5 spans the e4m3 block scales
+FP8_STATIC_SCALE = 0.02
+TOKDYN_COMPILE_TOKENS = 128  # the token-dynamic epilogue compiles once, at this size (not 0 or 1)
+EPS = 1e-6
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--hidden", type=int, nargs="+", default=list(DEFAULT_HIDDEN))
-    parser.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--quant-hidden", type=int, nargs="+", default=[7168],
-                        help="hidden sizes for the quant variants (add_rmsnorm uses --hidden)")
-    parser.add_argument("--replays", type=int, default=5, help="timed graph replays per point (median)")
+    parser.add_argument("--hidden", type=positive_int, nargs="+", default=list(br.DEFAULT_HIDDEN),
+                        help="hidden sizes for add_rmsnorm (default 4096 7168 8192)")
+    parser.add_argument("--quant-hidden", type=positive_int, nargs="+", default=list(br.DEFAULT_QUANT_HIDDEN),
+                        help="hidden sizes for the quant variants (default 7168)")
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=list(br.DEFAULT_TOKENS),
+                        help="token counts (default 1 2 4 .. 16384)")
+    parser.add_argument("--variants", nargs="+", default=list(br.DEFAULT_VARIANTS), choices=br.VARIANTS,
+                        help=f"default: {' '.join(br.DEFAULT_VARIANTS)}")
+    parser.add_argument("--replays", type=positive_int, default=5, help="timed graph replays per point (median)")
+    parser.add_argument("--with-dynamic-true", action="store_true",
+                        help="also time the epilogue compiled with dynamic=True (an extra column, never the best)")
     parser.add_argument("--out", help="write the JSON here (rank 0)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--plan", action="store_true", help="print the sweep's size and rough duration, then exit")
+    parser.add_argument("--derive-table", nargs="+", metavar="FILE",
+                        help="print the selector's max_tokens_faster table derived from these result files, then exit")
+    parser.add_argument("--margin", type=float, default=0.0,
+                        help="with --derive-table: a win needs speedup_worst > 1 + MARGIN (default 0)")
 
 
-def _epilogue_fn(variant: str, eps: float):
-    """The unfused chain after the all-reduce: add + RMSNorm, then the reference quant."""
-    from fusion_passes import epilogue
-    from fusion_passes.backends.reference import quantize
+def validate(args) -> None:
+    """Reject what cannot run before any work, naming the problem."""
+    from fusion_passes.tools.cli import UsageError
 
-    params = {"add_rmsnorm_fp8_static": None, "add_rmsnorm_fp8_per_token": (None,),
-              "add_rmsnorm_fp8_per_group": (128, False, False), "add_rmsnorm_nvfp4": "swizzled",
-              "add_rmsnorm_mxfp4": ()}
-
-    def fn(x, res, w, scale):
-        y, r = epilogue.add_rms_norm(x, res, w, eps)
-        if variant == "add_rmsnorm":
-            return y, r
-        p = params[variant]
-        p = (scale,) if p is None else (scale, True) if p == "swizzled" else p
-        return quantize(variant, y, *p), r
-
-    return fn
-
-
-def _fused_fn(variant, group, eps):
-    from fusion_passes.backends.triton import TritonBackend
-
-    tb = TritonBackend()
-    extra = {
-        "add_rmsnorm": (),
-        "add_rmsnorm_fp8_static": None,  # scale added per call
-        "add_rmsnorm_fp8_per_token": (None,),
-        "add_rmsnorm_fp8_per_group": (128, False, False),
-        "add_rmsnorm_nvfp4": "swizzled",  # global scale added per call, swizzled scales
-        "add_rmsnorm_mxfp4": (),
-    }[variant]
-
-    def run(x, res, w, scale):
-        args = (scale,) if extra is None else (scale, True) if extra == "swizzled" else extra
-        return tb.run(variant, x, res, w, eps, group, False, True, *args)
-
-    return run
-
-
-def _bytes_moved(variant, tokens, hidden, itemsize):
-    """Inputs read once + outputs written once, in this rank's memory."""
-    n = tokens * hidden
-    read = 2 * n * itemsize + hidden * itemsize  # input, residual, weight
-    if variant == "add_rmsnorm":
-        return read + 2 * n * itemsize  # norm_out, residual_out
-    if variant == "add_rmsnorm_nvfp4":  # residual_out, packed codes, swizzled e4m3 scales (padded)
-        return read + n * itemsize + n // 2 + -(-tokens // 128) * 128 * -(-(hidden // 16) // 4) * 4
-    if variant == "add_rmsnorm_mxfp4":  # residual_out, packed codes, E8M0 scale bytes
-        return read + n * itemsize + n // 2 + tokens * (hidden // 32)
-    scales = {"add_rmsnorm_fp8_static": 0, "add_rmsnorm_fp8_per_token": tokens * 4,
-              "add_rmsnorm_fp8_per_group": tokens * (hidden // 128) * 4}[variant]
-    return read + n * itemsize + n + scales  # residual_out, q, scales
-
-
-def _time_graph(torch, fn, args, calls, replays):
-    """Median time of one call (us), from a CUDA graph holding *calls* calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn(*args)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0 / calls)
-    del graph
-    return statistics.median(times)
-
-
-def _copy_bandwidth(torch) -> float:
-    """Device-to-device copy bandwidth, bytes read + written per second (1 GiB source)."""
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    a.random_()
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1000.0)
-    return 2 * n / statistics.median(times)
-
-
-def _peer_read_bandwidth(torch, dist, symm_mem, pg_name, rank, world) -> float:
-    """Bytes per second this rank reads from a peer's symmetric buffer (all ranks at once)."""
-    n = 256 << 20
-    buf = symm_mem.empty(n, dtype=torch.uint8, device="cuda")
-    buf.random_()
-    handle = symm_mem.rendezvous(buf, pg_name)
-    remote = handle.get_buffer((rank + 1) % world, (n,), torch.uint8)
-    local = torch.empty(n, dtype=torch.uint8, device="cuda")
-    torch.cuda.synchronize()
-    dist.barrier()
-    times = []
-    for i in range(13):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        local.copy_(remote)
-        e.record()
-        e.synchronize()
-        if i >= 3:
-            times.append(s.elapsed_time(e) / 1000.0)
-    dist.barrier()
-    return n / statistics.median(times)
+    if args.margin < 0:
+        raise UsageError(f"--margin must be >= 0, got {args.margin}")
+    if args.derive_table:
+        return
+    for variant in args.variants:
+        for hidden in br.hiddens(variant, args.hidden, args.quant_hidden):
+            reason = br.check_hidden(variant, hidden)
+            if reason is not None:
+                raise UsageError(reason)
+    if len(set(args.tokens)) != len(args.tokens):
+        raise UsageError(f"--tokens has repeats: {args.tokens}")
+    if args.out:
+        folder = pathlib.Path(args.out).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise UsageError(f"--out {args.out}: folder {folder} does not exist or is not writable")
 
 
 def run(args) -> int:
-    os.environ["NCCL_NVLS_ENABLE"] = "0"
-    os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
-    import torch
-    import torch.distributed as dist
-    import triton
+    validate(args)
+    if args.derive_table:
+        from fusion_passes.tools import bench_table
+        from fusion_passes.tools.cli import UsageError
 
-    from fusion_passes import groups
+        try:
+            results = bench_table.load(args.derive_table)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        print(bench_table.render(bench_table.derive(results, args.margin), results, args.margin))
+        return 0
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = br.plan(args.variants, args.hidden, args.quant_hidden, args.tokens, world, args.with_dynamic_true)
+    if args.plan:
+        print(br.format_plan(plan))
+        return 0
+    import torch
 
     if not torch.cuda.is_available() or torch.version.hip is not None:
-        print("fusion-passes bench kernels: needs an NVIDIA CUDA GPU (the triton backend's kernels)",
-              file=sys.stderr)
+        print("fusion-passes bench kernels: needs an NVIDIA CUDA GPU (the triton backend's kernels)", file=sys.stderr)
         return 2
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29541")
-    dist.init_process_group("nccl", rank=rank, world_size=world,
-                            device_id=torch.device("cuda", torch.cuda.current_device()))
-    pg_name = dist.group.WORLD.group_name
-    group = "c10d:" + pg_name
-    eps = 1e-6
-    dtype = torch.bfloat16
-    itemsize = 2
-    bw = _copy_bandwidth(torch)
-    symm_mem = None
-    p2p = None
+    return _sweep(args, plan)
+
+
+# --------------------------------------------------------------------------- the sweep (GPU)
+
+
+def _sweep(args, plan: dict) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from fusion_passes.tools import bench_cuda
+
+    start = time.perf_counter()
+    rank, world = bench_cuda.init_nccl()
+    ctx = types.SimpleNamespace(rank=rank, world=world, pg_name=dist.group.WORLD.group_name, args=args,
+                                phases={"setup": 0.0, "compile_static": 0.0, "compile_tokdyn": 0.0,
+                                        "compile_dynamic_true": 0.0, "fused_warmup": 0.0, "timing": 0.0})
+    ctx.group = "c10d:" + ctx.pg_name
+    _raise_recompile_limits(len(args.tokens))
+    bandwidths = {"copy_bandwidth_GBps": bench_cuda.copy_bandwidth() / 1e9, "peer_read_bandwidth_GBps": None}
     if world > 1:
-        import torch.distributed._symmetric_memory as symm_mem
-
-        p2p = _peer_read_bandwidth(torch, dist, symm_mem, pg_name, rank, world)
-
-    rows = []
+        bandwidths["peer_read_bandwidth_GBps"] = bench_cuda.peer_read_bandwidth(ctx.pg_name, rank, world) / 1e9
+    ctx.bandwidths = bandwidths
+    ctx.phases["setup"] = time.perf_counter() - start
+    if rank == 0 and not args.json:
+        print(br.format_plan(plan), flush=True)
+    rows, selectors = [], {}
     for variant in args.variants:
-        hiddens = args.hidden if variant == "add_rmsnorm" else args.quant_hidden
-        epi = torch.compile(_epilogue_fn(variant, eps), dynamic=True)
-        fused = _fused_fn(variant, group, eps)
-        for hidden in hiddens:
-            w = (torch.rand(hidden, device="cuda") + 0.5).to(dtype)
-            scale = torch.tensor([NVFP4_GLOBAL_SCALE if variant == "add_rmsnorm_nvfp4" else 0.02], device="cuda")
-            for tokens in args.tokens:
-                torch.manual_seed(rank * 7919 + tokens)
-                x = torch.randn(tokens, hidden, device="cuda").to(dtype)
-                torch.manual_seed(tokens)
-                res = torch.randn(tokens, hidden, device="cuda").to(dtype)
-                nbytes = _bytes_moved(variant, tokens, hidden, itemsize)
-                calls = max(1, min(20, int(4e8 // max(nbytes, 1))))
-
-                def unfused(x, res, w, scale):
-                    y = groups.all_reduce(x, group) if world > 1 else x
-                    return epi(y, res, w, scale)
-
-                point = {"variant": variant, "hidden": hidden, "tokens": tokens}
-                point["fused_us"] = _time_graph(torch, fused, (x, res, w, scale), calls, args.replays)
-                point["unfused_us"] = _time_graph(torch, unfused, (x, res, w, scale), calls, args.replays)
-                if symm_mem is not None:
-                    buf = symm_mem.empty((tokens, hidden), dtype=dtype, device="cuda")
-                    symm_mem.rendezvous(buf, pg_name)
-
-                    def symm(x, res, w, scale, buf=buf):
-                        buf.copy_(x)
-                        y = torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", pg_name)
-                        return epi(y, res, w, scale)
-
-                    point["symm_us"] = _time_graph(torch, symm, (x, res, w, scale), calls, args.replays)
-                point["floor_us"] = nbytes / bw * 1e6
-                if p2p is not None:  # an all-reduce must receive 2 (ws-1)/ws of the input over the links
-                    point["floor_us"] = max(point["floor_us"],
-                                            2 * (world - 1) / world * tokens * hidden * itemsize / p2p * 1e6)
-                point["vs_unfused"] = point["unfused_us"] / point["fused_us"]
-                point["of_floor"] = point["floor_us"] / point["fused_us"]
-                rows.append(point)
-                if rank == 0 and not args.json:
-                    print(_fmt(point), flush=True)
-                del x, res
-                torch.cuda.empty_cache()
-
-    result = {
-        "command": "fusion-passes bench kernels " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else []),
-        "world_size": world,
-        "machine": {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(),
-                    "host": platform.node(), "cuda": torch.version.cuda},
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "dtype": str(dtype),
-        "copy_bandwidth_GBps": bw / 1e9,
-        "peer_read_bandwidth_GBps": None if p2p is None else p2p / 1e9,
-        "method": ("CUDA graph of K calls, median of replays / K; floor = max(local bytes / copy bandwidth, "
-                   "2 (ws-1)/ws input bytes / peer-read bandwidth)"),
-        "rows": rows,
-    }
+        for hidden in br.hiddens(variant, args.hidden, args.quant_hidden):
+            rows += _variant_hidden(ctx, variant, hidden, selectors)
+    ctx.phases["total"] = time.perf_counter() - start
+    result = br.result(command=br.command_line("kernels", world), world=world, machine=bench_cuda.machine(), versions=bench_cuda.versions(),
+                       rows=rows, phases=ctx.phases, plan_=plan, bandwidths=bandwidths,
+                       with_dynamic_true=args.with_dynamic_true, selectors=selectors)
     if rank == 0:
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
-        if args.json:
-            print(json.dumps(result, indent=1))
-        else:
-            peer = "" if p2p is None else f"; peer read {p2p / 1e9:.0f} GB/s"
-            print(f"copy bandwidth {bw / 1e9:.0f} GB/s{peer}; world size {world}; {torch.cuda.get_device_name()}")
+        _report(args, result)
     dist.barrier()
     dist.destroy_process_group()
     return 0
 
 
-def _fmt(p) -> str:
-    symm = f" symm {p['symm_us']:9.1f}" if "symm_us" in p else ""
-    return (f"{p['variant']:28s} H={p['hidden']:5d} T={p['tokens']:5d}  fused {p['fused_us']:9.1f} us"
-            f"  unfused {p['unfused_us']:9.1f}{symm}  x{p['vs_unfused']:5.2f}  floor {p['of_floor']:5.0%}")
+def _report(args, result: dict) -> None:
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    bw = result["copy_bandwidth_GBps"]
+    peer = result["peer_read_bandwidth_GBps"]
+    print(f"copy bandwidth {bw:.0f} GB/s" + ("" if peer is None else f"; peer read {peer:.0f} GB/s")
+          + f"; world size {result['world_size']}; {result['machine'].get('gpu')}")
+    print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["phases_s"].items()))
+    for variant, verdict in result["selector"].items():
+        print(f"selector, {variant}: {verdict}")
+
+
+def _raise_recompile_limits(token_counts: int) -> None:
+    """The static epilogue compiles once per token count on one function: more than
+    Dynamo's default recompile limit (8) in a full sweep."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 4 * token_counts + 16))
+
+
+def _variant_hidden(ctx, variant: str, hidden: int, selectors: dict) -> list[dict]:
+    """Every token count of one (variant, hidden): compile the epilogue forms, time the rows."""
+    import torch
+
+    args = ctx.args
+    verdicts = {t: _selector(variant, hidden, t, ctx.world) for t in args.tokens}  # the table as it is
+    declined = sorted(t for t, (pick, _) in verdicts.items() if pick != "triton")
+    selectors[f"{variant} H={hidden}"] = ("triton at every point" if not declined else
+                                          f"not triton at tokens {declined}: {verdicts[declined[0]][1]}")
+    w = (torch.rand(hidden, device="cuda") + 0.5).to(torch.bfloat16)
+    scale = torch.tensor([NVFP4_GLOBAL_SCALE if variant.endswith("nvfp4") else FP8_STATIC_SCALE], device="cuda")
+    forms = _compile_forms(ctx, variant, hidden, w, scale)
+    fused = _fused_fn(variant, ctx.group)
+    rows = []
+    with _triton_admitted(ctx.world, variant):
+        for tokens in args.tokens:
+            row = _row(ctx, variant, hidden, tokens, w, scale, forms, fused, verdicts[tokens])
+            rows.append(row)
+            if ctx.rank == 0 and not args.json:
+                print(br.format_row(row), flush=True)
+    return rows
+
+
+def _selector(variant: str, hidden: int, tokens: int, world: int) -> tuple[str, str | None]:
+    """What ``backend="auto"`` picks for this call today, and why not triton (None if triton)."""
+    import torch
+
+    from fusion_passes import backends
+
+    call = backends.Call(variant=variant, device="cuda", dtype=torch.bfloat16, hidden=hidden, world_size=world,
+                         tokens=tokens, group_size=br.PER_GROUP_SIZE if variant.endswith("per_group") else None)
+    return backends.select(call, "auto"), backends.why_not("triton", call)
+
+
+@contextlib.contextmanager
+def _triton_admitted(world: int, variant: str):
+    """Open the measured-crossover gate for (world, variant) while timing, so the kernel
+    runs where today's table declines it; the hard limits (hidden, dtype, alignment) stay."""
+    from fusion_passes import backends
+    from fusion_passes.backends import thresholds
+
+    table = thresholds.TRITON["max_tokens_faster"]
+    saved = dict(table)
+    table[(world, variant)] = None
+    backends.select.cache_clear()
+    try:
+        yield
+    finally:
+        table.clear()
+        table.update(saved)
+        backends.select.cache_clear()
+
+
+def _epilogue_fn(variant: str):
+    """The unfused chain after the all-reduce, as :mod:`fusion_passes.epilogue` writes it."""
+    from fusion_passes import epilogue, ops
+
+    def fn(x, res, w, scale):
+        y, r = epilogue.add_rms_norm(x, res, w, EPS)
+        if variant == "add_rmsnorm":
+            return y, r
+        if variant == "add_rmsnorm_fp8_static":
+            return epilogue.fp8_static(y, scale), r
+        if variant == "add_rmsnorm_fp8_per_token":
+            return epilogue.fp8_per_token(y), r
+        if variant == "add_rmsnorm_fp8_per_group":
+            return epilogue.fp8_per_group(y, br.PER_GROUP_SIZE, amax_eps=ops.KERNEL_GROUP_EPS,
+                                          scale_min=ops.kernel_group_scale_min(False)), r
+        if variant == "add_rmsnorm_nvfp4":
+            return epilogue.nvfp4(y, scale, True), r
+        return epilogue.mxfp4(y), r
+
+    return fn
+
+
+def fresh(fn, tag: str):
+    """A copy of *fn* with its own code object, so its Dynamo cache (and guards) are its own:
+    a token-dynamic compile whose guards are dropped must never serve another form."""
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def drop_guards(entries):
+    """Dynamo guard filter: keep none (vLLM runs its compiled graph for every token count)."""
+    return [False for _ in entries]
+
+
+def compile_forms(fn, *, with_dynamic_true: bool, backend: str = "inductor") -> dict:
+    """The epilogue's compiled forms (each its own Dynamo cache), not yet compiled: Dynamo
+    compiles on the first call. ``tokdyn`` must first be called with the token dimension
+    marked dynamic (``mark_dynamic(t, 0)``) at a size other than 0 or 1."""
+    import torch
+
+    forms = {
+        "static": torch.compile(fresh(fn, "static"), dynamic=False, backend=backend),
+        "tokdyn": torch.compile(fresh(fn, "tokdyn"), backend=backend, options={"guard_filter_fn": drop_guards}),
+    }
+    if with_dynamic_true:
+        forms[br.EXTRA_FORM] = torch.compile(fresh(fn, "dyntrue"), dynamic=True, backend=backend)
+    return forms
+
+
+def _compile_forms(ctx, variant, hidden, w, scale) -> dict:
+    """Compile the token-dynamic form now (once, at TOKDYN_COMPILE_TOKENS); the static
+    form compiles per token count in :func:`_row`."""
+    import torch
+
+    forms = compile_forms(_epilogue_fn(variant), with_dynamic_true=ctx.args.with_dynamic_true)
+    x = torch.randn(TOKDYN_COMPILE_TOKENS, hidden, device="cuda").to(torch.bfloat16)
+    res = torch.randn_like(x)
+    torch._dynamo.mark_dynamic(x, 0)
+    torch._dynamo.mark_dynamic(res, 0)
+    t0 = time.perf_counter()
+    forms["tokdyn"](x, res, w, scale)
+    torch.cuda.synchronize()
+    ctx.phases["compile_tokdyn"] += time.perf_counter() - t0
+    return forms
+
+
+def _fused_fn(variant: str, group: str):
+    """The public fused op of *variant* with ``backend="triton"``."""
+    import torch
+
+    fp = torch.ops.fusion_passes
+    calls = {
+        "add_rmsnorm": lambda x, r, w, s: fp.allreduce_add_rmsnorm(x, r, w, EPS, group, backend="triton"),
+        "add_rmsnorm_fp8_static": lambda x, r, w, s: fp.allreduce_add_rmsnorm_fp8_static(
+            x, r, w, EPS, group, s, backend="triton"),
+        "add_rmsnorm_fp8_per_token": lambda x, r, w, s: fp.allreduce_add_rmsnorm_fp8_per_token(
+            x, r, w, EPS, group, None, backend="triton"),
+        "add_rmsnorm_fp8_per_group": lambda x, r, w, s: fp.allreduce_add_rmsnorm_fp8_per_group(
+            x, r, w, EPS, group, br.PER_GROUP_SIZE, backend="triton"),
+        "add_rmsnorm_nvfp4": lambda x, r, w, s: fp.allreduce_add_rmsnorm_nvfp4(x, r, w, EPS, group, s, True,
+                                                                              backend="triton"),
+        "add_rmsnorm_mxfp4": lambda x, r, w, s: fp.allreduce_add_rmsnorm_mxfp4(x, r, w, EPS, group, backend="triton"),
+    }
+    return calls[variant]
+
+
+def _collectives(ctx, x) -> dict:
+    """name -> ``f(t)`` all-reducing *t* (shaped like *x*) the way that baseline does."""
+    import torch
+
+    if ctx.world == 1:
+        return {"none": lambda t: t}
+    import torch.distributed._symmetric_memory as symm_mem
+
+    pg = ctx.pg_name
+    buf = symm_mem.empty(x.shape, dtype=x.dtype, device="cuda")
+    symm_mem.rendezvous(buf, pg)
+
+    def nccl(t):
+        return torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(t, "sum", pg))
+
+    def one_shot(t):
+        buf.copy_(t)
+        return torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", pg)
+
+    def two_shot(t):
+        buf.copy_(t)
+        torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", pg)
+        return buf
+
+    return {"nccl": nccl, "symm_one_shot": one_shot, "symm_two_shot": two_shot}
+
+
+def _timed(ctx, phase: str, fn, *args):
+    import torch
+
+    t0 = time.perf_counter()
+    out = fn(*args)
+    torch.cuda.synchronize()
+    ctx.phases[phase] += time.perf_counter() - t0
+    return out
+
+
+def _row(ctx, variant, hidden, tokens, w, scale, forms, fused, verdict) -> dict:
+    """Time one point: fused, every baseline, fused again."""
+    import torch
+
+    from fusion_passes.tools import bench_cuda
+
+    torch.manual_seed(ctx.rank * 7919 + tokens)
+    x = torch.randn(tokens, hidden, device="cuda").to(torch.bfloat16)
+    torch.manual_seed(tokens)
+    res = torch.randn(tokens, hidden, device="cuda").to(torch.bfloat16)
+    nbytes = br.bytes_moved(variant, tokens, hidden)
+    calls = max(1, min(20, int(4e8 // max(nbytes, 1))))
+    inputs = (x, res, w, scale)
+    _timed(ctx, "compile_static", forms["static"], *inputs)
+    if br.EXTRA_FORM in forms:
+        _timed(ctx, "compile_dynamic_true", forms[br.EXTRA_FORM], *inputs)
+    _timed(ctx, "fused_warmup", fused, *inputs)
+    t0 = time.perf_counter()
+    replays = ctx.args.replays
+    fused_us = bench_cuda.time_graph(fused, inputs, calls, replays)
+    baselines, errors = {}, {}
+    for coll_name, coll in _collectives(ctx, x).items():
+        for form_name, form in forms.items():
+            name = f"{coll_name}+{form_name}"
+            try:
+                baselines[name] = bench_cuda.time_graph(lambda a, r, ww, s: form(coll(a), r, ww, s), inputs, calls,
+                                                        replays)
+            except Exception as e:  # noqa: BLE001 - a baseline that cannot run is recorded, not fatal
+                baselines[name], errors[name] = None, f"{type(e).__name__}: {str(e)[:200]}"
+    fused_last_us = bench_cuda.time_graph(fused, inputs, calls, replays)
+    ctx.phases["timing"] += time.perf_counter() - t0
+    _, extra = br.baseline_names(ctx.world, ctx.args.with_dynamic_true)
+    row = br.make_row(variant=variant, hidden=hidden, tokens=tokens, calls=calls, fused_us=fused_us,
+                      fused_last_us=fused_last_us, baselines=baselines, extra=extra, errors=errors,
+                      floor_us=_floor_us(ctx, variant, tokens, hidden, nbytes), selector=verdict[0],
+                      declined=verdict[1])
+    del x, res
+    torch.cuda.empty_cache()
+    return row
+
+
+def _floor_us(ctx, variant, tokens, hidden, nbytes) -> float:
+    """Local bytes / copy bandwidth, or at N ranks the bytes an all-reduce must receive
+    (2 (N-1)/N of the input) / peer-read bandwidth, whichever is larger."""
+    floor = nbytes / (ctx.bandwidths["copy_bandwidth_GBps"] * 1e9) * 1e6
+    peer = ctx.bandwidths["peer_read_bandwidth_GBps"]
+    if peer:
+        floor = max(floor, 2 * (ctx.world - 1) / ctx.world * tokens * hidden * 2 / (peer * 1e9) * 1e6)
+    return floor
+
+
+# The names tools/ab_fp4_warps.py imports from this module (before bench_cuda / bench_rows held them).
+_bytes_moved = br.bytes_moved
+
+
+def _copy_bandwidth(_torch) -> float:
+    from fusion_passes.tools import bench_cuda
+
+    return bench_cuda.copy_bandwidth()
+
+
+def _time_graph(_torch, fn, args, calls, replays) -> float:
+    from fusion_passes.tools import bench_cuda
+
+    return bench_cuda.time_graph(fn, args, calls, replays)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python tools/bench_kernels.py ...``: the same options as ``fusion-passes bench kernels``."""
+    import argparse
+
+    from fusion_passes.tools.cli import UsageError
+
+    parser = argparse.ArgumentParser(prog="tools/bench_kernels.py", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    try:
+        return run(parser.parse_args(argv))
+    except UsageError as e:
+        print(f"bench kernels: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

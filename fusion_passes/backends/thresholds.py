@@ -122,9 +122,16 @@ TRITON: dict[str, object] = {
     "lamport_max_workspace_bytes": 1024 * MiB,
     # Token ranges where the fused kernel is FASTER than the unfused chain (NCCL
     # all-reduce, or none at world size 1, + the Inductor-compiled epilogue), per
-    # (world_size, variant): the largest token count at which it still wins at every
-    # measured hidden size. None = wins at every measured size. A (world size, variant)
-    # not listed was not measured, so the backend declines it.
+    # (world_size, variant). Each value is one of:
+    #   None: wins at every measured size (any hidden, any token count);
+    #   an int N: wins up to N tokens at every measured hidden size (declines above);
+    #   a dict {hidden: ((lo, hi), ...), None: ((lo, hi), ...)}: per hidden size, the
+    #     token ranges (inclusive; hi None = no upper end) where it wins, which need not
+    #     be contiguous; () = slower everywhere; the None key serves any hidden size not
+    #     listed (no None key: unlisted hidden sizes are declined).
+    # `python tools/bench_kernels.py --derive-table results/<run>.json` prints the dict
+    # form from a run of `fusion-passes bench kernels`. A (world size, variant) not listed
+    # was not measured, so the backend declines it.
     # Source: `fusion-passes bench kernels` on 1x / 2x NVIDIA H200 (results/*.json).
     "max_tokens_faster": {
         # 1x H200, `fusion-passes bench kernels` (results/bench_kernels_h200_ws1.json): the

@@ -364,8 +364,27 @@ def unsupported(call: Call) -> str | None:
         )
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if call.tokens is not None:
-        limit = measured[key]
-        if limit is not None and call.tokens > limit:
-            return f"{call.tokens} tokens > {limit}: slower than unfused there (measured crossover)"
-    return None
+    return _slower_than_unfused(measured[key], call)
+
+
+def _slower_than_unfused(entry, call: Call) -> str | None:
+    """Why *entry* of ``max_tokens_faster`` (see thresholds.py for its three forms) declines
+    *call*, or None. A graph site (``tokens=None``) and an empty call are admitted wherever
+    some token range at that hidden size was measured faster."""
+    if entry is None:
+        return None
+    if isinstance(entry, int):
+        if call.tokens is not None and call.tokens > entry:
+            return f"{call.tokens} tokens > {entry}: slower than unfused there (measured crossover)"
+        return None
+    ranges = entry.get(call.hidden, entry.get(None))
+    if ranges is None:
+        return f"hidden {call.hidden} not measured for {call.variant} at world size {call.world_size}"
+    if not ranges:
+        return f"slower than unfused at every measured token count (hidden {call.hidden}; measured crossover)"
+    if call.tokens is None or call.tokens < 1:
+        return None
+    if any(lo <= call.tokens and (hi is None or call.tokens <= hi) for lo, hi in ranges):
+        return None
+    shown = ", ".join(f"{lo}-{'' if hi is None else hi}" for lo, hi in ranges)
+    return f"{call.tokens} tokens outside {shown}: slower than unfused there (measured crossover)"
