@@ -61,10 +61,20 @@ def test_triton_declines(kw, reason):
     assert got is not None and reason in got, got
 
 
-def test_triton_accepts_measured_world_size_1_at_every_size():
-    for tokens in (1, 64, 16384, None):
-        for variant in sorted(triton_backend.VARIANTS):
+def test_triton_follows_the_measured_world_size_1_table():
+    """thresholds.TRITON at world size 1 (results/bench_kernels_h200_ws1*.json): the quant
+    variants that beat Inductor's best compiled epilogue at every token count are admitted at
+    every size; add + RMSNorm at hidden 7168 only where it won (1..256, 2048 and up)."""
+    for variant in ("add_rmsnorm_fp8_per_token", "add_rmsnorm_fp8_per_group", "add_rmsnorm_nvfp4",
+                    "add_rmsnorm_mxfp4"):
+        for tokens in (1, 64, 16384, None):
             assert triton_backend.unsupported(call(variant=variant, world_size=1, tokens=tokens)) is None
+    admitted = {t: triton_backend.unsupported(call(world_size=1, hidden=7168, tokens=t)) is None
+                for t in (1, 256, 257, 512, 1024, 2047, 2048, 16384, None)}
+    assert admitted == {1: True, 256: True, 257: False, 512: False, 1024: False, 2047: False, 2048: True,
+                        16384: True, None: True}
+    assert triton_backend.unsupported(call(variant="add_rmsnorm_fp8_static", world_size=1, hidden=7168,
+                                           tokens=16384)) is not None  # lost in one of its two timings
 
 
 def test_triton_declines_beyond_measured_crossover(monkeypatch):
