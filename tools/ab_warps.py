@@ -1,6 +1,6 @@
-"""Warps per row A/B of the (restructured, loop-free at ws1) kernel, every variant, via TritonBackend.run.
+"""Warps per row A/B (a benchmark, not a test; ``PYTHONPATH=. python tools/ab_warps.py`` on one GPU) of the (restructured, loop-free at ws1) kernel, every variant, via TritonBackend.run.
 
-Runs the code under gpu_ab/snap (PYTHONPATH). Forces num_warps by patching num_warps_for
+Forces num_warps by patching num_warps_for
 and the FP4 many-token rule. Prints one line per (variant, hidden, tokens) with the time of
 each warps value; writes $OUT/ab_warps.json.
 """
@@ -12,10 +12,13 @@ import time
 import torch
 import torch.distributed as dist
 
+from fusion_passes import arguments, variants
 from fusion_passes.backends import thresholds
 from fusion_passes.backends import triton as tb_mod
 from fusion_passes.backends.triton import TritonBackend
-from fusion_passes.tools import bench_kernels as bk
+from fusion_passes.tools.bench_cuda import time_graph
+
+NVFP4_GLOBAL_SCALE = 448.0 * 6 / 5  # as tools/bench_kernels.py: a norm output of absmax ~5 spans the e4m3 scales
 
 T0 = time.time()
 OUT = os.environ.get("OUT", "/tmp")
@@ -28,30 +31,33 @@ def main():
     L = thresholds.TRITON
     L["fp4_many_tokens"] = 10**9
     rows = []
-    variants = os.environ.get("AB_VARIANTS", " ".join(bk.VARIANTS)).split()
+    names = os.environ.get("AB_VARIANTS", " ".join(n for n in tb_mod.VARIANTS)).split()
     tokens_list = [int(t) for t in os.environ.get("AB_TOKENS", "1 8 32 128 256 1024 4096 16384").split()]
     warps = [int(w) for w in os.environ.get("AB_WARPS", "4 8 16").split()]
-    for variant in variants:
+    for variant in names:
         for hidden in ((4096, 7168, 8192) if variant == "add_rmsnorm" else (7168,)):
             w = (torch.rand(hidden, device="cuda") + 0.5).to(torch.bfloat16)
-            sc = torch.tensor([bk.NVFP4_GLOBAL_SCALE if variant.endswith("nvfp4") else 0.02], device="cuda")
-            extra = {"add_rmsnorm": (), "add_rmsnorm_fp8_static": (sc,), "add_rmsnorm_fp8_per_token": (None,),
-                     "add_rmsnorm_fp8_per_group": (128, False, False), "add_rmsnorm_nvfp4": (sc, True),
-                     "add_rmsnorm_mxfp4": ()}[variant]
+            sc = torch.tensor([NVFP4_GLOBAL_SCALE if variant.endswith("nvfp4") else 0.02], device="cuda")
+            quant = {"add_rmsnorm_fp8_static": {"scale": sc}, "add_rmsnorm_fp8_per_group": {"group_size": 128},
+                     "add_rmsnorm_nvfp4": {"global_scale": sc}}.get(variant, {})
+            spec = variants.get(variant)
             for tokens in tokens_list:
                 x = torch.randn(tokens, hidden, device="cuda").to(torch.bfloat16)
                 res = torch.randn(tokens, hidden, device="cuda").to(torch.bfloat16)
                 calls = max(1, min(20, int(4e8 // (tokens * hidden * 8))))
                 row = {"variant": variant, "hidden": hidden, "tokens": tokens}
                 for nw in warps:
-                    tb_mod.num_warps_for = lambda h, _nw=nw: _nw
+                    tb_mod.num_warps_for = lambda h, q=False, _nw=nw: _nw
                     tb = TritonBackend()
 
-                    def fn(x, res, w, _tb=tb):
-                        return _tb.run(variant, x, res, w, 1e-6, group, False, True, *extra)
+                    bound = arguments.bind(spec, (x, res, w, 1e-6, group), quant)
+                    fa = arguments.fused_args(spec, bound, arguments.resolve(spec, bound))
+
+                    def fn(_tb=tb, _fa=fa):
+                        return _tb.run(variant, _fa)
 
                     try:
-                        row[f"w{nw}"] = bk._time_graph(torch, fn, (x, res, w), calls, 7)
+                        row[f"w{nw}"] = time_graph(fn, (), calls, 7)
                     except Exception as e:  # noqa: BLE001
                         row[f"w{nw}"] = None
                         print("ERR", variant, nw, str(e)[:200], flush=True)

@@ -1,4 +1,4 @@
-"""World size 1 A/B: our fused add+RMSNorm(+per-token FP8) kernel launch shapes vs Inductor's epilogue.
+"""World size 1 A/B (a benchmark, not a test; ``PYTHONPATH=. python tools/ab_ws1_inductor.py`` on one GPU): our fused add+RMSNorm(+per-token FP8) kernel launch shapes vs Inductor's epilogue.
 
 Times under CUDA graphs (K calls per graph, median replay / K):
 * inductor static (dynamic=False, a compile per token count), mark_dynamic(x, 0), dynamic=True;
@@ -9,7 +9,6 @@ Writes $OUT/ab_ws1.json and prints a table. Also dumps Inductor's kernel source 
 
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -20,6 +19,7 @@ import triton.language as tl
 sys.path.insert(0, os.getcwd())
 from fusion_passes import epilogue  # noqa: E402
 from fusion_passes.backends import triton_kernels as K  # noqa: E402
+from fusion_passes.tools.bench_cuda import time_graph  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
 T0 = time.time()
@@ -29,32 +29,6 @@ BF16 = torch.bfloat16
 
 def log(*a):
     print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
-
-
-def time_graph(fn, args, calls, replays=7):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn(*args)
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(replays):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e) * 1000.0 / calls)
-    del g
-    return statistics.median(ts)
 
 
 @triton.jit

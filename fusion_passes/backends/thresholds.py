@@ -91,7 +91,7 @@ TRITON: dict[str, object] = {
     "threads_per_sm": 2048,
     # FP4 epilogues (NVFP4 / MXFP4) from this many tokens on run with at most this many
     # warps per row: more rows in flight per SM. Source: A/B of 4, 8, 16 warps on 1x H200
-    # (2026-11-29, bf16, hidden 7168, 1..16384 tokens, `python tools/ab_fp4_warps.py`; table
+    # (2026-11-29, bf16, hidden 7168, 1..16384 tokens, tools/ab_fp4_warps.py, since replaced by tools/ab_warps.py; table
     # in results/README.md), after the E2M1 rounding became bit arithmetic: at 16384 tokens
     # 4 warps took NVFP4 211 us (8: 259, 16: 259) and MXFP4 192 us (8: 240, 16: 226); at
     # 1024 tokens 4 warps was fastest too (17.4 / 15.9 us); at 1 and 64 tokens 16 warps
