@@ -67,7 +67,7 @@ def _capture_vllm(model: str, args, out, results: dict) -> None:
         reports.append(fusion.report.to_dict())
         if not args.json:
             print(f"{stem} graph {i}: {fusion.report.summary()}  ({time.perf_counter() - start:.1f} s)")
-            print(terminal.printable(fusion.report.table()))
+            print(terminal.printable_lines(fusion.report.table()))
     results[model] = {"graphs": len(graphs), "reports": reports}
 
 

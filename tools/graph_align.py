@@ -33,7 +33,7 @@ from typing import Any
 
 import networkx as nx
 
-from fusion_passes.graphio import GraphDump, NodeRecord, resolve_target
+from fusion_passes.tools.graphio import GraphDump, NodeRecord, resolve_target
 
 FUSED_PREFIX = "torch.ops.fusion_passes."
 COLLECTIVE_PREFIXES = ("torch.ops._c10d_functional.", "torch.ops.c10d_functional.")

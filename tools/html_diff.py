@@ -1,12 +1,15 @@
 """The ``fusion-passes diff --html`` page: one self-contained file (inline CSS, no script,
 no external resource), both graphs side by side: removed nodes red, added green,
-rewired amber, unchanged grey; every fused site lists and links to its nodes."""
+rewired amber, unchanged grey; every fused site lists and links to its nodes. Text from
+the dumps is HTML-escaped, and its control characters are shown escaped
+(:func:`fusion_passes.tools.terminal.printable`), as in the text diff."""
 
 from __future__ import annotations
 
 import html
 
-from fusion_passes.graphio import NodeRecord
+from fusion_passes.tools.graphio import NodeRecord
+from fusion_passes.tools.terminal import printable
 
 CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -57,7 +60,9 @@ def node_line(n: NodeRecord) -> str:
 
 def render_html(al, d: dict) -> str:
     """The page for an :class:`~fusion_passes.tools.graph_align.Alignment` and its dict."""
-    e = html.escape
+    def e(text) -> str:
+        return html.escape(printable(str(text)))
+
     site_of_a: dict[str, int] = {}
     site_of_b: dict[str, int] = {}
     fused = [s for s in al.sites if s.fused_op]
