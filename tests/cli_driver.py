@@ -5,6 +5,10 @@ neither is a terminal. One process pays the torch (and vLLM) import once.
 
     results = run_commands([["dump", "m.py:make"], ["diff", "a.json", "b.json"]], cwd=tmp)
     results[0] == {"argv": [...], "rc": 0, "stdout": "...", "stderr": "", "seconds": 12.3}
+
+A command may also be ``{"argv": [...], "cwd": folder}`` (run there), or
+``{"script": path, "cwd": folder}``: a Python file run with ``runpy`` (a documented
+snippet), its output captured the same way.
 """
 
 from __future__ import annotations
@@ -21,16 +25,25 @@ _DRIVER = r"""
 import json, os, sys, tempfile, time
 sys.argv[0] = "fusion-passes"  # the console script's name: the package defers its imports
 commands = json.loads(sys.argv[1])
+import runpy
 from fusion_passes.tools.cli import main
+home = os.getcwd()
 out = []
-for argv in commands:
+for item in commands:
+    item = item if isinstance(item, dict) else {"argv": item}
+    argv = item.get("argv") or ["python", item["script"]]
+    os.chdir(item.get("cwd") or home)
     with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
         sys.stdout.flush(); sys.stderr.flush()
         saved = os.dup(1), os.dup(2)
         os.dup2(fo.fileno(), 1); os.dup2(fe.fileno(), 2)
         start = time.perf_counter()
         try:
-            rc = main(argv)
+            if "script" in item:
+                runpy.run_path(item["script"], run_name="__main__")
+                rc = 0
+            else:
+                rc = main(argv)
         except SystemExit as e:
             rc = e.code
         except BaseException as e:
@@ -47,7 +60,7 @@ with open(sys.argv[2], "w") as f:
 """
 
 
-def run_commands(commands: list[list[str]], cwd, env: dict | None = None, timeout: float = 1800) -> list[dict]:
+def run_commands(commands: list, cwd, env: dict | None = None, timeout: float = 1800) -> list[dict]:
     """Each command's ``rc``, ``stdout``, ``stderr`` and ``seconds``, run in order in one process."""
     result = pathlib.Path(cwd, ".cli_driver_results.json")
     environ = {**os.environ, **(env or {})}

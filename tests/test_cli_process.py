@@ -5,7 +5,6 @@ libraries' output hidden unless ``-v``."""
 from __future__ import annotations
 
 import os
-import pathlib
 import re
 import subprocess
 import sys

@@ -105,5 +105,5 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(results))
     else:
-        print(f"wrote {len(written)} files to {args.out}/")
+        print(f"wrote {len(written)} files to {args.out.rstrip('/')}/")
     return 0 if all("error" not in r for r in results.values()) else 1

@@ -23,8 +23,11 @@ TP_SIZES = (2, 4, 8)
 heads, so TP must divide 8; at TP 1 vLLM emits no all-reduce."""
 BLOCK_FP8_MAX_TP = 2
 """Largest TP for ``fp8_block``: vLLM requires every weight shard to be whole 128 x 128
-blocks (``fp8_utils.validate_fp8_block_shape``); DeepSeek-V3's 256-wide expert
-intermediate size splits into whole blocks only up to TP 2."""
+blocks (``fp8_utils.validate_fp8_block_shape``). The tiny configs' 256-wide row-parallel
+inputs (attention output, DeepSeek-V3's expert intermediate size) split into whole blocks
+only up to TP 2; at TP 4 llama and deepseek_v3 fail with "Weight
+input_size_per_partition = 64 is not divisible by weight quantization block_k = 128"
+(traced on CPU with vLLM 0.33)."""
 HIDDEN = 256
 """Hidden size: tiny, but a multiple of block FP8's 128 and of 8 ranks x 8 lanes."""
 
