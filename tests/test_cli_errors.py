@@ -50,8 +50,9 @@ BAD_OPTIONS = [
     (["demo", "--tokens", "0"], "argument --tokens: must be an integer from 1 to 64, got 0"),
     (["demo", "--tokens", "-5"], "argument --tokens: must be an integer from 1 to 64, got -5"),
     (["demo", "--tokens", "65"], "argument --tokens: must be an integer from 1 to 64, got 65"),
-    (["demo", "--tp", "0"], "argument --tp: invalid choice: 0 (choose from 2, 4)"),
-    (["demo", "--tp", "-1"], "argument --tp: invalid choice: -1 (choose from 2, 4)"),
+    (["demo", "--tp", "0"], "argument --tp: invalid choice: 0 (choose from 2)"),
+    (["demo", "--tp", "-1"], "argument --tp: invalid choice: -1 (choose from 2)"),
+    (["demo", "--tp", "4"], "argument --tp: invalid choice: 4 (choose from 2)"),
     (["diff", "a.json", "b.json", "--html", ""], "argument --html: expected a path, got an empty string"),
     (["bogus"], "unknown command 'bogus'; one of: demo, patterns, bench, dump, diff, capture, explain"),
     ([], "no command; one of: demo,"),
@@ -86,7 +87,10 @@ def spec(tmp_path, monkeypatch):
         "    class Broken(__import__('torch').nn.Module):\n"
         "        def forward(self, x):\n"
         "            raise ValueError('the model itself fails')\n"
-        "    return Broken(), (__import__('torch').ones(2),)\n")
+        "    return Broken(), (__import__('torch').ones(2),)\n"
+        "def child_failed():\n"
+        "    raise RuntimeError('-- Process 1 terminated with the following error:\\nTraceback (most recent call '\n"
+        "                       'last):\\n  File x.py, line 1\\nValueError: the real cause')\n")
     return "model.py"
 
 
@@ -119,6 +123,15 @@ def test_a_failed_dump_leaves_nothing(fake_pg, spec, capsys):
     assert _left(pathlib.Path(".")) == ["CALLED", "kept", "model.py"]  # no "new", no staging folder
     assert _left(pathlib.Path("kept")) == ["graph_0.before.json"]
     assert pathlib.Path("kept/graph_0.before.json").read_text() == "old"
+
+
+def test_a_failure_in_the_work_is_one_line_naming_the_cause(fake_pg, spec, capsys):
+    rc = cli.main(["dump", f"{spec}:child_failed", "-o", "out"])
+    out, err = capsys.readouterr()
+    assert (rc, out) == (1, "")
+    assert err == ("fusion-passes dump: failed: RuntimeError: ValueError: the real cause (-v shows the traceback and "
+                   "other libraries' output)\n")
+    assert _left(pathlib.Path(".")) == ["model.py"]
 
 
 @pytest.mark.parametrize("page,message", [

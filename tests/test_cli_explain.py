@@ -58,7 +58,7 @@ def test_already_fused_sites_are_listed(relu_dumps, capsys):
 
 
 def _vllm_deepseek_dump(path: pathlib.Path) -> None:
-    """The vLLM DeepSeek-V3 fp16 shape (DESIGN.md section 7): ``all_reduce -> mul(0.4) ->
+    """The vLLM DeepSeek-V3 fp16 shape (tests/test_hoist_vllm.py traces it): ``all_reduce -> mul(0.4) ->
     fused_add_rms_norm``, written as a dump from a machine with vLLM. vLLM is not imported
     here: its ops stay names (graphio.Opaque), which is all the recognizers compare."""
     t = {"shape": [{"sym": "s72"}, 128], "stride": [128, 1], "dtype": "float16", "device": "cuda:0"}

@@ -103,7 +103,10 @@ def _run(module, name: str, args, verbose: bool) -> int:
     except Exception as e:  # noqa: BLE001 - one line for the user; -v shows the traceback
         if verbose:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        # a message that only introduces what follows ("... terminated with the following
+        # error:") is not the error: its last line is (a child process's exception)
+        first = (lines[-1] if lines[0].endswith(":") else lines[0]) if lines else ""
         print(f"fusion-passes {name}: failed: {type(e).__name__}: {printable(first)} (-v shows the traceback "
               "and other libraries' output)", file=sys.stderr)
         return 1
