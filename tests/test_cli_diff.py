@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from fusion_passes import graphio
+from fusion_passes.tools import graphio
 from fusion_passes.tools import cli
 from fusion_passes.tools.diff import render_text, to_dict
 from fusion_passes.tools.graph_align import align

@@ -8,7 +8,8 @@ import pathlib
 
 import pytest
 
-from fusion_passes import _compat, graphio
+from fusion_passes import _compat
+from fusion_passes.tools import graphio
 from fusion_passes.tools import cli
 
 MODELS = pathlib.Path(__file__).parent / "test_cli_models.py"

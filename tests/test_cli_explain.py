@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from fusion_passes import graphio
+from fusion_passes.tools import graphio
 from fusion_passes.tools import cli
 from test_cli_models import MODEL, check_golden, relu_block, write_dumps
 
@@ -58,7 +58,7 @@ def test_already_fused_sites_are_listed(relu_dumps, capsys):
 
 
 def _vllm_deepseek_dump(path: pathlib.Path) -> None:
-    """The vLLM DeepSeek-V3 fp16 shape (DESIGN.md section 7): ``all_reduce -> mul(0.4) ->
+    """The vLLM DeepSeek-V3 fp16 shape (tests/test_hoist_vllm.py traces it): ``all_reduce -> mul(0.4) ->
     fused_add_rms_norm``, written as a dump from a machine with vLLM. vLLM is not imported
     here: its ops stay names (graphio.Opaque), which is all the recognizers compare."""
     t = {"shape": [{"sym": "s72"}, 128], "stride": [128, 1], "dtype": "float16", "device": "cuda:0"}
@@ -114,3 +114,39 @@ def test_spec_that_does_not_exist(capsys):
     assert rc == 2 and "fusion-passes explain: error: spec 'no_such_module_xyz:make': no module named" in err
     rc, out, err = _run(capsys, "explain", "neither-a-file-nor-spec")
     assert rc == 2 and "is neither a file nor a module:function spec" in err
+
+
+def test_an_internal_pass_error_is_reported_as_one(relu_dumps, capsys, monkeypatch):
+    """The pass fails inside (injected: hoisting raises) and leaves the graph as it was:
+    explain counts every all-reduce of the graph, lists each as not fused, prints the
+    error, and exits 1, in text and in JSON."""
+    from fusion_passes import hoist
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected hoisting failure")
+
+    monkeypatch.setattr(hoist, "run", broken)
+    error = "fusion_passes: internal error, graph left unchanged: RuntimeError: injected hoisting failure"
+    rc, text, _ = _run(capsys, "explain", "relu/graph_0.before.json")
+    assert rc == 1
+    lines = text.splitlines()
+    assert lines[:2] == ["graph_0: 2 all-reduces", f"  internal error (graph left unchanged): {error}"]
+    assert [ln for ln in lines if "NOT fused" in ln] == ["  all_reduce: NOT fused, blocked", "  all_reduce_1: NOT fused, blocked"]
+    assert lines.count("      reason: pass failed: graph unchanged") == 2
+    assert lines[-1] == "0/2 all-reduces fused; the pass FAILED on 1 graph(s)"
+    rc, js, _ = _run(capsys, "explain", "--json", "relu/graph_0.before.json")
+    d = json.loads(js)
+    assert rc == 1 and d["errors"] == [error]
+    assert [(s["all_reduce"], s["fused"], s["reason"]) for s in d["sites"]] == \
+        [("all_reduce", False, "pass failed: graph unchanged"), ("all_reduce_1", False, "pass failed: graph unchanged")]
+
+
+def test_a_bad_dump_is_one_line_with_exit_2(tmp_path, capsys):
+    path = tmp_path / "evil.json"
+    doc = {"format": graphio.FORMAT, "version": graphio.VERSION, "model": None, "graph": "graph_0", "stage": "before",
+           "torch": "2", "nodes": [{"name": "x", "op": "placeholder", "target": "x", "args": [{"device": "evilmod:0"}]},
+                                   {"name": "output", "op": "output", "target": "output", "args": []}]}
+    path.write_text(json.dumps(doc))
+    rc, out, err = _run(capsys, "explain", str(path))
+    assert (rc, out) == (2, "") and err.count("\n") == 1
+    assert err == f"fusion-passes explain: error: {path}: node x: unknown device 'evilmod:0'\n"

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from fusion_passes import FusionPass, graphio
+from fusion_passes import FusionPass
+from fusion_passes.tools import graphio
 from test_cli_models import check_golden, example_args, normalise, relu_block, two_sites
 
 
@@ -48,6 +49,13 @@ def _doc(nodes, **top):
     return base
 
 
+def _nested(depth: int):
+    value = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 OUT = {"name": "output", "op": "output", "target": "output", "args": [{"tuple": []}], "kwargs": {}, "meta": {}}
 X = {"name": "x", "op": "placeholder", "target": "x", "args": [], "kwargs": {}, "meta": {}}
 
@@ -65,7 +73,24 @@ BAD = [
     (json.dumps(_doc([{**X, "args": [{"__reduce__": "os.system"}]}, OUT])).encode(), "unknown value object"),
     (json.dumps(_doc([X])).encode(), "exactly one output node"),
     (b'{"format": "fusion-passes-graph", "version": NaN}', "not JSON"),
-    (b"[" * 100_000 + b"]" * 100_000, "not JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "JSON nested deeper than the parser's recursion limit"),
+    (json.dumps(_doc([{**X, "args": [_nested(34)]}, OUT])).encode(), "values nested deeper than 32"),
+    # absurd shapes: validated on load (the pass used to fail inside, and explain misreported)
+    (json.dumps(_doc([{**X, "meta": {"val": {"shape": [10**12, 10**12], "dtype": "float32"}}}, OUT])).encode(),
+     "is larger than any device holds"),
+    (json.dumps(_doc([{**X, "meta": {"val": {"shape": [8, -1], "dtype": "float32"}}}, OUT])).encode(),
+     "has a negative entry"),
+    (json.dumps(_doc([{**X, "meta": {"val": {"shape": [8, 4], "stride": [4], "dtype": "float32"}}}, OUT])).encode(),
+     "tensor stride has 1 entries for a shape of 2"),
+    (json.dumps(_doc([{**X, "meta": {"val": {"shape": [True], "dtype": "float32"}}}, OUT])).encode(),
+     "tensor shape must be a list of ints"),
+    # tagged values that do not parse: a one-line error, never a traceback
+    (json.dumps(_doc([{**X, "args": [{"device": "evilmod:0"}]}, OUT])).encode(), "unknown device 'evilmod:0'"),
+    (json.dumps(_doc([{**X, "meta": {"val": {"shape": [2], "dtype": "float32", "device": "evilmod"}}}, OUT])).encode(),
+     "unknown device 'evilmod'"),
+    (json.dumps(_doc([{**X, "args": [{"device": 7}]}, OUT])).encode(), "device must be a short string"),
+    (json.dumps(_doc([{**X, "args": [{"dtype": "__class__"}]}, OUT])).encode(), "unknown dtype '__class__'"),
+    (json.dumps(_doc([{**X, "args": [{"float": "1e999"}]}, OUT])).encode(), "bad float '1e999'"),
 ]
 
 
@@ -124,3 +149,90 @@ def test_write_api_infers_the_stage(fake_pg, tmp_path):
     a, b = graphio.load(str(tmp_path / "a.json")), graphio.load(str(tmp_path / "b.json"))
     assert (a.stage, b.stage) == ("before", "fused")
     assert sum(n.target.startswith("torch.ops.fusion_passes.") for n in b.nodes) == 1
+
+
+# --------------------------------------------------------------------- size and depth bombs
+# Each is refused within 5 s and 500 MB (issue 14's target), before a graph is built, with
+# a message that says why. Time is measured under tracemalloc, which slows Python code
+# down: the real cost is lower.
+
+BUDGET_SECONDS, BUDGET_BYTES = 5.0, 500 * 2**20
+
+
+def _refused(path) -> tuple[float, int, str]:
+    """Seconds and peak Python memory of loading *path*, which must raise; the message."""
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(graphio.DumpError) as e:
+            graphio.load(str(path))
+        seconds = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return seconds, peak, str(e.value)
+
+
+def _node_line(i: int) -> str:
+    """A node as big as a vLLM node with its stack trace (about 1.6 KB)."""
+    trace = 'File "/models/llama.py", line 412, in forward\n    hidden = self.mlp(hidden)\n' * 16
+    return json.dumps({"name": f"n{i}", "op": "placeholder", "target": f"n{i}", "args": [], "kwargs": {},
+                       "meta": {"val": {"shape": [8, 64], "stride": [64, 1], "dtype": "float32", "device": "cpu"},
+                                "stack_trace": trace}})
+
+
+def _write_dump(path, node_lines) -> None:
+    head = json.dumps(_doc([]))[:-len("]}")]
+    with open(path, "w") as f:
+        f.write(head)
+        for i, line in enumerate(node_lines):
+            f.write(("," if i else "") + line + "\n")
+        f.write(", " + json.dumps(OUT) + "]}")
+
+
+def test_a_200_mb_valid_dump_is_refused_by_its_size(tmp_path):
+    path = tmp_path / "big.json"
+    line = _node_line(0)
+    _write_dump(path, (line.replace('"n0"', f'"n{i}"') for i in range(200 * 2**20 // len(line))))
+    assert path.stat().st_size > 200 * 2**20
+    seconds, peak, message = _refused(path)
+    assert seconds < BUDGET_SECONDS and peak < BUDGET_BYTES, (seconds, peak)
+    assert f"a dump is read up to {graphio.MAX_BYTES >> 20} MiB" in message and "bounds the time and memory" in message
+
+
+def test_too_many_values_are_refused_before_parsing(tmp_path):
+    # 60 MB (under the size limit) of zeros: 31 million values in one node's arguments
+    path = tmp_path / "values.json"
+    _write_dump(path, ['{"name": "x", "op": "placeholder", "target": "x", "args": [' + "0," * 31_000_000 + "0]}"])
+    seconds, peak, message = _refused(path)
+    assert seconds < BUDGET_SECONDS and peak < BUDGET_BYTES, (seconds, peak)
+    assert f"a dump is read up to {graphio.MAX_VALUES} (" in message
+
+
+def test_too_many_nodes_are_refused_before_validating_them(tmp_path):
+    path = tmp_path / "nodes.json"
+    _write_dump(path, (json.dumps({"name": f"n{i}", "op": "placeholder", "target": f"n{i}"})
+                       for i in range(graphio.MAX_NODES)))  # and the output node
+    seconds, peak, message = _refused(path)
+    assert seconds < BUDGET_SECONDS and peak < BUDGET_BYTES, (seconds, peak)
+    assert f"{graphio.MAX_NODES + 1} nodes; a dump is read up to {graphio.MAX_NODES} nodes" in message
+
+
+def test_a_depth_bomb_is_refused(tmp_path):
+    path = tmp_path / "deep.json"
+    _write_dump(path, ['{"name": "x", "op": "placeholder", "target": "x", "args": ' + "[" * 10**6 + "]" * 10**6 + "}"])
+    seconds, peak, message = _refused(path)
+    assert seconds < BUDGET_SECONDS and peak < BUDGET_BYTES, (seconds, peak)
+    assert "nested deeper than the parser's recursion limit" in message
+
+
+def test_a_dump_at_the_node_limit_still_loads(tmp_path):
+    """The limits refuse bombs, not big graphs: MAX_NODES real-sized nodes fit MAX_BYTES
+    and MAX_VALUES."""
+    path = tmp_path / "limit.json"
+    line = _node_line(0)
+    _write_dump(path, (line.replace('"n0"', f'"n{i}"') for i in range(graphio.MAX_NODES - 1)))
+    assert len(graphio.load(str(path)).nodes) == graphio.MAX_NODES

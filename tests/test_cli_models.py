@@ -46,6 +46,24 @@ def tiny_block():
     return TinyBlock(), (torch.randn(TOKENS, HIDDEN), torch.randn(TOKENS, HIDDEN))
 
 
+def one_input_block():
+    """``(model, (x,))``: :class:`TinyBlock` with the input as its residual too (README's
+    snippet calls ``compiled(inputs)`` with one tensor), for inference: no parameter wants
+    a gradient (else AOT autograd keeps the all-reduce's value for the backward pass, a
+    second user that blocks the fusion)."""
+    torch.manual_seed(0)
+
+    class OneInput(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = TinyBlock()
+
+        def forward(self, x):
+            return self.block(x, x)
+
+    return OneInput().requires_grad_(False), (torch.randn(TOKENS, HIDDEN),)
+
+
 def relu_block(x, res, w, w2, x2):
     """make_fx form: AR -> add -> norm fuses; AR -> relu -> add -> norm is blocked by relu."""
     s = _all_reduce(x) + res
@@ -78,8 +96,9 @@ def example_args(dtype=torch.bfloat16):
 
 def write_dumps(fn, model: str, out: pathlib.Path, **options) -> tuple[pathlib.Path, pathlib.Path]:
     """Trace *fn* with make_fx, run FusionPass, write ``before`` and ``fused`` dumps."""
-    from fusion_passes import FusionPass, graphio
-    from fusion_passes.tools.dump import explain_extras
+    from fusion_passes import FusionPass
+    from fusion_passes.tools import graphio
+    from fusion_passes.tools.recorder import explain_extras
     from torch.fx.experimental.proxy_tensor import make_fx
 
     with torch.no_grad():

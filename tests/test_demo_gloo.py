@@ -1,8 +1,13 @@
 """Two gloo processes: a real HF Llama with tp_plan="auto", Inductor-compiled with and
-without the pass. The README's demo, asserted: every all-reduce that feeds a norm fuses
-(2 per decoder layer), the fused op is in Inductor's generated code, logits match."""
+without the pass. The README's demo, run as a user runs it (``fusion-passes demo --json``
+in a process of its own) and asserted: every all-reduce that feeds a norm fuses (2 per
+decoder layer), the fused op is in Inductor's generated code, logits match; the output
+is one JSON object on one line and nothing else (other libraries' output hidden), and
+the demo leaves no temporary folder behind."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -10,14 +15,49 @@ import torch
 pytest.importorskip("transformers", reason="needs transformers (the dev extra)")
 pytest.importorskip("accelerate", reason="needs accelerate (HF tp_plan loading)")
 
+from cli_driver import run_commands  # noqa: E402
 from fusion_passes.tools import demo as demo_cmd, hf_tp  # noqa: E402
 
 pytestmark = pytest.mark.gloo
 
 
 @pytest.fixture(scope="module")
-def result():
-    return demo_cmd.demo("llama", tp=2, dtype="bfloat16", tokens=13)
+def run(tmp_path_factory):
+    """``fusion-passes demo --json`` with its temporary folders in a folder of our own."""
+    tmp = tmp_path_factory.mktemp("demo")
+    (tmp / "tmpdir").mkdir()
+    (r,) = run_commands([["demo", "--json"]], tmp, env={"TMPDIR": str(tmp / "tmpdir")})
+    return r, tmp
+
+
+@pytest.fixture(scope="module")
+def result(run):
+    r, _ = run
+    assert r["rc"] == 0, r
+    return json.loads(r["stdout"])
+
+
+def test_json_is_one_line_and_nothing_else_is_printed(run):
+    r, _ = run
+    assert r["stdout"].count("\n") == 1 and r["stdout"].startswith("{") and r["stdout"].endswith("}\n"), r["stdout"]
+    assert r["stderr"] == "", r["stderr"]  # not a terminal: no progress; HF's progress bars hidden
+
+
+def test_no_temporary_folder_is_left(run):
+    """Nothing of this run is left. Two folders stay by their libraries' design, each at
+    one fixed path that every later run reuses (never one per run): Inductor's
+    precompiled-header cache, ``torchinductor_USER/precompiled_headers`` (global on
+    purpose, torch/_inductor/codecache.py ``_HEADER_DIR``), and the CUTLASS DSL's
+    ``USER/cutlass_python_cache`` (``get_reusable_temp_dir``), which a library of this
+    environment creates while the ranks compile."""
+    import getpass
+
+    _, tmp = run
+    user = getpass.getuser()
+    left = {p.name: sorted(c.name for c in p.iterdir()) for p in (tmp / "tmpdir").iterdir()}
+    assert set(left) <= {f"torchinductor_{user}", user}, left
+    assert left.get(f"torchinductor_{user}", ["precompiled_headers"]) == ["precompiled_headers"], left
+    assert left.get(user, ["cutlass_python_cache"]) == ["cutlass_python_cache"], left
 
 
 def test_every_norm_all_reduce_fuses(result):

@@ -6,7 +6,7 @@ twice with vLLM's Inductor backend: as it is, and with
 all-reduce over gloo, then the unfused math in vLLM's order, including the fp32 residual
 add of ``fused_add_rms_norm``). 13 tokens (odd, and not the 16 the capture uses).
 About 5 minutes on 2 quiet cores.
-See :mod:`fusion_passes.tools.vllm_e2e`.
+See :mod:`fusion_passes.tools.testing.vllm_e2e`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ LAYERS = 2
 
 @pytest.fixture(scope="module")
 def result():
-    from fusion_passes.tools.vllm_e2e import run
+    from fusion_passes.tools.testing.vllm_e2e import run
 
     return run("llama", world_size=2, layers=LAYERS)
 

@@ -29,11 +29,16 @@ DEFAULT_LAYERS = (8, 16, 32, 61)  # 61: DeepSeek-V3's real depth (config.json nu
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--layers", type=int, nargs="+", default=list(DEFAULT_LAYERS),
+    """The benchmark's options."""
+    from fusion_passes.tools.arguments import int_range
+    from fusion_passes.tools.tiny_configs import DTYPES, MODELS, TP_SIZES
+
+    parser.add_argument("--layers", type=int_range(1), nargs="+", default=list(DEFAULT_LAYERS),
                         help="decoder layer counts to compile (default: 8 16 32 61)")
-    parser.add_argument("--tp", type=int, default=8, help="tensor-parallel size (fake ranks; default 8)")
-    parser.add_argument("--model", default="deepseek_v3", help="a model of `fusion-passes capture` (default deepseek_v3)")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    parser.add_argument("--tp", type=int, default=8, choices=TP_SIZES, help="tensor-parallel size (fake ranks; default 8)")
+    parser.add_argument("--model", default="deepseek_v3", choices=MODELS,
+                        help="a model of `fusion-passes capture` (default deepseek_v3)")
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--pass-only", action="store_true",
                         help="trace each model once (no Inductor code generation) and time only our pass on "
@@ -62,16 +67,19 @@ def compile_once(model: str, layers: int, tp: int, dtype: str) -> dict:
     from torch._inductor import config as inductor_config
 
     from fusion_passes.tools import capture
-    capture._prepare_process()
-    capture._fake_world(tp)
-    capture.patch_cpu_wheel_for_compile()
+    from fusion_passes.tools.testing import vllm_cpu
+    from fusion_passes.tools.tiny_configs import write_config
+
+    capture.prepare(None)
+    capture.fake_world(tp)
+    vllm_cpu.patch_cpu_wheel_for_compile()
     torch._dynamo.reset()
     fusion = _timed_pass_cls()()
     _REPORTS.clear()
     with tempfile.TemporaryDirectory(prefix="fusion-passes-bench-") as root:
-        path = capture.write_config(model, layers, dtype, None, root)
+        path = write_config(model, layers, dtype, None, root)
         cfg = capture.engine_config(path, tp, dtype, fusion)
-        capture._vllm_parallel_state(tp, cfg)
+        capture.vllm_parallel_state(tp, cfg)
         net = capture.build_model(cfg)
         old_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "inductor")

@@ -2,30 +2,36 @@
 
 Prints which chains became which fused ops, collectives and an estimate of the kernels
 launched before and after, nodes added and removed, and how many stayed as they were.
-``--json`` for scripts, ``--html FILE`` for a self-contained page (:mod:`.html_diff`).
+``--json`` for scripts, ``--html FILE`` for a self-contained page (:mod:`.html_diff`),
+checked before the dumps are read and written only when complete. Text read from the
+dumps is escaped (:func:`fusion_passes.tools.terminal.printable`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
-from fusion_passes.tools.cli import UsageError, use_colour
+from fusion_passes.tools.arguments import path_argument
+from fusion_passes.tools.cli import UsageError
+from fusion_passes.tools.terminal import printable_data, use_colour
 
 RED, GREEN, GREY, BOLD, RESET = "\033[31m", "\033[32m", "\033[90m", "\033[1m", "\033[0m"
 
 
 def add_arguments(parser) -> None:
+    """The command's options."""
     parser.add_argument("a", help="graph dump before (e.g. graph_0.before.json)")
     parser.add_argument("b", help="graph dump after (e.g. graph_0.fused.json)")
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON for scripts")
-    out.add_argument("--html", metavar="FILE", help="write a self-contained HTML page to FILE")
+    out.add_argument("--html", metavar="FILE", type=path_argument, help="write a self-contained HTML page to FILE")
 
 
 def load_pair(path_a: str, path_b: str):
     """Both dumps, validated, and refused when they are not the same graph of one model."""
-    from fusion_passes import graphio
+    from fusion_passes.tools import graphio
 
     try:
         a, b = graphio.load(path_a), graphio.load(path_b)
@@ -61,11 +67,13 @@ def to_dict(al) -> dict:
 
 
 def render_text(d: dict, colour: bool = False) -> str:
-    """The plain-text diff (colour: removed red, added green, unchanged grey)."""
+    """The plain-text diff (colour: removed red, added green, unchanged grey); text from the
+    dumps is escaped."""
 
     def c(code: str, text: str) -> str:
         return f"{code}{text}{RESET}" if colour else text
 
+    d = printable_data(d)
     a, b = d["a"], d["b"]
     lines = [c(BOLD, f"{d['graph']} of {d['model'] or '(unnamed model)'}: {a['stage']} -> {b['stage']}"),
              f"  A {a['path']} ({a['nodes']} nodes)", f"  B {b['path']} ({b['nodes']} nodes)", ""]
@@ -99,20 +107,27 @@ def render_text(d: dict, colour: bool = False) -> str:
 
 
 def run(args) -> int:
+    """Check the page's path, read both dumps, align them, print or write the diff."""
     from fusion_passes.tools.graph_align import align
+    from fusion_passes.tools.outputs import OutputFile
 
-    a, b = load_pair(args.a, args.b)
-    al = align(a, b)
-    d = to_dict(al)
-    if args.json:
-        print(json.dumps(d, indent=2))
-    elif args.html:
-        from fusion_passes.tools.html_diff import render_html
+    with OutputFile(args.html, "--html") if args.html else _no_output() as page:
+        a, b = load_pair(args.a, args.b)
+        al = align(a, b)
+        d = to_dict(al)
+        if args.json:
+            print(json.dumps(d, indent=2))
+        elif page is not None:
+            from fusion_passes.tools.html_diff import render_html
 
-        with open(args.html, "w", encoding="utf-8") as f:
-            f.write(render_html(al, d))
-        n = len([s for s in d["sites"] if s["fused_op"]])
-        print(f"wrote {args.html}: {n} fused site{'s' if n != 1 else ''}")
-    else:
-        print(render_text(d, use_colour(sys.stdout)))
+            page.commit(render_html(al, d))
+            n = len([s for s in d["sites"] if s["fused_op"]])
+            print(f"wrote {args.html}: {n} fused site{'s' if n != 1 else ''}")
+        else:
+            print(render_text(d, use_colour(sys.stdout)))
     return 0
+
+
+@contextlib.contextmanager
+def _no_output():
+    yield None

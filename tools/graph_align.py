@@ -33,7 +33,7 @@ from typing import Any
 
 import networkx as nx
 
-from fusion_passes.graphio import GraphDump, NodeRecord, resolve_target
+from fusion_passes.tools.graphio import GraphDump, NodeRecord, resolve_target
 
 FUSED_PREFIX = "torch.ops.fusion_passes."
 COLLECTIVE_PREFIXES = ("torch.ops._c10d_functional.", "torch.ops.c10d_functional.")
@@ -217,71 +217,84 @@ def _key(node: NodeRecord, rename: dict[str, str] | None) -> str | None:
     return None if missing else text
 
 
-def align(a: GraphDump, b: GraphDump) -> Alignment:
-    """Pair the nodes of *a* and *b* and group the rest into sites (see the module docstring)."""
-    na, nb = a.by_name(), b.by_name()
-    pairs: dict[str, str] = {}
-    back: dict[str, str] = {}
+class _Pairing:
+    """The node pairs ``A -> B`` built up by the steps of the module docstring."""
 
-    def pair(x: str, y: str) -> None:
-        pairs[x], back[y] = y, x
-
-    # 1. inputs by name, and the outputs
-    for r in a.nodes:
-        if r.op == "placeholder" and r.name in nb and nb[r.name].op == "placeholder":
-            pair(r.name, r.name)
-    pair(a.nodes[-1].name, b.nodes[-1].name)
-
-    users_a: dict[str, list[str]] = collections.defaultdict(list)
-    for r in a.nodes:
-        for i in dict.fromkeys(r.inputs()):
-            users_a[i].append(r.name)
-
-    def forward() -> None:
-        index: dict[str, list[str]] = collections.defaultdict(list)
+    def __init__(self, a: GraphDump, b: GraphDump):
+        self.a, self.b = a, b
+        self.na, self.nb = a.by_name(), b.by_name()
+        self.pairs: dict[str, str] = {}
+        self.back: dict[str, str] = {}
+        self.users_a: dict[str, list[str]] = collections.defaultdict(list)
         for r in a.nodes:
-            if r.name not in pairs:
-                k = _key(r, pairs)
-                if k is not None:
-                    index[k].append(r.name)
-        for r in b.nodes:
-            if r.name in back:
+            for i in dict.fromkeys(r.inputs()):
+                self.users_a[i].append(r.name)
+
+    def pair(self, x: str, y: str) -> None:
+        self.pairs[x], self.back[y] = y, x
+
+    def inputs_and_output(self) -> None:
+        """Step 1: placeholders by name, and the outputs."""
+        for r in self.a.nodes:
+            if r.op == "placeholder" and r.name in self.nb and self.nb[r.name].op == "placeholder":
+                self.pair(r.name, r.name)
+        self.pair(self.a.nodes[-1].name, self.b.nodes[-1].name)
+
+    def forward(self) -> None:
+        """Steps 2 and 5: value numbering, a B node pairs with an A node computing the same."""
+        index: dict[str, list[str]] = collections.defaultdict(list)
+        for r in self.a.nodes:
+            if r.name not in self.pairs and (k := _key(r, self.pairs)) is not None:
+                index[k].append(r.name)
+        for r in self.b.nodes:
+            if r.name in self.back:
                 continue
-            k = _key(r, None)
-            cands = [x for x in index.get(k, []) if x not in pairs]
+            cands = [x for x in index.get(_key(r, None), []) if x not in self.pairs]
             if not cands:
                 continue
             x = r.name if r.name in cands else cands[0]
-            pair(x, r.name)
-            for u in users_a[x]:  # users whose inputs are now all paired become candidates
-                if u not in pairs and (ku := _key(na[u], pairs)) is not None and u not in index[ku]:
+            self.pair(x, r.name)
+            for u in self.users_a[x]:  # users whose inputs are now all paired become candidates
+                if u not in self.pairs and (ku := _key(self.na[u], self.pairs)) is not None and u not in index[ku]:
                     index[ku].append(u)
 
-    forward()
-    # 3. by name (a kept node that was rewired)
-    for r in b.nodes:
-        if r.name not in back and r.name in na and r.name not in pairs and na[r.name].target == r.target \
-                and na[r.name].op == r.op:
-            pair(r.name, r.name)
-    # 4. backward through argument slots
-    work = list(pairs.items())
-    while work:
-        x, y = work.pop()
-        ia, ib = na[x].inputs(), nb[y].inputs()
-        if len(ia) != len(ib):
-            continue
-        for p, q in zip(ia, ib):
-            if p not in pairs and q not in back and na[p].target == nb[q].target and na[p].op == nb[q].op:
-                pair(p, q)
-                work.append((p, q))
-    forward()
+    def by_name(self) -> None:
+        """Step 3: a kept node that was rewired keeps its name."""
+        for r in self.b.nodes:
+            x = self.na.get(r.name)
+            if r.name not in self.back and x is not None and r.name not in self.pairs \
+                    and x.target == r.target and x.op == r.op:
+                self.pair(r.name, r.name)
 
-    rewired = [y for x, y in pairs.items() if _key(na[x], pairs) != _key(nb[y], None)]
+    def backward(self) -> None:
+        """Step 4: two unpaired nodes in the same argument slot of a paired pair."""
+        work = list(self.pairs.items())
+        while work:
+            x, y = work.pop()
+            ia, ib = self.na[x].inputs(), self.nb[y].inputs()
+            if len(ia) != len(ib):
+                continue
+            for p, q in zip(ia, ib):
+                if p not in self.pairs and q not in self.back and self.na[p].target == self.nb[q].target \
+                        and self.na[p].op == self.nb[q].op:
+                    self.pair(p, q)
+                    work.append((p, q))
+
+
+def align(a: GraphDump, b: GraphDump) -> Alignment:
+    """Pair the nodes of *a* and *b* and group the rest into sites (see the module docstring)."""
+    p = _Pairing(a, b)
+    p.inputs_and_output()
+    p.forward()
+    p.by_name()
+    p.backward()
+    p.forward()
+    pairs = p.pairs
+    rewired = {y for x, y in pairs.items() if _key(p.na[x], pairs) != _key(p.nb[y], None)}
     removed = [r.name for r in a.nodes if r.name not in pairs]
-    added = [r.name for r in b.nodes if r.name not in back]
-    rewired_set = set(rewired)
+    added = [r.name for r in b.nodes if r.name not in p.back]
     sites = _sites(a, b, removed, added, pairs)
-    return Alignment(a, b, pairs, [r.name for r in b.nodes if r.name in rewired_set], removed, added, sites,
+    return Alignment(a, b, pairs, [r.name for r in b.nodes if r.name in rewired], removed, added, sites,
                      counts(a), counts(b))
 
 

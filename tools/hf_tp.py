@@ -2,19 +2,21 @@
 
 Tiny RANDOM models, built with the transformers config classes and written with
 ``save_pretrained`` into a local folder (no download, HF_HUB_OFFLINE=1), loaded with
-``tp_plan="auto"`` on ranks that talk over gloo (DESIGN.md section 7).
+``tp_plan="auto"`` on ranks that talk over gloo (one process per rank on this machine).
 
-:func:`save_tiny` writes a model; :func:`spawn` runs a worker function on N processes
-and returns each rank's result; :func:`load_tp` loads a saved model sharded over the
-current process group.
+:func:`save_tiny` writes a model (:func:`tiny_model`: into a temporary folder removed
+afterwards); :func:`spawn` runs a worker function on N processes and returns each rank's
+result; :func:`load_tp` loads a saved model sharded over the current process group;
+:func:`trace_hf` captures a model's post-grad graphs before and after our pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -100,13 +102,14 @@ def _entry(rank: int, world: int, port: int, fn, args, results):
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # two ranks share two cores
     # One Inductor cache per rank: two ranks compiling the same kernel into one cache
-    # directory race ("file too short" on load).
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"fusion-passes-inductor-r{rank}-")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        results[rank] = fn(rank, *args)
-    finally:
-        dist.destroy_process_group()
+    # directory race ("file too short" on load). Removed when the rank ends.
+    with tempfile.TemporaryDirectory(prefix=f"fusion-passes-inductor-r{rank}-") as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        try:
+            results[rank] = fn(rank, *args)
+        finally:
+            dist.destroy_process_group()
 
 
 def spawn(fn: Callable, world_size: int = 2, *args) -> list:
@@ -124,5 +127,53 @@ def spawn(fn: Callable, world_size: int = 2, *args) -> list:
 
 
 def tiny_dir(name: str) -> str:
-    """A fresh temporary folder holding tiny model *name*."""
+    """A fresh temporary folder holding tiny model *name* (the caller removes it; see
+    :func:`tiny_model` for one that is removed automatically)."""
     return save_tiny(name, tempfile.mkdtemp(prefix=f"fusion-passes-{name}-"))
+
+
+@contextlib.contextmanager
+def tiny_model(name: str) -> Iterator[str]:
+    """``with tiny_model("llama") as directory:`` tiny model *name* in a temporary folder
+    that is removed when the block ends."""
+    with tempfile.TemporaryDirectory(prefix=f"fusion-passes-{name}-") as directory:
+        yield save_tiny(name, directory)
+
+
+def _capture_worker(rank: int, directory: str, dtype: str, tokens: int) -> list[dict]:
+    """On each gloo rank: load with tp_plan, compile full-graph, capture every post-grad
+    graph before and after FusionPass (text + report). Rank 0's result is kept."""
+    import torch._inductor.config as inductor_config
+
+    from fusion_passes import FusionPass, _compat
+    from fusion_passes.tools.capture import snapshot
+
+    model = load_tp(directory, getattr(torch, dtype))
+    for module in model.modules():  # Qwen3-MoE's plan hooks q/k norms for backward: inference only
+        if getattr(module, "_backward_hooks", None):
+            module._backward_hooks.clear()
+    out: list[dict] = []
+
+    class Capture(_compat.CustomGraphPass):
+        def __call__(self, graph):
+            before = snapshot(graph).print_readable(print_output=False)
+            fusion = FusionPass()
+            fusion(graph)
+            out.append({"before": before, "after": snapshot(graph).print_readable(print_output=False),
+                        "report": fusion.report.to_dict(), "summary": fusion.report.summary()})
+
+        def uuid(self):
+            return None  # never cached: we want to see the graph
+
+    ids = torch.arange(tokens).view(1, tokens) % 64
+    with inductor_config.patch(post_grad_custom_post_pass=Capture(), fx_graph_cache=False), torch.no_grad():
+        torch.compile(model, fullgraph=True)(ids)
+    return out if rank == 0 else []
+
+
+def trace_hf(model: str, dtype: str = "bfloat16", world_size: int = 2, tokens: int = 16) -> list[dict]:
+    """HF transformers *model* (a key of :data:`MODELS`) loaded with ``tp_plan="auto"`` on
+    *world_size* gloo processes: per post-grad graph, its text before and after FusionPass
+    and the report (rank 0). Costs about a minute per model."""
+    with tiny_model(model) as directory:
+        return spawn(_capture_worker, world_size, directory, dtype, tokens)[0]

@@ -1,12 +1,15 @@
 """The ``fusion-passes diff --html`` page: one self-contained file (inline CSS, no script,
 no external resource), both graphs side by side: removed nodes red, added green,
-rewired amber, unchanged grey; every fused site lists and links to its nodes."""
+rewired amber, unchanged grey; every fused site lists and links to its nodes. Text from
+the dumps is HTML-escaped, and its control characters are shown escaped
+(:func:`fusion_passes.tools.terminal.printable`), as in the text diff."""
 
 from __future__ import annotations
 
 import html
 
-from fusion_passes.graphio import NodeRecord
+from fusion_passes.tools.graphio import NodeRecord
+from fusion_passes.tools.terminal import printable
 
 CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -55,25 +58,20 @@ def node_line(n: NodeRecord) -> str:
     return f"{n.name} = {n.short_target}({', '.join(args)})"
 
 
-def render_html(al, d: dict) -> str:
-    """The page for an :class:`~fusion_passes.tools.graph_align.Alignment` and its dict."""
-    e = html.escape
-    site_of_a: dict[str, int] = {}
-    site_of_b: dict[str, int] = {}
-    fused = [s for s in al.sites if s.fused_op]
-    for i, s in enumerate(fused, 1):
-        site_of_a.update({n: i for n in s.removed})
-        site_of_b.update({n: i for n in s.added})
-    removed, added, rewired = set(al.removed), set(al.added), set(al.rewired)
+def _e(text) -> str:
+    return html.escape(printable(str(text)))
 
-    def link(side: str, name: str, cls: str) -> str:
-        return f'<a class="n {cls}" href="#{side}-{e(name)}">{e(name)}</a>'
 
+def _link(side: str, name: str, cls: str) -> str:
+    return f'<a class="n {cls}" href="#{side}-{_e(name)}">{_e(name)}</a>'
+
+
+def _head(d: dict) -> list[str]:
     out = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>fusion-passes diff: {e(d['graph'])}</title><style>{CSS}</style></head><body>",
-        f"<h1>fusion-passes diff: {e(d['graph'])} of <code>{e(d['model'] or '(unnamed model)')}</code>, "
-        f"{e(d['a']['stage'])} &rarr; {e(d['b']['stage'])}</h1>",
+        f"<title>fusion-passes diff: {_e(d['graph'])}</title><style>{CSS}</style></head><body>",
+        f"<h1>fusion-passes diff: {_e(d['graph'])} of <code>{_e(d['model'] or '(unnamed model)')}</code>, "
+        f"{_e(d['a']['stage'])} &rarr; {_e(d['b']['stage'])}</h1>",
         '<p class="legend"><span class="removed">removed</span><span class="added">added</span>'
         '<span class="rewired">rewired (same op, new inputs)</span><span class="unchanged">unchanged</span></p>',
         '<table class="counts"><tr><th></th><th>A</th><th>B</th></tr>',
@@ -82,35 +80,53 @@ def render_html(al, d: dict) -> str:
                        ("kernels (estimate)", "kernels_estimate"), ("compute ops", "compute_ops"), ("nodes", "nodes")):
         out.append(f"<tr><td>{label}</td><td>{d['a'][key]}</td><td>{d['b'][key]}</td></tr>")
     out.append("</table>")
-    out.append(f'<h2 id="sites">Fused sites ({len(fused)})</h2><ol class="sites">')
+    return out
+
+
+def _sites(al, fused: list) -> list[str]:
+    out = [f'<h2 id="sites">Fused sites ({len(fused)})</h2><ol class="sites">']
     nb = al.b.by_name()
     for i, s in enumerate(fused, 1):
         out.append(
-            f'<li class="site" id="site-{i}" data-fused-op="{e(s.fused_op)}">'
-            f"{link('b', s.fused_op, 'added')} = <code>{e(nb[s.fused_op].short_target)}</code> replaces "
-            f"{len(s.removed)} nodes: " + " ".join(link("a", n, "removed") for n in s.removed)
-            + ("; adds " + " ".join(link("b", n, "added") for n in s.added if n != s.fused_op)
+            f'<li class="site" id="site-{i}" data-fused-op="{_e(s.fused_op)}">'
+            f"{_link('b', s.fused_op, 'added')} = <code>{_e(nb[s.fused_op].short_target)}</code> replaces "
+            f"{len(s.removed)} nodes: " + " ".join(_link("a", n, "removed") for n in s.removed)
+            + ("; adds " + " ".join(_link("b", n, "added") for n in s.added if n != s.fused_op)
                if len(s.added) > 1 else "") + "</li>")
     out.append("</ol>")
     others = [s for s in al.sites if not s.fused_op]
     if others:
         out.append(f"<h2>Collectives removed without a fused op ({len(others)})</h2><ul>")
-        for s in others:
-            out.append("<li>" + " ".join(link("a", n, "removed") for n in s.removed) + "</li>")
+        out += ["<li>" + " ".join(_link("a", n, "removed") for n in s.removed) + "</li>" for s in others]
         out.append("</ul>")
-    out.append('<div class="cols">')
-    for side, dump, changed, sites in (("a", al.a, removed, site_of_a), ("b", al.b, added, site_of_b)):
+    return out
+
+
+def _graphs(al, fused: list) -> list[str]:
+    site_of = {"a": {n: i for i, s in enumerate(fused, 1) for n in s.removed},
+               "b": {n: i for i, s in enumerate(fused, 1) for n in s.added}}
+    changed = {"a": set(al.removed), "b": set(al.added)}
+    rewired = set(al.rewired)
+    out = ['<div class="cols">']
+    for side, dump in (("a", al.a), ("b", al.b)):
         title = f"{side.upper()}: {dump.stage} ({len(dump.nodes)} nodes)"
-        out.append(f'<section><h2>{e(title)}</h2><div class="graph" id="graph-{side}">')
+        out.append(f'<section><h2>{_e(title)}</h2><div class="graph" id="graph-{side}">')
         for n in dump.nodes:
-            if n.name in changed:
+            if n.name in changed[side]:
                 cls = "removed" if side == "a" else "added"
             elif (al.pairs.get(n.name) if side == "a" else n.name) in rewired:
                 cls = "rewired"
             else:
                 cls = "unchanged"
-            tag = f'<a class="tag" href="#site-{sites[n.name]}">site {sites[n.name]}</a>' if n.name in sites else ""
-            out.append(f'<div class="node {cls}" id="{side}-{e(n.name)}">{e(node_line(n))}{tag}</div>')
+            i = site_of[side].get(n.name)
+            tag = f'<a class="tag" href="#site-{i}">site {i}</a>' if i is not None else ""
+            out.append(f'<div class="node {cls}" id="{side}-{_e(n.name)}">{_e(node_line(n))}{tag}</div>')
         out.append("</div></section>")
-    out.append("</div></body></html>")
-    return "\n".join(out) + "\n"
+    out.append("</div>")
+    return out
+
+
+def render_html(al, d: dict) -> str:
+    """The page for an :class:`~fusion_passes.tools.graph_align.Alignment` and its dict."""
+    fused = [s for s in al.sites if s.fused_op]
+    return "\n".join(_head(d) + _sites(al, fused) + _graphs(al, fused) + ["</body></html>"]) + "\n"

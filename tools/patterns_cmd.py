@@ -6,10 +6,12 @@ import json
 
 
 def add_arguments(parser) -> None:
+    """The command's options."""
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
 def rows() -> list[dict]:
+    """One dict per catalogue family: what it matches, becomes, where, which backends run it."""
     from fusion_passes import backends
     from fusion_passes.patterns import CATALOGUE
 
@@ -28,6 +30,7 @@ def rows() -> list[dict]:
 
 
 def run(args) -> int:
+    """Print the catalogue."""
     table = rows()
     if args.json:
         print(json.dumps(table, indent=2))

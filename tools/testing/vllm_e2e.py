@@ -5,9 +5,10 @@ weights from one seed, so both copies hold the same shards), compiles one with v
 Inductor backend as it is and the other with :class:`fusion_passes.vllm.VllmFusionPass`
 in its pass manager (the fused op on the reference backend: vLLM's own all-reduce, then
 the unfused math), runs both on the same tokens and returns the hidden states. The
-recipe is :mod:`fusion_passes.tools.capture`'s, with a real gloo world in place of the
-fake one; the forward is the profile-run style of :func:`capture.run_model` (no
-attention metadata).
+recipe is :mod:`fusion_passes.tools.capture`'s (and :mod:`.vllm_cpu`'s), with a real gloo
+world in place of the fake one; the forward is the profile-run style of
+:func:`fusion_passes.tools.capture.run_model` (no attention metadata). Test harness, not
+library API (see the package docstring).
 
 Attention: the CUDA wheel has no CPU attention kernels (``ops.cpu_attn_*``), and without
 metadata vLLM's CPU attention returns its output buffer unwritten. Here each token is a
@@ -15,7 +16,7 @@ one-token prompt: causal attention over a single key is exactly its value (softm
 logit is 1), so :func:`_one_token_prompts` writes ``v`` (repeated over the query heads of
 each KV head) into the buffer. Everything else is vLLM's code.
 
-    from fusion_passes.tools.vllm_e2e import run
+    from fusion_passes.tools.testing.vllm_e2e import run
     result = run("llama", world_size=2)   # one dict per rank
 
 Costs two cold Inductor compiles per rank (about a minute each for 2 layers on CPU).
@@ -56,9 +57,11 @@ def _worker(rank: int, model: str, layers: int, dtype: str, world_size: int) -> 
     import torch.distributed as dist
 
     from fusion_passes.tools import capture
+    from fusion_passes.tools.testing import vllm_cpu
+    from fusion_passes.tools.tiny_configs import write_config
 
-    capture._prepare_process()  # the CPU recipe's environment, before vLLM is imported
-    capture.patch_cpu_wheel_for_compile()  # a full compile, not a capture: see there
+    vllm_cpu.prepare_process()  # the CPU recipe's environment, before vLLM is imported
+    vllm_cpu.patch_cpu_wheel_for_compile()  # a full compile, not a capture: see there
     _one_token_prompts()
     from vllm.config import set_current_vllm_config
     from vllm.distributed import parallel_state as ps
@@ -75,7 +78,7 @@ def _worker(rank: int, model: str, layers: int, dtype: str, world_size: int) -> 
     outs = {}
     with tempfile.TemporaryDirectory(prefix="fusion-passes-e2e-") as root:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "inductor")  # per rank, cold
-        path = capture.write_config(model, layers, dtype, None, root)
+        path = write_config(model, layers, dtype, None, root)
         for name, post_pass in (("unfused", None), ("fused", Recorded())):
             torch._dynamo.reset()
             cfg = capture.engine_config(path, world_size, dtype, post_pass)

@@ -1,4 +1,5 @@
-"""CPU stand-ins for vLLM's ``torch.ops._C`` quant ops, for tracing vLLM FP8 models on a CPU.
+"""CPU stand-ins for vLLM's ``torch.ops._C`` quant ops, for tracing vLLM FP8 models on a CPU
+(test harness, not library API: see the package docstring).
 
 The vLLM 0.33 CUDA wheel runs on a GPU-less host (``VLLM_TARGET_DEVICE=cpu``), but its CUDA
 extension (``vllm/_C_stable_libtorch.abi3.so``) cannot load there: it links
