@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from fusion_passes.fx_util import source_of  # noqa: F401  (re-exported: explain and the recorder read it here)
 from fusion_passes.tools.graphio.format import FORMAT, STAGES, VERSION
 from fusion_passes.tools.graphio.rebuild import Opaque
 
@@ -71,14 +72,6 @@ def _encode_container(value: list | tuple | dict | slice) -> Any:
     return {"slice": [encode(value.start), encode(value.stop), encode(value.step)]}
 
 
-def source_of(stack_trace: str | None) -> tuple[str | None, str | None]:
-    """From a node's stack trace: the last ``File "...", line N, in f`` and the code on it.
-
-    That frame is the model source the node came from (torch records the user frames,
-    innermost last).
-    """
-    if not stack_trace:
-        return None, None
     lines = [ln.strip() for ln in stack_trace.strip().splitlines() if ln.strip()]
     for i in range(len(lines) - 1, -1, -1):
         if lines[i].startswith("File "):
