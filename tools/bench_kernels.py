@@ -140,9 +140,9 @@ def _sweep(args, plan: dict) -> int:
         for hidden in br.hiddens(variant, args.hidden, args.quant_hidden):
             rows += _variant_hidden(ctx, variant, hidden, selectors)
     ctx.phases["total"] = time.perf_counter() - start
-    result = br.result(command=br.command_line("kernels", world), world=world, machine=bench_cuda.machine(), versions=bench_cuda.versions(),
-                       rows=rows, phases=ctx.phases, plan_=plan, bandwidths=bandwidths,
-                       with_dynamic_true=args.with_dynamic_true, selectors=selectors)
+    result = br.result(command=br.command_line("kernels", world), world=world, machine=bench_cuda.machine(),
+                       versions=bench_cuda.versions(), rows=rows, phases=ctx.phases, plan_=plan,
+                       bandwidths=bandwidths, with_dynamic_true=args.with_dynamic_true, selectors=selectors)
     if rank == 0:
         _report(args, result)
     dist.barrier()
@@ -183,8 +183,11 @@ def _variant_hidden(ctx, variant: str, hidden: int, selectors: dict) -> list[dic
     args = ctx.args
     verdicts = {t: _selector(variant, hidden, t, ctx.world) for t in args.tokens}  # the table as it is
     declined = sorted(t for t, (pick, _) in verdicts.items() if pick != "triton")
-    selectors[f"{variant} H={hidden}"] = ("triton at every point" if not declined else
-                                          f"not triton at tokens {declined}: {verdicts[declined[0]][1]}")
+    if declined:
+        pick, why = verdicts[declined[0]]
+        selectors[f"{variant} H={hidden}"] = f"{pick} picked at tokens {declined}" + (f" (triton: {why})" if why else "")
+    else:
+        selectors[f"{variant} H={hidden}"] = "triton at every point"
     w = (torch.rand(hidden, device="cuda") + 0.5).to(torch.bfloat16)
     scale = torch.tensor([NVFP4_GLOBAL_SCALE if variant.endswith("nvfp4") else FP8_STATIC_SCALE], device="cuda")
     forms = _compile_forms(ctx, variant, hidden, w, scale)
