@@ -269,15 +269,28 @@ def _edges(entry) -> list[int]:
 def test_gate_follows_todays_table_at_its_edges():
     """Whatever thresholds.py holds: every entry's token limit or range ends, one inside and
     one outside, at each listed hidden size and at one that is not listed."""
-    measured = thresholds.TRITON["max_tokens_faster"]
+    _check_edges(thresholds.TRITON["max_tokens_faster"])
+
+
+def test_gate_follows_a_per_hidden_table_at_its_edges(monkeypatch):
+    table = {(1, "add_rmsnorm"): {4096: ((1, 16), (2048, None)), 7168: (), None: ((1, 16),)},
+             (1, "add_rmsnorm_fp8_per_token"): {7168: ((4, 256), (1024, 1024))},
+             (2, "add_rmsnorm"): 512, (2, "add_rmsnorm_nvfp4"): None}
+    monkeypatch.setitem(thresholds.TRITON, "max_tokens_faster", table)
+    _check_edges(table)
+
+
+def _check_edges(measured: dict) -> None:
     assert measured, "thresholds.TRITON['max_tokens_faster'] is empty"
     checked = 0
     for (ws, variant), entry in measured.items():
         per_hidden = {7168: entry, 5120: entry} if not isinstance(entry, dict) else dict(entry)
+        unlisted = next(h for h in (5120, 6144, 3072, 2048) if h not in per_hidden)
+        if isinstance(entry, dict) and None not in entry:  # a dict without a default: unlisted hidden sizes are declined
+            c = Call(variant=variant, device="cuda", dtype=torch.bfloat16, hidden=unlisted, world_size=ws, tokens=1)
+            assert "not measured" in triton_backend.unsupported(c)
         for hidden, ranges in per_hidden.items():
-            hidden = 5120 if hidden is None else hidden
-            if isinstance(entry, dict) and hidden not in entry and None not in entry:
-                continue
+            hidden = unlisted if hidden is None else hidden
             for tokens in _edges(ranges):
                 c = Call(variant=variant, device="cuda", dtype=torch.bfloat16, hidden=hidden, world_size=ws,
                          tokens=tokens, group_size=128 if variant.endswith("per_group") else None)

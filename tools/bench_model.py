@@ -39,11 +39,13 @@ PRECISIONS = ("bf16", "fp8")
 MOE = ("qwen3_moe",)
 DEFAULT_DECODE = (1, 8, 32, 64)
 DEFAULT_PREFILL = (512, 4096)
-# Rough compile cost of one step of a DEFAULT_LAYERS model on the H200 host (Dynamo,
-# AOT, Inductor, Triton; kernels shared by a point's forms are compiled once): a guess,
-# not measured (the tool prints the real per-phase times).
-SECONDS_PER_COMPILE = 20.0
-SECONDS_PER_COMPILE_LAYER = 2.5
+# Rough compile cost of one step on the H200 host, a guess (not measured: no GPU where
+# this was written; the tool prints the real per-phase times): the first form of a point
+# compiles its Triton kernels ("cold"), the others find most of them cached ("warm");
+# Dynamo and Inductor's lowering grow with the layers. Plus model build, the fp32
+# reference and the timing per model x precision ("setup").
+SECONDS_COLD = (15.0, 2.5)  # (fixed, per layer)
+SECONDS_WARM = (5.0, 1.0)
 SECONDS_SETUP = 60.0
 
 
@@ -91,9 +93,11 @@ def plan(args, world: int) -> dict:
     forms = 3 if world == 1 else 2
     combos = len(args.model) * len(args.precision)
     compiles = combos * n_points * forms
-    per = SECONDS_PER_COMPILE + SECONDS_PER_COMPILE_LAYER * args.layers
+    cold = SECONDS_COLD[0] + SECONDS_COLD[1] * args.layers
+    warm = SECONDS_WARM[0] + SECONDS_WARM[1] * args.layers
+    per_point = cold + (forms - 1) * warm
     return {"points": n_points, "forms": forms, "combinations": combos, "compiles": compiles,
-            "estimate_s": round(SECONDS_SETUP * combos + per * compiles)}
+            "estimate_s": round(combos * (SECONDS_SETUP + n_points * per_point))}
 
 
 def run(args) -> int:
