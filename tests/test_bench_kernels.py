@@ -17,6 +17,7 @@ import torch
 from fusion_passes import backends
 from fusion_passes.backends import Call, thresholds
 from fusion_passes.backends import triton as triton_backend
+from fusion_passes.tools import bench_epilogue
 from fusion_passes.tools import bench_kernels as bk
 from fusion_passes.tools import bench_rows as br
 from fusion_passes.tools import bench_table as bt
@@ -137,7 +138,8 @@ def test_token_dynamic_form_compiles_once_and_never_serves_the_static_form():
 
     torch._dynamo.reset()
     counters.clear()
-    forms = bk.compile_forms(bk._epilogue_fn("add_rmsnorm_fp8_per_token"), with_dynamic_true=False, backend="eager")
+    fn = bench_epilogue.epilogue_fn("add_rmsnorm_fp8_per_token", 1e-6)
+    forms = bench_epilogue.compile_forms(fn, with_dynamic_true=False, backend="eager")
     w, s = torch.rand(64).bfloat16(), torch.tensor([0.02])
 
     def xr(t):
@@ -154,6 +156,32 @@ def test_token_dynamic_form_compiles_once_and_never_serves_the_static_form():
         forms["static"](*xr(t), w, s)
     assert counters["stats"]["unique_graphs"] == 4  # one per token count, none served by tokdyn
     torch._dynamo.reset()
+
+
+def test_the_sweep_on_cpu():
+    """The sweep's rows end to end on CPU: the reference backend stands in for triton,
+    Dynamo's eager backend for Inductor, one eager call for the CUDA graph."""
+    import argparse
+
+    from fusion_passes.tools.model_trace import fake_world
+
+    group = fake_world(1)
+    parser = argparse.ArgumentParser()
+    bk.add_arguments(parser)
+    args = parser.parse_args(["--tokens", "1", "3", "--with-dynamic-true"])
+    ctx = bk.sweep_context(args, 0, 1, group.group_name, device="cpu", compile_backend="eager",
+                           fused_backend="reference")
+    selectors = {}
+    torch._dynamo.reset()
+    rows = bk._variant_hidden(ctx, "add_rmsnorm_fp8_per_token", 64, selectors)
+    torch._dynamo.reset()
+    assert [r["tokens"] for r in rows] == [1, 3]
+    for r in rows:
+        assert set(r["baselines"]) == {"none+static", "none+tokdyn", "none+dynamic_true"}
+        assert r["best_unfused"] in ("none+static", "none+tokdyn") and r["extra_columns"] == ["none+dynamic_true"]
+        assert r["selector"] == "triton" and r["triton_declined"] is None and "baseline_errors" not in r
+    assert selectors == {"add_rmsnorm_fp8_per_token H=64": "triton at every point"}
+    assert ctx.phases["compile_tokdyn"] > 0 and ctx.phases["compile_static"] > 0
 
 
 # -- the selector and its table ----------------------------------------------------------------

@@ -125,6 +125,16 @@ def bytes_moved(variant: str, tokens: int, hidden: int, itemsize: int = 2) -> in
     return read + n * itemsize + n + scales  # residual_out, q, scales
 
 
+def floor_us(nbytes: int, tokens: int, hidden: int, world: int, copy_bandwidth_GBps: float,
+             peer_read_bandwidth_GBps: float | None, itemsize: int = 2) -> float:
+    """Local bytes / copy bandwidth, or at N ranks the bytes an all-reduce must receive
+    (2 (N-1)/N of the input) / peer-read bandwidth, whichever is larger."""
+    floor = nbytes / (copy_bandwidth_GBps * 1e9) * 1e6
+    if peer_read_bandwidth_GBps:
+        floor = max(floor, 2 * (world - 1) / world * tokens * hidden * itemsize / (peer_read_bandwidth_GBps * 1e9) * 1e6)
+    return floor
+
+
 def hiddens(variant: str, hidden: list[int], quant_hidden: list[int]) -> list[int]:
     """Hidden sizes a variant runs at: ``--hidden`` for add_rmsnorm, ``--quant-hidden`` else."""
     return list(hidden) if variant == "add_rmsnorm" else list(quant_hidden)
