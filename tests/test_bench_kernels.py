@@ -128,6 +128,10 @@ def test_derive_table_rejects_files_that_are_not_results(tmp_path, capsys):
     assert bk.main(["--derive-table", str(old)]) == 2
     assert "speedup_worst" in capsys.readouterr().err
     assert bk.main(["--derive-table", str(tmp_path / "missing.json")]) == 2
+    good = tmp_path / "ws1.json"
+    good.write_text(json.dumps(_result(1, {4096: {1: True, 2: False}})))
+    assert bk.main(["--derive-table", str(good), str(good)]) == 2
+    assert "measured twice" in capsys.readouterr().err
 
 
 # -- compiled epilogue forms (Dynamo with the eager backend: no C++ compile) -------------------

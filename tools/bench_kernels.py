@@ -96,9 +96,10 @@ def run(args) -> int:
 
         try:
             results = bench_table.load(args.derive_table)
+            table = bench_table.derive(results, args.margin)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        print(bench_table.render(bench_table.derive(results, args.margin), results, args.margin))
+        print(bench_table.render(table, results, args.margin))
         return 0
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plan = br.plan(args.variants, args.hidden, args.quant_hidden, args.tokens, world, args.with_dynamic_true)
