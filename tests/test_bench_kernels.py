@@ -162,9 +162,35 @@ def test_token_dynamic_form_compiles_once_and_never_serves_the_static_form():
     torch._dynamo.reset()
 
 
-def test_the_sweep_on_cpu():
+@pytest.mark.parametrize("variant", br.VARIANTS)
+def test_the_unfused_baseline_computes_what_the_fused_op_returns(variant, fake_pg):
+    """The epilogue the baselines compile, with the quant arguments the fused op defaults
+    to, against the public op on the reference backend (one-rank group): bit for bit."""
+    from fusion_passes.tools.model_trace import fake_world
+
+    group = "c10d:" + fake_world(1).group_name
+    torch.manual_seed(0)
+    x, res = torch.randn(5, 256).bfloat16(), torch.randn(5, 256).bfloat16()
+    w = (torch.rand(256) + 0.5).bfloat16()
+    scale = torch.tensor([bk.NVFP4_GLOBAL_SCALE if variant.endswith("nvfp4") else bk.FP8_STATIC_SCALE])
+    unfused = bench_epilogue.epilogue_fn(variant, bk.EPS)(x, res, w, scale)
+    fused = bk._fused_fn(variant, group, "reference")(x, res, w, scale)
+    if variant == "add_rmsnorm":
+        want, got = list(unfused), list(fused)  # (norm_out, residual_out)
+    else:
+        (q, scales), r = unfused
+        want = [q, r] if scales is None else [q, scales, r]
+        got = [fused[0], fused[1]] if scales is None else [fused[0], fused[1], fused[2]]
+    for a, b in zip(want, got):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a, b.view(torch.uint8)
+                           if b.element_size() == 1 else b)
+
+
+def test_the_sweep_on_cpu(fake_pg):
     """The sweep's rows end to end on CPU: the reference backend stands in for triton,
-    Dynamo's eager backend for Inductor, one eager call for the CUDA graph."""
+    Dynamo's eager backend for Inductor, one eager call for the CUDA graph (a one-rank
+    group of the session's fake world)."""
     import argparse
 
     from fusion_passes.tools.model_trace import fake_world

@@ -2,7 +2,8 @@
 keeps tracing and fusing), and the pieces of a GPU run that do not need a GPU.
 
 The dry run builds the same HF models as the GPU run at toy sizes (``tiny``), traces a
-decode step under torch's fake process group up to Inductor's post-grad passes and counts
+decode step under torch's fake process group (a one-rank group of the session's fake
+world, tests/conftest.py) up to Inductor's post-grad passes and counts
 the pass's sites: two per decoder layer (after the attention's ``o_proj`` and after the
 MLP's ``down_proj`` / MoE ``experts``), the last one into the final norm.
 """
@@ -40,7 +41,7 @@ def _variants(rows):
     ("qwen3_moe", "fp8", {"allreduce_add_rmsnorm": 2, "allreduce_add_rmsnorm_fp8_per_token_out": 1,
                           "allreduce_add_rmsnorm_final": 1}),
 ])
-def test_dry_run_fuses_every_site(name, precision, expected):
+def test_dry_run_fuses_every_site(name, precision, expected, fake_pg):
     lines = []
     rows = model_trace.dry_run([name], [precision], DECODE, layers=LAYERS, world=1, tiny=True, fp8_linear="vllm",
                                out=lines.append)
@@ -49,7 +50,7 @@ def test_dry_run_fuses_every_site(name, precision, expected):
     assert lines and "4/4 all-reduces fused (2 per layer" in lines[0]
 
 
-def test_dry_run_fails_on_a_model_without_sites(monkeypatch):
+def test_dry_run_fails_on_a_model_without_sites(monkeypatch, fake_pg):
     monkeypatch.setattr(models, "reduce_explicitly", lambda model, group: [])
     with pytest.raises(RuntimeError, match="no all-reduce site"):
         model_trace.dry_run(["llama"], ["bf16"], DECODE, layers=1, world=1, tiny=True, fp8_linear="vllm",

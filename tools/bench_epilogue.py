@@ -15,23 +15,22 @@ from fusion_passes.tools import bench_rows
 
 
 def epilogue_fn(variant: str, eps: float):
-    """The unfused chain after the all-reduce, as :mod:`fusion_passes.epilogue` writes it."""
-    from fusion_passes import epilogue, ops
+    """The unfused chain after the all-reduce, as :mod:`fusion_passes.epilogue` writes it,
+    with the quant arguments the fused op defaults to (the registry's, resolved: the
+    kernels' floors), ``scale`` standing for the variant's one tensor argument."""
+    from fusion_passes import arguments, epilogue, variants
+
+    if variant == "add_rmsnorm":
+        return lambda x, res, w, scale: epilogue.add_rms_norm(x, res, w, eps)
+    spec = variants.get(variant)
+    given = {"group_size": bench_rows.PER_GROUP_SIZE}
+    base = arguments.resolve(spec, {q.name: given.get(q.name, q.default) for q in spec.quant})
+    tensor_arg = next((q.name for q in spec.quant if q.schema == "Tensor"), None)
 
     def fn(x, res, w, scale):
         y, r = epilogue.add_rms_norm(x, res, w, eps)
-        if variant == "add_rmsnorm":
-            return y, r
-        if variant == "add_rmsnorm_fp8_static":
-            return epilogue.fp8_static(y, scale), r
-        if variant == "add_rmsnorm_fp8_per_token":
-            return epilogue.fp8_per_token(y), r
-        if variant == "add_rmsnorm_fp8_per_group":
-            return epilogue.fp8_per_group(y, bench_rows.PER_GROUP_SIZE, amax_eps=ops.KERNEL_GROUP_EPS,
-                                          scale_min=ops.kernel_group_scale_min(False)), r
-        if variant == "add_rmsnorm_nvfp4":
-            return epilogue.nvfp4(y, scale, True), r
-        return epilogue.mxfp4(y), r
+        params = base if tensor_arg is None else {**base, tensor_arg: scale}
+        return epilogue.quantize(variant, y, params), r
 
     return fn
 

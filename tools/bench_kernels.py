@@ -372,22 +372,6 @@ def _row(ctx, variant, hidden, tokens, w, scale, forms, fused, verdict) -> dict:
     return row
 
 
-# The names tools/ab_fp4_warps.py imports from this module (before bench_cuda / bench_rows held them).
-_bytes_moved = br.bytes_moved
-
-
-def _copy_bandwidth(_torch) -> float:
-    from fusion_passes.tools import bench_cuda
-
-    return bench_cuda.copy_bandwidth()
-
-
-def _time_graph(_torch, fn, args, calls, replays) -> float:
-    from fusion_passes.tools import bench_cuda
-
-    return ctx.time_graph(fn, args, calls, replays)
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python tools/bench_kernels.py ...``: the same options as ``fusion-passes bench kernels``."""
     import argparse
