@@ -135,7 +135,13 @@ def test_numerics_check_allows_one_rounding_of_the_reference():
     n = model_step.numerics({"unfused": unfused, "fused": unfused.clone(), "eager": ref}, ref)
     assert n["fused_no_further"] and n["eager"] == {"max": 0.0, "rms": 0.0}
     n = model_step.numerics({"unfused": unfused, "fused": ref + 0.05 * torch.randn_like(ref)}, ref)
-    assert not n["fused_no_further"]
+    assert not n["fused_no_further"] and not n["max_no_further"]
+    ref = torch.randn(4, 1, 10000)
+    unfused = ref + 0.01 * torch.randn_like(ref)
+    spike = unfused.clone()
+    spike[0, 0, 0] += 0.5  # one element far off: the max moves, the RMS barely
+    n = model_step.numerics({"unfused": unfused, "fused": spike}, ref)
+    assert n["fused_no_further"] and not n["max_no_further"]
 
 
 def test_sites_summary_counts_per_layer_and_backend():

@@ -275,7 +275,7 @@ def _benchmark(args, pts, p: dict) -> int:
             print(json.dumps(result, indent=1))
         else:
             print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["phases_s"].items()))
-            print(f"numerics (fused no further from fp32 than unfused, within one bf16 rounding): "
+            print(f"numerics (fused no further from fp32 than unfused in RMS, within one bf16 rounding): "
                   f"{'ok' if not failed else f'FAILED at {len(failed)} points'} (dense)"
                   + (f"; MoE (router ties make it noisy): not within at {len(noisy)} points" if noisy else ""))
     dist.barrier()

@@ -82,13 +82,17 @@ def distance(out: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 def numerics(outs: dict[str, torch.Tensor], ref: torch.Tensor) -> dict:
-    """Distance of each output from the reference, and the check: fused no further than
-    unfused, within one bf16 rounding of the reference (its max and RMS)."""
+    """Distance of each output from the reference, and the check: the fused output's RMS
+    distance no larger than the unfused one's plus the RMS of one bf16 rounding of the
+    reference. The max distance is reported too (``max_no_further``, same rule with the
+    largest single rounding) but does not decide: one element whose rounding (or FP8 code)
+    flips moves it, while the RMS sees every element."""
     tol = distance(ref.to(torch.bfloat16), ref)
     res = {name: distance(o, ref) for name, o in outs.items()}
     fused, unfused = res["fused"], res["unfused"]
-    ok = fused["rms"] <= unfused["rms"] + tol["rms"] and fused["max"] <= unfused["max"] + tol["max"]
-    return {"reference": "fp32 eager, same weights", **res, "tolerance": tol, "fused_no_further": ok}
+    return {"reference": "fp32 eager, same weights", **res, "tolerance": tol,
+            "fused_no_further": fused["rms"] <= unfused["rms"] + tol["rms"],
+            "max_no_further": fused["max"] <= unfused["max"] + tol["max"]}
 
 
 @contextlib.contextmanager
