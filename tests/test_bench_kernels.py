@@ -17,6 +17,7 @@ import torch
 from fusion_passes import backends
 from fusion_passes.backends import Call, thresholds
 from fusion_passes.backends import triton as triton_backend
+from fusion_passes.tools import bench_epilogue
 from fusion_passes.tools import bench_kernels as bk
 from fusion_passes.tools import bench_rows as br
 from fusion_passes.tools import bench_table as bt
@@ -85,10 +86,10 @@ def test_command_line_names_torchrun_at_world_size_n():
 
 def test_default_sweep_plan_fits_one_gpu_call():
     p = br.plan(br.DEFAULT_VARIANTS, br.DEFAULT_HIDDEN, br.DEFAULT_QUANT_HIDDEN, br.DEFAULT_TOKENS, 1)
-    assert p["rows"] == (3 + 2) * 15
-    assert p["compiles"] == {"static": 75, "tokdyn": 5}
-    assert p["graphs"] == 75 * 4  # fused twice + two baselines per row
-    assert p["estimate_s"] < 6 * 60  # "well under 8 minutes" at the assumed compile cost
+    assert p["rows"] == (3 + 5) * 15
+    assert p["compiles"] == {"static": 120, "tokdyn": 8}
+    assert p["graphs"] == 120 * 4  # fused twice + two baselines per row
+    assert p["estimate_s"] < 5 * 60  # "well under 8 minutes" at the measured compile cost
 
 
 # -- the command line ------------------------------------------------------------------------
@@ -127,6 +128,10 @@ def test_derive_table_rejects_files_that_are_not_results(tmp_path, capsys):
     assert bk.main(["--derive-table", str(old)]) == 2
     assert "speedup_worst" in capsys.readouterr().err
     assert bk.main(["--derive-table", str(tmp_path / "missing.json")]) == 2
+    good = tmp_path / "ws1.json"
+    good.write_text(json.dumps(_result(1, {4096: {1: True, 2: False}})))
+    assert bk.main(["--derive-table", str(good), str(good)]) == 2
+    assert "measured twice" in capsys.readouterr().err
 
 
 # -- compiled epilogue forms (Dynamo with the eager backend: no C++ compile) -------------------
@@ -137,7 +142,8 @@ def test_token_dynamic_form_compiles_once_and_never_serves_the_static_form():
 
     torch._dynamo.reset()
     counters.clear()
-    forms = bk.compile_forms(bk._epilogue_fn("add_rmsnorm_fp8_per_token"), with_dynamic_true=False, backend="eager")
+    fn = bench_epilogue.epilogue_fn("add_rmsnorm_fp8_per_token", 1e-6)
+    forms = bench_epilogue.compile_forms(fn, with_dynamic_true=False, backend="eager")
     w, s = torch.rand(64).bfloat16(), torch.tensor([0.02])
 
     def xr(t):
@@ -154,6 +160,58 @@ def test_token_dynamic_form_compiles_once_and_never_serves_the_static_form():
         forms["static"](*xr(t), w, s)
     assert counters["stats"]["unique_graphs"] == 4  # one per token count, none served by tokdyn
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("variant", br.VARIANTS)
+def test_the_unfused_baseline_computes_what_the_fused_op_returns(variant, fake_pg):
+    """The epilogue the baselines compile, with the quant arguments the fused op defaults
+    to, against the public op on the reference backend (one-rank group): bit for bit."""
+    from fusion_passes.tools.model_trace import fake_world
+
+    group = "c10d:" + fake_world(1).group_name
+    torch.manual_seed(0)
+    x, res = torch.randn(5, 256).bfloat16(), torch.randn(5, 256).bfloat16()
+    w = (torch.rand(256) + 0.5).bfloat16()
+    scale = torch.tensor([bk.NVFP4_GLOBAL_SCALE if variant.endswith("nvfp4") else bk.FP8_STATIC_SCALE])
+    unfused = bench_epilogue.epilogue_fn(variant, bk.EPS)(x, res, w, scale)
+    fused = bk._fused_fn(variant, group, "reference")(x, res, w, scale)
+    if variant == "add_rmsnorm":
+        want, got = list(unfused), list(fused)  # (norm_out, residual_out)
+    else:
+        (q, scales), r = unfused
+        want = [q, r] if scales is None else [q, scales, r]
+        got = [fused[0], fused[1]] if scales is None else [fused[0], fused[1], fused[2]]
+    for a, b in zip(want, got):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a, b.view(torch.uint8)
+                           if b.element_size() == 1 else b)
+
+
+def test_the_sweep_on_cpu(fake_pg):
+    """The sweep's rows end to end on CPU: the reference backend stands in for triton,
+    Dynamo's eager backend for Inductor, one eager call for the CUDA graph (a one-rank
+    group of the session's fake world)."""
+    import argparse
+
+    from fusion_passes.tools.model_trace import fake_world
+
+    group = fake_world(1)
+    parser = argparse.ArgumentParser()
+    bk.add_arguments(parser)
+    args = parser.parse_args(["--tokens", "1", "3", "--with-dynamic-true"])
+    ctx = bk.sweep_context(args, 0, 1, group.group_name, device="cpu", compile_backend="eager",
+                           fused_backend="reference")
+    selectors = {}
+    torch._dynamo.reset()
+    rows = bk._variant_hidden(ctx, "add_rmsnorm_fp8_per_token", 64, selectors)
+    torch._dynamo.reset()
+    assert [r["tokens"] for r in rows] == [1, 3]
+    for r in rows:
+        assert set(r["baselines"]) == {"none+static", "none+tokdyn", "none+dynamic_true"}
+        assert r["best_unfused"] in ("none+static", "none+tokdyn") and r["extra_columns"] == ["none+dynamic_true"]
+        assert r["selector"] == "triton" and r["triton_declined"] is None and "baseline_errors" not in r
+    assert selectors == {"add_rmsnorm_fp8_per_token H=64": "triton at every point"}
+    assert ctx.phases["compile_tokdyn"] > 0 and ctx.phases["compile_static"] > 0
 
 
 # -- the selector and its table ----------------------------------------------------------------
@@ -269,15 +327,28 @@ def _edges(entry) -> list[int]:
 def test_gate_follows_todays_table_at_its_edges():
     """Whatever thresholds.py holds: every entry's token limit or range ends, one inside and
     one outside, at each listed hidden size and at one that is not listed."""
-    measured = thresholds.TRITON["max_tokens_faster"]
+    _check_edges(thresholds.TRITON["max_tokens_faster"])
+
+
+def test_gate_follows_a_per_hidden_table_at_its_edges(monkeypatch):
+    table = {(1, "add_rmsnorm"): {4096: ((1, 16), (2048, None)), 7168: (), None: ((1, 16),)},
+             (1, "add_rmsnorm_fp8_per_token"): {7168: ((4, 256), (1024, 1024))},
+             (2, "add_rmsnorm"): 512, (2, "add_rmsnorm_nvfp4"): None}
+    monkeypatch.setitem(thresholds.TRITON, "max_tokens_faster", table)
+    _check_edges(table)
+
+
+def _check_edges(measured: dict) -> None:
     assert measured, "thresholds.TRITON['max_tokens_faster'] is empty"
     checked = 0
     for (ws, variant), entry in measured.items():
         per_hidden = {7168: entry, 5120: entry} if not isinstance(entry, dict) else dict(entry)
+        unlisted = next(h for h in (5120, 6144, 3072, 2048) if h not in per_hidden)
+        if isinstance(entry, dict) and None not in entry:  # a dict without a default: unlisted hidden sizes are declined
+            c = Call(variant=variant, device="cuda", dtype=torch.bfloat16, hidden=unlisted, world_size=ws, tokens=1)
+            assert "not measured" in triton_backend.unsupported(c)
         for hidden, ranges in per_hidden.items():
-            hidden = 5120 if hidden is None else hidden
-            if isinstance(entry, dict) and hidden not in entry and None not in entry:
-                continue
+            hidden = unlisted if hidden is None else hidden
             for tokens in _edges(ranges):
                 c = Call(variant=variant, device="cuda", dtype=torch.bfloat16, hidden=hidden, world_size=ws,
                          tokens=tokens, group_size=128 if variant.endswith("per_group") else None)

@@ -11,7 +11,10 @@ import importlib
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "compile": ("bench_compile", "our passes' share of a real vLLM Inductor compile (DeepSeek-V3 shape, 8-61 layers, CPU)"),
-    "kernels": ("bench_kernels", "fused kernel vs NCCL + Inductor epilogue vs symm-mem one-shot, under CUDA graphs"),
+    "kernels": ("bench_kernels", "fused call vs the best unfused chain (NCCL / symm-mem one-shot / two-shot + "
+                                 "Inductor epilogue, hidden static), under CUDA graphs"),
+    "model": ("bench_model", "HF Llama-3-8B / Qwen3-MoE-shaped decoder step time without and with the pass, "
+                             "CUDA graphs; --dry-run traces on CPU"),
 }
 
 

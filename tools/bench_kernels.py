@@ -36,6 +36,7 @@ import types
 if __name__ == "__main__":  # `python tools/bench_kernels.py` from a checkout: the repository on the path
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from fusion_passes.tools import bench_epilogue  # noqa: E402
 from fusion_passes.tools import bench_rows as br  # noqa: E402
 from fusion_passes.tools.bench_rows import positive_int  # noqa: E402
 
@@ -95,9 +96,10 @@ def run(args) -> int:
 
         try:
             results = bench_table.load(args.derive_table)
+            table = bench_table.derive(results, args.margin)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        print(bench_table.render(bench_table.derive(results, args.margin), results, args.margin))
+        print(bench_table.render(table, results, args.margin))
         return 0
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plan = br.plan(args.variants, args.hidden, args.quant_hidden, args.tokens, world, args.with_dynamic_true)
@@ -123,15 +125,12 @@ def _sweep(args, plan: dict) -> int:
 
     start = time.perf_counter()
     rank, world = bench_cuda.init_nccl()
-    ctx = types.SimpleNamespace(rank=rank, world=world, pg_name=dist.group.WORLD.group_name, args=args,
-                                phases={"setup": 0.0, "compile_static": 0.0, "compile_tokdyn": 0.0,
-                                        "compile_dynamic_true": 0.0, "fused_warmup": 0.0, "timing": 0.0})
-    ctx.group = "c10d:" + ctx.pg_name
+    ctx = sweep_context(args, rank, world, dist.group.WORLD.group_name, device="cuda")
     _raise_recompile_limits(len(args.tokens))
-    bandwidths = {"copy_bandwidth_GBps": bench_cuda.copy_bandwidth() / 1e9, "peer_read_bandwidth_GBps": None}
+    bandwidths = ctx.bandwidths
+    bandwidths["copy_bandwidth_GBps"] = bench_cuda.copy_bandwidth() / 1e9
     if world > 1:
         bandwidths["peer_read_bandwidth_GBps"] = bench_cuda.peer_read_bandwidth(ctx.pg_name, rank, world) / 1e9
-    ctx.bandwidths = bandwidths
     ctx.phases["setup"] = time.perf_counter() - start
     if rank == 0 and not args.json:
         print(br.format_plan(plan), flush=True)
@@ -140,14 +139,40 @@ def _sweep(args, plan: dict) -> int:
         for hidden in br.hiddens(variant, args.hidden, args.quant_hidden):
             rows += _variant_hidden(ctx, variant, hidden, selectors)
     ctx.phases["total"] = time.perf_counter() - start
-    result = br.result(command=br.command_line("kernels", world), world=world, machine=bench_cuda.machine(), versions=bench_cuda.versions(),
-                       rows=rows, phases=ctx.phases, plan_=plan, bandwidths=bandwidths,
-                       with_dynamic_true=args.with_dynamic_true, selectors=selectors)
+    result = br.result(command=br.command_line("kernels", world), world=world, machine=bench_cuda.machine(),
+                       versions=bench_cuda.versions(), rows=rows, phases=ctx.phases, plan_=plan,
+                       bandwidths=bandwidths, with_dynamic_true=args.with_dynamic_true, selectors=selectors)
     if rank == 0:
         _report(args, result)
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+def sweep_context(args, rank: int, world: int, pg_name: str, device: str = "cuda", compile_backend: str = "inductor",
+                  fused_backend: str = "triton"):
+    """What the sweep's functions share. On a GPU: CUDA-graph timing and the triton
+    backend; other devices (a CPU test of the sweep) time one eager call instead."""
+    import torch
+
+    from fusion_passes.tools import bench_cuda
+
+    cuda = device == "cuda"
+    return types.SimpleNamespace(
+        rank=rank, world=world, pg_name=pg_name, group="c10d:" + pg_name, args=args, device=device,
+        compile_backend=compile_backend, fused_backend=fused_backend,
+        sync=torch.cuda.synchronize if cuda else (lambda: None),
+        empty_cache=torch.cuda.empty_cache if cuda else (lambda: None),
+        time_graph=bench_cuda.time_graph if cuda else _eager_us,
+        bandwidths={"copy_bandwidth_GBps": 1.0, "peer_read_bandwidth_GBps": None},
+        phases={"setup": 0.0, "compile_static": 0.0, "compile_tokdyn": 0.0, "compile_dynamic_true": 0.0,
+                "fused_warmup": 0.0, "timing": 0.0})
+
+
+def _eager_us(fn, args, calls, replays) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return (time.perf_counter() - t0) * 1e6
 
 
 def _report(args, result: dict) -> None:
@@ -183,12 +208,15 @@ def _variant_hidden(ctx, variant: str, hidden: int, selectors: dict) -> list[dic
     args = ctx.args
     verdicts = {t: _selector(variant, hidden, t, ctx.world) for t in args.tokens}  # the table as it is
     declined = sorted(t for t, (pick, _) in verdicts.items() if pick != "triton")
-    selectors[f"{variant} H={hidden}"] = ("triton at every point" if not declined else
-                                          f"not triton at tokens {declined}: {verdicts[declined[0]][1]}")
-    w = (torch.rand(hidden, device="cuda") + 0.5).to(torch.bfloat16)
-    scale = torch.tensor([NVFP4_GLOBAL_SCALE if variant.endswith("nvfp4") else FP8_STATIC_SCALE], device="cuda")
+    if declined:
+        pick, why = verdicts[declined[0]]
+        selectors[f"{variant} H={hidden}"] = f"{pick} picked at tokens {declined}" + (f" (triton: {why})" if why else "")
+    else:
+        selectors[f"{variant} H={hidden}"] = "triton at every point"
+    w = (torch.rand(hidden, device=ctx.device) + 0.5).to(torch.bfloat16)
+    scale = torch.tensor([NVFP4_GLOBAL_SCALE if variant.endswith("nvfp4") else FP8_STATIC_SCALE], device=ctx.device)
     forms = _compile_forms(ctx, variant, hidden, w, scale)
-    fused = _fused_fn(variant, ctx.group)
+    fused = _fused_fn(variant, ctx.group, ctx.fused_backend)
     rows = []
     with _triton_admitted(ctx.world, variant):
         for tokens in args.tokens:
@@ -229,88 +257,41 @@ def _triton_admitted(world: int, variant: str):
         backends.select.cache_clear()
 
 
-def _epilogue_fn(variant: str):
-    """The unfused chain after the all-reduce, as :mod:`fusion_passes.epilogue` writes it."""
-    from fusion_passes import epilogue, ops
-
-    def fn(x, res, w, scale):
-        y, r = epilogue.add_rms_norm(x, res, w, EPS)
-        if variant == "add_rmsnorm":
-            return y, r
-        if variant == "add_rmsnorm_fp8_static":
-            return epilogue.fp8_static(y, scale), r
-        if variant == "add_rmsnorm_fp8_per_token":
-            return epilogue.fp8_per_token(y), r
-        if variant == "add_rmsnorm_fp8_per_group":
-            return epilogue.fp8_per_group(y, br.PER_GROUP_SIZE, amax_eps=ops.KERNEL_GROUP_EPS,
-                                          scale_min=ops.kernel_group_scale_min(False)), r
-        if variant == "add_rmsnorm_nvfp4":
-            return epilogue.nvfp4(y, scale, True), r
-        return epilogue.mxfp4(y), r
-
-    return fn
-
-
-def fresh(fn, tag: str):
-    """A copy of *fn* with its own code object, so its Dynamo cache (and guards) are its own:
-    a token-dynamic compile whose guards are dropped must never serve another form."""
-    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{tag}")
-    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-
-
-def drop_guards(entries):
-    """Dynamo guard filter: keep none (vLLM runs its compiled graph for every token count)."""
-    return [False for _ in entries]
-
-
-def compile_forms(fn, *, with_dynamic_true: bool, backend: str = "inductor") -> dict:
-    """The epilogue's compiled forms (each its own Dynamo cache), not yet compiled: Dynamo
-    compiles on the first call. ``tokdyn`` must first be called with the token dimension
-    marked dynamic (``mark_dynamic(t, 0)``) at a size other than 0 or 1."""
-    import torch
-
-    forms = {
-        "static": torch.compile(fresh(fn, "static"), dynamic=False, backend=backend),
-        "tokdyn": torch.compile(fresh(fn, "tokdyn"), backend=backend, options={"guard_filter_fn": drop_guards}),
-    }
-    if with_dynamic_true:
-        forms[br.EXTRA_FORM] = torch.compile(fresh(fn, "dyntrue"), dynamic=True, backend=backend)
-    return forms
-
-
 def _compile_forms(ctx, variant, hidden, w, scale) -> dict:
     """Compile the token-dynamic form now (once, at TOKDYN_COMPILE_TOKENS); the static
     form compiles per token count in :func:`_row`."""
     import torch
 
-    forms = compile_forms(_epilogue_fn(variant), with_dynamic_true=ctx.args.with_dynamic_true)
-    x = torch.randn(TOKDYN_COMPILE_TOKENS, hidden, device="cuda").to(torch.bfloat16)
+    forms = bench_epilogue.compile_forms(bench_epilogue.epilogue_fn(variant, EPS),
+                                         with_dynamic_true=ctx.args.with_dynamic_true, backend=ctx.compile_backend)
+    x = torch.randn(TOKDYN_COMPILE_TOKENS, hidden, device=ctx.device).to(torch.bfloat16)
     res = torch.randn_like(x)
     torch._dynamo.mark_dynamic(x, 0)
     torch._dynamo.mark_dynamic(res, 0)
     t0 = time.perf_counter()
     forms["tokdyn"](x, res, w, scale)
-    torch.cuda.synchronize()
+    ctx.sync()
     ctx.phases["compile_tokdyn"] += time.perf_counter() - t0
     return forms
 
 
-def _fused_fn(variant: str, group: str):
-    """The public fused op of *variant* with ``backend="triton"``."""
+def _fused_fn(variant: str, group: str, backend: str = "triton"):
+    """The public fused op of *variant* with ``backend=`` *backend* (triton on the GPU)."""
     import torch
 
     fp = torch.ops.fusion_passes
+    b = backend
     calls = {
-        "add_rmsnorm": lambda x, r, w, s: fp.allreduce_add_rmsnorm(x, r, w, EPS, group, backend="triton"),
+        "add_rmsnorm": lambda x, r, w, s: fp.allreduce_add_rmsnorm(x, r, w, EPS, group, backend=b),
         "add_rmsnorm_fp8_static": lambda x, r, w, s: fp.allreduce_add_rmsnorm_fp8_static(
-            x, r, w, EPS, group, s, backend="triton"),
+            x, r, w, EPS, group, s, backend=b),
         "add_rmsnorm_fp8_per_token": lambda x, r, w, s: fp.allreduce_add_rmsnorm_fp8_per_token(
-            x, r, w, EPS, group, None, backend="triton"),
+            x, r, w, EPS, group, None, backend=b),
         "add_rmsnorm_fp8_per_group": lambda x, r, w, s: fp.allreduce_add_rmsnorm_fp8_per_group(
-            x, r, w, EPS, group, br.PER_GROUP_SIZE, backend="triton"),
+            x, r, w, EPS, group, br.PER_GROUP_SIZE, backend=b),
         "add_rmsnorm_nvfp4": lambda x, r, w, s: fp.allreduce_add_rmsnorm_nvfp4(x, r, w, EPS, group, s, True,
-                                                                              backend="triton"),
-        "add_rmsnorm_mxfp4": lambda x, r, w, s: fp.allreduce_add_rmsnorm_mxfp4(x, r, w, EPS, group, backend="triton"),
+                                                                              backend=b),
+        "add_rmsnorm_mxfp4": lambda x, r, w, s: fp.allreduce_add_rmsnorm_mxfp4(x, r, w, EPS, group, backend=b),
     }
     return calls[variant]
 
@@ -347,7 +328,7 @@ def _timed(ctx, phase: str, fn, *args):
 
     t0 = time.perf_counter()
     out = fn(*args)
-    torch.cuda.synchronize()
+    ctx.sync()
     ctx.phases[phase] += time.perf_counter() - t0
     return out
 
@@ -356,12 +337,10 @@ def _row(ctx, variant, hidden, tokens, w, scale, forms, fused, verdict) -> dict:
     """Time one point: fused, every baseline, fused again."""
     import torch
 
-    from fusion_passes.tools import bench_cuda
-
     torch.manual_seed(ctx.rank * 7919 + tokens)
-    x = torch.randn(tokens, hidden, device="cuda").to(torch.bfloat16)
+    x = torch.randn(tokens, hidden, device=ctx.device).to(torch.bfloat16)
     torch.manual_seed(tokens)
-    res = torch.randn(tokens, hidden, device="cuda").to(torch.bfloat16)
+    res = torch.randn(tokens, hidden, device=ctx.device).to(torch.bfloat16)
     nbytes = br.bytes_moved(variant, tokens, hidden)
     calls = max(1, min(20, int(4e8 // max(nbytes, 1))))
     inputs = (x, res, w, scale)
@@ -371,52 +350,26 @@ def _row(ctx, variant, hidden, tokens, w, scale, forms, fused, verdict) -> dict:
     _timed(ctx, "fused_warmup", fused, *inputs)
     t0 = time.perf_counter()
     replays = ctx.args.replays
-    fused_us = bench_cuda.time_graph(fused, inputs, calls, replays)
+    fused_us = ctx.time_graph(fused, inputs, calls, replays)
     baselines, errors = {}, {}
     for coll_name, coll in _collectives(ctx, x).items():
         for form_name, form in forms.items():
             name = f"{coll_name}+{form_name}"
             try:
-                baselines[name] = bench_cuda.time_graph(lambda a, r, ww, s: form(coll(a), r, ww, s), inputs, calls,
+                baselines[name] = ctx.time_graph(lambda a, r, ww, s: form(coll(a), r, ww, s), inputs, calls,
                                                         replays)
             except Exception as e:  # noqa: BLE001 - a baseline that cannot run is recorded, not fatal
                 baselines[name], errors[name] = None, f"{type(e).__name__}: {str(e)[:200]}"
-    fused_last_us = bench_cuda.time_graph(fused, inputs, calls, replays)
+    fused_last_us = ctx.time_graph(fused, inputs, calls, replays)
     ctx.phases["timing"] += time.perf_counter() - t0
     _, extra = br.baseline_names(ctx.world, ctx.args.with_dynamic_true)
     row = br.make_row(variant=variant, hidden=hidden, tokens=tokens, calls=calls, fused_us=fused_us,
                       fused_last_us=fused_last_us, baselines=baselines, extra=extra, errors=errors,
-                      floor_us=_floor_us(ctx, variant, tokens, hidden, nbytes), selector=verdict[0],
+                      floor_us=br.floor_us(nbytes, tokens, hidden, ctx.world, **ctx.bandwidths), selector=verdict[0],
                       declined=verdict[1])
     del x, res
-    torch.cuda.empty_cache()
+    ctx.empty_cache()
     return row
-
-
-def _floor_us(ctx, variant, tokens, hidden, nbytes) -> float:
-    """Local bytes / copy bandwidth, or at N ranks the bytes an all-reduce must receive
-    (2 (N-1)/N of the input) / peer-read bandwidth, whichever is larger."""
-    floor = nbytes / (ctx.bandwidths["copy_bandwidth_GBps"] * 1e9) * 1e6
-    peer = ctx.bandwidths["peer_read_bandwidth_GBps"]
-    if peer:
-        floor = max(floor, 2 * (ctx.world - 1) / ctx.world * tokens * hidden * 2 / (peer * 1e9) * 1e6)
-    return floor
-
-
-# The names tools/ab_fp4_warps.py imports from this module (before bench_cuda / bench_rows held them).
-_bytes_moved = br.bytes_moved
-
-
-def _copy_bandwidth(_torch) -> float:
-    from fusion_passes.tools import bench_cuda
-
-    return bench_cuda.copy_bandwidth()
-
-
-def _time_graph(_torch, fn, args, calls, replays) -> float:
-    from fusion_passes.tools import bench_cuda
-
-    return bench_cuda.time_graph(fn, args, calls, replays)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,8 +29,8 @@ from fusion_passes import epilogue
 
 VARIANTS = ("add_rmsnorm", "add_rmsnorm_fp8_static", "add_rmsnorm_fp8_per_token", "add_rmsnorm_fp8_per_group",
             "add_rmsnorm_nvfp4", "add_rmsnorm_mxfp4")
-# The default sweep: fits one GPU call (see plan()); the other variants run with --variants.
-DEFAULT_VARIANTS = ("add_rmsnorm", "add_rmsnorm_fp8_static", "add_rmsnorm_fp8_per_token")
+# The default sweep: every variant, in well under one GPU call (see plan()).
+DEFAULT_VARIANTS = VARIANTS
 DEFAULT_TOKENS = tuple(2**i for i in range(15))  # 1 .. 16384
 DEFAULT_HIDDEN = (4096, 7168, 8192)
 DEFAULT_QUANT_HIDDEN = (7168,)
@@ -43,16 +43,15 @@ ROW_ALIGNMENT = 8
 FORMS = ("static", "tokdyn")
 EXTRA_FORM = "dynamic_true"
 
-# Rough costs for the plan printed before a sweep (not measured here: no GPU on the
-# machine this was written on). An Inductor compile of one small epilogue graph takes
-# "a few seconds each with 16 cores" on the H200 host (issue 15); the fused kernel's Triton
-# JIT about one second per specialization (two per variant and hidden: tokens == 1 and
-# not); one CUDA graph (warm-up, capture, 6 replays) about 50 ms; set-up (imports, NCCL,
-# the 1 GiB copy probe) about 30 s.
-SECONDS_PER_COMPILE = 3.0
-SECONDS_PER_JIT = 1.0
-SECONDS_PER_GRAPH = 0.05
-SECONDS_SETUP = 30.0
+# Costs for the plan printed before a sweep, from the phases of two runs on 1x H200
+# (results/bench_kernels_h200_ws1.json, _ws1_quant.json: 53 s for 75 static compiles of
+# add_rmsnorm / FP8 epilogues and 77 s for 45 of per-group FP8 / FP4 ones, i.e. 0.7-1.7 s
+# each; fused-kernel JIT 3.5 s for 5 and 4.1 s for 3 (variant, hidden) pairs; 1.1 s for 300
+# CUDA graphs); set-up adds the process start, imports, NCCL and the 1 GiB copy probe.
+SECONDS_PER_COMPILE = 1.7
+SECONDS_PER_JIT = 0.7
+SECONDS_PER_GRAPH = 0.005
+SECONDS_SETUP = 20.0
 
 
 def collectives(world: int) -> tuple[str, ...]:
@@ -123,6 +122,16 @@ def bytes_moved(variant: str, tokens: int, hidden: int, itemsize: int = 2) -> in
     scales = {"add_rmsnorm_fp8_static": 0, "add_rmsnorm_fp8_per_token": tokens * 4,
               "add_rmsnorm_fp8_per_group": tokens * (hidden // PER_GROUP_SIZE) * 4}[variant]
     return read + n * itemsize + n + scales  # residual_out, q, scales
+
+
+def floor_us(nbytes: int, tokens: int, hidden: int, world: int, copy_bandwidth_GBps: float,
+             peer_read_bandwidth_GBps: float | None, itemsize: int = 2) -> float:
+    """Local bytes / copy bandwidth, or at N ranks the bytes an all-reduce must receive
+    (2 (N-1)/N of the input) / peer-read bandwidth, whichever is larger."""
+    floor = nbytes / (copy_bandwidth_GBps * 1e9) * 1e6
+    if peer_read_bandwidth_GBps:
+        floor = max(floor, 2 * (world - 1) / world * tokens * hidden * itemsize / (peer_read_bandwidth_GBps * 1e9) * 1e6)
+    return floor
 
 
 def hiddens(variant: str, hidden: list[int], quant_hidden: list[int]) -> list[int]:

@@ -32,7 +32,8 @@ def win_ranges(points: list[tuple[int, bool]]) -> tuple[Range, ...]:
     points = sorted(points)
     counts = [t for t, _ in points]
     if len(set(counts)) != len(counts):
-        raise ValueError(f"token counts measured twice: {counts}")
+        raise ValueError(f"token counts measured twice (two files of one world size, variant and hidden "
+                         f"size?): {counts}")
     out: list[list] = []
     prev_won = False
     for tokens, won in points:

@@ -1,0 +1,196 @@
+"""``bench model`` on CPU: the dry run of both model configs (so the benchmark's model code
+keeps tracing and fusing), and the pieces of a GPU run that do not need a GPU.
+
+The dry run builds the same HF models as the GPU run at toy sizes (``tiny``), traces a
+decode step under torch's fake process group (a one-rank group of the session's fake
+world, tests/conftest.py) up to Inductor's post-grad passes and counts
+the pass's sites: two per decoder layer (after the attention's ``o_proj`` and after the
+MLP's ``down_proj`` / MoE ``experts``), the last one into the final norm.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="needs HF transformers (the dev extra)")
+
+from fusion_passes import epilogue  # noqa: E402
+from fusion_passes.report import FusionReport, SiteReport  # noqa: E402
+from fusion_passes.tools import bench_model, model_step, model_trace, models  # noqa: E402
+from fusion_passes.tools.cli import main as cli_main  # noqa: E402
+
+LAYERS = 2
+DECODE = model_step.points([2], [], 8)
+
+
+def _variants(rows):
+    (row,) = rows
+    return row["sites"]["total"], row["sites"]["fused"], row["sites"]["variants"], row["sites"]["backends"]
+
+
+@pytest.mark.parametrize("name, precision, expected", [
+    ("llama", "bf16", {"allreduce_add_rmsnorm": 3, "allreduce_add_rmsnorm_final": 1}),
+    # HF's separate q/k/v (gate/up) linears quantize the same norm output 3 (2) times; the
+    # pass fuses one quant and returns the norm output for the others (the _out variant)
+    ("llama", "fp8", {"allreduce_add_rmsnorm_fp8_per_token_out": 3, "allreduce_add_rmsnorm_final": 1}),
+    ("qwen3_moe", "bf16", {"allreduce_add_rmsnorm": 3, "allreduce_add_rmsnorm_final": 1}),
+    # MoE FP8: attention linears only; the post-attention norm feeds the bf16 router and experts
+    ("qwen3_moe", "fp8", {"allreduce_add_rmsnorm": 2, "allreduce_add_rmsnorm_fp8_per_token_out": 1,
+                          "allreduce_add_rmsnorm_final": 1}),
+])
+def test_dry_run_fuses_every_site(name, precision, expected, fake_pg):
+    lines = []
+    rows = model_trace.dry_run([name], [precision], DECODE, layers=LAYERS, world=1, tiny=True, fp8_linear="vllm",
+                               out=lines.append)
+    assert _variants(rows) == (2 * LAYERS, 2 * LAYERS, expected, {"reference": 2 * LAYERS})
+    assert rows[0]["sites"]["per_layer"] == 2
+    assert lines and "4/4 all-reduces fused (2 per layer" in lines[0]
+
+
+def test_dry_run_fails_on_a_model_without_sites(monkeypatch, fake_pg):
+    monkeypatch.setattr(models, "reduce_explicitly", lambda model, group: [])
+    with pytest.raises(RuntimeError, match="no all-reduce site"):
+        model_trace.dry_run(["llama"], ["bf16"], DECODE, layers=1, world=1, tiny=True, fp8_linear="vllm",
+                            out=lambda s: None)
+
+
+# -- pieces of the GPU run, on CPU ------------------------------------------------------------
+
+
+def test_fp8_activation_quant_is_vllms_native_per_token_quant():
+    """Bit for bit the library's epilogue.fp8_per_token, which tests/test_quant.py checks
+    against vLLM's own QuantFP8.forward_native: the spelling the pass recognizes."""
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16) * torch.logspace(-3, 3, 64).to(torch.bfloat16)
+    q, s = models.quant_per_token(x)
+    q_ref, s_ref = epilogue.fp8_per_token(x)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+
+
+def test_fp8_linear_and_its_reference():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+    holder = torch.nn.Module()
+    holder.model = torch.nn.Module()
+    layer = torch.nn.Module()
+    layer.self_attn, layer.mlp = torch.nn.Module(), torch.nn.Module()
+    for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        setattr(layer.self_attn, n, torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16))
+    for n in ("gate_proj", "up_proj", "down_proj"):
+        setattr(layer.mlp, n, lin if n == "gate_proj" else torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16))
+    holder.model.layers = torch.nn.ModuleList([layer])
+    w = lin.weight.detach().float().clone()
+    assert models.to_fp8(holder) == 7
+    assert isinstance(lin, models.Fp8Linear) and lin.weight.dtype == models.FP8
+    deq = lin.weight.float() * lin.weight_scale.t()
+    assert (deq - w).abs().max() <= w.abs().amax(dim=1, keepdim=True).max() / 16  # e4m3: 3 mantissa bits
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    lin.reference = True
+    assert torch.equal(lin(x), x.float() @ deq.t())
+    lin.reference = False
+    y = lin(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 32)
+    q, s = models.quant_per_token(x)
+    assert torch.allclose(y.float(), (q.float() * s) @ deq.t(), rtol=1e-2, atol=1e-2)
+
+
+def test_reference_context_is_fp32_and_restores_the_model_exactly():
+    model = models.build("qwen3_moe", 1, tiny=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    impl = model.config._experts_implementation
+    with models.reference(model):
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert model.config._experts_implementation == "eager"
+    assert model.config._experts_implementation == impl
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_replayed_step_writes_the_same_cache_slots():
+    model = models.build("llama", 1, tiny=True)
+    p = model_step.points([3], [], 8)[0]
+    ids, cache = model_step.inputs(model, p, "cpu", 1)
+    with torch.no_grad():
+        first = models.step(model, ids, cache)
+        keys = cache.layers[0].keys.clone()
+        second = models.step(model, ids, cache)
+    assert torch.equal(first, second) and torch.equal(cache.layers[0].keys, keys)
+    assert int(cache.layers[0].cumulative_length) == 8
+    _, copy = model_step.inputs(model, p, "cpu", 1, torch.float32, like=cache)
+    assert torch.equal(copy.layers[0].values, cache.layers[0].values.float())
+
+
+def test_points():
+    pts = model_step.points([1, 64], [512], 1024)
+    assert [(p.kind, p.tokens, p.batch, p.seq, p.max_len, p.start) for p in pts] == [
+        ("decode", 1, 1, 1, 1025, 1024), ("decode", 64, 64, 1, 1025, 1024), ("prefill", 512, 1, 512, 512, 0)]
+
+
+def test_numerics_check_allows_one_rounding_of_the_reference():
+    torch.manual_seed(0)
+    ref = torch.randn(4, 1, 100)
+    unfused = ref + 0.01 * torch.randn_like(ref)
+    n = model_step.numerics({"unfused": unfused, "fused": unfused.clone(), "eager": ref}, ref)
+    assert n["fused_no_further"] and n["eager"] == {"max": 0.0, "rms": 0.0}
+    n = model_step.numerics({"unfused": unfused, "fused": ref + 0.05 * torch.randn_like(ref)}, ref)
+    assert not n["fused_no_further"] and not n["max_no_further"]
+    ref = torch.randn(4, 1, 10000)
+    unfused = ref + 0.01 * torch.randn_like(ref)
+    spike = unfused.clone()
+    spike[0, 0, 0] += 0.5  # one element far off: the max moves, the RMS barely
+    n = model_step.numerics({"unfused": unfused, "fused": spike}, ref)
+    assert n["fused_no_further"] and not n["max_no_further"]
+
+
+def test_sites_summary_counts_per_layer_and_backend():
+    report = FusionReport(sites=[
+        SiteReport("ar0", fused=True, variant="allreduce_add_rmsnorm", backend="triton"),
+        SiteReport("ar1", fused=True, variant="allreduce_add_rmsnorm_final", backend="triton"),
+        SiteReport("ar2", fused=False, reason="blocked by relu"),
+    ])
+    s = model_step.sites([report], 1, lambda family: "triton" if family else None)
+    assert (s["total"], s["fused"], s["per_layer"]) == (3, 2, 2.0)
+    assert s["variants"] == {"allreduce_add_rmsnorm": 1, "allreduce_add_rmsnorm_final": 1}
+    assert s["runtime_backends"] == {"triton": 2} and s["unfused_reasons"] == ["blocked by relu"]
+
+
+def test_runtime_backend_follows_the_selector():
+    pick = model_step.runtime_backend_fn(4096, 1, 8, "cuda")
+    assert pick("allreduce_add_rmsnorm_fp8_per_token_out") == "triton"
+    assert pick("not a family") is None
+    assert model_step.runtime_backend_fn(4096, 4, 8, "cuda")("allreduce_add_rmsnorm") == "reference"
+
+
+def test_plan_counts_compiles():
+    args = type("A", (), dict(decode=[1, 8, 32, 64], prefill=[512, 4096], model=["llama"], precision=["bf16"],
+                              layers=4))()
+    assert bench_model.plan(args, 1)["compiles"] == 18
+    assert bench_model.plan(args, 2)["compiles"] == 12
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--decode", "--prefill"], "nothing to run"),
+    (["--world-size", "2"], "--world-size is for --dry-run"),
+    (["--out", "/nonexistent-folder/x.json"], "does not exist"),
+])
+def test_bad_arguments_exit_2(argv, message, capsys):
+    assert cli_main(["bench", "model", "--plan", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_plan_flag(capsys):
+    assert cli_main(["bench", "model", "--plan", "--model", "llama", "--precision", "bf16"]) == 0
+    assert "18 compiles" in capsys.readouterr().out
+
+
+def test_format_point_line():
+    row = {"kind": "decode", "tokens": 8, "step_us": {"nocoll": 100.0, "unfused": 104.0, "fused": 99.0},
+           "speedup": 104 / 99, "speedup_vs_nocoll": 100 / 99,
+           "sites": {"fused": 8, "total": 8, "per_layer": 2.0, "runtime_backends": {"triton": 8}},
+           "numerics": {"fused": {"rms": 0.019}, "unfused": {"rms": 0.015}, "eager": {"rms": 0.019},
+                        "tolerance": {"rms": 0.001}, "fused_no_further": False}}
+    line = model_step.format_point("llama bf16", row)
+    assert "x1.051" in line and "no collective 100.0 us" in line and "FAILED" in line
+    assert json.loads(json.dumps(row)) == row
