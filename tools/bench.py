@@ -30,8 +30,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     """Import only the chosen benchmark, then parse its own options."""
+    from fusion_passes.tools.cli import Parser  # one-line errors, exit 2, as every other command
+
     module = _module(args.benchmark)
-    sub = argparse.ArgumentParser(prog=f"fusion-passes bench {args.benchmark}",
-                                  description=BENCHMARKS[args.benchmark][1])
+    sub = Parser(prog=f"fusion-passes bench {args.benchmark}", description=BENCHMARKS[args.benchmark][1])
     module.add_arguments(sub)
     return int(module.run(sub.parse_args(args.args)) or 0)
