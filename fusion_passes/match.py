@@ -12,7 +12,7 @@ import dataclasses
 import torch
 from torch.fx import Node
 
-from fusion_passes import backends, groups, quant, variants
+from fusion_passes import _compat, backends, fx_util, groups, quant, variants
 from fusion_passes.patterns import CATALOGUE, Family
 from fusion_passes.recognize import AllReduce, Miss, Norm, residual_add, rms_norm, short, val
 
@@ -43,6 +43,7 @@ def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
     if isinstance(chain, Miss):
         return chain
     add, residual, norm, residual_out = chain
+    follow_inductor_precision(norm)
     has_residual = residual is not None
     # Quant-aware: the largest family first (norm -> quant), then the plain one.
     found_quant = quant.find(norm.out)
@@ -66,6 +67,29 @@ def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
             note = f"quant {found_quant.kind} left unfused: no backend runs {found_quant.variant} here ({reasons[0]})"
         return Site(ar, norm, family, backend, add, residual, quant=site_quant, note=note)
     return Miss(reasons[-1], ar.node)
+
+
+def follow_inductor_precision(norm: Norm) -> None:
+    """Make the fused op round as the compile it replaces.
+
+    A norm written in aten (the plain dialect: Hugging Face, torch, torchtitan) is compiled
+    by Inductor into one kernel, which by default (``emulate_precision_casts=False``) keeps
+    the Hugging Face form's normalized value in fp32 instead of rounding it to the
+    activation dtype before the weight multiply: measured bit for bit on an H200 and on CPU,
+    the compiled chain is the ``weight_in_fp32`` form (up to Inductor's own op order), not
+    eager's. So there the fused op multiplies in fp32 too; with emulated casts it rounds as
+    eager does. The residual sum is rounded either way (measured), and a dialect's norm op
+    (vLLM's ``vllm_ir.*``) keeps its own defined rounding.
+    """
+    if norm.weight_in_fp32 or norm.gemma or norm.weight is None or not _decomposed(norm):
+        return
+    if not _compat.inductor_config.emulate_precision_casts:
+        norm.weight_in_fp32 = True
+
+
+def _decomposed(norm: Norm) -> bool:
+    """Whether *norm* is aten ops (not a dialect's norm op or its getitem)."""
+    return fx_util.op_name(norm.out.target).startswith(("aten.", "prims."))
 
 
 def _chain(ar: AllReduce) -> tuple[Node | None, Node | None, Norm, bool] | Miss:
@@ -115,8 +139,11 @@ def _backend(family: Family, ar: AllReduce, norm: Norm, site_quant, prefer: str,
 
 
 def compile_time_call(variant: str, ar: AllReduce, norm=None, found_quant=None) -> backends.Call:
-    """The selector's view of a graph site (token count unknown until run time)."""
+    """The selector's view of a graph site: the token count when the graph's shape is
+    static (every call then has it), else None (decided per call)."""
     v = val(ar.input)
+    lead = [int(d) if isinstance(d, int) else None for d in v.shape[:-1]]
+    tokens = None if None in lead else int(torch.Size(lead).numel())
     try:
         world = groups.world_size(ar.group)
     except Exception:  # noqa: BLE001 - unresolvable at compile time: decided per call
@@ -131,6 +158,7 @@ def compile_time_call(variant: str, ar: AllReduce, norm=None, found_quant=None) 
         dtype=v.dtype,
         hidden=int(v.shape[-1]),
         world_size=world,
+        tokens=tokens,
         flags=norm.flags if norm is not None else variants.Flags(),
         group_size=block,
     )

@@ -64,7 +64,8 @@ def _backend(spec: Variant, args: FusedArgs, prefer: str, options: frozenset[str
     """The backend that runs this call: the selector's choice, or the reference backend when
     the call sets options the chosen one does not compute."""
     block = args.quant.get(spec.block) if isinstance(spec.block, str) else None
-    name = backends.select(call_for(spec.name, args.input, args.group, flags=args.flags, group_size=block), prefer)
+    call = call_for(spec.name, args.input, args.group, flags=args.flags, group_size=block)
+    name = backends.select(call, prefer, run_time=True)
     impl = backends.get(name)
     if options and not options <= set(getattr(impl, "quant_options", ())):
         if (name, spec.name) not in _warned_fallback:

@@ -7,6 +7,12 @@ import os
 # vLLM on a machine without GPUs: its CPU platform (DESIGN.md section 7); never a hub download.
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The numerics tests compare the fused graph with the unfused one executed EAGERLY (and
+# spawned ranks compare two compiles): they run with Inductor's eager-rounding mode, under
+# which the pass rounds as eager does (fusion_passes.match.follow_inductor_precision).
+# Inductor's default, where the pass follows the compile's own precision, is tested in
+# tests/test_precision.py with the setting patched off.
+os.environ.setdefault("TORCHINDUCTOR_EMULATE_PRECISION_CASTS", "1")
 
 import pytest
 import torch

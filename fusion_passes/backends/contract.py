@@ -32,6 +32,13 @@ class Call:
     group_size: int | None = None
 
 
+class Slower(str):
+    """A decline because the backend was MEASURED slower than the unfused chain for this call
+    (a crossover in thresholds.py), not because it cannot run it. It counts where the unfused
+    chain is the alternative (choosing a graph site's fusion); at run time, inside a fused op,
+    the chain is gone and the choice is only among backends, so the selector ignores it."""
+
+
 class Backend(Protocol):
     """A backend: a name, the variants it implements, a gate and a runner.
 
@@ -44,7 +51,8 @@ class Backend(Protocol):
     variants: frozenset[str]
 
     def unsupported(self, call: Call) -> str | None:
-        """Why this backend cannot run *call*, or ``None`` if it can."""
+        """Why this backend cannot run *call* (a :class:`Slower` when it can but was measured
+        slower than the unfused chain), or ``None`` if it can."""
 
     def run(self, variant: str, args: FusedArgs) -> FusedOutputs:
         """Run one fused call of *variant* (the op orders the outputs)."""

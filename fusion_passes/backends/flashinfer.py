@@ -35,7 +35,7 @@ import torch
 
 from fusion_passes import variants
 from fusion_passes.backends import thresholds
-from fusion_passes.backends.contract import Call
+from fusion_passes.backends.contract import Call, Slower
 from fusion_passes.backends.fallback import Unfusable, run_on_reference
 from fusion_passes.variants import FusedArgs, FusedOutputs
 
@@ -81,7 +81,8 @@ def unsupported(call: Call, sm: int | None = None, installed: bool | None = None
     if limit is None:
         return f"no measured crossover for SM{sm} at world size {call.world_size}"
     if call.tokens is not None and call.tokens * call.hidden * itemsize > limit:
-        return f"{call.tokens * call.hidden * itemsize} input bytes > {int(limit)}: slower than unfused (vLLM's crossover)"
+        return Slower(f"{call.tokens * call.hidden * itemsize} input bytes > {int(limit)}: slower than unfused "
+                      "(vLLM's crossover)")
     if not (importlib.util.find_spec("flashinfer") is not None if installed is None else installed):
         return "flashinfer is not installed (pip install flashinfer-python; needs nvcc for its JIT)"
     return None

@@ -56,7 +56,7 @@ import torch
 
 from fusion_passes import arguments, epilogue, groups, variants
 from fusion_passes.backends import symm, thresholds
-from fusion_passes.backends.contract import Call
+from fusion_passes.backends.contract import Call, Slower
 from fusion_passes.variants import FusedArgs, FusedOutputs
 
 LIMITS = thresholds.TRITON
@@ -375,16 +375,16 @@ def _slower_than_unfused(entry, call: Call) -> str | None:
         return None
     if isinstance(entry, int):
         if call.tokens is not None and call.tokens > entry:
-            return f"{call.tokens} tokens > {entry}: slower than unfused there (measured crossover)"
+            return Slower(f"{call.tokens} tokens > {entry}: slower than unfused there (measured crossover)")
         return None
     ranges = entry.get(call.hidden, entry.get(None))
     if ranges is None:
         return f"hidden {call.hidden} not measured for {call.variant} at world size {call.world_size}"
     if not ranges:
-        return f"slower than unfused at every measured token count (hidden {call.hidden}; measured crossover)"
+        return Slower(f"slower than unfused at every measured token count (hidden {call.hidden}; measured crossover)")
     if call.tokens is None or call.tokens < 1:
         return None
     if any(lo <= call.tokens and (hi is None or call.tokens <= hi) for lo, hi in ranges):
         return None
     shown = ", ".join(f"{lo}-{'' if hi is None else hi}" for lo, hi in ranges)
-    return f"{call.tokens} tokens outside {shown}: slower than unfused there (measured crossover)"
+    return Slower(f"{call.tokens} tokens outside {shown}: slower than unfused there (measured crossover)")
