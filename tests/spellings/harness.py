@@ -1,0 +1,200 @@
+"""Trace, fuse and compare one corpus :class:`Case`.
+
+A case's graph is what Inductor is handed: the chain traced by AOTAutograd (the same
+functionalization as ``torch.compile``: in-place custom ops become ``auto_functionalized``
+or ``auto_functionalized_v2`` nodes) with Inductor's decomposition table, under
+``no_grad``. Inputs are per rank: ``x`` is each rank's partial sum; the residual, weights
+and scales are replicated (one seed for all ranks).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch._functorch.aot_autograd import aot_function
+
+from fusion_passes import FusionPass
+
+c10d = torch.ops._c10d_functional
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One chain after an all-reduce. ``chain(t, *inputs)`` gets the all-reduced ``t``.
+
+    ``expect``: the catalogue family the first all-reduce must fuse into (None: it must not
+    fuse); ``args``: fused-op arguments to check by schema name; ``bound``: None for a
+    bit-exact comparison, else the name of a derived bound in :data:`BOUNDS`;
+    ``held_out``: never looked at while designing the recognizer.
+    """
+
+    name: str
+    source: str
+    chain: Callable
+    inputs: tuple[str, ...] = ("res", "w")
+    dtype: torch.dtype = torch.bfloat16
+    expect: str | None = None
+    args: tuple[tuple[str, object], ...] = ()
+    held_out: bool = False
+    hidden: int = 256
+    tokens: int = 8
+    bound: str | None = None
+    v2: bool = False
+    needs: tuple[str, ...] = ()
+
+
+def _seed(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+
+
+def _rand(g: torch.Generator, *shape) -> torch.Tensor:
+    return torch.randn(*shape, generator=g)
+
+
+def partial_input(case: Case, rank: int) -> torch.Tensor:
+    """Rank *rank*'s summand: random rows, plus a zero row, a -0.0 row and a large row
+    that are the same kind on every rank (their sums stay zero, -0.0, large)."""
+    g = torch.Generator().manual_seed(_seed(case.name) + 1 + rank)
+    x = _rand(g, case.tokens, case.hidden) * (1.0 + rank)
+    x[0] = 0.0
+    x[1] = -0.0
+    x[2] *= 64.0
+    return x.to(case.dtype)
+
+
+def replicated_inputs(case: Case) -> list[torch.Tensor]:
+    """The replicated inputs named by ``case.inputs`` (same values on every rank)."""
+    g = torch.Generator().manual_seed(_seed(case.name))
+    t, h, dt = case.tokens, case.hidden, case.dtype
+    make = {
+        "res": lambda: _rand(g, t, h).to(dt),
+        "w": lambda: (1.0 + 0.2 * _rand(g, h)).to(dt),
+        "w32": lambda: 1.0 + 0.2 * _rand(g, h),
+        "wg": lambda: (0.2 * _rand(g, h)).to(dt),  # Gemma's zero-centred weight
+        "s": lambda: torch.tensor([0.0173]),  # a static FP8 scale (fp32 [1])
+        "gs": lambda: torch.tensor([448.0 * 6.0 / 9.0]),  # NVFP4 global scale
+        "ub": lambda: torch.tensor([1.5]),  # per-token scale upper bound
+    }
+    return [make[name]() for name in case.inputs if name != "x"]
+
+
+def function(case: Case) -> Callable:
+    """``f(x, *inputs) = case.chain(all_reduce(x), *inputs)`` in the plain-PyTorch dialect
+    (an input named ``"x"`` is the rank's partial sum itself)."""
+    group = dist.group.WORLD.group_name
+
+    def f(x, *inputs):
+        t = c10d.wait_tensor(c10d.all_reduce(x, "sum", group))
+        rest = iter(inputs)
+        return tuple(case.chain(t, *[x if name == "x" else next(rest) for name in case.inputs]))
+
+    return f
+
+
+def trace(case: Case, args: list[torch.Tensor]) -> torch.fx.GraphModule:
+    """The post-AOTAutograd graph of the case (see the module docstring)."""
+    from torch._inductor import config
+    from torch._inductor.decomposition import select_decomp_table
+
+    captured = {}
+
+    def capture(gm, example_inputs):
+        captured["gm"] = gm
+        return gm
+
+    with torch.no_grad(), config.patch(enable_auto_functionalized_v2=case.v2):
+        aot_function(function(case), fw_compiler=capture, decompositions=select_decomp_table())(
+            *[a.clone() for a in args])
+    return captured["gm"]
+
+
+def fuse(gm: torch.fx.GraphModule, **options):
+    """``(unfused copy, report)`` after running the pass on *gm* in place."""
+    before = copy.deepcopy(gm)
+    p = FusionPass(**options)
+    p(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    return before, p.report
+
+
+def fused_args(gm: torch.fx.GraphModule) -> dict[str, object]:
+    """The first fused op's arguments by schema name (defaults filled in)."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and getattr(n.target, "namespace", "") == "fusion_passes":
+            schema = n.target._schema
+            out = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+            out.update({a.name: v for a, v in zip(schema.arguments, n.args)})
+            out.update(n.kwargs)
+            return out
+    return {}
+
+
+def verdict(case: Case, report) -> list[str]:
+    """What is wrong with the pass's outcome for *case* (empty when it is as expected)."""
+    site = report.sites[0] if report.sites else None
+    if site is None:
+        return ["no all-reduce site in the report"]
+    problems = []
+    if report.errors:
+        problems.append(f"pass errors: {report.errors}")
+    if case.expect is None and site.fused:
+        problems.append(f"must not fuse, fused as {site.variant}")
+    if case.expect is not None and site.variant != case.expect:
+        problems.append(f"expected {case.expect}, got {site.variant if site.fused else 'unfused'}: {site.reason}")
+    if case.expect is None and not site.reason:
+        problems.append("an unfused site without a reason")
+    return problems
+
+
+def arg_problems(case: Case, gm) -> list[str]:
+    got = fused_args(gm)
+    return [f"fused arg {k}={got.get(k)!r}, expected {v!r}" for k, v in case.args if got.get(k) != v]
+
+
+# ------------------------------------------------------------------------------ numerics
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bits as integers (fp8 / fp4 bytes compare by code, floats by value below)."""
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-exact in the graph's dtype: equal shape and dtype, and equal values, NaN where
+    NaN (1-byte codes compare as bytes; +0 and -0 compare equal, as IEEE and torch.equal)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a, b = bits(a), bits(b)
+    if a.is_floating_point():
+        nan = torch.isnan(a)
+        return bool(torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan], b[~nan]))
+    return bool(torch.equal(a, b))
+
+
+def hoisted_scale_bound(scale: float, parts: list[torch.Tensor], dtype: torch.dtype):
+    """Elementwise bound on ``|(a + b) * c - (a * c + b * c)|`` in *dtype* (a DeepSeek scale
+    hoisted above the sum): each of the four roundings errs by at most half an ulp, u =
+    2^-p, so the two results differ by at most ``3 u |c| (|a| + |b|) + u |result|``."""
+    u = 2.0 ** -(torch.finfo(dtype).nmant + 1)
+    mag = sum(p.abs().to(torch.float64) for p in parts) * abs(scale)
+    return 3 * u * mag
+
+
+BOUNDS: dict[str, Callable] = {}
+"""bound name -> ``fn(case, outputs_unfused, outputs_fused, partials) -> list[str]`` (problems)."""
+
+
+def compare(case: Case, want: tuple, got: tuple, partials: list[torch.Tensor]) -> list[str]:
+    """Problems with fused outputs *got* against unfused *want* (bit-exact unless ``bound``)."""
+    if len(want) != len(got):
+        return [f"{len(want)} outputs unfused, {len(got)} fused"]
+    if case.bound is not None:
+        return BOUNDS[case.bound](case, want, got, partials)
+    return [f"output {i} differs ({a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)})"
+            for i, (a, b) in enumerate(zip(want, got)) if not same(a, b)]
