@@ -1,0 +1,163 @@
+"""FP8 quant conventions: the ways real code turns an amax into a scale and applies it.
+
+:mod:`fusion_passes.epilogue` computes each fused variant in vLLM's order. Other projects
+compute the same quantization with other roundings, and a fused op must reproduce the
+chain it replaces bit for bit, so each convention is a :class:`Form`:
+
+==================================  =====================================================
+vLLM ``QuantFP8.forward_native``    ``s = max(amax/M, 1/(M*512)); q = y * (1/s)``
+vLLM ``_quantize_group_native``     ``s = max(amax/M, 1/(M*512)); q = y / s``
+torchao float8 training             ``inv = f32(M / max(f64(amax), 1e-12)); q = y * inv``
+  (float8_utils.amax_to_scale)      (returns ``inv``; the rowwise recipe floors it to 2^k)
+torchao inference                   ``s = f32(amax / M)`` computed in the input dtype;
+  (quant_primitives)                ``q = y / s``
+SGLang ``input_to_float8``          ``inv = M / max(amax, 1e-12); q = y * inv`` (returns 1/inv)
+SGLang per-token-group reference    ``s = max(amax, 1e-10) / M`` (the floor in the input
+                                    dtype); ``q = y / s``
+==================================  =====================================================
+
+``y`` is the norm output upcast to fp32, ``M`` the largest FP8 value the chain clamps to,
+``q = fp8(clamp(., -M, M))``. A form is written as a short string (the fused ops' ``form``
+argument, ``""`` = the variant's own vLLM order): comma-separated flags and ``key=value``
+pairs, e.g. ``"invert,f64,amax_min=1e-12"``. Every chain the recognizer accepts was checked
+bit for bit against :func:`quantize` on probe inputs (:mod:`fusion_passes.semantic`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+APPLY = ("recip", "div", "mul")
+PRECISION = ("f32", "f64", "input")
+POW2 = ("", "ceil", "floor")
+
+
+@dataclasses.dataclass(frozen=True)
+class Form:
+    """One convention. ``invert``: the scale is ``M / amax`` (a multiplier) instead of
+    ``amax / M``; ``precision``: the dtype the division is computed in (``"input"``: the
+    activation dtype, then cast to fp32); ``apply``: ``y * (1/s)``, ``y / s`` or ``y * s``;
+    ``safe_recip``: ``1/s`` taken as 0 where ``s == 0``; ``pow2``: the scale rounded up
+    (``"ceil"``, UE8M0) or down (``"floor"``) to a power of two; ``amax_min``: a floor on
+    the amax before the division; ``scale_min``: a floor on ``s`` after it (never with
+    ``invert``)."""
+
+    invert: bool = False
+    precision: str = "f32"
+    apply: str = "recip"
+    safe_recip: bool = False
+    pow2: str = ""
+    amax_min: float = 0.0
+    scale_min: float = 0.0
+    amax_min_input: bool = False
+
+    def __post_init__(self):
+        if self.precision not in PRECISION or self.apply not in APPLY or self.pow2 not in POW2:
+            raise ValueError(f"fusion_passes: bad FP8 form {self!r}")
+        if self.invert != (self.apply == "mul"):
+            raise ValueError(f"fusion_passes: FP8 form {self!r}: 'mul' applies exactly the inverted scale")
+
+    def text(self) -> str:
+        """The form as the fused ops take it (``parse(form.text()) == form``)."""
+        parts = [name for name in ("invert", "safe_recip", "amax_min_input") if getattr(self, name)]
+        parts += [v for v in (self.precision if self.precision != "f32" else "", self.apply
+                              if self.apply not in ("recip", "mul") else "") if v]
+        parts += [f"pow2={self.pow2}"] if self.pow2 else []
+        parts += [f"{k}={getattr(self, k)!r}" for k in ("amax_min", "scale_min") if getattr(self, k)]
+        return ",".join(parts)
+
+
+def parse(text: str) -> Form:
+    """The :class:`Form` a form string names; ``""`` is vLLM's per-token / per-tensor order."""
+    kw: dict = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        if key in ("invert", "safe_recip", "amax_min_input") and not value:
+            kw[key] = True
+        elif key in PRECISION and not value:
+            kw["precision"] = key
+        elif key == "div" and not value:
+            kw["apply"] = "div"
+        elif key == "pow2":
+            kw["pow2"] = value
+        elif key in ("amax_min", "scale_min"):
+            kw[key] = float(value)
+        else:
+            raise ValueError(f"fusion_passes: unknown FP8 form part {part!r} in {text!r}")
+    if kw.get("invert"):
+        kw["apply"] = "mul"
+    return Form(**kw)
+
+
+def _scale(amax: torch.Tensor, in_dtype: torch.dtype, m: float, form: Form) -> torch.Tensor:
+    """The scale (or with ``invert`` the multiplier) from an amax in the input dtype."""
+    work = {"f32": torch.float32, "f64": torch.float64, "input": in_dtype}[form.precision]
+    if form.amax_min and form.amax_min_input:
+        amax = amax.clamp(min=form.amax_min)
+    a = amax.to(work)
+    if form.amax_min and not form.amax_min_input:
+        a = a.clamp(min=form.amax_min)
+    s = (m / a if form.invert else a / m).to(torch.float32)
+    if form.scale_min:
+        s = s.clamp(min=form.scale_min)
+    if form.pow2:
+        rnd = torch.ceil if form.pow2 == "ceil" else torch.floor
+        s = torch.exp2(rnd(torch.log2(s)))
+    return s
+
+
+def scaled(y: torch.Tensor, s: torch.Tensor, form: Form) -> torch.Tensor:
+    """``y32 <op> s`` in fp32, before the clamp: the value the FP8 cast rounds."""
+    y32 = y.to(torch.float32)
+    if form.apply == "div":
+        return y32 / s
+    if form.apply == "mul":
+        return y32 * s
+    r = s.reciprocal()
+    if form.safe_recip:
+        r = torch.where(s > 0, r, torch.zeros_like(s))
+    return y32 * r
+
+
+def apply(y: torch.Tensor, s: torch.Tensor, m: float, dtype: torch.dtype, form: Form) -> torch.Tensor:
+    """``fp8(clamp(y32 <op> s, -m, m))`` with the form's way of applying the scale."""
+    return scaled(y, s, form).clamp(-m, m).to(dtype)
+
+
+def quantize(y: torch.Tensor, group: int | None, dtype: torch.dtype, m: float, form: Form,
+             scale_ub: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic FP8 of *y* -> ``(q, scales)``; ``group``: elements per scale along the last dim
+    (the hidden size: per token; None: one scale for the whole tensor). Scales are
+    ``[..., H // group]`` (per token ``[..., 1]``, per tensor ``[1]``); ``scale_ub`` caps
+    the amax (vLLM's per-token upper bound)."""
+    q, s, _ = quantize_with_scaled(y, group, dtype, m, form, scale_ub)
+    return q, s
+
+
+def quantize_with_scaled(y, group, dtype, m, form, scale_ub=None):
+    """:func:`quantize` plus the fp32 scaled value before the clamp (``q, scales, scaled``)."""
+    hidden = y.shape[-1]
+    if group is None:
+        amax = y.abs().max().reshape(1)
+        grouped = y
+    else:
+        grouped = y.reshape(*y.shape[:-1], hidden // group, group)
+        amax = grouped.abs().amax(dim=-1, keepdim=True)
+    if scale_ub is not None:
+        amax = amax.to(torch.float32).clamp(max=scale_ub)
+    s = _scale(amax, y.dtype, m, form)
+    x = scaled(grouped, s, form)
+    q = x.clamp(-m, m).to(dtype).reshape(y.shape)
+    return q, (s if group is None else s.reshape(*y.shape[:-1], hidden // group)), x
+
+
+def static(y: torch.Tensor, scale: torch.Tensor, m: float, dtype: torch.dtype, how: str = "") -> torch.Tensor:
+    """Static FP8 with a given scale: ``""`` = ``y * (1/s)`` (vLLM), ``"div"`` = ``y / s``,
+    ``"mul"`` = ``y * s`` (the scale given as its inverse)."""
+    form = Form(apply={"": "recip", "div": "div", "mul": "mul"}[how], invert=how == "mul")
+    return apply(y, scale.to(torch.float32), m, dtype, form)
+
+
+__all__ = ["Form", "parse", "quantize", "quantize_with_scaled", "static", "apply", "scaled"]

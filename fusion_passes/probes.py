@@ -1,0 +1,163 @@
+"""Probe inputs with edge values, evaluation of a region on them, and bit-exact comparison.
+
+A spelling is accepted only if it computes what the canonical epilogue computes, bit for
+bit in the graph's dtypes, on inputs chosen to separate conventions:
+
+* norm probes (the all-reduced value, the residual): a zero row, a ``-0.0`` row, a row whose
+  squares overflow neither fp32 nor the dtype but whose sum with the residual overflows the
+  activation dtype (fp16: ``4e4 + 4e4``), a row whose squares underflow fp32, and random rows
+  at scales from 1e-3 to 1e3 (the rounding of an activation-dtype sum shows on them);
+* quant probes (the norm output): rows whose amax is ``M * k`` (``M`` = 448, the FP8 max;
+  ``k`` in 1, 3, 5, 7, 3/8, ...) with elements ``k * t`` at FP8 rounding ties ``t`` (1.0625,
+  2.125, 17, 304, ...: a ``y / s`` and a ``y * (1/s)`` land on different sides of them), rows
+  at E2M1 ties (0.25, 0.75, ..., 5: NVFP4) with amax ``6 * k``, an all-zero row, ``-0.0``,
+  amaxes under the FP8 scale floor (2^-12, 2^-40) and random rows.
+
+The amax element sits at every 16th position, so every 1 x g group (g a multiple of 16)
+holds one. Probes are deterministic (a fixed seed).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import Node
+
+from fusion_passes.recognize import val
+
+FP8_TIES = (1.0625, -1.1875, 2.125, -3.375, 9.5, -17.0, 304.0, -0.0029296875, 0.5, -448.0)
+E2M1_TIES = (0.25, -0.75, 1.25, -1.75, 2.5, -3.5, 5.0, -6.0, 0.1, -0.0)
+KS = (1.0, 3.0, 5.0, 7.0, 0.375, 5.0 / 64, 7.0 / 1024, 2.0 ** -7)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _rows(shape: tuple, dtype: torch.dtype, fill) -> torch.Tensor:
+    """A ``shape`` tensor whose row ``i`` (over the last dim) is ``fill(i, hidden)`` (fp64)."""
+    hidden = shape[-1]
+    rows = 1
+    for s in shape[:-1]:
+        rows *= s
+    out = torch.stack([fill(i, hidden) for i in range(rows)]) if rows else torch.zeros(0, hidden)
+    return out.reshape(shape).to(dtype)
+
+
+def _pattern(values, hidden: int, scale: float, amax: float) -> torch.Tensor:
+    row = torch.tensor(values, dtype=torch.float64).repeat(hidden // len(values) + 1)[:hidden] * scale
+    row[::16] = amax
+    row[8::16] = -amax / 2
+    return row
+
+
+def quant_probes(shape: tuple, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Norm-output probes for the quant part (see the module docstring)."""
+    g = _gen(7)
+    big = 2.0 ** 14 if dtype == torch.float16 else 2.0 ** 40
+
+    def ties(i, h, table, top):
+        k = KS[i % len(KS)]
+        return _pattern(table, h, k, top * k)
+
+    def edges(i, h):
+        kind = i % 6
+        if kind == 0:
+            return torch.zeros(h, dtype=torch.float64)
+        if kind == 1:
+            return -torch.zeros(h, dtype=torch.float64) * torch.randn(h, generator=g, dtype=torch.float64).sign()
+        if kind == 2:
+            return _pattern((0.5, -0.25, 0.125), h, 2.0 ** -12, 2.0 ** -12)
+        if kind == 3:
+            return _pattern((0.5, -0.25), h, 2.0 ** -40, 2.0 ** -40)
+        if kind == 4:
+            return _pattern((1.0, -0.5), h, big, big)
+        return torch.randn(h, generator=g, dtype=torch.float64) * 10.0 ** (i % 5 - 2)
+
+    return [_rows(shape, dtype, lambda i, h: ties(i, h, FP8_TIES, 448.0)),
+            _rows(shape, dtype, lambda i, h: ties(i, h, E2M1_TIES, 6.0)),
+            _rows(shape, dtype, edges)]
+
+
+def norm_probes(shape: tuple, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(all-reduced value, residual)`` probes (see the module docstring)."""
+    g = _gen(seed)
+    big = 4.0e4 if dtype == torch.float16 else 2.0 ** 50
+    tiny = 2.0 ** -20 if dtype == torch.float16 else 2.0 ** -100
+
+    def fill(i, h, which):
+        kind = i % 7
+        r = torch.randn(h, generator=g, dtype=torch.float64)
+        if kind == 0:
+            return torch.zeros(h, dtype=torch.float64)
+        if kind == 1:
+            return -torch.zeros(h, dtype=torch.float64)
+        if kind == 2:
+            return big * (0.5 + r.abs() / 8)  # the two add up past fp16's max
+        if kind == 3:
+            return tiny * r
+        return r * 10.0 ** ((i + which) % 7 - 3)
+
+    return _rows(shape, dtype, lambda i, h: fill(i, h, 0)), _rows(shape, dtype, lambda i, h: fill(i, h, 1))
+
+
+def base_probe(node: Node, seed: int) -> object:
+    """A probe value for a leaf input that is not the residual: by its shape and dtype."""
+    v = val(node)
+    if not isinstance(v, torch.Tensor):
+        return v
+    g = _gen(seed)
+    shape, dtype = tuple(v.shape), v.dtype
+    if not dtype.is_floating_point:
+        return torch.zeros(shape, dtype=dtype)
+    if v.numel() == 1:  # a scale, a global scale, an upper bound
+        return torch.full(shape, (0.0173, 1.0, 3.0)[seed % 3], dtype=dtype)
+    w = 1.0 + 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)
+    w.view(-1)[::13] = 0.0
+    return w.to(dtype)
+
+
+def evaluate(nodes: list[Node], env: dict[Node, object]) -> dict[Node, object]:
+    """Run *nodes* (in order) on the values in *env* (extended in place); a node that fails
+    to run gets no value (and neither do its users)."""
+    for n in nodes:
+        if n in env:
+            continue
+        try:
+            args = torch.fx.node.map_arg(n.args, lambda a: env[a])
+            kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: env[a])
+        except KeyError:
+            continue
+        try:
+            env[n] = operator.getitem(*args) if n.target is operator.getitem else n.target(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - a spelling that does not run here matches nothing
+            continue
+    return env
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.element_size() == 1 and t.dtype != torch.uint8 else t
+
+
+def same(a: object, b: object) -> bool:
+    """Bit-exact in the graph's dtypes: same dtype, shape and values (1-byte float codes as
+    bytes; NaN where NaN; +0 and -0 equal, as IEEE and ``torch.equal``)."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return False
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a, b = bits(a), bits(b)
+    if a.is_floating_point():
+        nan = torch.isnan(a)
+        return bool(torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan], b[~nan]))
+    return bool(torch.equal(a, b))
+
+
+def same_flat(a: object, b: object) -> bool:
+    """:func:`same` up to a reshape (same dtype and element count, equal in row-major order)."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return False
+    if a.dtype != b.dtype or a.numel() != b.numel():
+        return False
+    return same(a.reshape(-1), b.reshape(-1))
