@@ -316,4 +316,8 @@ def quantize(variant: str, y: torch.Tensor, params: Mapping[str, Any]) -> tuple[
     """The quant epilogue of *variant* on the norm output *y*: ``(q, scales | None)``."""
     if variant not in QUANT:
         raise ValueError(f"fusion_passes: unknown quant variant {variant!r}")
+    if params.get("form"):  # another project's FP8 convention, recognized by meaning
+        from fusion_passes import fp8_forms
+
+        return fp8_forms.variant_quantize(variant, y, params)
     return QUANT[variant](y, params)

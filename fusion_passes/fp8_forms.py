@@ -160,4 +160,27 @@ def static(y: torch.Tensor, scale: torch.Tensor, m: float, dtype: torch.dtype, h
     return apply(y, scale.to(torch.float32), m, dtype, form)
 
 
-__all__ = ["Form", "parse", "quantize", "quantize_with_scaled", "static", "apply", "scaled"]
+def variant_quantize(variant: str, y: torch.Tensor, p) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A fused FP8 variant's quantization under its ``form`` argument: ``(q, scales | None)``
+    from the variant's resolved quant arguments *p* (fusion_passes.variants)."""
+    from fusion_passes import epilogue
+
+    dtype, form = p["fp8_dtype"], p["form"]
+    m = epilogue.fp8_max(dtype)
+    if variant == "add_rmsnorm_fp8_static":
+        if form not in ("div", "mul"):
+            raise ValueError(f"fusion_passes: static FP8 form must be '', 'div' or 'mul', got {form!r}")
+        return static(y, p["scale"], m, dtype, form), None
+    if variant == "add_rmsnorm_fp8_per_token":
+        return quantize(y, y.shape[-1], dtype, m, parse(form), p["scale_ub"])
+    if variant == "add_rmsnorm_fp8_per_tensor":
+        return quantize(y, None, dtype, m, parse(form))
+    if variant == "add_rmsnorm_fp8_per_group":
+        q, s = quantize(y, p["group_size"], dtype, m, parse(form))
+        if p["column_major"]:  # the token dim contiguous, as the variant's scales output
+            s = s.transpose(-2, -1).contiguous().transpose(-2, -1)
+        return q, s
+    raise ValueError(f"fusion_passes: no FP8 form for {variant!r}")
+
+
+__all__ = ["variant_quantize", "Form", "parse", "quantize", "quantize_with_scaled", "static", "apply", "scaled"]

@@ -69,7 +69,7 @@ class FusionPass(_compat.CustomGraphPass):
         if any(all_reduce(n) is not None for n in graph.nodes):
             backup = _compat.copy_graph(graph)
             try:
-                self._run(graph, report)
+                self._run(graph, report, backup)
                 graph.lint()
             except Exception as e:  # noqa: BLE001 - a pass must never break compilation
                 _compat.restore_graph(graph, backup)
@@ -83,10 +83,30 @@ class FusionPass(_compat.CustomGraphPass):
         self.reports.append(report)
         log.info("fusion_passes: %s in %.1f ms", report.summary(), report.seconds * 1e3)
 
-    def _run(self, graph: Graph, report: FusionReport) -> None:
+    def _run(self, graph: Graph, report: FusionReport, backup: Graph) -> None:
         from fusion_passes import hoist
 
-        hoisted = hoist.run(graph, self.options) if self.options.hoist else hoist.HoistResult()
+        hoisted = self._hoist_and_fuse(graph, report, frozenset())
+        undo = hoist.wasted(hoisted, report)
+        if undo:  # moves that led to no fused site: put the graph back and run without them
+            first = {s.all_reduce: s for s in report.sites}
+            _compat.restore_graph(graph, backup)
+            report.sites.clear()
+            hoisted = self._hoist_and_fuse(graph, report, undo)
+            for entry in report.sites:
+                if entry.all_reduce in undo and not entry.fused and entry.all_reduce in first:
+                    before = first[entry.all_reduce]
+                    entry.reason = f"not fused, graph unchanged at this site: {before.reason}"
+                    entry.blocker, entry.source = before.blocker, before.source
+        hoist.report_merged(hoisted, report)  # all-reduces merged into a partner keep an entry
+
+    def _hoist_and_fuse(self, graph: Graph, report: FusionReport, frozen: frozenset):
+        """Hoist (all-reduces in *frozen* stay put), then match and rewrite every site."""
+        from fusion_passes import hoist, semantic
+
+        semantic.forget(graph)
+        opts = self.options
+        hoisted = hoist.run(graph, opts, frozen) if opts.hoist else hoist.HoistResult()
         if self.after_hoist is not None:  # `fusion-passes dump` records this stage
             self.after_hoist(graph)
         fake_vals = FakeVals(graph)
@@ -97,15 +117,16 @@ class FusionPass(_compat.CustomGraphPass):
             entry.source = _source_line(node)
             report.sites.append(entry)
             found = all_reduce(node)
-            site = found if isinstance(found, Miss) else find_site(found, self.options.backend)
-            if isinstance(site, Miss):
+            site = found if isinstance(found, Miss) else find_site(found, opts.backend)
+            if isinstance(site, Miss) and not isinstance(site, semantic.DeepMiss):
                 site = hoisted.stopped.get(node.name, site)  # names the op that stopped hoisting
+            if isinstance(site, Miss):
                 entry.reason, entry.blocker = site.reason, getattr(site.node, "name", None)
                 entry.source = _source_line(site.node) or entry.source
                 continue
-            rewrite(graph, site, fake_vals, self.options.backend)
+            rewrite(graph, site, fake_vals, opts.backend)
             entry.fused, entry.variant, entry.backend, entry.reason = True, site.family.name, site.backend, site.note
-        hoist.report_merged(hoisted, report)  # all-reduces merged into a partner keep an entry
+        return hoisted
 
 
 def _source_line(node) -> str | None:

@@ -33,7 +33,10 @@ by ``graph.lint()`` in :class:`~fusion_passes.FusionPass` and the tests). ``meta
 of new and moved nodes is recomputed under the graph's fake mode.
 
 An all-reduce that stops short of its norm keeps the moves made so far (each one is
-exact); the report lists them (``hoisted_over``) and names the op that stopped it.
+exact); the report lists them (``hoisted_over``) and names the op that stopped it. When
+its site then does not fuse, :class:`~fusion_passes.FusionPass` undoes every move of it
+(:func:`wasted` names those all-reduces; a second run with them ``frozen`` leaves them in
+place): a move changes the rounding of the sum and only pays off in a fused site.
 Permutes move only when they keep the hidden dim last (see :func:`permute`).
 """
 
@@ -336,9 +339,10 @@ _AR_FAKE_FORMAT = {
 
 
 class _Hoister:
-    def __init__(self, graph: Graph, options):
+    def __init__(self, graph: Graph, options, frozen: frozenset = frozenset()):
         self.graph = graph
         self.options = options
+        self.frozen = frozen  # all-reduce names that must not move (their moves led nowhere)
         self.fake = FakeVals(graph)
         self.result = HoistResult()
         ars = [a for n in graph.nodes if isinstance(a := all_reduce(n), AllReduce)]
@@ -367,6 +371,8 @@ class _Hoister:
         """Move *ar* one op down; the (possibly new) AllReduce, or None when it stays."""
         name = ar.node.name
         self.result.hoisted_over.setdefault(name, [])
+        if name in self.frozen:
+            return None
         v = ar.value
         users = list(v.users)
         self.result.stopped.pop(name, None)
@@ -390,6 +396,8 @@ class _Hoister:
         if isinstance(outcome, Boundary):
             return None
         if isinstance(outcome, Merge):
+            if outcome.other.node.name in self.frozen:
+                return self._stop(name, Miss(f"{short(u)} adds an all-reduce whose moves were undone", u))
             return self._merge(ar, outcome.other, u)
         return self._sink(ar, u)
 
@@ -479,15 +487,28 @@ def _is_norm_op(node: Node) -> bool:
     return is_named(node, VLLM_RMS_NORM) or is_named(node, VLLM_ADD_RMS_NORM)
 
 
-def run(graph: Graph, options) -> HoistResult:
-    """Sink every all-reduce of *graph* toward its norm and merge sums of one group.
+def run(graph: Graph, options, frozen=frozenset()) -> HoistResult:
+    """Sink every all-reduce of *graph* toward its norm and merge sums of one group; the
+    all-reduces named in *frozen* stay where they are.
 
     In place; returns a :class:`HoistResult`. A no-op when each all-reduce already feeds
     its residual add or norm, and idempotent: a second run changes nothing more.
     """
     if not any(all_reduce(n) is not None for n in graph.nodes):
         return HoistResult()
-    return _Hoister(graph, options).run()
+    return _Hoister(graph, options, frozenset(frozen)).run()
+
+
+def wasted(result: HoistResult, report) -> set[str]:
+    """All-reduces that moved (or merged) but whose site did not fuse: their moves changed
+    the sum's rounding for nothing and are to be undone. A merge undone frees both sums."""
+    unfused = {s.all_reduce for s in report.sites if not s.fused}
+    out = {name for name in unfused if result.hoisted_over.get(name)}
+    for gone in result.merged:
+        keep = result.survivor(gone)
+        if keep in out or gone in out:
+            out |= {gone, keep}
+    return out
 
 
 def report_merged(result: HoistResult, report) -> None:

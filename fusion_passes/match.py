@@ -38,16 +38,42 @@ class Site:
 
 
 def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
-    """The fusable chain after *ar*, or why there is none."""
+    """The fusable chain after *ar*, or why there is none: the structural recognizers
+    first, then recognition by meaning (:mod:`fusion_passes.semantic`) when they miss or
+    leave a quantization of the norm output unfused."""
+    from fusion_passes import semantic
+
     chain = _chain(ar)
-    if isinstance(chain, Miss):
-        return chain
-    add, residual, norm, residual_out = chain
+    fast = None
+    if not isinstance(chain, Miss):
+        add, residual, norm, residual_out = chain
+        follow_inductor_precision(norm)
+        found_quant = quant.find(norm.out)
+        fast = _select(ar, add, residual, norm, residual_out, found_quant, prefer_backend)
+        if isinstance(found_quant, quant.Quant) or not semantic.quantizes(norm.out):
+            return fast
+    read = semantic.recognize(ar, ar.node.graph)
+    if isinstance(read, Miss):
+        return fast if fast is not None else semantic.better_miss(chain, read)
+    norm = read.norm
     follow_inductor_precision(norm)
+    if norm.residual is None:
+        residual_out = any(u not in norm.nodes for u in ar.value.users)
+    else:
+        residual_out = norm.residual_out is not None and bool(norm.residual_out.users)
+    found_quant = read.quant if read.quant is not None else (Miss(read.note) if read.note else None)
+    site = _select(ar, None, norm.residual, norm, residual_out, found_quant, prefer_backend)
+    if isinstance(fast, Site) and (not isinstance(site, Site) or site.quant is None):
+        return fast  # the structural reading is as large, and known to the kernels
+    return site
+
+
+def _select(ar: AllReduce, add, residual, norm: Norm, residual_out: bool, found_quant, prefer: str):
+    """The catalogue family and backend of a recognized chain (the largest that runs)."""
     has_residual = residual is not None
-    # Quant-aware: the largest family first (norm -> quant), then the plain one.
-    found_quant = quant.find(norm.out)
-    note = f"quant left unfused: {found_quant.reason}" if isinstance(found_quant, Miss) else None
+    note = found_quant.reason if isinstance(found_quant, Miss) else None
+    if note is not None and not note.startswith("quant left unfused"):
+        note = f"quant left unfused: {note}"
     families = []
     if isinstance(found_quant, quant.Quant):
         norm_out = any(u not in found_quant.nodes for u in norm.out.users)
@@ -60,7 +86,7 @@ def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
     reasons: list[str] = []
     for family in families:
         site_quant = found_quant if family.quant is not None else None
-        backend = _backend(family, ar, norm, site_quant, prefer_backend, reasons)
+        backend = _backend(family, ar, norm, site_quant, prefer, reasons)
         if backend is None:
             continue
         if family.quant is None and isinstance(found_quant, quant.Quant):
@@ -112,8 +138,7 @@ def _chain(ar: AllReduce) -> tuple[Node | None, Node | None, Norm, bool] | Miss:
         return _why_no_norm(v, norm)
     if norm.residual is None:
         return None, None, norm, any(u not in norm.nodes for u in v.users)
-    # vLLM's fused_add_rms_norm adds the residual itself
-    if len(v.users) != 1:
+    if len(v.users) != 1:  # vLLM's fused_add_rms_norm (or an in-place kernel) adds the residual itself
         return Miss(_second_user(ar, v), v)
     return None, norm.residual, norm, norm.residual_out is not None and bool(norm.residual_out.users)
 
@@ -125,6 +150,12 @@ def _backend(family: Family, ar: AllReduce, norm: Norm, site_quant, prefer: str,
         backend = backends.select(call, prefer)
     except RuntimeError as e:
         reasons.append(str(e))
+        return None
+    form = site_quant.params.get("form") if site_quant is not None else None
+    if form and prefer == "auto" and call.device != "cpu":
+        # another project's FP8 convention (fusion_passes.fp8_forms): only the reference
+        # backend computes it, and on a GPU that is slower than the compiled chain (below)
+        reasons.append(f"no fused kernel computes the FP8 form {form!r} ({family.variant})")
         return None
     if backend == "reference" and prefer == "auto" and call.device != "cpu" and call.world_size:
         # On a GPU the reference backend is the unfused chain run eagerly inside one op:

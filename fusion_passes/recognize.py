@@ -70,6 +70,9 @@ class Norm:
     # vLLM's fused_add_rms_norm adds in fp32 and normalizes the UNROUNDED fp32 sum (only
     # the returned residual is rounded); the plain chain rounds the sum first.
     residual_in_fp32: bool = False
+    # (node, same) pairs: nodes holding the very value of another, redirected to it right
+    # before the rewrite (fusion_passes.inplace, fusion_passes.semantic)
+    aliases: tuple = ()
 
     @property
     def flags(self) -> Flags:
@@ -359,8 +362,13 @@ def vllm_rms_norm(x: Node) -> Norm | Miss | None:
 
 
 def rms_norm(x: Node) -> Norm | Miss:
-    """Any RMSNorm of *x*, in either dialect."""
+    """Any RMSNorm of *x*, in either dialect (and in-place norm kernels under
+    ``auto_functionalized``, :mod:`fusion_passes.inplace`)."""
+    from fusion_passes.inplace import inplace_rms_norm
+
     found = vllm_rms_norm(x)
+    if found is None:
+        found = inplace_rms_norm(x)
     return found if found is not None else decomposed_rms_norm(x)
 
 

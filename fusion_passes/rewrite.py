@@ -62,6 +62,8 @@ def op_arguments(site: Site, backend: str) -> tuple[tuple, dict]:
 def rewrite(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -> Node:
     """Replace *site* by the fused op; returns the fused node. Raises on inconsistency
     (the pass catches it and restores the graph)."""
+    for node, same in site.norm.aliases:  # nodes holding a value the fused op returns
+        node.replace_all_uses_with(same)
     if site.quant is not None:
         return rewrite_quant(graph, site, fake_vals, backend)
     args, kwargs = op_arguments(site, backend)
@@ -76,11 +78,13 @@ def rewrite(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -> Node
 def rewrite_quant(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -> Node:
     """Replace an all-reduce -> [add] -> norm -> quant site by one fused quant op: its
     ``q`` / ``scales`` / ``residual_out`` / ``norm_out`` take over the chain's values."""
+    from fusion_passes import adapters
     from fusion_passes.quant import dead_buffers
 
     quant, norm = site.quant, site.norm
     spec = variants.get(site.family.variant)
     norm_out = bool(getattr(site.family, "norm_out", False))
+    adapters.materialize(graph, site, fake_vals)  # scales spelled as Python numbers become tensors
     args, kwargs = op_arguments(site, backend)
     edit = _Edit(graph, site, FUSED_OPS[spec.name], args, spec.output_names, fake_vals, kwargs)
     outs = edit.outs
@@ -91,9 +95,12 @@ def rewrite_quant(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -
             scales = graph.call_function(view, (outs["scales"], quant.scale_view))
         scales.meta["val"] = fake_vals(view, (outs["scales"], quant.scale_view))
 
+    adapt = getattr(quant, "adapt", {})  # recognition by meaning: the chain's form of an output
     if quant.outputs.get("q") is not None:
-        quant.outputs["q"].replace_all_uses_with(outs["q"])
+        q = adapters.apply(graph, outs["q"], adapt.get("q", ""), quant.outputs["q"], fake_vals)
+        quant.outputs["q"].replace_all_uses_with(q)
     if quant.outputs.get("scales") is not None:
+        scales = adapters.apply(graph, scales, adapt.get("scales", ""), quant.outputs["scales"], fake_vals)
         quant.outputs["scales"].replace_all_uses_with(scales)
     if quant.outputs.get("scale_alias") is not None:  # a static scale "returned" by a mutating op
         quant.outputs["scale_alias"].replace_all_uses_with(quant.params["scale"])

@@ -70,13 +70,45 @@ class SemanticQuant(Quant):
 @dataclasses.dataclass
 class Recognized:
     """A chain read by meaning: the norm (its ``nodes`` hold every node the fused op
-    replaces), the quant (or None), and ``aliases``: ``(node, same)`` pairs of nodes
-    holding the very same value as a fused output, redirected before the rewrite."""
+    replaces; its ``aliases`` the nodes holding the very value of a fused output, redirected
+    before the rewrite), the quant (or None), and why a quant stayed unfused."""
 
     norm: Norm
     quant: SemanticQuant | None
-    aliases: list[tuple[Node, Node]]
     note: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepMiss(Miss):
+    """A miss after the chain was read (its statistic found, its values compared): its
+    reason names the real blocker, better than the structural recognizers' first refusal."""
+
+
+def better_miss(structural: Miss, read: Miss) -> Miss:
+    """The miss to report when both readings failed."""
+    return read if isinstance(read, DeepMiss) or not isinstance(structural, Miss) else structural
+
+
+def quantizes(y: Node, limit: int = 64) -> bool:
+    """Whether an FP8 value is computed from norm output *y* within a few elementwise ops
+    (a cheap test before recognition by meaning is tried for the quant)."""
+    from fusion_passes.region import VOCAB
+
+    seen, todo = set(), [y]
+    while todo and len(seen) < limit:
+        for u in todo.pop().users:
+            if u in seen or u.op != "call_function" or op_name(u) not in VOCAB:
+                continue
+            seen.add(u)
+            if getattr(val(u), "dtype", None) in C.FP8_DTYPES:
+                return True
+            todo.append(u)
+    return False
+
+
+def forget(graph: Graph) -> None:
+    """Drop what was computed for *graph* (call when its nodes were replaced)."""
+    _PARTIAL.pop(graph, None)
 
 
 def partial_of(graph: Graph) -> set:
@@ -249,7 +281,7 @@ def _build(ar: AllReduce, region: Region, known: list[Node], v: D.Verdict) -> Re
     """The :class:`Recognized` chain of a verdict (or its miss, naming the node)."""
     if v.miss is not None:
         reason, node = v.miss
-        return Miss(reason.format(node=short(node)), node)
+        return DeepMiss(reason.format(node=short(node)), node)
     h = v.norm
     by_role: dict[str, list] = {}
     for n in sorted(v.roles, key=lambda n: n._sort_key):
@@ -266,14 +298,14 @@ def _build(ar: AllReduce, region: Region, known: list[Node], v: D.Verdict) -> Re
     if residual is None and sum_node is not None:  # the reduced value itself, kept by residual_out
         aliases.append((sum_node, ar.value))
         sum_node = None
+    quant = _quant(v, region, known, primary) if v.quant is not None else None
     norm = Norm(ar.value, known[h.weight] if h.weight is not None else None, h.eps, h.gemma, h.weight_in_fp32,
                 primary("norm")[0] or v.y, tuple(sorted(v.fused, key=lambda n: n._sort_key)), residual, sum_node,
-                residual_in_fp32=h.residual_in_fp32 and residual is not None)
-    quant = _quant(v, region, known, primary) if v.quant is not None else None
+                residual_in_fp32=h.residual_in_fp32 and residual is not None, aliases=tuple(aliases))
     note = None
     if v.quant_miss is not None:
         note = "quant left unfused: " + v.quant_miss[0].format(node=short(v.quant_miss[1]))
-    return Recognized(norm, quant, aliases, note)
+    return Recognized(norm, quant, note)
 
 
 def _quant(v: D.Verdict, region: Region, known: list[Node], primary) -> SemanticQuant:

@@ -218,6 +218,10 @@ def _tokens(x: torch.Tensor):
 
 _FP8 = Arg("fp8_dtype", "ScalarType", torch.float8_e4m3fn, "float8_e4m3fn, or float8_e4m3fnuz (ROCm gfx942)",
            option=True)
+_FORM = Arg("form", "str", "", "another project's FP8 convention ('': the variant's own vLLM order; "
+             "fusion_passes.fp8_forms)", option=True)
+_STATIC_FORM = Arg("form", "str", "", "'' (q = y * (1 / scale)), 'div' (y / scale) or 'mul' (y * scale, the "
+                   "scale given as its inverse): fusion_passes.fp8_forms.static", option=True)
 _Q_FP8 = Out("q", lambda x, p: tuple(x.shape), "fp8_dtype")
 _Q_FP4 = Out("q", lambda x, p: (_tokens(x), x.shape[-1] // 2), torch.uint8)  # two E2M1 codes a byte, [T, H/2]
 _F32 = torch.float32
@@ -226,11 +230,11 @@ _F32 = torch.float32
 VARIANTS: tuple[Variant, ...] = (
     Variant("add_rmsnorm"),
     Variant("add_rmsnorm_fp8_static", "fp8_static",
-            (Arg("scale", "Tensor", doc="fp32 [1]: q = fp8(y * (1 / scale))", numel=1), _FP8),
+            (Arg("scale", "Tensor", doc="fp32 [1]: q = fp8(y * (1 / scale))", numel=1), _FP8, _STATIC_FORM),
             (_Q_FP8,),
             spelling="fp8(clamp(y * 1/scale)), scale a parameter"),
     Variant("add_rmsnorm_fp8_per_token", "fp8_per_token",
-            (Arg("scale_ub", "Tensor?", None, "upper bound on each token's amax (vLLM scale_ub)"), _FP8),
+            (Arg("scale_ub", "Tensor?", None, "upper bound on each token's amax (vLLM scale_ub)"), _FP8, _FORM),
             (_Q_FP8, Out("scales", lambda x, p: (*x.shape[:-1], 1), _F32)),
             spelling="amax(|y|, -1)/448 [min ub] -> fp8(y / s)"),
     Variant("add_rmsnorm_fp8_per_group", "fp8_per_group",
@@ -239,14 +243,14 @@ VARIANTS: tuple[Variant, ...] = (
              Arg("column_major", "bool", False, "scales stored with the token dim contiguous (DeepGEMM)"),
              Arg("amax_eps", "float", KERNEL_GROUP_EPS, "floor on each group's absmax", option=True),
              Arg("scale_min", "float", SCALE_MIN_KERNEL, "floor on the scale (>= 0, or a sentinel)", option=True),
-             _FP8),
+             _FP8, _FORM),
             (_Q_FP8, Out("scales", lambda x, p: (*x.shape[:-1], x.shape[-1] // p["group_size"]), _F32,
                          column_major="column_major")),
             block="group_size", kernel_scale_min=lambda p: KERNEL_GROUP_EPS if p["ue8m0"] else 0.0,
             spelling="1 x g groups: amax/448 [UE8M0] -> fp8; row/col-major scales"),
     Variant("add_rmsnorm_fp8_per_tensor", "fp8_per_tensor",
             (Arg("scale_min", "float", SCALE_MIN_NATIVE, "floor on the scale (>= 0, or a sentinel)", option=True),
-             _FP8),
+             _FP8, _FORM),
             (_Q_FP8, Out("scales", lambda x, p: (1,), _F32)),
             kernel_scale_min=lambda p: 0.0,
             spelling="max(|y|) over ALL tokens/448 -> fp8(y / s), one scale"),

@@ -1,0 +1,70 @@
+"""Adapters: the small steps between a fused op's output and the form a chain read by
+meaning (:mod:`fusion_passes.semantic`) gave the same value.
+
+* ``"view"``: the chain holds the value in another shape (``[T*G, g]`` for ``[T, H]``);
+* ``"cast"``: the chain holds an exact upcast of it (FP8 block scales as fp32);
+* ``"e2m1"``: the chain holds FP4 values as floats (vLLM's ``ref_nvfp4_quant`` returns
+  ``cast_to_fp4``'s fp32 grid values) where the fused op returns packed E2M1 codes:
+  :func:`e2m1_values` decodes them (``fusion_passes::e2m1_values``);
+
+and :func:`materialize`, which turns a scale spelled as a Python number into the
+``full([1], value)`` tensor the fused op takes. Every adapter reproduces the chain's value
+exactly: the recognizer compared the decoded / cast / reshaped canonical output with it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Graph, Node
+
+
+@torch.library.custom_op("fusion_passes::e2m1_values", mutates_args=())
+def e2m1_values(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Packed E2M1 codes ``[..., H // 2]`` (uint8, low nibble first) -> their values
+    ``[..., H]`` in *dtype* (code 8, a negative value rounded to zero, is -0.0)."""
+    from fusion_passes.conventions import decode_e2m1
+
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"fusion_passes: e2m1_values takes packed uint8 codes, got {packed.dtype}")
+    return decode_e2m1(packed, dtype)
+
+
+@e2m1_values.register_fake
+def _(packed, dtype):
+    return packed.new_empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=dtype)
+
+
+def _call(graph: Graph, after: Node, op, args: tuple, fake_vals) -> Node:
+    with graph.inserting_after(after):
+        node = graph.call_function(op, args)
+    node.meta["val"] = fake_vals(op, args)
+    node.meta["stack_trace"] = after.meta.get("stack_trace")
+    return node
+
+
+def apply(graph: Graph, out: Node, spec: str, like: Node, fake_vals) -> Node:
+    """*out* (a fused output) brought to the form of *like* (the chain's node) by *spec*
+    (``""``, ``"view"``, ``"cast"``, ``"e2m1"``, optionally ``"+view"``)."""
+    if not spec:
+        return out
+    want = like.meta["val"]
+    node = out
+    if spec.startswith("e2m1"):
+        node = _call(graph, node, torch.ops.fusion_passes.e2m1_values.default, (node, want.dtype), fake_vals)
+    elif spec.startswith("cast"):
+        node = _call(graph, node, torch.ops.prims.convert_element_type.default, (node, want.dtype), fake_vals)
+    if spec.endswith("view"):
+        node = _call(graph, node, torch.ops.aten.reshape.default, (node, list(want.shape)), fake_vals)
+    return node
+
+
+def materialize(graph: Graph, site, fake_vals) -> None:
+    """Replace every quant parameter that is a ``semantic.Const`` by a ``full`` node placed
+    before the chain (so the fused op, inserted there, follows it)."""
+    quant = site.quant
+    consts = {k: v for k, v in quant.params.items() if hasattr(v, "materialize")}
+    if not consts:
+        return
+    first = min(n for n in site.removed if n not in site.ar.nodes)
+    for name, const in consts.items():
+        quant.params[name] = const.materialize(graph, first, fake_vals)
