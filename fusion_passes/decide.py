@@ -271,13 +271,13 @@ def quant_facts(p: Probe, y: Node, below: list[Node]) -> C.QuantFacts | None:
 
 def _read_reduction(n: Node, hidden, facts: C.QuantFacts) -> None:
     name = str(n.target)
-    if name in ("aten.amax.default", "aten.max.dim", "aten.max.default", "aten.aminmax.default"):
+    if name in ("aten.amax.default", "aten.amin.default", "aten.max.dim", "aten.max.default",
+                "aten.aminmax.default"):
         src = n.args[0].meta.get("val")
         dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", [])
         dims = [dims] if isinstance(dims, int) else list(dims or [])
-        if name in ("aten.max.default", "aten.aminmax.default") and not dims or \
-                isinstance(src, torch.Tensor) and len(dims) >= src.dim() > 1:
-            group = None
+        if not dims and name != "aten.max.dim" or isinstance(src, torch.Tensor) and len(dims) >= src.dim() > 1:
+            group = None  # every element: one scale per tensor (amax(x, []) reduces all dims)
         elif isinstance(src, torch.Tensor) and dims and dims[-1] in (-1, src.dim() - 1):
             group = int(src.shape[-1])
         else:

@@ -156,6 +156,11 @@ def _torchao_tensorwise(t, res, w):
     return (*S.torchao_float8_training(y, rowwise=False), h)
 
 
+def _hf_sglang_per_tensor(t, res, w):
+    y, h = _hf_llama(t, res, w)
+    return (*S.sglang_input_to_float8(y), h)
+
+
 HF = "transformers 5.20.2 models/llama/modeling_llama.py LlamaRMSNorm.forward"
 VN = "vllm @00cba797 layers/layernorm.py RMSNorm.forward_native"
 SG = "sglang @000fc1a8 srt/layers/layernorm.py RMSNorm.forward_native"
@@ -211,6 +216,10 @@ CASES = [
          expect=ADD + "_fp8_per_group"),
     Case("vllm_gemma_bf16", "vllm @00cba797 layers/layernorm.py GemmaRMSNorm.forward_static (bf16)",
          _vllm_gemma_bf16, inputs=("res", "wg"), expect=ADD),
+    # added after the held-out run missed SGLang's input_to_float8 (aminmax, decomposed to
+    # amin/amax over every dim): the same quant after another norm
+    Case("hf_llama_sglang_input_to_float8", HF + " + sglang srt/layers/quantization/fp8_utils.py "
+         "input_to_float8", _hf_sglang_per_tensor, expect=ADD + "_fp8_per_tensor"),
     Case("torchao_training_tensorwise", HF + " + torchao 0.18 float8 hp_tensor_to_float8_dynamic (tensorwise)",
          _torchao_tensorwise, expect=ADD + "_fp8_per_tensor"),
 ]

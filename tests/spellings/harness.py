@@ -188,7 +188,7 @@ def hoisted_scale_bound(case: Case, want: tuple, got: tuple, partials: list, inp
     may flip a last bit: + 2u|n| before the weight, + 2u|y| after it. A factor 2 covers the
     first-order terms. Both outputs are checked against these bounds elementwise."""
     c = 1.0 / 2.5
-    u = 2.0 ** -(torch.finfo(case.dtype).nmant + 1)
+    u = torch.finfo(case.dtype).eps / 2  # half an ulp of 1.0: 2^-11 in fp16
     b = 3 * u * abs(c) * sum(p.abs().to(torch.float64) for p in partials)
     (norm_w, res_w), (norm_g, res_g), w = want, got, inputs[1].to(torch.float64)
     x = res_w.to(torch.float64)
