@@ -27,7 +27,8 @@ from fusion_passes.region import Region, shape_of
 class Verdict:
     """What a region computes. ``roles``: exit node -> ``(role, adapter)``; ``fused``: the
     nodes the fused op replaces; ``y``: the norm output node; ``miss``: why nothing fuses
-    ``(reason, blocking node)``; ``quant_miss``: why the quant part stays unfused."""
+    ``(reason, blocking node, deep)`` (deep: the values matched and the cut failed, so the
+    reason names the real blocker); ``quant_miss``: why the quant part stays unfused."""
 
     norm: C.NormH | None = None
     quant: C.QuantH | None = None
@@ -226,12 +227,12 @@ def _finish(p: Probe, h: C.NormH, qh, y: Node, roles: dict) -> Verdict:
         if log:
             node, user = log[0]
             return Verdict(miss=(f"{{node}} is also read by {user.name} outside the chain, and the fused "
-                                 "op does not return that value", node))
-        return Verdict(miss=("{node}: the chain's result is not used", y))
+                                 "op does not return that value", node, True))
+        return Verdict(miss=("{node}: the chain's result is not used", y, True))
     outside_root = [u for u in p.region.root.users if u not in fused]
     if outside_root and h.residual is not None:
         return Verdict(miss=(f"all-reduce output {{node}} has a second user {outside_root[0].name} outside "
-                             "the chain: a second user blocks fusion", p.region.root))
+                             "the chain: a second user blocks fusion", p.region.root, True))
     exits = {n: roles[n] for n in fused if any(u not in fused for u in n.users)}
     return Verdict(norm=h, quant=qh, roles=exits, fused=fused, y=y)
 
@@ -243,7 +244,7 @@ def _no_norm(p: Probe) -> tuple:
     node = exits[0] if exits else p.stat
     return ("{node}: no RMSNorm convention computes this value bit for bit on probe inputs "
             "(residual in the activation dtype or fp32, weight before or after the cast back, "
-            "Gemma's 1 + w, every eps in the chain)", node)
+            "Gemma's 1 + w, every eps in the chain)", node, False)
 
 
 # -------------------------------------------------------------------------------- quant
@@ -349,7 +350,7 @@ def _quant(p: Probe, h: C.NormH, y: Node, below: list[Node], facts: C.QuantFacts
     casts = [n for n in below if n.meta.get("val") is not None and getattr(n.meta["val"], "dtype", None)
              in C.FP8_DTYPES]
     return (f"{{node}}: no FP8/NVFP4 convention computes this quantization bit for bit on probe inputs "
-            f"({tried} readings tried)", casts[0] if casts else y)
+            f"({tried} readings tried)", casts[0] if casts else y, False)
 
 
 def _scalar_sources(leaf: Node, known: list[Node]) -> list[int]:

@@ -246,12 +246,35 @@ def cast(u: Node, v: Node, ctx: _Context) -> Outcome:
     """A dtype cast. Not exact: moving it changes the precision of the cross-rank sum
     (see the module docstring); allowed only with ``hoist_casts``."""
     if not getattr(ctx.options, "hoist_casts", False):
+        blocker = _beyond_cast(u)
+        if blocker is not None:  # moving the cast would not reach a norm: name what stops it
+            return Miss(f"{_stop_reason(blocker)} (after the cast {u.name}: moving the cast would not help)",
+                        blocker)
         return Miss(f"{short(u)} casts the all-reduce output; moving a cast changes the sum's "
                     "precision (enable hoist_casts to allow it)", u)
     extra = set(u.kwargs) - {"dtype"}
     if u.target is aten._to_copy.default and extra:
         return Miss(f"{short(u)} also changes {sorted(extra)}", u)
     return Sink()
+
+
+def _beyond_cast(u: Node, steps: int = 8) -> Node | None:
+    """The op that would stop the all-reduce after the cast *u* (None when the walk reaches
+    a residual add, a norm, a merge or a branch: then moving the cast might pay off)."""
+    cur = u
+    for _ in range(steps):
+        if len(cur.users) != 1:
+            return None
+        nxt = next(iter(cur.users))
+        if nxt.op != "call_function" or _is_norm_op(nxt):
+            return None
+        rule = RULES.get(nxt.target)
+        if rule is None:
+            return nxt
+        if rule is add_or_sub:
+            return None
+        cur = nxt
+    return None
 
 
 RULES: dict[object, Rule] = {

@@ -255,7 +255,7 @@ def _encode(v: D.Verdict, region: Region, known: list[Node]) -> tuple:
         return ("x",) if n is region.root else ("r", pos[n]) if n in pos else ("k", known.index(n))
 
     def miss(m):
-        return None if m is None else (m[0], ref(m[1]))
+        return None if m is None else (m[0], ref(m[1]), *m[2:])
 
     return (v.norm, v.quant, {pos[n]: r for n, r in v.roles.items()}, frozenset(pos[n] for n in v.fused),
             pos.get(v.y), miss(v.miss), miss(v.quant_miss))
@@ -266,7 +266,7 @@ def _decode(c: tuple, region: Region, known: list[Node]) -> D.Verdict:
         return region.root if ref[0] == "x" else region.nodes[ref[1]] if ref[0] == "r" else known[ref[1]]
 
     def miss(m):
-        return None if m is None else (m[0], node(m[1]))
+        return None if m is None else (m[0], node(m[1]), *m[2:])
 
     norm, quant, roles, fused, y, m, qm = c
     return D.Verdict(norm, quant, {region.nodes[i]: r for i, r in roles.items()},
@@ -280,8 +280,8 @@ def _decode(c: tuple, region: Region, known: list[Node]) -> D.Verdict:
 def _build(ar: AllReduce, region: Region, known: list[Node], v: D.Verdict) -> Recognized | Miss:
     """The :class:`Recognized` chain of a verdict (or its miss, naming the node)."""
     if v.miss is not None:
-        reason, node = v.miss
-        return DeepMiss(reason.format(node=short(node)), node)
+        reason, node, deep = v.miss
+        return (DeepMiss if deep else Miss)(reason.format(node=short(node)), node)
     h = v.norm
     by_role: dict[str, list] = {}
     for n in sorted(v.roles, key=lambda n: n._sort_key):

@@ -303,16 +303,23 @@ def test_blocked_graph_comes_out_unchanged(case):
 
 
 def test_blocker_after_hoistable_ops_stops_there():
-    """view, mul move; silu stops: the all-reduce lands right before silu."""
+    """view, mul could move but silu stops the all-reduce, so the site cannot fuse: the
+    moves are undone (they would change the sum's rounding for nothing), the graph comes
+    out unchanged, and the reason names silu, not the view or the mul."""
     def f(x, res, w):
         y = torch.nn.functional.silu(all_reduce(x).view(1, T, H) * 0.5)
         return hf_rms_norm(y + res, w),
 
-    gm, report = fuse(f, [bf16(T, H), bf16(1, T, H), bf16(H)], replicated=[1, 2])
+    gm = trace(f, bf16(T, H), bf16(1, T, H), bf16(H))
+    before = gm.code
+    gm, report = fuse(f, [bf16(T, H), bf16(1, T, H), bf16(H)], replicated=[1, 2], exact=True)
     (site,) = report.sites
-    assert site.hoisted_over == ["aten.view.default", "aten.mul.Tensor"]
-    assert site.reason.startswith("hoisting stopped at silu (aten.silu.default)")
-    FileCheck().check("aten.mul.Tensor").check(AR).check("wait_tensor").check("aten.silu").run(gm.code)
+    assert site.hoisted_over == [] and not site.fused
+    assert site.reason.startswith("not fused, graph unchanged at this site: hoisting stopped at silu "
+                                  "(aten.silu.default)"), site.reason
+    assert gm.code == before
+    FileCheck().check(AR).check("wait_tensor").check("aten.view").check("aten.mul.Tensor").check("aten.silu").run(
+        gm.code)
 
 
 def test_merge_partner_blocked_is_not_merged():
@@ -340,3 +347,64 @@ def test_moved_nodes_keep_consistent_meta():
     ar = next(n for n in gm.graph.nodes if "all_reduce" in n.name)
     assert tuple(ar.meta["val"].shape) == tuple(ar.args[0].meta["val"].shape) == (1, T, H)
     assert ar.meta["val"].dtype == torch.bfloat16
+
+
+# ------------------------------------------------- moves that lead to no fused site (issue 16)
+
+
+def _vllm_gemma_fp16(t, res, w):
+    """vLLM GemmaRMSNorm.forward_static (vllm @00cba797 layers/layernorm.py) in fp16: the sum
+    is taken and KEPT in fp32, a value the fused op does not return: this site cannot fuse."""
+    x = t.float() + res.float()
+    res = x
+    x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
+    return (x * (1.0 + w.float())).to(torch.float16), res
+
+
+def test_unfused_deepseek_scale_is_not_left_above_the_all_reduce():
+    """DeepSeek fp16 scales the reduced value by 1/routed_scaling_factor (0.4) before its
+    norm. The scale could move above the all-reduce, but this norm cannot fuse: the move is
+    undone (scaling each rank's summand rounds differently from scaling the sum), the graph
+    comes out unchanged, and the reason names the real blocker, not the cast."""
+    def f(x, res, w):
+        return _vllm_gemma_fp16(all_reduce(x) * (1.0 / 2.5), res, w)
+
+    args = [torch.randn(T, H, dtype=torch.float16) for _ in range(2)] + [torch.randn(H, dtype=torch.float16)]
+    gm = trace(f, *args)
+    before = gm.code
+    gm, report = fuse(f, args, replicated=[1, 2], exact=True)
+    (site,) = report.sites
+    assert not site.fused and site.hoisted_over == [] and gm.code == before
+    assert site.reason.startswith("not fused, graph unchanged at this site: "), site.reason
+    assert "outside the chain" in site.reason and "hoist_casts" not in site.reason, site.reason
+    FileCheck().check(AR).check("wait_tensor").check("aten.mul.Tensor").run(gm.code)
+
+
+def _gelu_chain(x, res, w):
+    return hf_rms_norm(torch.nn.functional.gelu(all_reduce(x).float()).to(torch.bfloat16) + res, w),
+
+
+@pytest.mark.parametrize("hoist_casts", [False, True])
+def test_gelu_after_a_cast_is_the_reason(hoist_casts):
+    """AR -> fp32 cast -> gelu -> add -> norm. With ``hoist_casts`` the cast moved above the
+    all-reduce and stayed there although gelu then stopped it; without, the reason advised
+    enabling hoist_casts. Now the move is undone and both name gelu."""
+    args = [bf16(T, H), bf16(T, H), bf16(H)]
+    gm = trace(_gelu_chain, *args)
+    before = gm.code
+    gm, report = fuse(_gelu_chain, args, replicated=[1, 2], exact=True, hoist_casts=hoist_casts)
+    (site,) = report.sites
+    assert not site.fused and site.hoisted_over == [] and gm.code == before
+    assert "gelu" in site.reason and "enable hoist_casts" not in site.reason, site.reason
+    assert site.blocker.startswith("gelu")
+    if hoist_casts:
+        assert site.reason.startswith("not fused, graph unchanged at this site: hoisting stopped at gelu")
+
+
+def test_moves_that_fuse_are_kept():
+    """The same scale before a norm that fuses stays hoisted (the DeepSeek case that fuses)."""
+    def f(x, res, w):
+        return hf_rms_norm(all_reduce(x) * 0.5 + res, w),
+
+    gm, report = fuse(f, [bf16(T, H), bf16(T, H), bf16(H)], replicated=[1, 2])
+    assert report.sites[0].fused and report.sites[0].hoisted_over == ["aten.mul.Tensor"]
