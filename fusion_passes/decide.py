@@ -299,7 +299,7 @@ def _read_constants(n: Node, p: Probe, facts: C.QuantFacts) -> None:
                 if name.startswith(("aten.clamp", "aten.minimum")):
                     facts.ubs.append(i) if i not in facts.ubs else None
                     continue
-                if name.startswith(("aten.mul", "aten.div")):
+                if name.startswith(("aten.mul", "aten.div")) and _parameter_like(a):
                     for j in [*_scalar_sources(a, p.known), i]:  # the raw parameter first
                         if j not in facts.scales:
                             facts.scales.append(j)
@@ -366,3 +366,16 @@ def _scalar_sources(leaf: Node, known: list[Node]) -> list[int]:
         if v.numel() == 1 and v.dtype.is_floating_point:
             out.insert(0, known.index(n))
     return out
+
+
+def _parameter_like(node: Node, depth: int = 8) -> bool:
+    """A scale that is a parameter or a constant (through one-element arithmetic and casts),
+    not one the graph computes from a larger tensor (which may differ across ranks, and is
+    no static scale a kernel may take)."""
+    if node.op in ("placeholder", "get_attr"):
+        return True
+    if node.op != "call_function" or depth == 0:
+        return False
+    inputs = node.all_input_nodes
+    return all(isinstance(v := a.meta.get("val"), torch.Tensor) and v.numel() == 1 and _parameter_like(a, depth - 1)
+               for a in inputs)

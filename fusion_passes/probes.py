@@ -11,7 +11,8 @@ bit in the graph's dtypes, on inputs chosen to separate conventions:
   ``k`` in 1, 3, 5, 7, 3/8, ...) with elements ``k * t`` at FP8 rounding ties ``t`` (1.0625,
   2.125, 17, 304, ...: a ``y / s`` and a ``y * (1/s)`` land on different sides of them), rows
   at E2M1 ties (0.25, 0.75, ..., 5: NVFP4) with amax ``6 * k``, an all-zero row, ``-0.0``,
-  amaxes under the FP8 scale floor (2^-12, 2^-40) and random rows.
+  amaxes under the FP8 scale floor (2^-12, 2^-40), random rows, and whole tensors that are
+  tiny or zero (a per-tensor scale's floor shows only there).
 
 The amax element sits at every 16th position, so every 1 x g group (g a multiple of 16)
 holds one. Probes are deterministic (a fixed seed).
@@ -77,7 +78,10 @@ def quant_probes(shape: tuple, dtype: torch.dtype) -> list[torch.Tensor]:
 
     return [_rows(shape, dtype, lambda i, h: ties(i, h, FP8_TIES, 448.0)),
             _rows(shape, dtype, lambda i, h: ties(i, h, E2M1_TIES, 6.0)),
-            _rows(shape, dtype, edges)]
+            _rows(shape, dtype, edges),
+            # whole tensors under the scale floors (a per-tensor amax sees every row)
+            _rows(shape, dtype, lambda i, h: _pattern((0.5, -0.25), h, 2.0 ** -40, 2.0 ** -40 * (1 + i % 3))),
+            torch.zeros(shape, dtype=dtype)]
 
 
 def norm_probes(shape: tuple, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

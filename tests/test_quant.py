@@ -345,10 +345,9 @@ def _per_tensor_block(scale_of, *, floor=None, ub=False, leak=False):
 
 @pytest.mark.parametrize("case,reason", [
     (dict(scale_of=lambda y, z: z), "per-tensor scale is computed from z"),
-    (dict(scale_of=lambda y, z: y, floor=1e-12), "floors the scale at 1e-12"),
     (dict(scale_of=lambda y, z: y, ub=True), "upper bound on a per-tensor scale"),
     (dict(scale_of=lambda y, z: y, leak=True), "of the per-tensor quant has a user outside it"),
-], ids=["scale_from_other_tensor", "other_floor", "scale_ub", "amax_has_outside_user"])
+], ids=["scale_from_other_tensor", "scale_ub", "amax_has_outside_user"])
 def test_per_tensor_quant_that_is_not_vllms_does_not_fuse(fake_pg, case, reason):
     """Per-tensor chains that differ from vLLM's (scale from another tensor, another floor,
     an upper bound, an intermediate read outside): AR + norm fuse, the quant stays, numerics
@@ -511,3 +510,18 @@ def test_patterns_command_lists_every_quant_family_before_the_plain_ones():
     assert all(f.quant is not None for f in CATALOGUE[:first_plain])
     assert all(f.quant is None for f in CATALOGUE[first_plain:])
     assert all("reference" in r["backends"] for r in rows)  # the reference runs every variant
+
+
+def test_per_tensor_quant_with_another_floor_fuses_with_its_form(fake_pg):
+    """A per-tensor chain flooring its scale at 1e-12 instead of vLLM's 1/(448*512) is the
+    same math with another constant: recognized by meaning (fusion_passes.semantic), fused
+    with the FP8 form that names the floor, bit-exact on simulated ranks."""
+    args = (*_args(5, 64, torch.bfloat16, 11)[:3], torch.randn(5, 64, dtype=torch.bfloat16))
+    gm = trace(_per_tensor_block(lambda y, z: y, floor=1e-12), *args)
+    ref, report = _fuse(gm)
+    assert [s.variant for s in report.sites] == ["allreduce_add_rmsnorm_fp8_per_tensor"]
+    node = next(n for n in gm.graph.nodes if "fp8_per_tensor" in str(n.target))
+    assert node.kwargs.get("form") == "scale_min=1e-12"
+    rank_args = [[a + r for a in args] for r in range(2)]
+    for a, b in zip(run_ranks(ref, rank_args)[0], run_ranks(gm, rank_args)[0]):
+        assert torch.equal(_bits(a), _bits(b))
