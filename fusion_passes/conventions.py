@@ -18,7 +18,7 @@ import itertools
 import torch
 from torch.fx import Node
 
-from fusion_passes import epilogue, fp8_forms
+from fusion_passes import epilogue, fp8_forms, variants
 from fusion_passes.recognize import val
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2)
@@ -169,7 +169,7 @@ def canonical_quant(h: QuantH, y: torch.Tensor, env: dict, known: list[Node]):
     if h.kind == "fp8_dynamic":
         ub = leaf(h.scale_ub) if h.scale_ub is not None else None
         return fp8_forms.quantize_with_scaled(y, h.group, h.dtype, h.fp8_max, h.form, ub)
-    if y.dim() != 2 or y.dtype not in epilogue.FP4_INPUT_DTYPES or y.shape[-1] % epilogue.NVFP4_BLOCK:
+    if y.dim() != 2 or y.dtype not in variants.FP4_INPUT_DTYPES or y.shape[-1] % variants.NVFP4_BLOCK:
         return None, None, None
     packed, scales = epilogue.nvfp4(y, leaf(h.scale).reshape(1), swizzle=False)
     return packed, scales, _nvfp4_scaled(y, leaf(h.scale).reshape(1))
@@ -177,7 +177,7 @@ def canonical_quant(h: QuantH, y: torch.Tensor, env: dict, known: list[Node]):
 
 def _nvfp4_scaled(y: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     """NVFP4's fp32 scaled value before the clamp to +-6 (the steps of epilogue.nvfp4)."""
-    x = y.reshape(-1, y.shape[-1] // epilogue.NVFP4_BLOCK, epilogue.NVFP4_BLOCK)
+    x = y.reshape(-1, y.shape[-1] // variants.NVFP4_BLOCK, variants.NVFP4_BLOCK)
     gs = global_scale.to(torch.float32)
     amax = x.abs().amax(dim=-1, keepdim=True).to(torch.float32)
     s = (gs * (amax * (1.0 / epilogue.E2M1_MAX))).clamp(-epilogue.E4M3_MAX, epilogue.E4M3_MAX)
