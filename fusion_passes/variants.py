@@ -68,7 +68,9 @@ class Arg:
     ``quant_only``: only the quant variants take it. ``option``: a quant argument whose
     non-default values only the backends listing it in ``quant_options`` compute (any
     other backend's call then runs on the reference backend). ``numel``: a tensor
-    argument must have exactly this many elements.
+    argument must have exactly this many elements. ``late``: a quant argument added after
+    the schema was published: it goes at the END of the op's arguments (after
+    ``residual_in_fp32``), so graphs written before it still bind.
     """
 
     name: str
@@ -79,6 +81,7 @@ class Arg:
     quant_only: bool = False
     option: bool = False
     numel: int | None = None
+    late: bool = False
 
     def schema_text(self) -> str:
         """``float scale_min=-1.0``: this argument in a torch schema string."""
@@ -140,10 +143,10 @@ class Variant:
         out: list[Arg] = []
         for a in SIGNATURE:
             if a is QUANT:
-                out += self.quant
+                out += [q for q in self.quant if not q.late]
             elif self.kind is not None or not a.quant_only:
                 out.append(a)
-        return tuple(out)
+        return (*out, *(q for q in self.quant if q.late))
 
     @functools.cached_property
     def arg_names(self) -> frozenset[str]:
@@ -219,9 +222,9 @@ def _tokens(x: torch.Tensor):
 _FP8 = Arg("fp8_dtype", "ScalarType", torch.float8_e4m3fn, "float8_e4m3fn, or float8_e4m3fnuz (ROCm gfx942)",
            option=True)
 _FORM = Arg("form", "str", "", "another project's FP8 convention ('': the variant's own vLLM order; "
-             "fusion_passes.fp8_forms)", option=True)
+             "fusion_passes.fp8_forms)", option=True, late=True)
 _STATIC_FORM = Arg("form", "str", "", "'' (q = y * (1 / scale)), 'div' (y / scale) or 'mul' (y * scale, the "
-                   "scale given as its inverse): fusion_passes.fp8_forms.static", option=True)
+                   "scale given as its inverse): fusion_passes.fp8_forms.static", option=True, late=True)
 _Q_FP8 = Out("q", lambda x, p: tuple(x.shape), "fp8_dtype")
 _Q_FP4 = Out("q", lambda x, p: (_tokens(x), x.shape[-1] // 2), torch.uint8)  # two E2M1 codes a byte, [T, H/2]
 _F32 = torch.float32
