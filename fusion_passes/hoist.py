@@ -506,8 +506,11 @@ class _Hoister:
 
 
 def _is_norm_op(node: Node) -> bool:
-    """A dialect's norm op: the fusion boundary, never a blocker to hoist past."""
-    return is_named(node, VLLM_RMS_NORM) or is_named(node, VLLM_ADD_RMS_NORM)
+    """A dialect's norm op (or an in-place norm kernel): the fusion boundary, never a
+    blocker to hoist past."""
+    from fusion_passes.inplace import is_inplace_norm
+
+    return is_named(node, VLLM_RMS_NORM) or is_named(node, VLLM_ADD_RMS_NORM) or is_inplace_norm(node)
 
 
 def run(graph: Graph, options, frozen=frozenset()) -> HoistResult:

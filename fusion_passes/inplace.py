@@ -108,6 +108,13 @@ def _call(af: Node) -> tuple[str, dict, dict[str, int]] | None:
     return _op_name(op), args, index
 
 
+def is_inplace_norm(node: Node) -> bool:
+    """Whether *node* is an ``auto_functionalized(_v2)`` call of an op in :data:`OPS` (a
+    norm: where hoisting stops, as at any norm)."""
+    call = _call(node) if node.op == "call_function" else None
+    return call is not None and call[0] in OPS
+
+
 def inplace_rms_norm(x: Node) -> Norm | Miss | None:
     """An in-place norm op of :data:`OPS` reading *x* (the all-reduced value), as a
     :class:`~fusion_passes.recognize.Norm` whose ``out`` / ``residual_out`` are the getitems
@@ -156,10 +163,11 @@ def _norm(af: Node, spec: InplaceNorm, args: dict, index: dict[str, int], x: Nod
             continue
         if spec.maybe and name == spec.residual and res is not None and args[name] is res:
             aliases.append((g, res))
-        elif spec.maybe and name == spec.residual:
-            return Miss(f"{short(g)} reads {x.name} back after {short(af)} (maybe_inplace: unspecified)", g)
+        elif spec.maybe:
+            return Miss(f"{short(af)}: {g.name} reads {name} back after maybe_inplace (its value is "
+                        "unspecified)", af)
         else:
-            return Miss(f"{short(g)} reads back {name} after {short(af)}, a value the fused op does not return", g)
+            return Miss(f"{short(af)}: {g.name} reads back {name}, a value the fused op does not return", af)
     if args.get("variance_size") is not None:
         return Miss(f"{short(af)} normalizes over a variance_size prefix", af)
     weight = args.get(spec.weight)

@@ -64,6 +64,8 @@ def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
     found_quant = read.quant if read.quant is not None else (Miss(read.note) if read.note else None)
     site = _select(ar, None, norm.residual, norm, residual_out, found_quant, prefer_backend)
     if isinstance(fast, Site) and (not isinstance(site, Site) or site.quant is None):
+        if isinstance(site, Site) and site.note and not fast.note:
+            fast.note = site.note  # why the quant it found stays unfused
         return fast  # the structural reading is as large, and known to the kernels
     return site
 

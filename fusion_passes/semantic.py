@@ -236,8 +236,7 @@ def shape_key(region: Region, known: list[Node]) -> tuple:
     computed = set(region.leaf_nodes)
     nodes = tuple((op_name(n), enc(n.args), enc(n.kwargs), _meta(n), any(u not in inside for u in n.users))
                   for n in region.nodes)
-    leaves = tuple((op_name(n) if n in computed else n.op, enc(n.args) if n in computed else (), _meta(n))
-                   for n in known)
+    leaves = tuple((op_name(n), enc(n.args), _meta(n)) if n in computed else ("input", _meta(n)) for n in known)
     return _meta(region.root), any(u not in inside for u in region.root.users), leaves, nodes
 
 
