@@ -51,14 +51,15 @@ class Probe:
 
 
 def norm_envs(region: Region, known: list[Node]) -> list[dict] | None:
-    """Two probe environments (different seeds), every region node evaluated."""
+    """Probe environments (enough that every row kind of :func:`probes.norm_probes` occurs,
+    at least two), every region node evaluated."""
     root = region.root
     shape, dtype = shape_of(root), root.meta["val"].dtype
     if shape is None or any(shape_of(b) is None and isinstance(b.meta.get("val"), torch.Tensor)
                             for b in region.bases):
         return None
     envs = []
-    for seed in (0, 1):
+    for seed in range(probes.sets_for(shape, 7)):
         x, res = probes.norm_probes(shape, dtype, seed)
         env: dict = {root: x}
         for i, b in enumerate(region.bases):
@@ -232,7 +233,7 @@ def _finish(p: Probe, h: C.NormH, qh, y: Node, roles: dict) -> Verdict:
     outside_root = [u for u in p.region.root.users if u not in fused]
     if outside_root and h.residual is not None:
         return Verdict(miss=(f"all-reduce output {{node}} has a second user {outside_root[0].name} outside "
-                             "the chain: a second user blocks fusion", p.region.root, True))
+                             "the chain: a second user blocks fusion", p.region.root, False))
     exits = {n: roles[n] for n in fused if any(u not in fused for u in n.users)}
     return Verdict(norm=h, quant=qh, roles=exits, fused=fused, y=y)
 

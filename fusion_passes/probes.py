@@ -53,17 +53,37 @@ def _pattern(values, hidden: int, scale: float, amax: float) -> torch.Tensor:
     return row
 
 
+def _row_count(shape: tuple) -> int:
+    rows = 1
+    for s in shape[:-1]:
+        rows *= s
+    return max(rows, 1)
+
+
+def sets_for(shape: tuple, kinds: int) -> int:
+    """How many probe tensors of *shape* it takes for every one of *kinds* row kinds to
+    appear (a graph with few tokens has few rows per tensor; at least two)."""
+    return max(2, -(-kinds // _row_count(shape)))
+
+
 def quant_probes(shape: tuple, dtype: torch.dtype) -> list[torch.Tensor]:
     """Norm-output probes for the quant part (see the module docstring)."""
-    g = _gen(7)
+    out = []
+    for n in range(sets_for(shape, len(KS))):
+        out += _quant_set(shape, dtype, n * _row_count(shape))
+    return out
+
+
+def _quant_set(shape: tuple, dtype: torch.dtype, offset: int) -> list[torch.Tensor]:
+    g = _gen(7 + offset)
     big = 2.0 ** 14 if dtype == torch.float16 else 2.0 ** 40
 
     def ties(i, h, table, top):
-        k = KS[i % len(KS)]
+        k = KS[(i + offset) % len(KS)]
         return _pattern(table, h, k, top * k)
 
     def edges(i, h):
-        kind = i % 6
+        kind = (i + offset) % 6
         if kind == 0:
             return torch.zeros(h, dtype=torch.float64)
         if kind == 1:
@@ -81,17 +101,18 @@ def quant_probes(shape: tuple, dtype: torch.dtype) -> list[torch.Tensor]:
             _rows(shape, dtype, edges),
             # whole tensors under the scale floors (a per-tensor amax sees every row)
             _rows(shape, dtype, lambda i, h: _pattern((0.5, -0.25), h, 2.0 ** -40, 2.0 ** -40 * (1 + i % 3))),
-            torch.zeros(shape, dtype=dtype)]
+            torch.zeros(shape, dtype=dtype)][: 5 if offset == 0 else 3]
 
 
 def norm_probes(shape: tuple, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(all-reduced value, residual)`` probes (see the module docstring)."""
+    """``(all-reduced value, residual)`` probes (see the module docstring); row ``i`` is of
+    kind ``(i + seed) % 7``, so consecutive seeds cover every kind however few rows."""
     g = _gen(seed)
     big = 4.0e4 if dtype == torch.float16 else 2.0 ** 50
     tiny = 2.0 ** -20 if dtype == torch.float16 else 2.0 ** -100
 
     def fill(i, h, which):
-        kind = i % 7
+        kind = (i + seed) % 7
         r = torch.randn(h, generator=g, dtype=torch.float64)
         if kind == 0:
             return torch.zeros(h, dtype=torch.float64)
