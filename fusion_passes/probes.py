@@ -173,10 +173,14 @@ def same(a: object, b: object) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     a, b = bits(a), bits(b)
-    if a.is_floating_point():
-        nan = torch.isnan(a)
-        return bool(torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan], b[~nan]))
-    return bool(torch.equal(a, b))
+    if torch.equal(a, b):
+        return True
+    if not a.is_floating_point():
+        return False
+    nan = torch.isnan(a)
+    if not bool(nan.any()) or not torch.equal(nan, torch.isnan(b)):
+        return False
+    return bool(torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0)))
 
 
 def same_flat(a: object, b: object) -> bool:
