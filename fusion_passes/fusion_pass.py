@@ -86,18 +86,23 @@ class FusionPass(_compat.CustomGraphPass):
     def _run(self, graph: Graph, report: FusionReport, backup: Graph) -> None:
         from fusion_passes import hoist
 
-        hoisted = self._hoist_and_fuse(graph, report, frozenset())
-        undo = hoist.wasted(hoisted, report)
-        if undo:  # moves that led to no fused site: put the graph back and run without them
-            first = {s.all_reduce: s for s in report.sites}
+        frozen: frozenset = frozenset()
+        first: dict = {}
+        while True:  # each round freezes more all-reduces, so this ends
+            hoisted = self._hoist_and_fuse(graph, report, frozen)
+            undo = hoist.wasted(hoisted, report) - frozen
+            if not undo:
+                break
+            # moves that led to no fused site: put the graph back and run without them
+            first.update({s.all_reduce: s for s in report.sites if s.all_reduce in undo})
             _compat.restore_graph(graph, backup)
             report.sites.clear()
-            hoisted = self._hoist_and_fuse(graph, report, undo)
-            for entry in report.sites:
-                if entry.all_reduce in undo and not entry.fused and entry.all_reduce in first:
-                    before = first[entry.all_reduce]
-                    entry.reason = f"not fused, graph unchanged at this site: {before.reason}"
-                    entry.blocker, entry.source = before.blocker, before.source
+            frozen |= undo
+        for entry in report.sites:
+            if entry.all_reduce in first and not entry.fused:
+                before = first[entry.all_reduce]
+                entry.reason = f"not fused, graph unchanged at this site: {before.reason}"
+                entry.blocker, entry.source = before.blocker, before.source
         hoist.report_merged(hoisted, report)  # all-reduces merged into a partner keep an entry
 
     def _hoist_and_fuse(self, graph: Graph, report: FusionReport, frozen: frozenset):

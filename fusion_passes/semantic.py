@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import operator
 import weakref
 
 import torch
