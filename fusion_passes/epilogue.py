@@ -17,6 +17,7 @@ from fusion_passes.variants import (  # the formats' constants, declared with th
     NVFP4_BLOCK,
     NVFP4_SWIZZLE_COLS,
     NVFP4_SWIZZLE_ROWS,
+    fp8_max,
     nvfp4_scale_shape,
 )
 
@@ -96,11 +97,6 @@ E2M1_MAX = 6.0  # largest E2M1 magnitude (OCP MX spec; vLLM FLOAT4_E2M1_MAX)
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn (torch.finfo)
 # FP4 formats (block sizes, the swizzled tile, the activations they take) are declared
 # with their variants in fusion_passes.variants.
-
-
-def fp8_max(dtype: torch.dtype = torch.float8_e4m3fn) -> float:
-    """Largest value vLLM quantizes to: finfo max, but 224 for ROCm's fnuz (get_fp8_min_max)."""
-    return 224.0 if dtype == torch.float8_e4m3fnuz else torch.finfo(dtype).max
 
 
 def fp8_min_scaling_factor(dtype: torch.dtype = torch.float8_e4m3fn) -> float:

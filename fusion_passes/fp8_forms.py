@@ -163,10 +163,10 @@ def static(y: torch.Tensor, scale: torch.Tensor, m: float, dtype: torch.dtype, h
 def variant_quantize(variant: str, y: torch.Tensor, p) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A fused FP8 variant's quantization under its ``form`` argument: ``(q, scales | None)``
     from the variant's resolved quant arguments *p* (fusion_passes.variants)."""
-    from fusion_passes import epilogue
+    from fusion_passes.variants import fp8_max
 
     dtype, form = p["fp8_dtype"], p["form"]
-    m = epilogue.fp8_max(dtype)
+    m = fp8_max(dtype)
     if variant == "add_rmsnorm_fp8_static":
         if form not in ("div", "mul"):
             raise ValueError(f"fusion_passes: static FP8 form must be '', 'div' or 'mul', got {form!r}")

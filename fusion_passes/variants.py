@@ -207,6 +207,11 @@ Flags.__doc__ = "The norm conventions of one call, one bool per ``flag=True`` en
 Flags.__module__ = __name__
 
 
+def fp8_max(dtype: torch.dtype = torch.float8_e4m3fn) -> float:
+    """Largest value vLLM quantizes to: finfo max, but 224 for ROCm's fnuz (get_fp8_min_max)."""
+    return 224.0 if dtype == torch.float8_e4m3fnuz else torch.finfo(dtype).max
+
+
 def nvfp4_scale_shape(tokens: int, hidden: int, swizzle: bool) -> tuple[int, int]:
     """NVFP4 block scales: ``[T, H/16]``, or swizzled ``[round_up(T, 128), round_up(H/16, 4)]``."""
     k = hidden // NVFP4_BLOCK
@@ -325,5 +330,5 @@ __all__ = [
     "Arg", "Out", "Variant", "VARIANTS", "BY_NAME", "BY_KIND", "NAMES", "SIGNATURE", "QUANT", "FLAGS",
     "FLAG_NAMES", "Flags", "FusedArgs", "FusedOutputs", "REQUIRED", "SCALE_MIN_NATIVE", "SCALE_MIN_KERNEL", "SENTINELS",
     "KERNEL_GROUP_EPS", "NVFP4_BLOCK", "MXFP4_BLOCK", "NVFP4_SWIZZLE_ROWS", "NVFP4_SWIZZLE_COLS",
-    "FP4_INPUT_DTYPES", "get", "nvfp4_scale_shape",
+    "FP4_INPUT_DTYPES", "fp8_max", "get", "nvfp4_scale_shape",
 ]

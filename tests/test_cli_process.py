@@ -76,7 +76,7 @@ def results(tmp_path_factory):
 def test_bench_option_errors_are_one_line(results, argv, message):
     r = results[argv]
     assert r["rc"] == 2 and r["stdout"] == "", r
-    assert r["stderr"] == f"fusion-passes bench compile: error: {message}\n", r
+    assert r["stderr"] == f"fusion-passes bench compile: error: {message} (see fusion-passes bench compile --help)\n", r
 
 
 def test_other_libraries_output_is_hidden_unless_verbose(results):
