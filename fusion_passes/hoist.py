@@ -49,11 +49,11 @@ import torch
 from torch.fx import Graph, Node
 
 from fusion_passes import _compat
+from fusion_passes.norms import rms_norm
 from fusion_passes.recognize import (
     AllReduce,
     Miss,
     all_reduce,
-    rms_norm,
     short,
     target_name,
     val,

@@ -14,7 +14,8 @@ from torch.fx import Node
 
 from fusion_passes import _compat, backends, fx_util, groups, quant, variants
 from fusion_passes.patterns import CATALOGUE, Family
-from fusion_passes.recognize import AllReduce, Miss, Norm, residual_add, rms_norm, short, val
+from fusion_passes.norms import rms_norm
+from fusion_passes.recognize import AllReduce, Miss, Norm, residual_add, short, val
 
 
 @dataclasses.dataclass

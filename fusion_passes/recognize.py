@@ -361,17 +361,6 @@ def vllm_rms_norm(x: Node) -> Norm | Miss | None:
     return None
 
 
-def rms_norm(x: Node) -> Norm | Miss:
-    """Any RMSNorm of *x*, in either dialect (and in-place norm kernels under
-    ``auto_functionalized``, :mod:`fusion_passes.inplace`)."""
-    from fusion_passes.inplace import inplace_rms_norm
-
-    found = vllm_rms_norm(x)
-    if found is None:
-        found = inplace_rms_norm(x)
-    return found if found is not None else decomposed_rms_norm(x)
-
-
 def residual_add(value: Node) -> tuple[Node, Node] | Miss | None:
     """``value + residual`` (either order): ``(add node, residual)``, or None if the only
     user of *value* is not an add."""
