@@ -182,18 +182,39 @@ def decomposed_rms_norm(x: Node) -> Norm | Miss:
         return Miss(f"{x.name}: hidden size is not a static int ({shape})", x)
     hidden = shape[-1]
     upcast = in_dtype in _LOW
-    # the entry node: the fp32 upcast of x (or x itself for fp32 inputs)
+    x32 = _norm_entry(x, in_dtype, upcast)
+    if not x32:
+        return x32
+    core = _rms_core(x, x32, len(shape))
+    if not core:
+        return core
+    sq, normed, eps, chain = core
+    inner = chain | ({x32} if upcast else set())
+    if upcast and set(x32.users) != {sq, normed}:
+        return Miss(f"RMSNorm intermediate {x32.name} has users outside the norm", x32)
+    tail = _norm_tail(normed, in_dtype, upcast, hidden)
+    if not tail:
+        return tail
+    weight, gemma, w_fp32, out, tail_nodes = tail
+    return Norm(x, weight, float(eps), gemma, w_fp32, out, tuple(inner | tail_nodes))
+
+
+def _norm_entry(x: Node, in_dtype: torch.dtype, upcast: bool) -> Node | Miss:
+    """The entry node of the norm: the fp32 upcast of *x* (or *x* itself for fp32 inputs)."""
     if upcast:
         entries = [u for u in x.users if _convert_to(u, torch.float32)]
         if not entries:
             if any(is_op(u, aten.pow.Tensor_Scalar) for u in x.users):
                 return Miss(f"RMSNorm of {x.name} computed in {in_dtype} without fp32 upcast", x)
             return Miss(f"no RMSNorm consumes {x.name} (users: {_names(x.users)})", x)
-        x32 = entries[0]
-    elif in_dtype == torch.float32:
-        x32 = x
-    else:
-        return Miss(f"{x.name} has dtype {in_dtype}: RMSNorm fuses for bf16, fp16, fp32", x)
+        return entries[0]
+    if in_dtype == torch.float32:
+        return x
+    return Miss(f"{x.name} has dtype {in_dtype}: RMSNorm fuses for bf16, fp16, fp32", x)
+
+
+def _rms_core(x: Node, x32: Node, rank: int) -> tuple[Node, Node, float, set[Node]] | Miss:
+    """``n = x32 * rsqrt(mean(x32^2, -1, keepdim) + eps)`` -> ``(x32^2, n, eps, its nodes)``."""
     squares = [u for u in x32.users if _is_square_of(u, x32)]
     if not squares:
         return Miss(f"no RMSNorm consumes {x.name} (users: {_names(x.users)})", x)
@@ -205,7 +226,7 @@ def decomposed_rms_norm(x: Node) -> Norm | Miss:
         return Miss(f"{short(mean)} after x^2 is not a mean", mean)
     dims = list(mean.args[1]) if len(mean.args) > 1 else []
     keepdim = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
-    if dims not in ([-1], [len(shape) - 1]) or not keepdim:
+    if dims not in ([-1], [rank - 1]) or not keepdim:
         return Miss(f"{short(mean)} reduces dims {dims} (keepdim={keepdim}); RMSNorm needs the last dim", mean)
     add_eps = _sole_user(mean)
     if not add_eps:
@@ -225,14 +246,7 @@ def decomposed_rms_norm(x: Node) -> Norm | Miss:
         return normed
     if not is_op(normed, aten.mul.Tensor) or _other(normed, rs) is not x32:
         return Miss(f"{short(normed)} does not multiply {x32.name} by rsqrt", normed)
-    inner = {sq, mean, add_eps, rs, normed} | ({x32} if upcast else set())
-    if upcast and set(x32.users) != {sq, normed}:
-        return Miss(f"RMSNorm intermediate {x32.name} has users outside the norm", x32)
-    tail = _norm_tail(normed, in_dtype, upcast, hidden)
-    if not tail:
-        return tail
-    weight, gemma, w_fp32, out, tail_nodes = tail
-    return Norm(x, weight, float(eps), gemma, w_fp32, out, tuple(inner | tail_nodes))
+    return sq, normed, eps, {sq, mean, add_eps, rs, normed}
 
 
 def _norm_tail(normed: Node, in_dtype, upcast: bool, hidden: int):

@@ -97,16 +97,9 @@ def make_ours(quant, H, T, nw, dev):
     return cur, rows, (res_out, norm, q, sc)
 
 
-def main():
-    dev = torch.device("cuda", 0)
-    torch._dynamo.config.cache_size_limit = 256
-    if hasattr(torch._dynamo.config, "recompile_limit"):
-        torch._dynamo.config.recompile_limit = 256
-    tokens = [int(t) for t in os.environ.get("AB_TOKENS", "1 2 4 8 16 32 64 128 256 512 1024 2048 4096 8192 16384").split()]
-    hiddens = [int(h) for h in os.environ.get("AB_HIDDEN", "7168 4096").split()]
-    quants = [q == "fp8" for q in os.environ.get("AB_QUANT", "none fp8").split()]
-    rows_out = []
-    for quant in (False, True):  # sanity: the experimental kernel computes the epilogue
+def _sanity(dev):
+    """The experimental kernel computes the epilogue: log its largest differences."""
+    for quant in (False, True):
         T, H = 37, 7168
         x = torch.randn(T, H, device=dev).to(BF16)
         res = torch.randn(T, H, device=dev).to(BF16)
@@ -123,7 +116,10 @@ def main():
             else:
                 d = (no.float() - y.float()).abs().max().item()
             log(f"sanity quant={quant} R={R} nw={nw}: max|res diff| {d_r:.3g}, max|out diff| {d:.3g}")
-    # Inductor's generated code for two shapes
+
+
+def _dump_inductor(dev):
+    """Inductor's generated code for two shapes, into $OUT."""
     from torch._inductor.utils import run_and_get_code
     for quant, T in ((False, 32), (False, 1024), (True, 32)):
         torch._dynamo.reset()
@@ -135,51 +131,69 @@ def main():
         with open(os.path.join(OUT, f"inductor_{'fp8' if quant else 'none'}_{T}.py"), "w") as f:
             f.write("\n\n".join(code))
     torch._dynamo.reset()
+
+
+def _row(quant, H, T, w, compiled, dev):
+    """One (quant, hidden, tokens) point: Inductor's three compiles and our launch shapes."""
+    static, md, dyn = compiled
+    x = torch.randn(T, H, device=dev).to(BF16)
+    res = torch.randn(T, H, device=dev).to(BF16)
+    xm, rm = x.clone(), res.clone()
+    if T > 1:
+        torch._dynamo.mark_dynamic(xm, 0)
+        torch._dynamo.mark_dynamic(rm, 0)
+    calls = max(1, min(20, int(4e8 // (T * H * 8))))
+    row = {"quant": "fp8_per_token" if quant else "none", "hidden": H, "tokens": T}
+    for name, f, a in (("inductor_static", static, (x, res, w)), ("inductor_mark_dynamic", md, (xm, rm, w)),
+                       ("inductor_dynamic_true", dyn, (x, res, w))):
+        try:
+            row[name] = time_graph(f, a, calls)
+        except Exception as e:  # noqa: BLE001
+            row[name] = float("inf")
+            log(f"{name} failed at T={T}: {type(e).__name__}: {str(e)[:200]}")
+    for nw in (4, 8, 16):
+        cur, rows, _ = make_ours(quant, H, T, nw, dev)
+        row[f"cur_w{nw}"] = time_graph(cur, (x, res, w), calls)
+    for R in (1, 2, 4):
+        for nw in (2, 4, 8, 16):
+            if np2(H) * R // (32 * nw) > 128 or np2(H) * R // (32 * nw) < 4:
+                continue
+            _, rows, _ = make_ours(quant, H, T, nw, dev)
+            row[f"rows{R}_w{nw}"] = time_graph(rows(R), (x, res, w), calls)
+    ours = {k: v for k, v in row.items() if k.startswith(("cur_", "rows"))}
+    best = min(ours, key=ours.get)
+    row["best_ours"], row["best_ours_us"] = best, ours[best]
+    base = min(row["inductor_static"], row["inductor_mark_dynamic"])
+    row["speedup_best"] = base / ours[best]
+    row["speedup_cur16"] = base / row["cur_w16"]
+    log(f"{row['quant']:14s} H={H} T={T:5d} static {row['inductor_static']:7.2f} md "
+        f"{row['inductor_mark_dynamic']:7.2f} dynT {row['inductor_dynamic_true']:7.2f} | cur16 "
+        f"{row['cur_w16']:7.2f} best {best} {ours[best]:7.2f}  x{row['speedup_best']:.2f} (cur x{row['speedup_cur16']:.2f})")
+    return row
+
+
+def main():
+    dev = torch.device("cuda", 0)
+    torch._dynamo.config.cache_size_limit = 256
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 256
+    tokens = [int(t) for t in os.environ.get("AB_TOKENS", "1 2 4 8 16 32 64 128 256 512 1024 2048 4096 8192 16384").split()]
+    hiddens = [int(h) for h in os.environ.get("AB_HIDDEN", "7168 4096").split()]
+    quants = [q == "fp8" for q in os.environ.get("AB_QUANT", "none fp8").split()]
+    rows_out = []
+    _sanity(dev)
+    _dump_inductor(dev)
     budget = float(os.environ.get("AB_BUDGET_S", "480"))
     for quant in quants:
-        static = torch.compile(epi_fn(quant, "static"), dynamic=False)
-        md = torch.compile(epi_fn(quant, "md"))
-        dyn = torch.compile(epi_fn(quant, "dyn"), dynamic=True)
+        compiled = (torch.compile(epi_fn(quant, "static"), dynamic=False), torch.compile(epi_fn(quant, "md")),
+                    torch.compile(epi_fn(quant, "dyn"), dynamic=True))
         for H in hiddens:
             w = (torch.rand(H, device=dev) + 0.5).to(BF16)
             for T in tokens:
                 if time.time() - T0 > budget:
                     log("budget reached, stopping")
                     break
-                x = torch.randn(T, H, device=dev).to(BF16)
-                res = torch.randn(T, H, device=dev).to(BF16)
-                xm, rm = x.clone(), res.clone()
-                if T > 1:
-                    torch._dynamo.mark_dynamic(xm, 0)
-                    torch._dynamo.mark_dynamic(rm, 0)
-                calls = max(1, min(20, int(4e8 // (T * H * 8))))
-                row = {"quant": "fp8_per_token" if quant else "none", "hidden": H, "tokens": T}
-                for name, f, a in (("inductor_static", static, (x, res, w)), ("inductor_mark_dynamic", md, (xm, rm, w)),
-                                   ("inductor_dynamic_true", dyn, (x, res, w))):
-                    try:
-                        row[name] = time_graph(f, a, calls)
-                    except Exception as e:  # noqa: BLE001
-                        row[name] = float("inf")
-                        log(f"{name} failed at T={T}: {type(e).__name__}: {str(e)[:200]}")
-                for nw in (4, 8, 16):
-                    cur, rows, _ = make_ours(quant, H, T, nw, dev)
-                    row[f"cur_w{nw}"] = time_graph(cur, (x, res, w), calls)
-                for R in (1, 2, 4):
-                    for nw in (2, 4, 8, 16):
-                        if np2(H) * R // (32 * nw) > 128 or np2(H) * R // (32 * nw) < 4:
-                            continue
-                        _, rows, _ = make_ours(quant, H, T, nw, dev)
-                        row[f"rows{R}_w{nw}"] = time_graph(rows(R), (x, res, w), calls)
-                ours = {k: v for k, v in row.items() if k.startswith(("cur_", "rows"))}
-                best = min(ours, key=ours.get)
-                row["best_ours"], row["best_ours_us"] = best, ours[best]
-                base = min(row["inductor_static"], row["inductor_mark_dynamic"])
-                row["speedup_best"] = base / ours[best]
-                row["speedup_cur16"] = base / row["cur_w16"]
-                rows_out.append(row)
-                log(f"{row['quant']:14s} H={H} T={T:5d} static {row['inductor_static']:7.2f} md "
-                    f"{row['inductor_mark_dynamic']:7.2f} dynT {row['inductor_dynamic_true']:7.2f} | cur16 "
-                    f"{row['cur_w16']:7.2f} best {best} {ours[best]:7.2f}  x{row['speedup_best']:.2f} (cur x{row['speedup_cur16']:.2f})")
+                rows_out.append(_row(quant, H, T, w, compiled, dev))
                 with open(os.path.join(OUT, "ab_ws1.json"), "w") as f:
                     json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                                "triton": triton.__version__, "rows": rows_out}, f, indent=1)
