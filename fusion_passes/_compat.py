@@ -16,10 +16,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode, FakeTensor  # noqa: F4
 OpOverload = torch._ops.OpOverload
 """The class of ``torch.ops.<ns>.<op>.<overload>`` (what an FX node's target is)."""
 
-C10D = torch.ops._c10d_functional
-"""The functional collectives namespace of the plain-PyTorch dialect."""
-
-
 def detect_fake_mode(graph: torch.fx.Graph) -> FakeTensorMode | None:
     """The fake mode that produced the ``meta['val']`` of *graph*'s nodes, if any."""
     from torch._guards import detect_fake_mode as _detect

@@ -12,7 +12,6 @@ import time
 import dataclasses
 from typing import Callable
 
-import torch
 from torch.fx import Graph
 
 from fusion_passes import _compat, fx_util, ops  # noqa: F401  (ops registers the fused ops)

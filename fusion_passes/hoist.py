@@ -1,12 +1,13 @@
 """Hoisting: sink each all-reduce along its value's path until it meets its norm.
 
 Real graphs put ops between an all-reduce and the residual add + RMSNorm it should fuse
-with (DESIGN.md section 4): vLLM DeepSeek-V3 fp16 scales by ``0.4`` after the
-all-reduce, HF transformers reshapes after ``wait_tensor``, HF DeepSeek-V3 MoE reduces the
-routed and the shared experts separately and adds the two sums. Per rank a value is
-*Partial* (this rank's summand) or *Replicated*; the all-reduce ``AR`` maps P -> R. ``AR``
-may move below a user ``u`` when ``u(AR(x), r...) == AR(u(x, r...))``: then the graph
-computes ``u`` on each rank's summand and reduces afterwards.
+with (each seen in traces of unmodified model code): vLLM DeepSeek-V3 fp16 scales by
+``0.4`` after the all-reduce, HF transformers reshapes after ``wait_tensor``, HF
+DeepSeek-V3 MoE reduces the routed and the shared experts separately and adds the two
+sums. Per rank a value is *Partial* (this rank's summand) or *Replicated*; the all-reduce
+``AR`` maps P -> R. ``AR`` may move below a user ``u`` when
+``u(AR(x), r...) == AR(u(x, r...))``: then the graph computes ``u`` on each rank's summand
+and reduces afterwards.
 
 :data:`~fusion_passes.hoist_rules.RULES` holds the legality rules as data, one op per row
 with the reason it is exact; an op without a row stops the all-reduce, and

@@ -104,10 +104,10 @@ def follow_inductor_precision(norm: Norm) -> None:
     A norm written in aten (the plain dialect: Hugging Face, torch, torchtitan) is compiled
     by Inductor into one kernel, which by default (``emulate_precision_casts=False``) keeps
     the Hugging Face form's normalized value in fp32 instead of rounding it to the
-    activation dtype before the weight multiply: measured bit for bit on an H200 and on CPU,
-    the compiled chain is the ``weight_in_fp32`` form (up to Inductor's own op order), not
-    eager's. So there the fused op multiplies in fp32 too; with emulated casts it rounds as
-    eager does. The residual sum is rounded either way (measured), and a dialect's norm op
+    activation dtype before the weight multiply: measured bit for bit on an H200 and on CPU
+    (results/README.md, "How the compiled chain rounds"), the compiled chain is the
+    ``weight_in_fp32`` form (up to Inductor's own op order), not eager's. So there the fused
+    op multiplies in fp32 too; with emulated casts it rounds as eager does. The residual sum is rounded either way (measured), and a dialect's norm op
     (vLLM's ``vllm_ir.*``) keeps its own defined rounding.
     """
     if norm.weight_in_fp32 or norm.gemma or norm.weight is None or not _decomposed(norm):

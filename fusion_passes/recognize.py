@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Callable, Union
 
 import torch
 from torch.fx import Node
@@ -393,6 +392,3 @@ def residual_add(value: Node) -> tuple[Node, Node] | Miss | None:
 
 def _names(nodes) -> str:
     return ", ".join(short(n) for n in nodes) or "none"
-
-
-Matcher = Callable[[Node], Union[Norm, Miss]]

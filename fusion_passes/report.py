@@ -87,9 +87,3 @@ class FusionReport:
         self.sites.extend(other.sites)
         self.errors.extend(other.errors)
         self.seconds += other.seconds
-
-
-SPELLING_HINT = ("if this chain computes an all-reduce + [residual add] + RMSNorm [+ quant] in a spelling "
-                 "the pass did not recognize, docs/spellings.md says how a spelling is recognized and what "
-                 "to do when yours is not")
-"""One line ``fusion-passes explain`` prints after a site that did not fuse."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-# vLLM on a machine without GPUs: its CPU platform (DESIGN.md section 7); never a hub download.
+# vLLM on a machine without GPUs: its CPU platform (the rest of the recipe is
+# tools/testing/vllm_cpu.py); never a hub download.
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The numerics tests compare the fused graph with the unfused one executed EAGERLY (and
@@ -19,7 +20,8 @@ import torch
 import torch.distributed as dist
 from hypothesis import HealthCheck, settings
 
-# Derandomized CI profile (STYLE.md): the same examples every run, no example database.
+# Derandomized CI profile: the same examples every run, no example database (a failure
+# reproduces on every machine; `make soak` runs the long random profile).
 settings.register_profile(
     "ci", derandomize=True, database=None, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

@@ -6,7 +6,6 @@ each warps value; writes $OUT/ab_warps.json.
 """
 import json
 import os
-import sys
 import time
 
 import torch

@@ -118,7 +118,6 @@ def run(args) -> int:
 
 
 def _sweep(args, plan: dict) -> int:
-    import torch
     import torch.distributed as dist
 
     from fusion_passes.tools import bench_cuda
@@ -324,8 +323,6 @@ def _collectives(ctx, x) -> dict:
 
 
 def _timed(ctx, phase: str, fn, *args):
-    import torch
-
     t0 = time.perf_counter()
     out = fn(*args)
     ctx.sync()

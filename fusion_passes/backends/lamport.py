@@ -19,6 +19,7 @@ import threading
 import torch
 
 SLOTS = 3  # triple buffering: a slot is re-armed one call after its use, rewritten two calls later
+STATE_WORDS = 4  # int32 words of a rank's ``state``: arrived programs, parity 0..2, elements to re-arm, unused
 
 
 @dataclasses.dataclass
@@ -31,7 +32,7 @@ class LamportWorkspace:
     hidden: int
     max_tokens: int
     peers: torch.Tensor | int  # device int64[world_size] of each rank's buffer address (a tensor, or its address)
-    state: torch.Tensor  # int32[lamport_kernels.STATE_WORDS] on the device, zeros at the start
+    state: torch.Tensor  # int32[STATE_WORDS] on the device, zeros at the start
     keep: object = None  # what keeps the buffers mapped (symmetric-memory handle, IPC tensors)
 
     @property
@@ -76,7 +77,7 @@ def from_peer_buffers(buffers: list[torch.Tensor], rank: int, max_tokens: int, h
                              f"least {need} elements on {buffers[rank].device}, got {b.dtype} {tuple(b.shape)}")
     device = buffers[rank].device
     peers = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device=device)
-    state = torch.zeros(4, dtype=torch.int32, device=device)
+    state = torch.zeros(STATE_WORDS, dtype=torch.int32, device=device)
     return LamportWorkspace(rank, world, dtype, hidden, max_tokens, peers, state, keep=buffers)
 
 
@@ -89,7 +90,7 @@ def from_symmetric_memory(group_name: str, max_tokens: int, hidden: int, dtype: 
     buffer = arm(symm_mem.empty(buffer_elems(world, max_tokens, hidden), dtype=dtype, device=device))
     torch.cuda.synchronize(device)  # armed before any peer can write into it
     handle = symm_mem.rendezvous(buffer, group_name)
-    state = torch.zeros(4, dtype=torch.int32, device=device)
+    state = torch.zeros(STATE_WORDS, dtype=torch.int32, device=device)
     return LamportWorkspace(handle.rank, world, dtype, hidden, max_tokens, handle.buffer_ptrs_dev, state,
                             keep=(buffer, handle))
 

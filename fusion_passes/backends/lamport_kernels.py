@@ -37,9 +37,6 @@ import triton.language as tl
 
 from fusion_passes.backends.triton_kernels import _epilogue_row, _thread_index
 
-STATE_ARRIVED, STATE_PARITY, STATE_CLEAR = 0, 1, 2  # int32 slots of a rank's ``state``
-STATE_WORDS = 4
-
 
 @triton.jit
 def _arrive(addr):
@@ -116,7 +113,7 @@ def _wait_row(src, cols, mask, BITS: tl.constexpr, SENT: tl.constexpr):
 def lamport_kernel(
     in_ptr, res_ptr, w_ptr, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, ub_ptr,
     peers_ptr,  # device int64[WS]: base address of every rank's Lamport buffer
-    state_ptr,  # this rank's int32[STATE_WORDS]: arrived programs, parity 0..2, elements to re-arm
+    state_ptr,  # this rank's int32[lamport.STATE_WORDS]: [0] arrived programs, [1] parity 0..2, [2] to re-arm
     T, eps, scale_stride_t, scale_stride_g, slot_elems,
     H: tl.constexpr, BLOCK: tl.constexpr, RANK: tl.constexpr, WS: tl.constexpr, HAS_RES: tl.constexpr,
     RES_FP32: tl.constexpr, HAS_W: tl.constexpr, GEMMA: tl.constexpr, W_FP32: tl.constexpr,

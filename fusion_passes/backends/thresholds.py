@@ -7,10 +7,6 @@ command and machine that measured it.
 
 from __future__ import annotations
 
-# Reference backend: torch.distributed + torch math. No limits: it is the oracle and the
-# CPU default. (Source: it runs the unfused ops themselves.)
-REFERENCE: dict[str, object] = {}
-
 MiB = 1024 * 1024
 
 # AITER (ROCm gfx942/gfx950), written against ROCm/aiter commit e4048607a535 (2026-08-22).
@@ -20,15 +16,18 @@ AITER: dict[str, object] = {
     "archs": ("gfx942", "gfx950"),
     # CustomAllreduce._SUPPORTED_WORLD_SIZES = [2, 4, 6, 8]
     # (aiter/dist/device_communicators/custom_all_reduce.py); the FUSED AR+RMSNorm kernels
-    # are instantiated for 2/4/8 only (DESIGN.md section 5).
+    # are instantiated for 2/4/8 only (csrc/include/custom_all_reduce.cuh,
+    # dispatchFusedAllReduceRMSNorm[Quant]: switch over world sizes 8, 4, 2).
     "world_sizes": (2, 4, 8),
-    # 16-byte packed accesses of 8 bf16/fp16 (csrc/include/custom_all_reduce.cuh; DESIGN.md 5).
+    # 16-byte packed accesses of 8 bf16/fp16 (csrc/include/custom_all_reduce.cuh, pack_size = 16 / sizeof(T)).
     "hidden_multiple": 8,
-    # 1-stage kernel: n <= 8192; 2-stage kernel: 512 <= n <= 16384 (DESIGN.md section 5,
-    # from csrc/kernels/custom_all_reduce.cu host dispatch).
+    # 1-stage kernel: n <= 8192; 2-stage kernel: 512 <= n <= 16384 (csrc/include/
+    # custom_all_reduce.cuh, dispatchFusedAllReduceRMSNorm: 1-stage needs n / pack_size <= 1024;
+    # step 2 needs n_packs >= 64 and runs at most 4 loops of 512 packs).
     "one_stage_max_hidden": 8192,
     "two_stage_hidden": (512, 16384),
-    # Per-token FP8 epilogue instantiated only for these n (DESIGN.md section 5).
+    # Per-token FP8 epilogue only for these n (aiter/dist/device_communicators/communicator_cuda.py,
+    # fused_allreduce_rmsnorm_quant: hidden_dim in [512, 1024, 2048, 4096] or [7168, 6144]).
     "per_token_fp8_hidden": (512, 1024, 2048, 4096, 6144, 7168),
     # Per-group FP8: group size 128 (``fused_ar_rms_per_group_quant(group_size=128)``;
     # _validate_per_group_size in custom_all_reduce.py), fp32 scales.
@@ -37,7 +36,8 @@ AITER: dict[str, object] = {
     # (custom_all_reduce.py); above, ``should_custom_ar`` is False and the fused call returns None.
     "max_input_bytes": 8192 * 8192,
     # 1-stage chosen automatically only for small sizes: about 16 tokens at TP8, hidden 7168
-    # (DESIGN.md section 5) = 16 * 7168 * 2 bytes * 8 ranks.
+    # = 16 * 7168 * 2 bytes * 8 ranks (communicator_cuda.py, fused_allreduce_rmsnorm: 1-stage
+    # when the input bytes are <= 128 * 7168 * 2 // world_size).
     "one_stage_max_bytes_x_ranks": 16 * 7168 * 2 * 8,
 }
 
@@ -52,7 +52,8 @@ FLASHINFER: dict[str, object] = {
     "bytes_per_access": 16,
     # kOneShotMaxToken = 128 (trtllm_allreduce_fusion.cuh): oneshot above that is not used.
     "oneshot_max_tokens": 128,
-    # FP4 quant patterns need SM100+ (DESIGN.md section 5; cvt_warp_fp16_to_fp4).
+    # FP4 quant patterns need SM100+ (trtllm_allreduce_fusion.cuh: cvt_warp_fp16_to_fp4 is
+    # compiled only for __CUDA_ARCH__ >= 1000).
     "fp4_min_sm": 100,
     # Fused path only below these input sizes (MiB) per SM version and world size: vLLM's
     # crossovers vs. NCCL + unfused norm, measured by vLLM on H100/B200/B300
@@ -78,7 +79,7 @@ TRITON: dict[str, object] = {
     # Warps per program: next_pow2(hidden) // elements_per_warp clamped to [1, 16]. add + RMSNorm
     # takes 512 (16 warps at hidden 7168); the quant variants 1024 (8 warps at 7168): the second
     # row reduction (absmax) costs a cross-warp exchange per warp. Source: A/B of 4, 8, 16 warps
-    # on 1x H200, world size 1, bf16, hidden 7168, 1..16384 tokens (gpu run 2 of 2026-12-01,
+    # on 1x H200, world size 1, bf16, hidden 7168, 1..16384 tokens (`tools/ab_warps.py`,
     # results/ab_warps_h200_ws1.json): 8 warps was fastest or within 2% for FP8 static,
     # per-token and per-group at every token count (e.g. static 2.41 vs 2.58 us at 1 token,
     # 198 vs 201 us at 16384) and for NVFP4 / MXFP4 below 1024 tokens; add + RMSNorm at
@@ -90,16 +91,14 @@ TRITON: dict[str, object] = {
     # Hopper (CUDA occupancy limit) / (32 * num_warps).
     "threads_per_sm": 2048,
     # FP4 epilogues (NVFP4 / MXFP4) from this many tokens on run with at most this many
-    # warps per row: more rows in flight per SM. Source: A/B of 4, 8, 16 warps on 1x H200
-    # (2026-11-29, bf16, hidden 7168, 1..16384 tokens, tools/ab_fp4_warps.py, since replaced by tools/ab_warps.py; table
-    # in results/README.md), after the E2M1 rounding became bit arithmetic: at 16384 tokens
-    # 4 warps took NVFP4 211 us (8: 259, 16: 259) and MXFP4 192 us (8: 240, 16: 226); at
-    # 1024 tokens 4 warps was fastest too (17.4 / 15.9 us); at 1 and 64 tokens 16 warps
-    # (num_warps_for) was as fast or faster (4.4-4.8 / 3.0-3.5 us). A register cap
-    # (Triton maxnreg 80 at 8 warps, 128 at 4; a launcher knob used for that A/B only) was
-    # not taken: NVFP4 slower (276 / 224 us), MXFP4 within noise (212 / 189 us). At world
-    # size 2 the same rule was measured only as shipped (results/bench_kernels_h200_fp4_ws2.json:
-    # NVFP4 825 us at 16384 tokens, 72 at 1024, vs 905 / 111 with 8 warps and the old E2M1).
+    # warps per row: more rows in flight per SM. Source: the same A/B (`tools/ab_warps.py`,
+    # results/ab_warps_h200_ws1.json; 4 / 8 / 16 warps, bf16, hidden 7168): 4 warps was the
+    # fastest at 1024 and 4096 tokens (NVFP4 16.4 / 59.5 us against 17.1 / 60.6 with 8
+    # warps, MXFP4 16.1 / 56.4 against 16.9 / 57.0) and within 1% of the best at 16384
+    # (NVFP4 201 / 202 / 251 us, MXFP4 190 / 189 / 234); below 1024 tokens 4 and 8 warps
+    # were within 5% of each other either way, and num_warps_for stays. At world size 2 the
+    # rule was measured only as shipped (results/bench_kernels_h200_fp4_ws2.json: NVFP4
+    # 825 us at 16384 tokens, 72 at 1024).
     "fp4_many_tokens": 1024,
     "fp4_many_tokens_warps": {"add_rmsnorm_nvfp4": 4, "add_rmsnorm_mxfp4": 4},
     # Per-group FP8 group sizes the kernel reshapes a row into (powers of two).
@@ -155,14 +154,14 @@ TRITON: dict[str, object] = {
         (1, "add_rmsnorm_nvfp4"): None,
         (1, "add_rmsnorm_mxfp4"): None,
         # World size 2: NOT re-measured against the strongest baselines (no 2-GPU machine was
-        # lent after the baselines changed). The entries rest on 2x H200 runs of 2026-11-29
+        # lent after the baselines changed). The entries rest on 2x H200 runs
         # (results/bench_kernels_h200_ws2.json, _fp4_ws2.json): the fused call was faster than
         # NCCL + the epilogue compiled with dynamic=True at every point, and faster than torch
         # symm-mem one-shot + that epilogue. Replacing that epilogue by the static one measured
         # on 1x H200 (at most 3.4 us at <= 256 tokens, 246 us at 16384x7168, against 5.2-7.8 and
         # 385 us for dynamic=True) still leaves the fused call ahead at every row of those files
         # (e.g. 7.6 vs about 9.5 us at 1 token, 834 vs about 1156 us at 16384 tokens), a
-        # composite of two runs, not a measurement: the several-GPU issue re-measures it with
+        # composite of two runs, not a measurement: to be re-measured on several GPUs, with
         # symm-mem two-shot included.
         (2, "add_rmsnorm"): None,
         (2, "add_rmsnorm_fp8_static"): None,

@@ -182,7 +182,7 @@ class TritonBackend:
             # Swizzled with padding rows (T % 128): zero-filled first (one fill, about 1 us),
             # the kernel then writes rows < T (and the padding columns). Zeroing the padding
             # in the kernel instead cost 15-20 us at 1 token (one program's scattered
-            # byte stores over a 57 KB tile; 1x H200, see results/README.md).
+            # byte stores over a 57 KB tile; one A/B on 1x H200, not kept in results/).
             alloc = torch.zeros if p["swizzle"] and rows != tokens else torch.empty
             out.scales = alloc((rows, out.scale_cols), dtype=torch.float8_e4m3fn, device=dev)
             out.scales_arg, out.ub = out.scales, p["global_scale"]  # the global scale goes through the ub slot

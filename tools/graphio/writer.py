@@ -72,14 +72,6 @@ def _encode_container(value: list | tuple | dict | slice) -> Any:
     return {"slice": [encode(value.start), encode(value.stop), encode(value.step)]}
 
 
-    lines = [ln.strip() for ln in stack_trace.strip().splitlines() if ln.strip()]
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File "):
-            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else None
-            return lines[i], code
-    return None, None
-
-
 def node_to_dict(node: torch.fx.Node) -> dict[str, Any]:
     """One node in the JSON form."""
     meta: dict[str, Any] = {"val": encode(node.meta.get("val"))}
