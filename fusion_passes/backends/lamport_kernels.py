@@ -47,16 +47,23 @@ def _arrive(addr):
 
 
 @triton.jit
-def _push_rows(in_ptr, peers, slot_off, T, pid, nprog, cols, mask, H: tl.constexpr, RANK: tl.constexpr,
-               WS: tl.constexpr, BITS: tl.constexpr, SENT: tl.constexpr):
+def _push(in_ptr, peers, slot_off, T, pid, nprog, cols, mask, H: tl.constexpr, RANK: tl.constexpr,
+          WS: tl.constexpr, BITS: tl.constexpr, SENT: tl.constexpr, TO_OWNER: tl.constexpr):
+    """Phase 1: each row of the input, -0.0 replaced by +0.0 (the sentinel never travels as
+    data), into region ``[RANK]`` of the slot: of every rank, this one included (one-shot),
+    or only of the row's owner ``row % WS`` (two-shot)."""
     for row in range(pid, T, nprog):
         off = tl.cast(row, tl.int64) * H
         x = tl.load(in_ptr + off + cols, mask=mask).to(BITS, bitcast=True)
-        x = tl.where(x == SENT, 0, x)  # -0.0 -> +0.0: the sentinel never travels as data
-        dst = slot_off + tl.cast(RANK, tl.int64) * T * H + off
-        for p in tl.static_range(WS):
-            base = tl.load(peers + p).to(tl.pointer_type(BITS))
-            tl.store(base + dst + cols, x, mask=mask)
+        x = tl.where(x == SENT, 0, x)
+        if TO_OWNER:
+            base = tl.load(peers + row % WS).to(tl.pointer_type(BITS))
+            tl.store(base + slot_off + tl.cast(RANK, tl.int64) * T * H + off + cols, x, mask=mask)
+        else:
+            dst = slot_off + tl.cast(RANK, tl.int64) * T * H + off
+            for p in tl.static_range(WS):
+                base = tl.load(peers + p).to(tl.pointer_type(BITS))
+                tl.store(base + dst + cols, x, mask=mask)
 
 
 @triton.jit
@@ -66,18 +73,6 @@ def _rearm(mine, clear_off, clear_n, pid, nprog, cols, BLOCK: tl.constexpr, BITS
     for start in range(pid * BLOCK, clear_n, nprog * BLOCK):
         idx = start + cols
         tl.store(mine + clear_off + idx, sent, mask=idx < clear_n)
-
-
-@triton.jit
-def _push_to_owners(in_ptr, peers, slot_off, T, pid, nprog, cols, mask, H: tl.constexpr, RANK: tl.constexpr,
-                    WS: tl.constexpr, BITS: tl.constexpr, SENT: tl.constexpr):
-    """Two-shot phase 1: each row goes only to its owner (``row % WS``), region ``[RANK]``."""
-    for row in range(pid, T, nprog):
-        off = tl.cast(row, tl.int64) * H
-        x = tl.load(in_ptr + off + cols, mask=mask).to(BITS, bitcast=True)
-        x = tl.where(x == SENT, 0, x)
-        base = tl.load(peers + row % WS).to(tl.pointer_type(BITS))
-        tl.store(base + slot_off + tl.cast(RANK, tl.int64) * T * H + off + cols, x, mask=mask)
 
 
 @triton.jit
@@ -134,10 +129,7 @@ def lamport_kernel(
     mine = tl.load(peers + RANK).to(tl.pointer_type(BITS))
     slot_off = tl.cast(parity % 3, tl.int64) * slot_elems
 
-    if TWO_SHOT:
-        _push_to_owners(in_ptr, peers, slot_off, T, pid, nprog, cols, mask, H, RANK, WS, BITS, SENT)
-    else:
-        _push_rows(in_ptr, peers, slot_off, T, pid, nprog, cols, mask, H, RANK, WS, BITS, SENT)
+    _push(in_ptr, peers, slot_off, T, pid, nprog, cols, mask, H, RANK, WS, BITS, SENT, TWO_SHOT)
     _rearm(mine, tl.cast((parity + 2) % 3, tl.int64) * slot_elems, clear_n, pid, nprog, cols, BLOCK, BITS, SENT)
 
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 0.0

@@ -54,50 +54,32 @@ def _thread_index():
     )
 
 
-@triton.jit
-def _put_release(addr):
-    # Spin until the slot is free (0), then set it (1), publishing prior writes system-wide.
-    tl.inline_asm_elementwise(
-        """
-        {
+def _cas_spin_asm(label: str, sem: str, expect: int, store: int) -> str:
+    """PTX that spins on a system-scope ``atom.cas`` with *sem* ordering until the slot
+    held *expect*, leaving *store* in it."""
+    return f"""
+        {{
             .reg .u32 %old;
             .reg .pred %ok;
-        put_again:
-            atom.global.release.sys.cas.b32 %old, [$1], 0, 1;
-            setp.eq.u32 %ok, %old, 0;
-            @!%ok bra put_again;
+        {label}:
+            atom.global.{sem}.sys.cas.b32 %old, [$1], {expect}, {store};
+            setp.eq.u32 %ok, %old, {expect};
+            @!%ok bra {label};
             mov.u32 $0, %old;
-        }
-        """,
-        "=r, l",
-        [addr],
-        dtype=tl.uint32,
-        is_pure=False,
-        pack=1,
-    )
+        }}
+        """
+
+
+# Spin until the slot is free (0), then set it (1), publishing prior writes system-wide.
+PUT_RELEASE = tl.constexpr(_cas_spin_asm("put_again", "release", 0, 1))
+# Spin until the slot is set (1), consume it (0), acquiring the sender's writes.
+WAIT_ACQUIRE = tl.constexpr(_cas_spin_asm("wait_again", "acquire", 1, 0))
 
 
 @triton.jit
-def _wait_acquire(addr):
-    # Spin until the slot is set (1), consume it (0), acquiring the sender's writes.
-    tl.inline_asm_elementwise(
-        """
-        {
-            .reg .u32 %old;
-            .reg .pred %ok;
-        wait_again:
-            atom.global.acquire.sys.cas.b32 %old, [$1], 1, 0;
-            setp.eq.u32 %ok, %old, 1;
-            @!%ok bra wait_again;
-            mov.u32 $0, %old;
-        }
-        """,
-        "=r, l",
-        [addr],
-        dtype=tl.uint32,
-        is_pure=False,
-        pack=1,
-    )
+def _cas_spin(addr, ASM: tl.constexpr):
+    """One of the spin loops above (:data:`PUT_RELEASE`, :data:`WAIT_ACQUIRE`) on *addr*."""
+    tl.inline_asm_elementwise(ASM, "=r, l", [addr], dtype=tl.uint32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -150,8 +132,8 @@ def _barrier(signal_pad_ptrs, slot, RANK: tl.constexpr, WS: tl.constexpr):
     local = tl.load(pads + RANK).to(tl.pointer_type(tl.uint32))
     tl.debug_barrier()  # every thread's writes precede the release below
     if _thread_index() < WS:  # thread p signals peer p and waits for peer p
-        _put_release(remote + slot * WS + RANK)
-        _wait_acquire(local + slot * WS + peers)
+        _cas_spin(remote + slot * WS + RANK, PUT_RELEASE)
+        _cas_spin(local + slot * WS + peers, WAIT_ACQUIRE)
     tl.debug_barrier()  # no thread reads before every peer has arrived
 
 
