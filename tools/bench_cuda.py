@@ -59,17 +59,10 @@ def copy_bandwidth() -> float:
     for _ in range(3):
         b.copy_(a)
     torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1000.0)
+    seconds = _copy_seconds(b, a, 10)
     del a, b
     torch.cuda.empty_cache()
-    return 2 * n / statistics.median(times)
+    return 2 * n / seconds
 
 
 def peer_read_bandwidth(pg_name: str, rank: int, world: int) -> float:
@@ -86,17 +79,26 @@ def peer_read_bandwidth(pg_name: str, rank: int, world: int) -> float:
     local = torch.empty(n, dtype=torch.uint8, device="cuda")
     torch.cuda.synchronize()
     dist.barrier()
+    seconds = _copy_seconds(local, remote, 13, skip=3)
+    dist.barrier()
+    return n / seconds
+
+
+def _copy_seconds(dst, src, runs: int, skip: int = 0) -> float:
+    """Median seconds of ``dst.copy_(src)`` over *runs* copies timed with CUDA events, the
+    first *skip* timed but dropped."""
+    import torch
+
     times = []
-    for i in range(13):
+    for i in range(runs):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        local.copy_(remote)
+        dst.copy_(src)
         e.record()
         e.synchronize()
-        if i >= 3:
+        if i >= skip:
             times.append(s.elapsed_time(e) / 1000.0)
-    dist.barrier()
-    return n / statistics.median(times)
+    return statistics.median(times)
 
 
 def init_nccl(port: str = "29541") -> tuple[int, int]:

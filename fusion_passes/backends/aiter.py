@@ -22,27 +22,23 @@ Variants: ``add_rmsnorm``, ``add_rmsnorm_fp8_per_token``, ``add_rmsnorm_fp8_per_
 (``float8_e4m3fnuz`` on gfx942, ``float8_e4m3fn`` on gfx950: the platform's FP8, as
 in the graphs vLLM builds there).
 
-``residual_in_fp32`` (vLLM's ``fused_add_rms_norm``: the norm reads the unrounded fp32 sum)
-is accepted and ignored: whether the vendor kernel normalizes the rounded or the unrounded
-sum is NOT verified (never executed here); the two differ by at most one ulp of the sum.
+``residual_in_fp32`` is accepted and ignored, as by the flashinfer adapter (see
+:mod:`fusion_passes.backends.flashinfer`): NOT verified against the kernel.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 
 from fusion_passes.backends import thresholds
-from fusion_passes.backends.contract import Call
-from fusion_passes.backends.fallback import Unfusable, run_on_reference
+from fusion_passes.backends.contract import Call, platform_reason
+from fusion_passes.backends.fallback import Unfusable, VendorBackend, not_installed
 from fusion_passes.variants import FusedArgs, FusedOutputs
 
 LIMITS = thresholds.AITER
-VARIANTS = frozenset(
-    {"add_rmsnorm", "add_rmsnorm_fp8_per_token", "add_rmsnorm_fp8_per_group", "add_rmsnorm_mxfp4"}
-)
+VARIANTS = frozenset({"add_rmsnorm", "add_rmsnorm_fp8_per_token", "add_rmsnorm_fp8_per_group", "add_rmsnorm_mxfp4"})
 DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -61,12 +57,11 @@ def unsupported(call: Call, arch: str | None = None, installed: bool | None = No
     arch = _gcn_arch() if arch is None else arch
     if not arch.startswith(tuple(LIMITS["archs"])):
         return f"GPU arch {arch or 'unknown'!r} not in {LIMITS['archs']}"
-    if call.dtype not in DTYPES:
-        return f"dtype {call.dtype} not in {[str(d) for d in DTYPES]}"
-    if call.world_size not in LIMITS["world_sizes"]:
-        return f"world size {call.world_size} not in {LIMITS['world_sizes']} (fused AR kernels)"
-    if not call.single_node:
-        return "the group spans several nodes: AITER's custom all-reduce uses IPC within one host"
+    platform = platform_reason(call, DTYPES, LIMITS["world_sizes"],
+                               "the group spans several nodes: AITER's custom all-reduce uses IPC within one host",
+                               world_note=" (fused AR kernels)")
+    if platform is not None:
+        return platform
     if call.hidden % LIMITS["hidden_multiple"]:
         return f"hidden {call.hidden} is not a multiple of {LIMITS['hidden_multiple']}"
     lo, hi = LIMITS["two_stage_hidden"]
@@ -89,12 +84,11 @@ def unsupported(call: Call, arch: str | None = None, installed: bool | None = No
         one_stage = nbytes * call.world_size <= LIMITS["one_stage_max_bytes_x_ranks"]
         if not one_stage and call.hidden < lo:
             return f"hidden {call.hidden} < {lo}: the 2-stage kernel that this size needs does not run it"
-    if not (importlib.util.find_spec("aiter") is not None if installed is None else installed):
-        return "AITER is not installed (ROCm only; the PyPI amd-aiter wheel lacks the quant variants)"
-    return None
+    return not_installed("aiter", "AITER is not installed (ROCm only; the PyPI amd-aiter wheel lacks the quant "
+                         "variants)", installed)
 
 
-class AiterBackend:
+class AiterBackend(VendorBackend):
     name = "aiter"
     variants = VARIANTS
 
@@ -102,7 +96,7 @@ class AiterBackend:
     quant_options = frozenset({"fp8_dtype"})
 
     def __init__(self, comm=None, fp8_dtype: torch.dtype | None = None) -> None:
-        self._injected = comm  # tests pass a fake; otherwise AITER's module on first run
+        super().__init__(comm)  # AITER's module unless given
         self._fp8 = fp8_dtype  # AITER's platform FP8 (aiter.utility.dtypes.fp8) unless given
 
     def _check_fp8(self, fp8_dtype: torch.dtype) -> None:
@@ -113,24 +107,13 @@ class AiterBackend:
         if fp8_dtype != self._fp8:
             raise Unfusable(f"aiter writes {self._fp8} on this GPU, the graph wants {fp8_dtype}")
 
-    @functools.cached_property
-    def _comm(self):
-        if self._injected is not None:
-            return self._injected
+    def _import_comm(self):
         import aiter.dist.communication_op  # imports only on ROCm
 
         return aiter.dist.communication_op
 
     def unsupported(self, call: Call) -> str | None:
         return unsupported(call)
-
-    def run(self, variant: str, args: FusedArgs) -> FusedOutputs:
-        if variant not in VARIANTS:
-            raise ValueError(f"fusion_passes: the aiter backend does not implement {variant!r}")
-        try:
-            return getattr(self, variant)(args)
-        except Unfusable as why:  # raised before any vendor call: answer this call unfused
-            return run_on_reference(self.name, why, variant, args)
 
     # -- argument mapping ---------------------------------------------------------------
     def _common(self, a: FusedArgs, *, gemma_ok=True):

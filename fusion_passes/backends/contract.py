@@ -32,6 +32,24 @@ class Call:
     group_size: int | None = None
 
 
+def platform_reason(call: Call, dtypes, world_sizes, nodes_reason: str, world_note: str = "",
+                    device: str | None = None, device_need: str = "") -> str | None:
+    """The device, dtype, world-size and one-host checks every kernel backend makes, in that
+    order: why *call* fails one, or None. *device* None: the caller checked the device
+    itself; else *device_need* says what the backend needs. *world_note* ends the
+    world-size reason; *nodes_reason* is the reason for a group that spans several nodes (a
+    group of one rank never does)."""
+    if device is not None and call.device != device:
+        return f"{device_need}, got device {call.device!r}"
+    if call.dtype not in dtypes:
+        return f"dtype {call.dtype} not in {[str(d) for d in dtypes]}"
+    if call.world_size not in world_sizes:
+        return f"world size {call.world_size} not in {world_sizes}{world_note}"
+    if call.world_size > 1 and not call.single_node:
+        return nodes_reason
+    return None
+
+
 class Slower(str):
     """A decline because the backend was MEASURED slower than the unfused chain for this call
     (a crossover in thresholds.py), not because it cannot run it. It counts where the unfused

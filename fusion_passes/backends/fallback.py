@@ -1,7 +1,10 @@
-"""What a vendor backend does with a call its kernel would compute differently."""
+"""What a vendor backend does with a call its kernel would compute differently, and the
+shape the vendor adapters share (:class:`VendorBackend`)."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 
 from fusion_passes.variants import FusedArgs, FusedOutputs
@@ -22,3 +25,42 @@ def run_on_reference(backend: str, why: Exception, variant: str, args: FusedArgs
         _LOGGED.add((backend, str(why)))
         _log.warning("fusion_passes: %s runs %s unfused: %s", backend, variant, why)
     return ReferenceBackend().run(variant, args)
+
+
+def not_installed(module: str, reason: str, installed: bool | None = None) -> str | None:
+    """*reason* when the vendor *module* cannot be imported here, else None (*installed*
+    overrides the lookup, for tests)."""
+    if not (importlib.util.find_spec(module) is not None if installed is None else installed):
+        return reason
+    return None
+
+
+class VendorBackend:
+    """The shape of a vendor adapter: the vendor module (``comm``) is injected by tests or
+    imported on first use (:meth:`_import_comm`); :meth:`run` calls the method named for the
+    variant and answers a call that raises :class:`Unfusable` (always before any vendor
+    call) with the unfused chain."""
+
+    name: str
+    variants: frozenset[str]
+
+    def __init__(self, comm=None) -> None:
+        self._injected = comm  # tests pass a fake; otherwise the vendor module on first run
+
+    def _import_comm(self):
+        raise NotImplementedError
+
+    @functools.cached_property
+    def _comm(self):
+        if self._injected is not None:
+            return self._injected
+        return self._import_comm()
+
+    def run(self, variant: str, args: FusedArgs) -> FusedOutputs:
+        """Run one fused call of *variant* with the vendor's kernel, or unfused (see above)."""
+        if variant not in self.variants:
+            raise ValueError(f"fusion_passes: the {self.name} backend does not implement {variant!r}")
+        try:
+            return getattr(self, variant)(args)
+        except Unfusable as why:  # raised before any vendor call: answer this call unfused
+            return run_on_reference(self.name, why, variant, args)

@@ -29,14 +29,13 @@ sum is NOT verified (never executed here); the two differ by at most one ulp of 
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 
 from fusion_passes import variants
 from fusion_passes.backends import thresholds
-from fusion_passes.backends.contract import Call, Slower
-from fusion_passes.backends.fallback import Unfusable, run_on_reference
+from fusion_passes.backends.contract import Call, Slower, platform_reason
+from fusion_passes.backends.fallback import Unfusable, VendorBackend, not_installed
 from fusion_passes.variants import FusedArgs, FusedOutputs
 
 LIMITS = thresholds.FLASHINFER
@@ -60,14 +59,11 @@ def max_input_bytes(sm: int, world_size: int) -> float | None:
 
 def unsupported(call: Call, sm: int | None = None, installed: bool | None = None) -> str | None:
     """Why FlashInfer's fused kernels cannot (or should not) run *call* (*sm*, *installed*: for tests)."""
-    if call.device != "cuda":
-        return f"needs an NVIDIA CUDA GPU, got device {call.device!r}"
-    if call.dtype not in DTYPES:
-        return f"dtype {call.dtype} not in {[str(d) for d in DTYPES]}"
-    if call.world_size not in LIMITS["world_sizes"]:
-        return f"world size {call.world_size} not in {LIMITS['world_sizes']}"
-    if not call.single_node:
-        return "the group spans several nodes: the multi-node (MNNVL) path needs NVLink multicast, kept off"
+    platform = platform_reason(call, DTYPES, LIMITS["world_sizes"],
+                               "the group spans several nodes: the multi-node (MNNVL) path needs NVLink multicast, kept off",
+                               device="cuda", device_need="needs an NVIDIA CUDA GPU")
+    if platform is not None:
+        return platform
     itemsize = torch.empty((), dtype=call.dtype).element_size()
     if (call.hidden * itemsize) % LIMITS["bytes_per_access"]:
         return f"hidden*itemsize {call.hidden * itemsize} not a multiple of {LIMITS['bytes_per_access']} bytes"
@@ -83,37 +79,25 @@ def unsupported(call: Call, sm: int | None = None, installed: bool | None = None
     if call.tokens is not None and call.tokens * call.hidden * itemsize > limit:
         return Slower(f"{call.tokens * call.hidden * itemsize} input bytes > {int(limit)}: slower than unfused "
                       "(vLLM's crossover)")
-    if not (importlib.util.find_spec("flashinfer") is not None if installed is None else installed):
-        return "flashinfer is not installed (pip install flashinfer-python; needs nvcc for its JIT)"
-    return None
+    return not_installed("flashinfer", "flashinfer is not installed (pip install flashinfer-python; needs nvcc "
+                         "for its JIT)", installed)
 
 
-class FlashInferBackend:
+class FlashInferBackend(VendorBackend):
     name = "flashinfer"
     variants = VARIANTS
 
     def __init__(self, comm=None) -> None:
-        self._injected = comm  # tests pass a fake; otherwise flashinfer.comm on first run
+        super().__init__(comm)  # flashinfer.comm unless given
         self._workspaces: dict[tuple, object] = {}
 
-    @functools.cached_property
-    def _comm(self):
-        if self._injected is not None:
-            return self._injected
+    def _import_comm(self):
         import flashinfer.comm  # heavy; JIT-builds its kernels on first use (nvcc)
 
         return flashinfer.comm
 
     def unsupported(self, call: Call) -> str | None:
         return unsupported(call)
-
-    def run(self, variant: str, args: FusedArgs) -> FusedOutputs:
-        if variant not in VARIANTS:
-            raise ValueError(f"fusion_passes: the flashinfer backend does not implement {variant!r}")
-        try:
-            return getattr(self, variant)(args)
-        except Unfusable as why:  # raised before any vendor call: answer this call unfused
-            return run_on_reference(self.name, why, variant, args)
 
     # -- workspace ------------------------------------------------------------------------
     def _workspace(self, group: str, x: torch.Tensor):

@@ -56,7 +56,7 @@ import torch
 
 from fusion_passes import arguments, epilogue, groups, variants
 from fusion_passes.backends import symm, thresholds
-from fusion_passes.backends.contract import Call, Slower
+from fusion_passes.backends.contract import Call, Slower, platform_reason
 from fusion_passes.variants import FusedArgs, FusedOutputs
 
 LIMITS = thresholds.TRITON
@@ -329,14 +329,12 @@ def _check_fp4(input, variant: str) -> None:
 
 def unsupported(call: Call) -> str | None:
     """Why the triton backend cannot (or should not, being slower) run *call*."""
-    if call.device != "cuda":
-        return f"needs an NVIDIA CUDA GPU (PTX signal instructions), got device {call.device!r}"
-    if call.dtype not in DTYPES:
-        return f"dtype {call.dtype} not in {[str(d) for d in DTYPES]}"
-    if call.world_size not in LIMITS["world_sizes"]:
-        return f"world size {call.world_size} not in {LIMITS['world_sizes']} (barrier needs a power of two)"
-    if call.world_size > 1 and not call.single_node:
-        return "the group spans several nodes: symmetric-memory peer loads need one host"
+    platform = platform_reason(call, DTYPES, LIMITS["world_sizes"],
+                               "the group spans several nodes: symmetric-memory peer loads need one host",
+                               world_note=" (barrier needs a power of two)",
+                               device="cuda", device_need="needs an NVIDIA CUDA GPU (PTX signal instructions)")
+    if platform is not None:
+        return platform
     if call.hidden > LIMITS["max_hidden"]:
         return f"hidden {call.hidden} > {LIMITS['max_hidden']} (one row must fit in registers)"
     itemsize = torch.empty((), dtype=call.dtype).element_size()
