@@ -10,6 +10,7 @@ import pathlib
 import pytest
 
 from fusion_passes.tools import cli
+from fusion_passes.tools import explain
 from test_cli_models import MODEL, relu_block, write_dumps
 
 CLEAR, TITLE, RED = "\x1b[2J", "\x1b]0;pwned\x07", "\x1b[31m"
@@ -57,7 +58,7 @@ def test_explain_escapes_text_from_the_dump(hostile, capsys, hoist):
     assert "blocked by relu (aten.relu\\x1b[31m.default)" in out
     assert 'source: File "model.py\\x1b]0;pwned\\x07", line 1, in forward\\x1b[2J' in out
     assert "              y = relu(x)\\x1b[31m" in out.splitlines()
-    assert out.splitlines()[-1] == "1/2 all-reduces fused"
+    assert out.splitlines()[-2:] == ["1/2 all-reduces fused", explain.SPELLING_HINT]
     rc = cli.main([*argv, "--json"])
     js = capsys.readouterr().out
     _only_printable(js)  # JSON escapes control characters itself

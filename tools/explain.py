@@ -177,7 +177,14 @@ def render_text(graphs: list[GraphExplanation], colour: bool = False) -> str:
     fused = sum(1 for s in every if s["fused"])
     failed = sum(len(g.errors) for g in graphs)
     lines.append(f"{fused}/{len(every)} all-reduces fused" + (f"; the pass FAILED on {failed} graph(s)" if failed else ""))
+    if fused < len(every) and not failed:
+        lines.append(SPELLING_HINT)
     return "\n".join(lines)
+
+
+SPELLING_HINT = ("how a chain is recognized, and what to do when yours is not: docs/spellings.md in the "
+                 "fusion-passes repository")
+"""Printed under the summary when a site did not fuse."""
 
 
 def run(args) -> int:
