@@ -2,9 +2,12 @@
 
 Hypothesis draws a chain of hoistable ops (any order, 0-6 of them), optional merges with
 a second all-reduce, an optional blocker at a random position, dtype, shape (odd token
-counts included) and world size 2-8. Each example builds the aten graph (as make_fx / Inductor
-would emit it, see :class:`Tracer`), runs the FusionPass, and evaluates both graphs on
-simulated ranks.
+counts included), world size 2-8, the dialect (``_c10d_functional`` or vLLM's
+``vllm.all_reduce``, with aten or ``vllm_ir`` norms) and the side of the residual add.
+Blockers include a merge with an all-reduce of ANOTHER process group (must be refused) and a
+scale by a per-rank value shaped like a weight (derived from a partial sum: it looks
+replicated and is not). Each example builds the aten graph (as make_fx / Inductor would emit
+it, see :class:`Tracer`), runs the FusionPass, and evaluates both graphs on simulated ranks.
 
 CI runs the derandomized "ci" profile: ``max_examples`` below add up to 1,000 examples. Soak: ``make soak`` (HYPOTHESIS_PROFILE=soak, 20,000 per test).
 """
@@ -13,11 +16,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import operator
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 import fusion_passes
 from fusion_passes import hoist
@@ -33,25 +37,45 @@ aten, c10d = torch.ops.aten, torch.ops._c10d_functional
 CONVERT = torch.ops.prims.convert_element_type.default
 Node = torch.fx.Node
 
-AR = "_c10d_functional.all_reduce"
 FUSED = "fusion_passes.allreduce_add_rmsnorm"
+AR_OP = {"c10d": "_c10d_functional.all_reduce", "vllm": "vllm.all_reduce"}
+
+
+def _vllm_ops() -> bool:
+    """vLLM's all_reduce and vllm_ir norm ops registered (the vllm extra), else only c10d."""
+    try:
+        import vllm.distributed.parallel_state  # noqa: F401  (torch.ops.vllm.all_reduce)
+        import vllm.ir.ops  # noqa: F401  (torch.ops.vllm_ir.*)
+    except ModuleNotFoundError as e:
+        if e.name != "vllm":
+            raise
+        return False
+    return True
+
+
+DIALECTS = ("c10d", "vllm") if _vllm_ops() else ("c10d",)
+VLLM_GROUPS = ("tp:0", "tp:1")  # vLLM's own group names; the second is "another group"
 
 # hoistable ops: each maps (value, state) -> value and is skipped when the shape rules it out
 HOISTABLE = ("view3d", "flatten", "unsqueeze", "squeeze", "slice_tokens", "slice_hidden", "select",
              "clone", "permute", "neg", "mul_scalar", "div_scalar", "mul_replicated", "split", "merge")
-BLOCKERS = ("silu", "add_scalar", "second_user", "cast")
+BLOCKERS = ("silu", "add_scalar", "second_user", "cast", "merge_other_group", "mul_partial")
 # what the report's reason must say for each blocker (the op that stopped the all-reduce)
 BLOCKER_REASON = {
     "silu": "aten.silu.default",
     "add_scalar": "adds the scalar",
     "second_user": "a second user blocks hoisting",
     "cast": "casts the all-reduce output",
+    "merge_other_group": "adds all-reduces of two groups",
+    "mul_partial": "a per-rank partial value (not replicated across ranks)",
 }
 BLOCKER_NODE = {  # the op of the node the report names as the blocker
     "silu": "aten.silu.default",
     "add_scalar": "aten.add.Tensor",
     "second_user": "_c10d_functional.wait_tensor.default",
     "cast": "prims.convert_element_type.default",
+    "merge_other_group": "aten.add.Tensor",
+    "mul_partial": "aten.mul.Tensor",
 }
 
 
@@ -68,6 +92,9 @@ class Plan:
     blocker_at: int
     hf_norm: bool
     seed: int
+    dialect: str = "c10d"
+    residual_left: bool = False  # ``res + y`` instead of ``y + res``
+    vllm_ir_norm: bool = False  # vLLM dialect: vllm_ir.fused_add_rms_norm instead of the aten chain
 
     def steps(self) -> list[str]:
         steps = list(self.ops)
@@ -89,7 +116,22 @@ def plans(draw, max_ops: int = 6):
         blocker_at=draw(st.integers(0, max_ops)),
         hf_norm=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
+        dialect=draw(st.sampled_from(DIALECTS)),
+        residual_left=draw(st.booleans()),
+        vllm_ir_norm=draw(st.booleans()),
     )
+
+
+class _FakeMode(FakeTensorMode):
+    """The fake mode, asking once whether a GPU exists: FakeTensorMode.avoid_device_init
+    asks on every ``with mode:``, and on a CUDA build without a driver each ask loads NVML
+    through ctypes (about 20% of building a graph here)."""
+
+    _no_device = not torch.cuda.is_available()
+
+    @property
+    def avoid_device_init(self) -> bool:
+        return self._no_device
 
 
 class Tracer:
@@ -101,7 +143,7 @@ class Tracer:
     (``prims.convert_element_type`` for casts, as in post-grad graphs).
     """
 
-    mode = FakeTensorMode()
+    mode = _FakeMode()
 
     def __init__(self):
         self.graph = torch.fx.Graph()
@@ -121,10 +163,17 @@ class Tracer:
             node.meta["val"] = op(*fake[0], **fake[1])
         return node
 
-    def all_reduce(self, x: Node) -> Node:
-        """all_reduce + wait_tensor; vals as their meta impls give them (contiguous), set
-        directly: the collectives' fake dispatch is uncached and slow."""
-        ar = self.graph.call_function(c10d.all_reduce.default, (x, "sum", group_name()))
+    def all_reduce(self, x: Node, dialect: str = "c10d", other_group: bool = False) -> Node:
+        """all_reduce + wait_tensor (c10d) or ``vllm.all_reduce``; vals as their meta impls give
+        them (contiguous / empty_like), set directly: the collectives' fake dispatch is
+        uncached and slow. ``other_group``: a second process group of the same ranks."""
+        if dialect == "vllm":
+            ar = self.graph.call_function(torch.ops.vllm.all_reduce.default, (x, VLLM_GROUPS[other_group]))
+            with self.mode:
+                ar.meta["val"] = torch.empty_like(x.meta["val"])
+            return ar
+        name = _other_group().group_name if other_group else group_name()
+        ar = self.graph.call_function(c10d.all_reduce.default, (x, "sum", name))
         wait = self.graph.call_function(c10d.wait_tensor.default, (ar,))
         with self.mode:
             ar.meta["val"] = torch.empty_like(x.meta["val"], memory_format=torch.contiguous_format)
@@ -134,6 +183,15 @@ class Tracer:
     def gm(self, outputs) -> torch.fx.GraphModule:
         self.graph.output(tuple(outputs))
         return torch.fx.GraphModule(torch.nn.Module(), self.graph)
+
+
+@functools.lru_cache(maxsize=1)
+def _other_group():
+    """A second c10d group over the same ranks (its own name): merging across it is wrong
+    even though the ranks coincide, since the two collectives are not one."""
+    import torch.distributed as dist
+
+    return dist.new_group(list(range(dist.get_world_size())))
 
 
 def shape(n: Node) -> tuple:
@@ -150,8 +208,10 @@ class Builder:
 
     def build(self) -> torch.fx.GraphModule:
         t, dt = self.t, self.plan.dtype
-        y = t.all_reduce(t.input("partial", (self.plan.tokens, self.plan.hidden), dt))
-        self.first = y.args[0].name  # the chain's own all-reduce (merge partners come later)
+        self.x = t.input("partial", (self.plan.tokens, self.plan.hidden), dt)
+        y = t.all_reduce(self.x, self.plan.dialect)
+        self.first = (y if self.plan.dialect == "vllm" else y.args[0]).name  # the chain's own all-reduce
+        self.other_group_ars = 0
         blocked = False
         for step in self.plan.steps():
             if step.startswith("!"):
@@ -160,7 +220,12 @@ class Builder:
                 y = self.apply(step, y, blocked)
         res = t.input("replicated", shape(y), dt)
         w = t.input("replicated", shape(y)[-1:], dt)
-        return t.gm([self.norm(t(aten.add.Tensor, y, res), w), *self.taps])
+        if self.plan.dialect == "vllm" and self.plan.vllm_ir_norm:
+            x, r = (res, y) if self.plan.residual_left else (y, res)
+            out = t(torch.ops.vllm_ir.fused_add_rms_norm.default, x, r, w, 1e-6)
+            return t.gm([t(operator.getitem, out, 0), t(operator.getitem, out, 1), *self.taps])
+        summed = t(aten.add.Tensor, res, y) if self.plan.residual_left else t(aten.add.Tensor, y, res)
+        return t.gm([self.norm(summed, w), *self.taps])
 
     def block(self, kind: str, y: Node) -> Node:
         t = self.t
@@ -171,6 +236,13 @@ class Builder:
         if kind == "second_user":
             self.taps.append(y)  # a graph output reads the value: a second user
             return t(aten.mul.Tensor, y, 2)
+        if kind == "merge_other_group":
+            self.other_group_ars += 1
+            other = t.all_reduce(t.input("partial", shape(y), self.plan.dtype), self.plan.dialect, other_group=True)
+            return t(aten.add.Tensor, y, other)
+        if kind == "mul_partial":  # row 0 of this rank's summand: a [hidden] "weight" that differs per rank
+            row = t(aten.select.int, self.x, 0, 0)
+            return t(aten.mul.Tensor, y, t(aten.slice.Tensor, row, 0, 0, shape(y)[-1]))
         # a lossy round trip (through a type that drops bits or range): an exact one, as
         # bf16 -> fp32 -> bf16, is the identity, which recognition by meaning fuses
         dt = self.plan.dtype
@@ -215,7 +287,7 @@ class Builder:
             return t(operator.getitem, parts, 1)
         if op == "merge":
             self.merges_after_blocker += int(blocked)
-            return t(aten.add.Tensor, y, t.all_reduce(t.input("partial", s, self.plan.dtype)))
+            return t(aten.add.Tensor, y, t.all_reduce(t.input("partial", s, self.plan.dtype), self.plan.dialect))
         return y  # not applicable to this shape: skipped
 
     def norm(self, x: Node, w: Node, eps: float = 1e-6) -> Node:
@@ -246,22 +318,40 @@ def build(plan: Plan):
 
 
 def tolerance(plan: Plan) -> dict:
-    """Unfused vs hoisted, max difference.
+    """Unfused vs hoisted, in ulps of the output: ``N * eps`` relative (eps = one ulp at 1.0,
+    ``torch.finfo(dtype).eps``) and ``5 * N * eps`` absolute, with
 
-    Hoisting reorders roundings (DESIGN.md section 4): a scale moved before the sum rounds
-    each rank's summand once more, a merge sums ``(a0 + b0) + (a1 + b1)`` instead of
-    ``(a0 + a1) + (b0 + b1)``. Each rounding is at most half an ulp of the running value;
-    there are at most ``world`` additions per merged operand and one per scale. RMSNorm is
-    scale-invariant, so the relative error carries to its output, which is rounded once
-    more. Hence rtol = (world * (merges + 1) + scales + 2) * eps; atol covers elements that
-    cancel to near zero: the same count of ulps of a unit-rms value times the largest
-    weight (|w| < 5 for the normal weights drawn here).
+        N = world * (merges + 1) + scales + 2.
+
+    Derivation. Hoisting reorders roundings only (DESIGN.md section 4). Each all-reduced
+    operand is a sum over ``world`` ranks; a merge adds the sums of ``merges + 1`` operands
+    as ``(a0 + b0) + (a1 + b1)`` instead of ``(a0 + a1) + (b0 + b1)``: both orders take
+    ``world * (merges + 1) - 1`` additions, each off by at most half an ulp of its running
+    value, so the two results differ by at most ``world * (merges + 1) - 1`` ulps of it.
+    A scale moved before the sum rounds every summand once more: one more ulp per moved
+    scale (``scales``). RMSNorm is scale-invariant, so these relative errors carry to its
+    output (the partial sums here are N(0, 1) draws: the running value stays within a small
+    factor of the total), which both graphs round once more (1 ulp each: the ``+ 2``). The
+    absolute term covers elements that cancel to near zero: the same ulps of a unit-rms
+    value times the largest weight (``|w| < 5`` for the normal weights drawn here). For bf16
+    at world 8 with 3 merges this is N = 34 ulps, rtol 0.27: the bf16 sum itself is that
+    coarse, and the fp32 and fp16 draws check the same reorderings 2^16 and 2^3 times finer.
     """
     eps = torch.finfo(plan.dtype).eps
     merges = plan.ops.count("merge")
     scales = sum(plan.ops.count(o) for o in ("mul_scalar", "div_scalar", "mul_replicated"))
     ulps = plan.world * (merges + 1) + scales + 2
     return {"rtol": ulps * eps, "atol": 5 * ulps * eps}
+
+
+def known_bug_two_adds(plan: Plan, b: Builder) -> bool:
+    """An all-reduce whose residual add (an aten add) feeds ``vllm_ir.fused_add_rms_norm``,
+    which adds a second residual: the pass errors ("cannot remove getitem_1: still used by
+    ['output']") and leaves the graph unchanged. Reproduced on its own by
+    :func:`test_aten_residual_add_into_vllm_fused_add_rms_norm` (strict xfail); drop this
+    exclusion when that test passes."""
+    two_adds = b.merges_after_blocker or plan.blocker == "merge_other_group"
+    return plan.dialect == "vllm" and plan.vllm_ir_norm and bool(two_adds)
 
 
 def run_pass(gm, **options):
@@ -280,9 +370,11 @@ def test_property_hoisting_numerics_fusion_idempotence(plan):
     the blocker named in the report; a blocked chain comes out unchanged (its moves and
     merges undone); running the passes a second time changes nothing more."""
     gm, per_rank, b = build(plan)
+    assume(not known_bug_two_adds(plan, b))
     ref = copy.deepcopy(gm)
     merges = plan.ops.count("merge")
-    assert count(gm, AR) == 1 + merges
+    AR = AR_OP[plan.dialect]
+    assert count(gm, AR) == 1 + merges + b.other_group_ars
     report = run_pass(gm)
 
     want, got = run_ranks(ref, per_rank), run_ranks(gm, per_rank)
@@ -297,13 +389,15 @@ def test_property_hoisting_numerics_fusion_idempotence(plan):
         assert all(s.fused for s in report.sites) and len(report.sites) == 1 + merges
     else:  # the site cannot fuse: every move and merge toward it is undone
         assert count(gm, FUSED) == 0 and gm.code == ref.code
-        assert count(gm, AR) == 1 + merges
+        assert count(gm, AR) == 1 + merges + b.other_group_ars
         assert not first.fused and first.hoisted_over == []
         assert first.reason.startswith("not fused, graph unchanged at this site: ") or not any(
             s.hoisted_over for s in report.sites), first.reason
         assert BLOCKER_REASON[plan.blocker] in first.reason, first.reason
         node = next(n for n in gm.graph.nodes if n.name == first.blocker)
-        assert target_name(node) == BLOCKER_NODE[plan.blocker]
+        want = "vllm.all_reduce.default" if (plan.blocker, plan.dialect) == ("second_user", "vllm") else \
+            BLOCKER_NODE[plan.blocker]  # vLLM's all-reduce has no wait_tensor: it is the value read twice
+        assert target_name(node) == want
     applied = len([o for o in first.hoisted_over if o != "getitem"])
     assert applied <= len(plan.ops) + 1  # + the clone of a non-contiguous flatten
 
@@ -320,8 +414,24 @@ def test_property_hoisting_numerics_fusion_idempotence(plan):
 @given(plan=plans())
 def test_property_deterministic(plan):
     """The same input graph gives the same output graph and the same report."""
-    gm, _, _ = build(plan)
+    gm, _, b = build(plan)
+    assume(not known_bug_two_adds(plan, b))
     twin = copy.deepcopy(gm)
     first, second = run_pass(gm), run_pass(twin)
     assert gm.code == twin.code
     assert first.to_dict() == second.to_dict()
+
+
+@pytest.mark.skipif("vllm" not in DIALECTS, reason="needs vLLM (the vllm extra): its all_reduce and vllm_ir ops")
+@pytest.mark.xfail(strict=True, reason="known bug (match/rewrite): a residual add before vllm_ir.fused_add_rms_norm "
+                   "makes the rewrite fail; the property tests exclude it (known_bug_two_adds)")
+def test_aten_residual_add_into_vllm_fused_add_rms_norm():
+    """``AR(z) + AR(x)`` (the second all-reduce's residual add) feeding fused_add_rms_norm:
+    two residual adds. Either fused correctly or left unfused, never an internal error."""
+    t = Tracer()
+    y = t.all_reduce(t.input("partial", (1, 8), torch.bfloat16), "vllm")
+    s = t(aten.add.Tensor, y, t.all_reduce(t.input("partial", (1, 8), torch.bfloat16), "vllm"))
+    out = t(torch.ops.vllm_ir.fused_add_rms_norm.default, s, t.input("replicated", (1, 8), torch.bfloat16),
+            t.input("replicated", (8,), torch.bfloat16), 1e-6)
+    gm = t.gm([t(operator.getitem, out, 0), t(operator.getitem, out, 1)])
+    run_pass(gm, hoist=False)

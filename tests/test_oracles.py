@@ -131,7 +131,7 @@ def test_fp8_per_group_equals_vllm_native(r, group, ue8m0, column_major):
 
 
 # ------------------------------------------------------------------ FP8 against torchao
-@settings(max_examples=100)
+@settings(max_examples=150)
 @given(r=rows(), group=st.sampled_from([32, 128]))
 def test_fp8_equals_torchao_blockwise(r, group):
     """torchao divides by the scale at every granularity (CONVENTIONS
@@ -150,7 +150,7 @@ def test_fp8_equals_torchao_blockwise(r, group):
         assert torch.equal(s.reshape(-1), ws.reshape(-1)), f"torchao block {block} scales"
 
 
-@settings(max_examples=100)
+@settings(max_examples=150)
 @given(r=rows(kinds=("random", "neg_zero", "huge", "fp8_ties", "e2m1_ties", "tiny")), group=st.sampled_from([32, 128]))
 def test_ue8m0_equals_torchao_rceil(r, group):
     """UE8M0 per-group FP8 = torchao's MXFP8 RCEIL (ceil(log2(amax / 448)), data * 2^-e):
@@ -191,7 +191,7 @@ def test_nvfp4_equals_vllm_ref_and_torchao(r, pow2):
         same_bytes(fs, ts, "NVFP4 scales vs torchao")
 
 
-@settings(max_examples=60)
+@settings(max_examples=100)
 @given(tokens=st.integers(1, 300), blocks=st.integers(1, 11), seed=st.integers(0, 2**16))
 def test_nvfp4_swizzle_equals_vllm_and_torchao(tokens, blocks, seed):
     g = torch.Generator().manual_seed(seed)
