@@ -72,7 +72,7 @@ CONVENTIONS = {c.name: c for c in (
         "fp8_group_kernel_floors",
         "vLLM _C.per_token_group_fp8_quant (csrc/quantization/w8a8/fp8/per_token_group_quant.cu "
         "ComputeGroupScale): absmax starts at eps=1e-10; UE8M0: scale >= 1e-10 before ceil-pow2",
-        "the fused op's default (ops.KERNEL_GROUP_EPS, ops.kernel_group_scale_min)",
+        "the fused op's default (variants.KERNEL_GROUP_EPS, variants.SCALE_MIN_KERNEL)",
         "amax_eps=0, scale_min=VLLM_NATIVE_SCALE_FLOOR reproduce QuantFP8._quantize_group_native"),
     Convention(
         "ue8m0_exponent_range",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fusion_passes import epilogue
-from fusion_passes.ops import KERNEL_GROUP_EPS, kernel_group_scale_min
+from fusion_passes.variants import KERNEL_GROUP_EPS, get as variant
 import oracles
 
 pytest.importorskip("vllm", reason="needs vLLM 0.33 (the vllm extra): its own quant reference paths")
@@ -54,7 +54,7 @@ def fp8_group_kernel_floors():
     y[1, 3] = 1e-9  # amax below the native floor's 1/512, above 0
     for ue8m0 in (False, True):
         kq, ks = epilogue.fp8_per_group(y, 64, ue8m0, amax_eps=KERNEL_GROUP_EPS,
-                                        scale_min=kernel_group_scale_min(ue8m0))
+                                        scale_min=variant("add_rmsnorm_fp8_per_group").kernel_scale_min({"ue8m0": ue8m0}))
         vq, vs = oracles.vllm_fp8_per_group(y, 64, ue8m0)
         assert not torch.equal(ks, vs), "the kernel's floors differ from the native chain's"
         nq, ns = epilogue.fp8_per_group(y, 64, ue8m0, amax_eps=0.0, scale_min=oracles.VLLM_NATIVE_SCALE_FLOOR)

@@ -18,7 +18,6 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from fusion_passes import epilogue
-from fusion_passes.ops import KERNEL_GROUP_EPS, kernel_group_scale_min
 import oracles
 
 vllm = pytest.importorskip("vllm", reason="needs vLLM 0.33 (the vllm extra): its own quant reference paths")
