@@ -234,3 +234,83 @@ def e2m1_values(packed: torch.Tensor) -> torch.Tensor:
     codes = torch.stack([packed & 15, packed >> 4], -1).reshape(*packed.shape[:-1], -1).long()
     magnitude = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], device=packed.device)[codes & 7]
     return torch.where(codes >= 8, -magnitude, magnitude)
+
+
+# ------------------------------------------------------------------------------------------
+# The fused ops' quant, from the oracles: what tests/gpu/triton_check.py compares a kernel
+# with, given the kernel's own norm output. Each reproduces the op's DEFAULT conventions
+# (the kernel floors of per-group FP8, vLLM's E2M1 -0) through the flags above.
+# ------------------------------------------------------------------------------------------
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def _fp8_group(y, group_size, ue8m0, column_major):
+    from fusion_passes.variants import KERNEL_GROUP_EPS
+
+    lead = [1] * (y.dim() - 1)
+    if ue8m0:  # the kernel's 1e-10 floor never binds on a norm output (amax / 448 >= 1e-10)
+        data, exps = torchao_mx(y, FP8, group_size, "rceil")
+        return data.reshape(y.shape), torch.exp2(exps.float() - 127).reshape(*y.shape[:-1], -1)
+    q, s = torchao_fp8(y, lead + [group_size], hp_value_lb=KERNEL_GROUP_EPS)  # max(amax, eps) / 448
+    return q, s.reshape(*y.shape[:-1], -1)
+
+
+def _nvfp4(y, global_scale, swizzle=True):
+    values, scales = vllm_nvfp4_linear(y, global_scale.cpu())
+    scaled = vllm_nvfp4_scaled(y, global_scale.cpu(), scales)
+    magnitude = torch.searchsorted(torch.tensor(_E2M1), values.abs()).to(torch.uint8)
+    # CONVENTIONS "e2m1_exact_negative_zero": our sign bit is the scaled value's, -0.0 included
+    codes = magnitude | (torch.where(values == 0, scaled.signbit(), values.signbit()).to(torch.uint8) << 3)
+    packed = epilogue.pack_e2m1(codes)
+    block = scales.to(torch.float8_e4m3fn)
+    return packed, vllm_swizzle(block) if swizzle else block
+
+
+def _mxfp4(y):
+    try:
+        from vllm.model_executor.layers.quantization.utils.mxfp4_utils import downcast_to_mxfp
+
+        if y.is_cuda:  # vLLM's own Triton kernel, natively
+            q, s, _ = downcast_to_mxfp(y.reshape(-1, y.shape[-1]).contiguous(), -1)
+            return q.cpu(), s.cpu(), "vLLM mxfp4_utils.downcast_to_mxfp (its Triton kernel, on the GPU)"
+    except ModuleNotFoundError as e:
+        if e.name.split(".")[0] != "vllm":
+            raise
+    y = y.cpu()
+    data, exps = torchao_mx(y, torch.float4_e2m1fn_x2, 32, "even")
+    amax = y.float().reshape(-1, y.shape[-1] // 32, 32).abs().amax(-1)
+    # CONVENTIONS "mx_divisor_floor" / "mx_amax_rounding_to_inf": equal unless a non-zero
+    # block has scale byte 0 (amax below about 2^-125) or an amax that rounds to inf
+    in_domain = ((exps.reshape(amax.shape) > 0) | (amax == 0)) & (amax < MX_AMAX_ROUNDS_TO_INF)
+    assert in_domain.all(), "outside the domain where torchao's MX conventions equal vLLM's (CONVENTIONS)"
+    return data.reshape(-1, y.shape[-1] // 2), exps.reshape(-1, y.shape[-1] // 32), "torchao to_mx EVEN"
+
+
+ORACLE = {
+    "add_rmsnorm_fp8_static": ("vLLM QuantFP8.forward_native (static)",
+                               lambda y, scale: (vllm_fp8_static(y, scale.cpu()), None)),
+    "add_rmsnorm_fp8_per_token": ("vLLM QuantFP8.forward_native (per token)",
+                                  lambda y, ub=None: vllm_fp8_per_token(y, None if ub is None else ub.cpu())),
+    "add_rmsnorm_fp8_per_group": ("torchao blockwise float8 / to_mx RCEIL", _fp8_group),
+    "add_rmsnorm_nvfp4": ("vLLM ref_nvfp4_quant + swizzle_blockscale", _nvfp4),
+    "add_rmsnorm_mxfp4": ("", _mxfp4),  # names the one it ran
+}
+
+
+def oracle_quant(variant: str, y: torch.Tensor, params: tuple):
+    """``(q, scales | None, source)`` on the CPU: *variant*'s quant of the norm output *y*
+    (on any device) with the op's default conventions, from a third party. Where neither
+    vLLM nor torchao imports, :mod:`fusion_passes.epilogue` (checked against both by
+    tests/test_oracles.py) answers, and ``source`` says so."""
+    from fusion_passes import variants
+    from fusion_passes.arguments import quant_params
+
+    source, fn = ORACLE[variant]
+    try:
+        q, s, *named = fn(y if variant == "add_rmsnorm_mxfp4" else y.cpu(), *params)
+        return q.cpu(), None if s is None else s.cpu(), named[0] if named else source
+    except ModuleNotFoundError as e:
+        if e.name.split(".")[0] not in ("vllm", "torchao"):
+            raise
+        q, s = epilogue.quantize(variant, y, quant_params(variants.get(variant), *params))
+        return q.cpu(), None if s is None else s.cpu(), f"fusion_passes.epilogue ({e.name} not installed)"

@@ -240,3 +240,36 @@ def test_mxfp4_equals_vllm_triton_kernel(tmp_path):
         eq, es = epilogue.mxfp4(y)
         same_bytes(eq, q, f"input {i} MXFP4 packed vs vLLM's kernel")
         same_bytes(es, s, f"input {i} MXFP4 scales vs vLLM's kernel")
+
+
+# The GPU check's params for each variant (tests/gpu/triton_check.py), legacy positional form.
+GPU_PARAMS = {
+    "add_rmsnorm_fp8_static": [(torch.tensor([0.02]),)],
+    "add_rmsnorm_fp8_per_token": [(None,), (torch.tensor([3.0]),)],
+    "add_rmsnorm_fp8_per_group": [(128, False, False), (128, True, True), (64, False, True)],
+    "add_rmsnorm_nvfp4": [(torch.tensor([448.0 * 6 / 5]), True), (torch.tensor([448.0 * 6 / 5]), False)],
+    "add_rmsnorm_mxfp4": [()],
+}
+
+
+@pytest.mark.parametrize("variant", sorted(GPU_PARAMS))
+def test_oracle_quant_is_the_fused_ops_quant(variant):
+    """oracles.oracle_quant (what the GPU check compares the kernel with) reproduces the
+    fused op's own quant (its defaults: kernel floors, vLLM's conventions) byte for byte."""
+    from fusion_passes import variants
+    from fusion_passes.arguments import quant_params
+
+    g = torch.Generator().manual_seed(3)
+    y = (torch.randn(77, 512, generator=g) * 2).to(torch.bfloat16)  # a norm output: rms about 2
+    y[0, :40] = -0.0  # exact -0.0 in one NVFP4 / MXFP4 block, and zeros in a 32-element group
+    for params in GPU_PARAMS[variant]:
+        q, s, source = oracles.oracle_quant(variant, y, params)
+        assert "epilogue" not in source, source
+        eq, es = epilogue.quantize(variant, y, quant_params(variants.get(variant), *params))
+        same_bytes(q.reshape(eq.shape), eq, f"{variant} {params} q vs {source}")
+        if es is None:
+            assert s is None
+        elif es.dtype == torch.float32:
+            assert torch.equal(s.reshape(es.shape), es), f"{variant} {params} scales vs {source}"
+        else:
+            same_bytes(s.reshape(es.shape), es, f"{variant} {params} scales vs {source}")
