@@ -371,6 +371,34 @@ def test_property_hoisting_numerics_fusion_idempotence(plan):
     merges undone); running the passes a second time changes nothing more."""
     gm, per_rank, b = build(plan)
     assume(not known_bug_two_adds(plan, b))
+    check_plan(plan, gm, per_rank, b)
+
+
+def _plan(ops, blocker, dialect="c10d", **kw):
+    return Plan(dtype=torch.bfloat16, tokens=3, hidden=16, world=2, ops=ops, blocker=blocker,
+                blocker_at=len(ops), hf_norm=False, seed=7, dialect=dialect, **kw)
+
+
+EXAMPLES = {  # the new generators' cases, pinned (fast, and what tests/mutants.py runs)
+    "merge_across_two_c10d_groups": _plan(["merge"], "merge_other_group"),
+    "merge_across_two_vllm_groups": _plan([], "merge_other_group", "vllm"),
+    "scale_by_a_summand_row_after_a_view": _plan(["view3d"], "mul_partial"),
+    "scale_by_a_summand_row_after_a_moved_scale": _plan(["mul_replicated"], "mul_partial"),
+    "residual_on_the_left_vllm_ir_norm": _plan(["mul_scalar"], None, "vllm", residual_left=True, vllm_ir_norm=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_pinned_example(name):
+    plan = EXAMPLES[name]
+    if plan.dialect not in DIALECTS:
+        pytest.skip("needs vLLM (the vllm extra): its all_reduce and vllm_ir ops")
+    gm, per_rank, b = build(plan)
+    check_plan(plan, gm, per_rank, b)
+
+
+def check_plan(plan: Plan, gm, per_rank, b) -> None:
+    """The property's assertions for one built plan."""
     ref = copy.deepcopy(gm)
     merges = plan.ops.count("merge")
     AR = AR_OP[plan.dialect]
