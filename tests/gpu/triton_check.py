@@ -244,16 +244,8 @@ def check_op(group, rank, world):
     return f"ws{world} fused op, backend auto -> {chosen} ({tokens} tokens), ran on triton"
 
 
-def main() -> int:
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if world == 1 and "MASTER_ADDR" not in os.environ:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", torch.cuda.current_device()))
-    group = "c10d:" + dist.group.WORLD.group_name
+def all_cases() -> list[dict]:
+    """Every check_case: shapes, dtypes, norm forms, each quant, residual_in_fp32."""
     cases = []
     for tokens in (1, 3, 64, 257, 2048):
         for hidden in (128, 4096, 7168):
@@ -296,6 +288,20 @@ def main() -> int:
     ]
     for quant in ("fp8_static", "fp8_per_token", "fp8_per_group"):
         cases.append(dict(tokens=77, hidden=7168, dtype=torch.bfloat16, quant=quant, res_fp32=True))
+    return cases
+
+
+def main() -> int:
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if world == 1 and "MASTER_ADDR" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", torch.cuda.current_device()))
+    group = "c10d:" + dist.group.WORLD.group_name
+    cases = all_cases()
     failures = 0
     for i, case in enumerate(cases):
         try:
