@@ -46,7 +46,7 @@ class Mutant:
     why: str
 
 
-EPI, HOIST = "fusion_passes/epilogue.py", "fusion_passes/hoist.py"
+EPI, HOIST, RULES = "fusion_passes/epilogue.py", "fusion_passes/hoist.py", "fusion_passes/hoist_rules.py"
 ORACLES = ("tests/test_oracles.py", "-k", "not triton_kernel")  # all but the Triton-interpreter test
 OPS = ("tests/test_ops.py",)
 VENDOR = ("tests/test_vendor_adapters.py",)
@@ -97,11 +97,11 @@ MUTANTS = (
            "recip(s32 * recip(gs))",
            "(recip(s32) * gs)",
            ORACLES, "1/(s/gs) computed as (1/s)*gs: another rounding, and a zero block no longer 0"),
-    Mutant("merge_across_groups", HOIST,
+    Mutant("merge_across_groups", RULES,
            "if theirs.group != mine.group:",
            "if False:",
            PINNED, "two all-reduces of different process groups merged into one"),
-    Mutant("hoist_over_nonlinear_op", HOIST,
+    Mutant("hoist_over_nonlinear_op", RULES,
            "    aten.neg.default: negate,",
            "    aten.neg.default: negate,\n    aten.silu.default: negate,",
            ("tests/test_hoist.py", "-k", "blocker"), "silu treated like a sign flip: moved above the sum"),
