@@ -211,14 +211,17 @@ def nvfp4_swizzle(scales: torch.Tensor) -> torch.Tensor:
 
 
 def nvfp4(
-    y: torch.Tensor, global_scale: torch.Tensor, swizzle: bool = True
+    y: torch.Tensor, global_scale: torch.Tensor, swizzle: bool = True, *, block_scale_min: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """NVFP4 -> ``(packed uint8 [T, H//2], block scales float8_e4m3fn)``; scales are
     ``[T, H//16]`` linear or :func:`nvfp4_swizzle`-d (``swizzle=True``, vLLM's default).
 
     Per 16-element block (vllm ref_nvfp4_quant, the math of ``_C.scaled_fp4_quant``):
-    ``s = fp8(clamp(global_scale * amax / 6, +-448))``,
+    ``s = fp8(clamp(global_scale * amax / 6, block_scale_min, 448))``,
     ``q = e2m1(clamp(y32 * 1/(s * 1/global_scale), +-6))`` with ``1/0 := 0``.
+    ``block_scale_min``: 0 is vLLM's (no floor: an all-zero block has scale 0); torchao's
+    ``nvfp4_quantize`` floors the block scale at ``finfo(float8_e4m3fn).tiny``
+    (tests/oracles.py, ``TORCHAO_NVFP4_SCALE_FLOOR``).
     """
     hidden = y.shape[-1]
     if hidden % NVFP4_BLOCK:
@@ -226,7 +229,7 @@ def nvfp4(
     x = y.reshape(-1, hidden // NVFP4_BLOCK, NVFP4_BLOCK)
     gs = global_scale.to(torch.float32)
     amax = x.abs().amax(dim=-1, keepdim=True).to(torch.float32)
-    s = (gs * (amax * (1.0 / E2M1_MAX))).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    s = (gs * (amax * (1.0 / E2M1_MAX))).clamp(block_scale_min, E4M3_MAX).to(torch.float8_e4m3fn)
     s32 = s.to(torch.float32)
 
     def recip(t: torch.Tensor) -> torch.Tensor:  # vLLM get_reciprocal: 1/(t + (t==0)*1e8)
@@ -238,13 +241,15 @@ def nvfp4(
     return packed, (nvfp4_swizzle(s) if swizzle else s)
 
 
-def mxfp4(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mxfp4(y: torch.Tensor, *, divisor_min: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """MXFP4 -> ``(packed uint8 [T, H//2], E8M0 scales uint8 [T, H//32])``.
 
     Per 32-element block (OCP MX; vllm mxfp4_utils._compute_quant_and_scale, which says it
     matches AITER's ``dynamic_mxfp4_quant``): round amax's mantissa to nearest
     (``(bits + 0x200000) & 0x7F800000``), ``e = clamp(floor(log2(.)) - 2, +-127)``,
-    ``q = e2m1(y32 * 2^-e)``, scale byte ``e + 127``.
+    ``q = e2m1(y32 * 2^-e)``, scale byte ``e + 127``. ``divisor_min``: 0 is vLLM's (a
+    block with ``e = -127`` is multiplied by ``2^127``); torchao's ``to_mx`` divides by
+    ``max(2^e, 2^-126)`` (tests/oracles.py, ``TORCHAO_MX_DIVISOR_FLOOR``).
     """
     hidden = y.shape[-1]
     if hidden % MXFP4_BLOCK:
@@ -254,7 +259,7 @@ def mxfp4(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rounded = ((amax.view(torch.int32) + 0x200000) & 0x7F800000).view(torch.float32)
     rounded = rounded + (rounded == 0) * 2.0**-126  # log2(0) guard, as the Triton kernel
     exponent = (torch.floor(torch.log2(rounded)) - 2).clamp(-127, 127)
-    dequant = torch.exp2(exponent)  # 2^-127 is an fp32 subnormal: biased exponent 0
+    dequant = torch.exp2(exponent).clamp(min=divisor_min)  # 2^-127: an fp32 subnormal, biased exponent 0
     quant_scale = torch.where(dequant == 0, 0.0, 1.0 / dequant)
     codes = e2m1_codes(x * quant_scale).reshape(-1, hidden)
     scale_bytes = (exponent + 127).to(torch.uint8).reshape(-1, hidden // MXFP4_BLOCK)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from typing import Iterator
 
 import torch
@@ -67,29 +68,61 @@ def _world_size(group: str) -> int:
     return _vllm_coordinator(name).world_size
 
 
-@functools.lru_cache(maxsize=None)
+# Decided answers of is_single_node, per group. A failure is never stored: it is logged
+# (naming the group) and the question asked again at the group's next eager call.
+_SINGLE_NODE: dict[str, bool] = {}
+_log = logging.getLogger("fusion_passes")
+_warned: set[tuple[str, str]] = set()
+
+
 def is_single_node(group: str) -> bool:
     """Whether every rank of *group* lives on this host (IPC / symmetric memory possible).
 
-    Kernel backends that read peers' memory need this; the reference path does not.
-    Where it cannot be decided, the answer is False (the safe side: NCCL path).
+    Kernel backends that read peers' memory need this; the reference path does not. It is
+    decided ONCE per group, at the group's first eager call (c10d: one ``all_gather_object``
+    of host names over the group; vLLM: its node count, counted at init), and then read
+    from a dict. Never during CUDA-graph capture: a call captured before any eager call
+    answers False (the NCCL path) for that call only. A question that fails (the group
+    cannot be resolved, the collective raises) answers False for that call, logs a warning
+    naming the group and the error, and is asked again at the next eager call.
     """
-    dialect, name = split(group)
-    try:
-        if dialect == "vllm":
-            # vLLM counts the nodes of its world once, at init (``_NODE_COUNT``); asking
-            # again (``in_the_same_node_as``) is a collective, unsafe inside a fused op
-            # that may run under CUDA-graph capture. One node: every group is local. More:
-            # a TP group may still be local, but we cannot tell without a collective.
-            from vllm.distributed import parallel_state
-
-            _vllm_coordinator(name)  # the group must exist
-            return parallel_state.get_node_count() == 1
-        pg = _resolve_c10d(name)
-        local = int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
-        return 0 < dist.get_world_size(pg) <= local and _same_host(pg)
-    except Exception:  # noqa: BLE001 - unknown means "not single node"
+    known = _SINGLE_NODE.get(group)
+    if known is not None:
+        return known
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        _warn(group, "asked first under CUDA-graph capture, where no collective may run; "
+              "this call takes the path for several nodes, the next eager call decides")
         return False
+    try:
+        answer = _decide_single_node(group)
+    except Exception as e:  # noqa: BLE001 - reported and retried, never cached
+        _warn(group, f"cannot tell whether it spans one node ({type(e).__name__}: {e}); this call "
+              "takes the path for several nodes, the next eager call asks again")
+        return False
+    _SINGLE_NODE[group] = answer
+    return answer
+
+
+def _warn(group: str, why: str) -> None:
+    if (group, why) not in _warned:
+        _warned.add((group, why))
+        _log.warning("fusion_passes: group %r: %s", group, why)
+
+
+def _decide_single_node(group: str) -> bool:
+    dialect, name = split(group)
+    if dialect == "vllm":
+        # vLLM counts the nodes of its world once, at init (``_NODE_COUNT``); asking again
+        # (``in_the_same_node_as``) is a collective. One node: every group is local. More: a
+        # TP group may still be local, but we cannot tell without a collective of our own.
+        from vllm.distributed import parallel_state
+
+        _vllm_coordinator(name)  # the group must exist
+        return parallel_state.get_node_count() == 1
+    pg = _resolve_c10d(name)
+    if torch.cuda.is_available() and dist.get_world_size(pg) > torch.cuda.device_count():
+        return False  # more ranks than this host has GPUs: not one GPU per rank on one host
+    return _same_host(pg)
 
 
 def _vllm_coordinator(name: str):

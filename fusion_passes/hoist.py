@@ -106,14 +106,38 @@ class HoistResult:
 # ------------------------------------------------------------------------------ the pass
 
 
+# node.meta key: names of the inputs of an op moved above an all-reduce that were the sum's
+PARTIAL_INPUTS = "fusion_passes_partial_inputs"
+
+
 def _partial_values(graph: Graph, ars: list[AllReduce]) -> set[Node]:
-    """Nodes holding a per-rank summand: every all-reduce input and everything computed
-    from one without passing through an all-reduce. Everything else counts as
-    replicated (weights, the residual stream, all-reduce outputs and what derives from
-    them). A sharded weight is not Partial but also not replicated; it cannot broadcast
-    against the full hidden dim, which :func:`scale` requires of a tensor scale."""
-    seeds = {ar.input for ar in ars if isinstance(ar.input, Node)}
+    """Nodes holding a per-rank summand: every all-reduce input, the values it is a
+    function of alone (below), and everything computed from those without passing
+    through an all-reduce. Everything else counts as replicated (weights, the residual
+    stream, all-reduce outputs and what derives from them). A sharded weight is not
+    Partial but also not replicated; it cannot broadcast against the full hidden dim,
+    which :func:`scale` requires of a tensor scale.
+
+    An all-reduce input computed from ONE tensor (``view(x)``, ``x * 0.5``, ``x[1:]``) differs
+    per rank only if that tensor does, so the tensor is a per-rank value as well: after
+    one hoist the all-reduce reads ``view(x)``, and a scale taken from ``x`` must stay
+    per-rank on the next run (the pass is idempotent). An op this pass moved above an
+    all-reduce names the inputs that carried the sum in ``meta[PARTIAL_INPUTS]`` (after
+    ``AR(x) * w -> AR(x * w)`` the next run cannot tell ``x`` from ``w`` otherwise)."""
     inner = {n for ar in ars for n in ar.nodes}
+    values = {ar.value for ar in ars}
+    seeds = set()
+    stack = [ar.input for ar in ars if isinstance(ar.input, Node)]
+    while stack:
+        n = stack.pop()
+        if n in seeds or n in inner or n in values:
+            continue
+        seeds.add(n)
+        tensors = [a for a in n.all_input_nodes if isinstance(val(a), (torch.Tensor, tuple, list))]
+        if len(tensors) == 1:
+            stack.append(tensors[0])
+        marked = n.meta.get(PARTIAL_INPUTS, ())  # an op this pass moved above an all-reduce
+        stack.extend(a for a in n.all_input_nodes if a.name in marked)
     partial: set[Node] = set()
     for n in graph.nodes:
         if n in inner:
@@ -225,6 +249,7 @@ class _Hoister:
         with self.graph.inserting_before(u):
             new = self.graph.call_function(u.target, args, kwargs)
         new.meta.update({k: x for k, x in u.meta.items() if k != "val"})
+        new.meta[PARTIAL_INPUTS] = tuple(sorted(r.name for r in replace.values() if isinstance(r, Node)))
         with self.fake.mode:
             new.meta["val"] = u.target(*torch.fx.node.map_arg(args, self._fake),
                                        **torch.fx.node.map_arg(kwargs, self._fake))

@@ -202,6 +202,9 @@ def _beyond_cast(u: Node, steps: int = 8) -> Node | None:
         if nxt.op != "call_function" or _is_norm_op(nxt):
             return None
         rule = RULES.get(nxt.target)
+        if rule is None and nxt.target is operator.getitem and RULES.get(cur.target) is split:
+            cur = nxt  # the piece of a split, which moves with it
+            continue
         if rule is None:
             return nxt
         if rule is add_or_sub:

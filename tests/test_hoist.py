@@ -408,3 +408,18 @@ def test_moves_that_fuse_are_kept():
 
     gm, report = fuse(f, [bf16(T, H), bf16(T, H), bf16(H)], replicated=[1, 2])
     assert report.sites[0].fused and report.sites[0].hoisted_over == ["aten.mul.Tensor"]
+
+
+def test_scale_from_the_summand_of_a_viewed_all_reduce_input_blocks():
+    """``AR(view(s)) * s[0]``: the all-reduce reads a view of this rank's summand ``s``, so
+    ``s`` and the row taken from it differ per rank: hoisting stops at the mul (moving it
+    would sum ``s[0] * s`` over ranks instead of scaling the sum)."""
+    def f(x, p, res, w):
+        s = x + p
+        y = all_reduce(s.view(1, T, H)).view(T, H)
+        return hf_rms_norm(y * s[0] + res, w),
+
+    gm, report = fuse(f, [bf16(T, H), bf16(T, H), bf16(T, H), bf16(H)], replicated=[2, 3], exact=True)
+    assert count(gm, AR) == 1 and count(gm, FUSED) == 0
+    (site,) = report.sites
+    assert "per-rank partial" in site.reason and site.hoisted_over == [], site  # the view's move undone

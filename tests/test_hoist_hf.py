@@ -57,7 +57,23 @@ def _worker(rank: int, directory: str, dtype: torch.dtype):
     report = fusion_passes.FusionReport()
     for r in p.reports:
         report.merge(r)
-    return {"plain": plain, "fused": fused, "report": report.to_dict()}
+    return {"plain": plain, "fused": fused, "report": report.to_dict(), "single_node": _single_node()}
+
+
+def _single_node() -> tuple[bool, bool]:
+    """groups.is_single_node over the real gloo world (both ranks on this host): decided by
+    one collective, then read without one (a second collective would raise here)."""
+    import torch.distributed as dist
+
+    from fusion_passes import groups
+
+    group = "c10d:" + dist.group.WORLD.group_name
+    first = groups.is_single_node(group)
+    real, dist.all_gather_object = dist.all_gather_object, None  # any further collective: TypeError
+    try:
+        return first, groups.is_single_node(group)
+    finally:
+        dist.all_gather_object = real
 
 
 def run_model(name: str, dtype: torch.dtype):
@@ -108,3 +124,4 @@ def test_qwen3_moe_all_reduces_fuse_through_reshape():
         # per layer: attention AR adjacent; the experts' AR moved over its reshape
         assert [s["hoisted_over"] for s in sites] == [[], ["aten.reshape.default"]] * 2
         torch.testing.assert_close(r["fused"], r["plain"], **FP32_TOL)
+        assert r["single_node"] == (True, True)  # both gloo ranks on this host; the second from the dict

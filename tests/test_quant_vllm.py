@@ -42,10 +42,9 @@ def _trace_vllm():
     # FP8 weight loading calls _C.static_scaled_fp8_quant (see fusion_passes.tools.testing.vllm_cpu_ops)
     if not register_c_quant_ops():
         pytest.skip("needs vLLM 0.33's wheel (its _C schemas) installed")
-    try:
-        from fusion_passes.tools.capture import trace_vllm
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"needs the vLLM capture tool and vllm importable: {e}")
+    pytest.importorskip("vllm", reason="needs vLLM 0.33 (the vllm extra): the capture tool traces its models")
+    from fusion_passes.tools.capture import trace_vllm
+
     return trace_vllm
 
 

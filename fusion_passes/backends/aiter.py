@@ -1,15 +1,16 @@
 """The ``aiter`` backend: AMD AITER's fused all-reduce + RMSNorm (+ quant) kernels (ROCm).
 
-NOT EXECUTED: written against the published API of ROCm/aiter at commit
+NOT EXECUTED: written against ROCm/aiter at commit
 ``e4048607a535ace3a2b51ded31b1c8c2d45c0879`` (2026-08-22) --
-``aiter/dist/communication_op.py`` (``tensor_model_parallel_fused_allreduce_rmsnorm`` and
-``tensor_model_parallel_fused_allreduce_rmsnorm_quant``), which route to
-``CustomAllreduce.custom_fused_ar_rms`` / ``custom_fused_ar_rms_quant`` /
+``aiter/dist/communication_op.py`` (``tensor_model_parallel_fused_allreduce_rmsnorm``,
+``tensor_model_parallel_fused_allreduce_rmsnorm_quant`` and ``..._mxfp4_quant``), which
+route to ``CustomAllreduce.custom_fused_ar_rms`` / ``custom_fused_ar_rms_quant`` /
 ``custom_fused_ar_rms_per_group_quant`` / ``custom_fused_ar_rms_mxfp4_quant`` in
-``aiter/dist/device_communicators/custom_all_reduce.py``. AITER imports only on ROCm
-and there is no ROCm machine here, so this adapter has never run; the tests check its
-argument mapping with the AITER module replaced by a recording fake, and its gate.
-The PyPI ``amd-aiter`` wheel predates the quant variants.
+``aiter/dist/device_communicators/custom_all_reduce.py``. AITER imports only on ROCm and
+there is no ROCm machine here, so this adapter has never run. tests/data/aiter_signatures.json
+holds the parameters of every function it calls, read from that commit (the script next
+to it regenerates them); tests/test_vendor_adapters.py binds every call against them. The
+PyPI ``amd-aiter`` wheel predates the quant variants.
 
 AITER's functions all-reduce over AITER's OWN tensor-parallel group
 (``aiter.dist.parallel_state.get_tp_group()``), which its user initialises (as vLLM's
@@ -20,10 +21,17 @@ Variants: ``add_rmsnorm``, ``add_rmsnorm_fp8_per_token``, ``add_rmsnorm_fp8_per_
 ``add_rmsnorm_mxfp4``. AITER has no static per-tensor FP8 epilogue. Limits are in
 :data:`fusion_passes.backends.thresholds.AITER`. FP8 outputs use AITER's fp8 dtype
 (``float8_e4m3fnuz`` on gfx942, ``float8_e4m3fn`` on gfx950: the platform's FP8, as
-in the graphs vLLM builds there).
+in the graphs vLLM builds there). Inputs go in as ``[tokens, hidden]``: the per-group
+path takes ``M = input.shape[0]`` (parallel_state.py, its fake).
 
-``residual_in_fp32`` is accepted and ignored, as by the flashinfer adapter (see
-:mod:`fusion_passes.backends.flashinfer`): NOT verified against the kernel.
+What the kernel computes, read at that commit (``csrc/include/custom_all_reduce.cuh``,
+``local_device_load_rmsnorm*``): the residual is added in fp32 to the all-reduce rounded
+to the activation dtype, and the norm reads the UNROUNDED fp32 sum (vLLM's
+``fused_add_rms_norm``, ``residual_in_fp32=True``), ``x * w * rsqrt(mean(x^2) + eps)``
+with ``w`` read as the activation dtype. So a call with a residual and
+``residual_in_fp32=False`` (the sum rounded before the norm, as aten's add does), or
+with a weight of another dtype, runs unfused. The product order (``x * w`` first, then
+the rsqrt; ours scales first) can differ by one fp32 ulp before the final rounding.
 """
 
 from __future__ import annotations
@@ -127,10 +135,17 @@ class AiterBackend(VendorBackend):
             )
         if gemma and not gemma_ok:
             raise Unfusable("aiter's per-group FP8 and MXFP4 epilogues have no gemma (1 + w) norm")
+        if a.residual is not None and not a.flags.residual_in_fp32:
+            raise Unfusable("aiter normalizes the unrounded fp32 residual sum (custom_all_reduce.cuh); the "
+                            "graph rounds the sum to the activation dtype first (residual_in_fp32=False)")
+        if a.weight is not None and a.weight.dtype != a.input.dtype:
+            raise Unfusable(f"aiter reads the norm weight as the activation dtype {a.input.dtype}, "
+                            f"the graph multiplies a {a.weight.dtype} weight")
         self._check_group(a.group, groups.world_size(a.group))
-        x = a.input
-        residual = torch.zeros_like(x) if a.residual is None else a.residual  # x + 0 == x
-        weight = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device) if a.weight is None else a.weight
+        hidden = a.input.shape[-1]
+        x = a.input.reshape(-1, hidden)
+        residual = torch.zeros_like(x) if a.residual is None else a.residual.reshape(-1, hidden)  # x + 0 == x
+        weight = torch.ones(hidden, dtype=x.dtype, device=x.device) if a.weight is None else a.weight
         return x, residual, weight
 
     def _check_group(self, group: str, world_size: int) -> None:
@@ -146,7 +161,7 @@ class AiterBackend(VendorBackend):
         norm, res_out = self._comm.tensor_model_parallel_fused_allreduce_rmsnorm(
             x, res, w, a.eps, gemma_norm=bool(a.flags.gemma)
         )
-        return FusedOutputs(res_out, norm)
+        return _shaped(a, FusedOutputs(res_out, norm))
 
     def add_rmsnorm_fp8_per_token(self, a: FusedArgs) -> FusedOutputs:
         self._check_fp8(a.quant["fp8_dtype"])
@@ -157,7 +172,7 @@ class AiterBackend(VendorBackend):
             x, res, w, a.eps, quant_type="per_token", emit_bf16=a.return_norm, gemma_norm=bool(a.flags.gemma)
         )
         q, res_out, scales = out[:3]
-        return FusedOutputs(res_out, out[3] if a.return_norm else None, q, scales)
+        return _shaped(a, FusedOutputs(res_out, out[3] if a.return_norm else None, q, scales))
 
     def add_rmsnorm_fp8_per_group(self, a: FusedArgs) -> FusedOutputs:
         p = a.quant
@@ -172,7 +187,7 @@ class AiterBackend(VendorBackend):
             emit_bf16=a.return_norm, transpose_scale=bool(p["column_major"]),
         )
         q, res_out, scales = out[:3]
-        return FusedOutputs(res_out, out[3] if a.return_norm else None, q, scales)
+        return _shaped(a, FusedOutputs(res_out, out[3] if a.return_norm else None, q, scales))
 
     def add_rmsnorm_mxfp4(self, a: FusedArgs) -> FusedOutputs:
         x, res, w = self._common(a, gemma_ok=False)
@@ -180,4 +195,17 @@ class AiterBackend(VendorBackend):
             x, res, w, a.eps, emit_bf16=a.return_norm
         )
         packed, res_out, scales = out[:3]  # uint8 [T, H/2] (2 x e2m1), uint8 e8m0 [T, H/32]
-        return FusedOutputs(res_out, out[3] if a.return_norm else None, packed, scales)
+        return _shaped(a, FusedOutputs(res_out, out[3] if a.return_norm else None, packed, scales))
+
+
+def _shaped(a: FusedArgs, out: FusedOutputs) -> FusedOutputs:
+    """AITER's [T, ...] results as the op's fakes shape them: the activations and FP8 data
+    ``input.shape``, FP8 scales ``input.shape[:-1] + (groups,)``; FP4 outputs stay [T, ...]."""
+    shape = a.input.shape
+    out.residual_out = out.residual_out.reshape(shape)
+    if out.norm_out is not None:
+        out.norm_out = out.norm_out.reshape(shape)
+    if out.q is not None and out.q.shape[-1] == shape[-1]:  # FP8 data (FP4 packs two a byte)
+        out.q = out.q.reshape(shape)
+        out.scales = out.scales.reshape(*shape[:-1], out.scales.shape[-1])
+    return out

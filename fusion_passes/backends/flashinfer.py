@@ -1,29 +1,35 @@
 """The ``flashinfer`` backend: FlashInfer's TRT-LLM fused all-reduce + RMSNorm (+ quant) (CUDA).
 
-NOT EXECUTED: written against the published API of flashinfer-ai/flashinfer v0.6.18
-(commit ``fb28d7242b3506a2348265962041acc1fb56cca4``, 2026-08-22):
-``flashinfer.comm.allreduce_fusion`` and ``create_allreduce_fusion_workspace``
-(``flashinfer/comm/allreduce.py``) with ``AllReduceFusionPattern``
-(``flashinfer/comm/trtllm_ar.py``). FlashInfer JIT-compiles its communication kernels
-with nvcc and downloads dependencies on first use; the GPU machine here has no network
-and FlashInfer is not installed there, so this adapter has never run. The tests check
-its argument mapping with ``flashinfer.comm`` replaced by a recording fake, and its gate.
+NOT EXECUTED on a GPU. Written against flashinfer-python 0.7.2.post1 (pinned in the
+``cuda`` extra; vLLM 0.33 installs the same): ``flashinfer.comm.allreduce_fusion`` and
+``create_allreduce_fusion_workspace`` (``flashinfer/comm/allreduce.py``),
+``AllReduceFusionPattern`` and ``QuantizationSFLayout``. FlashInfer JIT-compiles its
+communication kernels with nvcc on first use; the GPU machine here has no network and no
+FlashInfer, so no kernel of it has run. On CPU (tests/test_vendor_adapters.py) every call
+goes through FlashInfer's own Python layer (``allreduce_fusion`` with its argument checks,
+``trtllm_ar.trtllm_allreduce_fusion``) down to the compiled module, which is the only part
+replaced; the signatures and enum members are the installed ones.
 
 The workspace (IPC buffers of the TRT-LLM backend; never the multicast/MNNVL one) is
 created once per (group, hidden, dtype), sized for the largest input the gate admits,
 on the first eager call: never during CUDA-graph capture.
 
 Variants: ``add_rmsnorm`` (kARResidualRMSNorm), ``add_rmsnorm_fp8_static``
-(kARResidualRMSNorm[Out]FP8Quant; the kernel multiplies by ``1 / scale``),
-``add_rmsnorm_fp8_per_token`` (kARResidualRMSNorm[Out]DynamicFP8Quant; no scale upper
-bound), ``add_rmsnorm_nvfp4`` (kARResidualRMSNorm[Out]FP4Quant, SM100+ only). Its
-per-token-group pattern writes packed UE8M0 int32 scales, not the fp32 scales of our
-``add_rmsnorm_fp8_per_group``, so that variant is not offered. Limits (and vLLM's
-measured size crossovers) are in :data:`fusion_passes.backends.thresholds.FLASHINFER`.
+(kARResidualRMSNorm[Out]FP8Quant), ``add_rmsnorm_fp8_per_token``
+(kARResidualRMSNorm[Out]DynamicFP8Quant; no scale upper bound), ``add_rmsnorm_nvfp4``
+(kARResidualRMSNorm[Out]FP4Quant, SM100+ only). Its per-token-group pattern writes packed
+UE8M0 int32 scales, not the fp32 scales of our ``add_rmsnorm_fp8_per_group``, so that
+variant is not offered. Limits (and vLLM's measured size crossovers) are in
+:data:`fusion_passes.backends.thresholds.FLASHINFER`.
 
-``residual_in_fp32`` (vLLM's ``fused_add_rms_norm``: the norm reads the unrounded fp32 sum)
-is accepted and ignored: whether the vendor kernel normalizes the rounded or the unrounded
-sum is NOT verified (never executed here); the two differ by at most one ulp of the sum.
+What the kernel computes, read from the installed source
+(``flashinfer/data/include/flashinfer/comm/trtllm_allreduce_fusion.cuh``, ``FusedOp``):
+the residual is added in the activation dtype (``vec_add`` stores T) and the norm reads
+that ROUNDED sum, ``x * rsqrt(mean(x^2) + eps) * (weight_bias + gamma)`` in fp32 with
+``gamma`` read as the activation dtype, rounded to it; static FP8 multiplies the rounded
+norm by ``1 / scale``. So it declines ``residual_in_fp32`` (vLLM's fused_add_rms_norm
+normalizes the unrounded fp32 sum), the Hugging Face weight order, and a weight of another
+dtype than the activations.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ VARIANTS = frozenset(
     {"add_rmsnorm", "add_rmsnorm_fp8_static", "add_rmsnorm_fp8_per_token", "add_rmsnorm_nvfp4"}
 )
 DTYPES = (torch.bfloat16, torch.float16)
+RESIDUAL_ROUNDED = ("flashinfer normalizes the residual sum rounded to the activation dtype "
+                    "(trtllm_allreduce_fusion.cuh vec_add); the graph normalizes the unrounded fp32 sum "
+                    "(residual_in_fp32)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,6 +79,8 @@ def unsupported(call: Call, sm: int | None = None, installed: bool | None = None
     if not call.flags.weight_in_fp32 and not call.flags.gemma:
         return ("flashinfer multiplies the weight in fp32 before the cast; the graph multiplies after "
                 "it (weight_in_fp32=False), which rounds differently")
+    if call.flags.residual_in_fp32:
+        return RESIDUAL_ROUNDED
     sm = _sm() if sm is None else sm
     if call.variant == "add_rmsnorm_nvfp4" and sm < LIMITS["fp4_min_sm"]:
         return f"NVFP4 quant needs SM{LIMITS['fp4_min_sm']}+, this GPU is SM{sm}"
@@ -136,10 +147,15 @@ class FlashInferBackend(VendorBackend):
                 "flashinfer multiplies the weight in fp32 before the cast (vLLM order); the Hugging "
                 "Face order (weight_in_fp32=False) would round differently"
             )
+        if a.flags.residual_in_fp32 and a.residual is not None:
+            raise Unfusable(RESIDUAL_ROUNDED)
+        if a.weight is not None and a.weight.dtype != a.input.dtype:
+            raise Unfusable(f"flashinfer reads the norm weight as the activation dtype {a.input.dtype}, "
+                            f"the graph multiplies a {a.weight.dtype} weight")
         hidden = a.input.shape[-1]
-        x = a.input.reshape(-1, hidden).contiguous()
+        x = a.input.reshape(-1, hidden).contiguous()  # allreduce_fusion takes [token_num, hidden_dim]
         res = torch.zeros_like(x) if a.residual is None else a.residual.reshape(-1, hidden).contiguous()
-        w = torch.ones(hidden, dtype=x.dtype, device=x.device) if a.weight is None else a.weight.to(x.dtype)
+        w = torch.ones(hidden, dtype=x.dtype, device=x.device) if a.weight is None else a.weight
         return x, res, w
 
     def _call(self, pattern, a: FusedArgs, x, res, w, **outs):
@@ -173,7 +189,7 @@ class FlashInferBackend(VendorBackend):
         pattern = P.kARResidualRMSNormOutFP8Quant if a.return_norm else P.kARResidualRMSNormFP8Quant
         res_out = self._call(pattern, a, x, res, w, quant_out=q, norm_out=norm,
                              scale_factor=a.quant["scale"].reshape(-1).to(torch.float32))
-        return FusedOutputs(res_out, norm, q)
+        return _shaped(a, FusedOutputs(res_out, norm, q))
 
     def add_rmsnorm_fp8_per_token(self, a: FusedArgs) -> FusedOutputs:
         if a.quant["scale_ub"] is not None:
@@ -185,7 +201,7 @@ class FlashInferBackend(VendorBackend):
         norm = torch.empty_like(x) if a.return_norm else None
         pattern = P.kARResidualRMSNormOutDynamicFP8Quant if a.return_norm else P.kARResidualRMSNormDynamicFP8Quant
         res_out = self._call(pattern, a, x, res, w, quant_out=q, scale_out=scales, norm_out=norm)
-        return FusedOutputs(res_out, norm, q, scales)
+        return _shaped(a, FusedOutputs(res_out, norm, q, scales.view(*a.input.shape[:-1], 1)))
 
     def add_rmsnorm_nvfp4(self, a: FusedArgs) -> FusedOutputs:
         P = self._comm.AllReduceFusionPattern
@@ -201,4 +217,15 @@ class FlashInferBackend(VendorBackend):
         res_out = self._call(pattern, a, x, res, w, quant_out=packed, scale_out=scales, norm_out=norm,
                              scale_factor=a.quant["global_scale"].reshape(-1).to(torch.float32),
                              layout_code=layouts.SWIZZLED_128x4 if swizzle else layouts.LINEAR)
-        return FusedOutputs(res_out, norm, packed, scales)
+        return _shaped(a, FusedOutputs(res_out, norm, packed, scales))  # FP4 outputs are [T, ...] (the fakes)
+
+
+def _shaped(a: FusedArgs, out: FusedOutputs) -> FusedOutputs:
+    """The [T, H] results as the op's fakes shape them: input.shape (the FP8 data too)."""
+    shape = a.input.shape
+    out.residual_out = out.residual_out.view(shape)
+    if out.norm_out is not None:
+        out.norm_out = out.norm_out.view(shape)
+    if out.q is not None and out.q.shape[-1] == shape[-1]:
+        out.q = out.q.view(shape)
+    return out

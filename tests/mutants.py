@@ -1,0 +1,246 @@
+"""Plant bugs in the library, one at a time, and check that the fast tests catch each one.
+
+    python tests/mutants.py [--json] [--only NAME ...] [--list] [--timeout SECONDS]
+
+Each mutant is a text patch of one library file, keyed by an ANCHOR: a string that must
+occur exactly once in that file. The tool copies the repository's ``fusion_passes``,
+``patterns``, ``tools``, ``tests`` and ``pyproject.toml`` to a temporary directory, applies
+the patch there, and runs the mutant's tests from that copy (``PYTHONPATH`` = the copy, so
+``import fusion_passes`` is the patched one; checked before anything runs). A mutant is
+KILLED when its tests fail (or cannot even be collected: the error is recorded), and
+SURVIVES when they pass or when nothing ran. Before any mutant, every anchor is checked
+(a refactor that moves one fails the tool loudly, so no mutant is silently disabled) and
+the union of the tests must pass on the unpatched copy.
+
+The last line of ``--json`` is ``{"mutants": N, "killed": K, "survivors": [...]}``. It
+re-runs tests, so it is not part of ``make test`` (pytest collects ``test_*.py`` only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIED = ("fusion_passes", "patterns", "tools", "tests", "pyproject.toml")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    """One planted bug: replace *anchor* (exactly once in *path*) by *replacement*; *tests*
+    are the pytest arguments that must catch it."""
+
+    name: str
+    path: str
+    anchor: str
+    replacement: str
+    tests: tuple[str, ...]
+    why: str
+
+
+EPI, HOIST, RULES = "fusion_passes/epilogue.py", "fusion_passes/hoist.py", "fusion_passes/hoist_rules.py"
+ORACLES = ("tests/test_oracles.py", "-k", "not triton_kernel")  # all but the Triton-interpreter test
+OPS = ("tests/test_ops.py",)
+VENDOR = ("tests/test_vendor_adapters.py",)
+PINNED = ("tests/test_hoist_property.py", "-k", "pinned")
+
+MUTANTS = (
+    Mutant("eps_outside_rsqrt", EPI,
+           "normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)",
+           "normed = x32 * (torch.rsqrt(x32.pow(2).mean(-1, keepdim=True)) + eps)",
+           OPS, "eps added after the rsqrt instead of inside it"),
+    Mutant("residual_in_fp32_ignored", EPI,
+           "if residual_in_fp32 and residual is not None:",
+           "if False and residual_in_fp32 and residual is not None:",
+           ("tests/test_vllm_dialect.py", "-k", "numerics"), "vLLM's fp32 residual add normalized as if rounded"),
+    Mutant("per_group_scale_off_by_one", EPI,
+           "q = _to_fp8(grouped / scales, dtype)",
+           "q = _to_fp8(grouped / scales.roll(1, dims=1), dtype)",
+           ORACLES, "each group divided by its neighbour's scale"),
+    Mutant("nvfp4_swizzle_transposed", EPI,
+           "tiled = tiled.permute(0, 3, 2, 1, 4)",
+           "tiled = tiled.permute(0, 3, 1, 2, 4)",
+           ORACLES, "the 4 x 32 row interleave of the 128x4 tile transposed"),
+    Mutant("e2m1_round_half_up", EPI,
+           "+ (a > 1.25)",
+           "+ (a >= 1.25)",
+           ORACLES, "the tie 1.25 rounds up to 1.5 instead of to even (1.0)"),
+    Mutant("ue8m0_rounded_down", EPI,
+           "scales = torch.exp2(torch.ceil(torch.log2(scales)))",
+           "scales = torch.exp2(torch.floor(torch.log2(scales)))",
+           ORACLES, "UE8M0 scale rounded down: values above 448 after scaling"),
+    Mutant("per_token_scale_floor_dropped", EPI,
+           "scales = (amax / fp8_max(dtype)).clamp(min=fp8_min_scaling_factor(dtype))",
+           "scales = amax / fp8_max(dtype)",
+           ORACLES, "an all-zero or tiny row: scale 0 (NaN) instead of 1/(448*512)"),
+    Mutant("gemma_one_plus_w_ignored", EPI,
+           "return (normed * (1.0 + weight.to(torch.float32))).to(dtype)",
+           "return (normed * weight.to(torch.float32)).to(dtype)",
+           ("tests/test_ops.py", "-k", "norm_flags"), "Gemma's (1 + w) multiplied as w"),
+    Mutant("residual_returned_before_the_add", EPI,
+           "return rms_norm(summed, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32), summed",
+           "return rms_norm(summed, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32), x",
+           OPS, "residual_out is the reduced input, not input + residual"),
+    Mutant("mxfp4_amax_not_rounded", EPI,
+           "rounded = ((amax.view(torch.int32) + 0x200000) & 0x7F800000)",
+           "rounded = ((amax.view(torch.int32) + 0) & 0x7F800000)",
+           ORACLES, "MX scale from the truncated amax (OCP FLOOR) instead of the rounded one"),
+    Mutant("nvfp4_scale_reciprocal_split", EPI,
+           "recip(s32 * recip(gs))",
+           "(recip(s32) * gs)",
+           ORACLES, "1/(s/gs) computed as (1/s)*gs: another rounding, and a zero block no longer 0"),
+    Mutant("merge_across_groups", RULES,
+           "if theirs.group != mine.group:",
+           "if False:",
+           PINNED, "two all-reduces of different process groups merged into one"),
+    Mutant("hoist_over_nonlinear_op", RULES,
+           "    aten.neg.default: negate,",
+           "    aten.neg.default: negate,\n    aten.silu.default: negate,",
+           ("tests/test_hoist.py", "-k", "blocker"), "silu treated like a sign flip: moved above the sum"),
+    Mutant("summand_ancestors_replicated", HOIST,
+           "        if len(tensors) == 1:\n            stack.append(tensors[0])",
+           "        if False:\n            stack.append(tensors[0])",
+           ("tests/test_hoist.py", "-k", "viewed_all_reduce"),
+           "x in AR(view(x)) counted as replicated: a scale taken from x is hoisted over"),
+    Mutant("moved_op_forgets_its_summand", HOIST,
+           "        stack.extend(a for a in n.all_input_nodes if a.name in marked)",
+           "        pass",
+           PINNED, "after AR(x) * w -> AR(x * w), x counted as replicated on the next run"),
+    Mutant("final_family_returns_the_sum", "fusion_passes/rewrite.py",
+           'site.norm.out.replace_all_uses_with(edit.outs["norm_out"])',
+           'site.norm.out.replace_all_uses_with(edit.outs["residual_out" if site.family.name.endswith("_final") '
+           'else "norm_out"])',
+           ("tests/test_fusion_pass.py", "-k", "norm_forms"), "the final-norm family hands out the residual sum"),
+    Mutant("single_node_failure_cached", "fusion_passes/groups.py",
+           "        return False\n    _SINGLE_NODE[group] = answer",
+           "        _SINGLE_NODE[group] = False\n        return False\n    _SINGLE_NODE[group] = answer",
+           ("tests/test_single_node.py",), "one failed question answers False for the life of the process"),
+    Mutant("flashinfer_takes_the_fp32_residual", "fusion_passes/backends/flashinfer.py",
+           "        if a.flags.residual_in_fp32 and a.residual is not None:\n            raise Unfusable(RESIDUAL_ROUNDED)",
+           "        if False:\n            raise Unfusable(RESIDUAL_ROUNDED)",
+           VENDOR, "FlashInfer (rounded sum) used for vLLM's unrounded-sum norm"),
+    Mutant("aiter_given_nd_input", "fusion_passes/backends/aiter.py",
+           "        x = a.input.reshape(-1, hidden)",
+           "        x = a.input",
+           VENDOR, "AITER's per-group path reads M = input.shape[0] of an N-D input"),
+)
+
+
+class AnchorError(RuntimeError):
+    """An anchor is missing or not unique: the library moved; update the mutant."""
+
+
+def patched_source(root: Path, m: Mutant) -> str:
+    text = (root / m.path).read_text()
+    n = text.count(m.anchor)
+    if n != 1:
+        raise AnchorError(f"mutant {m.name}: anchor found {n} times in {m.path} (need exactly 1): {m.anchor!r}")
+    return text.replace(m.anchor, m.replacement)
+
+
+def copy_tree(dest: Path) -> Path:
+    for name in COPIED:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def pytest_run(tree: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, float, str]:
+    """``(returncode, seconds, tail of the output)``; 124 on timeout."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    start = time.monotonic()
+    try:
+        done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return 124, time.monotonic() - start, str(e.stdout or "")[-2000:]
+    return done.returncode, time.monotonic() - start, (done.stdout + done.stderr)[-2000:]
+
+
+def check_import(tree: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run([sys.executable, "-c", "import fusion_passes; print(fusion_passes.__file__)"],
+                         cwd=tree, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    if not out.startswith(str(tree)):
+        raise RuntimeError(f"the copy is not what imports: fusion_passes from {out}, not {tree}")
+
+
+def verdict(rc: int) -> str:
+    """pytest exit codes: 0 passed, 1 failed, 2-4 errors (collection, usage), 5 nothing ran."""
+    return {0: "survived", 1: "killed", 5: "survived (no test ran)", 124: "killed (timeout)"}.get(
+        rc, f"killed (pytest error, exit {rc})")
+
+
+def run_mutant(m: Mutant, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{m.name}-") as tmp:
+        tree = copy_tree(Path(tmp))
+        (tree / m.path).write_text(patched_source(ROOT, m))
+        rc, seconds, tail = pytest_run(tree, m.tests, timeout)
+    result = verdict(rc)
+    return {"name": m.name, "result": result, "killed": result.startswith("killed"), "seconds": round(seconds, 1),
+            "tests": " ".join(m.tests), "why": m.why, "tail": "" if result.startswith("killed") else tail}
+
+
+def baseline(mutants, timeout: float) -> None:
+    """Every anchor unique; the union of the tests green on the unpatched copy."""
+    for m in mutants:
+        patched_source(ROOT, m)
+    selections = sorted({m.tests for m in mutants})
+    with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as tmp:
+        tree = copy_tree(Path(tmp))
+        check_import(tree)
+        for tests in selections:
+            rc, seconds, tail = pytest_run(tree, tests, timeout)
+            if rc != 0:
+                raise RuntimeError(f"baseline: {' '.join(tests)} fails WITHOUT a mutant (exit {rc}):\n{tail}")
+            print(f"baseline ok  {seconds:6.1f}s  {' '.join(tests)}", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true", help="end with one JSON line: mutants, killed, survivors")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutants")
+    ap.add_argument("--list", action="store_true", help="list the mutants and their tests")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per pytest run (default 900)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the unpatched run (anchors still checked)")
+    args = ap.parse_args(argv)
+    mutants = [m for m in MUTANTS if not args.only or m.name in args.only]
+    unknown = set(args.only or ()) - {m.name for m in MUTANTS}
+    if unknown:
+        ap.error(f"unknown mutants: {sorted(unknown)}")
+    if args.list:
+        for m in mutants:
+            print(f"{m.name:36s} {m.path:38s} {' '.join(m.tests)}\n    {m.why}")
+        return 0
+    if args.no_baseline:
+        for m in mutants:
+            patched_source(ROOT, m)
+    else:
+        baseline(mutants, args.timeout)
+    results = []
+    for m in mutants:
+        r = run_mutant(m, args.timeout)
+        results.append(r)
+        print(f"{r['result']:28s} {r['seconds']:6.1f}s  {m.name}  ({r['tests']})", flush=True)
+        if not r["killed"]:
+            print(r["tail"], flush=True)
+    survivors = [r["name"] for r in results if not r["killed"]]
+    if args.json:
+        print(json.dumps({"mutants": len(results), "killed": len(results) - len(survivors), "survivors": survivors}))
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
