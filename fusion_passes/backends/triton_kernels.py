@@ -100,6 +100,15 @@ def _div_rn(y, s):
 
 
 @triton.jit
+def _div_const_rn(x, C: tl.constexpr):
+    """``x / C`` correctly rounded, as torch divides on the CPU and torchao's blockwise float8
+    reference computes a group's scale (Triton's ``/`` on fp32 is the approximate
+    ``div.full.f32``: with it 1 to 6485 FP8 codes of a 1 x 128 group quant differed from that
+    reference on an H200; with this, none did, tests/gpu/triton_check.py)."""
+    return tl.math.div_rn(x, tl.full(x.shape, C, tl.float32))
+
+
+@triton.jit
 def _e2m1_codes(x):
     """E2M1 codes (int32, sign in bit 3) of fp32 ``x``, exactly :func:`fusion_passes.epilogue.e2m1_codes`:
     round to nearest, ties to even, saturating at 6, -0 kept (code 8), NaN -> 0 (as the
@@ -162,6 +171,9 @@ def _fp8_per_token(y, row, q_ptr, qscale_ptr, ub, cols, mask, scale_stride_t, HA
     amax = tl.max(tl.abs(y), axis=0)
     if HAS_UB:
         amax = tl.minimum(amax, ub)
+    # Triton's fp32 division here (div.full.f32), not _div_const_rn: the GPU check against the
+    # per-token reference on CUDA (torch multiplies a CUDA tensor divided by a Python scalar by
+    # the fp32 reciprocal) passed bit-exact with it and failed with the correctly rounded form.
     scale = tl.maximum(amax / FP8_MAX, MIN_SCALE)
     q = tl.clamp(y * tl.math.div_rn(1.0, scale), -FP8_MAX, FP8_MAX)
     off = tl.cast(row, tl.int64) * H
@@ -177,7 +189,7 @@ def _fp8_per_group(y, row, q_ptr, qscale_ptr, cols, mask, scale_stride_t, scale_
     NG: tl.constexpr = BLOCK // GROUP
     y2 = tl.reshape(y, (NG, GROUP))
     amax = tl.maximum(tl.max(tl.abs(y2), axis=1), AMAX_EPS)
-    scale = tl.maximum(amax / FP8_MAX, MIN_SCALE)
+    scale = tl.maximum(_div_const_rn(amax, FP8_MAX), MIN_SCALE)
     if UE8M0:
         scale = tl.math.exp2(tl.math.ceil(tl.math.log2(scale)))
     q2 = tl.clamp(_div_rn(y2, tl.broadcast_to(scale[:, None], (NG, GROUP))), -FP8_MAX, FP8_MAX)
