@@ -135,6 +135,9 @@ def _chain(ar: AllReduce) -> tuple[Node | None, Node | None, Norm, bool] | Miss:
         norm = rms_norm(add)
         if not norm:
             return Miss(f"residual add {add.name} does not feed an RMSNorm: {norm.reason}", norm.node or add)
+        if norm.residual is not None:  # the norm op adds a residual of its own: two adds, no family
+            return Miss(f"residual add {add.name} feeds {short(norm.out)}, which adds a second residual "
+                        "itself: two residual adds do not fuse into one op", add)
         return add, residual, norm, any(u not in norm.nodes for u in add.users)
     norm = rms_norm(v)
     if not norm:

@@ -19,7 +19,7 @@ import operator
 import torch
 from torch.fx import Node
 
-from fusion_passes.recognize import Miss, short, target_name, val
+from fusion_passes.recognize import VLLM_ALL_REDUCE, Miss, short, target_name, val
 
 # ops a fused epilogue can contain, by qualified name (recognize.target_name)
 VOCAB = frozenset({
@@ -43,6 +43,7 @@ VOCAB = frozenset({
 })
 
 COLLECTIVE_NAMESPACES = ("_c10d_functional", "c10d_functional", "fusion_passes")
+COLLECTIVE_OPS = (VLLM_ALL_REDUCE,)  # collectives in a namespace that also holds other ops
 MAX_NODES = 256  # a fused epilogue is a few dozen nodes; a larger region is not one chain
 MAX_DEPTH = 24  # how far a leaf's inputs are followed to prove it independent / replicated
 
@@ -114,7 +115,10 @@ def partial_values(graph) -> set[Node]:
 
 
 def _is_collective(node: object) -> bool:
-    return isinstance(node, Node) and getattr(node.target, "namespace", "") in COLLECTIVE_NAMESPACES
+    """A collective's (or a fused op's) value: a probe input, never evaluated on probes."""
+    if not isinstance(node, Node):
+        return False
+    return getattr(node.target, "namespace", "") in COLLECTIVE_NAMESPACES or op_name(node) in COLLECTIVE_OPS
 
 
 def _admissible(u: Node) -> str | None:

@@ -26,7 +26,7 @@ from fusion_passes import hoist
 from fusion_passes.options import FusionOptions
 from fusion_passes.recognize import target_name
 from graphs import count
-from hoist_plans import AR_OP, DIALECTS, Builder, Plan, Tracer, aten, build, plans
+from hoist_plans import AR_OP, DIALECTS, Plan, Tracer, aten, build, plans
 from ranks import run_ranks
 
 pytestmark = pytest.mark.usefixtures("fake_pg")
@@ -79,27 +79,6 @@ def tolerance(plan: Plan) -> dict:
     return {"rtol": ulps * eps, "atol": 5 * ulps * eps}
 
 
-KNOWN_BUG_KEYERROR = ("known bug (recognition by meaning, fusion_passes/decide.py -> conventions.canonical_norm): "
-                      "in the vLLM dialect, a vllm.all_reduce added to a value that does not fuse (another "
-                      "group's all-reduce, or a blocked chain) before a norm raises KeyError <all_reduce>; the "
-                      "pass leaves the graph unchanged with an internal error. The property tests exclude it")
-
-
-def known_bug(plan: Plan, b: Builder) -> str | None:
-    """The shapes the pass is known to get wrong (it reports an internal error and leaves the
-    graph unchanged), each reproduced on its own by a strict xfail test; the property tests
-    exclude them until those pass: two residual adds into ``vllm_ir.fused_add_rms_norm``
-    (:func:`test_aten_residual_add_into_vllm_fused_add_rms_norm`), and a ``vllm.all_reduce``
-    added to a value that does not fuse (``test_pinned_example[merge_across_two_vllm_groups]``)."""
-    if plan.dialect != "vllm":
-        return None
-    if plan.vllm_ir_norm and (b.merges_after_blocker or plan.blocker == "merge_other_group"):
-        return "two residual adds into vllm_ir.fused_add_rms_norm"
-    if plan.blocker is not None and ("merge" in plan.ops or plan.blocker == "merge_other_group"):
-        return KNOWN_BUG_KEYERROR  # the merge of a blocked chain is undone: two all-reduces added
-    return None
-
-
 def run_pass(gm, **options):
     p = fusion_passes.FusionPass(**options)
     p(gm.graph)
@@ -116,7 +95,6 @@ def test_property_hoisting_numerics_fusion_idempotence(plan):
     the blocker named in the report; a blocked chain comes out unchanged (its moves and
     merges undone); running the passes a second time changes nothing more."""
     gm, per_rank, b = build(plan)
-    assume(known_bug(plan, b) is None)
     check_plan(plan, gm, per_rank, b)
 
 
@@ -134,9 +112,7 @@ EXAMPLES = {  # the new generators' cases, pinned (fast, and what tests/mutants.
 }
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUG_KEYERROR))
-    if n == "merge_across_two_vllm_groups" else n for n in sorted(EXAMPLES)])
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_pinned_example(name):
     plan = EXAMPLES[name]
     if plan.dialect not in DIALECTS:
@@ -198,7 +174,6 @@ def check_plan(plan: Plan, gm, per_rank, b) -> None:
 def test_property_deterministic(plan):
     """The same input graph gives the same output graph and the same report."""
     gm, _, b = build(plan)
-    assume(known_bug(plan, b) is None)
     twin = copy.deepcopy(gm)
     first, second = run_pass(gm), run_pass(twin)
     assert gm.code == twin.code
@@ -206,8 +181,6 @@ def test_property_deterministic(plan):
 
 
 @pytest.mark.skipif("vllm" not in DIALECTS, reason="needs vLLM (the vllm extra): its all_reduce and vllm_ir ops")
-@pytest.mark.xfail(strict=True, reason="known bug (match/rewrite): a residual add before vllm_ir.fused_add_rms_norm "
-                   "makes the rewrite fail; the property tests exclude it (known_bug)")
 def test_aten_residual_add_into_vllm_fused_add_rms_norm():
     """``AR(z) + AR(x)`` (the second all-reduce's residual add) feeding fused_add_rms_norm:
     two residual adds. Either fused correctly or left unfused, never an internal error."""
@@ -217,4 +190,6 @@ def test_aten_residual_add_into_vllm_fused_add_rms_norm():
     out = t(torch.ops.vllm_ir.fused_add_rms_norm.default, s, t.input("replicated", (1, 8), torch.bfloat16),
             t.input("replicated", (8,), torch.bfloat16), 1e-6)
     gm = t.gm([t(operator.getitem, out, 0), t(operator.getitem, out, 1)])
-    run_pass(gm, hoist=False)
+    report = run_pass(gm, hoist=False)
+    assert [s.fused for s in report.sites] == [False, False]
+    assert all("two residual adds" in s.reason for s in report.sites), report.table()
