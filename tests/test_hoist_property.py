@@ -58,7 +58,7 @@ def tolerance(plan: Plan) -> dict:
 
         N = world * (merges + 1) + scales + 2.
 
-    Derivation. Hoisting reorders roundings only (DESIGN.md section 4). Each all-reduced
+    Derivation. Hoisting reorders roundings only (fusion_passes/hoist.py). Each all-reduced
     operand is a sum over ``world`` ranks; a merge adds the sums of ``merges + 1`` operands
     as ``(a0 + b0) + (a1 + b1)`` instead of ``(a0 + a1) + (b0 + b1)``: both orders take
     ``world * (merges + 1) - 1`` additions, each off by at most half an ulp of its running
