@@ -1,7 +1,6 @@
 """The fused ops' arguments: binding, validation and the resolution of sentinels.
 
-Read by :mod:`fusion_passes.ops` (the op bodies and fakes) and by the backends' legacy
-positional form. Every rule here is generic over :mod:`fusion_passes.variants`: a new
+Read by :mod:`fusion_passes.ops` (the op bodies and fakes). Every rule here is generic over :mod:`fusion_passes.variants`: a new
 variant needs no edit in this module.
 """
 
@@ -129,40 +128,6 @@ def fused_args(spec: Variant, a: Mapping[str, Any], quant: Mapping[str, Any]) ->
     """What ``Backend.run`` receives for one call with bound arguments *a*."""
     return FusedArgs(a["input"].contiguous(), a["residual"], a["weight"], a["eps"], a["group"], flags(a),
                      quant, bool(a.get("return_norm", False)))
-
-
-def legacy(spec: Variant, *args, with_norm_out: bool = False, residual_in_fp32: bool = False,
-           **opts) -> FusedArgs:
-    """The backends' former positional form, bound: ``(input, residual, weight, eps, group,
-    gemma, weight_in_fp32, *non-option quant arguments[, with_norm_out])`` with the options
-    (``fp8_dtype``, ``amax_eps``, ``scale_min``; None: the default) as keywords.
-
-    Kept only for callers outside the library that this change could not edit
-    (tools/bench_kernels.py, tools/ab_fp4_warps.py) and for the tuple helper of
-    tests/gpu/triton_check.py; new code passes a :class:`FusedArgs`.
-    """
-    head, rest = args[:7], args[7:]
-    names = spec.positional
-    if len(rest) > len(names) + 1:
-        raise TypeError(f"fusion_passes: {spec.name} takes {7 + len(names) + 1} positional arguments")
-    if len(rest) == len(names) + 1:
-        rest, with_norm_out = rest[:-1], rest[-1]
-    a = dict(zip(("input", "residual", "weight", "eps", "group", "gemma", "weight_in_fp32"), head))
-    a.update(zip(names, rest))
-    a.update({k: v for k, v in opts.items() if v is not None})
-    a["residual_in_fp32"] = residual_in_fp32
-    if spec.kind is not None:
-        a["return_norm"] = bool(with_norm_out)
-    a = bind(spec, (), a)
-    return fused_args(spec, a, resolve(spec, a))
-
-
-def quant_params(spec: Variant, *params, **opts) -> dict[str, Any]:
-    """Resolved quant arguments from the legacy positional ones (see :func:`legacy`)."""
-    a = {q.name: q.default for q in spec.quant}
-    a.update(zip(spec.positional, params))
-    a.update({k: v for k, v in opts.items() if v is not None})
-    return resolve(spec, a)
 
 
 def norm_dtype(x: torch.Tensor, weight: torch.Tensor | None, f: Flags) -> torch.dtype:

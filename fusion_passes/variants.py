@@ -167,7 +167,7 @@ class Variant:
 
     @functools.cached_property
     def positional(self) -> tuple[str, ...]:
-        """Quant arguments that are not options (the legacy positional backend form)."""
+        """Quant arguments that are not options, in schema order."""
         return tuple(a.name for a in self.quant if not a.option)
 
     def schema(self) -> str:

@@ -297,13 +297,38 @@ ORACLE = {
 }
 
 
+def quant_params(spec, *params, **opts) -> dict:
+    """A variant's resolved quant arguments from a case's positional parameters (its
+    non-option quant arguments in schema order, ``Variant.positional``) and option keywords
+    (None: the default): the form the GPU check and these tests write their cases in."""
+    from fusion_passes.arguments import resolve
+
+    a = {q.name: q.default for q in spec.quant}
+    a.update(zip(spec.positional, params))
+    a.update({k: v for k, v in opts.items() if v is not None})
+    return resolve(spec, a)
+
+
+def fused_args(spec, x, res, w, eps, group, gemma, w_fp32, *params, with_norm_out=False, residual_in_fp32=False):
+    """The :class:`~fusion_passes.variants.FusedArgs` of one GPU-check case, bound as the op binds."""
+    from fusion_passes import arguments
+
+    a = dict(zip(("input", "residual", "weight", "eps", "group", "gemma", "weight_in_fp32"),
+                 (x, res, w, eps, group, gemma, w_fp32)))
+    a.update(zip(spec.positional, params))
+    a["residual_in_fp32"] = residual_in_fp32
+    if spec.kind is not None:
+        a["return_norm"] = bool(with_norm_out)
+    a = arguments.bind(spec, (), a)
+    return arguments.fused_args(spec, a, arguments.resolve(spec, a))
+
+
 def oracle_quant(variant: str, y: torch.Tensor, params: tuple):
     """``(q, scales | None, source)`` on the CPU: *variant*'s quant of the norm output *y*
     (on any device) with the op's default conventions, from a third party. Where neither
     vLLM nor torchao imports, :mod:`fusion_passes.epilogue` (checked against both by
     tests/test_oracles.py) answers, and ``source`` says so."""
     from fusion_passes import variants
-    from fusion_passes.arguments import quant_params
 
     source, fn = ORACLE[variant]
     try:

@@ -186,19 +186,10 @@ def test_triton_runs_an_unsupported_group_size_on_the_reference(fake_pg, monkeyp
     assert args.quant["scale_min"] == variants.KERNEL_GROUP_EPS  # SCALE_MIN_KERNEL with UE8M0, resolved
 
 
-def test_triton_legacy_positional_form_binds_like_the_op(fake_pg, monkeypatch):
-    """tools/bench_kernels.py still calls ``TritonBackend.run`` positionally: it binds to the
-    same FusedArgs as the op's keywords (here routed to the reference by the group size)."""
-    from fusion_passes.backends import reference
-
-    seen = []
-    monkeypatch.setattr(reference.ReferenceBackend, "run", lambda self, variant, a: seen.append(a) or "ref")
-    x, group = torch.randn(2, 96), "c10d:" + fake_pg.group_name
-    triton_backend.TritonBackend().run("add_rmsnorm_fp8_per_group", x, None, None, 1e-6, group, False, True,
-                                       32, True, False, True)
-    want = bound("add_rmsnorm_fp8_per_group", x, None, None, 1e-6, group, group_size=32, ue8m0=True,
-                 return_norm=True)
-    assert seen[0].quant == want.quant and seen[0].return_norm and seen[0].flags == want.flags
+def test_triton_run_takes_only_bound_arguments():
+    """One call form: ``run(variant, FusedArgs)``; anything else is a named error."""
+    with pytest.raises(TypeError, match="takes a FusedArgs, got tuple"):
+        triton_backend.TritonBackend().run("add_rmsnorm", (torch.randn(2, 64),))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without a CUDA GPU")

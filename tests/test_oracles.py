@@ -12,6 +12,7 @@ and that its named flag (tests/oracles.py ``CONVENTIONS``) reproduces the third 
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 import pytest
 import torch
@@ -242,7 +243,7 @@ def test_mxfp4_equals_vllm_triton_kernel(tmp_path):
         same_bytes(es, s, f"input {i} MXFP4 scales vs vLLM's kernel")
 
 
-# The GPU check's params for each variant (tests/gpu/triton_check.py), legacy positional form.
+# The GPU check's params for each variant (tests/gpu/triton_check.py), in oracles.quant_params' form.
 GPU_PARAMS = {
     "add_rmsnorm_fp8_static": [(torch.tensor([0.02]),)],
     "add_rmsnorm_fp8_per_token": [(None,), (torch.tensor([3.0]),)],
@@ -257,7 +258,6 @@ def test_oracle_quant_is_the_fused_ops_quant(variant):
     """oracles.oracle_quant (what the GPU check compares the kernel with) reproduces the
     fused op's own quant (its defaults: kernel floors, vLLM's conventions) byte for byte."""
     from fusion_passes import variants
-    from fusion_passes.arguments import quant_params
 
     g = torch.Generator().manual_seed(3)
     y = (torch.randn(77, 512, generator=g) * 2).to(torch.bfloat16)  # a norm output: rms about 2
@@ -265,7 +265,7 @@ def test_oracle_quant_is_the_fused_ops_quant(variant):
     for params in GPU_PARAMS[variant]:
         q, s, source = oracles.oracle_quant(variant, y, params)
         assert "epilogue" not in source, source
-        eq, es = epilogue.quantize(variant, y, quant_params(variants.get(variant), *params))
+        eq, es = epilogue.quantize(variant, y, oracles.quant_params(variants.get(variant), *params))
         same_bytes(q.reshape(eq.shape), eq, f"{variant} {params} q vs {source}")
         if es is None:
             assert s is None
@@ -273,3 +273,26 @@ def test_oracle_quant_is_the_fused_ops_quant(variant):
             assert torch.equal(s.reshape(es.shape), es), f"{variant} {params} scales vs {source}"
         else:
             same_bytes(s.reshape(es.shape), es, f"{variant} {params} scales vs {source}")
+
+
+def test_the_gpu_checks_case_binding_runs_on_the_reference_backend(fake_pg):
+    """tests/gpu/triton_check.py binds its positional cases with oracles.fused_args: on the
+    CPU (reference backend) every variant's case runs and returns the op's own results."""
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parent / "gpu"))
+    import triton_check
+    from fusion_passes import variants
+    from fusion_passes.backends.reference import ReferenceBackend
+
+    group = "c10d:" + fake_pg.group_name
+    x, res, w = torch.randn(3, 256).bfloat16(), torch.randn(3, 256).bfloat16(), torch.rand(256).bfloat16()
+    for variant, cases in sorted(GPU_PARAMS.items()):
+        for params in cases:
+            q, s, r, n = triton_check.run(ReferenceBackend(), variant, x, res, w, 1e-6, group, False, True, *params,
+                                          with_norm_out=True)
+            op = getattr(torch.ops.fusion_passes, f"allreduce_{variant}")
+            kw = dict(zip(variants.get(variant).positional, params))
+            want = op(x, res, w, 1e-6, group, return_norm=True, backend="reference", **kw)
+            assert torch.equal(q.view(torch.uint8), want[0].view(torch.uint8)), (variant, params)
+            assert torch.equal(r, want[-2]) and torch.equal(n, want[-1]), (variant, params)

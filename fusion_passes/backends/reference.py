@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from fusion_passes import arguments, epilogue, groups, variants
+from fusion_passes import epilogue, groups, variants
 from fusion_passes.backends.contract import Call
 from fusion_passes.variants import FusedArgs, FusedOutputs
 
@@ -39,10 +39,3 @@ class ReferenceBackend:
             return FusedOutputs(summed, norm)
         q, scales = epilogue.quantize(variant, norm, args.quant)
         return FusedOutputs(summed, norm if args.return_norm else None, q, scales)
-
-
-def quantize(variant: str, norm: torch.Tensor, *params, **options) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`fusion_passes.epilogue.quantize` from the legacy positional quant parameters (the variant's
-    non-option quant arguments) and option keywords (None: the default); kept for
-    tools/bench_kernels.py (see :func:`fusion_passes.arguments.legacy`)."""
-    return epilogue.quantize(variant, norm, arguments.quant_params(variants.get(variant), *params, **options))

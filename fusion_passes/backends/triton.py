@@ -132,16 +132,12 @@ class TritonBackend:
         return unsupported(call)
 
     # -- run -------------------------------------------------------------------------
-    def run(self, variant: str, *args, **kwargs) -> FusedOutputs:
-        """``run(variant, FusedArgs)``. The backends' former positional form
-        (:func:`fusion_passes.arguments.legacy`) is accepted too, for tools/bench_kernels.py
-        and tools/ab_fp4_warps.py until they pass a FusedArgs."""
+    def run(self, variant: str, a: FusedArgs) -> FusedOutputs:
+        """Run one bound call (:class:`~fusion_passes.variants.FusedArgs`) of *variant*."""
         if variant not in VARIANTS:
             raise ValueError(f"fusion_passes: the triton backend does not implement {variant!r}")
-        if len(args) == 1 and not kwargs and isinstance(args[0], FusedArgs):
-            a = args[0]
-        else:
-            a = arguments.legacy(variants.get(variant), *args, **kwargs)
+        if not isinstance(a, FusedArgs):
+            raise TypeError(f"fusion_passes: TritonBackend.run takes a FusedArgs, got {type(a).__name__}")
         group_size = a.quant.get("group_size")
         if group_size is not None and (group_size not in LIMITS["per_group_sizes"] or a.input.shape[-1] % group_size):
             # unsupported() declines such a call (Call.group_size); a direct run() still

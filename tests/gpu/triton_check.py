@@ -36,7 +36,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from fusion_passes import arguments, variants
+from fusion_passes import variants
 from fusion_passes.backends.reference import ReferenceBackend
 from fusion_passes.backends.triton import TritonBackend
 
@@ -48,8 +48,8 @@ def run(backend, variant, x, res, w, eps, group, gemma, w_fp32, *params, with_no
         residual_in_fp32=False):
     """``backend.run`` as a tuple: ``(norm, residual_out)``, or ``(q, scales, residual_out, norm)``;
     *params* are the variant's non-option quant arguments in order."""
-    args = arguments.legacy(variants.get(variant), x, res, w, eps, group, gemma, w_fp32, *params,
-                            with_norm_out=with_norm_out, residual_in_fp32=residual_in_fp32)
+    args = oracles.fused_args(variants.get(variant), x, res, w, eps, group, gemma, w_fp32, *params,
+                              with_norm_out=with_norm_out, residual_in_fp32=residual_in_fp32)
     o = backend.run(variant, args)
     return (o.norm_out, o.residual_out) if variant == "add_rmsnorm" else (o.q, o.scales, o.residual_out, o.norm_out)
 
