@@ -57,3 +57,18 @@ def count(gm: torch.fx.GraphModule, name: str) -> int:
         if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
         and op_name(n.target).rpartition(".")[0] == name
     )
+
+
+def run_pass(gm: torch.fx.GraphModule, **options):
+    """``(unfused copy, report)``: the fusion pass run on *gm* in place, the graph linted
+    and the module recompiled."""
+    import copy
+
+    from fusion_passes import FusionPass
+
+    before = copy.deepcopy(gm)
+    p = FusionPass(**options)
+    p(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    return before, p.report

@@ -7,7 +7,6 @@ the unfused math in the unfused order, so fused == unfused BIT FOR BIT here.
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import pytest
@@ -16,7 +15,7 @@ from torch.testing import FileCheck
 
 import fusion_passes
 from fusion_passes import FusionPass
-from graphs import all_reduce, count, fp32_weight_rms_norm, gemma_rms_norm, hf_rms_norm, trace
+from graphs import all_reduce, count, fp32_weight_rms_norm, gemma_rms_norm, hf_rms_norm, run_pass, trace
 from ranks import run_ranks
 
 pytestmark = pytest.mark.usefixtures("fake_pg")
@@ -27,15 +26,6 @@ BF16 = torch.bfloat16
 
 def rand(*shape, dtype=BF16):
     return torch.randn(*shape, dtype=dtype)
-
-
-def run_pass(gm, **options):
-    before = copy.deepcopy(gm)
-    p = FusionPass(**options)
-    p(gm.graph)
-    gm.graph.lint()
-    gm.recompile()
-    return before, p.report
 
 
 def assert_same_numerics(before, after, args, world=2):

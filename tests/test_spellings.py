@@ -27,6 +27,8 @@ import pytest
 from spellings import design, harness, held_out, negative
 from spellings.gloo import prepare
 
+from graphs import run_pass
+
 ALL = [*design.CASES, *held_out.CASES, *negative.CASES]
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 HELD_OUT_TARGET = 0.95  # issue 16: >= 95% of held-out fusable chains fuse completely
@@ -65,7 +67,7 @@ def corpus(fake_pg):
         prepare([case])
         inputs = harness.replicated_inputs(case)
         gm = harness.trace(case, [harness.partial_input(case, 0), *inputs])
-        before, report = harness.fuse(gm)
+        before, report = run_pass(gm)
         problems = harness.verdict(case, report)
         if case.expect is not None:
             problems += harness.arg_problems(case, gm)

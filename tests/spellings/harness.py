@@ -9,7 +9,6 @@ and scales are replicated (one seed for all ranks).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 from typing import Callable
@@ -18,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch._functorch.aot_autograd import aot_function
 
-from fusion_passes import FusionPass
 
 c10d = torch.ops._c10d_functional
 
@@ -111,16 +109,6 @@ def trace(case: Case, args: list[torch.Tensor]) -> torch.fx.GraphModule:
         aot_function(function(case), fw_compiler=capture, decompositions=select_decomp_table())(
             *[a.clone() for a in args])
     return captured["gm"]
-
-
-def fuse(gm: torch.fx.GraphModule, **options):
-    """``(unfused copy, report)`` after running the pass on *gm* in place."""
-    before = copy.deepcopy(gm)
-    p = FusionPass(**options)
-    p(gm.graph)
-    gm.graph.lint()
-    gm.recompile()
-    return before, p.report
 
 
 def fused_args(gm: torch.fx.GraphModule) -> dict[str, object]:
