@@ -6,6 +6,7 @@ variant needs no edit in this module.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
@@ -87,6 +88,9 @@ def _check_quant(spec: Variant, a: Mapping[str, Any]) -> None:
     if spec.input_dtypes is not None and x.dtype not in spec.input_dtypes:
         names = "/".join(_SHORT.get(d, str(d)) for d in spec.input_dtypes)
         raise TypeError(f"fusion_passes: {spec.name} quantizes {names} activations only, got {x.dtype}")
+    for q in spec.quant:  # NaN or an infinity in a float argument makes every output NaN or 0
+        if q.schema == "float" and isinstance(a[q.name], (int, float)) and not math.isfinite(a[q.name]):
+            raise ValueError(f"fusion_passes: {spec.name} {q.name} must be a finite number, got {a[q.name]}")
     scale_min = a.get("scale_min")
     if scale_min is not None and scale_min < 0 and scale_min not in SENTINELS:
         raise ValueError(f"fusion_passes: {spec.name} scale_min must be >= 0 or a sentinel "
