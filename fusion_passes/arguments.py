@@ -1,7 +1,16 @@
-"""The fused ops' arguments: binding, validation and the resolution of sentinels.
+"""The fused ops' arguments: binding, validation, the resolution of sentinels, and the
+:class:`~fusion_passes.variants.FusedArgs` a backend receives.
 
-Read by :mod:`fusion_passes.ops` (the op bodies and fakes). Every rule here is generic over :mod:`fusion_passes.variants`: a new
-variant needs no edit in this module.
+Not the command line's argument types: those are ``fusion_passes.tools.arguments``
+(tools/arguments.py). Called by :mod:`fusion_passes.ops` (its one eager body and one fake
+run :func:`bind`, :func:`check` and :func:`resolve`, so a bad call fails alike in both) and
+by the Triton backend (:func:`norm_dtype`). Every rule here is generic over
+:mod:`fusion_passes.variants`: a new variant needs no edit in this module.
+
+Two meanings of "group" meet here: the ``group`` argument is the process group of the
+all-reduce (``'c10d:<name>'`` or ``'vllm:<name>'``, :mod:`fusion_passes.groups`), while a
+per-group quant's block of elements sharing one scale is its ``group_size`` (the
+variant's ``block``).
 """
 
 from __future__ import annotations
