@@ -184,7 +184,8 @@ def _dynamic_scale(y: Node, s: Node, fp8) -> tuple[str, list[Node], Node | None]
     ub_val = val(scale_ub)
     if scale_ub is not None and not (isinstance(ub_val, torch.Tensor) and ub_val.numel() == 1):
         shape = tuple(ub_val.shape) if isinstance(ub_val, torch.Tensor) else "?"
-        return Miss(f"{short(nodes[2])}: the upper bound {getattr(scale_ub, 'name', scale_ub)} has shape {shape}, not one element "
+        ub_name = getattr(scale_ub, "name", scale_ub)
+        return Miss(f"{short(nodes[2])}: the upper bound {ub_name} has shape {shape}, not one element "
                     "(vLLM's QuantFP8 asserts scale_ub.numel() == 1)", nodes[2])
     ab = cur.args[0]
     miss = _not_abs_of(ab, y, "per-token")
