@@ -122,8 +122,9 @@ def uninstall() -> None:
     replaced. Any thread may call it.
 
     If the calling thread's slot holds neither what :func:`install` put there nor what
-    it replaced (a pass was set in this thread), that pass is kept and a ``UserWarning`` says so. Raises
-    ``RuntimeError`` while an :func:`enabled` block is inside (in any thread).
+    it replaced (a pass was set in this thread), that pass is kept and a ``UserWarning``
+    says so. Raises ``RuntimeError`` while an :func:`enabled` block is inside (in any
+    thread).
     """
     global _installed
     with _lock:
@@ -150,7 +151,6 @@ def enabled(**options) -> Iterator[FusionPass]:
     and the last to leave takes it off. Inside an :func:`install` with the same options it
     yields the installed pass and leaves it installed on exit.
     """
-    global _installed
     with _lock:
         fusion = _install(FusionPass(**options))
         _installed.blocks += 1
