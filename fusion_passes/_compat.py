@@ -6,15 +6,41 @@ Private torch APIs move between releases (we support torch >= 2.11; the GPU mach
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 import torch.fx
+from torch.utils import _config_module
 
 from torch._inductor import config as inductor_config  # noqa: F401  (re-exported)
 from torch._inductor.custom_graph_pass import CustomGraphPass  # noqa: F401  (re-exported)
 from torch._subclasses.fake_tensor import FakeTensorMode, FakeTensor  # noqa: F401
 
+_UNSET = _config_module._UNSET_SENTINEL  # "no value at this layer" in a config entry
+
 OpOverload = torch._ops.OpOverload
 """The class of ``torch.ops.<ns>.<op>.<overload>`` (what an FX node's target is)."""
+
+def set_inductor_config_everywhere(name: str, value) -> None:
+    """Set ``torch._inductor.config.<name>`` for every thread of the process.
+
+    torch 2.14 keeps a plain ``config.X = v`` per thread: each entry's ``user_override``
+    is a ``ContextVar`` (``_ConfigEntry.__init__`` and ``ConfigModule.__setattr__`` in
+    torch/utils/_config_module.py: "User overrides are thread-local"), and a thread that
+    never assigned X reads the layers below it. So the value goes to the lowest layer read
+    without a copy, ``env_value_default`` (``default`` is deep-copied into the reading
+    thread when it is not an immutable type: a copy of a pass would take the report), and
+    the calling thread's own assignment is cleared so it reads the same. A thread that
+    assigned X itself (or left a ``config.patch`` of X, whose exit assigns the prior value)
+    keeps its own value, as torch's precedence says.
+    """
+    entry = inductor_config._config[name]
+    setattr(inductor_config, name, value)  # also marks this thread's config caches dirty
+    if not isinstance(entry.user_override, contextvars.ContextVar):
+        return  # a torch whose assignments are process-wide: done
+    entry.env_value_default = _UNSET if value is entry.default else value
+    entry.user_override.set(_UNSET)
+
 
 def detect_fake_mode(graph: torch.fx.Graph) -> FakeTensorMode | None:
     """The fake mode that produced the ``meta['val']`` of *graph*'s nodes, if any."""

@@ -1,11 +1,21 @@
-"""The fused ops' arguments: binding, validation and the resolution of sentinels.
+"""The fused ops' arguments: binding, validation, the resolution of sentinels, and the
+:class:`~fusion_passes.variants.FusedArgs` a backend receives.
 
-Read by :mod:`fusion_passes.ops` (the op bodies and fakes). Every rule here is generic over :mod:`fusion_passes.variants`: a new
-variant needs no edit in this module.
+Not the command line's argument types: those are ``fusion_passes.tools.arguments``
+(tools/arguments.py). Called by :mod:`fusion_passes.ops` (its one eager body and one fake
+run :func:`bind`, :func:`check` and :func:`resolve`, so a bad call fails alike in both) and
+by the Triton backend (:func:`norm_dtype`). Every rule here is generic over
+:mod:`fusion_passes.variants`: a new variant needs no edit in this module.
+
+Two meanings of "group" meet here: the ``group`` argument is the process group of the
+all-reduce (``'c10d:<name>'`` or ``'vllm:<name>'``, :mod:`fusion_passes.groups`), while a
+per-group quant's block of elements sharing one scale is its ``group_size`` (the
+variant's ``block``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
@@ -87,6 +97,9 @@ def _check_quant(spec: Variant, a: Mapping[str, Any]) -> None:
     if spec.input_dtypes is not None and x.dtype not in spec.input_dtypes:
         names = "/".join(_SHORT.get(d, str(d)) for d in spec.input_dtypes)
         raise TypeError(f"fusion_passes: {spec.name} quantizes {names} activations only, got {x.dtype}")
+    for q in spec.quant:  # NaN or an infinity in a float argument makes every output NaN or 0
+        if q.schema == "float" and isinstance(a[q.name], (int, float)) and not math.isfinite(a[q.name]):
+            raise ValueError(f"fusion_passes: {spec.name} {q.name} must be a finite number, got {a[q.name]}")
     scale_min = a.get("scale_min")
     if scale_min is not None and scale_min < 0 and scale_min not in SENTINELS:
         raise ValueError(f"fusion_passes: {spec.name} scale_min must be >= 0 or a sentinel "

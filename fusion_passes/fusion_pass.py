@@ -24,14 +24,23 @@ from fusion_passes.rewrite import FakeVals, rewrite
 log = logging.getLogger("fusion_passes")
 
 
-@functools.lru_cache(maxsize=1)
-def source_hash() -> str:
-    """sha256 of every source file of the installed library (patterns and tools included)."""
-    root = pathlib.Path(__file__).resolve().parent
+_ROOT = pathlib.Path(__file__).resolve().parent
+NOT_IN_KEY = frozenset({"tools"})
+"""Folders at the top of the package whose sources cannot change a graph: the command
+line (``tools/``, which the pass never imports). Everything else is in the key: the
+engine, ``backends/`` and the catalogue ``patterns/``."""
+
+
+@functools.lru_cache(maxsize=None)
+def source_hash(root: pathlib.Path | None = None) -> str:
+    """sha256 of the sources that can change a compiled graph: every ``.py`` of the package
+    at *root* (default: this one) but those under :data:`NOT_IN_KEY`."""
+    root = _ROOT if root is None else root
     h = hashlib.sha256()
     files = []
-    for top, dirs, names in os.walk(root, followlinks=True):  # patterns/, tools/ may be links
-        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+    for top, dirs, names in os.walk(root, followlinks=True):  # patterns/ may be a link
+        at_top = pathlib.Path(top) == root
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not (at_top and d in NOT_IN_KEY))
         files += [pathlib.Path(top, n) for n in sorted(names) if n.endswith(".py")]
     for p in files:
         h.update(str(p.relative_to(root)).encode())
@@ -58,9 +67,11 @@ class FusionPass(_compat.CustomGraphPass):
         ``fusion-passes dump`` records the hoisted graph with it). Not part of :meth:`uuid`."""
 
     def uuid(self) -> str:
-        """Changes with the library's sources and the options (the FX-graph cache key)."""
+        """The FX-graph cache key: changes with the sources that can change a graph (the
+        engine, the backends, the catalogue; not the command line: :data:`NOT_IN_KEY`) and
+        with the options."""
         opts = json.dumps(dataclasses.asdict(self.options), sort_keys=True)
-        return hashlib.sha256(f"{source_hash()}|{opts}".encode()).hexdigest()
+        return hashlib.sha256(f"{source_hash(_ROOT)}|{opts}".encode()).hexdigest()
 
     def __call__(self, graph: Graph) -> None:
         start = time.perf_counter()

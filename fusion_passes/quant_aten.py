@@ -181,6 +181,12 @@ def _dynamic_scale(y: Node, s: Node, fp8) -> tuple[str, list[Node], Node | None]
         return miss if miss is not None else ("fp8_per_tensor", [*nodes, cur, ab], None)
     if not (is_op(cur, aten.amax.default) and list(arg(cur, "dim", 1, [])) in ([-1], [len(val(y).shape) - 1])):
         return Miss(f"{short(cur)} is not amax over the hidden dim", cur)
+    ub_val = val(scale_ub)
+    if scale_ub is not None and not (isinstance(ub_val, torch.Tensor) and ub_val.numel() == 1):
+        shape = tuple(ub_val.shape) if isinstance(ub_val, torch.Tensor) else "?"
+        ub_name = getattr(scale_ub, "name", scale_ub)
+        return Miss(f"{short(nodes[2])}: the upper bound {ub_name} has shape {shape}, not one element "
+                    "(vLLM's QuantFP8 asserts scale_ub.numel() == 1)", nodes[2])
     ab = cur.args[0]
     miss = _not_abs_of(ab, y, "per-token")
     return miss if miss is not None else ("fp8_per_token", [*nodes, cur, ab], scale_ub)

@@ -242,7 +242,8 @@ VARIANTS: tuple[Variant, ...] = (
             (_Q_FP8,),
             spelling="fp8(clamp(y * 1/scale)), scale a parameter"),
     Variant("add_rmsnorm_fp8_per_token", "fp8_per_token",
-            (Arg("scale_ub", "Tensor?", None, "upper bound on each token's amax (vLLM scale_ub)"), _FP8, _FORM),
+            (Arg("scale_ub", "Tensor?", None, "one-element upper bound on each token's amax (vLLM scale_ub: "
+                 "QuantFP8.forward_cuda asserts scale_ub.numel() == 1)", numel=1), _FP8, _FORM),
             (_Q_FP8, Out("scales", lambda x, p: (*x.shape[:-1], 1), _F32)),
             spelling="amax(|y|, -1)/448 [min ub] -> fp8(y / s)"),
     Variant("add_rmsnorm_fp8_per_group", "fp8_per_group",

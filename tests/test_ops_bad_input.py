@@ -130,3 +130,59 @@ def test_bad_fp8_dtype_and_unknown_argument():
         _call("add_rmsnorm_fp8_per_token", x, fp8_dtype=torch.float16)
     with pytest.raises(Exception, match="scale_ub"):  # the dispatcher refuses a name not in the schema
         _call("add_rmsnorm_mxfp4", x, scale_ub=None)
+
+
+def test_scale_ub_must_have_one_element():
+    """vLLM's scale_ub is one number (QuantFP8.forward_cuda asserts numel() == 1): a
+    [hidden] one made eager return [T, hidden] scales against the fake's [T, 1]."""
+    x = torch.randn(4, H, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"add_rmsnorm_fp8_per_token needs a 1-element scale_ub, got \(128,\)"):
+        _call("add_rmsnorm_fp8_per_token", x, scale_ub=torch.full((H,), 2.0))
+    with pytest.raises(ValueError, match="1-element scale_ub"):
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            _call("add_rmsnorm_fp8_per_token", x, scale_ub=torch.full((H,), 2.0))
+    with groups.simulated_sum(x, 2):  # a 0-dim scale_ub is one element too: scales [T, 1]
+        got = _call("add_rmsnorm_fp8_per_token", x, scale_ub=torch.tensor(2.0))
+        want = _call("add_rmsnorm_fp8_per_token", x, scale_ub=torch.tensor([2.0]))
+    assert tuple(got[1].shape) == (4, 1) and all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("variant, name", [("add_rmsnorm_fp8_per_group", "scale_min"),
+                                           ("add_rmsnorm_fp8_per_group", "amax_eps"),
+                                           ("add_rmsnorm_fp8_per_tensor", "scale_min")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_float_quant_argument_must_be_finite(variant, name, value):
+    """NaN made every scale and code NaN (and inf every code 0), where -3 was refused."""
+    x = torch.randn(4, H, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=f"{variant} {name} must be a finite number, got {value}"):
+        _call(variant, x, **{name: value})
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            _call(variant, x, **{name: value})
+
+
+def test_a_graph_with_a_per_channel_scale_ub_leaves_its_quant(fake_pg):
+    """A per-token FP8 chain whose amax is capped by a [hidden] tensor is no vLLM form: the
+    quant stays, named; all-reduce + norm fuse; numerics unchanged bit for bit (before, the
+    op was fed the [hidden] bound and the fake's [T, 1] scales disagreed with the graph)."""
+    from graphs import all_reduce, count, fp32_weight_rms_norm, run_pass, trace
+
+    def block(x, res, w, ub):
+        t = all_reduce(x) + res
+        y = fp32_weight_rms_norm(t, w)
+        amax = y.abs().amax(-1, keepdim=True).float().clamp(max=ub)
+        s = (amax / 448.0).clamp(min=epilogue.fp8_min_scaling_factor())
+        return (y.float() * s.reciprocal()).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), s, t
+
+    g = torch.Generator().manual_seed(3)
+    args = (torch.randn(5, H, generator=g).bfloat16(), torch.randn(5, H, generator=g).bfloat16(),
+            torch.randn(H, generator=g).bfloat16(), torch.rand(H, generator=g) * 4)
+    gm = trace(block, *args)
+    before, report = run_pass(gm)
+    assert not report.errors and [s.variant for s in report.sites] == ["allreduce_add_rmsnorm"]
+    assert "the upper bound ub_1 has shape (128,), not one element" in report.sites[0].reason
+    assert count(gm, "fusion_passes.allreduce_add_rmsnorm") == 1
+    want, got = before(*args), gm(*args)
+    assert all(torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+               for a, b in zip(want, got, strict=True))

@@ -1,9 +1,12 @@
 """``install()`` / ``uninstall()`` / ``enabled()`` next to passes that others set: a second
-install never stacks a duplicate, and uninstall never drops a pass it did not put there."""
+install never stacks a duplicate, and uninstall never drops a pass it did not put there.
+And across threads (a server compiles in worker threads): the installation is process-wide."""
 
 from __future__ import annotations
 
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -88,3 +91,105 @@ def test_enabled_inside_install_leaves_it_installed(fake_pg):
     with pytest.raises(RuntimeError, match="already installed"), fusion_passes.enabled(hoist=False):
         pass
     assert config.post_grad_custom_post_pass is outer
+
+
+# --- threads: torch 2.14 keeps config assignments per thread; the installation is process-wide
+
+
+def _in_thread(fn, *args):
+    """Run *fn* in a fresh worker thread (a ThreadPoolExecutor, as servers compile in)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(fn, *args).result(timeout=600)
+
+
+def _compile_and_run():
+    """A real Inductor compile of ``two_sites`` in the calling thread (caches off, so the
+    post-grad pass runs), and its outputs."""
+    torch._dynamo.reset()
+    with torch.no_grad(), config.patch(force_disable_caches=True):
+        return torch.compile(two_sites)(*example_args())
+
+
+def _eager():
+    with torch.no_grad():
+        return two_sites(*example_args())
+
+
+def test_a_worker_thread_compile_runs_the_pass_installed_in_the_main_thread(fake_pg):
+    fusion = fusion_passes.install()
+    out = _in_thread(_compile_and_run)
+    assert [r.summary().split(" (")[0] for r in fusion.reports] == ["2/2 all-reduces fused"]
+    assert [s.variant for s in fusion.report.sites] == ["allreduce_add_rmsnorm", "allreduce_add_rmsnorm_final"]
+    assert all(torch.equal(a, b) for a, b in zip(out, _eager(), strict=True))
+
+
+def test_uninstall_in_a_worker_thread_restores_every_thread(fake_pg):
+    first = fusion_passes.install()
+    assert _in_thread(_slot_of_thread) is first
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "changed after install()" warning
+        _in_thread(fusion_passes.uninstall)
+    assert config.post_grad_custom_post_pass is None and _in_thread(_slot_of_thread) is None
+    second = fusion_passes.install()  # a fresh install, not stacked on the first
+    assert config.post_grad_custom_post_pass is second and _in_thread(_slot_of_thread) is second
+    _in_thread(_run_slot)
+    assert first.reports == [] and second.report.summary().startswith("2/2 all-reduces fused")
+
+
+def _slot_of_thread():
+    return config.post_grad_custom_post_pass
+
+
+def test_enabled_blocks_in_two_threads_share_one_installation(fake_pg):
+    """The first block to leave keeps the pass on for the other, whose compile runs it;
+    the last to leave takes it off, and uninstall() refuses while a block is inside."""
+    inside, first_left = threading.Barrier(2, timeout=60), threading.Event()
+
+    def first():
+        try:
+            with fusion_passes.enabled() as fusion:
+                inside.wait()
+        finally:
+            first_left.set()
+        return fusion
+
+    def second():
+        with fusion_passes.enabled() as fusion:
+            inside.wait()
+            assert first_left.wait(timeout=60)
+            with pytest.raises(RuntimeError, match=r"1 fusion_passes.enabled\(\) block\(s\) still inside"):
+                fusion_passes.uninstall()
+            out = _compile_and_run()
+        return fusion, out
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        a, b = pool.submit(first), pool.submit(second)
+        fusion_a, (fusion_b, out) = a.result(timeout=600), b.result(timeout=600)
+    assert fusion_a is fusion_b
+    assert [r.summary().split(" (")[0] for r in fusion_a.reports] == ["2/2 all-reduces fused"]
+    assert all(torch.equal(x, y) for x, y in zip(out, _eager(), strict=True))
+    assert fusion_passes.registration._installed is None
+    assert config.post_grad_custom_post_pass is None and _in_thread(_slot_of_thread) is None
+
+
+def test_a_thread_that_assigned_the_slot_itself(fake_pg):
+    """torch's precedence: a thread's own assignment hides the process-wide value. install()
+    there refuses with the reason; one that config.patch left (the value install() chained)
+    is dropped, so that thread sees the installation."""
+    def assigns():
+        config.post_grad_custom_post_pass = Mine()
+        with pytest.raises(RuntimeError, match="this thread assigned post_grad_custom_post_pass itself"):
+            fusion_passes.install()
+        return _slot_of_thread()
+
+    def patched():
+        with config.patch(post_grad_custom_post_pass=Mine()):
+            pass  # the exit assigns the prior value (None) in this thread
+        with fusion_passes.enabled() as fusion:
+            _run_slot()
+        return fusion
+
+    fusion = fusion_passes.install()
+    assert isinstance(_in_thread(assigns), Mine)
+    assert _in_thread(patched) is fusion and fusion.report.summary().startswith("2/2 all-reduces fused")
+    assert config.post_grad_custom_post_pass is fusion

@@ -41,27 +41,29 @@ AITER: dict[str, object] = {
     "one_stage_max_bytes_x_ranks": 16 * 7168 * 2 * 8,
 }
 
-# FlashInfer (CUDA), written against flashinfer-ai/flashinfer v0.6.18
-# (commit fb28d7242b35, 2026-08-22), flashinfer/comm/allreduce.py + trtllm_ar.py.
+# FlashInfer (CUDA), checked against flashinfer-python 0.7.2.post1 (the pin of pyproject's
+# cuda extra; build commit beabf5004585 in flashinfer/_build_meta.py), read from the wheel:
+# flashinfer/comm/trtllm_ar.py and flashinfer/data/include/flashinfer/comm/trtllm_allreduce_fusion.cuh.
 FLASHINFER: dict[str, object] = {
     # allreduce_fusion_kernel dispatch: "Supported ranks: 2, 4, 8, 16"
-    # (include/flashinfer/comm/trtllm_allreduce_fusion.cuh).
+    # (trtllm_allreduce_fusion.cuh, switch over params.nranks).
     "world_sizes": (2, 4, 8, 16),
-    # FLASHINFER_CHECK(params.hidden_dim % VEC_SIZE == 0) with 16-byte accesses
-    # (kBytesPerAccess = 16): 8 elements of bf16/fp16 (trtllm_allreduce_fusion.cuh).
+    # FLASHINFER_CHECK(params.hidden_dim % VEC_SIZE == 0) with VEC_SIZE = kBytesPerAccess /
+    # sizeof(T), kBytesPerAccess = 16: 8 elements of bf16/fp16 (trtllm_allreduce_fusion.cuh).
     "bytes_per_access": 16,
-    # kOneShotMaxToken = 128 (trtllm_allreduce_fusion.cuh): oneshot above that is not used.
-    "oneshot_max_tokens": 128,
     # FP4 quant patterns need SM100+ (trtllm_allreduce_fusion.cuh: cvt_warp_fp16_to_fp4 is
     # compiled only for __CUDA_ARCH__ >= 1000).
     "fp4_min_sm": 100,
     # Fused path only below these input sizes (MiB) per SM version and world size: vLLM's
     # crossovers vs. NCCL + unfused norm, measured by vLLM on H100/B200/B300
-    # (vllm/compilation/passes/fusion/allreduce_rms_fusion.py, FI_ALLREDUCE_FUSION_MAX_SIZE_MB).
+    # (FI_ALLREDUCE_FUSION_MAX_SIZE_MB in vllm/compilation/passes/fusion/allreduce_rms_fusion.py,
+    # vLLM 0.33; its world-size-16 entries are for the multi-node MNNVL path, which the
+    # platform check refuses).
     "max_input_mib": {
         90: {2: 64, 4: 2, 8: 0.5},
         100: {2: 64, 4: 32, 8: 1},
-        103: {2: 64, 4: 64, 8: 2},
+        103: {2: 64, 4: 64, 8: 4},
+        107: {2: 64, 4: 64, 8: 2},
     },
 }
 
