@@ -35,13 +35,17 @@ class NodeRecord:
     source: str | None = None
     code: str | None = None
     stack_trace: str | None = None
+    _inputs: list[str] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def inputs(self) -> list[str]:
-        """Names of the nodes this one reads, in argument order (with repeats)."""
-        out: list[str] = []
-        _collect_refs(self.args, out)
-        _collect_refs(self.kwargs, out)
-        return out
+        """Names of the nodes this one reads, in argument order (with repeats; computed once,
+        the record is read-only)."""
+        if self._inputs is None:
+            out: list[str] = []
+            _collect_refs(self.args, out)
+            _collect_refs(self.kwargs, out)
+            self._inputs = out
+        return list(self._inputs)
 
     @property
     def short_target(self) -> str:
