@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from fusion_passes.tools.graphio.format import (
-    FORMAT, MAX_BYTES, MAX_DEPTH, MAX_NODES, MAX_NUMEL, MAX_VALUES, NAME, OPS, STAGES, TAGS, VERSION, DumpError,
+    FORMAT, MAX_BYTES, MAX_DEPTH, MAX_NODES, MAX_NUMEL, MAX_VALUES, NAME, OPS, STAGES, SYM_SIZE, TAGS, VERSION,
+    DumpError,
     short_target,
 )
 
@@ -118,13 +119,14 @@ def _check_tensor(value: dict, where: str) -> None:
             raise DumpError(f"{where}: tensor {key} must be a list of ints or {{'sym': str}}")
     if stride is not None and len(stride) != len(shape):
         raise DumpError(f"{where}: tensor stride has {len(stride)} entries for a shape of {len(shape)}")
-    sizes = [d for d in shape if isinstance(d, int)]
+    sizes = [d if isinstance(d, int) else SYM_SIZE for d in shape]  # a symbol counts as SYM_SIZE
     steps = [s for s in stride or () if isinstance(s, int)]
     if any(d < 0 for d in sizes + steps):
         raise DumpError(f"{where}: tensor shape {shape} / stride {stride} has a negative entry")
     if math.prod(sizes) > MAX_NUMEL or any(s > MAX_NUMEL for s in sizes + steps):
         raise DumpError(f"{where}: tensor shape {shape} / stride {stride} is larger than any device holds "
-                        f"(limit 2**{MAX_NUMEL.bit_length() - 1} elements)")
+                        f"(limit 2**{MAX_NUMEL.bit_length() - 1} elements, a symbolic size counted as "
+                        f"2**{SYM_SIZE.bit_length() - 1})")
     _check_dtype(value["dtype"], where)
     _check_device(value.get("device", "cpu"), where)
 
