@@ -68,8 +68,8 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("argv,message", [
-    ("bench compile --layers 0", "argument --layers: must be an integer >= 1, got 0"),
-    ("bench compile --layers 8 -1", "argument --layers: must be an integer >= 1, got -1"),
+    ("bench compile --layers 0", "argument --layers: must be an integer from 1 to 128, got 0"),
+    ("bench compile --layers 8 -1", "argument --layers: must be an integer from 1 to 128, got -1"),
     ("bench compile --tp 0", "argument --tp: invalid choice: 0 (choose from 2, 4, 8)"),
     ("bench compile --tp -1", "argument --tp: invalid choice: -1 (choose from 2, 4, 8)"),
 ])
