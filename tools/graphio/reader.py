@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import stat
 from typing import Any
 
 import torch
@@ -241,11 +242,21 @@ def from_dict(doc: Any, path: str | None = None) -> GraphDump:
     return GraphDump(doc["model"], doc["graph"], doc["stage"], doc["torch"], nodes, doc.get("report"), path)
 
 
+def _check_regular(path: str, info: os.stat_result) -> os.stat_result:
+    if not stat.S_ISREG(info.st_mode):
+        raise DumpError(f"{path} is not a regular file (a graph dump is a file `fusion-passes dump` wrote)")
+    return info
+
+
 def _read_bounded(path: str) -> bytes:
-    """The file's bytes, refused by its size before reading when it is a regular file."""
+    """The file's bytes, refused before reading when it is not a regular file (a FIFO or a
+    device would block or never end: checked before it is opened, and again once opened,
+    without blocking, in case it was swapped) or too large."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        _check_regular(path, os.stat(path))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            size = _check_regular(path, os.fstat(f.fileno())).st_size
             if size > MAX_BYTES:
                 raise DumpError(f"{path} is {size / 2**20:.0f} MiB; a dump is read up to {MAX_BYTES >> 20} MiB "
                                 "(the limit bounds the time and memory spent on one file)")
