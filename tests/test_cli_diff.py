@@ -172,3 +172,28 @@ def test_diff_is_near_linear_and_pairs_sites_in_order(tmp_path, capsys):
     assert all(len(s["removed"]) == 9 for s in sites)
     # measured: 3.6 s on 2 CPU cores at load 9 (86.6 s before); 40 s leaves room for a slower machine
     assert seconds < 40, seconds
+
+
+def test_site_matching_steps():
+    """The three steps of tools/site_match.py on boundaries built by hand."""
+    from fusion_passes.tools.site_match import MAX_GROUP, MAX_SHARED, match
+
+    n = MAX_SHARED + 4
+    a, b = [f"a{i}" for i in range(n)], [f"b{i}" for i in range(n)]
+    # every site borders the tied weight only: common, not counted; paired in op sequence
+    common = match(a, b, {h: {"w"} for h in a}, {h: {"w"} for h in b}, {}, {})
+    assert common == dict(zip(a, b))
+    # one group larger than MAX_GROUP (a chain of shared neighbours): greedy, nearest first
+    m = MAX_GROUP + 6
+    a, b = [f"a{i}" for i in range(m)], [f"b{i}" for i in range(m)]
+    chain_a = {h: {i, i + 1} for i, h in enumerate(a)}
+    chain_b = {h: {i, i + 1} for i, h in enumerate(b)}
+    assert match(a, b, chain_a, chain_b, {}, {}) == dict(zip(a, b))
+    # a small group: maximum-weight matching (2 shared beats 1 + 1)
+    small = match(["x", "y"], ["p", "q"], {"x": {1, 2}, "y": {2}}, {"p": {2}, "q": {1, 2}}, {}, {})
+    assert small == {"x": "q", "y": "p"}
+    # unequal counts between anchors: only heads with one of their sources pair, in order
+    sources_a = {"a0": {"l1"}, "a1": {"l2"}, "a2": {"l3"}}
+    source_b = {"b0": "l2", "b1": "l3"}
+    none_a, none_b = {h: set() for h in sources_a}, {h: set() for h in source_b}
+    assert match(["a0", "a1", "a2"], ["b0", "b1"], none_a, none_b, sources_a, source_b) == {"a1": "b0", "a2": "b1"}
