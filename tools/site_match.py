@@ -31,9 +31,10 @@ MAX_SHARED = 16
 real graph a node borders one or two sites (the op before a layer's norm, the one after
 it); 16 is 8x that, and bounds the candidate pairs one node adds to 256."""
 MAX_GROUP = 64
-"""Most heads a side of one group paired by maximum-weight matching (networkx's is cubic):
-64 + 64 heads with every pair a candidate take 0.03 s (measured on this repository's
-2-core CI machine, loaded), so a graph of n sites pays at most n / 64 such groups."""
+"""Most heads a side of one group paired by maximum-weight matching (networkx's is cubic
+in the group): 64 + 64 heads with every pair a candidate, random weights 1 to 4, take
+0.025 s (``nx.max_weight_matching`` on that complete bipartite graph, 2 CPU cores at load
+5), so a graph of n sites spends at most n / 64 x 0.025 s there."""
 
 
 def match(heads_a: list[str], heads_b: list[str], bound_a: dict[str, set], bound_b: dict[str, set],
