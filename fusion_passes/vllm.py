@@ -37,6 +37,8 @@ ENV = "FUSION_PASSES_VLLM"
 """The ONE switch of the plugin route: ``1`` / ``true`` / ``on`` enables it."""
 
 _TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+_warned: set[str] = set()
 
 
 class VllmFusionPass(InductorPass):
@@ -97,8 +99,14 @@ class VllmFusionPass(InductorPass):
 
 
 def enabled_by_env(environ=os.environ) -> bool:
-    """Whether :data:`ENV` switches the plugin route on."""
-    return environ.get(ENV, "").strip().lower() in _TRUE
+    """Whether :data:`ENV` switches the plugin route on. A value that is neither on nor off
+    (``enable``, a typo) leaves it off with one warning naming the accepted values."""
+    value = environ.get(ENV, "").strip().lower()
+    if value not in _TRUE + _FALSE and value not in _warned:
+        _warned.add(value)
+        log.warning("fusion_passes: %s=%r is not understood, so the plugin stays off; on: %s; off: %s",
+                    ENV, environ.get(ENV), ", ".join(_TRUE), ", ".join(repr(v) for v in _FALSE))
+    return value in _TRUE
 
 
 def insert_after_noop_elimination(passes: list, fusion: InductorPass) -> int:

@@ -118,7 +118,7 @@ def test_bad_arguments_exit_2_naming_the_problem(argv, message, capsys):
 def test_non_positive_counts_are_rejected_by_argparse(bad, capsys):
     assert cli_main(["bench", "kernels", "--plan", "--tokens", bad]) == 2  # one line, exit 2, no traceback
     err = capsys.readouterr().err
-    assert "integer >= 1" in err and len(err.strip().splitlines()) == 1
+    assert "must be an integer from 1 to 131072" in err and len(err.strip().splitlines()) == 1
 
 
 def test_derive_table_rejects_files_that_are_not_results(tmp_path, capsys):

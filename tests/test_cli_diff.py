@@ -128,3 +128,72 @@ def test_html_renders_every_fused_site_in_chromium(dumps, capsys):
     subprocess.run([*base, f"--screenshot={shot}", "--window-size=1400,1000", page.as_uri()],
                    capture_output=True, timeout=120)
     assert shot.exists() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+def test_the_site_chain_generator_writes_what_the_pass_makes(fake_pg):
+    import site_chain
+    from fusion_passes import FusionPass
+    from test_cli_models import _all_reduce
+    from torch.fx.experimental.proxy_tensor import make_fx
+    import torch
+
+    def chain(x, res, w):
+        h = x
+        for _ in range(3):
+            res = _all_reduce(h) + res
+            h = res * torch.rsqrt(res.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+        return (h,)
+
+    with torch.no_grad():
+        gm = make_fx(chain, tracing_mode="fake")(torch.randn(8, 64), torch.randn(8, 64), torch.randn(64))
+    assert graphio.graph_to_dict(gm.graph, stage="before", model="chain")["nodes"] == site_chain.before(3)["nodes"]
+    FusionPass()(gm.graph)
+    assert graphio.graph_to_dict(gm.graph, stage="fused", model="chain")["nodes"] == site_chain.fused(3)["nodes"]
+
+
+def test_diff_is_near_linear_and_pairs_sites_in_order(tmp_path, capsys):
+    """1,500 sites of one residual stream (13,504 nodes): networkx matching over every
+    pair of sites took 86.6 s (issue 20) and, every middle site sharing only the tied
+    weight, paired chain k with fused op 500 - k. Now: a few seconds, each chain with its
+    own fused op. (tests/site_chain.py writes any size: 4,400 sites is the loader's cap.)"""
+    import time
+
+    import site_chain
+
+    a, b = site_chain.write(1500, tmp_path)
+    start = time.perf_counter()
+    rc, js, err = _run(capsys, "diff", "--json", str(a), str(b))
+    seconds = time.perf_counter() - start
+    assert rc == 0, err
+    sites = json.loads(js)["sites"]
+    assert [(s["collective"], s["fused_op"]) for s in sites] == [
+        ("all_reduce" + (f"_{i}" if i else ""), "allreduce_add_rmsnorm_default" + (f"_{i}" if i else ""))
+        for i in range(1500)]
+    assert all(len(s["removed"]) == 9 for s in sites)
+    # measured: 3.6 s on 2 CPU cores at load 9 (86.6 s before); 40 s leaves room for a slower machine
+    assert seconds < 40, seconds
+
+
+def test_site_matching_steps():
+    """The three steps of tools/site_match.py on boundaries built by hand."""
+    from fusion_passes.tools.site_match import MAX_GROUP, MAX_SHARED, match
+
+    n = MAX_SHARED + 4
+    a, b = [f"a{i}" for i in range(n)], [f"b{i}" for i in range(n)]
+    # every site borders the tied weight only: common, not counted; paired in op sequence
+    common = match(a, b, {h: {"w"} for h in a}, {h: {"w"} for h in b}, {}, {})
+    assert common == dict(zip(a, b))
+    # one group larger than MAX_GROUP (a chain of shared neighbours): greedy, nearest first
+    m = MAX_GROUP + 6
+    a, b = [f"a{i}" for i in range(m)], [f"b{i}" for i in range(m)]
+    chain_a = {h: {i, i + 1} for i, h in enumerate(a)}
+    chain_b = {h: {i, i + 1} for i, h in enumerate(b)}
+    assert match(a, b, chain_a, chain_b, {}, {}) == dict(zip(a, b))
+    # a small group: maximum-weight matching (2 shared beats 1 + 1)
+    small = match(["x", "y"], ["p", "q"], {"x": {1, 2}, "y": {2}}, {"p": {2}, "q": {1, 2}}, {}, {})
+    assert small == {"x": "q", "y": "p"}
+    # unequal counts between anchors: only heads with one of their sources pair, in order
+    sources_a = {"a0": {"l1"}, "a1": {"l2"}, "a2": {"l3"}}
+    source_b = {"b0": "l2", "b1": "l3"}
+    none_a, none_b = {h: set() for h in sources_a}, {h: set() for h in source_b}
+    assert match(["a0", "a1", "a2"], ["b0", "b1"], none_a, none_b, sources_a, source_b) == {"a1": "b0", "a2": "b1"}

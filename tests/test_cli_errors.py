@@ -28,22 +28,28 @@ def _known_backends() -> str:
 
 
 RANGE = "must be an integer >= 1, got"
+LAYERS = "must be an integer from 1 to 128, got"  # Llama 3.1 405B: 126 layers (tools/arguments.py)
+TP = "must be an integer from 1 to 72, got"  # one NVLink domain, GB200 NVL72
 QUANTS = "invalid choice: 'bogus' (choose from 'none', 'fp8_static', 'fp8_dynamic', 'fp8_block')"
 TP_CHOICES = "(choose from 2, 4, 8)"
 BAD_OPTIONS = [
     (["dump", "m.py:make", "--quant", "bogus"], QUANTS),
-    (["dump", "m.py:make", "--layers", "0"], f"argument --layers: {RANGE} 0"),
-    (["dump", "m.py:make", "--layers", "-1"], f"argument --layers: {RANGE} -1"),
-    (["dump", "m.py:make", "--tp", "0"], f"argument --tp: {RANGE} 0"),
-    (["dump", "m.py:make", "--tp", "-1"], f"argument --tp: {RANGE} -1"),
-    (["dump", "m.py:make", "--tp", "two"], "argument --tp: must be an integer >= 1, got 'two'"),
+    (["dump", "m.py:make", "--layers", "0"], f"argument --layers: {LAYERS} 0"),
+    (["dump", "m.py:make", "--layers", "-1"], f"argument --layers: {LAYERS} -1"),
+    (["dump", "capture:llama", "--layers", "1000000"], f"argument --layers: {LAYERS} 1000000"),
+    (["dump", "m.py:make", "--tp", "0"], f"argument --tp: {TP} 0"),
+    (["dump", "m.py:make", "--tp", "-1"], f"argument --tp: {TP} -1"),
+    (["dump", "m.py:make", "--tp", "two"], f"argument --tp: {TP} 'two'"),
+    (["dump", "m.py:make", "--tp", "100000000000"], f"argument --tp: {TP} 100000000000"),
+    (["explain", "capture:llama", "--tp", "73"], f"argument --tp: {TP} 73"),
     (["dump", "m.py:make", "--backend", "nonexistent"], "argument --backend: unknown backend 'nonexistent'; known: "),
     (["dump", "m.py:make", "--backend", ""], "argument --backend: unknown backend ''; known: "),
     (["dump", "m.py:make", "-o", ""], "argument -o/--out: expected a path, got an empty string"),
     (["explain", "x.json", "--backend", "nonexistent"], "argument --backend: unknown backend 'nonexistent'"),
     (["capture", "--quant", "bogus"], QUANTS),
-    (["capture", "--layers", "0"], f"argument --layers: {RANGE} 0"),
-    (["capture", "--layers", "-1"], f"argument --layers: {RANGE} -1"),
+    (["capture", "--layers", "0"], f"argument --layers: {LAYERS} 0"),
+    (["capture", "--layers", "-1"], f"argument --layers: {LAYERS} -1"),
+    (["capture", "--layers", "1000000"], f"argument --layers: {LAYERS} 1000000"),
     (["capture", "--tp", "0"], f"argument --tp: invalid choice: 0 {TP_CHOICES}"),
     (["capture", "--tp", "-1"], f"argument --tp: invalid choice: -1 {TP_CHOICES}"),
     (["capture", "--out", ""], "argument --out: expected a path, got an empty string"),
@@ -67,6 +73,37 @@ def test_bad_option_is_one_line_with_the_valid_values(capsys, argv, message):
     assert message in err, err
     if "unknown backend" in message:
         assert err.rstrip().endswith(f"known: {_known_backends()} (see fusion-passes {argv[0]} --help)"), err
+
+
+BAD_BENCH = [  # (argv, WORLD_SIZE or None, the message after "fusion-passes bench WHAT: error: ")
+    (["model", "--dry-run", "--layers", "1000000"], None, f"argument --layers: {LAYERS} 1000000"),
+    (["model", "--dry-run", "--decode", str(10**12)],
+     None, f"argument --decode: must be an integer from 1 to 1024, got {10**12}"),  # vLLM's max_num_seqs
+    (["model", "--dry-run", "--prefill", "40961"],
+     None, "argument --prefill: must be an integer from 1 to 40960, got 40961"),  # Qwen3-30B-A3B's context
+    (["model", "--dry-run", "--world-size", "100"], None, f"argument --world-size: {TP} 100"),
+    (["kernels", "--plan", "--tokens", str(10**12)],
+     None, f"argument --tokens: must be an integer from 1 to 131072, got {10**12}"),  # Llama 3.1's context
+    (["compile", "--layers", "8", "1000000"], None, f"argument --layers: {LAYERS} 1000000"),
+    (["kernels", "--plan"], "abc", f"environment variable WORLD_SIZE {TP} 'abc'"),
+    (["kernels", "--plan"], "-3", f"environment variable WORLD_SIZE {TP} -3"),
+    (["model", "--plan"], "0", f"environment variable WORLD_SIZE {TP} 0"),
+]
+
+
+@pytest.mark.parametrize("argv,world,message", BAD_BENCH, ids=[" ".join(a) + f" {w}" for a, w, _ in BAD_BENCH])
+def test_bench_ranges_are_refused_before_work(capsys, monkeypatch, argv, world, message):
+    from fusion_passes.tools import model_trace
+
+    monkeypatch.setattr(model_trace, "dry_run", _no_trace)
+    if world is not None:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    rc = cli.main(["bench", *argv])
+    out, err = capsys.readouterr()
+    assert (rc, out) == (2, ""), (rc, out, err)
+    # an option: bench WHAT's parser says it; the environment: the command's one line
+    what = "fusion-passes bench" if world is not None else f"fusion-passes bench {argv[0]}"
+    assert err.startswith(f"{what}: error: {message}") and err.count("\n") == 1, err
 
 
 # ------------------------------------------------------------------ outputs, checked first

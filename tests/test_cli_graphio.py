@@ -78,6 +78,9 @@ BAD = [
     # absurd shapes: validated on load (the pass used to fail inside, and explain misreported)
     (json.dumps(_doc([{**X, "meta": {"val": {"shape": [10**12, 10**12], "dtype": "float32"}}}, OUT])).encode(),
      "is larger than any device holds"),
+    # a symbolic size counts as the stand-in the pass sees (2**14): it cannot hide the other sizes
+    (json.dumps(_doc([{**X, "meta": {"val": {"shape": [2**40, {"sym": "s0"}, 64], "dtype": "float32"}}}, OUT])
+     ).encode(), "is larger than any device holds (limit 2**48 elements, a symbolic size counted as 2**14)"),
     (json.dumps(_doc([{**X, "meta": {"val": {"shape": [8, -1], "dtype": "float32"}}}, OUT])).encode(),
      "has a negative entry"),
     (json.dumps(_doc([{**X, "meta": {"val": {"shape": [8, 4], "stride": [4], "dtype": "float32"}}}, OUT])).encode(),
@@ -100,6 +103,15 @@ def test_malformed_or_hostile_file_is_a_clear_error(tmp_path, content, message):
     path.write_bytes(content)
     with pytest.raises(graphio.DumpError, match=re.escape(message)):
         graphio.load(str(path))
+
+
+def test_real_symbolic_shapes_load(tmp_path):
+    """A token count symbolic next to a vocabulary-sized dimension (Llama 3's 128,256) and a
+    second symbol: well under the bound."""
+    val = {"shape": [{"sym": "s0"}, {"sym": "s1"}, 128_256], "dtype": "bfloat16"}
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(_doc([{**X, "meta": {"val": val}}, OUT])))
+    assert graphio.load(str(path)).nodes[0].val == val
 
 
 def test_a_pickle_is_never_unpickled(tmp_path):

@@ -257,6 +257,18 @@ def test_env_switch():
     assert not enabled_by_env({}) and not enabled_by_env({"FUSION_PASSES_VLLM": "0"})
 
 
+def test_env_switch_warns_once_on_a_value_it_does_not_know(caplog):
+    from fusion_passes.vllm import enabled_by_env
+
+    with caplog.at_level("WARNING", logger="fusion_passes"):
+        assert not enabled_by_env({"FUSION_PASSES_VLLM": "enable"})
+        assert not enabled_by_env({"FUSION_PASSES_VLLM": "enable"})  # vLLM asks again: no second warning
+        assert not enabled_by_env({"FUSION_PASSES_VLLM": "off"}) and not enabled_by_env({})
+    (record,) = caplog.records
+    assert record.getMessage() == ("fusion_passes: FUSION_PASSES_VLLM='enable' is not understood, so the plugin "
+                                   "stays off; on: 1, true, yes, on; off: '', '0', 'false', 'no', 'off'")
+
+
 def test_plugin_inserts_after_noop_elimination(monkeypatch):
     """The entry point, with the switch on, puts our pass right after vLLM's
     NoOpEliminationPass in a really configured PostGradPassManager; off, it does nothing."""

@@ -7,6 +7,26 @@ import argparse
 from typing import Callable
 
 
+MAX_LAYERS = 128
+"""Most decoder layers of a traced or benchmarked model: the deepest real decoder we know,
+Llama 3.1 405B, has 126 (``num_hidden_layers`` in meta-llama/Llama-3.1-405B's
+config.json; DeepSeek-V3 has 61). ``--layers 1000000`` grew to 2.8 GB before any output."""
+MAX_TP = 72
+"""Largest tensor-parallel world (``--tp``, ``WORLD_SIZE``): one NVLink domain, the 72 GPUs
+of a GB200 NVL72, the most a tensor-parallel all-reduce spans in a real deployment."""
+MAX_SEQS = 1024
+"""Most sequences one decode step batches: vLLM's largest default ``max_num_seqs``
+(1,024 on H100/H200/B200, ``vllm/engine/arg_utils.py``)."""
+MAX_CONTEXT = 40_960
+"""Most tokens of one sequence (a prefill, a decode's cached context): the longer
+``max_position_embeddings`` of the two models ``bench model`` builds (Qwen3-30B-A3B's
+40,960; Llama-3-8B's is 8,192; ``tools/models.py``)."""
+MAX_STEP_TOKENS = 131_072
+"""Most tokens one fused-kernel call takes (``bench kernels --tokens``): a whole 128K
+prompt in one step (Llama 3.1's ``max_position_embeddings``, 131,072, with chunked
+prefill off); vLLM's default step is 8,192 to 16,384 tokens."""
+
+
 def int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
     """An argparse ``type``: an integer in ``[lo, hi]`` (no upper bound when *hi* is None)."""
     valid = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
@@ -57,4 +77,17 @@ def add_vllm_model_options(parser, *, with_tp: bool = True) -> None:
                             help="tensor-parallel size, fake ranks (default: 2)")
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     parser.add_argument("--quant", default="none", choices=QUANT_NAMES, help="FP8 checkpoint format (default: none)")
-    parser.add_argument("--layers", type=int_range(1), default=2, help="decoder layers (default: 2)")
+    parser.add_argument("--layers", type=int_range(1, MAX_LAYERS), default=2, help="decoder layers (default: 2)")
+
+
+def world_size_from_env() -> int:
+    """``WORLD_SIZE`` as torchrun sets it (1 when unset); a bad value is a usage error naming it."""
+    import os
+
+    from fusion_passes.tools.cli import UsageError
+
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int_range(1, MAX_TP)(text)
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"environment variable WORLD_SIZE {e} (torchrun sets it; unset it for one process)") from None

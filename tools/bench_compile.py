@@ -30,10 +30,10 @@ DEFAULT_LAYERS = (8, 16, 32, 61)  # 61: DeepSeek-V3's real depth (config.json nu
 
 def add_arguments(parser) -> None:
     """The benchmark's options."""
-    from fusion_passes.tools.arguments import int_range
+    from fusion_passes.tools.arguments import MAX_LAYERS, int_range
     from fusion_passes.tools.tiny_configs import DTYPES, MODELS, TP_SIZES
 
-    parser.add_argument("--layers", type=int_range(1), nargs="+", default=list(DEFAULT_LAYERS),
+    parser.add_argument("--layers", type=int_range(1, MAX_LAYERS), nargs="+", default=list(DEFAULT_LAYERS),
                         help="decoder layer counts to compile (default: 8 16 32 61)")
     parser.add_argument("--tp", type=int, default=8, choices=TP_SIZES, help="tensor-parallel size (fake ranks; default 8)")
     parser.add_argument("--model", default="deepseek_v3", choices=MODELS,

@@ -38,6 +38,7 @@ if __name__ == "__main__":  # `python tools/bench_kernels.py` from a checkout: t
 
 from fusion_passes.tools import bench_epilogue  # noqa: E402
 from fusion_passes.tools import bench_rows as br  # noqa: E402
+from fusion_passes.tools.arguments import MAX_STEP_TOKENS, int_range, world_size_from_env  # noqa: E402
 from fusion_passes.tools.bench_rows import positive_int  # noqa: E402
 
 NVFP4_GLOBAL_SCALE = 448.0 * 6 / 5  # a norm output of absmax ~5 spans the e4m3 block scales
@@ -51,7 +52,7 @@ def add_arguments(parser) -> None:
                         help="hidden sizes for add_rmsnorm (default 4096 7168 8192)")
     parser.add_argument("--quant-hidden", type=positive_int, nargs="+", default=list(br.DEFAULT_QUANT_HIDDEN),
                         help="hidden sizes for the quant variants (default 7168)")
-    parser.add_argument("--tokens", type=positive_int, nargs="+", default=list(br.DEFAULT_TOKENS),
+    parser.add_argument("--tokens", type=int_range(1, MAX_STEP_TOKENS), nargs="+", default=list(br.DEFAULT_TOKENS),
                         help="token counts (default 1 2 4 .. 16384)")
     parser.add_argument("--variants", nargs="+", default=list(br.DEFAULT_VARIANTS), choices=br.VARIANTS,
                         help=f"default: {' '.join(br.DEFAULT_VARIANTS)}")
@@ -101,7 +102,7 @@ def run(args) -> int:
             raise UsageError(str(e)) from None
         print(bench_table.render(table, results, args.margin))
         return 0
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size_from_env()
     plan = br.plan(args.variants, args.hidden, args.quant_hidden, args.tokens, world, args.with_dynamic_true)
     if args.plan:
         print(br.format_plan(plan))

@@ -32,6 +32,9 @@ import tempfile
 import time
 import types
 
+from fusion_passes.tools.arguments import (
+    MAX_CONTEXT, MAX_LAYERS, MAX_SEQS, MAX_TP, int_range, world_size_from_env,
+)
 from fusion_passes.tools.bench_rows import command_line, positive_int
 
 MODELS = ("llama", "qwen3_moe")
@@ -52,12 +55,12 @@ SECONDS_SETUP = 60.0
 def add_arguments(parser) -> None:
     parser.add_argument("--model", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
-    parser.add_argument("--layers", type=positive_int, default=4, help="decoder layers (default 4)")
-    parser.add_argument("--decode", type=positive_int, nargs="*", default=list(DEFAULT_DECODE),
+    parser.add_argument("--layers", type=int_range(1, MAX_LAYERS), default=4, help="decoder layers (default 4)")
+    parser.add_argument("--decode", type=int_range(1, MAX_SEQS), nargs="*", default=list(DEFAULT_DECODE),
                         help="decode steps: T sequences x 1 token (default 1 8 32 64; none: --decode)")
-    parser.add_argument("--prefill", type=positive_int, nargs="*", default=list(DEFAULT_PREFILL),
+    parser.add_argument("--prefill", type=int_range(1, MAX_CONTEXT), nargs="*", default=list(DEFAULT_PREFILL),
                         help="prefill steps: 1 sequence x T tokens (default 512 4096; none: --prefill)")
-    parser.add_argument("--context", type=positive_int, default=1024, help="tokens cached per decoding sequence")
+    parser.add_argument("--context", type=int_range(1, MAX_CONTEXT - 1), default=1024, help="tokens cached per decoding sequence")
     parser.add_argument("--replays", type=positive_int, default=10, help="timed graph replays per step (median)")
     parser.add_argument("--fp8-linear", choices=("vllm", "hf"), default="vllm",
                         help="vllm: our FP8 linear with vLLM's native per-token quant (default); hf: "
@@ -65,7 +68,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tiny", action="store_true", help="toy sizes of the same model families")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU: trace under the fake process group and report the sites (no timing)")
-    parser.add_argument("--world-size", type=positive_int, default=1,
+    parser.add_argument("--world-size", type=int_range(1, MAX_TP), default=1,
                         help="with --dry-run: fake ranks (1: explicit all-reduces; N: HF tp_plan)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: run everything on CPU (gloo; a check of the tool, not a benchmark)")
@@ -107,7 +110,7 @@ def run(args) -> int:
     pts = model_step.points(args.decode, args.prefill, args.context)
     if args.dry_run:
         return _dry_run(args, pts)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size_from_env()
     p = plan(args, world)
     if args.plan:
         print(_format_plan(p))

@@ -15,8 +15,11 @@ unless ``-v`` (:func:`fusion_passes.tools.terminal.quiet`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "run a real HF tensor-parallel model on 2 gloo CPU processes, fused vs unfused"),
@@ -86,17 +89,47 @@ def _parse(argv: list[str]):
     return module, name, cmd.parse_args(argv[1:])
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, a CI cancel, ``docker stop``) while a command works: raised in
+    the main thread like Ctrl-C, so outputs are cleaned up the same way."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises :class:`Terminated` while the command runs (main thread only: that is
+    where Python delivers signals); the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
+
+
 def _run(module, name: str, args, verbose: bool) -> int:
     from fusion_passes.tools.terminal import printable, quiet
 
     try:
-        with quiet(not verbose):
+        with _sigterm_as_interrupt(), quiet(not verbose):
             return int(module.run(args) or 0)
     except UsageError as e:
         print(f"fusion-passes {name}: error: {printable(str(e))}", file=sys.stderr)
         return 2
-    except SystemExit as e:  # argparse inside a subcommand (`bench WHAT ...`): its error line got through
-        return e.code if isinstance(e.code, int) else 2
+    except SystemExit as e:  # argparse inside a subcommand (`bench WHAT ...`): its error line got through;
+        if isinstance(e.code, int) or e.code is None:  # sys.exit(MESSAGE) in a spec: the message is shown
+            return e.code or 0
+        lines = str(e.code).strip().splitlines() or [""]
+        print(f"fusion-passes {name}: error: {printable(lines[0])}", file=sys.stderr)
+        return 2
+    except Terminated:
+        print(f"fusion-passes {name}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"fusion-passes {name}: interrupted", file=sys.stderr)
         return 130

@@ -22,7 +22,9 @@ every one of them is written.
 
 from __future__ import annotations
 
-from fusion_passes.tools.arguments import add_backend_options, add_vllm_model_options, int_range, path_argument
+from fusion_passes.tools.arguments import (
+    MAX_TP, add_backend_options, add_vllm_model_options, int_range, path_argument,
+)
 from fusion_passes.tools.cli import UsageError
 from fusion_passes.tools.recorder import GraphRecord, check_target, record_spec
 
@@ -41,7 +43,7 @@ def add_arguments(parser) -> None:
 
 def add_compile_arguments(parser) -> None:
     """Options shared with ``explain`` when it compiles a spec itself."""
-    parser.add_argument("--tp", type=int_range(1), default=2, help="world size of the fake process group "
+    parser.add_argument("--tp", type=int_range(1, MAX_TP), default=2, help="world size of the fake process group "
                         "set up when none is initialised; for capture:MODEL one of 2, 4, 8 (default: %(default)s)")
     add_backend_options(parser)
     add_vllm_model_options(parser.add_argument_group("capture:MODEL specs (real vLLM model code, tools/capture.py)"),

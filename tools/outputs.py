@@ -23,9 +23,27 @@ def _temp_name(folder: pathlib.Path, name: str) -> pathlib.Path:
     return folder / f".{name}.{secrets.token_hex(4)}.tmp"
 
 
+NAME_MAX = 255
+"""Longest file name, in bytes, of Linux file systems (ext4, XFS, btrfs: ``NAME_MAX`` in
+``<linux/limits.h>``); the staging name adds :data:`STAGING_EXTRA` bytes to an output's."""
+STAGING_EXTRA = len(".." + "0" * 8 + ".tmp")
+PATH_MAX = 4096
+"""Longest path, in bytes, the Linux kernel takes (``PATH_MAX`` in ``<linux/limits.h>``)."""
+
+
 def _path(path: str | os.PathLike, what: str) -> pathlib.Path:
-    if not os.fspath(path):
+    """*path*, refused when it is empty or longer than a file system takes (named by its
+    start: the message stays one short line)."""
+    text = os.fspath(path)
+    if not text:
         raise UsageError(f"{what} is an empty string, not a path")
+    shown = text if len(text) <= 120 else f"{text[:120]}... ({len(text)} characters)"
+    if len(os.fsencode(text)) > PATH_MAX:
+        raise UsageError(f"cannot write {shown}: the path is longer than {PATH_MAX} bytes")
+    longest = max((len(os.fsencode(part)) for part in pathlib.Path(text).parts), default=0)
+    if longest > NAME_MAX - STAGING_EXTRA:
+        raise UsageError(f"cannot write {shown}: a name in it is {longest} bytes; file systems take "
+                         f"{NAME_MAX}, and the staging name adds {STAGING_EXTRA}")
     return pathlib.Path(path)
 
 

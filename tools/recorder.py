@@ -9,10 +9,12 @@ your own code, imported and called), or ``capture:MODEL``, a vLLM model traced o
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib
 import importlib.util
 import os
 import pathlib
+import stat
 import sys
 from typing import Any
 
@@ -73,11 +75,29 @@ def explain_extras(report) -> dict:
     return out
 
 
+def _shown(text: str, limit: int = 120) -> str:
+    """*text* for a one-line message: a 100,000-character spec is named by its start."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _spec_file(spec: str, mod_name: str) -> pathlib.Path:
+    """The ``file.py`` of a spec: a regular file (a FIFO would hang the import), checked
+    without opening it; any path error is a usage error."""
+    path = pathlib.Path(mod_name)
+    try:
+        info = path.stat()
+    except OSError as e:
+        why = f"no such file {_shown(mod_name)}" if e.errno in (errno.ENOENT, errno.ENOTDIR) else \
+            f"cannot read {_shown(mod_name)}: {e.strerror or e}"
+        raise UsageError(f"spec {_shown(spec)!r}: {why}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"spec {_shown(spec)!r}: {_shown(mod_name)} is not a regular file")
+    return path
+
+
 def _import_spec_module(spec: str, mod_name: str):
     if mod_name.endswith(".py"):
-        path = pathlib.Path(mod_name)
-        if not path.is_file():
-            raise UsageError(f"spec {spec!r}: no such file {mod_name}")
+        path = _spec_file(spec, mod_name)
         loader_spec = importlib.util.spec_from_file_location(f"_fusion_passes_spec_{path.stem}", path)
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[loader_spec.name] = module
@@ -97,9 +117,9 @@ def check_spec(spec: str) -> tuple[str, str]:
     """``(module, function)`` of a callable *spec*, or a :class:`UsageError` (nothing imported)."""
     mod_name, sep, fn_name = spec.rpartition(":")
     if not sep or not mod_name or not fn_name.isidentifier():
-        raise UsageError(f"spec {spec!r} is not module:function or file.py:function")
-    if mod_name.endswith(".py") and not pathlib.Path(mod_name).is_file():
-        raise UsageError(f"spec {spec!r}: no such file {mod_name}")
+        raise UsageError(f"spec {_shown(spec)!r} is not module:function or file.py:function")
+    if mod_name.endswith(".py"):
+        _spec_file(spec, mod_name)
     return mod_name, fn_name
 
 

@@ -39,6 +39,14 @@ times what an H200's 141 GB could hold at one byte per element. Larger (or negat
 shapes cannot come from a real graph and would overflow the int64 size arithmetic that
 rebuilding and the passes do."""
 
+SYM_SIZE = 2**14
+"""What each symbolic dimension (``{"sym": "s0"}``) counts as in the :data:`MAX_NUMEL`
+bound: what the pass sees, since rebuilding gives each symbol a concrete stand-in of
+8,191 + 2 per distinct symbol (``tools/graphio/rebuild.py``), under 2**14 for a dump's
+first 4,096 symbols. A real token count is of that order (vLLM's engine defaults
+``max_num_batched_tokens`` to 16,384 on a large GPU, ``vllm/engine/arg_utils.py``). So
+``[2**40, {"sym": "s0"}, 64]`` is refused, ``[s0, s1, 128256]`` (Llama 3's vocabulary) is not."""
+
 OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
 """Node kinds of an FX graph."""
 TAGS = ("node", "tuple", "dict", "float", "dtype", "device", "op", "sym", "slice", "enum", "repr")

@@ -12,12 +12,14 @@ import dataclasses
 import json
 import math
 import os
+import stat
 from typing import Any
 
 import torch
 
 from fusion_passes.tools.graphio.format import (
-    FORMAT, MAX_BYTES, MAX_DEPTH, MAX_NODES, MAX_NUMEL, MAX_VALUES, NAME, OPS, STAGES, TAGS, VERSION, DumpError,
+    FORMAT, MAX_BYTES, MAX_DEPTH, MAX_NODES, MAX_NUMEL, MAX_VALUES, NAME, OPS, STAGES, SYM_SIZE, TAGS, VERSION,
+    DumpError,
     short_target,
 )
 
@@ -35,13 +37,17 @@ class NodeRecord:
     source: str | None = None
     code: str | None = None
     stack_trace: str | None = None
+    _inputs: list[str] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def inputs(self) -> list[str]:
-        """Names of the nodes this one reads, in argument order (with repeats)."""
-        out: list[str] = []
-        _collect_refs(self.args, out)
-        _collect_refs(self.kwargs, out)
-        return out
+        """Names of the nodes this one reads, in argument order (with repeats; computed once,
+        the record is read-only)."""
+        if self._inputs is None:
+            out: list[str] = []
+            _collect_refs(self.args, out)
+            _collect_refs(self.kwargs, out)
+            self._inputs = out
+        return list(self._inputs)
 
     @property
     def short_target(self) -> str:
@@ -114,13 +120,14 @@ def _check_tensor(value: dict, where: str) -> None:
             raise DumpError(f"{where}: tensor {key} must be a list of ints or {{'sym': str}}")
     if stride is not None and len(stride) != len(shape):
         raise DumpError(f"{where}: tensor stride has {len(stride)} entries for a shape of {len(shape)}")
-    sizes = [d for d in shape if isinstance(d, int)]
+    sizes = [d if isinstance(d, int) else SYM_SIZE for d in shape]  # a symbol counts as SYM_SIZE
     steps = [s for s in stride or () if isinstance(s, int)]
     if any(d < 0 for d in sizes + steps):
         raise DumpError(f"{where}: tensor shape {shape} / stride {stride} has a negative entry")
     if math.prod(sizes) > MAX_NUMEL or any(s > MAX_NUMEL for s in sizes + steps):
         raise DumpError(f"{where}: tensor shape {shape} / stride {stride} is larger than any device holds "
-                        f"(limit 2**{MAX_NUMEL.bit_length() - 1} elements)")
+                        f"(limit 2**{MAX_NUMEL.bit_length() - 1} elements, a symbolic size counted as "
+                        f"2**{SYM_SIZE.bit_length() - 1})")
     _check_dtype(value["dtype"], where)
     _check_device(value.get("device", "cpu"), where)
 
@@ -235,11 +242,21 @@ def from_dict(doc: Any, path: str | None = None) -> GraphDump:
     return GraphDump(doc["model"], doc["graph"], doc["stage"], doc["torch"], nodes, doc.get("report"), path)
 
 
+def _check_regular(path: str, info: os.stat_result) -> os.stat_result:
+    if not stat.S_ISREG(info.st_mode):
+        raise DumpError(f"{path} is not a regular file (a graph dump is a file `fusion-passes dump` wrote)")
+    return info
+
+
 def _read_bounded(path: str) -> bytes:
-    """The file's bytes, refused by its size before reading when it is a regular file."""
+    """The file's bytes, refused before reading when it is not a regular file (a FIFO or a
+    device would block or never end: checked before it is opened, and again once opened,
+    without blocking, in case it was swapped) or too large."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        _check_regular(path, os.stat(path))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            size = _check_regular(path, os.fstat(f.fileno())).st_size
             if size > MAX_BYTES:
                 raise DumpError(f"{path} is {size / 2**20:.0f} MiB; a dump is read up to {MAX_BYTES >> 20} MiB "
                                 "(the limit bounds the time and memory spent on one file)")
