@@ -14,7 +14,7 @@ from typing import Callable
 
 from torch.fx import Graph
 
-from fusion_passes import _compat, fx_util, ops  # noqa: F401  (ops registers the fused ops)
+from fusion_passes import _compat, compile_range, fx_util, ops  # noqa: F401  (ops registers the fused ops)
 from fusion_passes.match import find_site
 from fusion_passes.options import FusionOptions
 from fusion_passes.recognize import Miss, all_reduce
@@ -117,7 +117,8 @@ class FusionPass(_compat.CustomGraphPass):
         # Match each site on the graph as the previous rewrites left it: a site's residual
         # is often the previous site's sum, which that rewrite has just replaced.
         for node in [n for n in graph.nodes if all_reduce(n) is not None]:
-            entry = SiteReport(node.name, hoisted_over=list(hoisted.hoisted_over.get(node.name, [])))
+            entry = SiteReport(node.name, hoisted_over=list(hoisted.hoisted_over.get(node.name, [])),
+                               token_range=compile_range.current())
             entry.source = _source_line(node)
             report.sites.append(entry)
             found = all_reduce(node)
@@ -130,7 +131,16 @@ class FusionPass(_compat.CustomGraphPass):
                 continue
             rewrite(graph, site, fake_vals, opts.backend)
             entry.fused, entry.variant, entry.backend, entry.reason = True, site.family.name, site.backend, site.note
+            entry.table = _table_of(site)
         return hoisted
+
+
+def _table_of(site) -> str | None:
+    """Which crossover table admitted *site* (its backend's ``table_source``), if it has one."""
+    from fusion_passes import backends
+    from fusion_passes.match import compile_time_call
+
+    return backends.table_source(site.backend, compile_time_call(site.family.variant, site.ar, site.norm, site.quant))
 
 
 def _source_line(node) -> str | None:
