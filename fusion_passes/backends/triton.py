@@ -200,9 +200,10 @@ class TritonBackend:
             nw = min(nw, int(LIMITS["fp4_many_tokens_warps"][variant]))
         if entry is not None and entry.num_warps:
             nw = entry.num_warps
+        nw = FORCE.get("num_warps", nw)
         if not (tokens and world > 1):
             return _Plan(max(tokens, 1), nw)
-        if entry is not None and entry.pick == "unfused":
+        if FORCE.get("path", "unfused" if entry is not None and entry.pick == "unfused" else None) == "unfused":
             return _Plan(max(tokens, 1), nw, path="unfused")
         dev = x.device
         resident = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) * max(
@@ -284,6 +285,9 @@ class _Plan:
 
 PATHS = ("barrier", "lamport", "twoshot")
 PATH_ENV = "FUSION_PASSES_TRITON_PATH"
+FORCE: dict = {}
+"""``fusion-passes tune`` only: ``{"num_warps": n, "path": p}`` forced on every launch while it
+times the candidates (``path`` one of :data:`PATHS` or ``"unfused"``)."""
 
 
 def path_for(world: int, tokens: int, hidden: int, itemsize: int, measured_path: str | None = None) -> str:
@@ -298,6 +302,8 @@ def path_for(world: int, tokens: int, hidden: int, itemsize: int, measured_path:
         if forced not in PATHS:
             raise ValueError(f"fusion_passes: {PATH_ENV}={forced!r}; expected one of {', '.join(PATHS)}")
         path = forced
+    elif FORCE.get("path") in PATHS:
+        path = FORCE["path"]
     elif measured_path in PATHS:
         path = measured_path
     else:
