@@ -54,15 +54,3 @@ def stable_topological_sort(graph: torch.fx.Graph) -> None:
     from torch._inductor.pattern_matcher import stable_topological_sort as _sort
 
     _sort(graph)
-
-
-def cuda_driver_version() -> str:
-    """The CUDA driver's version as the driver reports it (``"12080"``), or ``"none"``
-    (no CUDA build or no driver): one of the keys of a measured table."""
-    get = getattr(torch._C, "_cuda_getDriverVersion", None)
-    if get is None:
-        return "none"
-    try:
-        return str(get())
-    except Exception:  # noqa: BLE001 - a CUDA build on a machine without a driver
-        return "none"

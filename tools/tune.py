@@ -46,6 +46,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokens", type=positive_int, nargs="+", default=list(DEFAULT_TOKENS),
                         help="token buckets (default 1 2 4 .. 16384)")
     parser.add_argument("--replays", type=positive_int, default=5, help="timed graph replays per option (median)")
+    parser.add_argument("--with-max-autotune", action="store_true",
+                        help="also count the epilogue compiled with max_autotune + coordinate_descent_tuning per "
+                             "token count (slow: Inductor times its configs per shape)")
     parser.add_argument("--out", help="write this file instead of the measured-table file")
     parser.add_argument("--json", help="also write every timing to this JSON file (rank 0)")
     parser.add_argument("--show", action="store_true", help="print the measured table and where it came from, then exit")
@@ -207,6 +210,8 @@ def _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb) -> d
     inputs = (x, res, w, scale)
     calls = max(1, min(20, int(4e8 // max(br.bytes_moved(variant, tokens, hidden), 1))))
     bk._timed(ctx, "compile_static", forms["static"], *inputs)
+    if br.MAX_AUTOTUNE_FORM in forms:
+        bk._timed(ctx, "compile_max_autotune", forms[br.MAX_AUTOTUNE_FORM], *inputs)
     times: dict[str, float | None] = {}
     for option in fused_options(ctx.world, variant, hidden):
         tb.FORCE.update(option if option["path"] != "local" else {"num_warps": option["num_warps"]})

@@ -80,13 +80,34 @@ def _versions() -> dict[str, str]:
 
     import torch
 
-    from fusion_passes import _compat
-
     try:
         triton = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
         triton = "none"
-    return {"torch": torch.__version__, "triton": triton, "driver": _compat.cuda_driver_version()}
+    return {"torch": torch.__version__, "triton": triton, "driver": _driver()}
+
+
+def _driver() -> str:
+    """The NVIDIA driver's version (``"580.159.04"``, through NVML when ``pynvml`` is there),
+    else the CUDA version the driver supports (``"cuda 13000"``, ``cuDriverGetVersion``),
+    else ``"none"``."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    except Exception:  # noqa: BLE001 - no NVML: ask the CUDA driver instead
+        pass
+    try:
+        import ctypes
+
+        out = ctypes.c_int(0)
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(out)) == 0:
+            return f"cuda {out.value}"
+    except Exception:  # noqa: BLE001 - no driver library
+        pass
+    return "none"
 
 
 def machine_key(world_size: int, single_node: bool = True) -> dict | None:

@@ -37,10 +37,12 @@ BUCKETS = ((4, "fused", "lamport"), (16, "fused", "twoshot"), (64, "unfused", "l
 CALLS = ((3, "lamport"), (4, "lamport"), (9, "twoshot"), (16, "twoshot"), (40, "unfused"), (64, "unfused"))
 
 
-def table(world, bump=0.0):
+def table(world, group, bump=0.0):
+    from fusion_passes import groups
     from fusion_passes.backends import measured
 
-    return {"key": measured.machine_key(world), "command": "tests/gpu/agree_check.py",
+    # processes sharing one GPU count as several nodes (more ranks than GPUs): keyed as such
+    return {"key": measured.machine_key(world, groups.is_single_node(group)), "command": "tests/gpu/agree_check.py",
             "entries": [{"variant": v, "hidden": lc.H, "tokens": t, "pick": p, "path": path, "num_warps": 8,
                          "fused_us": 2.0 + bump, "unfused_us": 3.0}
                         for v in ("add_rmsnorm", "add_rmsnorm_fp8_per_token") for t, p, path in BUCKETS]}
@@ -106,7 +108,7 @@ def worker(rank, world, queue, results, barrier, tmp):
         out = {}
         for case, bump in (("same", 0.0), ("mismatch", 1.0 if rank == 0 else 0.0)):
             os.environ[measured.ENV] = os.path.join(tmp, f"{case}-{rank}.json")
-            measured.write(table(world, bump))
+            measured.write(table(world, group, bump))
             agree.reset()
             digest = agree.for_group(group, world)
             if case == "same":
