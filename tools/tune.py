@@ -49,7 +49,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--with-max-autotune", action="store_true",
                         help="also count the epilogue compiled with max_autotune + coordinate_descent_tuning per "
                              "token count (slow: Inductor times its configs per shape)")
-    parser.add_argument("--out", help="write this file instead of the measured-table file")
+    parser.add_argument("--file", help="the measured-table file to write (or, with --show, to read) instead of "
+                        "$FUSION_PASSES_TUNED or ~/.cache/fusion_passes/tuned.json")
     parser.add_argument("--json", help="also write every timing to this JSON file (rank 0)")
     parser.add_argument("--show", action="store_true", help="print the measured table and where it came from, then exit")
 
@@ -68,7 +69,7 @@ def validate(args) -> None:
         raise UsageError(f"--tokens has repeats: {args.tokens}")
     from fusion_passes.backends import measured
 
-    if args.out is None and measured.path() is None:
+    if args.file is None and measured.path() is None:
         raise UsageError(f"${measured.ENV}=off: there is no measured-table file to write (give --out)")
 
 
@@ -77,7 +78,7 @@ def run(args) -> int:
     if args.show:
         from fusion_passes.tools import tune_show
 
-        print(tune_show.render(args.out))
+        print(tune_show.render(args.file))
         return 0
     import torch
 
@@ -114,7 +115,7 @@ def _tune(args) -> int:
     if rank == 0:
         import pathlib
 
-        where = measured.write(table, pathlib.Path(args.out) if args.out else None)
+        where = measured.write(table, pathlib.Path(args.file) if args.file else None)
         print(f"wrote {len(entries)} entries for {key['gpu']} at world size {world} to {where} "
               f"({time.perf_counter() - start:.0f} s; per pair: {seconds})")
         if args.json:
