@@ -221,3 +221,25 @@ def test_explain_shows_the_table_and_the_range():
             "source": None, "code": None}
     text = render_text([GraphExplanation("g", [site], [])])
     assert "(backend triton, measured table /c/tuned.json)" in text and "compile range: 1-16 tokens" in text
+
+
+def test_the_measured_path_is_taken_unless_forced(monkeypatch):
+    from fusion_passes.backends.triton import FORCE, PATH_ENV, path_for
+
+    monkeypatch.delenv(PATH_ENV, raising=False)
+    assert path_for(4, 8, 4096, 2) == "barrier"  # the shipped rule
+    assert path_for(4, 8, 4096, 2, "twoshot") == "twoshot"  # the measured bucket's path
+    assert path_for(4, 16384, 16384, 2, "lamport") == "barrier"  # its workspace would exceed the budget
+    monkeypatch.setitem(FORCE, "path", "lamport")  # tune timing a candidate
+    assert path_for(4, 8, 4096, 2, "twoshot") == "lamport"
+    monkeypatch.setenv(PATH_ENV, "barrier")  # a benchmark's override wins
+    assert path_for(4, 8, 4096, 2, "twoshot") == "barrier"
+
+
+def test_a_world_size_1_call_reads_the_local_table_without_a_collective(machine):
+    from fusion_passes.backends.triton import measured_entry
+
+    measured.write(table(STRADDLE))
+    assert measured_entry("add_rmsnorm", "c10d:never-resolved", 1, 300, 7168).tokens == 512
+    assert measured_entry("add_rmsnorm", "c10d:never-resolved", 1, 300, 4096) is None
+    assert measured_entry("add_rmsnorm", "c10d:never-resolved", 1, 0, 7168) is None

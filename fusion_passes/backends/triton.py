@@ -40,7 +40,10 @@ epilogue run on every rank: at world size N each rank sends 2 (N-1)/N of the inp
 instead of the one-shot's N-1 times it). The wait-free kernels are
 :mod:`fusion_passes.backends.lamport_kernels`; their protocol passed on one GPU at world
 sizes 2, 4 and 8 (tests/gpu/lamport_check.py), but they were never timed on several GPUs,
-so the selector's table does not pick them: ``FUSION_PASSES_TRITON_PATH`` forces one.
+so the shipped table does not pick them: a measured table (``fusion-passes tune`` at world
+size N) may, per token bucket, and ``FUSION_PASSES_TRITON_PATH`` forces one. Where the
+measured table says the unfused chain was faster, a call runs the group's own collective
+and then this kernel at world size 1 (the epilogue alone), never the eager reference.
 The two-shot gathers the all-reduce's result (activation dtype) and recomputes the
 epilogue locally rather than gathering the outputs: fewer bytes over the links for
 every variant (2 bytes per element against 3 to 4 for residual_out + norm or codes).
