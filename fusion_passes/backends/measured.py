@@ -277,17 +277,26 @@ def _local(file: str | None, key_json: str | None) -> Table | None:
     return None
 
 
+_LOCAL: dict[tuple, Table | None] = {}  # (env, world size, one host) -> the answer: a dict hit per call
+
+
 def local(world_size: int, single_node: bool = True) -> Table | None:
     """This machine's table at *world_size* from the file, or None (then the shipped table
-    decides). Read once per process (:func:`reset` forgets it)."""
+    decides). Read once per process (:func:`reset` forgets it); later calls cost a dict lookup."""
+    memo = (os.environ.get(ENV), os.environ.get("XDG_CACHE_HOME"), world_size, single_node)
+    if memo in _LOCAL:
+        return _LOCAL[memo]
     file = path()
     key = machine_key(world_size, single_node) if file is not None else None
-    return _local(None if file is None else str(file), None if key is None else json.dumps(key, sort_keys=True))
+    found = _local(None if file is None else str(file), None if key is None else json.dumps(key, sort_keys=True))
+    _LOCAL[memo] = found
+    return found
 
 
 def reset() -> None:
     """Forget what was read (after ``tune`` wrote the file, or in tests)."""
     _local.cache_clear()
+    _LOCAL.clear()
     _BY_DIGEST.clear()
     _warned.clear()
     from fusion_passes import backends
