@@ -58,10 +58,7 @@ def settle(group: str, digests: list[str], table) -> str | None:
     if agreed is None and len(set(digests)) > 1:
         _log.warning("fusion_passes: group %r: the ranks hold different measured tables (digests %s); every "
                      "rank uses the shipped table", group, ", ".join(digests))
-    _AGREED[group] = agreed
-    from fusion_passes import backends
-
-    backends.select.cache_clear()
+    _AGREED[group] = agreed  # the selector's cache needs no clearing: a Call names its table's digest
     return agreed
 
 

@@ -299,9 +299,6 @@ def reset() -> None:
     _LOCAL.clear()
     _BY_DIGEST.clear()
     _warned.clear()
-    from fusion_passes import backends
-
-    backends.select.cache_clear()
 
 
 def write(table: dict, file: pathlib.Path | None = None) -> pathlib.Path:
