@@ -244,3 +244,40 @@ def test_a_world_size_1_call_reads_the_local_table_without_a_collective(machine)
     assert measured_entry("add_rmsnorm", "c10d:never-resolved", 1, 300, 7168).tokens == 512
     assert measured_entry("add_rmsnorm", "c10d:never-resolved", 1, 300, 4096) is None
     assert measured_entry("add_rmsnorm", "c10d:never-resolved", 1, 0, 7168) is None
+
+
+def _cuda_block_graph():
+    """A static 6-token add + RMSNorm site on (fake) CUDA tensors: the selector judges it as
+    on an NVIDIA GPU, without one."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from graphs import all_reduce as ar_fn, hf_rms_norm
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(6, 7168, dtype=torch.bfloat16, device="cuda")
+        w = torch.empty(7168, dtype=torch.bfloat16, device="cuda")
+        inputs = (x, torch.empty_like(x), w)
+    with torch.no_grad():
+        return make_fx(torch.func.functionalize(lambda x, r, w: hf_rms_norm(ar_fn(x) + r, w)))(*inputs)
+
+
+@pytest.mark.parametrize("pick", ["fused", "unfused"])
+def test_the_pass_reports_the_measured_table_once_the_group_agreed(fake_pg, machine, pick):
+    from fusion_passes import FusionPass
+
+    group = "c10d:" + fake_pg.group_name
+    measured.write(table([entry(8, pick)], world_size=2))
+    t = measured.local(2)
+    before = FusionPass()
+    before(_cuda_block_graph().graph)  # not agreed yet: the shipped table (world size 2: fused everywhere)
+    assert before.report.sites[0].fused and before.report.sites[0].table == "shipped table"
+    agree.settle(group, [t.digest, t.digest], t)  # what the first eager call's all_gather gives
+    after = FusionPass()
+    after(_cuda_block_graph().graph)
+    site = after.report.sites[0]
+    if pick == "fused":
+        assert site.fused and site.backend == "triton" and site.table == f"measured table {machine}"
+        assert site.to_dict()["table"] == f"measured table {machine}"
+    else:
+        assert not site.fused and "8-token bucket" in site.reason and f"measured table {machine}" in site.reason
