@@ -281,3 +281,45 @@ def test_the_pass_reports_the_measured_table_once_the_group_agreed(fake_pg, mach
         assert site.to_dict()["table"] == f"measured table {machine}"
     else:
         assert not site.fused and "8-token bucket" in site.reason and f"measured table {machine}" in site.reason
+
+
+def _token_dynamic_cuda_graph():
+    """The same site with the token dimension symbolic (as vLLM compiles), on fake CUDA tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    from graphs import all_reduce as ar_fn, hf_rms_norm
+
+    with FakeTensorMode():
+        x = torch.empty(6, 7168, dtype=torch.bfloat16, device="cuda")
+        w = torch.empty(7168, dtype=torch.bfloat16, device="cuda")
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    tokens = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
+    fx, fr = (mode.from_tensor(x, symbolic_context=tokens), mode.from_tensor(x, symbolic_context=tokens))
+    fw = mode.from_tensor(w)
+    with torch.no_grad(), mode:
+        return make_fx(torch.func.functionalize(lambda x, r, w: hf_rms_norm(ar_fn(x) + r, w)))(fx, fr, fw)
+
+
+@pytest.mark.parametrize("lo, hi, fused", [(200, 500, False), (1, 8192, True), (600, 16384, True)])
+def test_vllm_compile_range_decides_a_token_dynamic_site(fake_pg, machine, lo, hi, fused):
+    """Issue 23's compile ranges through the real vLLM pass: a range where every measured
+    bucket lost stays unfused; one straddling a crossover is fused (each call picks at run time)."""
+    from vllm.compilation.passes.inductor_pass import pass_context
+    from vllm.config.utils import Range
+
+    from fusion_passes.vllm import VllmFusionPass
+
+    measured.write(table(STRADDLE, world_size=2))  # lost at 256 and 512 tokens only
+    t = measured.local(2)
+    agree.settle("c10d:" + fake_pg.group_name, [t.digest, t.digest], t)
+    p = VllmFusionPass()
+    with pass_context(Range(start=lo, end=hi)):
+        p(_token_dynamic_cuda_graph().graph)
+    site = p.report.sites[0]
+    assert site.fused == fused and site.token_range == (lo, hi), site
+    if fused:
+        assert site.table == f"measured table {machine}"
+    else:  # (the report then names where hoisting stopped, not the table: the matcher's Miss is replaced)
+        assert not p.report.errors and site.table is None
