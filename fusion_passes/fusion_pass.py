@@ -15,6 +15,7 @@ from typing import Callable
 from torch.fx import Graph
 
 from fusion_passes import _compat, compile_range, fx_util, ops  # noqa: F401  (ops registers the fused ops)
+from fusion_passes.backends import calibrate
 from fusion_passes.match import find_site
 from fusion_passes.options import FusionOptions
 from fusion_passes.recognize import Miss, all_reduce
@@ -58,9 +59,12 @@ class FusionPass(_compat.CustomGraphPass):
         ``fusion-passes dump`` records the hoisted graph with it). Not part of :meth:`uuid`."""
 
     def uuid(self) -> str:
-        """Changes with the library's sources and the options (the FX-graph cache key)."""
+        """Changes with the library's sources, the options and the measured-table file (the
+        FX-graph cache key: a graph compiled under another table is not reused)."""
+        from fusion_passes.backends import measured
+
         opts = json.dumps(dataclasses.asdict(self.options), sort_keys=True)
-        return hashlib.sha256(f"{source_hash()}|{opts}".encode()).hexdigest()
+        return hashlib.sha256(f"{source_hash()}|{opts}|{measured.file_digest()}".encode()).hexdigest()
 
     def __call__(self, graph: Graph) -> None:
         start = time.perf_counter()
@@ -68,7 +72,8 @@ class FusionPass(_compat.CustomGraphPass):
         if any(all_reduce(n) is not None for n in graph.nodes):
             backup = _compat.copy_graph(graph)
             try:
-                self._run(graph, report, backup)
+                with calibrate.enabled(calibrate.requested(self.options.calibrate)):
+                    self._run(graph, report, backup)
                 graph.lint()
             except Exception as e:  # noqa: BLE001 - a pass must never break compilation
                 _compat.restore_graph(graph, backup)

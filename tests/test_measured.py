@@ -323,3 +323,77 @@ def test_vllm_compile_range_decides_a_token_dynamic_site(fake_pg, machine, lo, h
         assert site.table == f"measured table {machine}"
     else:  # (the report then names where hoisting stopped, not the table: the matcher's Miss is replaced)
         assert not p.report.errors and site.table is None
+
+
+def test_a_new_table_changes_the_pass_cache_key(machine):
+    from fusion_passes import FusionPass
+
+    before = FusionPass().uuid()
+    measured.write(table(STRADDLE))
+    assert FusionPass().uuid() != before
+
+
+# -- calibration on first use: opt-in only -------------------------------------------------
+
+
+@pytest.fixture
+def tune_calls(monkeypatch):
+    from fusion_passes.backends import calibrate
+
+    calls = []
+
+    def fake_tune(variant, hidden):  # what the child `fusion-passes tune` would write
+        calls.append((variant, hidden))
+        measured.write(table([entry(2**i, "fused", variant=variant, hidden=hidden) for i in range(15)]))
+
+    monkeypatch.setattr(calibrate, "run_tune", fake_tune)
+    monkeypatch.delenv(calibrate.ENV, raising=False)
+    calibrate.reset()
+    yield calls
+    calibrate.reset()
+
+
+def test_no_calibration_unless_asked(machine, tune_calls):
+    from fusion_passes.backends import calibrate
+
+    assert calibrate.table_for_site(None, 1, "add_rmsnorm", 7168, "cuda") is None
+    assert tune_calls == [] and not machine.exists()
+
+
+def test_calibration_when_asked_measures_the_missing_pair_once(machine, tune_calls, monkeypatch, caplog):
+    from fusion_passes.backends import calibrate
+
+    with caplog.at_level(logging.WARNING, logger="fusion_passes"), calibrate.enabled(calibrate.requested(True)):
+        digest = calibrate.table_for_site(None, 1, "add_rmsnorm", 7168, "cuda")
+        assert calibrate.table_for_site(None, 1, "add_rmsnorm", 7168, "cuda") == digest  # measured now: no rerun
+        assert calibrate.table_for_site(None, 1, "add_rmsnorm", 4096, "cpu") == digest  # not a GPU site
+        assert calibrate.table_for_site("c10d:0", 2, "add_rmsnorm", 7168, "cuda") is None  # never at N
+    assert tune_calls == [("add_rmsnorm", 7168)]
+    assert measured.by_digest(digest).has("add_rmsnorm", 7168)
+    assert any("calibrating add_rmsnorm at hidden 7168" in r.getMessage() for r in caplog.records)
+    assert any("torchrun --nproc_per_node=2" in r.getMessage() for r in caplog.records)
+    monkeypatch.setenv(calibrate.ENV, "1")
+    assert calibrate.requested(False)
+
+
+def test_a_failed_calibration_warns_and_leaves_the_shipped_table(machine, monkeypatch, caplog):
+    from fusion_passes.backends import calibrate
+
+    def broken(variant, hidden):
+        raise RuntimeError("`tune --variants add_rmsnorm --hidden 7168` exited 2: no GPU")
+
+    monkeypatch.setattr(calibrate, "run_tune", broken)
+    calibrate.reset()
+    with caplog.at_level(logging.WARNING, logger="fusion_passes"), calibrate.enabled(True):
+        assert calibrate.table_for_site(None, 1, "add_rmsnorm", 7168, "cuda") is None
+    calibrate.reset()
+    assert any("failed" in r.getMessage() and "shipped table decides" in r.getMessage() for r in caplog.records)
+
+
+def test_the_child_tune_runs_and_its_failure_is_named(machine):
+    """The real child process (this machine has no GPU: `tune` exits 2 saying so)."""
+    from fusion_passes.backends import calibrate
+
+    with pytest.raises(RuntimeError, match="exited 2: fusion-passes tune: needs an NVIDIA CUDA GPU"):
+        calibrate.run_tune("add_rmsnorm", 7168)
+    assert not machine.exists()

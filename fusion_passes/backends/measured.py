@@ -293,6 +293,16 @@ def local(world_size: int, single_node: bool = True) -> Table | None:
     return found
 
 
+def file_digest() -> str:
+    """A hash of the measured-table file as it is now (``"none"`` without one): part of the
+    pass's cache key."""
+    file = path()
+    try:
+        return hashlib.sha256(file.read_bytes()).hexdigest()[:16] if file is not None else "none"
+    except OSError:
+        return "none"
+
+
 def reset() -> None:
     """Forget what was read (after ``tune`` wrote the file, or in tests)."""
     _local.cache_clear()
