@@ -397,3 +397,32 @@ def test_the_child_tune_runs_and_its_failure_is_named(machine):
     with pytest.raises(RuntimeError, match="exited 2: fusion-passes tune: needs an NVIDIA CUDA GPU"):
         calibrate.run_tune("add_rmsnorm", 7168)
     assert not machine.exists()
+
+
+def _bound(group, tokens, hidden=7168):
+    from fusion_passes import arguments, variants
+
+    spec = variants.get("add_rmsnorm")
+    x = torch.randn(tokens, hidden).bfloat16()
+    bound = arguments.bind(spec, (x, torch.randn_like(x), torch.rand(hidden).bfloat16(), 1e-6, group), {})
+    return arguments.fused_args(spec, bound, arguments.resolve(spec, bound)), x
+
+
+def test_each_call_takes_its_buckets_launch(machine, fake_pg):
+    """The triton backend's launch plan per call from the measured bucket (no kernel runs):
+    warps at world size 1; at N, once agreed, the bucket's path or the unfused chain."""
+    from fusion_passes.backends.triton import TritonBackend
+    from fusion_passes.tools.model_trace import fake_world
+
+    one = "c10d:" + fake_world(1).group_name
+    measured.write(table(STRADDLE[:3] + [entry(8, "fused", num_warps=4)] + STRADDLE[4:]))
+    plan = TritonBackend()._plan
+    assert plan(*_bound(one, 6), False, "add_rmsnorm").num_warps == 4  # the 8-token bucket's warps
+    assert plan(*_bound(one, 2), False, "add_rmsnorm").num_warps == 8
+    assert plan(*_bound(one, 2, hidden=4096), False, "add_rmsnorm").num_warps == 8  # no entry: the shipped rule
+    two = "c10d:" + fake_pg.group_name
+    measured.write(table(STRADDLE, world_size=2))
+    t = measured.local(2)
+    agree.settle(two, [t.digest, t.digest], t)
+    assert plan(*_bound(two, 300), False, "add_rmsnorm").path == "unfused"  # the group's collective + the epilogue
+    assert plan(*_bound(two, 300), False, "add_rmsnorm").world == 1
