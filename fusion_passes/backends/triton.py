@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+
 import torch
 
 from fusion_passes import arguments, epilogue, groups, variants
