@@ -14,7 +14,8 @@ from typing import Callable
 
 from torch.fx import Graph
 
-from fusion_passes import _compat, fx_util, ops  # noqa: F401  (ops registers the fused ops)
+from fusion_passes import _compat, compile_range, fx_util, ops  # noqa: F401  (ops registers the fused ops)
+from fusion_passes.backends import calibrate
 from fusion_passes.match import find_site
 from fusion_passes.options import FusionOptions
 from fusion_passes.recognize import Miss, all_reduce
@@ -68,10 +69,13 @@ class FusionPass(_compat.CustomGraphPass):
 
     def uuid(self) -> str:
         """The FX-graph cache key: changes with the sources that can change a graph (the
-        engine, the backends, the catalogue; not the command line: :data:`NOT_IN_KEY`) and
-        with the options."""
+        engine, the backends, the catalogue; not the command line: :data:`NOT_IN_KEY`), with
+        the options and with the measured-table file (a graph compiled under another table
+        is not reused)."""
+        from fusion_passes.backends import measured
+
         opts = json.dumps(dataclasses.asdict(self.options), sort_keys=True)
-        return hashlib.sha256(f"{source_hash(_ROOT)}|{opts}".encode()).hexdigest()
+        return hashlib.sha256(f"{source_hash(_ROOT)}|{opts}|{measured.file_digest()}".encode()).hexdigest()
 
     def __call__(self, graph: Graph) -> None:
         start = time.perf_counter()
@@ -79,7 +83,8 @@ class FusionPass(_compat.CustomGraphPass):
         if any(all_reduce(n) is not None for n in graph.nodes):
             backup = _compat.copy_graph(graph)
             try:
-                self._run(graph, report, backup)
+                with calibrate.enabled(calibrate.requested(self.options.calibrate)):
+                    self._run(graph, report, backup)
                 graph.lint()
             except Exception as e:  # noqa: BLE001 - a pass must never break compilation
                 _compat.restore_graph(graph, backup)
@@ -128,7 +133,8 @@ class FusionPass(_compat.CustomGraphPass):
         # Match each site on the graph as the previous rewrites left it: a site's residual
         # is often the previous site's sum, which that rewrite has just replaced.
         for node in [n for n in graph.nodes if all_reduce(n) is not None]:
-            entry = SiteReport(node.name, hoisted_over=list(hoisted.hoisted_over.get(node.name, [])))
+            entry = SiteReport(node.name, hoisted_over=list(hoisted.hoisted_over.get(node.name, [])),
+                               token_range=compile_range.current())
             entry.source = _source_line(node)
             report.sites.append(entry)
             found = all_reduce(node)
@@ -141,7 +147,16 @@ class FusionPass(_compat.CustomGraphPass):
                 continue
             rewrite(graph, site, fake_vals, opts.backend)
             entry.fused, entry.variant, entry.backend, entry.reason = True, site.family.name, site.backend, site.note
+            entry.table = _table_of(site)
         return hoisted
+
+
+def _table_of(site) -> str | None:
+    """Which crossover table admitted *site* (its backend's ``table_source``), if it has one."""
+    from fusion_passes import backends
+    from fusion_passes.match import compile_time_call
+
+    return backends.table_source(site.backend, compile_time_call(site.family.variant, site.ar, site.norm, site.quant))
 
 
 def _source_line(node) -> str | None:

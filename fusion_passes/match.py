@@ -12,7 +12,8 @@ import dataclasses
 import torch
 from torch.fx import Node
 
-from fusion_passes import _compat, backends, fx_util, groups, quant, variants
+from fusion_passes import _compat, backends, compile_range, fx_util, groups, quant, variants
+from fusion_passes.backends import calibrate
 from fusion_passes.patterns import CATALOGUE, Family
 from fusion_passes.norms import rms_norm
 from fusion_passes.recognize import AllReduce, Miss, Norm, residual_add, short, val
@@ -198,6 +199,8 @@ def compile_time_call(variant: str, ar: AllReduce, norm=None, found_quant=None) 
         tokens=tokens,
         flags=norm.flags if norm is not None else variants.Flags(),
         group_size=block,
+        table=calibrate.table_for_site(ar.group, world, variant, int(v.shape[-1]), backends.device_kind(v.device)),
+        token_range=None if tokens is not None else compile_range.current(),
     )
 
 

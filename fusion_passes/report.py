@@ -3,7 +3,12 @@
 ``report.to_dict()`` is a public shape (the CLI's ``--json`` prints it)::
 
     {"sites": [{"all_reduce": str, "fused": bool, "variant": str | None,
-                "backend": str | None, "hoisted_over": [str], "reason": str | None}, ...]}
+                "backend": str | None, "hoisted_over": [str], "reason": str | None,
+                "table": str | None, "token_range": [int, int | None] | None}, ...]}
+
+``table``: which crossover table admitted a fused site (``"shipped table"`` or
+``"measured table FILE"``; None for a backend without one); ``token_range``: the range
+of token counts the graph was compiled for (vLLM's compile range), None outside one.
 
 plus ``"errors"`` (internal errors the pass recovered from; empty when all went well).
 """
@@ -24,6 +29,8 @@ class SiteReport:
     backend: str | None = None
     hoisted_over: list[str] = dataclasses.field(default_factory=list)
     reason: str | None = None
+    table: str | None = None
+    token_range: tuple[int, int | None] | None = None
     # not part of the public dict: where the blocker sits, for `explain`
     blocker: str | None = None
     source: str | None = None
@@ -36,6 +43,8 @@ class SiteReport:
             "backend": self.backend,
             "hoisted_over": list(self.hoisted_over),
             "reason": self.reason,
+            "table": self.table,
+            "token_range": None if self.token_range is None else list(self.token_range),
         }
 
 

@@ -28,6 +28,7 @@ import os
 
 from vllm.compilation.passes.inductor_pass import InductorPass
 
+from fusion_passes import compile_range
 from fusion_passes.fusion_pass import FusionPass
 from fusion_passes.options import FusionOptions
 
@@ -77,7 +78,9 @@ class VllmFusionPass(InductorPass):
         return self.fusion.reports
 
     def __call__(self, graph) -> None:
-        self.fusion(graph)
+        lo, hi = _compile_range()
+        with compile_range.serving(lo, hi):  # the selector sees the range (Call.token_range)
+            self.fusion(graph)
 
     def uuid(self) -> str:
         """Library sources + options + token limit: Inductor's FX-graph cache key part."""
@@ -96,6 +99,20 @@ class VllmFusionPass(InductorPass):
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in sorted(self.options.items()))
         return f"VllmFusionPass(max_tokens={self.max_tokens!r}{', ' if opts else ''}{opts})"
+
+
+def _compile_range() -> tuple[int | None, int | None]:
+    """vLLM's compile range of the graph being compiled (``PassContext.compile_range``,
+    inclusive), or ``(None, None)`` outside vLLM's pass manager."""
+    from vllm.compilation.passes import inductor_pass
+
+    if getattr(inductor_pass, "_pass_context", None) is None:
+        return None, None
+    r = inductor_pass.get_pass_context().compile_range
+    start, end = getattr(r, "start", None), getattr(r, "end", None)
+    if not isinstance(start, int) or not isinstance(end, int):
+        return None, None
+    return start, end
 
 
 def enabled_by_env(environ=os.environ) -> bool:

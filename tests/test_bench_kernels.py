@@ -84,6 +84,31 @@ def test_command_line_names_torchrun_at_world_size_n():
     assert br.command_line("kernels", 2, argv).startswith("torchrun --standalone --nproc_per_node=2 -m ")
 
 
+def test_max_autotune_is_a_counted_baseline_column():
+    counted, extra = br.baseline_names(1, with_max_autotune=True)
+    assert counted == ("none+static", "none+tokdyn", "none+max_autotune") and extra == ()
+    assert br.best_unfused({"none+static": 3.0, "none+tokdyn": 3.5, "none+max_autotune": 2.5}) == ("none+max_autotune", 2.5)
+    p = br.plan(["add_rmsnorm"], [7168], [], [1, 2], 1, with_max_autotune=True)
+    assert p["compiles"] == {"static": 2, "tokdyn": 1, "max_autotune": 2} and p["graphs"] == 2 * 5
+
+
+def test_the_sweep_times_the_max_autotune_form(fake_pg):
+    import argparse
+
+    from fusion_passes.tools.model_trace import fake_world
+
+    parser = argparse.ArgumentParser()
+    bk.add_arguments(parser)
+    args = parser.parse_args(["--tokens", "2", "--with-max-autotune"])
+    ctx = bk.sweep_context(args, 0, 1, fake_world(1).group_name, device="cpu", compile_backend="eager",
+                           fused_backend="reference")
+    torch._dynamo.reset()
+    (row,) = bk._variant_hidden(ctx, "add_rmsnorm", 64, {})
+    torch._dynamo.reset()
+    assert set(row["baselines"]) == {"none+static", "none+tokdyn", "none+max_autotune"} and row["extra_columns"] == []
+    assert ctx.phases["compile_max_autotune"] > 0
+
+
 def test_default_sweep_plan_fits_one_gpu_call():
     p = br.plan(br.DEFAULT_VARIANTS, br.DEFAULT_HIDDEN, br.DEFAULT_QUANT_HIDDEN, br.DEFAULT_TOKENS, 1)
     assert p["rows"] == (3 + 5) * 15

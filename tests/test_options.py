@@ -36,7 +36,7 @@ def test_every_registered_backend_and_auto_are_accepted(backend):
 
 def test_the_cache_key_holds_only_the_public_options():
     """No test hook in the options (they feed uuid(), the FX-graph cache key)."""
-    assert [f.name for f in dataclasses.fields(FusionOptions)] == ["backend", "hoist", "hoist_casts"]
+    assert [f.name for f in dataclasses.fields(FusionOptions)] == ["backend", "hoist", "hoist_casts", "calibrate"]
     assert FusionPass().uuid() != FusionPass(hoist=False).uuid()
 
 

@@ -47,7 +47,7 @@ def drop_guards(entries):
     return [False for _ in entries]
 
 
-def compile_forms(fn, *, with_dynamic_true: bool, backend: str = "inductor") -> dict:
+def compile_forms(fn, *, with_dynamic_true: bool, backend: str = "inductor", with_max_autotune: bool = False) -> dict:
     """The epilogue's compiled forms (each its own Dynamo cache), not yet compiled: Dynamo
     compiles on the first call. ``tokdyn`` must first be called with the token dimension
     marked dynamic (``mark_dynamic(t, 0)``) at a size other than 0 or 1."""
@@ -59,4 +59,8 @@ def compile_forms(fn, *, with_dynamic_true: bool, backend: str = "inductor") -> 
     }
     if with_dynamic_true:
         forms[bench_rows.EXTRA_FORM] = torch.compile(fresh(fn, "dyntrue"), dynamic=True, backend=backend)
+    if with_max_autotune:  # per token count, as static, with Inductor's own autotuning on
+        tuned = {"max_autotune": True, "coordinate_descent_tuning": True} if backend == "inductor" else None
+        forms[bench_rows.MAX_AUTOTUNE_FORM] = torch.compile(fresh(fn, "maxat"), dynamic=False, backend=backend,
+                                                            options=tuned)
     return forms

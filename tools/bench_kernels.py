@@ -59,6 +59,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--replays", type=positive_int, default=5, help="timed graph replays per point (median)")
     parser.add_argument("--with-dynamic-true", action="store_true",
                         help="also time the epilogue compiled with dynamic=True (an extra column, never the best)")
+    parser.add_argument("--with-max-autotune", action="store_true",
+                        help="also time the epilogue compiled per token count with max_autotune + "
+                             "coordinate_descent_tuning (a counted baseline; slow to compile)")
     parser.add_argument("--out", help="write the JSON here (rank 0)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--plan", action="store_true", help="print the sweep's size and rough duration, then exit")
@@ -103,7 +106,8 @@ def run(args) -> int:
         print(bench_table.render(table, results, args.margin))
         return 0
     world = world_size_from_env()
-    plan = br.plan(args.variants, args.hidden, args.quant_hidden, args.tokens, world, args.with_dynamic_true)
+    plan = br.plan(args.variants, args.hidden, args.quant_hidden, args.tokens, world, args.with_dynamic_true,
+                   args.with_max_autotune)
     if args.plan:
         print(br.format_plan(plan))
         return 0
@@ -141,7 +145,8 @@ def _sweep(args, plan: dict) -> int:
     ctx.phases["total"] = time.perf_counter() - start
     result = br.result(command=br.command_line("kernels", world), world=world, machine=bench_cuda.machine(),
                        versions=bench_cuda.versions(), rows=rows, phases=ctx.phases, plan_=plan,
-                       bandwidths=bandwidths, with_dynamic_true=args.with_dynamic_true, selectors=selectors)
+                       bandwidths=bandwidths, with_dynamic_true=args.with_dynamic_true, selectors=selectors,
+                       with_max_autotune=args.with_max_autotune)
     if rank == 0:
         _report(args, result)
     dist.barrier()
@@ -166,7 +171,7 @@ def sweep_context(args, rank: int, world: int, pg_name: str, device: str = "cuda
         time_graph=bench_cuda.time_graph if cuda else _eager_us,
         bandwidths={"copy_bandwidth_GBps": 1.0, "peer_read_bandwidth_GBps": None},
         phases={"setup": 0.0, "compile_static": 0.0, "compile_tokdyn": 0.0, "compile_dynamic_true": 0.0,
-                "fused_warmup": 0.0, "timing": 0.0})
+                "compile_max_autotune": 0.0, "fused_warmup": 0.0, "timing": 0.0})
 
 
 def _eager_us(fn, args, calls, replays) -> float:
@@ -263,7 +268,8 @@ def _compile_forms(ctx, variant, hidden, w, scale) -> dict:
     import torch
 
     forms = bench_epilogue.compile_forms(bench_epilogue.epilogue_fn(variant, EPS),
-                                         with_dynamic_true=ctx.args.with_dynamic_true, backend=ctx.compile_backend)
+                                         with_dynamic_true=ctx.args.with_dynamic_true, backend=ctx.compile_backend,
+                                         with_max_autotune=getattr(ctx.args, "with_max_autotune", False))
     x = torch.randn(TOKDYN_COMPILE_TOKENS, hidden, device=ctx.device).to(torch.bfloat16)
     res = torch.randn_like(x)
     torch._dynamo.mark_dynamic(x, 0)
@@ -345,6 +351,8 @@ def _row(ctx, variant, hidden, tokens, w, scale, forms, fused, verdict) -> dict:
     _timed(ctx, "compile_static", forms["static"], *inputs)
     if br.EXTRA_FORM in forms:
         _timed(ctx, "compile_dynamic_true", forms[br.EXTRA_FORM], *inputs)
+    if br.MAX_AUTOTUNE_FORM in forms:
+        _timed(ctx, "compile_max_autotune", forms[br.MAX_AUTOTUNE_FORM], *inputs)
     _timed(ctx, "fused_warmup", fused, *inputs)
     t0 = time.perf_counter()
     replays = ctx.args.replays

@@ -42,6 +42,10 @@ ROW_ALIGNMENT = 8
 
 FORMS = ("static", "tokdyn")
 EXTRA_FORM = "dynamic_true"
+# --with-max-autotune: the epilogue compiled per token count with max_autotune and
+# coordinate_descent_tuning, the strongest form a user can pick (a counted baseline)
+MAX_AUTOTUNE_FORM = "max_autotune"
+SECONDS_PER_MAX_AUTOTUNE_COMPILE = 20.0  # a guess for the plan (Inductor times its configs per shape), not measured
 
 # Costs for the plan printed before a sweep, from the phases of two runs on 1x H200
 # (results/bench_kernels_h200_ws1.json, _ws1_quant.json: 53 s for 75 static compiles of
@@ -59,10 +63,12 @@ def collectives(world: int) -> tuple[str, ...]:
     return ("none",) if world == 1 else ("nccl", "symm_one_shot", "symm_two_shot")
 
 
-def baseline_names(world: int, with_dynamic_true: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """``(counted, extra)``: baseline names that compete for ``best_unfused``, and the
-    labelled extra columns (``dynamic_true``) that do not."""
-    counted = tuple(f"{c}+{f}" for c in collectives(world) for f in FORMS)
+def baseline_names(world: int, with_dynamic_true: bool = False,
+                   with_max_autotune: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(counted, extra)``: baseline names that compete for ``best_unfused`` (with
+    ``max_autotune`` when asked), and the labelled extra columns (``dynamic_true``) that do not."""
+    forms = FORMS + ((MAX_AUTOTUNE_FORM,) if with_max_autotune else ())
+    counted = tuple(f"{c}+{f}" for c in collectives(world) for f in forms)
     extra = tuple(f"{c}+{EXTRA_FORM}" for c in collectives(world)) if with_dynamic_true else ()
     return counted, extra
 
@@ -139,16 +145,20 @@ def hiddens(variant: str, hidden: list[int], quant_hidden: list[int]) -> list[in
     return list(hidden) if variant == "add_rmsnorm" else list(quant_hidden)
 
 
-def plan(variants, hidden, quant_hidden, tokens, world: int, with_dynamic_true: bool = False) -> dict:
+def plan(variants, hidden, quant_hidden, tokens, world: int, with_dynamic_true: bool = False,
+         with_max_autotune: bool = False) -> dict:
     """Counts of rows, compiles and CUDA graphs of a sweep, and its rough duration."""
     pairs = sum(len(hiddens(v, hidden, quant_hidden)) for v in variants)
     rows = pairs * len(tokens)
-    counted, extra = baseline_names(world, with_dynamic_true)
+    counted, extra = baseline_names(world, with_dynamic_true, with_max_autotune)
     compiles = {"static": rows, "tokdyn": pairs}
     if with_dynamic_true:
         compiles["dynamic_true"] = 2 * pairs  # specialized at 1 token, then one dynamic graph
+    if with_max_autotune:
+        compiles[MAX_AUTOTUNE_FORM] = rows
     graphs = rows * (2 + len(counted) + len(extra))
-    seconds = (SECONDS_SETUP + SECONDS_PER_COMPILE * sum(compiles.values()) + SECONDS_PER_JIT * 2 * pairs
+    slow = (SECONDS_PER_MAX_AUTOTUNE_COMPILE - SECONDS_PER_COMPILE) * compiles.get(MAX_AUTOTUNE_FORM, 0)
+    seconds = (SECONDS_SETUP + slow + SECONDS_PER_COMPILE * sum(compiles.values()) + SECONDS_PER_JIT * 2 * pairs
                + SECONDS_PER_GRAPH * graphs)
     return {"rows": rows, "compiles": compiles, "triton_jit": 2 * pairs, "graphs": graphs,
             "estimate_s": round(seconds)}
@@ -200,9 +210,10 @@ def command_line(benchmark: str, world: int, argv: list[str] | None = None) -> s
 
 
 def result(*, command: str, world: int, machine: dict, versions: dict, rows: list[dict], phases: dict,
-           plan_: dict, bandwidths: dict, with_dynamic_true: bool, selectors: dict) -> dict:
+           plan_: dict, bandwidths: dict, with_dynamic_true: bool, selectors: dict,
+           with_max_autotune: bool = False) -> dict:
     """The JSON a sweep writes."""
-    counted, extra = baseline_names(world, with_dynamic_true)
+    counted, extra = baseline_names(world, with_dynamic_true, with_max_autotune)
     return {
         "command": command, "world_size": world, "machine": machine, "versions": versions, "dtype": "bfloat16",
         "method": ("every call captured K times in one CUDA graph, median of replays / K; the fused call is "

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "diff": ("diff", "structural diff of two graph dumps: which chains became which fused ops"),
     "capture": ("capture_cmd", "trace real vLLM models on CPU (fake ranks); write post-grad graphs before/after our passes"),
     "explain": ("explain", "for every all-reduce: fused (variant, ops hoisted over) or the op that blocked it"),
+    "tune": ("tune", "time the fused paths against the best unfused chain on this machine; write the measured table"),
 }
 VERBOSE = ("-v", "--verbose")
 

@@ -142,7 +142,8 @@ def explanations(target: str, args) -> list[GraphExplanation]:
 
 def _site_lines(s: dict, c) -> list[str]:
     if s["fused"]:
-        lines = [f"  {s['all_reduce']}: {c(GREEN, 'fused')} as {s['variant']} (backend {s['backend']})"]
+        table = f", {s['table']}" if s.get("table") else ""
+        lines = [f"  {s['all_reduce']}: {c(GREEN, 'fused')} as {s['variant']} (backend {s['backend']}{table})"]
         if s["hoisted_over"]:
             lines.append(f"      hoisted over: {', '.join(s['hoisted_over'])}")
         if s["reason"]:
@@ -152,6 +153,9 @@ def _site_lines(s: dict, c) -> list[str]:
         lines = [f"  {s['all_reduce']}: {c(RED, 'NOT fused')}, blocked{blocked}", f"      reason: {s['reason']}"]
         if s["hoisted_over"]:
             lines.append(f"      hoisted over: {', '.join(s['hoisted_over'])}")
+    if s.get("token_range"):
+        lo, hi = s["token_range"]
+        lines.append(f"      compile range: {lo}-{'' if hi is None else hi} tokens")
     if s["source"]:
         lines.append(f"      source: {s['source']}")
         if s["code"]:

@@ -85,6 +85,16 @@ def select(call: Call, prefer: str = "auto", run_time: bool = False) -> str:
     raise RuntimeError(f"fusion_passes: no backend can run {call}")  # reference runs all
 
 
+def table_source(name: str, call: Call) -> str | None:
+    """Which crossover table decides *call* on backend *name* (``"shipped table"`` or
+    ``"measured table FILE"``), or None for a backend without one."""
+    try:
+        source = getattr(get(name), "table_source", None)
+        return None if source is None else source(call)
+    except Exception:  # noqa: BLE001 - an unimportable backend has no table
+        return None
+
+
 def device_kind(device: torch.device) -> str:
     """``cpu``, ``cuda`` or ``rocm`` (ROCm builds report their GPUs as ``cuda``)."""
     if device.type == "cuda" and torch.version.hip is not None:
@@ -125,4 +135,4 @@ register("triton", _triton, before="reference")
 register("flashinfer", _flashinfer, before="triton")
 register("aiter", _aiter, before="flashinfer")
 
-__all__ = ["Backend", "Call", "ORDER", "Slower", "check_name", "get", "register", "select", "why_not", "thresholds"]
+__all__ = ["Backend", "Call", "ORDER", "Slower", "check_name", "get", "register", "select", "table_source", "why_not", "thresholds"]

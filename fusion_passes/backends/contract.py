@@ -30,6 +30,12 @@ class Call:
     flags: Flags = dataclasses.field(default_factory=Flags)
     # Variants whose scale block is an argument (per-group FP8): its value (else None).
     group_size: int | None = None
+    # The measured table that may decide (its digest, fusion_passes.backends.measured), or
+    # None: the shipped table (thresholds.py) decides.
+    table: str | None = None
+    # A graph site compiled for a range of token counts (vLLM's compile range, inclusive;
+    # hi None = no upper end): only token counts in it matter. None: any token count.
+    token_range: tuple[int, int | None] | None = None
 
 
 def platform_reason(call: Call, dtypes, world_sizes, nodes_reason: str, world_note: str = "",

@@ -3,6 +3,10 @@
 Nothing else in the library holds a size, token or world-size limit. A kernel's
 documented limit names the file it comes from; a measured crossover names the benchmark
 command and machine that measured it.
+
+This is the SHIPPED table. Where ``fusion-passes tune`` measured this machine, its table
+(:mod:`fusion_passes.backends.measured`) is read first, per (world size, variant, hidden);
+this one decides everything it does not hold.
 """
 
 from __future__ import annotations

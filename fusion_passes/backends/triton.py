@@ -40,7 +40,10 @@ epilogue run on every rank: at world size N each rank sends 2 (N-1)/N of the inp
 instead of the one-shot's N-1 times it). The wait-free kernels are
 :mod:`fusion_passes.backends.lamport_kernels`; their protocol passed on one GPU at world
 sizes 2, 4 and 8 (tests/gpu/lamport_check.py), but they were never timed on several GPUs,
-so the selector's table does not pick them: ``FUSION_PASSES_TRITON_PATH`` forces one.
+so the shipped table does not pick them: a measured table (``fusion-passes tune`` at world
+size N) may, per token bucket, and ``FUSION_PASSES_TRITON_PATH`` forces one. Where the
+measured table says the unfused chain was faster, a call runs the group's own collective
+and then this kernel at world size 1 (the epilogue alone), never the eager reference.
 The two-shot gathers the all-reduce's result (activation dtype) and recomputes the
 epilogue locally rather than gathering the outputs: fewer bytes over the links for
 every variant (2 bytes per element against 3 to 4 for residual_out + norm or codes).
@@ -50,13 +53,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 
 import torch
 
 from fusion_passes import arguments, epilogue, groups, variants
-from fusion_passes.backends import symm, thresholds
-from fusion_passes.backends.contract import Call, Slower, platform_reason
+from fusion_passes.backends import measured, symm, thresholds
+from fusion_passes.backends.contract import Call
+from fusion_passes.backends.triton_gate import DTYPES, FP4_BLOCK, FP4_DTYPES, table_source, unsupported  # noqa: F401
 from fusion_passes.variants import FusedArgs, FusedOutputs
 
 LIMITS = thresholds.TRITON
@@ -71,10 +74,6 @@ KERNEL_QUANT = {
     "add_rmsnorm_mxfp4": "QUANT_MXFP4",
 }
 VARIANTS = frozenset(KERNEL_QUANT)
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# FP4 variants: elements per scale block (the registry's), and the activations they take.
-FP4_BLOCK = {name: variants.BY_NAME[name].block for name in ("add_rmsnorm_nvfp4", "add_rmsnorm_mxfp4")}
-FP4_DTYPES = variants.FP4_INPUT_DTYPES
 
 # The quant math is fusion_passes.epilogue's (the oracle); its constants come from there.
 FP8_DTYPE = torch.float8_e4m3fn  # the only FP8 format of this backend (CUDA)
@@ -131,6 +130,9 @@ class TritonBackend:
     def unsupported(self, call: Call) -> str | None:
         return unsupported(call)
 
+    def table_source(self, call: Call) -> str:
+        return table_source(call)
+
     # -- run -------------------------------------------------------------------------
     def run(self, variant: str, a: FusedArgs) -> FusedOutputs:
         """Run one bound call (:class:`~fusion_passes.variants.FusedArgs`) of *variant*."""
@@ -148,7 +150,7 @@ class TritonBackend:
         if variant in FP4_BLOCK:
             _check_fp4(a.input, variant)
         quant = getattr(self._k, KERNEL_QUANT[variant])
-        return self._launch(a, quant, write_norm=a.return_norm or quant == self._k.QUANT_NONE)
+        return self._launch(a, quant, write_norm=a.return_norm or quant == self._k.QUANT_NONE, variant=variant)
 
     def _outputs(self, a: FusedArgs, quant: int, write_norm: bool, x: torch.Tensor) -> _Out:
         """Allocate the outputs of one launch, as the registry shapes them."""
@@ -190,19 +192,28 @@ class TritonBackend:
         return out
 
     def _plan(self, a: FusedArgs, x: torch.Tensor, fp4: bool, variant: str) -> "_Plan":
-        """Grid, warps and multi-rank path of one launch."""
+        """Grid, warps and multi-rank path of one launch: the measured table's entry for this
+        call's token bucket where there is one (agreed across the group), else the shipped
+        rules. A measured ``unfused`` pick at world size > 1 runs the group's own collective
+        and then this kernel at world size 1 (the epilogue alone)."""
         tokens, hidden = x.shape
+        world = groups.world_size(a.group)
+        entry = measured_entry(variant, a.group, world, tokens, hidden)
         nw = num_warps_for(hidden, variant != "add_rmsnorm")
         if fp4 and tokens >= LIMITS["fp4_many_tokens"]:
             nw = min(nw, int(LIMITS["fp4_many_tokens_warps"][variant]))
-        if not (tokens and groups.world_size(a.group) > 1):
+        if entry is not None and entry.num_warps:
+            nw = entry.num_warps
+        nw = FORCE.get("num_warps", nw)
+        if not (tokens and world > 1):
             return _Plan(max(tokens, 1), nw)
+        if FORCE.get("path", "unfused" if entry is not None and entry.pick == "unfused" else None) == "unfused":
+            return _Plan(max(tokens, 1), nw, path="unfused")
         dev = x.device
         resident = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) * max(
             1, int(LIMITS["threads_per_sm"]) // (32 * nw)
         )
-        world = groups.world_size(a.group)
-        path = path_for(world, tokens, hidden, x.element_size())
+        path = path_for(world, tokens, hidden, x.element_size(), None if entry is None else entry.path)
         if path != "barrier":
             from fusion_passes.backends import lamport
 
@@ -212,19 +223,22 @@ class TritonBackend:
         grid = max(1, min(tokens, resident, ws.signal_pad_bytes // 4 // ws.world_size))
         return _Plan(grid, nw, ws.rank, ws.world_size, "barrier", ws.buffer_ptrs_dev, ws.signal_pad_ptrs_dev)
 
-    def _launch(self, a: FusedArgs, quant: int, write_norm: bool) -> FusedOutputs:
+    def _launch(self, a: FusedArgs, quant: int, write_norm: bool, variant: str = "") -> FusedOutputs:
         k, p, f = self._k, a.quant, a.flags
         hidden = a.input.shape[-1]
         lead = a.input.shape[:-1]
         x = a.input.reshape(-1, hidden).contiguous()
+        variant = variant or _VARIANT_OF_QUANT[quant]
         res = None if a.residual is None else a.residual.reshape(-1, hidden).contiguous()
         w = None if a.weight is None else a.weight.contiguous()
         fp4 = quant in (k.QUANT_NVFP4, k.QUANT_MXFP4)
         o = self._outputs(a, quant, write_norm, x)
-        plan = self._plan(a, x, fp4, _FP4_VARIANT.get(quant, ""))
+        plan = self._plan(a, x, fp4, variant)
         per_group = quant == k.QUANT_FP8_PER_GROUP
         if not x.shape[0]:
             return _shaped(o, lead, hidden, fp4)
+        if plan.path == "unfused":  # the group's own collective (what the unfused graph ran), then the epilogue
+            x = groups.all_reduce(x, a.group).contiguous()
         tensors = (x, x if res is None else res, x if w is None else w, o.res_out,
                    o.res_out if o.norm is None else o.norm, o.res_out if o.q is None else o.q,
                    x if o.scales_arg is None else o.scales_arg,
@@ -275,13 +289,16 @@ class _Plan:
 
 PATHS = ("barrier", "lamport", "twoshot")
 PATH_ENV = "FUSION_PASSES_TRITON_PATH"
+FORCE: dict = {}
+"""``fusion-passes tune`` only: ``{"num_warps": n, "path": p}`` forced on every launch while it
+times the candidates (``path`` one of :data:`PATHS` or ``"unfused"``)."""
 
 
-def path_for(world: int, tokens: int, hidden: int, itemsize: int) -> str:
+def path_for(world: int, tokens: int, hidden: int, itemsize: int, measured_path: str | None = None) -> str:
     """The multi-rank path for a call: ``$FUSION_PASSES_TRITON_PATH`` if set (benchmarks),
-    else the first entry of ``thresholds.TRITON["paths"][world]`` whose token limit admits it;
-    a wait-free path whose workspace would exceed ``lamport_max_workspace_bytes`` falls back
-    to ``barrier``."""
+    else *measured_path* (the measured table's pick for this bucket), else the first entry
+    of ``thresholds.TRITON["paths"][world]`` whose token limit admits it; a wait-free path
+    whose workspace would exceed ``lamport_max_workspace_bytes`` falls back to ``barrier``."""
     import os
 
     forced = os.environ.get(PATH_ENV)
@@ -289,6 +306,10 @@ def path_for(world: int, tokens: int, hidden: int, itemsize: int) -> str:
         if forced not in PATHS:
             raise ValueError(f"fusion_passes: {PATH_ENV}={forced!r}; expected one of {', '.join(PATHS)}")
         path = forced
+    elif FORCE.get("path") in PATHS:
+        path = FORCE["path"]
+    elif measured_path in PATHS:
+        path = measured_path
     else:
         path = next((p for limit, p in LIMITS["paths"].get(world, ((None, "barrier"),))
                      if limit is None or tokens <= limit), "barrier")
@@ -299,6 +320,18 @@ def path_for(world: int, tokens: int, hidden: int, itemsize: int) -> str:
         if buffer_elems(world, pow2, hidden) * itemsize > LIMITS["lamport_max_workspace_bytes"]:
             return "barrier"
     return path
+
+
+def measured_entry(variant: str, group: str, world: int, tokens: int, hidden: int):
+    """The measured table's entry for this call's token bucket (None: no measured entry; the
+    shipped rules decide). At world size > 1 only a table agreed across the group counts."""
+    from fusion_passes.backends import agree
+
+    if not tokens:
+        return None
+    digest = agree.for_group(group, world)
+    table = measured.by_digest(digest) if digest else None
+    return None if table is None else table.lookup(variant, hidden, tokens)
 
 
 def _shaped(o: _Out, lead, hidden: int, fp4: bool) -> FusedOutputs:
@@ -313,7 +346,8 @@ def _shaped(o: _Out, lead, hidden: int, fp4: bool) -> FusedOutputs:
     return FusedOutputs(shaped(o.res_out, hidden), shaped(o.norm, hidden), shaped(o.q, hidden), scales)
 
 
-_FP4_VARIANT = {4: "add_rmsnorm_nvfp4", 5: "add_rmsnorm_mxfp4"}  # triton_kernels.QUANT_NVFP4 / _MXFP4
+# triton_kernels.QUANT_* -> variant (the constants' values, so the kernels are not imported)
+_VARIANT_OF_QUANT = dict(enumerate(KERNEL_QUANT))
 
 
 def _check_fp4(input, variant: str) -> None:
@@ -321,64 +355,3 @@ def _check_fp4(input, variant: str) -> None:
         raise TypeError(f"fusion_passes: {variant} quantizes fp16/bf16 activations only, got {input.dtype}")
     if input.shape[-1] % FP4_BLOCK[variant]:
         raise ValueError(f"fusion_passes: {variant} needs hidden % {FP4_BLOCK[variant]} == 0")
-
-
-def unsupported(call: Call) -> str | None:
-    """Why the triton backend cannot (or should not, being slower) run *call*."""
-    platform = platform_reason(call, DTYPES, LIMITS["world_sizes"],
-                               "the group spans several nodes: symmetric-memory peer loads need one host",
-                               world_note=" (barrier needs a power of two)",
-                               device="cuda", device_need="needs an NVIDIA CUDA GPU (PTX signal instructions)")
-    if platform is not None:
-        return platform
-    if call.hidden > LIMITS["max_hidden"]:
-        return f"hidden {call.hidden} > {LIMITS['max_hidden']} (one row must fit in registers)"
-    itemsize = torch.empty((), dtype=call.dtype).element_size()
-    if (call.hidden * itemsize) % LIMITS["row_alignment_bytes"]:
-        return f"hidden*itemsize = {call.hidden * itemsize} bytes is not a multiple of {LIMITS['row_alignment_bytes']}"
-    if call.variant in FP4_BLOCK:
-        if call.dtype not in FP4_DTYPES:
-            return f"{call.variant} quantizes fp16/bf16 activations only, got {call.dtype}"
-        if call.hidden % FP4_BLOCK[call.variant]:
-            return f"{call.variant} needs hidden % {FP4_BLOCK[call.variant]} == 0, got {call.hidden}"
-    group_size = getattr(call, "group_size", None)
-    if call.variant == "add_rmsnorm_fp8_per_group" and group_size is not None:
-        if group_size not in LIMITS["per_group_sizes"] or call.hidden % group_size:
-            return (f"per-group FP8 group size {group_size} not in {LIMITS['per_group_sizes']} "
-                    f"or does not divide hidden {call.hidden}")
-    if call.tokens is not None and call.world_size > 1:
-        if call.tokens * call.hidden * itemsize > LIMITS["max_workspace_bytes"]:
-            return f"{call.tokens}x{call.hidden} exceeds the {LIMITS['max_workspace_bytes']}-byte symmetric workspace"
-    measured = LIMITS["max_tokens_faster"]
-    key = (call.world_size, call.variant)
-    if key not in measured:
-        return (
-            f"no measured crossover for {call.variant} at world size {call.world_size} "
-            "(`fusion-passes bench kernels` has not shown it faster than unfused there)"
-        )
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    return _slower_than_unfused(measured[key], call)
-
-
-def _slower_than_unfused(entry, call: Call) -> str | None:
-    """Why *entry* of ``max_tokens_faster`` (see thresholds.py for its three forms) declines
-    *call*, or None. A graph site (``tokens=None``) and an empty call are admitted wherever
-    some token range at that hidden size was measured faster."""
-    if entry is None:
-        return None
-    if isinstance(entry, int):
-        if call.tokens is not None and call.tokens > entry:
-            return Slower(f"{call.tokens} tokens > {entry}: slower than unfused there (measured crossover)")
-        return None
-    ranges = entry.get(call.hidden, entry.get(None))
-    if ranges is None:
-        return f"hidden {call.hidden} not measured for {call.variant} at world size {call.world_size}"
-    if not ranges:
-        return Slower(f"slower than unfused at every measured token count (hidden {call.hidden}; measured crossover)")
-    if call.tokens is None or call.tokens < 1:
-        return None
-    if any(lo <= call.tokens and (hi is None or call.tokens <= hi) for lo, hi in ranges):
-        return None
-    shown = ", ".join(f"{lo}-{'' if hi is None else hi}" for lo, hi in ranges)
-    return Slower(f"{call.tokens} tokens outside {shown}: slower than unfused there (measured crossover)")

@@ -1,0 +1,338 @@
+"""The MEASURED table: what ``fusion-passes tune`` timed on this machine, read before the shipped one.
+
+``fusion-passes tune`` (and only it) writes one JSON file, by default
+``$XDG_CACHE_HOME/fusion_passes/tuned.json`` (``~/.cache/...`` without ``XDG_CACHE_HOME``);
+``$FUSION_PASSES_TUNED`` names another file (``off`` disables the measured table). The file
+holds one table per machine key::
+
+    {"format": "fusion-passes measured table", "version": 1, "tables": [
+      {"key": {"gpu": "NVIDIA H100 80GB HBM3", "world_size": 1, "single_node": true,
+               "torch": "2.11.0+cu130", "triton": "3.6.0", "driver": "12080"},
+       "command": "fusion-passes tune ...", "written": "2026-12-06T21:00:00Z",
+       "entries": [{"variant": "add_rmsnorm", "hidden": 7168, "tokens": 1, "pick": "fused",
+                    "path": "local", "num_warps": 16, "fused_us": 2.2, "unfused_us": 3.0,
+                    "best_unfused": "none+static"}, ...]}]}
+
+An entry is one token *bucket* of one (variant, hidden): ``pick`` ``fused`` (the kernel,
+on ``path``, with ``num_warps``) or ``unfused`` (the best unfused chain was faster). A token
+count is served by the smallest measured bucket at or above it (the largest above them
+all). Where the table has no entry for a (variant, hidden), the shipped table
+(:mod:`fusion_passes.backends.thresholds`) decides, as it would without the file.
+
+The file is data: parsed as JSON, every field checked (types, names, finite numbers);
+nothing in it is executed. A corrupt file, a format version this library does not read,
+or a table for this GPU and world size written by other torch / Triton / driver versions
+(stale) gives ONE warning naming the file and the problem, and the shipped table is used.
+
+A table is identified by its digest (:attr:`Table.digest`); the selector's
+:class:`~fusion_passes.backends.contract.Call` carries it (``table``), so a decision names
+the table that made it. Which digest a call may use at world size > 1 is agreed across
+the group first (:mod:`fusion_passes.backends.agree`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import pathlib
+
+FORMAT = "fusion-passes measured table"
+VERSION = 1
+ENV = "FUSION_PASSES_TUNED"
+PICKS = ("fused", "unfused")
+PATHS = ("local", "barrier", "lamport", "twoshot")
+VERSION_KEYS = ("torch", "triton", "driver")
+
+_log = logging.getLogger("fusion_passes")
+_warned: set[str] = set()
+
+
+def path() -> pathlib.Path | None:
+    """Where the measured table lives (None: ``$FUSION_PASSES_TUNED=off``)."""
+    env = os.environ.get(ENV, "").strip()
+    if env.lower() == "off":
+        return None
+    if env:
+        return pathlib.Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(cache) / "fusion_passes" / "tuned.json"
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu() -> str | None:
+    """This process's GPU name (None without an NVIDIA GPU: no measured table applies)."""
+    import torch
+
+    if not torch.cuda.is_available() or torch.version.hip is not None:
+        return None
+    return torch.cuda.get_device_name()
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> dict[str, str]:
+    """The torch / Triton / driver versions a measurement depends on."""
+    import importlib.metadata
+
+    import torch
+
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = "none"
+    return {"torch": torch.__version__, "triton": triton, "driver": _driver()}
+
+
+def _driver() -> str:
+    """The NVIDIA driver's version (``"580.159.04"``, through NVML when ``pynvml`` is there),
+    else the CUDA version the driver supports (``"cuda 13000"``, ``cuDriverGetVersion``),
+    else ``"none"``."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    except Exception:  # noqa: BLE001 - no NVML: ask the CUDA driver instead
+        pass
+    try:
+        import ctypes
+
+        out = ctypes.c_int(0)
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(out)) == 0:
+            return f"cuda {out.value}"
+    except Exception:  # noqa: BLE001 - no driver library
+        pass
+    return "none"
+
+
+def machine_key(world_size: int, single_node: bool = True) -> dict | None:
+    """The key of this machine's table at *world_size*, or None without an NVIDIA GPU."""
+    gpu = _gpu()
+    if gpu is None:
+        return None
+    return {"gpu": gpu, "world_size": int(world_size), "single_node": bool(single_node or world_size == 1),
+            **_versions()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One measured token bucket of one (variant, hidden)."""
+
+    tokens: int
+    pick: str
+    path: str = "local"
+    num_warps: int | None = None
+    fused_us: float | None = None
+    unfused_us: float | None = None
+    best_unfused: str | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class Table:
+    """One machine key's entries, indexed by (variant, hidden), buckets in increasing order."""
+
+    source: str  # the file it was read from
+    key: dict
+    buckets: dict[tuple[str, int], tuple[Entry, ...]]
+    digest: str
+
+    def has(self, variant: str, hidden: int) -> bool:
+        return (variant, hidden) in self.buckets
+
+    def lookup(self, variant: str, hidden: int, tokens: int) -> Entry | None:
+        """The bucket serving *tokens* (the smallest measured at or above it), or None."""
+        entries = self.buckets.get((variant, hidden))
+        if not entries:
+            return None
+        return next((e for e in entries if e.tokens >= tokens), entries[-1])
+
+    def in_range(self, variant: str, hidden: int, lo: int, hi: int | None) -> tuple[Entry, ...]:
+        """Every bucket serving some token count in ``[lo, hi]`` (hi None: no upper end)."""
+        entries = self.buckets.get((variant, hidden), ())
+        out, below = [], 0
+        for i, e in enumerate(entries):
+            top = math.inf if i == len(entries) - 1 else e.tokens
+            if below < (math.inf if hi is None else hi) and top >= lo:
+                out.append(e)
+            below = e.tokens
+        return tuple(out)
+
+
+class Invalid(ValueError):
+    """The file is not a measured table this library reads (the message says why)."""
+
+
+def _entry(raw) -> tuple[tuple[str, int], Entry]:
+    from fusion_passes import variants
+
+    if not isinstance(raw, dict):
+        raise Invalid(f"an entry is {type(raw).__name__}, not an object")
+    variant, hidden, tokens, pick = raw.get("variant"), raw.get("hidden"), raw.get("tokens"), raw.get("pick")
+    if variant not in variants.NAMES:
+        raise Invalid(f"unknown variant {variant!r}")
+    for name, v in (("hidden", hidden), ("tokens", tokens)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise Invalid(f"{name} must be a positive integer, got {v!r}")
+    if pick not in PICKS:
+        raise Invalid(f"pick must be one of {PICKS}, got {pick!r}")
+    path_ = raw.get("path", "local")
+    if path_ not in PATHS:
+        raise Invalid(f"path must be one of {PATHS}, got {path_!r}")
+    warps = raw.get("num_warps")
+    if warps is not None and (not isinstance(warps, int) or isinstance(warps, bool) or warps not in (1, 2, 4, 8, 16, 32)):
+        raise Invalid(f"num_warps must be a power of two up to 32, got {warps!r}")
+    times = {}
+    for name in ("fused_us", "unfused_us"):
+        v = raw.get(name)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0):
+            raise Invalid(f"{name} must be a positive finite number, got {v!r}")
+        times[name] = None if v is None else float(v)
+    best = raw.get("best_unfused")
+    return (variant, hidden), Entry(tokens, pick, path_, warps, best_unfused=best if isinstance(best, str) else None,
+                                    **times)
+
+
+def digest_of(table: dict) -> str:
+    """A short hash of one table (its key and entries, canonical JSON)."""
+    body = json.dumps({"key": table.get("key"), "entries": table.get("entries")}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def parse_table(raw: dict, source: str) -> Table:
+    """One table of the file, checked and indexed."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("key"), dict) or not isinstance(raw.get("entries"), list):
+        raise Invalid("a table needs a 'key' object and an 'entries' list")
+    buckets: dict[tuple[str, int], dict[int, Entry]] = {}
+    for item in raw["entries"]:
+        where, entry = _entry(item)
+        if entry.tokens in buckets.setdefault(where, {}):
+            raise Invalid(f"{where[0]} hidden {where[1]}: token bucket {entry.tokens} listed twice")
+        buckets[where][entry.tokens] = entry
+    indexed = {k: tuple(v[t] for t in sorted(v)) for k, v in buckets.items()}
+    return Table(source, dict(raw["key"]), indexed, digest_of(raw))
+
+
+def read_file(file: pathlib.Path) -> list[dict]:
+    """The tables of *file* as raw dicts ([] when it does not exist); Invalid if it is not one."""
+    if not file.exists():
+        return []
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise Invalid(f"not readable JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise Invalid(f"not a measured table (no \"format\": {FORMAT!r})")
+    if data.get("version") != VERSION:
+        raise Invalid(f"format version {data.get('version')!r}; this library reads version {VERSION} "
+                      "(run `fusion-passes tune` again)")
+    if not isinstance(data.get("tables"), list):
+        raise Invalid("'tables' must be a list")
+    return data["tables"]
+
+
+def _warn(source: str, why: str) -> None:
+    text = f"fusion_passes: measured table {source}: {why}; the shipped table is used"
+    if text not in _warned:
+        _warned.add(text)
+        _log.warning(text)
+
+
+_BY_DIGEST: dict[str, Table] = {}
+
+
+def by_digest(digest: str) -> Table | None:
+    """A table read in this process, by its digest."""
+    return _BY_DIGEST.get(digest)
+
+
+@functools.lru_cache(maxsize=None)
+def _local(file: str | None, key_json: str | None) -> Table | None:
+    if file is None or key_json is None:
+        return None
+    key = json.loads(key_json)
+    try:
+        raws = read_file(pathlib.Path(file))
+        tables = [parse_table(t, file) for t in raws]
+    except Invalid as e:
+        _warn(file, str(e))
+        return None
+    same = [t for t in tables if t.key == key]
+    if same:
+        _BY_DIGEST[same[0].digest] = same[0]
+        return same[0]
+    where = {k: key[k] for k in ("gpu", "world_size", "single_node")}
+    stale = [t for t in tables if {k: t.key.get(k) for k in where} == where]
+    if stale:
+        differ = ", ".join(f"{k} {stale[0].key.get(k)!r} there, {key[k]!r} here" for k in VERSION_KEYS
+                           if stale[0].key.get(k) != key[k])
+        _warn(file, f"stale: measured with other versions ({differ}); run `fusion-passes tune` again")
+    elif tables and not any(t.key.get("gpu") == key["gpu"] for t in tables):
+        _warn(file, f"no table for this GPU ({key['gpu']!r}; it holds "
+                    f"{sorted({str(t.key.get('gpu')) for t in tables})})")
+    return None
+
+
+_LOCAL: dict[tuple, Table | None] = {}  # (env, world size, one host) -> the answer: a dict hit per call
+
+
+def local(world_size: int, single_node: bool = True) -> Table | None:
+    """This machine's table at *world_size* from the file, or None (then the shipped table
+    decides). Read once per process (:func:`reset` forgets it); later calls cost a dict lookup."""
+    memo = (os.environ.get(ENV), os.environ.get("XDG_CACHE_HOME"), world_size, single_node)
+    if memo in _LOCAL:
+        return _LOCAL[memo]
+    file = path()
+    key = machine_key(world_size, single_node) if file is not None else None
+    found = _local(None if file is None else str(file), None if key is None else json.dumps(key, sort_keys=True))
+    _LOCAL[memo] = found
+    return found
+
+
+def file_digest() -> str:
+    """A hash of the measured-table file as it is now (``"none"`` without one): part of the
+    pass's cache key."""
+    file = path()
+    try:
+        return hashlib.sha256(file.read_bytes()).hexdigest()[:16] if file is not None else "none"
+    except OSError:
+        return "none"
+
+
+def reset() -> None:
+    """Forget what was read (after ``tune`` wrote the file, or in tests)."""
+    _local.cache_clear()
+    _LOCAL.clear()
+    _BY_DIGEST.clear()
+    _warned.clear()
+
+
+def write(table: dict, file: pathlib.Path | None = None) -> pathlib.Path:
+    """Store *table* (``key``, ``entries``, ...) in the file, replacing the table of the same
+    key and merging entries of other (variant, hidden) pairs kept from it. Only ``tune``
+    calls this. A file this library cannot read is replaced (the old one kept as ``.bad``)."""
+    file = file or path()
+    if file is None:
+        raise ValueError(f"fusion_passes: ${ENV}=off: no measured table to write")
+    parse_table(table, str(file))  # never write what could not be read back
+    try:
+        tables = read_file(file)
+    except Invalid:
+        file.replace(file.with_suffix(file.suffix + ".bad"))
+        tables = []
+    kept = [t for t in tables if t.get("key") != table["key"]]
+    old = next((t for t in tables if t.get("key") == table["key"]), None)
+    if old is not None:
+        fresh = {(e["variant"], e["hidden"]) for e in table["entries"]}
+        table = {**table, "entries": [e for e in old["entries"] if (e.get("variant"), e.get("hidden")) not in fresh]
+                 + list(table["entries"])}
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(file.suffix + ".tmp")
+    tmp.write_text(json.dumps({"format": FORMAT, "version": VERSION, "tables": kept + [table]}, indent=1))
+    tmp.replace(file)
+    reset()
+    return file

@@ -1,0 +1,96 @@
+"""``fusion-passes tune`` without a GPU: its options, its candidates, its bucket timings on
+CPU (the reference backend for the kernel, Dynamo's eager backend for Inductor, one eager
+call for a CUDA graph), and ``tune --show`` over a written table. The collective decision
+runs on gloo processes in tests/test_agree.py; the GPU run is tests/gpu + results/."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from fusion_passes.backends import measured
+from fusion_passes.tools import bench_kernels as bk
+from fusion_passes.tools import tune, tune_show
+from fusion_passes.tools.cli import main as cli_main
+
+
+def test_candidates_per_world_size():
+    assert [tune.option_name(o) for o in tune.fused_options(1, "add_rmsnorm", 7168)] == [
+        "fused:local:4", "fused:local:8", "fused:local:16"]
+    four = [tune.option_name(o) for o in tune.fused_options(4, "add_rmsnorm_fp8_per_token", 7168)]
+    assert len(four) == 9 and {n.split(":")[1] for n in four} == {"barrier", "lamport", "twoshot"}
+
+
+def test_command_line_names_torchrun_at_n():
+    assert tune.command_line(1, ["cli.py", "tune", "--hidden", "4096"]) == "fusion-passes tune --hidden 4096"
+    assert tune.command_line(4, ["cli.py", "tune"]).startswith("torchrun --standalone --nproc_per_node=4 -m ")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hidden", "7170"], "hidden % 8 == 0"),
+    (["--variants", "add_rmsnorm_mxfp4", "--hidden", "4112"], "hidden % 32 == 0"),
+    (["--tokens", "4", "4"], "repeats"),
+])
+def test_bad_arguments_exit_2_before_any_work(argv, message, capsys):
+    assert cli_main(["tune", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_off_without_a_file_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setenv(measured.ENV, "off")
+    assert cli_main(["tune"]) == 2 and "no measured-table file" in capsys.readouterr().err
+
+
+def test_bucket_times_every_candidate_and_every_unfused_chain(fake_pg, monkeypatch):
+    from fusion_passes.backends import triton as tb
+    from fusion_passes.tools.model_trace import fake_world
+
+    parser = argparse.ArgumentParser()
+    tune.add_arguments(parser)
+    args = parser.parse_args(["--tokens", "3"])
+    args.with_dynamic_true = False
+    ctx = bk.sweep_context(args, 0, 1, fake_world(1).group_name, device="cpu", compile_backend="eager",
+                           fused_backend="reference")
+    seen = []
+    monkeypatch.setattr(tb, "FORCE", _Recorder(seen))
+    w, scale = torch.rand(64).bfloat16(), torch.tensor([0.02])
+    torch._dynamo.reset()
+    forms = bk._compile_forms(ctx, "add_rmsnorm", 64, w, scale)
+    fused = bk._fused_fn("add_rmsnorm", ctx.group, "reference")
+    times = tune._bucket_times(ctx, "add_rmsnorm", 64, 3, w, scale, forms, fused, tb)
+    torch._dynamo.reset()
+    assert set(times) == {"fused:local:1", "fused:local:4", "fused:local:8", "fused:local:16", "none+static",
+                          "none+tokdyn"}  # hidden 64: its own warp count (1) is a candidate too
+    assert all(v > 0 for v in times.values())
+    assert seen == [{"num_warps": 1}, {"num_warps": 4}, {"num_warps": 8}, {"num_warps": 16}]  # forced, then cleared
+
+
+class _Recorder(dict):
+    def __init__(self, seen):
+        super().__init__()
+        self.seen = seen
+
+    def update(self, other):
+        self.seen.append(dict(other))
+        super().update(other)
+
+
+def test_show_prints_each_entry_and_its_source(monkeypatch, tmp_path):
+    file = tmp_path / "tuned.json"
+    monkeypatch.setattr(measured, "_gpu", lambda: "NVIDIA H200")
+    monkeypatch.setattr(measured, "_versions", lambda: {"torch": "2.11", "triton": "3.6", "driver": "580"})
+    key = measured.machine_key(1)
+    measured.write({"key": key, "command": "fusion-passes tune --hidden 7168", "written": "2026-12-06T20:35:00Z",
+                    "entries": [{"variant": "add_rmsnorm", "hidden": 7168, "tokens": 1024, "pick": "unfused",
+                                 "path": "local", "num_warps": 8, "fused_us": 16.71, "unfused_us": 16.13,
+                                 "best_unfused": "none+static"}]}, file)
+    text = tune_show.render(str(file))
+    measured.reset()
+    assert f"measured tables in {file}:" in text and "NVIDIA H200, world size 1" in text and "[used here]" in text
+    assert "from `fusion-passes tune --hidden 7168` at 2026-12-06T20:35:00Z" in text
+    assert "add_rmsnorm                  7168    1024  unfused  local        8     16.71       16.13  none+static" in text
+    assert "the shipped table" in text.splitlines()[-1]
+    file.write_text("{")
+    assert "unreadable" in tune_show.render(str(file))
