@@ -132,7 +132,7 @@ def fused_args(spec: Variant, a: Mapping[str, Any], quant: Mapping[str, Any]) ->
 
 def norm_dtype(x: torch.Tensor, weight: torch.Tensor | None, f: Flags) -> torch.dtype:
     """The norm output's dtype: the activation's, unless the weight multiplies after the
-    cast back (the Hugging Face order), where type promotion decides."""
-    if weight is None or f.weight_in_fp32 or f.gemma:
+    cast back (the Hugging Face order) or ``promote_out``, where type promotion decides."""
+    if weight is None or f.gemma or (f.weight_in_fp32 and not f.promote_out):
         return x.dtype
     return torch.promote_types(weight.dtype, x.dtype)

@@ -35,6 +35,7 @@ def rms_norm(
     gemma: bool = False,
     weight_in_fp32: bool = True,
     out_dtype: torch.dtype | None = None,
+    promote_out: bool = False,
 ) -> torch.Tensor:
     """RMSNorm over the last dim, computed in fp32 as every real model does.
 
@@ -44,6 +45,9 @@ def rms_norm(
     Llama form, where the weight multiplies after the cast back (result dtype follows
     type promotion of ``w`` and ``x``). ``out_dtype`` (default ``x.dtype``) is the
     activation dtype when ``x`` is an fp32 sum that was never rounded to it.
+    ``promote_out``: the result has the promoted dtype of ``w`` and the activations, as the
+    Hugging Face form gives, also with ``weight_in_fp32`` (an fp32 weight: the fp32 product,
+    never rounded to the activation dtype; what Inductor's compile of that form returns).
     """
     dtype = out_dtype or x.dtype
     x32 = x.to(torch.float32)
@@ -53,7 +57,7 @@ def rms_norm(
     if gemma:
         return (normed * (1.0 + weight.to(torch.float32))).to(dtype)
     if weight_in_fp32:
-        return (normed * weight).to(dtype)
+        return (normed * weight).to(torch.promote_types(weight.dtype, dtype) if promote_out else dtype)
     return weight * normed.to(dtype)
 
 
@@ -66,6 +70,7 @@ def add_rms_norm(
     gemma: bool = False,
     weight_in_fp32: bool = True,
     residual_in_fp32: bool = False,
+    promote_out: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(x + residual), x + residual)``: the two values the fused op returns.
 
@@ -76,10 +81,11 @@ def add_rms_norm(
     """
     if residual_in_fp32 and residual is not None:
         summed32 = x.to(torch.float32) + residual.to(torch.float32)
-        norm = rms_norm(summed32, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32, out_dtype=x.dtype)
+        norm = rms_norm(summed32, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32, out_dtype=x.dtype,
+                        promote_out=promote_out)
         return norm, summed32.to(x.dtype)
     summed = add_residual(x, residual)
-    return rms_norm(summed, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32), summed
+    return rms_norm(summed, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32, promote_out=promote_out), summed
 
 
 # ---------------------------------------------------------------------------------------

@@ -107,13 +107,25 @@ def follow_inductor_precision(norm: Norm) -> None:
     activation dtype before the weight multiply: measured bit for bit on an H200 and on CPU
     (results/README.md, "How the compiled chain rounds"), the compiled chain is the
     ``weight_in_fp32`` form (up to Inductor's own op order), not eager's. So there the fused
-    op multiplies in fp32 too; with emulated casts it rounds as eager does. The residual sum is rounded either way (measured), and a dialect's norm op
-    (vLLM's ``vllm_ir.*``) keeps its own defined rounding.
+    op multiplies in fp32 too; with emulated casts it rounds as eager does. The residual sum
+    is rounded either way (measured), and a dialect's norm op (vLLM's ``vllm_ir.*``) keeps
+    its own defined rounding. Where type promotion makes the Hugging Face form's output
+    wider than the activations (an fp32 weight), the fused op returns that wider dtype
+    (``promote_out``): the graph's consumers read the dtype they read before.
     """
     if norm.weight_in_fp32 or norm.gemma or norm.weight is None or not _decomposed(norm):
         return
-    if not _compat.inductor_config.emulate_precision_casts:
-        norm.weight_in_fp32 = True
+    if _compat.inductor_config.emulate_precision_casts:
+        return
+    x, w = (getattr(val(n), "dtype", None) for n in (norm.input, norm.weight))
+    if w is not None and w not in _COMPUTE_DTYPES:  # e.g. an fp64 weight: Inductor's product is not fp32; eager's order
+        return
+    norm.weight_in_fp32 = True
+    # an fp32 weight makes ``w * n.to(bf16)`` fp32: the product stays fp32, never rounded
+    norm.promote_out = None not in (x, w) and torch.promote_types(w, x) != x
+
+
+_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _decomposed(norm: Norm) -> bool:

@@ -192,6 +192,9 @@ SIGNATURE: tuple[Arg, ...] = (
     Arg("backend", "str", "auto", "'auto' lets the selector choose per call, or a backend name"),
     Arg("residual_in_fp32", "bool", False, "add the residual in fp32 and normalize the unrounded "
         "sum (vLLM's fused_add_rms_norm; epilogue.add_rms_norm)", flag=True),
+    Arg("promote_out", "bool", False, "the norm output has the promoted dtype of weight and activations, "
+        "as the Hugging Face form w * n.to(dtype) gives (fp32 for an fp32 weight), also when the weight "
+        "multiplies in fp32 (epilogue.rms_norm)", flag=True),
 )
 """The ONE argument list of every fused op. New arguments go at the end with a default,
 so graphs written before them still load; :mod:`fusion_passes.rewrite` writes those after
