@@ -77,7 +77,21 @@ def rewrite(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -> Node
     site.norm.out.replace_all_uses_with(edit.outs["norm_out"])
     edit.take_residual()
     edit.finish()
+    carry(site, fake_vals)
     return edit.fused
+
+
+def carry(site: Site, fake_vals: FakeVals) -> None:
+    """Where the residual is the sum of a previous fused op read by this site alone
+    (``site.carry``), that op returns it unrounded in fp32 (``carry_fp32``), as Inductor's
+    compile keeps a residual stream it never stores (docs/design.md)."""
+    prev = site.carry
+    if prev is None:
+        return
+    prev.kwargs = {**prev.kwargs, "carry_fp32": True}
+    prev.meta["val"] = fake_vals(prev.target, prev.args, {k: fake_vals.fake(v) for k, v in prev.kwargs.items()})
+    for u in prev.users:
+        u.meta["val"] = prev.meta["val"][u.args[1]]
 
 
 def rewrite_quant(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -> Node:
@@ -120,6 +134,7 @@ def rewrite_quant(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -
         norm.out.replace_all_uses_with(outs["norm_out"], delete_user_cb=lambda u: u not in edit.removed)
     edit.take_residual()
     edit.finish(dead_buffers(quant))  # buffers found before erasing: erase_node clears kwargs
+    carry(site, fake_vals)
     return edit.fused
 
 

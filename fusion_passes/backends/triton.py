@@ -155,7 +155,8 @@ class TritonBackend:
         k, p, dev = self._k, a.quant, x.device
         tokens, hidden = x.shape
         norm_dtype = arguments.norm_dtype(x, a.weight, a.flags)
-        out = _Out(torch.empty_like(x), torch.empty((tokens, hidden), dtype=norm_dtype, device=dev)
+        res_dtype = torch.float32 if a.flags.carry_fp32 else x.dtype  # carry_fp32: the unrounded sum
+        out = _Out(torch.empty_like(x, dtype=res_dtype), torch.empty((tokens, hidden), dtype=norm_dtype, device=dev)
                    if write_norm else None, block=_next_pow2(hidden))
         if quant in (k.QUANT_NVFP4, k.QUANT_MXFP4):  # two E2M1 codes per byte; [T, H/2] (the registry's)
             out.q = torch.empty((tokens, hidden // 2), dtype=torch.uint8, device=dev)
@@ -231,7 +232,7 @@ class TritonBackend:
                    x if o.ub is None else o.ub.reshape(-1).to(torch.float32))
         consts = dict(
             H=hidden, BLOCK=o.block, RANK=plan.rank, WS=plan.world,
-            HAS_RES=res is not None, RES_FP32=bool(f.residual_in_fp32) and res is not None,
+            HAS_RES=res is not None, RES_FP32=bool(f.residual_in_fp32 or f.carry_fp32) and res is not None,
             HAS_W=w is not None, GEMMA=bool(f.gemma),
             W_FP32=bool(f.weight_in_fp32), WRITE_NORM=o.norm is not None, QUANT=quant,
             HAS_UB=o.ub is not None and quant == k.QUANT_FP8_PER_TOKEN, GROUP=p.get("group_size", 128),
@@ -333,6 +334,10 @@ def unsupported(call: Call) -> str | None:
         return platform
     if call.hidden > LIMITS["max_hidden"]:
         return f"hidden {call.hidden} > {LIMITS['max_hidden']} (one row must fit in registers)"
+    if call.flags.quant_unrounded:
+        return "the kernel quantizes the rounded norm output (quant_unrounded)"
+    if call.flags.carry_fp32 and not (call.flags.weight_in_fp32 or call.flags.gemma):
+        return "carry_fp32 with the weight after the cast back: the kernel rounds in the residual's dtype"
     itemsize = torch.empty((), dtype=call.dtype).element_size()
     if (call.hidden * itemsize) % LIMITS["row_alignment_bytes"]:
         return f"hidden*itemsize = {call.hidden * itemsize} bytes is not a multiple of {LIMITS['row_alignment_bytes']}"
