@@ -58,13 +58,14 @@ def apply(graph: Graph, out: Node, spec: str, like: Node, fake_vals) -> Node:
     return node
 
 
-def materialize(graph: Graph, site, fake_vals) -> None:
+def materialize(graph: Graph, site, fake_vals) -> list[Node]:
     """Replace every quant parameter that is a ``semantic.Const`` by a ``full`` node placed
-    before the chain (so the fused op, inserted there, follows it)."""
+    before the chain (so the fused op, inserted there, follows it); returns those nodes."""
     quant = site.quant
     consts = {k: v for k, v in quant.params.items() if hasattr(v, "materialize")}
     if not consts:
-        return
+        return []
     first = min(n for n in site.removed if n not in site.ar.nodes)
     for name, const in consts.items():
         quant.params[name] = const.materialize(graph, first, fake_vals)
+    return [quant.params[name] for name in consts]

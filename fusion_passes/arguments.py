@@ -69,9 +69,12 @@ def check(spec: Variant, a: Mapping[str, Any]) -> None:
             raise ValueError(f"fusion_passes: {name} is on {t.device} but input is on {x.device}: "
                              "every tensor of a fused call must be on the input's device")
     hidden = x.shape[-1]
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+    # an fp32 residual (the previous site's carry_fp32 sum) where the add is in fp32 anyway
+    carried = residual is not None and residual.dtype == torch.float32 and (
+        a.get("carry_fp32") or a.get("residual_in_fp32"))
+    if residual is not None and (residual.shape != x.shape or (residual.dtype != x.dtype and not carried)):
         raise ValueError(
-            "fusion_passes: residual must match input in shape and dtype: "
+            "fusion_passes: residual must match input in shape and dtype (or be fp32, added in fp32): "
             f"{tuple(residual.shape)}/{residual.dtype} vs {tuple(x.shape)}/{x.dtype}"
         )
     if weight is not None and tuple(weight.shape) != (hidden,):
@@ -145,7 +148,7 @@ def fused_args(spec: Variant, a: Mapping[str, Any], quant: Mapping[str, Any]) ->
 
 def norm_dtype(x: torch.Tensor, weight: torch.Tensor | None, f: Flags) -> torch.dtype:
     """The norm output's dtype: the activation's, unless the weight multiplies after the
-    cast back (the Hugging Face order), where type promotion decides."""
-    if weight is None or f.weight_in_fp32 or f.gemma:
+    cast back (the Hugging Face order) or ``promote_out``, where type promotion decides."""
+    if weight is None or f.gemma or (f.weight_in_fp32 and not f.promote_out):
         return x.dtype
     return torch.promote_types(weight.dtype, x.dtype)

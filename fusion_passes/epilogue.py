@@ -35,6 +35,7 @@ def rms_norm(
     gemma: bool = False,
     weight_in_fp32: bool = True,
     out_dtype: torch.dtype | None = None,
+    promote_out: bool = False,
 ) -> torch.Tensor:
     """RMSNorm over the last dim, computed in fp32 as every real model does.
 
@@ -44,6 +45,9 @@ def rms_norm(
     Llama form, where the weight multiplies after the cast back (result dtype follows
     type promotion of ``w`` and ``x``). ``out_dtype`` (default ``x.dtype``) is the
     activation dtype when ``x`` is an fp32 sum that was never rounded to it.
+    ``promote_out``: the result has the promoted dtype of ``w`` and the activations, as the
+    Hugging Face form gives, also with ``weight_in_fp32`` (an fp32 weight: the fp32 product,
+    never rounded to the activation dtype; what Inductor's compile of that form returns).
     """
     dtype = out_dtype or x.dtype
     x32 = x.to(torch.float32)
@@ -53,7 +57,7 @@ def rms_norm(
     if gemma:
         return (normed * (1.0 + weight.to(torch.float32))).to(dtype)
     if weight_in_fp32:
-        return (normed * weight).to(dtype)
+        return (normed * weight).to(torch.promote_types(weight.dtype, dtype) if promote_out else dtype)
     return weight * normed.to(dtype)
 
 
@@ -66,6 +70,9 @@ def add_rms_norm(
     gemma: bool = False,
     weight_in_fp32: bool = True,
     residual_in_fp32: bool = False,
+    promote_out: bool = False,
+    carry_fp32: bool = False,
+    quant_unrounded: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(x + residual), x + residual)``: the two values the fused op returns.
 
@@ -73,13 +80,29 @@ def add_rms_norm(
     fp32, returns the sum rounded to the activation dtype as the new residual, but
     normalizes the UNROUNDED fp32 sum. Without it the sum is ``aten.add`` in the
     activation dtype and the norm reads that rounded sum (Hugging Face, plain PyTorch).
+    ``carry_fp32``: the same, but the sum is returned unrounded in fp32 (the residual may
+    be fp32 too): a residual stream that Inductor's compile recomputes in fp32 instead of
+    storing it (docs/design.md, "What Inductor keeps unrounded"). ``quant_unrounded`` only
+    concerns the quant (:func:`quantize`).
     """
-    if residual_in_fp32 and residual is not None:
+    if (residual_in_fp32 or carry_fp32) and residual is not None:
         summed32 = x.to(torch.float32) + residual.to(torch.float32)
-        norm = rms_norm(summed32, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32, out_dtype=x.dtype)
-        return norm, summed32.to(x.dtype)
+        norm = rms_norm(summed32, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32, out_dtype=x.dtype,
+                        promote_out=promote_out)
+        return norm, summed32 if carry_fp32 else summed32.to(x.dtype)
     summed = add_residual(x, residual)
-    return rms_norm(summed, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32), summed
+    return rms_norm(summed, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32, promote_out=promote_out), summed
+
+
+def norm_unrounded(x, residual, weight, eps, *, gemma=False, weight_in_fp32=True, residual_in_fp32=False,
+                   carry_fp32=False, **_) -> torch.Tensor:
+    """The norm output of :func:`add_rms_norm` before its rounding to the activation dtype
+    (fp32): what an FP8 quant fused with the norm by Inductor reads (``quant_unrounded``)."""
+    if (residual_in_fp32 or carry_fp32) and residual is not None:
+        summed = x.to(torch.float32) + residual.to(torch.float32)
+    else:
+        summed = add_residual(x, residual)
+    return rms_norm(summed, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32, out_dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -313,12 +336,33 @@ QUANT: dict[str, Callable[[torch.Tensor, Mapping[str, Any]], tuple]] = {
 }
 
 
-def quantize(variant: str, y: torch.Tensor, params: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The quant epilogue of *variant* on the norm output *y*: ``(q, scales | None)``."""
+def quantize(variant: str, y: torch.Tensor, params: Mapping[str, Any],
+             y32: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The quant epilogue of *variant* on the norm output *y*: ``(q, scales | None)``.
+    *y32* (``quant_unrounded``, FP8 variants): the norm value before its rounding, which the
+    codes are computed from; the scales stay those of *y* (an amax taken in the activation
+    dtype is the rounded amax of the unrounded value: rounding is monotonic)."""
     if variant not in QUANT:
         raise ValueError(f"fusion_passes: unknown quant variant {variant!r}")
     if params.get("form"):  # another project's FP8 convention, recognized by meaning
         from fusion_passes import fp8_forms
 
         return fp8_forms.variant_quantize(variant, y, params)
-    return QUANT[variant](y, params)
+    q, scales = QUANT[variant](y, params)
+    if y32 is None:
+        return q, scales
+    if variant not in FP8_CODES:
+        raise ValueError(f"fusion_passes: {variant} has no unrounded-input form (quant_unrounded)")
+    return FP8_CODES[variant](y32, scales, params), scales
+
+
+# The FP8 codes of the unrounded norm value *y32* with the scales already computed, in the
+# order of each variant's function above.
+FP8_CODES: dict[str, Callable[[torch.Tensor, torch.Tensor, Mapping[str, Any]], torch.Tensor]] = {
+    "add_rmsnorm_fp8_static": lambda y32, s, p: fp8_static(y32, p["scale"], dtype=p["fp8_dtype"]),
+    "add_rmsnorm_fp8_per_token": lambda y32, s, p: _to_fp8(y32 * s.reciprocal(), p["fp8_dtype"]),
+    "add_rmsnorm_fp8_per_tensor": lambda y32, s, p: _to_fp8(y32 * s.reciprocal(), p["fp8_dtype"]),
+    "add_rmsnorm_fp8_per_group": lambda y32, s, p: _to_fp8(
+        y32.reshape(-1, y32.shape[-1] // p["group_size"], p["group_size"])
+        / s.reshape(-1, y32.shape[-1] // p["group_size"], 1), p["fp8_dtype"]).reshape(y32.shape),
+}

@@ -20,7 +20,7 @@ from fusion_passes.match import find_site
 from fusion_passes.options import FusionOptions
 from fusion_passes.recognize import Miss, all_reduce
 from fusion_passes.report import FusionReport, SiteReport
-from fusion_passes.rewrite import FakeVals, rewrite
+from fusion_passes.rewrite import FakeVals, Unfused, rewrite
 
 log = logging.getLogger("fusion_passes")
 
@@ -145,7 +145,11 @@ class FusionPass(_compat.CustomGraphPass):
                 entry.reason, entry.blocker = site.reason, getattr(site.node, "name", None)
                 entry.source = _source_line(site.node) or entry.source
                 continue
-            rewrite(graph, site, fake_vals, opts.backend)
+            try:
+                rewrite(graph, site, fake_vals, opts.backend)
+            except Unfused as e:  # an output would change dtype or shape: the site stays
+                entry.reason, entry.blocker = str(e), site.norm.out.name
+                continue
             entry.fused, entry.variant, entry.backend, entry.reason = True, site.family.name, site.backend, site.note
             entry.table = _table_of(site)
         return hoisted

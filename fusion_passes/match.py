@@ -8,6 +8,7 @@ produces. A :class:`Site` is a complete match, ready to rewrite; anything else i
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch
 from torch.fx import Node
@@ -16,7 +17,7 @@ from fusion_passes import _compat, backends, compile_range, fx_util, groups, qua
 from fusion_passes.backends import calibrate
 from fusion_passes.patterns import CATALOGUE, Family
 from fusion_passes.norms import rms_norm
-from fusion_passes.recognize import AllReduce, Miss, Norm, residual_add, short, val
+from fusion_passes.recognize import C10D_WAIT, AllReduce, Miss, Norm, is_named, residual_add, short, val
 
 
 @dataclasses.dataclass
@@ -31,6 +32,7 @@ class Site:
     residual: Node | None = None
     quant: "quant.Quant | None" = None  # the quant fused into the op (quant families)
     note: str | None = None  # e.g. why a quant after the norm was left unfused
+    carry: Node | None = None  # the previous fused op whose unrounded sum is the residual (carry_fp32)
 
     @property
     def removed(self) -> set[Node]:
@@ -51,7 +53,7 @@ def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
         add, residual, norm, residual_out = chain
         follow_inductor_precision(norm)
         found_quant = quant.find(norm.out)
-        fast = _select(ar, add, residual, norm, residual_out, found_quant, prefer_backend)
+        fast = _select_inductor(ar, add, residual, norm, residual_out, found_quant, prefer_backend)
         if isinstance(found_quant, quant.Quant) or not semantic.quantizes(norm.out):
             return fast
     read = semantic.recognize(ar, ar.node.graph)
@@ -70,6 +72,80 @@ def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
             fast.note = site.note  # why the quant it found stays unfused
         return fast  # the structural reading is as large, and known to the kernels
     return site
+
+
+def _select_inductor(ar: AllReduce, add, residual, norm: Norm, residual_out: bool, found_quant, prefer: str):
+    """:func:`_select` with the plain chain's sum and quant read as Inductor's default
+    compile reads them (:func:`follow_inductor_sum`); where no backend computes that, the
+    site is selected as before (the sum rounded, the quant reading the rounded norm)."""
+    if not follow_inductor_sum(add, residual, norm, residual_out, found_quant):
+        return _select(ar, add, residual, norm, residual_out, found_quant, prefer)
+    site = _select(ar, add, residual, norm, residual_out, found_quant, prefer)
+    if norm.quant_unrounded and (not isinstance(site, Site) or site.quant is None):
+        norm.quant_unrounded = False  # no backend quantizes the unrounded norm here
+        site = _select(ar, add, residual, norm, residual_out, found_quant, prefer)
+    if not isinstance(site, Site) and norm.residual_in_fp32:
+        norm.residual_in_fp32 = False  # nor reads the unrounded sum
+        return _select(ar, add, residual, norm, residual_out, found_quant, prefer)
+    if isinstance(site, Site):
+        site.carry = _carry_source(residual, norm, site, prefer)
+    return site
+
+
+def follow_inductor_sum(add, residual, norm: Norm, residual_out: bool, found_quant) -> bool:
+    """Set the flags under which the fused op reads the plain chain's sum and quant as
+    Inductor's default compile does (docs/design.md, "What Inductor keeps unrounded"):
+    a sum read by the norm alone, or by the norm and the next site's add, is never stored,
+    so the norm reads it unrounded (``residual_in_fp32``); an aten FP8 quant of a norm
+    output read by nothing else reads the unrounded norm value (``quant_unrounded``).
+    Returns whether it set any."""
+    if _compat.inductor_config.emulate_precision_casts or add is None or not _decomposed(norm):
+        return False
+    only_next = not residual_out or _feeds_only_a_site(add, norm)
+    norm.residual_in_fp32 = norm.residual_in_fp32 or only_next
+    norm.quant_unrounded = (isinstance(found_quant, quant.Quant) and found_quant.kind.startswith("fp8")
+                            and norm.weight_in_fp32 and _aten(found_quant)
+                            and all(u in found_quant.nodes for u in norm.out.users))
+    return norm.residual_in_fp32 or norm.quant_unrounded
+
+
+def _feeds_only_a_site(add: Node, norm: Norm) -> bool:
+    """Whether the sum *add*, besides its norm, feeds only the residual add of another
+    all-reduce (the next layer's site): Inductor then recomputes it there, unrounded."""
+    outside = [u for u in add.users if u not in norm.nodes]
+    if len(outside) != 1 or not residual_add_like(outside[0]):
+        return False
+    a, b = outside[0].args[:2]
+    return is_named(b if a is add else a, C10D_WAIT)
+
+
+def _aten(found_quant) -> bool:
+    """Whether the quant is aten ops (Inductor fuses it with the norm), not a custom kernel."""
+    return all(n.target is operator.getitem or fx_util.op_name(n.target).startswith(("aten.", "prims."))
+               for n in found_quant.nodes if n.op == "call_function")
+
+
+def _carry_source(residual, norm: Norm, site: Site, prefer: str) -> Node | None:
+    """The previous fused op whose sum is this site's residual and feeds nothing else: its
+    ``residual_out`` then carries the unrounded fp32 sum here (``carry_fp32``), where a
+    backend that runs this site computes it."""
+    from fusion_passes import ops
+
+    if residual is None or len(residual.users) != 1 or not norm.residual_in_fp32:
+        return None
+    prev = residual.args[0] if residual.target is operator.getitem else None
+    if prev is None or prev.target not in ops.OPS.values():
+        return None
+    names = variants.get(next(k for k, v in ops.OPS.items() if v is prev.target)).output_names
+    if names[residual.args[1]] != "residual_out":
+        return None
+    flags = dataclasses.replace(norm.flags, carry_fp32=True)
+    call = dataclasses.replace(compile_time_call(site.family.variant, site.ar, norm, site.quant), flags=flags)
+    try:
+        chosen = backends.select(call, prefer)
+    except RuntimeError:
+        return None
+    return prev if chosen != "reference" or call.device == "cpu" else None
 
 
 def _select(ar: AllReduce, add, residual, norm: Norm, residual_out: bool, found_quant, prefer: str):
@@ -108,13 +184,25 @@ def follow_inductor_precision(norm: Norm) -> None:
     activation dtype before the weight multiply: measured bit for bit on an H200 and on CPU
     (results/README.md, "How the compiled chain rounds"), the compiled chain is the
     ``weight_in_fp32`` form (up to Inductor's own op order), not eager's. So there the fused
-    op multiplies in fp32 too; with emulated casts it rounds as eager does. The residual sum is rounded either way (measured), and a dialect's norm op
-    (vLLM's ``vllm_ir.*``) keeps its own defined rounding.
+    op multiplies in fp32 too; with emulated casts it rounds as eager does. The residual sum
+    and the quant input are :func:`follow_inductor_sum`'s, and a dialect's norm op (vLLM's
+    ``vllm_ir.*``) keeps its own defined rounding. Where type promotion makes the Hugging Face form's output
+    wider than the activations (an fp32 weight), the fused op returns that wider dtype
+    (``promote_out``): the graph's consumers read the dtype they read before.
     """
     if norm.weight_in_fp32 or norm.gemma or norm.weight is None or not _decomposed(norm):
         return
-    if not _compat.inductor_config.emulate_precision_casts:
-        norm.weight_in_fp32 = True
+    if _compat.inductor_config.emulate_precision_casts:
+        return
+    x, w = (getattr(val(n), "dtype", None) for n in (norm.input, norm.weight))
+    if w is not None and w not in _COMPUTE_DTYPES:  # e.g. an fp64 weight: Inductor's product is not fp32; eager's order
+        return
+    norm.weight_in_fp32 = True
+    # an fp32 weight makes ``w * n.to(bf16)`` fp32: the product stays fp32, never rounded
+    norm.promote_out = None not in (x, w) and torch.promote_types(w, x) != x
+
+
+_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _decomposed(norm: Norm) -> bool:

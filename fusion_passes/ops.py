@@ -107,9 +107,10 @@ def fake(spec: Variant, *args, **kwargs) -> tuple[torch.Tensor, ...]:
     quant = arguments.resolve(spec, a)
     x = a["input"]
     norm = x.new_empty(x.shape, dtype=arguments.norm_dtype(x, a["weight"], arguments.flags(a)))
+    res = torch.empty_like(x, dtype=torch.float32 if a["carry_fp32"] else x.dtype)
     if spec.kind is None:
-        return norm, torch.empty_like(x)
-    values = {"residual_out": torch.empty_like(x), "norm_out": norm if a["return_norm"] else x.new_empty((0,))}
+        return norm, res
+    values = {"residual_out": res, "norm_out": norm if a["return_norm"] else x.new_empty((0,))}
     for o in spec.outputs:
         shape, dtype = tuple(o.shape(x, quant)), o.dtype_for(quant)
         if o.column_major is not None and quant[o.column_major]:

@@ -69,6 +69,13 @@ class Norm:
     # vLLM's fused_add_rms_norm adds in fp32 and normalizes the UNROUNDED fp32 sum (only
     # the returned residual is rounded); the plain chain rounds the sum first.
     residual_in_fp32: bool = False
+    # the norm output keeps the type promotion of weight and activations with the weight
+    # multiplied in fp32 (fusion_passes.match.follow_inductor_precision)
+    promote_out: bool = False
+    # the sum and quant as Inductor's default compile reads them (match.follow_inductor_sum);
+    # carry_fp32 is set on the previous site's op by the rewrite, never on a norm
+    carry_fp32: bool = False
+    quant_unrounded: bool = False
     # (node, same) pairs: nodes holding the very value of another, redirected to it right
     # before the rewrite (fusion_passes.inplace, fusion_passes.semantic)
     aliases: tuple = ()

@@ -59,20 +59,39 @@ def op_arguments(site: Site, backend: str) -> tuple[tuple, dict]:
     return tuple(args), kwargs
 
 
+class Unfused(Exception):
+    """The site stays as it is: a fused output would differ in dtype or shape from the value
+    it replaces (the pass reports the message as the site's reason; the graph is unchanged)."""
+
+
 def rewrite(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -> Node:
-    """Replace *site* by the fused op; returns the fused node. Raises on inconsistency
-    (the pass catches it and restores the graph)."""
-    for node, same in site.norm.aliases:  # nodes holding a value the fused op returns
-        node.replace_all_uses_with(same)
+    """Replace *site* by the fused op; returns the fused node. Raises :class:`Unfused`
+    (graph unchanged) where an output would change type, and on inconsistency (the pass
+    catches it and restores the graph)."""
     if site.quant is not None:
         return rewrite_quant(graph, site, fake_vals, backend)
     args, kwargs = op_arguments(site, backend)
     spec = variants.get(site.family.variant)
     edit = _Edit(graph, site, FUSED_OPS[spec.name], args, spec.output_names, fake_vals, kwargs)
+    edit.check([("norm_out", edit.outs["norm_out"], site.norm.out)])
     site.norm.out.replace_all_uses_with(edit.outs["norm_out"])
     edit.take_residual()
     edit.finish()
+    carry(site, fake_vals)
     return edit.fused
+
+
+def carry(site: Site, fake_vals: FakeVals) -> None:
+    """Where the residual is the sum of a previous fused op read by this site alone
+    (``site.carry``), that op returns it unrounded in fp32 (``carry_fp32``), as Inductor's
+    compile keeps a residual stream it never stores (docs/design.md)."""
+    prev = site.carry
+    if prev is None:
+        return
+    prev.kwargs = {**prev.kwargs, "carry_fp32": True}
+    prev.meta["val"] = fake_vals(prev.target, prev.args, {k: fake_vals.fake(v) for k, v in prev.kwargs.items()})
+    for u in prev.users:
+        u.meta["val"] = prev.meta["val"][u.args[1]]
 
 
 def rewrite_quant(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -> Node:
@@ -84,9 +103,10 @@ def rewrite_quant(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -
     quant, norm = site.quant, site.norm
     spec = variants.get(site.family.variant)
     norm_out = bool(getattr(site.family, "norm_out", False))
-    adapters.materialize(graph, site, fake_vals)  # scales spelled as Python numbers become tensors
+    created = adapters.materialize(graph, site, fake_vals)  # scales spelled as Python numbers become tensors
     args, kwargs = op_arguments(site, backend)
     edit = _Edit(graph, site, FUSED_OPS[spec.name], args, spec.output_names, fake_vals, kwargs)
+    edit.new[:0] = created
     outs = edit.outs
     scales = outs.get("scales")
     if scales is not None and quant.scale_view is not None:  # e.g. NVFP4 scales held as int32
@@ -94,20 +114,27 @@ def rewrite_quant(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -
         with graph.inserting_after(scales):
             scales = graph.call_function(view, (outs["scales"], quant.scale_view))
         scales.meta["val"] = fake_vals(view, (outs["scales"], quant.scale_view))
+        edit.new.append(scales)
 
     adapt = getattr(quant, "adapt", {})  # recognition by meaning: the chain's form of an output
-    if quant.outputs.get("q") is not None:
-        q = adapters.apply(graph, outs["q"], adapt.get("q", ""), quant.outputs["q"], fake_vals)
-        quant.outputs["q"].replace_all_uses_with(q)
-    if quant.outputs.get("scales") is not None:
-        scales = adapters.apply(graph, scales, adapt.get("scales", ""), quant.outputs["scales"], fake_vals)
-        quant.outputs["scales"].replace_all_uses_with(scales)
+    replace = [("norm_out", outs["norm_out"], norm.out)] if norm_out else []
+    for name, out in (("q", outs["q"]), ("scales", scales)):
+        old = quant.outputs.get(name)
+        if old is not None:
+            new = adapters.apply(graph, out, adapt.get(name, ""), old, fake_vals)
+            edit.new += _chain_to(new, out)
+            replace.append((name, new, old))
+    edit.check(replace)
+    for name, new, old in replace:
+        if name != "norm_out":
+            old.replace_all_uses_with(new)
     if quant.outputs.get("scale_alias") is not None:  # a static scale "returned" by a mutating op
         quant.outputs["scale_alias"].replace_all_uses_with(quant.params["scale"])
     if norm_out:
         norm.out.replace_all_uses_with(outs["norm_out"], delete_user_cb=lambda u: u not in edit.removed)
     edit.take_residual()
     edit.finish(dead_buffers(quant))  # buffers found before erasing: erase_node clears kwargs
+    carry(site, fake_vals)
     return edit.fused
 
 
@@ -136,6 +163,32 @@ class _Edit:
                 prev = self.outs[name] = graph.call_function(operator.getitem, (self.fused, i))
             prev.meta["val"] = self.fused.meta["val"][i]
             prev.meta["stack_trace"] = self.fused.meta["stack_trace"]
+        self.new: list[Node] = [self.fused, *self.outs.values()]  # what undo() erases
+
+    def residual_replaced(self) -> Node | None:
+        """The chain's node whose value ``residual_out`` takes over (see take_residual)."""
+        site = self.site
+        if site.add is not None:
+            return site.add
+        if site.norm.residual_out is not None:
+            return site.norm.residual_out
+        return site.ar.value if site.norm.residual is None else None
+
+    def check(self, replace: list[tuple[str, Node, Node]]) -> None:
+        """Every ``(name, new, old)`` output keeps the dtype and shape of the value it replaces
+        (residual_out included), or the inserted nodes are erased and :class:`Unfused` raised.
+        Then the nodes that hold a value of the fused op are redirected to it."""
+        old = self.residual_replaced()
+        pairs = [*replace, *([("residual_out", self.outs["residual_out"], old)] if old is not None else [])]
+        for name, new, was in pairs:
+            why = type_change(new, was)
+            if why is not None:
+                for n in reversed(self.new):
+                    if not n.users:
+                        self.graph.erase_node(n)
+                raise Unfused(f"not fused: the fused op's {name} would be {why}")
+        for node, same in self.site.norm.aliases:  # nodes holding a value the fused op returns
+            node.replace_all_uses_with(same)
 
     def take_residual(self) -> None:
         """``residual_out`` replaces the sum (plain add, vLLM's residual output, or the
@@ -162,3 +215,24 @@ class _Edit:
                 self.graph.erase_node(n)
         if self.needs_sort:
             _compat.stable_topological_sort(self.graph)
+
+
+def type_change(new: Node, old: Node) -> str | None:
+    """How *new*'s value differs from *old*'s in dtype or shape (``"float32 [8, 512] where
+    the graph's mul_3 is bfloat16 [8, 512]"``), or None when both match or one is unknown."""
+    a, b = new.meta.get("val"), old.meta.get("val")
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return None
+    if a.dtype == b.dtype and [str(d) for d in a.shape] == [str(d) for d in b.shape]:
+        return None
+    text = lambda t: f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"  # noqa: E731
+    return f"{text(a)} where the graph's {old.name} is {text(b)}"
+
+
+def _chain_to(node: Node, start: Node) -> list[Node]:
+    """The adapter nodes from *start* (exclusive) to *node*, in graph order."""
+    out = []
+    while node is not start:
+        out.append(node)
+        node = node.args[0]
+    return out[::-1]

@@ -192,6 +192,16 @@ SIGNATURE: tuple[Arg, ...] = (
     Arg("backend", "str", "auto", "'auto' lets the selector choose per call, or a backend name"),
     Arg("residual_in_fp32", "bool", False, "add the residual in fp32 and normalize the unrounded "
         "sum (vLLM's fused_add_rms_norm; epilogue.add_rms_norm)", flag=True),
+    Arg("promote_out", "bool", False, "the norm output has the promoted dtype of weight and activations, "
+        "as the Hugging Face form w * n.to(dtype) gives (fp32 for an fp32 weight), also when the weight "
+        "multiplies in fp32 (epilogue.rms_norm)", flag=True),
+    Arg("carry_fp32", "bool", False, "residual_out is the unrounded fp32 sum, for the next site's residual, "
+        "and the norm reads it (implies residual_in_fp32; the residual may be fp32: the previous site's "
+        "carry); Inductor's compile keeps a residual stream it does not store in fp32 "
+        "(epilogue.add_rms_norm)", flag=True),
+    Arg("quant_unrounded", "bool", False, "the FP8 quant reads the norm value before its rounding to the "
+        "activation dtype (its scales from the rounded value): Inductor's compile of an aten quant fused "
+        "with the norm (epilogue.quantize)", flag=True),
 )
 """The ONE argument list of every fused op. New arguments go at the end with a default,
 so graphs written before them still load; :mod:`fusion_passes.rewrite` writes those after

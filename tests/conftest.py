@@ -38,3 +38,21 @@ def fake_pg():
     if not dist.is_initialized():
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     yield dist.group.WORLD
+
+
+@pytest.fixture(autouse=True)
+def every_rewrite_keeps_types(monkeypatch):
+    """After EVERY FusionPass run in the suite (traced graphs and Inductor compiles alike),
+    each surviving node reads values of the dtypes and shapes it read before the pass
+    (graphs.assert_types_kept): no fused output changes type (issue 22)."""
+    from fusion_passes import FusionPass
+    from graphs import assert_types_kept, types_read
+
+    call = FusionPass.__call__
+
+    def checked(self, graph):
+        reads = types_read(graph)
+        call(self, graph)
+        assert_types_kept(reads, graph)
+
+    monkeypatch.setattr(FusionPass, "__call__", checked)

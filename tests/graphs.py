@@ -59,6 +59,32 @@ def count(gm: torch.fx.GraphModule, name: str) -> int:
     )
 
 
+def types_read(graph: torch.fx.Graph) -> dict[str, list]:
+    """Node name -> the dtype and shape of every tensor it reads (its Node arguments, in
+    order; None where a value has no tensor metadata)."""
+    def sig(a):
+        v = a.meta.get("val")
+        return (v.dtype, [str(d) for d in v.shape]) if isinstance(v, torch.Tensor) else None
+
+    out = {}
+    for n in graph.nodes:
+        reads = []
+        torch.fx.node.map_arg((n.args, n.kwargs), lambda a: reads.append(sig(a)))
+        out[n.name] = reads
+    return out
+
+
+def assert_types_kept(before: dict[str, list], graph: torch.fx.Graph) -> None:
+    """The graph invariant of every rewrite (issue 22): each node that survived the pass
+    reads values of the dtypes and shapes it read before (no fused output changed type)."""
+    for name, reads in types_read(graph).items():
+        was = before.get(name)
+        if was is None or len(was) != len(reads):
+            continue  # a node the pass made, or one whose arguments it rewired (hoisting)
+        changed = [(i, a, b) for i, (a, b) in enumerate(zip(was, reads)) if None not in (a, b) and a != b]
+        assert not changed, f"{name} reads another dtype or shape after the pass: {changed}"
+
+
 def run_pass(gm: torch.fx.GraphModule, **options):
     """``(unfused copy, report)``: the fusion pass run on *gm* in place, the graph linted
     and the module recompiled."""
@@ -67,8 +93,10 @@ def run_pass(gm: torch.fx.GraphModule, **options):
     from fusion_passes import FusionPass
 
     before = copy.deepcopy(gm)
+    reads = types_read(gm.graph)
     p = FusionPass(**options)
     p(gm.graph)
     gm.graph.lint()
+    assert_types_kept(reads, gm.graph)
     gm.recompile()
     return before, p.report

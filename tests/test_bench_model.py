@@ -144,6 +144,19 @@ def test_numerics_check_allows_one_rounding_of_the_reference():
     assert n["fused_no_further"] and not n["max_no_further"]
 
 
+def test_numerics_report_the_fused_to_unfused_ratio_and_hold_it_to_1_02():
+    """``ratio``: fused / unfused RMS distance from the fp32 reference; a point whose ratio
+    exceeds model_step.RATIO_MAX fails even within one bf16 rounding of the reference."""
+    ref = torch.randn(4, 512)
+    noise = torch.randn(4, 512)
+    unfused = ref + 0.01 * noise
+    n = model_step.numerics({"unfused": unfused, "fused": ref + 0.0101 * noise, "eager": ref}, ref)
+    assert n["ratio"] == pytest.approx(1.01, rel=1e-3) and n["ratio_ok"] and model_step.numerics_ok(n)
+    n = model_step.numerics({"unfused": unfused, "fused": ref + 0.0105 * noise, "eager": ref}, ref)
+    assert n["fused_no_further"] and not n["ratio_ok"] and not model_step.numerics_ok(n)
+    assert model_step.RATIO_MAX == 1.02
+
+
 def test_sites_summary_counts_per_layer_and_backend():
     report = FusionReport(sites=[
         SiteReport("ar0", fused=True, variant="allreduce_add_rmsnorm", backend="triton"),
@@ -193,4 +206,7 @@ def test_format_point_line():
                         "tolerance": {"rms": 0.001}, "fused_no_further": False}}
     line = model_step.format_point("llama bf16", row)
     assert "x1.051" in line and "no collective 100.0 us" in line and "FAILED" in line
+    row["numerics"].update(fused_no_further=True, ratio=1.0211, ratio_ok=False)
+    line = model_step.format_point("llama bf16", row)
+    assert "ratio 1.021): FAILED" in line
     assert json.loads(json.dumps(row)) == row

@@ -28,35 +28,39 @@ GROUP = "c10d:0"
 # The schemas as published (graphs and dumps carry these argument lists). The per-group
 # scale_min default is SCALE_MIN_KERNEL (-2.0): it was -1.0 with the same meaning before
 # the sentinels were named. The FP8 variants' ``form`` (fusion_passes.fp8_forms) came
-# later: it is the last argument, so graphs written before it bind unchanged.
+# later: it is the last argument, so graphs written before it bind unchanged. ``promote_out``
+# (the norm output's type promotion, issue 22), ``carry_fp32`` and ``quant_unrounded`` (what
+# Inductor's compile keeps unrounded, issue 22) came after ``residual_in_fp32``; the rewrite
+# writes every argument after ``backend`` as a keyword, so no graph binds these by position.
+FLAGS_22 = ", bool promote_out=False, bool carry_fp32=False, bool quant_unrounded=False"
 SCHEMAS = {
     "add_rmsnorm": "(Tensor input, Tensor? residual, Tensor? weight, float eps, str group, bool gemma=False, "
-                   "bool weight_in_fp32=True, str backend=\"auto\", bool residual_in_fp32=False) -> (Tensor, Tensor)",
+                   "bool weight_in_fp32=True, str backend=\"auto\", bool residual_in_fp32=False" + FLAGS_22 + ") -> (Tensor, Tensor)",
     "add_rmsnorm_fp8_static": "(Tensor input, Tensor? residual, Tensor? weight, float eps, str group, Tensor scale, "
                               "ScalarType fp8_dtype=24, bool gemma=False, bool weight_in_fp32=True, "
-                              "bool return_norm=False, str backend=\"auto\", bool residual_in_fp32=False, str form=\"\") "
+                              "bool return_norm=False, str backend=\"auto\", bool residual_in_fp32=False" + FLAGS_22 + ", str form=\"\") "
                               "-> (Tensor, Tensor, Tensor)",
     "add_rmsnorm_fp8_per_token": "(Tensor input, Tensor? residual, Tensor? weight, float eps, str group, "
                                  "Tensor? scale_ub=None, ScalarType fp8_dtype=24, bool gemma=False, "
                                  "bool weight_in_fp32=True, bool return_norm=False, str backend=\"auto\", "
-                                 "bool residual_in_fp32=False, str form=\"\") -> (Tensor, Tensor, Tensor, Tensor)",
+                                 "bool residual_in_fp32=False" + FLAGS_22 + ", str form=\"\") -> (Tensor, Tensor, Tensor, Tensor)",
     "add_rmsnorm_fp8_per_group": "(Tensor input, Tensor? residual, Tensor? weight, float eps, str group, "
                                  "SymInt group_size, bool ue8m0=False, bool column_major=False, "
                                  "float amax_eps=1e-10, float scale_min=-2., ScalarType fp8_dtype=24, "
                                  "bool gemma=False, bool weight_in_fp32=True, bool return_norm=False, "
-                                 "str backend=\"auto\", bool residual_in_fp32=False, str form=\"\") "
+                                 "str backend=\"auto\", bool residual_in_fp32=False" + FLAGS_22 + ", str form=\"\") "
                                  "-> (Tensor, Tensor, Tensor, Tensor)",
     "add_rmsnorm_fp8_per_tensor": "(Tensor input, Tensor? residual, Tensor? weight, float eps, str group, "
                                   "float scale_min=-1., ScalarType fp8_dtype=24, bool gemma=False, "
                                   "bool weight_in_fp32=True, bool return_norm=False, str backend=\"auto\", "
-                                  "bool residual_in_fp32=False, str form=\"\") -> (Tensor, Tensor, Tensor, Tensor)",
+                                  "bool residual_in_fp32=False" + FLAGS_22 + ", str form=\"\") -> (Tensor, Tensor, Tensor, Tensor)",
     "add_rmsnorm_nvfp4": "(Tensor input, Tensor? residual, Tensor? weight, float eps, str group, "
                          "Tensor global_scale, bool swizzle=True, bool gemma=False, bool weight_in_fp32=True, "
-                         "bool return_norm=False, str backend=\"auto\", bool residual_in_fp32=False) "
+                         "bool return_norm=False, str backend=\"auto\", bool residual_in_fp32=False" + FLAGS_22 + ") "
                          "-> (Tensor, Tensor, Tensor, Tensor)",
     "add_rmsnorm_mxfp4": "(Tensor input, Tensor? residual, Tensor? weight, float eps, str group, "
                          "bool gemma=False, bool weight_in_fp32=True, bool return_norm=False, "
-                         "str backend=\"auto\", bool residual_in_fp32=False) -> (Tensor, Tensor, Tensor, Tensor)",
+                         "str backend=\"auto\", bool residual_in_fp32=False" + FLAGS_22 + ") -> (Tensor, Tensor, Tensor, Tensor)",
 }
 
 # One valid call per case: variant, quant arguments, and the unfused quant on the norm output y.

@@ -91,3 +91,92 @@ def test_a_dialect_norm_op_keeps_its_own_rounding():
         aten = Norm(x, w, 1e-6, False, False, mul, (mul,))
         follow_inductor_precision(aten)
     assert dialect.weight_in_fp32 is False and aten.weight_in_fp32 is True
+
+
+def test_a_chain_carries_the_unrounded_stream_and_its_last_norm_reads_it():
+    """Three sites whose sums feed only their norm and the next site's add (a decoder's
+    residual stream), the last one read by its norm alone: under Inductor's default the
+    compile never stores those sums (docs/design.md, "What Inductor keeps unrounded").
+    Each op but the last returns its sum unrounded in fp32 to the next (carry_fp32), every
+    norm reads the unrounded sum (residual_in_fp32), and the graph's value is the norm of
+    the fp32 stream; with emulated casts nothing of this is set."""
+    def stream(x0, x1, x2, res, w):
+        h = all_reduce(x0) + res
+        y0 = hf_rms_norm(h, w, 1e-6)
+        h = all_reduce(x1 + y0) + h
+        y1 = hf_rms_norm(h, w, 1e-6)
+        h = all_reduce(x2 + y1) + h
+        return hf_rms_norm(h, w, 1e-6)
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(T, H, generator=g).bfloat16() for _ in range(4)] + [(torch.rand(H, generator=g) + 0.5).bfloat16()]
+    for emulate in (False, True):
+        gm = trace(stream, *args)
+        with inductor_config.patch(emulate_precision_casts=emulate):
+            p = FusionPass()
+            p(gm.graph)
+        gm.recompile()
+        ops = [n for n in gm.graph.nodes if n.op == "call_function" and "fusion_passes" in str(n.target)]
+        assert len(ops) == 3
+        assert [n.kwargs.get("carry_fp32", False) for n in ops] == ([True, True, False] if not emulate else [False] * 3)
+        assert [n.kwargs.get("residual_in_fp32", False) for n in ops] == [not emulate] * 3
+    s = args[0].float() + args[3].float()  # the fp32 stream (the fake group's all-reduce is the identity)
+    y = None
+    for x in args[:3]:
+        if y is not None:
+            s = (x + y).float() + s
+        y = (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6) * args[4]).bfloat16()
+    gm = trace(stream, *args)
+    with inductor_config.patch(emulate_precision_casts=False):
+        FusionPass()(gm.graph)
+    gm.recompile()
+    assert torch.equal(gm(*args), y)
+
+
+class _RoundedOnly:
+    """A backend whose kernel rounds the sum and the quant input (as the vendor kernels do):
+    it declines carry_fp32 and quant_unrounded and otherwise runs the reference's math."""
+
+    name = "rounded_only"
+    variants = frozenset({"add_rmsnorm", "add_rmsnorm_fp8_per_token"})
+
+    def unsupported(self, call):
+        return "rounds" if call.flags.carry_fp32 or call.flags.quant_unrounded else None
+
+    def run(self, variant, args):
+        from fusion_passes import backends
+
+        return backends.get("reference").run(variant, args)
+
+
+def test_where_no_backend_follows_the_compile_the_site_fuses_as_before():
+    """A backend that computes neither carry_fp32 nor quant_unrounded still gets the site:
+    selected without those flags (the sum and the quant input rounded), not left unfused."""
+    from test_quant import VLLM_Q, needs_vllm  # noqa: F401
+
+    if VLLM_Q is None:
+        pytest.skip("needs vLLM 0.33 importable (VLLM_TARGET_DEVICE=cpu) for its native FP8 quant")
+    from fusion_passes import backends
+
+    def two_sites(x0, x1, res, w):
+        h = all_reduce(x0) + res
+        h = all_reduce(x1 + hf_rms_norm(h, w, 1e-6)) + h
+        return VLLM_Q["token"].forward_native(hf_rms_norm(h, w, 1e-6))
+
+    g = torch.Generator().manual_seed(1)
+    args = [torch.randn(T, H, generator=g).bfloat16() for _ in range(3)] + [(torch.rand(H, generator=g) + 0.5).bfloat16()]
+    backends.register("rounded_only", _RoundedOnly, before="reference")
+    try:
+        gm = trace(two_sites, *args)
+        with inductor_config.patch(emulate_precision_casts=False):
+            p = FusionPass(backend="rounded_only")
+            p(gm.graph)
+        assert [(s.variant, s.backend) for s in p.report.sites] == [
+            ("allreduce_add_rmsnorm", "rounded_only"), ("allreduce_add_rmsnorm_fp8_per_token", "rounded_only")]
+        ops = [n for n in gm.graph.nodes if n.op == "call_function" and "fusion_passes" in str(n.target)]
+        assert not any(n.kwargs.get("carry_fp32") or n.kwargs.get("quant_unrounded") for n in ops)
+    finally:
+        backends.ORDER.remove("rounded_only")
+        backends._REGISTRY.pop("rounded_only")
+        backends.get.cache_clear()
+        backends.select.cache_clear()

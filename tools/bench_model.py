@@ -248,7 +248,7 @@ def _combination(ctx, args, name: str, precision: str, pts) -> list[dict]:
 def _benchmark(args, pts, p: dict) -> int:
     import torch.distributed as dist
 
-    from fusion_passes.tools import bench_cuda
+    from fusion_passes.tools import bench_cuda, model_step
 
     start = time.perf_counter()
     ctx = _setup(args)
@@ -262,15 +262,17 @@ def _benchmark(args, pts, p: dict) -> int:
     ctx.phases["total"] = time.perf_counter() - start
     # MoE: a router tie flips a token's experts between any two roundings, so its check is
     # reported but does not fail the run
-    failed = [r for r in rows if not r["numerics"]["fused_no_further"] and r["model"] not in MOE]
-    noisy = [r for r in rows if not r["numerics"]["fused_no_further"] and r["model"] in MOE]
+    failed = [r for r in rows if not model_step.numerics_ok(r["numerics"]) and r["model"] not in MOE]
+    noisy = [r for r in rows if not model_step.numerics_ok(r["numerics"]) and r["model"] in MOE]
+    ratios = [r["numerics"]["ratio"] for r in rows if r["model"] not in MOE]
     result = {"command": command_line("model", ctx.world), "world_size": ctx.world, "device": args.device,
               "machine": bench_cuda.machine(), "versions": bench_cuda.versions(), "layers": args.layers,
               "tiny": args.tiny, "context": args.context, "plan": p,
               "timing": ("one compiled step per CUDA graph (torch.cuda.graph), median of replays" if
                          args.device == "cuda" else "CPU: median wall-clock time of eager calls"),
               "phases_s": {k: round(v, 1) for k, v in ctx.phases.items()},
-              "numerics_failed": len(failed), "numerics_failed_moe": len(noisy), "rows": rows}
+              "numerics_failed": len(failed), "numerics_failed_moe": len(noisy),
+              "max_ratio": max(ratios, default=None), "ratio_max_allowed": model_step.RATIO_MAX, "rows": rows}
     if ctx.rank == 0:
         if args.out:
             pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
@@ -278,8 +280,11 @@ def _benchmark(args, pts, p: dict) -> int:
             print(json.dumps(result, indent=1))
         else:
             print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["phases_s"].items()))
-            print(f"numerics (fused no further from fp32 than unfused in RMS, within one bf16 rounding): "
-                  f"{'ok' if not failed else f'FAILED at {len(failed)} points'} (dense)"
+            worst = f"; fused/unfused distance at most {result['max_ratio']:.3f} (<= {model_step.RATIO_MAX})" \
+                if ratios else ""
+            print(f"numerics (fused no further from fp32 than unfused in RMS, within one bf16 rounding, "
+                  f"and at most {model_step.RATIO_MAX}x): "
+                  f"{'ok' if not failed else f'FAILED at {len(failed)} points'} (dense){worst}"
                   + (f"; MoE (router ties make it noisy): not within at {len(noisy)} points" if noisy else ""))
     dist.barrier()
     dist.destroy_process_group()

@@ -33,9 +33,11 @@ class ReferenceBackend:
 
     def run(self, variant: str, args: FusedArgs) -> FusedOutputs:
         reduced = groups.all_reduce(args.input, args.group)
-        norm, summed = epilogue.add_rms_norm(reduced, args.residual, args.weight, args.eps,
-                                             **dataclasses.asdict(args.flags))
+        flags = dataclasses.asdict(args.flags)
+        norm, summed = epilogue.add_rms_norm(reduced, args.residual, args.weight, args.eps, **flags)
         if variants.get(variant).kind is None:
             return FusedOutputs(summed, norm)
-        q, scales = epilogue.quantize(variant, norm, args.quant)
+        y32 = epilogue.norm_unrounded(reduced, args.residual, args.weight, args.eps, **flags) \
+            if args.flags.quant_unrounded else None
+        q, scales = epilogue.quantize(variant, norm, args.quant, y32)
         return FusedOutputs(summed, norm if args.return_norm else None, q, scales)

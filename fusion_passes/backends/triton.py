@@ -157,7 +157,8 @@ class TritonBackend:
         k, p, dev = self._k, a.quant, x.device
         tokens, hidden = x.shape
         norm_dtype = arguments.norm_dtype(x, a.weight, a.flags)
-        out = _Out(torch.empty_like(x), torch.empty((tokens, hidden), dtype=norm_dtype, device=dev)
+        res_dtype = torch.float32 if a.flags.carry_fp32 else x.dtype  # carry_fp32: the unrounded sum
+        out = _Out(torch.empty_like(x, dtype=res_dtype), torch.empty((tokens, hidden), dtype=norm_dtype, device=dev)
                    if write_norm else None, block=_next_pow2(hidden))
         if quant in (k.QUANT_NVFP4, k.QUANT_MXFP4):  # two E2M1 codes per byte; [T, H/2] (the registry's)
             out.q = torch.empty((tokens, hidden // 2), dtype=torch.uint8, device=dev)
@@ -245,7 +246,7 @@ class TritonBackend:
                    x if o.ub is None else o.ub.reshape(-1).to(torch.float32))
         consts = dict(
             H=hidden, BLOCK=o.block, RANK=plan.rank, WS=plan.world,
-            HAS_RES=res is not None, RES_FP32=bool(f.residual_in_fp32) and res is not None,
+            HAS_RES=res is not None, RES_FP32=bool(f.residual_in_fp32 or f.carry_fp32) and res is not None,
             HAS_W=w is not None, GEMMA=bool(f.gemma),
             W_FP32=bool(f.weight_in_fp32), WRITE_NORM=o.norm is not None, QUANT=quant,
             HAS_UB=o.ub is not None and quant == k.QUANT_FP8_PER_TOKEN, GROUP=p.get("group_size", 128),

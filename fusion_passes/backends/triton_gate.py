@@ -35,6 +35,10 @@ def unsupported(call: Call) -> str | None:
         return platform
     if call.hidden > LIMITS["max_hidden"]:
         return f"hidden {call.hidden} > {LIMITS['max_hidden']} (one row must fit in registers)"
+    if call.flags.quant_unrounded:
+        return "the kernel quantizes the rounded norm output (quant_unrounded)"
+    if call.flags.carry_fp32 and not (call.flags.weight_in_fp32 or call.flags.gemma):
+        return "carry_fp32 with the weight after the cast back: the kernel rounds in the residual's dtype"
     itemsize = torch.empty((), dtype=call.dtype).element_size()
     if (call.hidden * itemsize) % LIMITS["row_alignment_bytes"]:
         return f"hidden*itemsize = {call.hidden * itemsize} bytes is not a multiple of {LIMITS['row_alignment_bytes']}"

@@ -1,0 +1,147 @@
+"""Compile parity (issue 22): a model compiled with the pass computes what the compile it
+replaces computes, under Inductor's DEFAULT precision (``emulate_precision_casts=False``).
+
+Real Inductor compiles on CPU, with and without :class:`~fusion_passes.FusionPass`
+(reference backend), of generated graphs (independent single sites, one per quant variant
+of vLLM's native FP8 quant that the reference backend runs) and real ones (a hand-written
+tensor-parallel Llama-like decoder of 8 layers, tests/tp_llama.py, and a 4-layer chain
+with an FP8 per-token quant in every layer), in bf16 and fp16, compared with each other and
+with an fp64 reference. Under emulated casts the fused compile equals eager bit for bit.
+The fake process group makes every all-reduce the identity (one rank's view), in the
+compiles, the fused op and the references alike.
+
+Targets (the issue's): per site against the unfused compile, the residual bit-exact, norm
+elements that differ <= 0.5%, FP8 codes that differ <= 0.5% and scales equal; the chain's
+distance from fp64 with the pass <= 1.02 x the unfused compile's. Cost: 10 compiles of a
+few seconds each on CPU, batched (each single-site graph holds every variant).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+
+from fusion_passes import FusionPass
+from graphs import all_reduce, hf_rms_norm
+import tp_llama
+
+pytestmark = pytest.mark.usefixtures("fake_pg")
+FP8 = torch.float8_e4m3fn
+T, H = 8, 256
+RATIO = 1.02  # the issue's target: fused / unfused distance from the fp64 reference
+SHARE = 0.005  # the issue's target: at most 0.5% of norm elements / FP8 codes differ
+
+
+def _vllm_quants():
+    from test_quant import VLLM_Q
+
+    if VLLM_Q is None:
+        pytest.skip("needs vLLM 0.33 importable (VLLM_TARGET_DEVICE=cpu) for its native FP8 quant")
+    return VLLM_Q
+
+
+def compiled(fn, args, fuse: bool, emulate: bool = False):
+    """*fn* compiled by Inductor (FX graph cache off), with the pass or without: (outputs, report)."""
+    p = FusionPass() if fuse else None
+    torch._dynamo.reset()
+    with inductor_config.patch(emulate_precision_casts=emulate, fx_graph_cache=False,
+                               post_grad_custom_post_pass=p):
+        out = torch.compile(fn, fullgraph=True, dynamic=False)(*args)
+    return out, (p.report if p else None)
+
+
+def sites(q):
+    """One independent site per form, each with its residual read afterwards (returned)."""
+    forms = {"plain": None, "static": lambda y, s: q["static"].forward_native(y, s)[:1],
+             "token": lambda y, s: q["token"].forward_native(y), "tensor": lambda y, s: q["tensor"].forward_native(y),
+             "group128": lambda y, s: q["group128"].forward_native(y)}
+
+    def fn(xs, res, w, s):
+        outs = {}
+        for i, (name, quant) in enumerate(forms.items()):
+            h = all_reduce(xs[i]) + res
+            y = hf_rms_norm(h, w, 1e-6)
+            outs[name] = (h, y) if quant is None else (h, *quant(y, s))
+        return outs
+    return fn
+
+
+def _inputs(dtype, n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    return [r(T, H) for _ in range(n)], r(T, H), (torch.rand(H, generator=g) + 0.5).to(dtype), torch.tensor([0.02])
+
+
+def share(a, b) -> float:
+    a, b = (t.view(torch.uint8) if t.dtype == FP8 else t for t in (a, b))
+    return float((a != b).float().mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_single_site_matches_the_unfused_compile(dtype):
+    fn, args = sites(_vllm_quants()), _inputs(dtype)
+    want, _ = compiled(fn, args, fuse=False)
+    got, report = compiled(fn, args, fuse=True)
+    assert sum(s.fused for s in report.sites) == 5 and all(s.variant for s in report.sites), report.summary()
+    for name in want:
+        (h0, *rest0), (h1, *rest1) = want[name], got[name]
+        assert torch.equal(h0, h1), name  # the residual, bit-exact
+        if name == "plain":
+            assert share(rest0[0], rest1[0]) <= SHARE, name
+            continue
+        assert share(rest0[0], rest1[0]) <= SHARE, (name, share(rest0[0], rest1[0]))  # FP8 codes
+        if len(rest0) > 1:  # dynamic scales: the compile's are deterministic here (one CPU thread order)
+            assert torch.equal(rest0[1], rest1[1]), name
+
+
+def chain_with_fp8(q, layers: int):
+    """*layers* sites, each quantizing its norm output per token (vLLM's native quant) into
+    an FP8-weight GEMM (dequantized in fp32), the next all-reduce's input."""
+    def fn(x, ws, lns):
+        h = x
+        for i in range(layers):
+            qy, s = q["token"].forward_native(hf_rms_norm(h, lns[i], 1e-6))
+            h = all_reduce(((qy.float() * s) @ ws[i].float()).to(x.dtype)) + h
+        return hf_rms_norm(h, lns[-1], 1e-6)
+    return fn
+
+
+def _chain_args(dtype, layers: int):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(T, H, generator=g).to(dtype),
+            [(torch.randn(H, H, generator=g) / H ** 0.5).to(FP8) for _ in range(layers)],
+            [(torch.rand(H, generator=g) + 0.5).to(dtype) for _ in range(layers + 1)])
+
+
+def _ratio(fn, args, ref) -> tuple[float, float]:
+    (unfused, _), (fused, report) = compiled(fn, args, fuse=False), compiled(fn, args, fuse=True)
+    assert report.sites and all(s.fused for s in report.sites), report.summary()
+    return tp_llama.distance(unfused, ref), tp_llama.distance(fused, ref)
+
+
+@pytest.mark.parametrize("dtype,layers", [(torch.bfloat16, 8), (torch.float16, 4)])
+def test_a_tp_llama_chain_is_no_further_from_fp64_than_the_unfused_compile(dtype, layers):
+    w = tp_llama.make(layers, H)
+    ids = torch.randint(0, 256, (T,), generator=torch.Generator().manual_seed(1))
+    ref = tp_llama.forward(tp_llama.to(w, torch.float64), ids, lambda x: x)
+    low = tp_llama.to(w, dtype)
+    unfused, fused = _ratio(lambda i: tp_llama.forward(low, i), (ids,), ref)
+    assert fused <= RATIO * unfused, (fused, unfused)
+
+
+def test_an_fp8_chain_is_no_further_from_fp64_than_the_unfused_compile():
+    fn = chain_with_fp8(_vllm_quants(), 4)
+    args = _chain_args(torch.bfloat16, 4)
+    ref = chain_with_fp8(_vllm_quants(), 4)(args[0].double(), args[1], [w.double() for w in args[2]])
+    unfused, fused = _ratio(fn, args, ref)
+    assert fused <= RATIO * unfused, (fused, unfused)
+
+
+def test_emulated_casts_fused_compile_equals_eager():
+    w = tp_llama.to(tp_llama.make(4, H), torch.bfloat16)
+    ids = torch.randint(0, 256, (T,), generator=torch.Generator().manual_seed(2))
+    fn = lambda i: tp_llama.forward(w, i)  # noqa: E731
+    fused, report = compiled(fn, (ids,), fuse=True, emulate=True)
+    assert len(report.sites) == 8 and all(s.fused for s in report.sites)
+    assert torch.equal(fused, fn(ids))
