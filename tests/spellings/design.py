@@ -71,6 +71,15 @@ def _vllm_ir_maybe_inplace(t, res, w):
     return out, res
 
 
+def _vllm_moe_view_maybe_inplace(t, res, w):
+    # vLLM 0.33.0, vllm/model_executor/models/mixtral.py MixtralMoE.forward: the MoE output
+    # (all-reduced inside the experts' op) returns as final_hidden_states.view(orig_shape),
+    # a view with its base's own shape; the decoder layer then calls
+    # post_attention_layernorm -> fused_add_rms_norm.maybe_inplace on it. Under
+    # auto_functionalized_v2 the view is the `_x_alias` form.
+    return _vllm_ir_maybe_inplace(t.view(t.shape), res, w)
+
+
 def _c_fused_add_rms_norm(t, res, w):
     # vllm-project/vllm @00cba797, layernorm.py fused_add_rms_norm -> ops.fused_add_rms_norm
     # (_custom_ops.py: torch.ops._C.fused_add_rms_norm), in place on x and residual
@@ -186,6 +195,10 @@ CASES = [
          args=(("residual_in_fp32", True),), needs=("vllm",)),
     Case("vllm_ir_maybe_inplace_v2", "same, under auto_functionalized_v2", _vllm_ir_maybe_inplace,
          expect=ADD, args=(("residual_in_fp32", True),), v2=True, needs=("vllm",)),
+    Case("vllm_moe_view_maybe_inplace_v2", "vllm 0.33 models/mixtral.py MixtralMoE.forward "
+         "(final_hidden_states.view(orig_shape)) -> ir.ops.fused_add_rms_norm.maybe_inplace, under "
+         "auto_functionalized_v2 (_x_alias)", _vllm_moe_view_maybe_inplace, expect=ADD,
+         args=(("residual_in_fp32", True),), v2=True, needs=("vllm",)),
     Case("vllm_c_fused_add_rms_norm", "vllm @00cba797 layers/layernorm.py fused_add_rms_norm -> "
          "_C.fused_add_rms_norm (in place; csrc/layernorm_kernels.cu)", _c_fused_add_rms_norm, expect=ADD,
          args=(("residual_in_fp32", False), ("weight_in_fp32", False)), needs=("standins",)),
