@@ -14,10 +14,10 @@ from typing import Callable
 
 from torch.fx import Graph
 
-from fusion_passes import _compat, fx_util, ops  # noqa: F401  (ops registers the fused ops)
+from fusion_passes import _compat, dedup, fx_util, ops  # noqa: F401  (ops registers the fused ops)
 from fusion_passes.match import find_site
 from fusion_passes.options import FusionOptions
-from fusion_passes.recognize import Miss, all_reduce
+from fusion_passes.recognize import AllReduce, Miss, all_reduce
 from fusion_passes.report import FusionReport, SiteReport
 from fusion_passes.rewrite import FakeVals, rewrite
 
@@ -111,6 +111,9 @@ class FusionPass(_compat.CustomGraphPass):
         semantic.forget(graph)
         opts = self.options
         hoisted = hoist.run(graph, opts, frozen) if opts.hoist else hoist.HoistResult()
+        # one chain for identical quants of one value (HF FP8: q/k/v each quantize the norm output)
+        report.merged_duplicates = dedup.merge_identical(
+            graph, [a.value for n in graph.nodes if isinstance(a := all_reduce(n), AllReduce)])
         if self.after_hoist is not None:  # `fusion-passes dump` records this stage
             self.after_hoist(graph)
         fake_vals = FakeVals(graph)

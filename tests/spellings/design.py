@@ -63,6 +63,24 @@ def _vllm_native_per_token(t, res, w):
     return q, s, res
 
 
+def _hf_llama_qkv_per_token(t, res, w):
+    # transformers' FP8 linears (compressed_tensors.py CompressedTensorsFP8Linear): q_proj,
+    # k_proj and v_proj each quantize the same norm output; here in vLLM's per-token order
+    y, h = _hf_llama(t, res, w)
+    return (*S.vllm_quant_fp8_per_token(y), *S.vllm_quant_fp8_per_token(y), *S.vllm_quant_fp8_per_token(y), h)
+
+
+def _hf_llama_fp8_linear_qkv(t, res, w):
+    # transformers 5.20.2 CompressedTensorsFP8Linear.forward, for q_proj, k_proj, v_proj:
+    # each flattens and quantizes the same norm output (and passes scale.unsqueeze(-1) on)
+    y, h = _hf_llama(t, res, w)
+    out = []
+    for _ in range(3):
+        q, s = S.hf_quantize_fp8_per_row(y.reshape(-1, y.shape[-1]))
+        out += [q, s.unsqueeze(-1)]
+    return (*out, h)
+
+
 def _vllm_ir_maybe_inplace(t, res, w):
     # vLLM 0.33.0, vllm/model_executor/layers/layernorm.py RMSNorm.forward_native with a
     # residual: ir.ops.fused_add_rms_norm.maybe_inplace (torch-wrapped), here WITHOUT vLLM's
@@ -190,6 +208,11 @@ CASES = [
          bound="hoisted_scale"),
     Case("vllm_native_per_token", VN + " + vllm 0.33 input_quant_fp8.py QuantFP8.forward_native (per token)",
          _vllm_native_per_token, expect=ADD + "_fp8_per_token"),
+    Case("hf_llama_qkv_three_quants", HF + " + three identical QuantFP8.forward_native per-token quants "
+         "(one per q/k/v FP8 linear)", _hf_llama_qkv_per_token, expect=ADD + "_fp8_per_token"),
+    Case("hf_llama_fp8_linear_qkv", HF + " + transformers integrations/compressed_tensors.py "
+         "quantize_fp8_per_row in CompressedTensorsFP8Linear.forward (q/k/v: three of one norm output)",
+         _hf_llama_fp8_linear_qkv, expect=ADD + "_fp8_per_token"),
     Case("vllm_ir_maybe_inplace_v1", "vllm 0.33 layers/layernorm.py RMSNorm.forward_native -> "
          "ir.ops.fused_add_rms_norm.maybe_inplace (auto_functionalized)", _vllm_ir_maybe_inplace, expect=ADD,
          args=(("residual_in_fp32", True),), needs=("vllm",)),
