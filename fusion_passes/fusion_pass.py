@@ -66,7 +66,7 @@ class FusionPass(_compat.CustomGraphPass):
         start = time.perf_counter()
         report = FusionReport()
         if any(all_reduce(n) is not None for n in graph.nodes):
-            backup = _compat.copy_graph(graph)
+            backup = _compat.snapshot_graph(graph)
             try:
                 self._run(graph, report, backup)
                 graph.lint()
@@ -82,7 +82,7 @@ class FusionPass(_compat.CustomGraphPass):
         self.reports.append(report)
         log.info("fusion_passes: %s in %.1f ms", report.summary(), report.seconds * 1e3)
 
-    def _run(self, graph: Graph, report: FusionReport, backup: Graph) -> None:
+    def _run(self, graph: Graph, report: FusionReport, backup: list) -> None:
         from fusion_passes import hoist
 
         frozen: frozenset = frozenset()
