@@ -10,8 +10,9 @@ several readers first.
 Two nodes are merged only when they are provably the same value: the same pure aten /
 prims op with the same arguments, where a node argument is the same graph node (after
 earlier merges) or a constant made by the same op from the same literal arguments
-(``full([1], 1.0)`` written twice). Nothing random, mutating or collective is merged, and
-the walk stops at GEMMs (where a quant chain ends) and at non-aten ops.
+(``full([1], 1.0)`` written twice). Nothing random, mutating or collective is merged, nor
+an uninitialized buffer (``empty_like``), and the walk stops at GEMMs (where a quant chain
+ends) and at non-aten ops.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ def _pure(node: Node) -> bool:
     schema = t._schema
     if schema.is_mutable or any(tag in t.tags for tag in _nondeterministic_tags()):
         return False
-    return not fx_util.op_name(t).startswith(_GEMMS)
+    name = fx_util.op_name(t)
+    # two uninitialized buffers (empty_like, new_empty) are two buffers, not one value
+    return not name.startswith(_GEMMS) and "empty" not in t._opname
 
 
 def _nondeterministic_tags():

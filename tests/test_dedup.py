@@ -55,3 +55,17 @@ def test_chains_with_different_scales_stay_apart(fake_pg):
     _, report = run_pass(gm)
     assert report.sites[0].fused, report.table()
     assert _fp8_casts(gm) == 1, report.table()
+
+
+def test_buffers_and_random_values_are_never_merged():
+    """Two ``empty_like`` of one value are two buffers, two ``rand_like`` two draws: the
+    same op and arguments, yet not the same value."""
+    from fusion_passes import dedup
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    outs = [g.call_function(op, (x,)) for op in (torch.ops.aten.empty_like.default,) * 2
+            + (torch.ops.aten.rand_like.default,) * 2 + (torch.ops.aten.abs.default,) * 2]
+    g.output(tuple(outs))
+    assert dedup.merge_identical(g, [x]) == 1  # only the second abs
+    assert len([n for n in g.nodes if n.op == "call_function"]) == 5
