@@ -7,6 +7,7 @@ Private torch APIs move between releases (we support torch >= 2.11; the GPU mach
 from __future__ import annotations
 
 import contextvars
+import copy
 
 import torch
 import torch.fx
@@ -43,11 +44,13 @@ def set_inductor_config_everywhere(name: str, value) -> None:
 
 
 def detect_fake_mode(graph: torch.fx.Graph) -> FakeTensorMode | None:
-    """The fake mode that produced the ``meta['val']`` of *graph*'s nodes, if any."""
-    from torch._guards import detect_fake_mode as _detect
-
-    vals = [n.meta["val"] for n in graph.nodes if isinstance(n.meta.get("val"), FakeTensor)]
-    return _detect(vals) if vals else None
+    """The fake mode that produced the ``meta['val']`` of *graph*'s nodes, if any (the
+    first fake value's: one graph is traced under one mode)."""
+    for n in graph.nodes:
+        v = n.meta.get("val")
+        if isinstance(v, FakeTensor):
+            return v.fake_mode
+    return None
 
 
 def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
@@ -59,10 +62,19 @@ def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     return new
 
 
-def restore_graph(graph: torch.fx.Graph, backup: torch.fx.Graph) -> None:
-    """Make *graph* hold exactly the nodes of *backup*, with the same names.
+def snapshot_graph(graph: torch.fx.Graph) -> list[tuple]:
+    """What :func:`restore_graph` needs to put *graph* back: each node with its op, target,
+    arguments, name, type and a shallow copy of its metadata, in order. Cheaper than
+    :func:`copy_graph` (no node is created: FX arguments are immutable tuples and dicts,
+    replaced, never changed in place, when a pass edits a node)."""
+    return [(n, n.op, n.target, n.args, n.kwargs, n.name, n.type, copy.copy(n.meta)) for n in graph.nodes]
 
-    Used only on the error path: a pass that failed half way puts the graph back as it
+
+def restore_graph(graph: torch.fx.Graph, backup) -> None:
+    """Make *graph* hold exactly the nodes of *backup* (a graph, or a
+    :func:`snapshot_graph`), with the same names.
+
+    Used when a pass failed half way or undoes its moves: the graph goes back to what it
     was. Node names are kept by resetting the graph's private name table.
     """
     for node in reversed(list(graph.nodes)):
@@ -71,8 +83,15 @@ def restore_graph(graph: torch.fx.Graph, backup: torch.fx.Graph) -> None:
     if hasattr(graph, "_graph_namespace"):
         graph._graph_namespace = type(graph._graph_namespace)()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
-    for node in backup.nodes:
-        env[node] = graph.node_copy(node, lambda n: env[n])
+    if isinstance(backup, torch.fx.Graph):
+        for node in backup.nodes:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+        return
+    for old, op, target, args, kwargs, name, type_, meta in backup:
+        new = graph.create_node(op, target, torch.fx.node.map_arg(args, env.__getitem__),
+                                torch.fx.node.map_arg(kwargs, env.__getitem__), name, type_)
+        new.meta = copy.copy(meta)
+        env[old] = new
 
 
 def stable_topological_sort(graph: torch.fx.Graph) -> None:

@@ -138,6 +138,7 @@ def _forms(facts: "QuantFacts"):
         for amax_min, scale_min in itertools.product(mins, [0.0] if invert else mins):
             for at_input in ((False, True) if amax_min else (False,)):
                 yield fp8_forms.Form(invert, precision, apply, safe, pow2, amax_min, scale_min, at_input)
+    yield fp8_forms.Form(apply="div", zero_amax_one=True)  # transformers' quantize_fp8_per_row
 
 
 @dataclasses.dataclass

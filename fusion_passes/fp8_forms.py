@@ -14,6 +14,8 @@ torchao inference                   ``s = f32(amax / M)`` computed in the input 
 SGLang ``input_to_float8``          ``inv = M / max(amax, 1e-12); q = y * inv`` (returns 1/inv)
 SGLang per-token-group reference    ``s = max(amax, 1e-10) / M`` (the floor in the input
                                     dtype); ``q = y / s``
+transformers ``quantize_fp8_per_row`` ``s = where(amax > 0, amax, 1) / M``; ``q = y / s``
+  (integrations/compressed_tensors.py)
 ==================================  =====================================================
 
 ``y`` is the norm output upcast to fp32, ``M`` the largest FP8 value the chain clamps to,
@@ -42,7 +44,8 @@ class Form:
     ``safe_recip``: ``1/s`` taken as 0 where ``s == 0``; ``pow2``: the scale rounded up
     (``"ceil"``, UE8M0) or down (``"floor"``) to a power of two; ``amax_min``: a floor on
     the amax before the division; ``scale_min``: a floor on ``s`` after it (never with
-    ``invert``)."""
+    ``invert``); ``zero_amax_one``: an amax that is not positive (an all-zero row) taken
+    as 1."""
 
     invert: bool = False
     precision: str = "f32"
@@ -52,6 +55,7 @@ class Form:
     amax_min: float = 0.0
     scale_min: float = 0.0
     amax_min_input: bool = False
+    zero_amax_one: bool = False
 
     def __post_init__(self):
         if self.precision not in PRECISION or self.apply not in APPLY or self.pow2 not in POW2:
@@ -61,7 +65,7 @@ class Form:
 
     def text(self) -> str:
         """The form as the fused ops take it (``parse(form.text()) == form``)."""
-        parts = [name for name in ("invert", "safe_recip", "amax_min_input") if getattr(self, name)]
+        parts = [name for name in ("invert", "safe_recip", "amax_min_input", "zero_amax_one") if getattr(self, name)]
         parts += [v for v in (self.precision if self.precision != "f32" else "", self.apply
                               if self.apply not in ("recip", "mul") else "") if v]
         parts += [f"pow2={self.pow2}"] if self.pow2 else []
@@ -74,7 +78,7 @@ def parse(text: str) -> Form:
     kw: dict = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, _, value = part.partition("=")
-        if key in ("invert", "safe_recip", "amax_min_input") and not value:
+        if key in ("invert", "safe_recip", "amax_min_input", "zero_amax_one") and not value:
             kw[key] = True
         elif key in PRECISION and not value:
             kw["precision"] = key
@@ -97,6 +101,8 @@ def _scale(amax: torch.Tensor, in_dtype: torch.dtype, m: float, form: Form) -> t
     if form.amax_min and form.amax_min_input:
         amax = amax.clamp(min=form.amax_min)
     a = amax.to(work)
+    if form.zero_amax_one:
+        a = torch.where(a > 0, a, torch.ones_like(a))
     if form.amax_min and not form.amax_min_input:
         a = a.clamp(min=form.amax_min)
     s = (m / a if form.invert else a / m).to(torch.float32)

@@ -14,11 +14,11 @@ from typing import Callable
 
 from torch.fx import Graph
 
-from fusion_passes import _compat, compile_range, fx_util, ops  # noqa: F401  (ops registers the fused ops)
+from fusion_passes import _compat, compile_range, dedup, fx_util, ops  # noqa: F401  (ops registers the fused ops)
 from fusion_passes.backends import calibrate
 from fusion_passes.match import find_site
 from fusion_passes.options import FusionOptions
-from fusion_passes.recognize import Miss, all_reduce
+from fusion_passes.recognize import AllReduce, Miss, all_reduce
 from fusion_passes.report import FusionReport, SiteReport
 from fusion_passes.rewrite import FakeVals, Unfused, rewrite
 
@@ -81,7 +81,7 @@ class FusionPass(_compat.CustomGraphPass):
         start = time.perf_counter()
         report = FusionReport()
         if any(all_reduce(n) is not None for n in graph.nodes):
-            backup = _compat.copy_graph(graph)
+            backup = _compat.snapshot_graph(graph)
             try:
                 with calibrate.enabled(calibrate.requested(self.options.calibrate)):
                     self._run(graph, report, backup)
@@ -98,7 +98,7 @@ class FusionPass(_compat.CustomGraphPass):
         self.reports.append(report)
         log.info("fusion_passes: %s in %.1f ms", report.summary(), report.seconds * 1e3)
 
-    def _run(self, graph: Graph, report: FusionReport, backup: Graph) -> None:
+    def _run(self, graph: Graph, report: FusionReport, backup: list) -> None:
         from fusion_passes import hoist
 
         frozen: frozenset = frozenset()
@@ -127,6 +127,9 @@ class FusionPass(_compat.CustomGraphPass):
         semantic.forget(graph)
         opts = self.options
         hoisted = hoist.run(graph, opts, frozen) if opts.hoist else hoist.HoistResult()
+        # one chain for identical quants of one value (HF FP8: q/k/v each quantize the norm output)
+        report.merged_duplicates = dedup.merge_identical(
+            graph, [a.value for n in graph.nodes if isinstance(a := all_reduce(n), AllReduce)])
         if self.after_hoist is not None:  # `fusion-passes dump` records this stage
             self.after_hoist(graph)
         fake_vals = FakeVals(graph)

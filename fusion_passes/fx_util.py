@@ -10,12 +10,26 @@ from torch.fx import Node
 from fusion_passes import _compat
 
 
+_NAMES: dict = {}  # target -> name: every node of every graph asks (the all-reduce scans)
+
+
 def op_name(target: Any) -> str:
     """``aten.mul.Tensor``-style name of a call target (no import of its library); other
     callables by ``__name__`` (``getitem``, ``auto_functionalized``)."""
+    try:
+        return _NAMES[target]
+    except (KeyError, TypeError):  # TypeError: an unhashable target, named each time
+        pass
     if isinstance(target, _compat.OpOverload):
-        return f"{target.namespace}.{target._opname}.{target._overloadname}"
-    return getattr(target, "__name__", str(target))
+        name = f"{target.namespace}.{target._opname}.{target._overloadname}"
+    else:
+        name = getattr(target, "__name__", str(target))
+    if not isinstance(target, str):  # a placeholder's target is its own name: not kept
+        try:
+            _NAMES[target] = name
+        except TypeError:
+            pass
+    return name
 
 
 def source_of(stack_trace: str | None) -> tuple[str | None, str | None]:

@@ -8,8 +8,10 @@ arguments it mutates, read through ``getitem``:
 
 * v1: ``(*outputs, *mutated args in schema order)``;
 * v2: ``(*outputs, *new bases)`` with ``_<arg>_base_index`` naming each argument's base
-  in ``_all_bases`` (an argument that is a view of a larger base carries ``_<arg>_size``
-  etc. and is refused: the fused op returns whole tensors).
+  in ``_all_bases``; an argument that is a view of its whole base (``_<arg>_alias``) reads
+  as the base, one that is a part of a larger base (``_<arg>_size`` / ``_slice_*``) is
+  refused: the fused op returns whole tensors. :func:`functionalized_call` reads both
+  forms alike (the quant ops of :mod:`fusion_passes.quant_ops` use it too).
 
 An op that returns nothing still takes one output slot. :data:`OPS` says, per op, where the
 normalized value and the new residual come out and which norm conventions its kernel
@@ -79,12 +81,32 @@ def _op_name(op) -> str:
     return str(op)
 
 
-_VIEW_INFO = ("size", "stride", "storage_offset", "slice_dim", "slice_start", "slice_end", "alias", "length")
+_VIEW_INFO = ("size", "stride", "storage_offset", "slice_dim", "slice_start", "slice_end", "length")
+"""``auto_functionalized_v2`` keys of an argument that is a PART of its base (a slice, a
+strided view, a list): the fused op returns whole tensors, so such a call is refused.
+``_<arg>_alias`` is not among them: torch writes it when the argument is a view with the
+base's own size, stride and offset (``is_alias`` in torch/_higher_order_ops/
+auto_functionalize.py), e.g. ``y.view(y.shape)`` in vLLM's MoE blocks: the same values as
+the base, before and after the op."""
 
 
-def _call(af: Node) -> tuple[str, dict, dict[str, int]] | None:
-    """``(op name, argument values by name, mutated argument -> getitem index)`` of an
-    ``auto_functionalized(_v2)`` node, or None."""
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One ``auto_functionalized(_v2)`` call, read the same way for v1 and v2: the op's
+    qualified name, its arguments by name (a v2 argument replaced by its base, which holds
+    the same values), each mutated argument's ``getitem`` index in the v1 numbering
+    (``(*outputs, *mutated args in schema order)``) -> its index on this node, and the
+    mutated arguments that are parts of their base (refused)."""
+
+    name: str
+    args: dict
+    index: dict[str, int]
+    v1_index: dict[int, int]
+    partial_views: tuple[str, ...] = ()
+
+
+def functionalized_call(af: Node) -> Call | None:
+    """The :class:`Call` of an ``auto_functionalized(_v2)`` node, or None."""
     kind = getattr(af.target, "__name__", "")
     if af.op != "call_function" or kind not in ("auto_functionalized", "auto_functionalized_v2"):
         return None
@@ -96,23 +118,35 @@ def _call(af: Node) -> tuple[str, dict, dict[str, int]] | None:
     mutated = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     args = dict(af.kwargs)
     if kind == "auto_functionalized":
-        return _op_name(op), args, {name: slots + i for i, name in enumerate(mutated)}
+        index = {name: slots + i for i, name in enumerate(mutated)}
+        return Call(_op_name(op), args, index, {i: i for i in range(slots + len(mutated))})
     bases = args.pop("_all_bases", [])
-    index = {}
+    index, views = {}, []
     for name in mutated:  # torch/_higher_order_ops/auto_functionalize.py writes a view's info
-        extra = [f"_{name}_{k}" for k in _VIEW_INFO if f"_{name}_{k}" in args]
-        if extra or args.get(f"_{name}_base_index") is None:
-            return None
-        index[name] = slots + args[f"_{name}_base_index"]
-        args[name] = bases[args[f"_{name}_base_index"]]
-    return _op_name(op), args, index
+        if any(f"_{name}_{k}" in args for k in _VIEW_INFO):
+            views.append(name)
+        at = args.pop(f"_{name}_base_index", None)
+        args.pop(f"_{name}_alias", None)
+        if at is None:  # an optional mutated argument passed as None
+            continue
+        index[name] = slots + at
+        args[name] = bases[at]
+    v1 = {i: i for i in range(slots)}
+    v1.update({slots + i: index[name] for i, name in enumerate(mutated) if name in index})
+    return Call(_op_name(op), args, index, v1, tuple(views))
+
+
+def partial_view_miss(af: Node, call: Call) -> Miss:
+    """Why a call that writes into a part of a larger tensor is not fused."""
+    return Miss(f"{short(af)}: {', '.join(call.partial_views)} is a slice or strided view of a larger "
+                "tensor (auto_functionalized_v2); the fused op writes whole tensors", af)
 
 
 def is_inplace_norm(node: Node) -> bool:
     """Whether *node* is an ``auto_functionalized(_v2)`` call of an op in :data:`OPS` (a
     norm: where hoisting stops, as at any norm)."""
-    call = _call(node) if node.op == "call_function" else None
-    return call is not None and call[0] in OPS
+    call = functionalized_call(node) if node.op == "call_function" else None
+    return call is not None and call.name in OPS
 
 
 def inplace_rms_norm(x: Node) -> Norm | Miss | None:
@@ -120,10 +154,12 @@ def inplace_rms_norm(x: Node) -> Norm | Miss | None:
     :class:`~fusion_passes.recognize.Norm` whose ``out`` / ``residual_out`` are the getitems
     carrying the normalized value and the new residual; None when no user is one."""
     for af in x.users:
-        call = _call(af)
-        if call is None or call[0] not in OPS:
+        call = functionalized_call(af)
+        if call is None or call.name not in OPS:
             continue
-        name, args, index = call
+        if call.partial_views:
+            return partial_view_miss(af, call)
+        name, args, index = call.name, call.args, call.index
         spec = OPS[name]
         res = _residual(spec, args, x)
         if isinstance(res, Miss) or res is False:

@@ -1,6 +1,7 @@
 """Quantization by vLLM's and ROCm's custom ops.
 
-* vLLM's custom ops through ``auto_functionalized``: ``_C.static_scaled_fp8_quant``,
+* vLLM's custom ops through ``auto_functionalized`` (or ``_v2``, the form of a plain
+  ``torch.compile``; vLLM's own compile turns v2 off): ``_C.static_scaled_fp8_quant``,
   ``_C.dynamic_scaled_fp8_quant`` (per tensor), ``_C.dynamic_per_token_scaled_fp8_quant``,
   ``_C.per_token_group_fp8_quant``, ``_C.scaled_fp4_quant.out``;
 * ROCm: ``vllm.rocm_aiter_per_tensor_quant`` (auto_functionalized, static),
@@ -14,13 +15,13 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from fusion_passes import epilogue, fx_util, variants
+from fusion_passes import epilogue, variants
+from fusion_passes.inplace import functionalized_call, partial_view_miss
 from fusion_passes.quant_role import Quant, arg, getitems, is_fp8, static_scale
 from fusion_passes.recognize import Miss, dtype_of, is_named, is_op, short, val
 
 aten = torch.ops.aten
 
-AUTO_FUNCTIONALIZED = "auto_functionalized"
 C_STATIC = "_C.static_scaled_fp8_quant.default"
 C_PER_TENSOR = "_C.dynamic_scaled_fp8_quant.default"
 C_PER_TOKEN = "_C.dynamic_per_token_scaled_fp8_quant.default"
@@ -32,33 +33,31 @@ AITER_GROUP = "vllm.rocm_aiter_group_fp8_quant.default"
 
 
 def _af_target(node: Node) -> str | None:
-    if node.op == "call_function" and getattr(node.target, "__name__", "") == "auto_functionalized_v2":
-        return "v2"
-    if node.op != "call_function" or getattr(node.target, "__name__", "") != AUTO_FUNCTIONALIZED:
-        return None
-    return fx_util.op_name(node.args[0])
+    """The qualified name of the op an ``auto_functionalized(_v2)`` node calls, else None."""
+    call = functionalized_call(node)
+    return call.name if call is not None else None
 
 
 def custom_op(y: Node, u: Node) -> Quant | Miss | None:
-    """``auto_functionalized(_C.<quant>, input=y, ...)`` -> getitem 1 (q) [, 2 (scale)]."""
-    name = _af_target(u)
-    if name is None:
+    """``auto_functionalized(_C.<quant>, input=y, ...)`` -> getitem 1 (q) [, 2 (scale)];
+    ``auto_functionalized_v2`` alike, its getitems renumbered as v1's
+    (:func:`fusion_passes.inplace.functionalized_call`)."""
+    call = functionalized_call(u)
+    if call is None or call.name not in _C_OPS:
         return None
-    if name == "v2":
-        return Miss(f"{short(u)}: auto_functionalized_v2 quant ops are not matched "
-                    "(vLLM disables v2; so does this pass)", u)
-    kw = u.kwargs
+    kw = call.args
     if kw.get("input", kw.get("x")) is not y:
         return None
+    if call.partial_views:
+        return partial_view_miss(u, call)
     items = getitems(u)
     if isinstance(items, Miss):
         return items
-    read = _C_OPS.get(name)
-    return None if read is None else read(y, u, items)
+    at = {here: v1 for v1, here in call.v1_index.items()}
+    return _C_OPS[call.name](y, u, {at[i]: g for i, g in items.items() if i in at}, kw)
 
 
-def _c_static(y: Node, u: Node, items: dict[int, Node]) -> Quant | Miss:
-    kw = u.kwargs
+def _c_static(y: Node, u: Node, items: dict[int, Node], kw: dict) -> Quant | Miss:
     gs = kw.get("group_shape")
     if gs not in (None, [-1, -1], (-1, -1)):
         return Miss(f"{short(u)}: static FP8 with group shape {gs} (only per-tensor fuses)", u)
@@ -71,15 +70,13 @@ def _c_static(y: Node, u: Node, items: dict[int, Node]) -> Quant | Miss:
                  ) if 1 in items else Miss(f"{short(u)}: quantized result unused", u)
 
 
-def _c_per_token(y: Node, u: Node, items: dict[int, Node]) -> Quant:
-    kw = u.kwargs
+def _c_per_token(y: Node, u: Node, items: dict[int, Node], kw: dict) -> Quant:
     fp8 = dtype_of(kw["result"])
     return Quant("fp8_per_token", {"scale_ub": kw.get("scale_ub"), "fp8_dtype": fp8}, (u, *items.values()),
                  {"q": items.get(1), "scales": items.get(2)})
 
 
-def _c_per_tensor(y: Node, u: Node, items: dict[int, Node]) -> Quant | Miss:
-    kw = u.kwargs
+def _c_per_tensor(y: Node, u: Node, items: dict[int, Node], kw: dict) -> Quant | Miss:
     scale = kw.get("scale")
     shape = list(val(scale).shape) if isinstance(scale, Node) else None
     if shape != [1]:
@@ -90,8 +87,7 @@ def _c_per_tensor(y: Node, u: Node, items: dict[int, Node]) -> Quant | Miss:
                  {"q": items.get(1), "scales": items.get(2)})
 
 
-def _c_per_group(y: Node, u: Node, items: dict[int, Node]) -> Quant | Miss:
-    kw = u.kwargs
+def _c_per_group(y: Node, u: Node, items: dict[int, Node], kw: dict) -> Quant | Miss:
     fp8 = dtype_of(kw["output_q"])
     g = kw["group_size"]
     if val(y).shape[-1] % g:
@@ -110,8 +106,7 @@ def _c_per_group(y: Node, u: Node, items: dict[int, Node]) -> Quant | Miss:
     return Quant("fp8_per_group", params, (u, *items.values()), {"q": items.get(1), "scales": items.get(2)})
 
 
-def _c_nvfp4(y: Node, u: Node, items: dict[int, Node]) -> Quant | Miss:
-    kw = u.kwargs
+def _c_nvfp4(y: Node, u: Node, items: dict[int, Node], kw: dict) -> Quant | Miss:
     if dtype_of(y) not in variants.BY_KIND["nvfp4"].input_dtypes:
         return Miss(f"{short(u)}: NVFP4 quantizes fp16/bf16, the norm output is {dtype_of(y)}", u)
     sdt = dtype_of(kw["output_scale"])
@@ -126,18 +121,19 @@ _C_OPS = {C_STATIC: _c_static, C_PER_TOKEN: _c_per_token, C_PER_TENSOR: _c_per_t
 
 def dead_buffers(quant: Quant) -> list[Node]:
     """The ``empty`` output buffers a functionalized custom op wrote into (dead after rewrite)."""
-    af = next((n for n in quant.nodes if _af_target(n) not in (None, "v2")), None)
-    if af is None:
+    calls = [c for n in quant.nodes if (c := functionalized_call(n)) is not None]
+    if not calls:
         return []
+    call = calls[0]
     out = []
-    for k, n in af.kwargs.items():
+    for k, n in call.args.items():
         if isinstance(n, Node) and k in ("result", "output_q", "output_s", "output", "output_scale", "out"):
             chain = [n]
             while is_op(chain[-1], aten.permute.default, aten.transpose.int, aten.view.default):
                 chain.append(chain[-1].args[0])
             out += chain
-    scale = af.kwargs.get("scale")
-    if _af_target(af) == C_PER_TENSOR and is_op(scale, aten.empty.memory_format):
+    scale = call.args.get("scale")
+    if call.name == C_PER_TENSOR and is_op(scale, aten.empty.memory_format):
         out.append(scale)  # its scale is an output buffer too (static's scale is a parameter)
     return out
 
@@ -166,19 +162,29 @@ def aiter_op(y: Node, u: Node) -> Quant | Miss | None:
         params = {"group_size": g, "ue8m0": False, "column_major": bool(arg(u, "transpose_scale", 2, False)),
                   "amax_eps": 0.0, "scale_min": 0.0, "fp8_dtype": dtype_of(items[0]) if 0 in items else None}
         return Quant("fp8_per_group", params, (u, *items.values()), {"q": items.get(0), "scales": items.get(1)})
-    if _af_target(u) == AITER_PER_TENSOR and u.kwargs.get("x") is y:
-        if u.kwargs.get("is_dynamic"):
-            return Miss(f"{short(u)}: dynamic per-tensor FP8 through AITER's dynamic_per_tensor_quant is "
-                        "not fused: its scale rounding is AITER's, unverified against vLLM's (no ROCm here)", u)
-        static = static_scale(u.kwargs["scale"], y)
-        if isinstance(static, Miss):
-            return static
-        items = getitems(u)
-        if isinstance(items, Miss):
-            return items
-        return Quant("fp8_static", {"scale": static, "fp8_dtype": dtype_of(u.kwargs["out"])},
-                     (u, *items.values()), {"q": items.get(1), "scales": None, "scale_alias": items.get(2)})
+    call = functionalized_call(u)
+    if call is not None and call.name == AITER_PER_TENSOR and call.args.get("x") is y:
+        return _aiter_per_tensor(y, u, call)
     return None
+
+
+def _aiter_per_tensor(y: Node, u: Node, call) -> Quant | Miss:
+    kw = call.args
+    if kw.get("is_dynamic"):
+        return Miss(f"{short(u)}: dynamic per-tensor FP8 through AITER's dynamic_per_tensor_quant is "
+                    "not fused: its scale rounding is AITER's, unverified against vLLM's (no ROCm here)", u)
+    if call.partial_views:
+        return partial_view_miss(u, call)
+    static = static_scale(kw["scale"], y)
+    if isinstance(static, Miss):
+        return static
+    items = getitems(u)
+    if isinstance(items, Miss):
+        return items
+    at = {here: v1 for v1, here in call.v1_index.items()}
+    items = {at[i]: g for i, g in items.items() if i in at}
+    return Quant("fp8_static", {"scale": static, "fp8_dtype": dtype_of(kw["out"])},
+                 (u, *items.values()), {"q": items.get(1), "scales": None, "scale_alias": items.get(2)})
 
 
 __all__ = ["custom_op", "aiter_op", "dead_buffers"]

@@ -55,6 +55,8 @@ class FusionReport:
     sites: list[SiteReport] = dataclasses.field(default_factory=list)
     errors: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    merged_duplicates: int = 0
+    """Nodes removed as identical copies of another before matching (fusion_passes.dedup)."""
 
     @property
     def fused(self) -> list[SiteReport]:

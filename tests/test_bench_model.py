@@ -34,17 +34,21 @@ def _variants(rows):
 @pytest.mark.parametrize("name, precision, expected", [
     ("llama", "bf16", {"allreduce_add_rmsnorm": 3, "allreduce_add_rmsnorm_final": 1}),
     # HF's separate q/k/v (gate/up) linears quantize the same norm output 3 (2) times; the
-    # pass fuses one quant and returns the norm output for the others (the _out variant)
-    ("llama", "fp8", {"allreduce_add_rmsnorm_fp8_per_token_out": 3, "allreduce_add_rmsnorm_final": 1}),
+    # identical chains merge (fusion_passes.dedup) and the one fused quant output has 3 (2)
+    # readers: no norm output is left for a quant kernel (no _out variant)
+    ("llama", "fp8", {"allreduce_add_rmsnorm_fp8_per_token": 3, "allreduce_add_rmsnorm_final": 1}),
     ("qwen3_moe", "bf16", {"allreduce_add_rmsnorm": 3, "allreduce_add_rmsnorm_final": 1}),
     # MoE FP8: attention linears only; the post-attention norm feeds the bf16 router and experts
-    ("qwen3_moe", "fp8", {"allreduce_add_rmsnorm": 2, "allreduce_add_rmsnorm_fp8_per_token_out": 1,
+    ("qwen3_moe", "fp8", {"allreduce_add_rmsnorm": 2, "allreduce_add_rmsnorm_fp8_per_token": 1,
                           "allreduce_add_rmsnorm_final": 1}),
+    # transformers' own FP8 linear (quantize_fp8_per_row: an all-zero row's amax taken as 1)
+    ("llama", "fp8-hf", {"allreduce_add_rmsnorm_fp8_per_token": 3, "allreduce_add_rmsnorm_final": 1}),
 ])
 def test_dry_run_fuses_every_site(name, precision, expected, fake_pg):
     lines = []
-    rows = model_trace.dry_run([name], [precision], DECODE, layers=LAYERS, world=1, tiny=True, fp8_linear="vllm",
-                               out=lines.append)
+    precision, _, linear = precision.partition("-")
+    rows = model_trace.dry_run([name], [precision], DECODE, layers=LAYERS, world=1, tiny=True,
+                               fp8_linear=linear or "vllm", out=lines.append)
     assert _variants(rows) == (2 * LAYERS, 2 * LAYERS, expected, {"reference": 2 * LAYERS})
     assert rows[0]["sites"]["per_layer"] == 2
     assert lines and "4/4 all-reduces fused (2 per layer" in lines[0]

@@ -211,3 +211,96 @@ def test_wheel_schemas_are_the_registered_ones():
 
 
 del sys
+
+
+# vLLM 0.33's _custom_ops.py calls, in place (what model code runs): a plain torch.compile
+# functionalizes them into auto_functionalized_v2 (vLLM's own compile turns v2 off)
+def _inplace_static(y, scale):
+    result = torch.empty(y.shape, device=y.device, dtype=FP8)
+    torch.ops._C.static_scaled_fp8_quant(result, y, scale, None)
+    return (result,)
+
+
+def _inplace_token(y, scale):
+    result = torch.empty(y.shape, device=y.device, dtype=FP8)
+    s = torch.empty((y.shape[0], 1), device=y.device, dtype=torch.float32)
+    torch.ops._C.dynamic_per_token_scaled_fp8_quant(result, y, s, None)
+    return result, s
+
+
+def _inplace_tensor(y, scale):
+    result = torch.empty(y.shape, device=y.device, dtype=FP8)
+    s = torch.empty(1, device=y.device, dtype=torch.float32)
+    torch.ops._C.dynamic_scaled_fp8_quant(result, y, s)
+    return result, s
+
+
+def _inplace_group(y, scale, column_major=False):
+    result = torch.empty(y.shape, device=y.device, dtype=FP8)
+    shape = (y.shape[0], y.shape[1] // 128)
+    if column_major:
+        s = torch.empty(tuple(reversed(shape)), device=y.device, dtype=torch.float32).permute(-1, -2)
+    else:
+        s = torch.empty(shape, device=y.device, dtype=torch.float32)
+    torch.ops._C.per_token_group_fp8_quant(y, result, s, 128, 1e-10, -FP8_MAX, FP8_MAX, False, column_major, False)
+    return result, s
+
+
+def _trace_v2(fn, *args):
+    """The graph a plain ``torch.compile`` hands Inductor (AOTAutograd, v2 functionalization)."""
+    from torch._functorch.aot_autograd import aot_function
+    from torch._inductor import config
+    from torch._inductor.decomposition import select_decomp_table
+
+    captured = {}
+
+    def capture(gm, example_inputs):
+        captured["gm"] = gm
+        return gm
+
+    with torch.no_grad(), config.patch(enable_auto_functionalized_v2=True):
+        aot_function(fn, fw_compiler=capture, decompositions=select_decomp_table())(*[a.clone() for a in args])
+    return captured["gm"]
+
+
+@needs_c_ops
+@pytest.mark.parametrize("quant,variant", [
+    (_inplace_static, "fp8_static"), (_inplace_token, "fp8_per_token"), (_inplace_tensor, "fp8_per_tensor"),
+    (_inplace_group, "fp8_per_group"),
+])
+def test_vllm_custom_quant_v2_fuses(fake_pg, quant, variant):
+    """The in-place calls under ``auto_functionalized_v2``: the quant fuses, bit-identical."""
+    x, res, w = _inputs(256)
+    scale = torch.tensor([[0.03]], dtype=torch.float32)
+
+    def block(x, res, w, scale):
+        t = all_reduce(x) + res
+        return (*quant(fp32_weight_rms_norm(t, w), scale), t)
+
+    gm = _trace_v2(block, x, res, w, scale)
+    assert any("auto_functionalized_v2" in str(n.target) for n in gm.graph.nodes)
+    ref, report = _fuse(gm)
+    assert [s.variant for s in report.sites] == [f"allreduce_add_rmsnorm_{variant}"], report.table()
+    FileCheck().check_count(f"fusion_passes.allreduce_add_rmsnorm_{variant}.default", 1, exactly=True) \
+        .check_not("auto_functionalized").check_not("all_reduce").run(gm.code)
+    _check_same(ref, gm, (x, res, w, scale))
+
+
+@needs_c_ops
+def test_v2_quant_into_a_strided_view_stays_unfused_with_its_reason(fake_pg):
+    """A column-major group scale is a permuted view of its buffer: v2 records it as a
+    strided view of the base, a layout the fused op does not write. The norm fuses, the
+    quant stays with the reason."""
+    x, res, w = _inputs(256)
+    scale = torch.tensor([[0.03]], dtype=torch.float32)
+
+    def block(x, res, w, scale):
+        t = all_reduce(x) + res
+        return (*_inplace_group(fp32_weight_rms_norm(t, w), scale, column_major=True), t)
+
+    gm = _trace_v2(block, x, res, w, scale)
+    ref, report = _fuse(gm)
+    (site,) = report.sites
+    assert site.variant == "allreduce_add_rmsnorm", report.table()
+    assert "output_s is a slice or strided view of a larger tensor" in site.reason
+    _check_same(ref, gm, (x, res, w, scale))

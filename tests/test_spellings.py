@@ -68,7 +68,7 @@ def corpus(fake_pg):
         inputs = harness.replicated_inputs(case)
         gm = harness.trace(case, [harness.partial_input(case, 0), *inputs])
         before, report = run_pass(gm)
-        problems = harness.verdict(case, report)
+        problems = harness.verdict(case, report) + harness.quant_left_problems(report, gm)
         if case.expect is not None:
             problems += harness.arg_problems(case, gm)
         out[case.name] = (problems, report, before, gm)
@@ -132,3 +132,27 @@ def test_gloo_wall_time(gloo_results):
     print(f"corpus on 2 gloo ranks: {wall:.1f} s wall, "
           f"{max(r['__seconds__'] for r in gloo_results):.1f} s inside the slowest rank")
     assert wall < 90.0
+
+
+def test_sglang_static_with_a_0dim_scale_is_no_form():
+    """The experiment behind ``sglang_native_static_0dim`` staying unfused: over every
+    finite bf16 value, SGLang's native static quant with a 0-dim fp32 scale (the product
+    stays bf16, rounded before the FP8 cast) differs from both static forms a fused op
+    computes; with a ``[1]`` scale (fp32 product) it is the ``y * (1/s)`` form bit for bit."""
+    import torch
+
+    from fusion_passes import fp8_forms
+    from spellings import sources as S
+
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    y = bits[torch.isfinite(bits)].reshape(1, -1)
+    s = torch.tensor(0.0173)
+
+    def differ(a, b):
+        return int((a.view(torch.uint8) != b.view(torch.uint8)).sum())
+
+    q0, _ = S.sglang_native_static_quant_fp8(y, s)
+    q1, _ = S.sglang_native_static_quant_fp8(y, s.reshape(1))
+    recip, div = (fp8_forms.static(y, s.reshape(1), 448.0, torch.float8_e4m3fn, how) for how in ("", "div"))
+    assert (differ(q0, recip), differ(q0, div)) == (94, 94)
+    assert differ(q1, recip) == 0

@@ -18,6 +18,11 @@ Closed form for a decoder of ``L`` layers in vLLM (every model here):
 
 So 2L + 1 all-reduces and 2L + 1 fused: no site is left unfused in bf16. A model where
 some site is NOT fused lists it with the reason the report must give.
+
+The same closed form holds on the ``compile_fx`` route (``trace_vllm(route="compile_fx")``:
+a plain ``torch.compile`` of the vLLM model, without vLLM's pass manager), where the
+in-place norms arrive as ``auto_functionalized_v2`` and the MoE block's output, a view
+of the all-reduced value, as the ``_x_alias`` form.
 """
 
 from __future__ import annotations
@@ -82,8 +87,8 @@ def _check_model(graphs, layers=LAYERS, unfused: dict[str, str] | None = None, e
     expected = expected or closed_form(layers)
     n_sites = sum(expected.values()) + len(unfused or {})
     assert count(gm, "vllm.all_reduce") == n_sites
-    assert count(gm, "vllm_ir.fused_add_rms_norm") == 2 * layers  # two per layer in every model here
-    assert count(gm, "vllm_ir.rms_norm") >= 1  # ... and layer 0's input norm (+ MLA's q/kv norms)
+    assert _norm_calls(gm, "vllm_ir.fused_add_rms_norm") == 2 * layers  # two per layer in every model here
+    assert _norm_calls(gm, "vllm_ir.rms_norm") >= 1  # ... and layer 0's input norm (+ MLA's q/kv norms)
     (report,) = _fuse(graphs)
     assert not report.errors, report.errors
     got = collections.Counter(s.variant for s in report.fused)
@@ -94,7 +99,7 @@ def _check_model(graphs, layers=LAYERS, unfused: dict[str, str] | None = None, e
         assert reason in reasons[site], (site, reasons[site])
     assert count(gm, "vllm.all_reduce") == len(unfused or {})
     assert count(gm, "fusion_passes.allreduce_add_rmsnorm") == sum(expected.values())
-    assert count(gm, "vllm_ir.fused_add_rms_norm") == fused_add_rms_norm_left
+    assert _norm_calls(gm, "vllm_ir.fused_add_rms_norm") == fused_add_rms_norm_left
     # vLLM adds the residual in fp32 and normalizes the unrounded sum: every fused site that
     # took over a fused_add_rms_norm says so (residual_in_fp32), the others do not
     fused = [n for n in gm.graph.nodes if n.op == "call_function" and "fusion_passes" in str(n.target)]
@@ -102,6 +107,11 @@ def _check_model(graphs, layers=LAYERS, unfused: dict[str, str] | None = None, e
     assert all(n.kwargs.get("residual_in_fp32") is True for n in with_residual)
     assert not any(n.kwargs.get("residual_in_fp32") for n in fused if n.args[1] is None)
     return gm, report
+
+
+def _norm_calls(gm, name: str) -> int:
+    """Calls of a vLLM IR norm, functional or through ``auto_functionalized(_v2)``."""
+    return count(gm, name) + _count_functionalized(gm, name)
 
 
 def test_llama(traced):
@@ -177,3 +187,19 @@ def test_weights_are_activation_dtype(traced):
     assert {n.args[0].meta["val"].dtype for n in fused} == {torch.bfloat16}
     (group,) = {n.args[4] for n in fused}  # one TP group, qualified by its dialect
     assert group.startswith("vllm:tp:")
+
+
+@pytest.mark.parametrize("model", ["llama", "mixtral", "qwen3_moe", "deepseek_v3"])
+def test_compile_fx_route(traced, model):
+    """The closed form through ``compile_fx`` directly (no vLLM pass manager): in-place
+    norms under ``auto_functionalized_v2``; in Mixtral and DeepSeek-V3 the MoE output
+    reaches its norm as a view of the all-reduced value (``_x_alias``: ``MixtralMoE`` /
+    ``DeepseekV2MoE`` return ``final_hidden_states.view(...)``), one per MoE layer; Qwen3-MoE
+    hands the norm the all-reduced value itself."""
+    graphs = traced(model, route="compile_fx")
+    v2 = [n for n in graphs[0].graph.nodes if getattr(n.target, "__name__", "") == "auto_functionalized_v2"
+          and op_name(n.args[0]).startswith("vllm_ir.fused_add_rms_norm")]
+    assert len(v2) == 2 * LAYERS
+    moe_layers = {"llama": 0, "mixtral": LAYERS, "qwen3_moe": 0, "deepseek_v3": LAYERS - 1}[model]
+    assert sum(1 for n in v2 if n.kwargs.get("_x_alias")) == moe_layers
+    _check_model(graphs)

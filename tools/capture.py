@@ -189,6 +189,13 @@ def prepare(quant: str | None) -> None:
         vllm_cpu.prepare_block_fp8()
 
 
+ROUTES = ("vllm", "compile_fx")
+"""How the model is compiled: ``vllm``: vLLM's own compile (VLLM_COMPILE, its pass manager
+calls the post pass; auto-functionalization v1); ``compile_fx``: a plain
+``torch.compile(model, backend="inductor")``, Inductor's ``compile_fx`` calling the post
+pass itself (torch's defaults: auto-functionalization v2, static shapes)."""
+
+
 def _compile_until_captured(net, cfg) -> None:
     from torch._functorch import config as functorch_config
     from torch._inductor import config as inductor_config
@@ -202,15 +209,23 @@ def _compile_until_captured(net, cfg) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _trace_cached(model: str, tp: int, dtype: str, quant: str | None, layers: int) -> tuple:
+def _trace_cached(model: str, tp: int, dtype: str, quant: str | None, layers: int, route: str = "vllm") -> tuple:
     prepare(quant)
     fake_world(tp)
     torch._dynamo.reset()
     capture = _capture_pass_cls()(stop=True)
     with tempfile.TemporaryDirectory(prefix="fusion-passes-capture-") as root:
-        cfg = engine_config(write_config(model, layers, dtype, quant, root), tp, dtype, capture)
+        direct = route == "compile_fx"
+        cfg = engine_config(write_config(model, layers, dtype, quant, root), tp, dtype, None if direct else capture)
         vllm_parallel_state(tp, cfg)
-        _compile_until_captured(build_model(cfg), cfg)
+        net = build_model(cfg)
+        if direct:
+            from vllm.config import CompilationMode
+
+            cfg.compilation_config.mode = CompilationMode.STOCK_TORCH_COMPILE  # vLLM's decorator compiles nothing
+            net = torch.compile(net, backend="inductor", fullgraph=True,
+                                options={"post_grad_custom_post_pass": capture})
+        _compile_until_captured(net, cfg)
     torch._dynamo.reset()
     graphs = _CAPTURED.pop(capture.key, [])
     if not graphs:
@@ -219,12 +234,12 @@ def _trace_cached(model: str, tp: int, dtype: str, quant: str | None, layers: in
 
 
 def trace_vllm(model: str, tp: int = 2, dtype: str = "bfloat16", quant: str | None = None,
-               layers: int = 2) -> list[torch.fx.GraphModule]:
+               layers: int = 2, route: str = "vllm") -> list[torch.fx.GraphModule]:
     """vLLM's post-grad graphs of *model* (before fusion-passes), traced on CPU.
 
     *model*: one of :data:`MODELS`; *tp*: tensor-parallel size (fake ranks, one of
     :data:`~.tiny_configs.TP_SIZES`); *dtype*: ``"bfloat16"`` / ``"float16"``; *quant*: one
-    of :data:`QUANTS`; *layers*: decoder layers. Unsupported combinations raise
+    of :data:`QUANTS`; *layers*: decoder layers; *route*: one of :data:`ROUTES`. Unsupported combinations raise
     ``ValueError`` before anything is built (:func:`~.tiny_configs.unsupported`). Cached per
     process: returns fresh copies of the cached graphs, so callers may rewrite them. The
     first call of a process pays the vLLM import.
@@ -233,11 +248,13 @@ def trace_vllm(model: str, tp: int = 2, dtype: str = "bfloat16", quant: str | No
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if not isinstance(layers, int) or layers < 1:
         raise ValueError(f"layers must be an integer >= 1, got {layers!r}")
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     why = unsupported(model, tp, quant)
     if why is not None:
         raise ValueError(why)
-    return [snapshot(gm.graph) for gm in _trace_cached(model, tp, dtype, quant, layers)]
+    return [snapshot(gm.graph) for gm in _trace_cached(model, tp, dtype, quant, layers, route)]
 
 
-__all__ = ["MODELS", "DTYPES", "QUANTS", "TOKENS", "trace_vllm", "engine_config", "build_model", "run_model",
+__all__ = ["MODELS", "DTYPES", "QUANTS", "ROUTES", "TOKENS", "trace_vllm", "engine_config", "build_model", "run_model",
            "snapshot", "fake_world", "vllm_parallel_state", "prepare"]

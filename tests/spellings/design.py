@@ -63,12 +63,39 @@ def _vllm_native_per_token(t, res, w):
     return q, s, res
 
 
+def _hf_llama_qkv_per_token(t, res, w):
+    # transformers' FP8 linears (compressed_tensors.py CompressedTensorsFP8Linear): q_proj,
+    # k_proj and v_proj each quantize the same norm output; here in vLLM's per-token order
+    y, h = _hf_llama(t, res, w)
+    return (*S.vllm_quant_fp8_per_token(y), *S.vllm_quant_fp8_per_token(y), *S.vllm_quant_fp8_per_token(y), h)
+
+
+def _hf_llama_fp8_linear_qkv(t, res, w):
+    # transformers 5.20.2 CompressedTensorsFP8Linear.forward, for q_proj, k_proj, v_proj:
+    # each flattens and quantizes the same norm output (and passes scale.unsqueeze(-1) on)
+    y, h = _hf_llama(t, res, w)
+    out = []
+    for _ in range(3):
+        q, s = S.hf_quantize_fp8_per_row(y.reshape(-1, y.shape[-1]))
+        out += [q, s.unsqueeze(-1)]
+    return (*out, h)
+
+
 def _vllm_ir_maybe_inplace(t, res, w):
     # vLLM 0.33.0, vllm/model_executor/layers/layernorm.py RMSNorm.forward_native with a
     # residual: ir.ops.fused_add_rms_norm.maybe_inplace (torch-wrapped), here WITHOUT vLLM's
     # in-place functionalization pass: torch functionalizes it
     out, res = torch.ops.vllm_ir.fused_add_rms_norm.maybe_inplace(t, res, w, EPS)
     return out, res
+
+
+def _vllm_moe_view_maybe_inplace(t, res, w):
+    # vLLM 0.33.0, vllm/model_executor/models/mixtral.py MixtralMoE.forward: the MoE output
+    # (all-reduced inside the experts' op) returns as final_hidden_states.view(orig_shape),
+    # a view with its base's own shape; the decoder layer then calls
+    # post_attention_layernorm -> fused_add_rms_norm.maybe_inplace on it. Under
+    # auto_functionalized_v2 the view is the `_x_alias` form.
+    return _vllm_ir_maybe_inplace(t.view(t.shape), res, w)
 
 
 def _c_fused_add_rms_norm(t, res, w):
@@ -181,11 +208,20 @@ CASES = [
          bound="hoisted_scale"),
     Case("vllm_native_per_token", VN + " + vllm 0.33 input_quant_fp8.py QuantFP8.forward_native (per token)",
          _vllm_native_per_token, expect=ADD + "_fp8_per_token"),
+    Case("hf_llama_qkv_three_quants", HF + " + three identical QuantFP8.forward_native per-token quants "
+         "(one per q/k/v FP8 linear)", _hf_llama_qkv_per_token, expect=ADD + "_fp8_per_token"),
+    Case("hf_llama_fp8_linear_qkv", HF + " + transformers integrations/compressed_tensors.py "
+         "quantize_fp8_per_row in CompressedTensorsFP8Linear.forward (q/k/v: three of one norm output)",
+         _hf_llama_fp8_linear_qkv, expect=ADD + "_fp8_per_token"),
     Case("vllm_ir_maybe_inplace_v1", "vllm 0.33 layers/layernorm.py RMSNorm.forward_native -> "
          "ir.ops.fused_add_rms_norm.maybe_inplace (auto_functionalized)", _vllm_ir_maybe_inplace, expect=ADD,
          args=(("residual_in_fp32", True),), needs=("vllm",)),
     Case("vllm_ir_maybe_inplace_v2", "same, under auto_functionalized_v2", _vllm_ir_maybe_inplace,
          expect=ADD, args=(("residual_in_fp32", True),), v2=True, needs=("vllm",)),
+    Case("vllm_moe_view_maybe_inplace_v2", "vllm 0.33 models/mixtral.py MixtralMoE.forward "
+         "(final_hidden_states.view(orig_shape)) -> ir.ops.fused_add_rms_norm.maybe_inplace, under "
+         "auto_functionalized_v2 (_x_alias)", _vllm_moe_view_maybe_inplace, expect=ADD,
+         args=(("residual_in_fp32", True),), v2=True, needs=("vllm",)),
     Case("vllm_c_fused_add_rms_norm", "vllm @00cba797 layers/layernorm.py fused_add_rms_norm -> "
          "_C.fused_add_rms_norm (in place; csrc/layernorm_kernels.cu)", _c_fused_add_rms_norm, expect=ADD,
          args=(("residual_in_fp32", False), ("weight_in_fp32", False)), needs=("standins",)),
@@ -196,6 +232,15 @@ CASES = [
          _static_full_scale, expect=ADD + "_fp8_static"),
     Case("sglang_native_static", SG + " + sglang test/srt/test_fp8_kernel.py native_static_quant_fp8",
          _sglang_static, inputs=("res", "w", "s"), expect=ADD + "_fp8_static"),
+    # the same with the 0-dim fp32 scale of SGLang's test (x_s = torch.tensor(scale)): by
+    # type promotion x_ * (1.0 / x_s) stays bf16, so the scaled value is rounded to bf16
+    # before the FP8 cast. That double rounding differs from every form a fused op computes
+    # (measured: 94 of the 65280 finite bf16 values at x_s = 0.0173, 126 at 0.001 and 7.7,
+    # for y * (1/s) and y / s alike; eager and Inductor's CPU compile agree with each
+    # other): the norm fuses, the quant stays with its reason
+    Case("sglang_native_static_0dim", SG + " + sglang test/srt/test_fp8_kernel.py native_static_quant_fp8 "
+         "(0-dim fp32 scale)", _sglang_static, inputs=("res", "w", "s0"), expect=ADD,
+         unfused_quant="no FP8/NVFP4 convention computes this quantization bit for bit"),
     Case("static_fp8_python_float", HF + " + QuantFP8.forward_native static with a Python-float scale",
          _python_float_scale, expect=ADD + "_fp8_static"),
     Case("torchao_training_rowwise", HF + " + torchao 0.18 float8 hp_tensor_to_float8_dynamic (axiswise)",

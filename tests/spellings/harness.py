@@ -28,7 +28,8 @@ class Case:
     ``expect``: the catalogue family the first all-reduce must fuse into (None: it must not
     fuse); ``args``: fused-op arguments to check by schema name; ``bound``: None for a
     bit-exact comparison, else the name of a derived bound in :data:`BOUNDS`;
-    ``held_out``: never looked at while designing the recognizer.
+    ``held_out``: never looked at while designing the recognizer; ``unfused_quant``: the
+    chain quantizes but the quant must stay unfused, and the site's reason says this.
     """
 
     name: str
@@ -44,6 +45,7 @@ class Case:
     bound: str | None = None
     v2: bool = False
     needs: tuple[str, ...] = ()
+    unfused_quant: str | None = None  # the quant stays unfused: what the site's reason must say
 
 
 def _seed(name: str) -> int:
@@ -75,6 +77,7 @@ def replicated_inputs(case: Case) -> list[torch.Tensor]:
         "w32": lambda: 1.0 + 0.2 * _rand(g, h),
         "wg": lambda: (0.2 * _rand(g, h)).to(dt),  # Gemma's zero-centred weight
         "s": lambda: torch.tensor([0.0173]),  # a static FP8 scale (fp32 [1])
+        "s0": lambda: torch.tensor(0.0173),  # the same, 0-dim (SGLang's tests): bf16 * it stays bf16
         "gs": lambda: torch.tensor([448.0 * 6.0 / 9.0]),  # NVFP4 global scale
         "ub": lambda: torch.tensor([1.5]),  # per-token scale upper bound
     }
@@ -137,7 +140,25 @@ def verdict(case: Case, report) -> list[str]:
         problems.append(f"expected {case.expect}, got {site.variant if site.fused else 'unfused'}: {site.reason}")
     if case.expect is None and not site.reason:
         problems.append("an unfused site without a reason")
+    if case.unfused_quant is not None and case.unfused_quant not in (site.reason or ""):
+        problems.append(f"the quant must stay unfused with {case.unfused_quant!r}; the reason: {site.reason}")
     return problems
+
+
+FP8_AND_FP4 = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.uint8)
+
+
+def quant_left_problems(report, gm: torch.fx.GraphModule) -> list[str]:
+    """A quantization the pass left in the graph (a cast to an FP8 dtype, NVFP4's uint8
+    packing) after a fused site must be explained by that site's reason."""
+    site = report.sites[0] if report.sites else None
+    if site is None or not site.fused:
+        return []
+    left = [n.name for n in gm.graph.nodes if n.op == "call_function"
+            and n.target is torch.ops.prims.convert_element_type.default and n.args[1] in FP8_AND_FP4]
+    if left and "quant left unfused" not in (site.reason or ""):
+        return [f"quantization left in the graph ({', '.join(left)}) without a reason: {site.reason}"]
+    return []
 
 
 def arg_problems(case: Case, gm) -> list[str]:

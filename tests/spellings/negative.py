@@ -13,6 +13,15 @@ BF16, FP16 = torch.bfloat16, torch.float16
 EPS = 1e-6
 
 
+def _maybe_inplace_on_a_slice(t, res, w):
+    # constructed: vLLM IR's in-place norm on the first half of the all-reduced tokens; under
+    # auto_functionalized_v2 its input is a slice of its base (the _x_slice_* form), which
+    # the fused op (whole tensors in, whole tensors out) cannot write
+    half = t.shape[0] // 2
+    out, r = torch.ops.vllm_ir.fused_add_rms_norm.maybe_inplace(t[:half], res[:half], w, EPS)
+    return out, r
+
+
 def _gelu_between(t, res, w):
     # constructed: an activation on the reduced value before the residual add
     h = torch.nn.functional.gelu(t.float()).to(t.dtype) + res
@@ -87,6 +96,8 @@ def _amax_over_tokens(t, res, w):
 
 HF = "transformers LlamaRMSNorm"
 CASES = [
+    Case("neg_maybe_inplace_on_a_slice", "constructed: vllm 0.33 ir.ops.fused_add_rms_norm.maybe_inplace on "
+         "t[:n/2] under auto_functionalized_v2", _maybe_inplace_on_a_slice, v2=True, needs=("vllm",)),
     Case("neg_gelu_between", "constructed: gelu between all-reduce and add, " + HF, _gelu_between),
     Case("neg_mean_over_tokens", "constructed: " + HF + " with mean over dim 0", _mean_over_tokens),
     Case("neg_cohere_layernorm", "transformers 5.20.2 models/cohere CohereLayerNorm.forward", _cohere_layernorm),

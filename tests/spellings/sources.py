@@ -310,6 +310,18 @@ def sglang_native_static_quant_fp8(x, x_s, dtype=FP8):
     return x_q, x_s
 
 
+# transformers 5.20.2, integrations/compressed_tensors.py, quantize_fp8_per_row (what
+# CompressedTensorsFP8Linear.forward runs on input.reshape(-1, hidden))
+def hf_quantize_fp8_per_row(x):
+    x_float = x.to(torch.float32)
+    row_max = x_float.abs().amax(dim=-1)  # (num_rows,)
+    # Avoid division by zero for all-zero rows
+    safe_max = torch.where(row_max > 0, row_max, torch.ones_like(row_max))
+    scales = safe_max / torch.finfo(FP8).max  # float32
+    x_fp8 = torch.clamp(x_float / scales.unsqueeze(-1), min=torch.finfo(FP8).min, max=torch.finfo(FP8).max).to(FP8)
+    return x_fp8, scales
+
+
 # sgl-project/sglang, sgl-kernel/benchmark/bench_per_token_quant_fp8.py (XPU),
 # torch_per_token_quant_fp8: the pure-torch reference of sgl_per_token_quant_fp8
 def sglang_torch_per_token_quant_fp8(input):
