@@ -19,7 +19,7 @@ import dataclasses
 import torch
 from torch.fx import Node
 
-from fusion_passes import conventions as C, probes
+from fusion_passes import conventions as C, probes, safe_eval
 from fusion_passes.region import Region, shape_of
 
 
@@ -50,30 +50,61 @@ class Probe:
     leafset: set[Node]
 
 
-def norm_envs(region: Region, known: list[Node]) -> list[dict] | None:
+def norm_envs(region: Region, known: list[Node]) -> list[dict] | str:
     """Probe environments (enough that every row kind of :func:`probes.norm_probes` occurs,
-    at least two), every region node evaluated."""
+    at least two), every region node evaluated; or why the region cannot be probed.
+
+    Leaves are computed from their bases where every op on the way is one probes run
+    (:mod:`fusion_passes.safe_eval`); a leaf that is not gets a fresh probe value of its
+    shape and dtype, as a graph input does (a leaf is any replicated value the chain reads:
+    the fused op reads the same node)."""
     root = region.root
     shape, dtype = shape_of(root), root.meta["val"].dtype
     if shape is None or any(shape_of(b) is None and isinstance(b.meta.get("val"), torch.Tensor)
                             for b in region.bases):
-        return None
+        return f"{root.name}: recognition by meaning needs static shapes"
+    too_big = _too_big([root, *region.bases, *region.leaves])
+    if too_big is not None:
+        return too_big
     envs = []
     for seed in range(probes.sets_for(shape, 7)):
         x, res = probes.norm_probes(shape, dtype, seed)
         env: dict = {root: x}
         for i, b in enumerate(region.bases):
-            v = b.meta.get("val")
-            like_root = isinstance(v, torch.Tensor) and tuple(v.shape) == shape and v.dtype == dtype
-            if b.op == "get_attr" and b.graph.owning_module is not None:  # a constant: its own value
-                env[b] = _attr(b)
-                continue
-            env[b] = probes.norm_probes(shape, dtype, seed + 10 + i)[1] if like_root and i else \
-                res if like_root else probes.base_probe(b, seed + i)
-        probes.evaluate(region.leaf_nodes, env)
-        probes.evaluate(region.nodes, env)
+            env[b] = _input_probe(b, i, shape, dtype, seed, res)
+        refused: dict = {}
+        probes.evaluate(region.leaf_nodes, env, refused)
+        for i, leaf in enumerate(region.leaves):
+            if leaf not in env and isinstance(leaf.meta.get("val"), torch.Tensor):
+                env[leaf] = _input_probe(leaf, len(region.bases) + i, shape, dtype, seed, res)
+        probes.evaluate(region.nodes, env, refused)
+        for n in region.nodes:
+            if n in refused:
+                return f"{n.name} ({n.target}) is not evaluated on probes: {refused[n]}"
         envs.append(env)
     return envs
+
+
+def _too_big(nodes: list[Node]) -> str | None:
+    for n in nodes:
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor) and v.numel() > safe_eval.MAX_NUMEL:
+            return (f"{n.name} has {v.numel()} elements: too large to evaluate on probes "
+                    f"(at most {safe_eval.MAX_NUMEL})")
+    return None
+
+
+def _input_probe(b: Node, i: int, shape: tuple, dtype: torch.dtype, seed: int, res: torch.Tensor):
+    """The probe value of a chain input *b* (the ``i``-th): a constant's own value (a copy),
+    a residual-like probe for a tensor of the activation's shape and dtype, else by shape."""
+    v = b.meta.get("val")
+    like_root = isinstance(v, torch.Tensor) and tuple(v.shape) == shape and v.dtype == dtype
+    if b.op == "get_attr" and b.graph.owning_module is not None:
+        value = _attr(b)
+        if isinstance(value, torch.Tensor) and value.numel() <= safe_eval.MAX_NUMEL:
+            return value.detach().to("cpu", copy=True)  # the probe's own copy: never the module's tensor
+    return probes.norm_probes(shape, dtype, seed + 10 + i)[1] if like_root and i else \
+        res if like_root else probes.base_probe(b, seed + i)
 
 
 def _attr(node: Node):

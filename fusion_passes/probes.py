@@ -20,11 +20,10 @@ holds one. Probes are deterministic (a fixed seed).
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch.fx import Node
 
+from fusion_passes import safe_eval
 from fusion_passes.recognize import val
 
 FP8_TIES = (1.0625, -1.1875, 2.125, -3.375, 9.5, -17.0, 304.0, -0.0029296875, 0.5, -448.0)
@@ -143,9 +142,11 @@ def base_probe(node: Node, seed: int) -> object:
     return w.to(dtype)
 
 
-def evaluate(nodes: list[Node], env: dict[Node, object]) -> dict[Node, object]:
-    """Run *nodes* (in order) on the values in *env* (extended in place); a node that fails
-    to run gets no value (and neither do its users)."""
+def evaluate(nodes: list[Node], env: dict[Node, object], refused: dict | None = None) -> dict[Node, object]:
+    """Run *nodes* (in order) on the values in *env* (extended in place), each through
+    :func:`fusion_passes.safe_eval.call` (pure, bounded ops only). A node that is refused
+    or fails to run gets no value (and neither do its users); *refused* collects
+    ``node -> reason`` for the refused ones."""
     for n in nodes:
         if n in env:
             continue
@@ -155,7 +156,10 @@ def evaluate(nodes: list[Node], env: dict[Node, object]) -> dict[Node, object]:
         except KeyError:
             continue
         try:
-            env[n] = operator.getitem(*args) if n.target is operator.getitem else n.target(*args, **kwargs)
+            env[n] = safe_eval.call(n.target, args, kwargs)
+        except safe_eval.Refused as e:
+            if refused is not None:
+                refused[n] = str(e)
         except Exception:  # noqa: BLE001 - a spelling that does not run here matches nothing
             continue
     return env

@@ -199,8 +199,8 @@ def recognize(ar: AllReduce, graph: Graph) -> Recognized | Miss:
     cached = _CACHE.get(key)
     if cached is None:
         envs = D.norm_envs(region, known)
-        if envs is None:
-            return Miss(f"{region.root.name}: recognition by meaning needs static shapes", region.root)
+        if isinstance(envs, str):
+            return Miss(envs, region.root)
         probe = D.Probe(region, known, stat, envs, set(region.leaves))
         cached = _encode(D.decide(probe, eps_candidates(stat)), region, known)
         _CACHE[key] = cached
