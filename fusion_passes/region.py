@@ -196,9 +196,9 @@ def _is_collective_item(n: Node) -> bool:
 
 
 def shape_of(node: object) -> tuple | None:
-    """The static shape of a node's tensor value (None: no tensor, or a symbolic size)."""
+    """The shape of a node's tensor value, a symbolic size as its text (``"s0"``); None
+    when it holds no tensor."""
     v = val(node)
     if not isinstance(v, torch.Tensor):
         return None
-    shape = tuple(v.shape)
-    return shape if all(isinstance(s, int) for s in shape) else None
+    return tuple(s if isinstance(s, int) else str(s) for s in v.shape)

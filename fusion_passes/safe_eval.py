@@ -75,9 +75,14 @@ PYTHON_OPS = {
 }
 """Python operators probes run on plain numbers (a dynamic graph's size arithmetic)."""
 
-MAX_NUMEL = 2 ** 25
-"""Most elements one evaluated tensor may have: the largest activation probes copied before
-they were bounded, [8192, 4096] (issue 20's measured case)."""
+MAX_NUMEL = 2 ** 22
+"""Most elements one evaluated tensor may have: 256 rows of the largest hidden size a fused
+kernel takes (16384: fusion_passes/backends/thresholds.py ``max_hidden``); probes hold at
+most 16 rows (fusion_passes.probe_sizes.TOKENS)."""
+MAX_BYTES = 1 << 30
+"""Bytes the tensors evaluated for one chain may take in all: about 3x what the probes of
+a 30-node chain with a quant take at hidden 16384 (16, 1 and 7 rows, 11 norm and 42 quant
+environments: about 300 MB)."""
 
 MAX_INT = 2 ** 62
 """Largest magnitude of a Python number an evaluated operator reads or returns (a tensor
@@ -89,9 +94,24 @@ class Refused(Exception):
     """A node probes do not run (the message says why)."""
 
 
-def call(target, args: tuple, kwargs: dict):
+class Budget:
+    """Bytes the tensors of one recognition may take in all (:data:`MAX_BYTES`)."""
+
+    def __init__(self, left: int | None = None):
+        self.left = MAX_BYTES if left is None else left
+
+    def take(self, out) -> None:
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.left -= t.numel() * t.element_size()
+        if self.left < 0:
+            raise Refused(f"the probes of this chain would take over {MAX_BYTES >> 20} MiB")
+
+
+def call(target, args: tuple, kwargs: dict, budget: Budget | None = None):
     """``target(*args, **kwargs)`` if it is pure and bounded (module docstring), else raise
-    :class:`Refused`. *args* hold probe values (tensors the probe owns, numbers)."""
+    :class:`Refused`. *args* hold probe values (tensors the probe owns, numbers); the
+    tensors it returns are charged to *budget*."""
     if target is operator.getitem:
         if not isinstance(args[0], (tuple, list)) or not isinstance(args[1], int):
             raise Refused("getitem of something other than an op's tuple result")
@@ -104,7 +124,10 @@ def call(target, args: tuple, kwargs: dict):
     if any(a.name == "device" and a.kwarg_only for a in target._schema.arguments):
         kwargs = {**kwargs, "device": torch.device("cpu")}  # a factory: on the probe's device
     _check_sizes(target, args, kwargs)
-    return target(*args, **kwargs)
+    out = target(*args, **kwargs)
+    if budget is not None:
+        budget.take(out)
+    return out
 
 
 def _number_op(target, args: tuple, kwargs: dict):
