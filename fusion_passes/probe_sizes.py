@@ -102,18 +102,20 @@ def _static_key(shape, token: int, last: bool = False) -> tuple:
     else never (the hidden size)."""
     out, done = [], False
     for i, d in enumerate(shape):
-        k = _multiple(d, token, i) if not done and (last or i < len(shape) - 1) else None
+        k = _multiple(d, token, i, len(shape)) if not done and (last or i < len(shape) - 1) else None
         done = done or k is not None
         out.append(("T", k) if k is not None else d)
     return tuple(out)
 
 
-def _multiple(d, token: int, i: int) -> int | None:
+def _multiple(d, token: int, i: int, rank: int) -> int | None:
+    """``k`` when size *d* (the *i*-th of *rank*) is ``k`` tokens' worth: *token* itself, or
+    a multiple of it leading a shape of two or more sizes (rows of a flattened view)."""
     if not isinstance(d, int) or isinstance(d, bool):
         return None
     if d == token:
         return 1
-    return d // token if i == 0 and d > token and d % token == 0 else None
+    return d // token if i == 0 and rank > 1 and d > token and d % token == 0 else None
 
 
 @dataclasses.dataclass(frozen=True)
