@@ -90,3 +90,47 @@ def test_a_static_graph_of_any_token_count_is_probed_at_the_same_sizes(fake_pg, 
     result = _recognize(_trace(False, dataclasses.replace(CASE, tokens=tokens)))
     assert not isinstance(result, semantic.Miss), result
     assert probed == [[1, 7, 16]]
+
+
+def _three_spellings(x1, x2, x3, res, w, w32):
+    """Issue 23's token-dynamic misses, one all-reduce each (each on its own residual):
+    the native fp32 residual add (vLLM / SGLang forward_native), the same with an fp32
+    weight parameter, and an apex-style norm (the weight multiplied before the cast back)."""
+    from graphs import all_reduce
+
+    a, s1 = native_fp32_residual(all_reduce(x1), res, w)
+    s = all_reduce(x2).float() + res.float()
+    h = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6)
+    b, s2 = (h * w32).to(torch.bfloat16), s.to(torch.bfloat16)
+    t = all_reduce(x3) + res
+    u = t.float()
+    c = (w.float() * (u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + 1e-6))).to(torch.bfloat16)
+    return a, s1, b, s2, c, t
+
+
+def test_torch_compile_with_a_dynamic_token_dimension_fuses(fake_pg):
+    """A real Inductor compile with ``mark_dynamic`` on the token dimension: all three
+    all-reduces fuse, and the compiled code runs at other token counts without a
+    recompile, equal to the compile without the pass."""
+    import fusion_passes
+
+    torch._dynamo.reset()
+
+    def inputs(tokens):
+        g = torch.Generator().manual_seed(tokens)
+        act = [torch.randn(tokens, H, generator=g).to(torch.bfloat16) for _ in range(4)]
+        for a in act:
+            torch._dynamo.mark_dynamic(a, 0)
+        w32 = 1 + 0.2 * torch.randn(H, generator=g)
+        return (*act, w32.to(torch.bfloat16), w32)
+
+    plain = torch.compile(_three_spellings, fullgraph=True)
+    want = {n: plain(*inputs(n)) for n in (5, 9)}
+    torch._dynamo.reset()
+    with fusion_passes.enabled() as fusion:
+        fused = torch.compile(_three_spellings, fullgraph=True)
+        got = {n: fused(*inputs(n)) for n in (5, 9)}
+    assert [s.fused for s in fusion.report.sites] == [True, True, True], fusion.report.table()
+    for n in (5, 9):
+        for a, b in zip(want[n], got[n]):
+            assert torch.equal(a, b), n
