@@ -24,6 +24,7 @@ sizes the same way (:meth:`Plan.key`: ``("T", k)`` for ``k * T``), so they share
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch.fx import Node
@@ -33,6 +34,10 @@ from fusion_passes.recognize import target_name, val
 TOKENS = (16, 1, 7)
 """Token counts probed: 16 rows hold every norm row kind twice (seven kinds,
 fusion_passes.probes); 1 is a decode step; 7 is not a power of two."""
+AS_IS_ROWS = 256
+"""A static graph with several leading dimensions over 1 (batch and sequence) is probed as
+it is up to this many rows: the rows fusion_passes.safe_eval.MAX_NUMEL allows at the
+largest hidden size a fused kernel takes (256 x 16384)."""
 MAX_HIDDEN = 65536
 """Largest hidden size probed: 4x the largest any fused kernel takes (16384:
 fusion_passes/backends/thresholds.py ``max_hidden``)."""
@@ -48,6 +53,7 @@ class Plan:
 
     token: object
     hidden: int
+    as_is: bool = False
 
     @property
     def dynamic(self) -> bool:
@@ -55,8 +61,9 @@ class Plan:
 
     @property
     def literal(self) -> bool:
-        """One token in a static graph: probed as it is (a size 1 names no token)."""
-        return self.token == 1 and not self.dynamic
+        """A static graph probed as it is: one token (a size 1 names no token), or a few
+        rows over several leading dimensions (``as_is``)."""
+        return self.as_is or (self.token == 1 and not self.dynamic)
 
     @property
     def tokens(self) -> tuple[int, ...]:
@@ -181,7 +188,10 @@ def plan(root: Node, nodes: list[Node]) -> Plan | str:
                     "(only one token dimension is probed)")
         return Plan(next(iter(symbols)), hidden)
     if len(lead) > 1:
-        return f"{root.name}: shape {list(shape)} has more than one leading dimension over 1 (one token dimension)"
+        if math.prod(lead) <= AS_IS_ROWS:
+            return Plan(1, hidden, as_is=True)
+        return (f"{root.name}: shape {list(shape)} has more than one leading dimension over 1 and over "
+                f"{AS_IS_ROWS} rows (probes rescale one token dimension)")
     return Plan(lead[0] if lead else 1, hidden)
 
 

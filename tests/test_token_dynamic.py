@@ -134,3 +134,26 @@ def test_torch_compile_with_a_dynamic_token_dimension_fuses(fake_pg):
     for n in (5, 9):
         for a, b in zip(want[n], got[n]):
             assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("shape, fuses", [((2, 4, H), True), ((4, 128, H), False)])
+def test_batch_and_sequence_both_over_one(fake_pg, shape, fuses):
+    """A static [batch, seq, hidden] graph is probed as it is up to 256 rows (no one token
+    dimension to rescale); over that it is refused with the reason."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    args = [torch.randn(*shape, dtype=torch.bfloat16) for _ in range(2)] + [torch.randn(H, dtype=torch.bfloat16)]
+    with torch.no_grad():
+        gm = make_fx(lambda x, r, w: native_fp32_residual(_all_reduce(x), r, w), tracing_mode="fake")(*args)
+    semantic._CACHE.clear()
+    result = _recognize(gm)
+    if fuses:
+        assert not isinstance(result, semantic.Miss), result
+    else:
+        assert isinstance(result, semantic.Miss) and "more than one leading dimension over 1" in result.reason
+
+
+def _all_reduce(x):
+    from graphs import all_reduce
+
+    return all_reduce(x)
