@@ -54,8 +54,17 @@ def apply(graph: Graph, out: Node, spec: str, like: Node, fake_vals) -> Node:
     elif spec.startswith("cast"):
         node = _call(graph, node, torch.ops.prims.convert_element_type.default, (node, want.dtype), fake_vals)
     if spec.endswith("view"):
-        node = _call(graph, node, torch.ops.aten.reshape.default, (node, list(want.shape)), fake_vals)
+        node = _call(graph, node, torch.ops.aten.reshape.default, (node, _sizes(want)), fake_vals)
     return node
+
+
+def _sizes(want) -> list[int]:
+    """*want*'s shape as a reshape's argument: a token-dynamic size (a symbol) as ``-1``
+    (a raw symbol in a graph argument is a name the compiled code does not define)."""
+    sizes = [d if isinstance(d, int) else -1 for d in want.shape]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"fusion_passes: cannot reshape to {list(want.shape)}: more than one dynamic size")
+    return sizes
 
 
 def materialize(graph: Graph, site, fake_vals) -> list[Node]:

@@ -20,6 +20,7 @@ from torch.fx import Node
 
 from fusion_passes import epilogue, fp8_forms, variants
 from fusion_passes.recognize import val
+from fusion_passes.region import shape_of
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2)
 
@@ -66,13 +67,13 @@ def _is_gemma_weight(n: Node) -> Node | None:
 
 def norm_hypotheses(root: Node, known: list[Node], eps_candidates: list[float]):
     """Every reading of the norm the region's leaves allow, most likely first."""
-    shape, dtype = tuple(val(root).shape), val(root).dtype
+    shape, dtype = shape_of(root), val(root).dtype
     hidden = shape[-1]
     residuals = [i for i, n in enumerate(known) if _tensor_like(n, shape, dtype)] or [None]
     weights: list[tuple[int | None, bool]] = []
     for i, n in enumerate(known):
         v = val(n)
-        if isinstance(v, torch.Tensor) and tuple(v.shape) == (hidden,) and v.dtype.is_floating_point:
+        if isinstance(v, torch.Tensor) and shape_of(n) == (hidden,) and v.dtype.is_floating_point:
             raw = _is_gemma_weight(n)
             if raw is not None and raw in known:
                 weights.append((known.index(raw), True))
@@ -87,7 +88,7 @@ def norm_hypotheses(root: Node, known: list[Node], eps_candidates: list[float]):
 
 def _tensor_like(n: Node, shape: tuple, dtype) -> bool:
     v = val(n)
-    return isinstance(v, torch.Tensor) and tuple(v.shape) == shape and v.dtype == dtype
+    return isinstance(v, torch.Tensor) and shape_of(n) == shape and v.dtype == dtype
 
 
 def canonical_norm(h: NormH, env: dict, root: Node, known: list[Node]):

@@ -15,11 +15,13 @@ with its quantization if one matches too.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch.fx import Node
 
-from fusion_passes import conventions as C, probes
+from fusion_passes import conventions as C, probe_sizes, probes, safe_eval
+from fusion_passes.recognize import val
 from fusion_passes.region import Region, shape_of
 
 
@@ -48,32 +50,77 @@ class Probe:
     stat: Node
     envs: list[dict]
     leafset: set[Node]
+    starts: list = dataclasses.field(default_factory=list)  # (first env index, probe_sizes.Sizes) per count
 
 
-def norm_envs(region: Region, known: list[Node]) -> list[dict] | None:
-    """Probe environments (enough that every row kind of :func:`probes.norm_probes` occurs,
-    at least two), every region node evaluated."""
-    root = region.root
-    shape, dtype = shape_of(root), root.meta["val"].dtype
-    if shape is None or any(shape_of(b) is None and isinstance(b.meta.get("val"), torch.Tensor)
-                            for b in region.bases):
-        return None
-    envs = []
-    for seed in range(probes.sets_for(shape, 7)):
-        x, res = probes.norm_probes(shape, dtype, seed)
-        env: dict = {root: x}
-        for i, b in enumerate(region.bases):
-            v = b.meta.get("val")
-            like_root = isinstance(v, torch.Tensor) and tuple(v.shape) == shape and v.dtype == dtype
-            if b.op == "get_attr" and b.graph.owning_module is not None:  # a constant: its own value
-                env[b] = _attr(b)
-                continue
-            env[b] = probes.norm_probes(shape, dtype, seed + 10 + i)[1] if like_root and i else \
-                res if like_root else probes.base_probe(b, seed + i)
-        probes.evaluate(region.leaf_nodes, env)
-        probes.evaluate(region.nodes, env)
-        envs.append(env)
-    return envs
+def norm_envs(region: Region, plan: probe_sizes.Plan) -> tuple[list[dict], list] | str:
+    """``(envs, starts)``: probe environments at each of the plan's token counts (enough
+    that every row kind of :func:`probes.norm_probes` occurs, at least two per count),
+    every region node evaluated, and ``(first env index, sizes)`` per count; or why the
+    region cannot be probed.
+
+    Leaves are computed from their bases where every op on the way is one probes run
+    (:mod:`fusion_passes.safe_eval`); a leaf that is not gets a fresh probe value of its
+    shape and dtype, as a graph input does (a leaf is any replicated value the chain reads:
+    the fused op reads the same node)."""
+    envs, starts = [], []
+    budget = safe_eval.Budget()
+    for rows in plan.tokens:
+        sizes = plan.at(rows)
+        shape = sizes.shape(tuple(val(region.root).shape))
+        starts.append((len(envs), sizes))
+        # every row kind at the first count; one probe set at the others (they test that
+        # the chain computes the same at that size; seed 4: a random row first, not zeros)
+        for seed in range(probes.sets_for(shape, 7)) if len(starts) == 1 else (4,):
+            env = _norm_env(region, sizes, shape, seed, budget)
+            if isinstance(env, str):
+                return env
+            envs.append(env)
+    return envs, starts
+
+
+def _norm_env(region: Region, sizes, shape: tuple, seed: int, budget) -> dict | str:
+    root, dtype = region.root, val(region.root).dtype
+    x, res = probes.norm_probes(shape, dtype, seed)
+    env: dict = {root: x}
+    for i, b in enumerate(region.bases):
+        env[b] = _input_probe(b, i, sizes, shape, dtype, seed, res)
+    refused: dict = {}
+    probes.evaluate(region.leaf_nodes, env, refused, sizes, budget)
+    for i, leaf in enumerate(region.leaves):
+        if leaf not in env:
+            env[leaf] = _input_probe(leaf, len(region.bases) + i, sizes, shape, dtype, seed, res)
+    for n in [*region.bases, *region.leaves]:
+        if isinstance(env.get(n), str):
+            return env[n]
+    probes.evaluate(region.nodes, env, refused, sizes, budget)
+    for n in region.nodes:
+        if n in refused:
+            return f"{n.name} ({n.target}) is not evaluated on probes: {refused[n]}"
+        want = sizes.value_shapes(n)
+        if isinstance(env.get(n), torch.Tensor) and want and tuple(env[n].shape) not in want:
+            return (f"{n.name}: its shape does not follow the token count (probed at {sizes.rows} tokens: "
+                    f"{list(env[n].shape)}, expected {list(want[0])})")
+    return env
+
+
+def _input_probe(b: Node, i: int, sizes, shape: tuple, dtype: torch.dtype, seed: int, res: torch.Tensor):
+    """The probe value of a chain input *b* (the ``i``-th) at *sizes*: a size's value, a
+    constant's own value (a copy), a residual-like probe for a tensor of the activation's
+    shape and dtype, else one by shape; a ``str`` when it would be too large."""
+    v = b.meta.get("val")
+    if not isinstance(v, torch.Tensor):
+        return sizes.size(v) if isinstance(v, torch.SymInt) else v
+    if b.op == "get_attr" and b.graph.owning_module is not None:
+        value = _attr(b)
+        if isinstance(value, torch.Tensor) and value.numel() <= safe_eval.MAX_NUMEL:
+            return value.detach().to("cpu", copy=True)  # the probe's own copy: never the module's tensor
+    bshape = sizes.shape(tuple(v.shape))
+    if math.prod(bshape) > safe_eval.MAX_NUMEL:
+        return f"{b.name} would be a probe of {math.prod(bshape)} elements (at most {safe_eval.MAX_NUMEL})"
+    if bshape == shape and v.dtype == dtype:
+        return probes.norm_probes(shape, dtype, seed + 10 + i)[1] if i else res
+    return probes.base_probe(bshape, v.dtype, seed + i)
 
 
 def _attr(node: Node):
@@ -183,7 +230,10 @@ def decide(p: Probe, eps_candidates: list[float]) -> Verdict:
     root = p.region.root
     first_fail = None
     for h in C.norm_hypotheses(root, p.known, eps_candidates):
-        canon = [C.canonical_norm(h, env, root, p.known) for env in p.envs]
+        first = C.canonical_norm(h, p.envs[0], root, p.known)
+        if not witnessed(p.region.nodes, p.envs[:1], [first[2]]):
+            continue  # most readings fail on the first probe: the rest are not computed
+        canon = [first] + [C.canonical_norm(h, env, root, p.known) for env in p.envs[1:]]
         if not witnessed(p.region.nodes, p.envs, [c[2] for c in canon]):
             continue
         norm_nodes = {n: a for n, a in match(p.region.nodes, p.envs, [c[0] for c in canon]).items() if a == ""}
@@ -313,13 +363,19 @@ def _read_constants(n: Node, p: Probe, facts: C.QuantFacts) -> None:
 
 
 def quant_envs(p: Probe, y: Node, below: list[Node]) -> list[dict]:
-    """The first norm environment with the norm output *y* replaced by each quant probe."""
-    v = y.meta["val"]
+    """At each probed token count, its first norm environment with the norm output *y*
+    replaced by each quant probe."""
+    dtype = val(y).dtype
     out = []
-    for probe in probes.quant_probes(tuple(v.shape), v.dtype):
-        env = {k: x for k, x in p.envs[0].items() if k not in below}
-        env[y] = probe
-        out.append(probes.evaluate(below, env))
+    budget = safe_eval.Budget()
+    for i, (first, sizes) in enumerate(p.starts):
+        base = p.envs[first]
+        if not isinstance(base.get(y), torch.Tensor):
+            continue
+        for probe in probes.quant_probes(tuple(base[y].shape), dtype, every_kind=i == 0):
+            env = {k: x for k, x in base.items() if k not in below}
+            env[y] = probe
+            out.append(probes.evaluate(below, env, None, sizes, budget))
     return out
 
 
@@ -327,6 +383,8 @@ def _quant(p: Probe, h: C.NormH, y: Node, below: list[Node], facts: C.QuantFacts
     """A :class:`Verdict` with the first quant reading whose cut keeps the quant, else the
     ``(reason, node)`` why none did."""
     envs = quant_envs(p, y, below)
+    if not envs:
+        return ("{node}: the norm output was not evaluated on probes", y, False)
     hidden = shape_of(y)[-1]
     candidates = [n for n in below if isinstance(envs[0].get(n), torch.Tensor)]
     tried = 0

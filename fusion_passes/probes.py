@@ -20,12 +20,12 @@ holds one. Probes are deterministic (a fixed seed).
 
 from __future__ import annotations
 
-import operator
+import math
 
 import torch
 from torch.fx import Node
 
-from fusion_passes.recognize import val
+from fusion_passes import safe_eval
 
 FP8_TIES = (1.0625, -1.1875, 2.125, -3.375, 9.5, -17.0, 304.0, -0.0029296875, 0.5, -448.0)
 E2M1_TIES = (0.25, -0.75, 1.25, -1.75, 2.5, -3.5, 5.0, -6.0, 0.1, -0.0)
@@ -66,10 +66,11 @@ def sets_for(shape: tuple, kinds: int) -> int:
     return max(2, -(-kinds // _row_count(shape)))
 
 
-def quant_probes(shape: tuple, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Norm-output probes for the quant part (see the module docstring)."""
+def quant_probes(shape: tuple, dtype: torch.dtype, every_kind: bool = True) -> list[torch.Tensor]:
+    """Norm-output probes for the quant part (see the module docstring); one set of them
+    unless *every_kind* (every row kind then occurs, however few rows)."""
     out = []
-    for n in range(sets_for(shape, len(KS))):
+    for n in range(sets_for(shape, len(KS)) if every_kind else 1):
         out += _quant_set(shape, dtype, n * _row_count(shape))
     return out
 
@@ -127,25 +128,25 @@ def norm_probes(shape: tuple, dtype: torch.dtype, seed: int) -> tuple[torch.Tens
     return _rows(shape, dtype, lambda i, h: fill(i, h, 0)), _rows(shape, dtype, lambda i, h: fill(i, h, 1))
 
 
-def base_probe(node: Node, seed: int) -> object:
+def base_probe(shape: tuple, dtype: torch.dtype, seed: int) -> torch.Tensor:
     """A probe value for a leaf input that is not the residual: by its shape and dtype."""
-    v = val(node)
-    if not isinstance(v, torch.Tensor):
-        return v
     g = _gen(seed)
-    shape, dtype = tuple(v.shape), v.dtype
     if not dtype.is_floating_point:
         return torch.zeros(shape, dtype=dtype)
-    if v.numel() == 1:  # a scale, a global scale, an upper bound
+    if math.prod(shape) == 1:  # a scale, a global scale, an upper bound
         return torch.full(shape, (0.0173, 1.0, 3.0)[seed % 3], dtype=dtype)
     w = 1.0 + 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)
     w.view(-1)[::13] = 0.0
     return w.to(dtype)
 
 
-def evaluate(nodes: list[Node], env: dict[Node, object]) -> dict[Node, object]:
-    """Run *nodes* (in order) on the values in *env* (extended in place); a node that fails
-    to run gets no value (and neither do its users)."""
+def evaluate(nodes: list[Node], env: dict[Node, object], refused: dict | None = None, sizes=None,
+             budget: safe_eval.Budget | None = None) -> dict[Node, object]:
+    """Run *nodes* (in order) on the values in *env* (extended in place), each through
+    :func:`fusion_passes.safe_eval.call` (pure, bounded ops only), with their size
+    arguments at the probed token count (*sizes*: a :class:`fusion_passes.probe_sizes.Sizes`).
+    A node that is refused or fails to run gets no value (and neither do its users);
+    *refused* collects ``node -> reason`` for the refused ones."""
     for n in nodes:
         if n in env:
             continue
@@ -155,7 +156,12 @@ def evaluate(nodes: list[Node], env: dict[Node, object]) -> dict[Node, object]:
         except KeyError:
             continue
         try:
-            env[n] = operator.getitem(*args) if n.target is operator.getitem else n.target(*args, **kwargs)
+            if sizes is not None:
+                args, kwargs = sizes.args(n, args, kwargs)
+            env[n] = safe_eval.call(n.target, args, kwargs, budget)
+        except safe_eval.Refused as e:
+            if refused is not None:
+                refused[n] = str(e)
         except Exception:  # noqa: BLE001 - a spelling that does not run here matches nothing
             continue
     return env

@@ -82,6 +82,8 @@ class Leaves:
 
     def why_not(self, node: Node) -> str | None:
         """None when *node* is independent of the all-reduce and replicated, else why not."""
+        if is_size(node):
+            return None  # a size (a token-dynamic graph's): every rank's tensors have the same
         if node in self.partial:
             return f"{node.name} is computed from a rank's partial sum: it differs across ranks"
         if not self.independent(node, 0):
@@ -107,7 +109,7 @@ def partial_values(graph) -> set[Node]:
     partial = {a.input for a in ars if isinstance(a.input, Node)}
     inner = {n for a in ars for n in a.nodes}
     for n in graph.nodes:
-        if n in inner or n in partial or _is_collective(n) or _is_collective_item(n):
+        if n in inner or n in partial or _is_collective(n) or _is_collective_item(n) or is_size(n):
             continue
         if any(a in partial for a in n.all_input_nodes):
             partial.add(n)
@@ -183,12 +185,18 @@ def _leaf_inputs(leaves: list[Node], anchor: Node) -> tuple[list[Node], list[Nod
         n = todo.pop()
         if n in nodes or n in bases:
             continue
-        if n.op != "call_function" or n < anchor or _is_collective(n) or _is_collective_item(n):
-            bases[n] = None
+        if n.op != "call_function" or n < anchor or _is_collective(n) or _is_collective_item(n) or is_size(n):
+            bases[n] = None  # a size is a base too: the probe gives it its value at the probed count
             continue
         nodes.add(n)
         todo.extend(n.all_input_nodes)
     return sorted(bases, key=lambda n: n._sort_key), sorted(nodes, key=lambda n: n._sort_key)
+
+
+def is_size(node: Node) -> bool:
+    """Whether *node* holds a size (a symbolic or plain integer: ``sym_size``, ``s0 * 256``)."""
+    v = val(node)
+    return isinstance(v, (torch.SymInt, int)) and not isinstance(v, bool)
 
 
 def _is_collective_item(n: Node) -> bool:
@@ -196,9 +204,9 @@ def _is_collective_item(n: Node) -> bool:
 
 
 def shape_of(node: object) -> tuple | None:
-    """The static shape of a node's tensor value (None: no tensor, or a symbolic size)."""
+    """The shape of a node's tensor value, a symbolic size as its text (``"s0"``); None
+    when it holds no tensor."""
     v = val(node)
     if not isinstance(v, torch.Tensor):
         return None
-    shape = tuple(v.shape)
-    return shape if all(isinstance(s, int) for s in shape) else None
+    return tuple(s if isinstance(s, int) else str(s) for s in v.shape)

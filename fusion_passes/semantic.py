@@ -25,13 +25,14 @@ A miss keeps a reason naming the blocking node. Docs: docs/spellings.md.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import weakref
 
 import torch
 from torch.fx import Graph, Node
 
-from fusion_passes import conventions as C, decide as D, epilogue
+from fusion_passes import conventions as C, decide as D, epilogue, probe_sizes
 from fusion_passes.quant import Quant
 from fusion_passes.recognize import AllReduce, Miss, Norm, short, val
 from fusion_passes.region import Leaves, Region, grow, op_name, partial_values, shape_of
@@ -179,8 +180,10 @@ def _broadcast_add(region: Region, stat: Node) -> Miss | None:
 
 
 def known_nodes(region: Region) -> list[Node]:
-    """Leaves, the bases they are computed from, and the nodes in between: probe indices."""
-    return list(dict.fromkeys([*region.leaves, *region.bases, *region.leaf_nodes]))
+    """Leaves, the bases they are computed from, and the nodes in between, that hold
+    tensors: probe indices (sizes are not: a static graph has none)."""
+    return [n for n in dict.fromkeys([*region.leaves, *region.bases, *region.leaf_nodes])
+            if isinstance(val(n), torch.Tensor)]
 
 
 def recognize(ar: AllReduce, graph: Graph) -> Recognized | Miss:
@@ -195,14 +198,18 @@ def recognize(ar: AllReduce, graph: Graph) -> Recognized | Miss:
     if miss is not None:
         return miss
     known = known_nodes(region)
-    key = shape_key(region, known)
+    plan = probe_sizes.plan(region.root, [*region.bases, *region.leaf_nodes, *region.nodes])
+    if isinstance(plan, str):
+        return Miss(plan, region.root)
+    key = shape_key(region, known, plan)
     cached = _CACHE.get(key)
     if cached is None:
-        envs = D.norm_envs(region, known)
-        if envs is None:
-            return Miss(f"{region.root.name}: recognition by meaning needs static shapes", region.root)
-        probe = D.Probe(region, known, stat, envs, set(region.leaves))
-        cached = _encode(D.decide(probe, eps_candidates(stat)), region, known)
+        with _one_thread():
+            envs = D.norm_envs(region, plan)
+            if isinstance(envs, str):
+                return Miss(envs, region.root)
+            probe = D.Probe(region, known, stat, envs[0], set(region.leaves), envs[1])
+            cached = _encode(D.decide(probe, eps_candidates(stat)), region, known)
         _CACHE[key] = cached
         while len(_CACHE) > CACHE_SIZE:
             _CACHE.popitem(last=False)
@@ -211,12 +218,29 @@ def recognize(ar: AllReduce, graph: Graph) -> Recognized | Miss:
     return _build(ar, region, known, _decode(cached, region, known))
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Probes on one intra-op thread: their tensors are a few rows, too small to gain from
+    more, and on a busy machine (Inductor's compile workers run beside the pass) every
+    multi-threaded op waits for a thread that is not scheduled. The pass on the chain of
+    tests/probe_cost.py inside its compile (2 cores, load 4): 4.2 s with 2 threads, 0.12 s
+    with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------- the per-shape cache
 
 
-def shape_key(region: Region, known: list[Node]) -> tuple:
-    """What the verdict depends on: every node's op, arguments (nodes by position), dtype and
-    shape, whether its value is read outside the region; the leaves' the same."""
+def shape_key(region: Region, known: list[Node], plan: probe_sizes.Plan) -> tuple:
+    """What the verdict depends on: every node's op, arguments (nodes by position, sizes
+    as the plan names them: ``("T", k)`` for k tokens' worth), dtype and shape, whether its
+    value is read outside the region; the leaves' the same. The static and token-dynamic
+    forms of one chain have the same key."""
     index = {region.root: "x", **{n: f"k{i}" for i, n in enumerate(known)},
              **{n: f"r{i}" for i, n in enumerate(region.nodes)}}
 
@@ -231,19 +255,17 @@ def shape_key(region: Region, known: list[Node]) -> tuple:
             return type(a).__name__, a
         return str(a)
 
+    def meta(n):
+        v = val(n)
+        return (str(v.dtype), plan.key_shape(tuple(v.shape))) if isinstance(v, torch.Tensor) else (type(v).__name__,)
+
     inside = set(region.nodes)
     computed = set(region.leaf_nodes)
-    nodes = tuple((op_name(n), enc(n.args), enc(n.kwargs), _meta(n), any(u not in inside for u in n.users))
-                  for n in region.nodes)
-    leaves = tuple((op_name(n), enc(n.args), _meta(n)) if n in computed else ("input", _meta(n)) for n in known)
-    return _meta(region.root), any(u not in inside for u in region.root.users), leaves, nodes
-
-
-def _meta(n: Node) -> tuple:
-    v = val(n)
-    if isinstance(v, torch.Tensor):
-        return str(v.dtype), tuple(str(s) for s in v.shape), tuple(str(s) for s in v.stride())
-    return (type(v).__name__,)
+    nodes = tuple((op_name(n), enc(plan.key_args(n, n.args)), enc(n.kwargs), meta(n),
+                   any(u not in inside for u in n.users)) for n in region.nodes)
+    leaves = tuple((op_name(n), enc(plan.key_args(n, n.args)), meta(n)) if n in computed else ("input", meta(n))
+                   for n in known)
+    return meta(region.root), any(u not in inside for u in region.root.users), leaves, nodes
 
 
 def _encode(v: D.Verdict, region: Region, known: list[Node]) -> tuple:

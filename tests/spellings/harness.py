@@ -9,6 +9,7 @@ and scales are replicated (one seed for all ranks).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 from typing import Callable
@@ -97,8 +98,10 @@ def function(case: Case) -> Callable:
     return f
 
 
-def trace(case: Case, args: list[torch.Tensor]) -> torch.fx.GraphModule:
-    """The post-AOTAutograd graph of the case (see the module docstring)."""
+def trace(case: Case, args: list[torch.Tensor], dynamic: bool = False) -> torch.fx.GraphModule:
+    """The post-AOTAutograd graph of the case (see the module docstring). *dynamic*: the
+    token dimension is symbolic (every input whose first size is ``case.tokens``), as
+    ``torch.compile`` with ``mark_dynamic`` / ``dynamic=True`` and vLLM trace it."""
     from torch._inductor import config
     from torch._inductor.decomposition import select_decomp_table
 
@@ -108,10 +111,55 @@ def trace(case: Case, args: list[torch.Tensor]) -> torch.fx.GraphModule:
         captured["gm"] = gm
         return gm
 
-    with torch.no_grad(), config.patch(enable_auto_functionalized_v2=case.v2):
-        aot_function(function(case), fw_compiler=capture, decompositions=select_decomp_table())(
-            *[a.clone() for a in args])
+    inputs = [a.clone() for a in args]
+    mode = contextlib.nullcontext()
+    if dynamic:
+        inputs = token_dynamic(inputs, case.tokens)
+        mode = inputs[0].fake_mode  # the chain's own factories (empty_like, zeros_like) under it too
+    with torch.no_grad(), config.patch(enable_auto_functionalized_v2=case.v2), mode:
+        aot_function(function(case), fw_compiler=capture, decompositions=select_decomp_table())(*inputs)
     return captured["gm"]
+
+
+def token_dynamic(inputs: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
+    """Fake copies of *inputs* whose first size, where it is *tokens*, is one symbol."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)  # constants a chain makes
+
+    def fake(t):
+        sizes = [DimDynamic.DYNAMIC if i == 0 and t.dim() > 1 and s == tokens else DimDynamic.STATIC
+                 for i, s in enumerate(t.shape)]
+        return mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
+
+    return [fake(t) for t in inputs]
+
+
+def call(gm: torch.fx.GraphModule, args: list[torch.Tensor]):
+    """Run a traced graph on *args*: a symbolic-size input (a token-dynamic graph) gets the
+    size it stands for (the first size of the first input that has the symbol)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) == len(args):
+        return gm(*args)
+    tensors = iter(args)
+    full = []
+    for n in placeholders:
+        v = n.meta.get("val")
+        if isinstance(v, torch.SymInt):
+            full.append(_size_of(v, placeholders, args))
+        else:
+            full.append(next(tensors))
+    return gm(*full)
+
+
+def _size_of(sym, placeholders, args) -> int:
+    tensors = [n for n in placeholders if isinstance(n.meta.get("val"), torch.Tensor)]
+    for n, a in zip(tensors, args):
+        for s, real in zip(n.meta["val"].shape, a.shape):
+            if isinstance(s, torch.SymInt) and s.node.expr == sym.node.expr:
+                return int(real)
+    raise ValueError(f"no input has the size {sym}")
 
 
 def fused_args(gm: torch.fx.GraphModule) -> dict[str, object]:

@@ -1,7 +1,8 @@
 """Back to an FX graph, for analysis only: targets by name lookup, values as fakes.
 
 Targets resolve by NAME LOOKUP in ``torch.ops`` (or a fixed table of Python operators);
-anything else becomes an :class:`Opaque` stand-in that carries the name and refuses to
+anything else, and a registered op that draws random numbers, prints or opens a file
+(:func:`inert`), becomes an :class:`Opaque` stand-in that carries the name and refuses to
 run. Nothing here imports a module named by a file.
 """
 
@@ -46,6 +47,19 @@ class Opaque:
         return f"Opaque({self.qualified})"
 
 
+FILE_ARGUMENTS = ("filename", "file", "path", "f")
+"""Argument names of ops that open a file (``aten::from_file(str filename, ...)``)."""
+
+
+def inert(op) -> bool:
+    """Ops a dump may name that stay :class:`Opaque` even when registered (defence in depth:
+    the probes run only their own allowlist, fusion_passes/safe_eval.py): ones that draw
+    random numbers, print, or take a file name."""
+    schema = op._schema
+    return (torch.Tag.nondeterministic_seeded in op.tags or schema.name == "aten::_print"
+            or any(a.name in FILE_ARGUMENTS and str(a.type) in ("str", "Optional[str]") for a in schema.arguments))
+
+
 def resolve_target(target: str):
     """The call target named *target*: an op found by attribute lookup in ``torch.ops``,
     an entry of :data:`PYTHON_TARGETS`, or an :class:`Opaque` stand-in. Never imports."""
@@ -61,7 +75,7 @@ def resolve_target(target: str):
                     return found
             elif len(parts) == 3:
                 found = getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
-                if isinstance(found, torch._ops.OpOverload):
+                if isinstance(found, torch._ops.OpOverload) and not inert(found):
                     return found
         except (AttributeError, RuntimeError):
             pass
