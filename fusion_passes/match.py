@@ -58,6 +58,8 @@ def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
             return fast
     read = semantic.recognize(ar, ar.node.graph)
     if isinstance(read, Miss):
+        if isinstance(fast, Site) and fast.note is None:
+            fast.note = f"quant left unfused: {read.reason}"  # the norm output is quantized (above)
         return fast if fast is not None else semantic.better_miss(chain, read)
     norm = read.norm
     follow_inductor_precision(norm)

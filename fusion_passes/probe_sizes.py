@@ -79,10 +79,17 @@ class Plan:
         pos = SIZE_ARGS.get(target_name(node)) if node.op == "call_function" else None
         if pos is not None and len(args) > pos and isinstance(args[pos], (list, tuple)):
             sizes = [one(a) for a in args[pos]]
-            if not self.dynamic and not self.literal and len(sizes) > 1:
-                sizes = [("size", d) if isinstance(d, tuple) else d for d in _static_key(sizes, self.token)]
+            if not self.dynamic and not self.literal and (len(sizes) > 1 or self.per_token(sizes)):
+                sizes = [("size", d) if isinstance(d, tuple) else d
+                         for d in _static_key(sizes, self.token, last=len(sizes) == 1)]
             args = (*args[:pos], tuple(sizes), *args[pos + 1:])
         return args
+
+    def per_token(self, sizes) -> bool:
+        """A one-size list that is the static token count, not the hidden size: a per-token
+        vector (``full([T], 1)``: transformers' per-row FP8 amax floor)."""
+        return (len(sizes) == 1 and not self.dynamic and sizes[0] == self.token
+                and sizes[0] != self.hidden)
 
     def key(self, d) -> object:
         """A size as the verdict cache sees it: ``("T", k)`` for ``k * T``, else itself."""
@@ -152,8 +159,8 @@ class Sizes:
         pos = SIZE_ARGS.get(target_name(node)) if node.op == "call_function" else None
         if pos is not None and len(args) > pos and isinstance(args[pos], (list, tuple)):
             sizes = [self.size(a) for a in args[pos]]
-            if len(sizes) > 1:
-                sizes = list(self.shape(sizes))
+            if len(sizes) > 1 or self.plan.per_token(sizes):
+                sizes = list(self.shape(sizes, last=len(sizes) == 1))
             args = (*args[:pos], sizes, *args[pos + 1:])
         return args, kwargs
 

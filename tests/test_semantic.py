@@ -136,3 +136,24 @@ def test_a_form_stays_unfused_on_a_gpu(monkeypatch):
     (site,) = p.report.sites
     assert "no fused kernel computes the FP8 form" in (site.reason or ""), p.report.table()
     assert count(gm, "fusion_passes.allreduce_add_rmsnorm_fp8_per_token") == 0
+
+
+def test_a_quant_the_meaning_path_cannot_read_has_a_reason(monkeypatch):
+    """The structural norm fuses and the quant after it (transformers' per-row FP8, which
+    only recognition by meaning reads) stays: when that reading misses, the site still says
+    why the quant is left, with the meaning path's reason."""
+    from fusion_passes import semantic
+    from fusion_passes.recognize import Miss
+
+    def chain(x, res, w):
+        h = all_reduce(x) + res
+        y = S.hf_llama_rmsnorm(h, w)
+        return (*S.hf_quantize_fp8_per_row(y.reshape(-1, y.shape[-1])), h)
+
+    monkeypatch.setattr(semantic, "recognize", lambda ar, graph: Miss("probes refused this chain", ar.node))
+    gm = trace(chain, torch.randn(T, H, dtype=BF16), torch.randn(T, H, dtype=BF16), torch.randn(H, dtype=BF16))
+    p = fusion_passes.FusionPass()
+    p(gm.graph)
+    (site,) = p.report.sites
+    assert site.fused and site.variant == "allreduce_add_rmsnorm", p.report.table()
+    assert site.reason == "quant left unfused: probes refused this chain", p.report.table()
