@@ -35,6 +35,8 @@ def test_tp_plan_dry_run_fuses_with_fp8_linears():
     (row,) = json.loads(proc.stdout)["rows"]
     assert row["world_size"] == 2
     assert (row["sites"]["total"], row["sites"]["fused"]) == (2, 2)
-    # the post-attention norm feeds the FP8 gate/up linears: their per-token quant fused
-    assert row["sites"]["variants"] == {"allreduce_add_rmsnorm_fp8_per_token_out": 1,
+    # the post-attention norm feeds the FP8 gate/up linears: their two identical per-token
+    # quants are merged (fusion_passes/dedup.py) and fused, so no bf16 norm output is left
+    # for a second quant (the ``_out`` family)
+    assert row["sites"]["variants"] == {"allreduce_add_rmsnorm_fp8_per_token": 1,
                                         "allreduce_add_rmsnorm_final": 1}
