@@ -16,7 +16,7 @@ from torch.fx import Graph
 
 from fusion_passes import _compat, compile_range, dedup, fx_util, ops  # noqa: F401  (ops registers the fused ops)
 from fusion_passes.backends import calibrate
-from fusion_passes.match import find_site
+from fusion_passes.match import Declined, find_site
 from fusion_passes.options import FusionOptions
 from fusion_passes.recognize import AllReduce, Miss, all_reduce
 from fusion_passes.report import FusionReport, SiteReport
@@ -142,7 +142,7 @@ class FusionPass(_compat.CustomGraphPass):
             report.sites.append(entry)
             found = all_reduce(node)
             site = found if isinstance(found, Miss) else find_site(found, opts.backend)
-            if isinstance(site, Miss) and not isinstance(site, semantic.DeepMiss):
+            if isinstance(site, Miss) and not isinstance(site, (semantic.DeepMiss, Declined)):
                 site = hoisted.stopped.get(node.name, site)  # names the op that stopped hoisting
             if isinstance(site, Miss):
                 entry.reason, entry.blocker = site.reason, getattr(site.node, "name", None)

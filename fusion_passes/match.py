@@ -20,6 +20,11 @@ from fusion_passes.norms import rms_norm
 from fusion_passes.recognize import C10D_WAIT, AllReduce, Miss, Norm, is_named, residual_add, short, val
 
 
+class Declined(Miss):
+    """A recognized chain that no backend runs here: the reason is the selector's. The
+    report keeps it (never replaced by where hoisting stopped: the chain was found)."""
+
+
 @dataclasses.dataclass
 class Site:
     """One all-reduce -> [add] -> norm chain and the family it matched."""
@@ -174,7 +179,7 @@ def _select(ar: AllReduce, add, residual, norm: Norm, residual_out: bool, found_
         if family.quant is None and isinstance(found_quant, quant.Quant):
             note = f"quant {found_quant.kind} left unfused: no backend runs {found_quant.variant} here ({reasons[0]})"
         return Site(ar, norm, family, backend, add, residual, quant=site_quant, note=note)
-    return Miss(reasons[-1], ar.node)
+    return Declined(reasons[-1], ar.node)
 
 
 def follow_inductor_precision(norm: Norm) -> None:

@@ -283,3 +283,21 @@ def test_gpu_site_with_only_the_reference_backend_stays_unfused(monkeypatch):
     gm = trace(decoder_layer, *args)
     _, report = run_pass(gm, backend="reference")
     assert count(gm, "fusion_passes.allreduce_add_rmsnorm") == 2
+
+
+def test_a_recognized_chain_no_backend_runs_names_the_backend_not_the_hoist_stop():
+    """SGLang's native fp32 residual add: hoisting stops at the cast (casts stay unless
+    hoist_casts), recognition by meaning still reads the chain. When the chosen backend
+    then cannot run it, the report says so, not where hoisting stopped."""
+    from spellings import sources as S
+
+    def chain(x, res, w):
+        return S.sglang_forward_native(all_reduce(x), res, w)
+
+    gm = trace(chain, rand(8, 256), rand(8, 256), rand(256))
+    auto = FusionPass()
+    auto(trace(chain, rand(8, 256), rand(8, 256), rand(256)).graph)
+    assert auto.report.sites[0].fused, auto.report.table()  # the chain is read on the CPU
+    _, report = run_pass(gm, backend="triton")  # no CUDA here: triton cannot run it
+    (site,) = report.sites
+    assert not site.fused and "backend 'triton' cannot run" in site.reason, report.table()
