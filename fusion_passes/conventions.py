@@ -42,7 +42,7 @@ class QuantH:
     """``kind``: ``"fp8_static"``, ``"fp8_dynamic"`` or ``"nvfp4"``; ``group``: elements per
     dynamic scale (the hidden size: per token; None: per tensor); ``scale``: the static
     scale / NVFP4 global scale as a ``known`` index, or a float constant; ``how``: the
-    static form (``""``, ``"div"``, ``"mul"``); ``form``: the dynamic FP8 form."""
+    static form (one of ``fp8_forms.STATIC``); ``form``: the dynamic FP8 form."""
 
     kind: str
     dtype: torch.dtype | None = None
@@ -125,7 +125,7 @@ def quant_hypotheses(y: Node, hidden: int, facts: "QuantFacts"):
                 yield QuantH("nvfp4", scale=gs)
     for dtype, m in itertools.product(facts.fp8_dtypes, facts.fp8_maxes):
         for scale in facts.scales:
-            for how in ("", "div", "mul"):
+            for how in fp8_forms.STATIC:
                 yield QuantH("fp8_static", dtype, m, scale=scale, how=how)
         for group in facts.groups:
             for form in _forms(facts):
@@ -165,9 +165,12 @@ def canonical_quant(h: QuantH, y: torch.Tensor, env: dict, known: list[Node]):
         return env[known[i]] if isinstance(i, int) else torch.tensor([i], dtype=torch.float32)
 
     if h.kind == "fp8_static":
-        form = fp8_forms.Form(apply={"": "recip", "div": "div", "mul": "mul"}[h.how], invert=h.how == "mul")
+        form = fp8_forms.static_form(h.how)
         x = fp8_forms.scaled(y, leaf(h.scale).to(torch.float32), form)
-        return x.clamp(-h.fp8_max, h.fp8_max).to(h.dtype), None, x
+        # input_product: the chain's rounded product is an activation-dtype node (exact: x
+        # already holds activation-dtype values)
+        witness = x.to(y.dtype) if form.input_product else x
+        return x.clamp(-h.fp8_max, h.fp8_max).to(h.dtype), None, witness
     if h.kind == "fp8_dynamic":
         ub = leaf(h.scale_ub) if h.scale_ub is not None else None
         return fp8_forms.quantize_with_scaled(y, h.group, h.dtype, h.fp8_max, h.form, ub)

@@ -16,6 +16,8 @@ SGLang per-token-group reference    ``s = max(amax, 1e-10) / M`` (the floor in t
                                     dtype); ``q = y / s``
 transformers ``quantize_fp8_per_row`` ``s = where(amax > 0, amax, 1) / M``; ``q = y / s``
   (integrations/compressed_tensors.py)
+SGLang ``native_static_quant_fp8``  static: ``q = f32(in_dtype(y * (1/s)))``, the product
+  (its tests' 0-dim fp32 scale)     rounded to the activation dtype (``input_product``)
 ==================================  =====================================================
 
 ``y`` is the norm output upcast to fp32, ``M`` the largest FP8 value the chain clamps to,
@@ -34,6 +36,7 @@ import torch
 APPLY = ("recip", "div", "mul")
 PRECISION = ("f32", "f64", "input")
 POW2 = ("", "ceil", "floor")
+_FLAGS = ("invert", "safe_recip", "amax_min_input", "zero_amax_one", "input_product")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +48,9 @@ class Form:
     (``"ceil"``, UE8M0) or down (``"floor"``) to a power of two; ``amax_min``: a floor on
     the amax before the division; ``scale_min``: a floor on ``s`` after it (never with
     ``invert``); ``zero_amax_one``: an amax that is not positive (an all-zero row) taken
-    as 1."""
+    as 1; ``input_product``: the scaled value rounded to the activation dtype before the
+    clamp (``y * (1/s)`` of a bf16 / fp16 ``y`` and a 0-dim fp32 ``s``: torch's type
+    promotion keeps that product in the activation dtype)."""
 
     invert: bool = False
     precision: str = "f32"
@@ -56,6 +61,7 @@ class Form:
     scale_min: float = 0.0
     amax_min_input: bool = False
     zero_amax_one: bool = False
+    input_product: bool = False
 
     def __post_init__(self):
         if self.precision not in PRECISION or self.apply not in APPLY or self.pow2 not in POW2:
@@ -65,7 +71,7 @@ class Form:
 
     def text(self) -> str:
         """The form as the fused ops take it (``parse(form.text()) == form``)."""
-        parts = [name for name in ("invert", "safe_recip", "amax_min_input", "zero_amax_one") if getattr(self, name)]
+        parts = [name for name in _FLAGS if getattr(self, name)]
         parts += [v for v in (self.precision if self.precision != "f32" else "", self.apply
                               if self.apply not in ("recip", "mul") else "") if v]
         parts += [f"pow2={self.pow2}"] if self.pow2 else []
@@ -73,12 +79,20 @@ class Form:
         return ",".join(parts)
 
 
+# The static variant's forms: a given scale applied as y * (1/s) (vLLM), y / s, y * s (the
+# scale given as its inverse), or y * (1/s) rounded to the activation dtype (SGLang's
+# native static quant with a 0-dim scale).
+_STATIC_FORMS = {"": Form(), "div": Form(apply="div"), "mul": Form(invert=True, apply="mul"),
+                 "input_product": Form(input_product=True)}
+STATIC = tuple(_STATIC_FORMS)
+
+
 def parse(text: str) -> Form:
     """The :class:`Form` a form string names; ``""`` is vLLM's per-token / per-tensor order."""
     kw: dict = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, _, value = part.partition("=")
-        if key in ("invert", "safe_recip", "amax_min_input", "zero_amax_one") and not value:
+        if key in _FLAGS and not value:
             kw[key] = True
         elif key in PRECISION and not value:
             kw["precision"] = key
@@ -115,8 +129,13 @@ def _scale(amax: torch.Tensor, in_dtype: torch.dtype, m: float, form: Form) -> t
 
 
 def scaled(y: torch.Tensor, s: torch.Tensor, form: Form) -> torch.Tensor:
-    """``y32 <op> s`` in fp32, before the clamp: the value the FP8 cast rounds."""
-    y32 = y.to(torch.float32)
+    """``y32 <op> s`` in fp32, before the clamp: the value the FP8 cast rounds (with
+    ``input_product`` rounded to ``y``'s dtype first, then back to fp32)."""
+    x = _scaled32(y.to(torch.float32), s, form)
+    return x.to(y.dtype).to(torch.float32) if form.input_product else x
+
+
+def _scaled32(y32: torch.Tensor, s: torch.Tensor, form: Form) -> torch.Tensor:
     if form.apply == "div":
         return y32 / s
     if form.apply == "mul":
@@ -159,11 +178,18 @@ def quantize_with_scaled(y, group, dtype, m, form, scale_ub=None):
     return q, (s if group is None else s.reshape(*y.shape[:-1], hidden // group)), x
 
 
+def static_form(how: str) -> Form:
+    """The :class:`Form` of a static form string (one of :data:`STATIC`)."""
+    if how not in _STATIC_FORMS:
+        raise ValueError(f"fusion_passes: static FP8 form must be one of {STATIC}, got {how!r}")
+    return _STATIC_FORMS[how]
+
+
 def static(y: torch.Tensor, scale: torch.Tensor, m: float, dtype: torch.dtype, how: str = "") -> torch.Tensor:
     """Static FP8 with a given scale: ``""`` = ``y * (1/s)`` (vLLM), ``"div"`` = ``y / s``,
-    ``"mul"`` = ``y * s`` (the scale given as its inverse)."""
-    form = Form(apply={"": "recip", "div": "div", "mul": "mul"}[how], invert=how == "mul")
-    return apply(y, scale.to(torch.float32), m, dtype, form)
+    ``"mul"`` = ``y * s`` (the scale given as its inverse), ``"input_product"`` =
+    ``y * (1/s)`` rounded to ``y``'s dtype before the clamp."""
+    return apply(y, scale.to(torch.float32), m, dtype, static_form(how))
 
 
 def variant_quantize(variant: str, y: torch.Tensor, p) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -174,8 +200,6 @@ def variant_quantize(variant: str, y: torch.Tensor, p) -> tuple[torch.Tensor, to
     dtype, form = p["fp8_dtype"], p["form"]
     m = fp8_max(dtype)
     if variant == "add_rmsnorm_fp8_static":
-        if form not in ("div", "mul"):
-            raise ValueError(f"fusion_passes: static FP8 form must be '', 'div' or 'mul', got {form!r}")
         return static(y, p["scale"], m, dtype, form), None
     if variant == "add_rmsnorm_fp8_per_token":
         return quantize(y, y.shape[-1], dtype, m, parse(form), p["scale_ub"])
@@ -189,4 +213,5 @@ def variant_quantize(variant: str, y: torch.Tensor, p) -> tuple[torch.Tensor, to
     raise ValueError(f"fusion_passes: no FP8 form for {variant!r}")
 
 
-__all__ = ["variant_quantize", "Form", "parse", "quantize", "quantize_with_scaled", "static", "apply", "scaled"]
+__all__ = ["variant_quantize", "Form", "STATIC", "parse", "static_form", "quantize", "quantize_with_scaled",
+           "static", "apply", "scaled"]

@@ -74,11 +74,21 @@ def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
         residual_out = norm.residual_out is not None and bool(norm.residual_out.users)
     found_quant = read.quant if read.quant is not None else (Miss(read.note) if read.note else None)
     site = _select(ar, None, norm.residual, norm, residual_out, found_quant, prefer_backend)
+    if isinstance(site, Site) and site.quant is None and read.quant is not None:
+        site.norm = _without_quant(norm, read.quant)  # the quant stays: it keeps reading the norm output
     if isinstance(fast, Site) and (not isinstance(site, Site) or site.quant is None):
         if isinstance(site, Site) and site.note and not fast.note:
             fast.note = site.note  # why the quant it found stays unfused
         return fast  # the structural reading is as large, and known to the kernels
     return site
+
+
+def _without_quant(norm: Norm, found_quant) -> Norm:
+    """A norm read by meaning holds every node of its cut, the quant's included: without
+    them, for a site whose quant is left unfused (no backend here computes its form)."""
+    gone = set(found_quant.nodes)
+    aliases = tuple((n, same) for n, same in norm.aliases if n not in gone and same not in gone)
+    return dataclasses.replace(norm, nodes=tuple(n for n in norm.nodes if n not in gone), aliases=aliases)
 
 
 def _select_inductor(ar: AllReduce, add, residual, norm: Norm, residual_out: bool, found_quant, prefer: str):

@@ -207,3 +207,21 @@ def test_why_not_never_raises_when_a_gate_cannot_query_the_device():
     why = backends.why_not("flashinfer", call(variant="add_rmsnorm_nvfp4"))
     assert why is not None and why.startswith("flashinfer")
     assert backends.select(call(variant="add_rmsnorm_nvfp4")) in ("triton", "reference")
+
+
+@pytest.mark.parametrize("name", [n for n in backends.ORDER if n != "reference"])
+def test_kernel_backends_leave_the_input_product_form_to_the_reference(fake_pg, monkeypatch, name):
+    """The static form ``input_product`` (SGLang's native static quant with a 0-dim scale:
+    the product rounded to bf16) is no kernel's: whichever backend the selector picks, the
+    op runs the call on the reference backend, which computes the form."""
+    from fusion_passes import fp8_forms
+
+    assert "form" not in getattr(backends.get(name), "quant_options", ())
+    monkeypatch.setattr(backends, "select", lambda *a, **k: name)
+    x, scale = torch.randn(4, 4096, dtype=torch.bfloat16) * 3, torch.tensor(0.0173)
+    q, _, norm = torch.ops.fusion_passes.allreduce_add_rmsnorm_fp8_static(
+        x, None, None, 1e-6, "c10d:" + fake_pg.group_name, scale=scale, return_norm=True, form="input_product")
+    want = fp8_forms.static(norm, scale, 448.0, torch.float8_e4m3fn, "input_product")
+    assert torch.equal(q.view(torch.uint8), want.view(torch.uint8))
+    fp32 = fp8_forms.static(norm, scale, 448.0, torch.float8_e4m3fn, "")  # the form shows on these values
+    assert not torch.equal(q.view(torch.uint8), fp32.view(torch.uint8))

@@ -72,8 +72,10 @@ def test_vllm_forms_are_the_epilogue(dtype):
 
 def test_form_text_round_trips_and_bad_forms_are_clear_errors():
     for form in (fp8_forms.Form(), fp8_forms.Form(invert=True, apply="mul", precision="f64", amax_min=1e-12),
-                 fp8_forms.Form(apply="div", amax_min=1e-10, amax_min_input=True), fp8_forms.Form(safe_recip=True)):
+                 fp8_forms.Form(apply="div", amax_min=1e-10, amax_min_input=True), fp8_forms.Form(safe_recip=True),
+                 fp8_forms.Form(input_product=True)):
         assert fp8_forms.parse(form.text()) == form
+    assert [fp8_forms.static_form(how).text() for how in fp8_forms.STATIC] == ["", "div", "invert", "input_product"]
     with pytest.raises(ValueError, match="unknown FP8 form part"):
         fp8_forms.parse("reciprocal-ish")
     op = torch.ops.fusion_passes.allreduce_add_rmsnorm_fp8_per_token
@@ -136,6 +138,46 @@ def test_a_form_stays_unfused_on_a_gpu(monkeypatch):
     (site,) = p.report.sites
     assert "no fused kernel computes the FP8 form" in (site.reason or ""), p.report.table()
     assert count(gm, "fusion_passes.allreduce_add_rmsnorm_fp8_per_token") == 0
+
+
+def test_static_form_is_checked():
+    """A static form that is none of ``fp8_forms.STATIC`` is a one-line error naming them."""
+    op = torch.ops.fusion_passes.allreduce_add_rmsnorm_fp8_static
+    with pytest.raises(ValueError, match="static FP8 form must be one of .*'input_product'.*got 'invert'"):
+        op(torch.randn(T, H, dtype=BF16), None, None, 1e-6, "c10d:0", scale=torch.tensor([0.5]), form="invert")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_sglang_static_0dim_is_the_input_product_form(monkeypatch, device):
+    """SGLang's native static quant with a 0-dim fp32 scale (the product stays bf16) reads as
+    the static form ``input_product``: on the CPU it fuses with that form (the reference
+    backend computes it); on a GPU no kernel computes it, so the quant stays with the reason."""
+    from fusion_passes import match
+
+    real = match.backends.device_kind
+    monkeypatch.setattr(match.backends, "device_kind", lambda d: device)
+
+    def chain(x, res, w, s):
+        y, res = S.sglang_forward_native(all_reduce(x), res, w, 1e-6)
+        return S.sglang_native_static_quant_fp8(y, s)[0], res
+
+    args = (torch.randn(T, H, dtype=BF16) * 4, torch.randn(T, H, dtype=BF16), torch.randn(H, dtype=BF16),
+            torch.tensor(0.0173))
+    gm = trace(chain, *args)
+    want = gm(*args)
+    p = fusion_passes.FusionPass(backend="auto")
+    p(gm.graph)
+    gm.recompile()
+    monkeypatch.setattr(match.backends, "device_kind", real)  # run it here (the reference backend)
+    got = gm(*args)
+    assert [torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(want, got)] == [True, True]
+    (site,) = p.report.sites
+    fused = [n for n in gm.graph.nodes if "allreduce_add_rmsnorm_fp8_static" in str(n.target)]
+    if device == "cpu":
+        assert site.fused and [n.kwargs.get("form") for n in fused] == ["input_product"], p.report.table()
+    else:
+        assert site.fused and site.variant == "allreduce_add_rmsnorm" and not fused, p.report.table()
+        assert "no fused kernel computes the FP8 form 'input_product'" in (site.reason or ""), p.report.table()
 
 
 def test_a_quant_the_meaning_path_cannot_read_has_a_reason(monkeypatch):

@@ -176,25 +176,35 @@ def test_gloo_wall_time(gloo_results):
     assert wall < 90.0
 
 
-def test_sglang_static_with_a_0dim_scale_is_no_form():
-    """The experiment behind ``sglang_native_static_0dim`` staying unfused: over every
-    finite bf16 value, SGLang's native static quant with a 0-dim fp32 scale (the product
-    stays bf16, rounded before the FP8 cast) differs from both static forms a fused op
-    computes; with a ``[1]`` scale (fp32 product) it is the ``y * (1/s)`` form bit for bit."""
+def test_sglang_static_with_a_0dim_scale_is_the_input_product_form():
+    """The experiment behind ``sglang_native_static_0dim``: over every finite bf16 value,
+    SGLang's native static quant with a 0-dim fp32 scale (the product stays bf16, rounded
+    before the FP8 cast) differs from both fp32 static forms (``""``: y * (1/s), ``"div"``)
+    and is the ``input_product`` form bit for bit, also as the fused static variant's
+    reference epilogue computes it; with a ``[1]`` scale (fp32 product) it is the
+    ``y * (1/s)`` form bit for bit. Scales: the corpus' 0.0173, and 0.001 and 7.7."""
     import torch
 
-    from fusion_passes import fp8_forms
+    from fusion_passes import epilogue, fp8_forms
     from spellings import sources as S
 
     bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     y = bits[torch.isfinite(bits)].reshape(1, -1)
-    s = torch.tensor(0.0173)
+    assert y.numel() == 65280
+    fp8 = torch.float8_e4m3fn
 
     def differ(a, b):
         return int((a.view(torch.uint8) != b.view(torch.uint8)).sum())
 
-    q0, _ = S.sglang_native_static_quant_fp8(y, s)
-    q1, _ = S.sglang_native_static_quant_fp8(y, s.reshape(1))
-    recip, div = (fp8_forms.static(y, s.reshape(1), 448.0, torch.float8_e4m3fn, how) for how in ("", "div"))
-    assert (differ(q0, recip), differ(q0, div)) == (94, 94)
-    assert differ(q1, recip) == 0
+    for value, fp32_differs in ((0.0173, 94), (0.001, 126), (7.7, 126)):
+        s = torch.tensor(value)
+        q0, _ = S.sglang_native_static_quant_fp8(y, s)
+        q1, _ = S.sglang_native_static_quant_fp8(y, s.reshape(1))
+        recip, div, rounded = (fp8_forms.static(y, s.reshape(1), 448.0, fp8, how)
+                               for how in ("", "div", "input_product"))
+        assert (differ(q0, recip), differ(q0, div)) == (fp32_differs, fp32_differs), value
+        assert differ(q0, rounded) == 0, value
+        params = {"scale": s, "fp8_dtype": fp8, "form": "input_product"}
+        fused, _ = epilogue.quantize("add_rmsnorm_fp8_static", y, params)
+        assert differ(q0, fused) == 0, value
+        assert differ(q1, recip) == 0, value

@@ -234,13 +234,14 @@ CASES = [
          _sglang_static, inputs=("res", "w", "s"), expect=ADD + "_fp8_static"),
     # the same with the 0-dim fp32 scale of SGLang's test (x_s = torch.tensor(scale)): by
     # type promotion x_ * (1.0 / x_s) stays bf16, so the scaled value is rounded to bf16
-    # before the FP8 cast. That double rounding differs from every form a fused op computes
-    # (measured: 94 of the 65280 finite bf16 values at x_s = 0.0173, 126 at 0.001 and 7.7,
-    # for y * (1/s) and y / s alike; eager and Inductor's CPU compile agree with each
-    # other): the norm fuses, the quant stays with its reason
+    # before the FP8 cast. That double rounding differs from fp8(y * (1/s)) and fp8(y / s)
+    # in fp32 (94 of the 65280 finite bf16 values at x_s = 0.0173, 126 at 0.001 and 7.7;
+    # eager and Inductor's CPU compile of the quant at default precision agree with each
+    # other): it is the static form input_product (fusion_passes/fp8_forms.py), bit for
+    # bit on all of them (tests/test_spellings.py, the experiment's test)
     Case("sglang_native_static_0dim", SG + " + sglang test/srt/test_fp8_kernel.py native_static_quant_fp8 "
-         "(0-dim fp32 scale)", _sglang_static, inputs=("res", "w", "s0"), expect=ADD,
-         unfused_quant="no FP8/NVFP4 convention computes this quantization bit for bit"),
+         "(0-dim fp32 scale)", _sglang_static, inputs=("res", "w", "s0"), expect=ADD + "_fp8_static",
+         args=(("form", "input_product"),)),
     Case("static_fp8_python_float", HF + " + QuantFP8.forward_native static with a Python-float scale",
          _python_float_scale, expect=ADD + "_fp8_static"),
     Case("torchao_training_rowwise", HF + " + torchao 0.18 float8 hp_tensor_to_float8_dynamic (axiswise)",
