@@ -168,20 +168,10 @@ def run(world: int) -> str | None:
 
 
 def main(argv) -> int:
-    worlds = [int(a) for a in argv] or [2, 4]
-    passed = failed = 0
-    for world in worlds:
-        err = run(world)
-        if err:
-            failed += 1
-            print(f"world size {world}: FAILED\n{err}", flush=True)
-        else:
-            passed += 1
-            print(f"world size {world}: one table agreed, {len(CALLS) * 2} calls through TritonBackend.run on the "
-                  "measured paths (lamport, twoshot, unfused = gloo all-reduce + our epilogue) bit-exact on every rank; "
-                  "different tables: every rank on the shipped table, one warning each", flush=True)
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return lc.run_worlds([int(a) for a in argv] or [2, 4], run, lambda world: (
+        f"one table agreed, {len(CALLS) * 2} calls through TritonBackend.run on the measured paths (lamport, "
+        "twoshot, unfused = gloo all-reduce + our epilogue) bit-exact on every rank; different tables: every "
+        "rank on the shipped table, one warning each"))
 
 
 if __name__ == "__main__":

@@ -185,8 +185,9 @@ def run(world: int) -> str | None:
     return "\n".join(errors) if errors else None
 
 
-def main(argv) -> int:
-    worlds = [int(a) for a in argv] or [2, 4, 8]
+def run_worlds(worlds, run, ok) -> int:
+    """Run ``run(world)`` (an error text or None) for each world size, one line each
+    (``ok(world)`` on success), and the closing ``N passed, N failed`` line; the exit code."""
     passed = failed = 0
     for world in worlds:
         err = run(world)
@@ -195,11 +196,15 @@ def main(argv) -> int:
             print(f"world size {world}: FAILED\n{err}", flush=True)
         else:
             passed += 1
-            print(f"world size {world}: {len(EAGER_TOKENS) * 4} eager calls (one-shot and two-shot) + {GRAPH_REPLAYS} "
-                  "replays of a graph of both + 6 calls through TritonBackend.run, on one GPU: every rank bit-exact "
-                  "(norm within 1 ulp)", flush=True)
+            print(f"world size {world}: {ok(world)}", flush=True)
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
+
+
+def main(argv) -> int:
+    return run_worlds([int(a) for a in argv] or [2, 4, 8], run, lambda world: (
+        f"{len(EAGER_TOKENS) * 4} eager calls (one-shot and two-shot) + {GRAPH_REPLAYS} replays of a graph of "
+        "both + 6 calls through TritonBackend.run, on one GPU: every rank bit-exact (norm within 1 ulp)"))
 
 
 if __name__ == "__main__":
