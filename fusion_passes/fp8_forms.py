@@ -128,10 +128,11 @@ def _scale(amax: torch.Tensor, in_dtype: torch.dtype, m: float, form: Form) -> t
     return s
 
 
-def scaled(y: torch.Tensor, s: torch.Tensor, form: Form) -> torch.Tensor:
+def scaled(y: torch.Tensor, s: torch.Tensor, form: Form, y32: torch.Tensor | None = None) -> torch.Tensor:
     """``y32 <op> s`` in fp32, before the clamp: the value the FP8 cast rounds (with
-    ``input_product`` rounded to ``y``'s dtype first, then back to fp32)."""
-    x = _scaled32(y.to(torch.float32), s, form)
+    ``input_product`` rounded to ``y``'s dtype first, then back to fp32). *y32*: the norm
+    value before its rounding to ``y``'s dtype, to scale instead of ``y`` (``quant_unrounded``)."""
+    x = _scaled32(y.to(torch.float32) if y32 is None else y32, s, form)
     return x.to(y.dtype).to(torch.float32) if form.input_product else x
 
 
@@ -152,16 +153,16 @@ def apply(y: torch.Tensor, s: torch.Tensor, m: float, dtype: torch.dtype, form: 
 
 
 def quantize(y: torch.Tensor, group: int | None, dtype: torch.dtype, m: float, form: Form,
-             scale_ub: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             scale_ub: torch.Tensor | None = None, y32: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic FP8 of *y* -> ``(q, scales)``; ``group``: elements per scale along the last dim
     (the hidden size: per token; None: one scale for the whole tensor). Scales are
     ``[..., H // group]`` (per token ``[..., 1]``, per tensor ``[1]``); ``scale_ub`` caps
-    the amax (vLLM's per-token upper bound)."""
-    q, s, _ = quantize_with_scaled(y, group, dtype, m, form, scale_ub)
+    the amax (vLLM's per-token upper bound); *y32* as :func:`scaled`."""
+    q, s, _ = quantize_with_scaled(y, group, dtype, m, form, scale_ub, y32)
     return q, s
 
 
-def quantize_with_scaled(y, group, dtype, m, form, scale_ub=None):
+def quantize_with_scaled(y, group, dtype, m, form, scale_ub=None, y32=None):
     """:func:`quantize` plus the fp32 scaled value before the clamp (``q, scales, scaled``)."""
     hidden = y.shape[-1]
     if group is None:
@@ -173,7 +174,7 @@ def quantize_with_scaled(y, group, dtype, m, form, scale_ub=None):
     if scale_ub is not None:
         amax = amax.to(torch.float32).clamp(max=scale_ub)
     s = _scale(amax, y.dtype, m, form)
-    x = scaled(grouped, s, form)
+    x = scaled(grouped, s, form, None if y32 is None else y32.reshape(grouped.shape))
     q = x.clamp(-m, m).to(dtype).reshape(y.shape)
     return q, (s if group is None else s.reshape(*y.shape[:-1], hidden // group)), x
 
@@ -185,28 +186,34 @@ def static_form(how: str) -> Form:
     return _STATIC_FORMS[how]
 
 
-def static(y: torch.Tensor, scale: torch.Tensor, m: float, dtype: torch.dtype, how: str = "") -> torch.Tensor:
+def static(y: torch.Tensor, scale: torch.Tensor, m: float, dtype: torch.dtype, how: str = "",
+           y32: torch.Tensor | None = None) -> torch.Tensor:
     """Static FP8 with a given scale: ``""`` = ``y * (1/s)`` (vLLM), ``"div"`` = ``y / s``,
     ``"mul"`` = ``y * s`` (the scale given as its inverse), ``"input_product"`` =
     ``y * (1/s)`` rounded to ``y``'s dtype before the clamp."""
-    return apply(y, scale.to(torch.float32), m, dtype, static_form(how))
+    return scaled(y, scale.to(torch.float32), static_form(how), y32).clamp(-m, m).to(dtype)
 
 
-def variant_quantize(variant: str, y: torch.Tensor, p) -> tuple[torch.Tensor, torch.Tensor | None]:
+def variant_quantize(variant: str, y: torch.Tensor, p, y32=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A fused FP8 variant's quantization under its ``form`` argument: ``(q, scales | None)``
-    from the variant's resolved quant arguments *p* (fusion_passes.variants)."""
+    from the variant's resolved quant arguments *p* (fusion_passes.variants). *y32*
+    (``quant_unrounded``, Inductor's default compile): the codes are scaled from it, the
+    scales come from *y*'s amax, a division in the activation dtype computed in fp32."""
     from fusion_passes.variants import fp8_max
 
     dtype, form = p["fp8_dtype"], p["form"]
     m = fp8_max(dtype)
     if variant == "add_rmsnorm_fp8_static":
-        return static(y, p["scale"], m, dtype, form), None
+        return static(y, p["scale"], m, dtype, form, y32), None
+    form = parse(form)
+    if y32 is not None and form.precision == "input":  # the compile divides the amax in fp32, unrounded
+        form = dataclasses.replace(form, precision="f32")
     if variant == "add_rmsnorm_fp8_per_token":
-        return quantize(y, y.shape[-1], dtype, m, parse(form), p["scale_ub"])
+        return quantize(y, y.shape[-1], dtype, m, form, p["scale_ub"], y32)
     if variant == "add_rmsnorm_fp8_per_tensor":
-        return quantize(y, None, dtype, m, parse(form))
+        return quantize(y, None, dtype, m, form, y32=y32)
     if variant == "add_rmsnorm_fp8_per_group":
-        q, s = quantize(y, p["group_size"], dtype, m, parse(form))
+        q, s = quantize(y, p["group_size"], dtype, m, form, y32=y32)
         if p["column_major"]:  # the token dim contiguous, as the variant's scales output
             s = s.transpose(-2, -1).contiguous().transpose(-2, -1)
         return q, s

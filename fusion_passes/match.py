@@ -73,13 +73,28 @@ def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
     else:
         residual_out = norm.residual_out is not None and bool(norm.residual_out.users)
     found_quant = read.quant if read.quant is not None else (Miss(read.note) if read.note else None)
-    site = _select(ar, None, norm.residual, norm, residual_out, found_quant, prefer_backend)
+    site = _select_read(ar, norm, residual_out, found_quant, prefer_backend)
     if isinstance(site, Site) and site.quant is None and read.quant is not None:
         site.norm = _without_quant(norm, read.quant)  # the quant stays: it keeps reading the norm output
     if isinstance(fast, Site) and (not isinstance(site, Site) or site.quant is None):
         if isinstance(site, Site) and site.note and not fast.note:
             fast.note = site.note  # why the quant it found stays unfused
         return fast  # the structural reading is as large, and known to the kernels
+    return site
+
+
+def _select_read(ar: AllReduce, norm: Norm, residual_out: bool, found_quant, prefer: str):
+    """:func:`_select` for a chain read by meaning, its aten FP8 quant reading the norm
+    value as Inductor's default compile does (``quant_unrounded``, as :func:`follow_inductor_sum`):
+    the codes from the unrounded norm value; where no backend computes that, as before."""
+    norm.quant_unrounded = (not _compat.inductor_config.emulate_precision_casts
+                            and isinstance(found_quant, quant.Quant) and found_quant.kind.startswith("fp8")
+                            and norm.weight_in_fp32 and _decomposed(norm) and _aten(found_quant)
+                            and all(u in found_quant.nodes for u in norm.out.users))
+    site = _select(ar, None, norm.residual, norm, residual_out, found_quant, prefer)
+    if norm.quant_unrounded and (not isinstance(site, Site) or site.quant is None):
+        norm.quant_unrounded = False  # no backend quantizes the unrounded norm here
+        site = _select(ar, None, norm.residual, norm, residual_out, found_quant, prefer)
     return site
 
 

@@ -145,3 +145,38 @@ def test_emulated_casts_fused_compile_equals_eager():
     fused, report = compiled(fn, (ids,), fuse=True, emulate=True)
     assert len(report.sites) == 8 and all(s.fused for s in report.sites)
     assert torch.equal(fused, fn(ids))
+
+
+def forms_sites():
+    """One independent site per FP8 quant read only by meaning (other projects' aten
+    forms, tests/spellings/sources.py), each with its residual read afterwards (returned).
+    Not here: SGLang's ``torch_per_token_quant_fp8``, which upcasts before its amax: the
+    compile's scales come from the unrounded norm value (docs/design.md)."""
+    from spellings import sources as S
+
+    forms = {"sglang_static_1": lambda y, s: S.sglang_native_static_quant_fp8(y, s)[:1],
+             "sglang_static_0dim": lambda y, s: S.sglang_native_static_quant_fp8(y, s.reshape(()))[:1],
+             "torchao_training": lambda y, s: S.torchao_float8_training(y),
+             "torchao_inference": lambda y, s: S.torchao_float8_inference(y)}
+
+    def fn(xs, res, w, s):
+        outs = {}
+        for i, (name, quant) in enumerate(forms.items()):
+            h = all_reduce(xs[i]) + res
+            outs[name] = (h, *quant(hf_rms_norm(h, w, 1e-6), s))
+        return outs
+    return fn
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_site_read_by_meaning_matches_the_unfused_compile(dtype):
+    fn, args = forms_sites(), _inputs(dtype, n=4)
+    want, _ = compiled(fn, args, fuse=False)
+    got, report = compiled(fn, args, fuse=True)
+    assert sum(s.fused for s in report.sites) == 4 and all(s.variant for s in report.sites), report.summary()
+    for name in want:
+        (h0, q0, *s0), (h1, q1, *s1) = want[name], got[name]
+        assert torch.equal(h0, h1), name  # the residual, bit-exact
+        assert share(q0, q1) <= SHARE, (name, share(q0, q1))  # FP8 codes
+        if s0:  # dynamic scales: deterministic here (one CPU thread order)
+            assert torch.equal(s0[0], s1[0]), name
