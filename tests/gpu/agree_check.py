@@ -25,7 +25,6 @@ import tempfile
 import traceback
 
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.dirname(__file__))
@@ -145,26 +144,11 @@ def verdict(world, every) -> str | None:
 
 
 def run(world: int) -> str | None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29700 + world))
-    ctx = mp.get_context("spawn")
-    queues = [ctx.Queue() for _ in range(world)]
-    results = ctx.Queue()
-    barrier = ctx.Barrier(world)
-    tmp = tempfile.mkdtemp(prefix="agree_check")
-    procs = [ctx.Process(target=worker, args=(r, world, queues, results, barrier, tmp)) for r in range(world)]
-    for p in procs:
-        p.start()
-    errors, answers = [], None
-    for _ in range(world):
-        rank, every, err = results.get(timeout=600)
-        if err:
-            errors.append(f"rank {rank}: {err}")
-        answers = every or answers
-    for p in procs:
-        p.join(timeout=60)
+    got = lc.spawn(world, 29700 + world, worker, tempfile.mkdtemp(prefix="agree_check"))
+    errors = [f"rank {rank}: {err}" for rank, _every, err in got if err]
     if errors:
         return "\n".join(errors)
-    return verdict(world, answers)
+    return verdict(world, next((every for _rank, every, _err in reversed(got) if every), None))
 
 
 def main(argv) -> int:

@@ -166,22 +166,25 @@ def worker(rank, world, queue, results, barrier):
         results.put((rank, traceback.format_exc(), 0))
 
 
-def run(world: int) -> str | None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29600 + world))
+def spawn(world: int, port: int, worker, *args) -> list[tuple]:
+    """*world* ranks of ``worker(rank, world, queues, results, barrier, *args)`` as spawned
+    processes (the IPC harness on one GPU); the tuple each put on ``results``, in arrival
+    order."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     ctx = mp.get_context("spawn")
     queues = [ctx.Queue() for _ in range(world)]
-    results = ctx.Queue()
-    barrier = ctx.Barrier(world)
-    procs = [ctx.Process(target=worker, args=(r, world, queues, results, barrier)) for r in range(world)]
+    results, barrier = ctx.Queue(), ctx.Barrier(world)
+    procs = [ctx.Process(target=worker, args=(r, world, queues, results, barrier, *args)) for r in range(world)]
     for p in procs:
         p.start()
-    errors = []
-    for _ in range(world):
-        rank, err, _calls = results.get(timeout=600)
-        if err:
-            errors.append(f"rank {rank}: {err}")
+    got = [results.get(timeout=600) for _ in range(world)]
     for p in procs:
         p.join(timeout=60)
+    return got
+
+
+def run(world: int) -> str | None:
+    errors = [f"rank {rank}: {err}" for rank, err, _calls in spawn(world, 29600 + world, worker) if err]
     return "\n".join(errors) if errors else None
 
 
