@@ -85,16 +85,27 @@ def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
 
 def _select_read(ar: AllReduce, norm: Norm, residual_out: bool, found_quant, prefer: str):
     """:func:`_select` for a chain read by meaning, its aten FP8 quant reading the norm
-    value as Inductor's default compile does (``quant_unrounded``, as :func:`follow_inductor_sum`):
-    the codes from the unrounded norm value; where no backend computes that, as before."""
-    norm.quant_unrounded = (not _compat.inductor_config.emulate_precision_casts
-                            and isinstance(found_quant, quant.Quant) and found_quant.kind.startswith("fp8")
-                            and norm.weight_in_fp32 and _decomposed(norm) and _aten(found_quant)
-                            and all(u in found_quant.nodes for u in norm.out.users))
-    site = _select(ar, None, norm.residual, norm, residual_out, found_quant, prefer)
+    value as Inductor's default compile does (:func:`_reads_unrounded`)."""
+    norm.quant_unrounded = _reads_unrounded(norm, found_quant)
+    return _select_unrounded(ar, None, norm.residual, norm, residual_out, found_quant, prefer)
+
+
+def _reads_unrounded(norm: Norm, found_quant) -> bool:
+    """Whether Inductor's default compile quantizes the UNROUNDED norm value: an aten FP8
+    quant (fused into the norm's kernel) of a norm output read by nothing else."""
+    return (not _compat.inductor_config.emulate_precision_casts
+            and isinstance(found_quant, quant.Quant) and found_quant.kind.startswith("fp8")
+            and norm.weight_in_fp32 and _decomposed(norm) and _aten(found_quant)
+            and all(u in found_quant.nodes for u in norm.out.users))
+
+
+def _select_unrounded(ar: AllReduce, add, residual, norm: Norm, residual_out: bool, found_quant, prefer: str):
+    """:func:`_select` with ``norm.quant_unrounded`` as set; where no backend then fuses the
+    quant, selected again with the quant reading the rounded norm (as before)."""
+    site = _select(ar, add, residual, norm, residual_out, found_quant, prefer)
     if norm.quant_unrounded and (not isinstance(site, Site) or site.quant is None):
         norm.quant_unrounded = False  # no backend quantizes the unrounded norm here
-        site = _select(ar, None, norm.residual, norm, residual_out, found_quant, prefer)
+        site = _select(ar, add, residual, norm, residual_out, found_quant, prefer)
     return site
 
 
@@ -112,10 +123,7 @@ def _select_inductor(ar: AllReduce, add, residual, norm: Norm, residual_out: boo
     site is selected as before (the sum rounded, the quant reading the rounded norm)."""
     if not follow_inductor_sum(add, residual, norm, residual_out, found_quant):
         return _select(ar, add, residual, norm, residual_out, found_quant, prefer)
-    site = _select(ar, add, residual, norm, residual_out, found_quant, prefer)
-    if norm.quant_unrounded and (not isinstance(site, Site) or site.quant is None):
-        norm.quant_unrounded = False  # no backend quantizes the unrounded norm here
-        site = _select(ar, add, residual, norm, residual_out, found_quant, prefer)
+    site = _select_unrounded(ar, add, residual, norm, residual_out, found_quant, prefer)
     if not isinstance(site, Site) and norm.residual_in_fp32:
         norm.residual_in_fp32 = False  # nor reads the unrounded sum
         return _select(ar, add, residual, norm, residual_out, found_quant, prefer)
@@ -135,9 +143,7 @@ def follow_inductor_sum(add, residual, norm: Norm, residual_out: bool, found_qua
         return False
     only_next = not residual_out or _feeds_only_a_site(add, norm)
     norm.residual_in_fp32 = norm.residual_in_fp32 or only_next
-    norm.quant_unrounded = (isinstance(found_quant, quant.Quant) and found_quant.kind.startswith("fp8")
-                            and norm.weight_in_fp32 and _aten(found_quant)
-                            and all(u in found_quant.nodes for u in norm.out.users))
+    norm.quant_unrounded = _reads_unrounded(norm, found_quant)
     return norm.residual_in_fp32 or norm.quant_unrounded
 
 
