@@ -92,5 +92,8 @@ def test_show_prints_each_entry_and_its_source(monkeypatch, tmp_path):
     assert "from `fusion-passes tune --hidden 7168` at 2026-12-06T20:35:00Z" in text
     assert "add_rmsnorm                  7168    1024  unfused  local        8     16.71       16.13  none+static" in text
     assert "the shipped table" in text.splitlines()[-1]
+    monkeypatch.setenv("WORLD_SIZE", "abc")  # a bad WORLD_SIZE is a usage error naming it (exit 2), not a crash
+    assert cli_main(["tune", "--show", "--file", str(file)]) == 2
+    measured.reset()
     file.write_text("{")
     assert "unreadable" in tune_show.render(str(file))

@@ -8,12 +8,12 @@ the file does not hold are decided by the shipped table
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 
 def render(out: str | None = None) -> str:
     from fusion_passes.backends import measured
+    from fusion_passes.tools.arguments import world_size_from_env
 
     file = pathlib.Path(out) if out else measured.path()
     if file is None:
@@ -25,7 +25,7 @@ def render(out: str | None = None) -> str:
         return f"{file}: unreadable ({e}); the shipped table decides everywhere"
     if not tables:
         return f"{file}: no measured table (run `fusion-passes tune`); the shipped table decides everywhere"
-    here = measured.machine_key(int(os.environ.get("WORLD_SIZE", "1")))
+    here = measured.machine_key(world_size_from_env())
     lines = [f"measured tables in {file}:"]
     for raw, table in tables:
         lines += _table_lines(raw, table, here)
