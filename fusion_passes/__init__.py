@@ -14,7 +14,7 @@ by ``import fusion_passes``.
 
 One exception: in the ``fusion-passes`` console script these imports (torch among them,
 seconds of work) wait until a command needs them, so ``fusion-passes --help`` answers at
-once; :func:`fusion_passes.tools.cli.main` runs them before any command.
+once; :func:`fusion_passes.cli.main` runs them before any command.
 """
 
 import os as _os

@@ -1,8 +1,8 @@
 """The fused ops' arguments: binding, validation, the resolution of sentinels, and the
 :class:`~fusion_passes.variants.FusedArgs` a backend receives.
 
-Not the command line's argument types: those are ``fusion_passes.tools.arguments``
-(tools/arguments.py). Called by :mod:`fusion_passes.ops` (its one eager body and one fake
+Not the command line's argument types: those are ``fusion_passes.cli.arguments``
+(fusion_passes/cli/arguments.py). Called by :mod:`fusion_passes.ops` (its one eager body and one fake
 run :func:`bind`, :func:`check` and :func:`resolve`, so a bad call fails alike in both) and
 by the Triton backend (:func:`norm_dtype`). Every rule here is generic over
 :mod:`fusion_passes.variants`: a new variant needs no edit in this module.

@@ -26,9 +26,9 @@ log = logging.getLogger("fusion_passes")
 
 
 _ROOT = pathlib.Path(__file__).resolve().parent
-NOT_IN_KEY = frozenset({"tools"})
+NOT_IN_KEY = frozenset({"cli"})
 """Folders at the top of the package whose sources cannot change a graph: the command
-line (``tools/``, which the pass never imports). Everything else is in the key: the
+line (``cli/``, which the pass never imports). Everything else is in the key: the
 engine, ``backends/`` and the catalogue ``patterns/``."""
 
 
@@ -39,7 +39,7 @@ def source_hash(root: pathlib.Path | None = None) -> str:
     root = _ROOT if root is None else root
     h = hashlib.sha256()
     files = []
-    for top, dirs, names in os.walk(root, followlinks=True):  # patterns/ may be a link
+    for top, dirs, names in os.walk(root):
         at_top = pathlib.Path(top) == root
         dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not (at_top and d in NOT_IN_KEY))
         files += [pathlib.Path(top, n) for n in sorted(names) if n.endswith(".py")]

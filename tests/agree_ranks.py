@@ -55,7 +55,7 @@ def _with_table(rank, world, tmp, picks_per_rank):
 
 def cases(rank, world, tmp):
     from fusion_passes.backends import agree
-    from fusion_passes.tools import tune
+    from fusion_passes.cli import tune
 
     import torch.distributed as dist
 

@@ -26,7 +26,7 @@ import json, os, sys, tempfile, time
 sys.argv[0] = "fusion-passes"  # the console script's name: the package defers its imports
 commands = json.loads(sys.argv[1])
 import runpy
-from fusion_passes.tools.cli import main
+from fusion_passes.cli import main
 home = os.getcwd()
 out = []
 for item in commands:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 # vLLM on a machine without GPUs: its CPU platform (the rest of the recipe is
-# tools/testing/vllm_cpu.py); never a hub download.
+# fusion_passes/cli/vllm_cpu.py); never a hub download.
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The numerics tests compare the fused graph with the unfused one executed EAGERLY (and

@@ -7,7 +7,7 @@ Each site of ``before`` is what make_fx writes for ``res = all_reduce(h) + res;
 h = res * rsqrt(mean(res**2) + eps) * w`` in fp32 (9 nodes: all_reduce, wait_tensor,
 add, pow, mean, add, rsqrt, mul, mul), the next site reading ``h``; ``fused`` is what
 FusionPass makes of it (the fused op and its getitems). 4,400 sites is 39,604 nodes,
-the most under :data:`fusion_passes.tools.graphio.format.MAX_NODES`.
+the most under :data:`fusion_passes.cli.graphio.format.MAX_NODES`.
 ``tests/test_cli_diff.py`` checks the generator against the traced and fused graph.
 """
 

@@ -194,7 +194,7 @@ def test_triton_run_takes_only_bound_arguments():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without a CUDA GPU")
 def test_bench_kernels_says_it_needs_a_gpu(capsys):
-    from fusion_passes.tools import cli
+    from fusion_passes import cli
 
     assert cli.main(["bench", "kernels", "--tokens", "1"]) == 2
     assert "needs an NVIDIA CUDA GPU" in capsys.readouterr().err

@@ -17,11 +17,11 @@ import torch
 from fusion_passes import backends
 from fusion_passes.backends import Call, thresholds
 from fusion_passes.backends import triton as triton_backend
-from fusion_passes.tools import bench_epilogue
-from fusion_passes.tools import bench_kernels as bk
-from fusion_passes.tools import bench_rows as br
-from fusion_passes.tools import bench_table as bt
-from fusion_passes.tools.cli import main as cli_main
+from fusion_passes.cli import bench_epilogue
+from fusion_passes.cli import bench_kernels as bk
+from fusion_passes.cli import bench_rows as br
+from fusion_passes.cli import bench_table as bt
+from fusion_passes.cli import main as cli_main
 
 
 def call(tokens, hidden=7168, world_size=1, variant="add_rmsnorm"):
@@ -95,7 +95,7 @@ def test_max_autotune_is_a_counted_baseline_column():
 def test_the_sweep_times_the_max_autotune_form(fake_pg):
     import argparse
 
-    from fusion_passes.tools.model_trace import fake_world
+    from fusion_passes.cli.model_trace import fake_world
 
     parser = argparse.ArgumentParser()
     bk.add_arguments(parser)
@@ -191,7 +191,7 @@ def test_token_dynamic_form_compiles_once_and_never_serves_the_static_form():
 def test_the_unfused_baseline_computes_what_the_fused_op_returns(variant, fake_pg):
     """The epilogue the baselines compile, with the quant arguments the fused op defaults
     to, against the public op on the reference backend (one-rank group): bit for bit."""
-    from fusion_passes.tools.model_trace import fake_world
+    from fusion_passes.cli.model_trace import fake_world
 
     group = "c10d:" + fake_world(1).group_name
     torch.manual_seed(0)
@@ -218,7 +218,7 @@ def test_the_sweep_on_cpu(fake_pg):
     group of the session's fake world)."""
     import argparse
 
-    from fusion_passes.tools.model_trace import fake_world
+    from fusion_passes.cli.model_trace import fake_world
 
     group = fake_world(1)
     parser = argparse.ArgumentParser()
@@ -294,7 +294,7 @@ def test_derive_and_render_round_trip(tmp_path, capsys):
     path.write_text(json.dumps(_result(1, WINS)))
     assert bk.main(["--derive-table", str(path)]) == 0
     text = capsys.readouterr().out
-    assert f"# Derived by `python tools/bench_kernels.py --derive-table {path}`" in text
+    assert f"# Derived by `fusion-passes bench kernels --derive-table {path}`" in text
     assert "1x NVIDIA H200" in text
     body = text[text.index('"max_tokens_faster"'):].rstrip().rstrip(",")
     table = ast.literal_eval("{" + body + "}")["max_tokens_faster"]

@@ -19,8 +19,8 @@ pytest.importorskip("transformers", reason="needs HF transformers (the dev extra
 
 from fusion_passes import epilogue  # noqa: E402
 from fusion_passes.report import FusionReport, SiteReport  # noqa: E402
-from fusion_passes.tools import bench_model, model_step, model_trace, models  # noqa: E402
-from fusion_passes.tools.cli import main as cli_main  # noqa: E402
+from fusion_passes.cli import bench_model, model_step, model_trace, models  # noqa: E402
+from fusion_passes.cli import main as cli_main  # noqa: E402
 
 LAYERS = 2
 DECODE = model_step.points([2], [], 8)

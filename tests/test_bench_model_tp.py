@@ -27,7 +27,7 @@ def test_tp_plan_dry_run_fuses_with_fp8_linears():
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
     proc = subprocess.run(
-        [sys.executable, "-m", "fusion_passes.tools.cli", "bench", "model", "--dry-run", "--tiny", "--layers", "1",
+        [sys.executable, "-m", "fusion_passes.cli", "bench", "model", "--dry-run", "--tiny", "--layers", "1",
          "--world-size", "2", "--model", "llama", "--precision", "fp8", "--decode", "2", "--prefill", "--json"],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
     )

@@ -35,7 +35,7 @@ def test_uuid_covers_the_engine_and_the_catalogue_not_the_command_line(tmp_path,
 
     base = key()
     assert base == real  # the copy hashes as the real tree
-    for rel in ("tools/html_diff.py", "tools/cli.py", "tools/graphio/__init__.py", "tools/a_new_command.py"):
+    for rel in ("cli/html_diff.py", "cli/__init__.py", "cli/__main__.py", "cli/graphio/__init__.py", "cli/a_new_command.py"):
         assert edited(rel) == base, rel
     for rel in ("match.py", "epilogue.py", "backends/thresholds.py", "patterns/allreduce_rmsnorm.py",
                 "a_new_engine_module.py"):

@@ -10,10 +10,10 @@ import subprocess
 
 import pytest
 
-from fusion_passes.tools import graphio
-from fusion_passes.tools import cli
-from fusion_passes.tools.diff import render_text, to_dict
-from fusion_passes.tools.graph_align import align
+from fusion_passes.cli import graphio
+from fusion_passes import cli
+from fusion_passes.cli.diff import render_text, to_dict
+from fusion_passes.cli.graph_align import align
 from test_cli_models import MODEL, check_golden, relu_block, two_sites, write_dumps
 
 
@@ -175,8 +175,8 @@ def test_diff_is_near_linear_and_pairs_sites_in_order(tmp_path, capsys):
 
 
 def test_site_matching_steps():
-    """The three steps of tools/site_match.py on boundaries built by hand."""
-    from fusion_passes.tools.site_match import MAX_GROUP, MAX_SHARED, match
+    """The three steps of fusion_passes/cli/site_match.py on boundaries built by hand."""
+    from fusion_passes.cli.site_match import MAX_GROUP, MAX_SHARED, match
 
     n = MAX_SHARED + 4
     a, b = [f"a{i}" for i in range(n)], [f"b{i}" for i in range(n)]

@@ -9,8 +9,8 @@ import pathlib
 import pytest
 
 from fusion_passes import _compat
-from fusion_passes.tools import graphio
-from fusion_passes.tools import cli
+from fusion_passes.cli import graphio
+from fusion_passes import cli
 
 MODELS = pathlib.Path(__file__).parent / "test_cli_models.py"
 

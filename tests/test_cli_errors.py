@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 
-from fusion_passes.tools import cli
+from fusion_passes import cli
 
 MODELS = pathlib.Path(__file__).parent / "test_cli_models.py"
 
@@ -28,7 +28,7 @@ def _known_backends() -> str:
 
 
 RANGE = "must be an integer >= 1, got"
-LAYERS = "must be an integer from 1 to 128, got"  # Llama 3.1 405B: 126 layers (tools/arguments.py)
+LAYERS = "must be an integer from 1 to 128, got"  # Llama 3.1 405B: 126 layers (fusion_passes/cli/arguments.py)
 TP = "must be an integer from 1 to 72, got"  # one NVLink domain, GB200 NVL72
 QUANTS = "invalid choice: 'bogus' (choose from 'none', 'fp8_static', 'fp8_dynamic', 'fp8_block')"
 TP_CHOICES = "(choose from 2, 4, 8)"
@@ -93,7 +93,7 @@ BAD_BENCH = [  # (argv, WORLD_SIZE or None, the message after "fusion-passes ben
 
 @pytest.mark.parametrize("argv,world,message", BAD_BENCH, ids=[" ".join(a) + f" {w}" for a, w, _ in BAD_BENCH])
 def test_bench_ranges_are_refused_before_work(capsys, monkeypatch, argv, world, message):
-    from fusion_passes.tools import model_trace
+    from fusion_passes.cli import model_trace
 
     monkeypatch.setattr(model_trace, "dry_run", _no_trace)
     if world is not None:
@@ -207,7 +207,7 @@ def _no_trace(*args, **kwargs):
     (["explain", "capture:gpt2"], "capture:gpt2: unknown model 'gpt2'"),
 ])
 def test_capture_refuses_before_tracing(tmp_path, monkeypatch, capsys, argv, message):
-    from fusion_passes.tools import capture
+    from fusion_passes.cli import capture
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(capture, "trace_vllm", _no_trace)

@@ -7,8 +7,8 @@ import pathlib
 
 import pytest
 
-from fusion_passes.tools import graphio
-from fusion_passes.tools import cli
+from fusion_passes.cli import graphio
+from fusion_passes import cli
 from test_cli_models import MODEL, check_golden, relu_block, write_dumps
 
 PUBLIC = {"all_reduce", "fused", "variant", "backend", "hoisted_over", "reason"}  # FusionReport.to_dict()

@@ -11,7 +11,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fusion_passes import FusionPass
-from fusion_passes.tools import graphio
+from fusion_passes.cli import graphio
 from test_cli_models import check_golden, example_args, normalise, relu_block, two_sites
 
 

@@ -9,8 +9,8 @@ import pathlib
 
 import pytest
 
-from fusion_passes.tools import cli
-from fusion_passes.tools import explain
+from fusion_passes import cli
+from fusion_passes.cli import explain
 from test_cli_models import MODEL, relu_block, write_dumps
 
 CLEAR, TITLE, RED = "\x1b[2J", "\x1b]0;pwned\x07", "\x1b[31m"

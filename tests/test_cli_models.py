@@ -97,8 +97,8 @@ def example_args(dtype=torch.bfloat16):
 def write_dumps(fn, model: str, out: pathlib.Path, **options) -> tuple[pathlib.Path, pathlib.Path]:
     """Trace *fn* with make_fx, run FusionPass, write ``before`` and ``fused`` dumps."""
     from fusion_passes import FusionPass
-    from fusion_passes.tools import graphio
-    from fusion_passes.tools.recorder import explain_extras
+    from fusion_passes.cli import graphio
+    from fusion_passes.cli.recorder import explain_extras
     from torch.fx.experimental.proxy_tensor import make_fx
 
     with torch.no_grad():

@@ -17,11 +17,11 @@ from cli_driver import ROOT, run_commands
 
 CONSOLE_SCRIPT = """#!{python}
 import sys
-from fusion_passes.tools.cli import main
+from fusion_passes.cli import main
 if __name__ == '__main__':
     sys.argv[0] = sys.argv[0].removesuffix('.exe')
     sys.exit(main())
-"""  # what pip writes for [project.scripts] fusion-passes = "fusion_passes.tools.cli:main"
+"""  # what pip writes for [project.scripts] fusion-passes = "fusion_passes.cli:main"
 
 
 def test_help_is_fast_and_imports_no_torch(tmp_path):
@@ -34,7 +34,7 @@ def test_help_is_fast_and_imports_no_torch(tmp_path):
     seconds = time.perf_counter() - start
     assert proc.returncode == 0 and "COMMAND" in proc.stdout and "explain" in proc.stdout, proc
     imported = [line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
-    assert "fusion_passes.tools.cli" in imported
+    assert "fusion_passes.cli" in imported
     assert not [m for m in imported if m == "torch" or m.startswith("torch.")], "torch was imported"
     # measured: 0.09 s after, 12 s before (the whole library and torch were imported first),
     # on this 2-core machine under load; 5 s leaves room for a slow machine
@@ -154,7 +154,7 @@ def test_sigterm_during_dump_cleans_up_like_ctrl_c(tmp_path):
     exit status is 128 + 15 and one line says so."""
     (tmp_path / "slow.py").write_text(SLOW_SPEC)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    code = "import sys; from fusion_passes.tools.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from fusion_passes.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", code, "dump", "slow.py:make", "-o", "out"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300

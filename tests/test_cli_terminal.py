@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from fusion_passes.tools import terminal
+from fusion_passes.cli import terminal
 
 
 @pytest.mark.parametrize("text,shown", [

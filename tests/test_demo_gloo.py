@@ -16,7 +16,7 @@ pytest.importorskip("transformers", reason="needs transformers (the dev extra)")
 pytest.importorskip("accelerate", reason="needs accelerate (HF tp_plan loading)")
 
 from cli_driver import run_commands  # noqa: E402
-from fusion_passes.tools import demo as demo_cmd, hf_tp  # noqa: E402
+from fusion_passes.cli import demo as demo_cmd, hf_tp  # noqa: E402
 
 pytestmark = pytest.mark.gloo
 
@@ -77,6 +77,6 @@ def test_fused_op_is_in_inductors_code(result):
 
 
 def test_logits_match_unfused(result):
-    # tolerance and its reason: fusion_passes/tools/demo.py TOLERANCE
+    # tolerance and its reason: fusion_passes/cli/demo.py TOLERANCE
     assert result["max_abs_diff"] <= demo_cmd.TOLERANCE[torch.bfloat16], result["max_abs_diff"]
     assert result["parity"]

@@ -32,7 +32,8 @@ import pytest
 
 from cli_driver import ROOT, run_commands
 
-PAGES = {"docs/cli.md": "/tmp/cli_doc", "README.md": "/tmp/readme", "docs/vllm.md": "/tmp/vllm_doc"}
+PAGES = {"docs/cli.md": "/tmp/cli_doc", "patterns/README.md": "/tmp/patterns_doc", "README.md": "/tmp/readme",
+         "docs/vllm.md": "/tmp/vllm_doc"}
 """Each page and the folder its outputs show as the working directory."""
 MARKER = re.compile(r"<!--\s*test:\s*(.*?)\s*-->")
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.S | re.M)

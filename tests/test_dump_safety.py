@@ -91,7 +91,7 @@ PLANTED_OPS = {"from_file", "_print", "ones", "add_", "all_reduce_", "rand", "no
 
 
 def _doc(fake_pg, nodes: list[dict]) -> dict:
-    from fusion_passes.tools import graphio
+    from fusion_passes.cli import graphio
 
     args = [torch.randn(T, H, dtype=torch.bfloat16), torch.randn(T, H, dtype=torch.bfloat16),
             torch.randn(H, dtype=torch.bfloat16)]
@@ -108,7 +108,7 @@ def _doc(fake_pg, nodes: list[dict]) -> dict:
 
 @pytest.fixture(scope="module")
 def dumps(fake_pg, tmp_path_factory):
-    from fusion_passes.tools import graphio
+    from fusion_passes.cli import graphio
 
     folder = tmp_path_factory.mktemp("dumps")
     marker = folder / "marker.sh"
@@ -168,7 +168,7 @@ def _run_recorded(graph) -> set[str]:
 def _real_targets(graph) -> None:
     """The planted ops as a graph traced in-process holds them: the real torch ops, not the
     inert stand-ins the dump reader makes of some (so the probes' own allowlist is tested)."""
-    from fusion_passes.tools.graphio.rebuild import Opaque
+    from fusion_passes.cli.graphio.rebuild import Opaque
 
     for n in graph.nodes:
         if isinstance(n.target, Opaque) and n.target.qualified.startswith("torch.ops.aten."):
@@ -177,7 +177,7 @@ def _real_targets(graph) -> None:
 
 
 def test_the_reader_keeps_random_printing_and_file_ops_inert():
-    from fusion_passes.tools.graphio.rebuild import Opaque, resolve_target
+    from fusion_passes.cli.graphio.rebuild import Opaque, resolve_target
 
     for name in ("from_file.default", "_print.default", "rand.default", "normal_.default",
                  "native_dropout.default"):
@@ -188,7 +188,7 @@ def test_the_reader_keeps_random_printing_and_file_ops_inert():
 
 @pytest.mark.parametrize("name", list(FUSED))
 def test_the_pass_runs_nothing_a_rebuilt_graph_names(dumps, name):
-    from fusion_passes.tools import graphio
+    from fusion_passes.cli import graphio
 
     _, marker, paths = dumps
     graph = graphio.to_fx(graphio.load(str(paths[name])))

@@ -1,6 +1,6 @@
 """Hoisting on real Hugging Face transformers models, tensor-parallel on 2 gloo processes.
 
-Tiny random DeepSeek-V3 and Qwen3-MoE (tools/hf_tp.py builds them from the transformers
+Tiny random DeepSeek-V3 and Qwen3-MoE (fusion_passes/cli/hf_tp.py builds them from the transformers
 config classes; nothing is downloaded) load with ``tp_plan="auto"``, compile with
 ``torch.compile(fullgraph=True)`` once without and once with the FusionPass, and must
 give the same logits. The graphs hold exactly the chains the Hoisting issue names:
@@ -42,7 +42,7 @@ def _worker(rank: int, directory: str, dtype: torch.dtype):
     import torch._dynamo
 
     import fusion_passes
-    from fusion_passes.tools import hf_tp
+    from fusion_passes.cli import hf_tp
 
     model = hf_tp.load_tp(directory, dtype)
     _clear_grad_hooks(model)
@@ -77,7 +77,7 @@ def _single_node() -> tuple[bool, bool]:
 
 
 def run_model(name: str, dtype: torch.dtype):
-    from fusion_passes.tools import hf_tp
+    from fusion_passes.cli import hf_tp
 
     return hf_tp.spawn(_worker, 2, hf_tp.tiny_dir(name), dtype)
 

@@ -1,4 +1,4 @@
-"""Real vLLM 0.33 DeepSeek-V3 in fp16, traced at TP=2 on CPU (fusion_passes.tools.capture):
+"""Real vLLM 0.33 DeepSeek-V3 in fp16, traced at TP=2 on CPU (fusion_passes.cli.capture):
 the attention and dense-MLP all-reduces feed ``mul(1/routed_scaling_factor)`` before
 ``fused_add_rms_norm``. Without hoisting that mul blocks each of them (and is named);
 with hoisting every all-reduce fuses across it."""
@@ -15,12 +15,12 @@ from fusion_passes import FusionPass  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("fake_pg")]
 
-LAYERS = 2  # layer 0 dense, layer 1 MoE (tools/capture.py's tiny DeepSeek-V3)
+LAYERS = 2  # layer 0 dense, layer 1 MoE (fusion_passes/cli/capture.py's tiny DeepSeek-V3)
 
 
 @pytest.fixture(scope="module")
 def graph():
-    from fusion_passes.tools.capture import trace_vllm
+    from fusion_passes.cli.capture import trace_vllm
 
     return trace_vllm("deepseek_v3", tp=2, dtype="float16", layers=LAYERS)[0]
 

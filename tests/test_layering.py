@@ -7,8 +7,8 @@ Edges go to the named module, or to the package ``__init__`` when a name is take
 it. Not edges: Python running a package's ``__init__`` before its submodules (the
 package mechanism, not a use of its names), and imports of other libraries (vendors'
 lazy imports such as ``aiter`` or ``flashinfer`` cannot close a cycle among ours).
-``tools/`` (the command line, installed as ``fusion_passes.tools``) sits above the
-library and is not part of this graph.
+``fusion_passes/cli/`` (the command line) sits above the library and is not part of this
+graph; no library module imports it (the pass's cache key leaves it out).
 """
 
 from __future__ import annotations
@@ -22,21 +22,20 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SOURCES = {"fusion_passes": ROOT / "fusion_passes", "fusion_passes.patterns": ROOT / "patterns"}
+PACKAGE = ROOT / "fusion_passes"
 # modules that need an optional library to import, and that library
 NEEDS = {"fusion_passes.backends.triton_kernels": "triton", "fusion_passes.vllm": "vllm"}
 
 
-def modules() -> dict[str, pathlib.Path]:
-    """Every module of the library: name -> file (``fusion_passes.tools`` excluded)."""
+def modules(command_line: bool = False) -> dict[str, pathlib.Path]:
+    """Every module of the library: name -> file (``fusion_passes.cli`` only if *command_line*)."""
     out = {}
-    for package, folder in SOURCES.items():
-        for path in sorted(folder.rglob("*.py")):
-            rel = path.relative_to(folder).with_suffix("")
-            if rel.parts[0] in ("tools", "patterns") and folder.name == "fusion_passes":
-                continue  # links to the top-level folders: tools/ is not library, patterns/ is above
-            parts = [p for p in rel.parts if p != "__init__"]
-            out[".".join([package, *parts])] = path
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).with_suffix("")
+        if rel.parts[0] == "cli" and not command_line:
+            continue
+        parts = [p for p in rel.parts if p != "__init__"]
+        out[".".join(["fusion_passes", *parts])] = path
     return out
 
 
@@ -112,9 +111,19 @@ def test_the_library_has_no_import_cycle():
     mods = modules()
     assert {"fusion_passes.ops", "fusion_passes.variants", "fusion_passes.backends.reference",
             "fusion_passes.patterns"} <= set(mods)
-    assert not any(m.startswith("fusion_passes.tools") for m in mods)
+    assert not any(m.startswith("fusion_passes.cli") for m in mods)
     cycle = find_cycle(import_graph(mods))
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_library_never_imports_the_command_line():
+    """What ``FusionPass.uuid()`` leaves out (``fusion_passes/cli/``) cannot change a graph."""
+    def in_cli(m: str) -> bool:
+        return m == "fusion_passes.cli" or m.startswith("fusion_passes.cli.")
+
+    graph = import_graph(modules(command_line=True))
+    up = sorted(f"{m} -> {t}" for m, ts in graph.items() if not in_cli(m) for t in ts if in_cli(t))
+    assert not up, up
 
 
 def test_the_variant_registry_is_a_leaf():
@@ -125,7 +134,7 @@ def test_the_variant_registry_is_a_leaf():
     assert imported - {"__future__"} <= {"torch"} | set(sys.stdlib_module_names), imported
 
 
-@pytest.mark.parametrize("name", sorted(modules()))
+@pytest.mark.parametrize("name", sorted(m for m in modules(command_line=True) if not m.endswith("__main__")))
 def test_every_module_imports(name):
     need = NEEDS.get(name)
     if need is not None and importlib.util.find_spec(need) is None:

@@ -215,7 +215,7 @@ def test_vllm_compile_range_reaches_the_call_and_the_report(fake_pg):
 
 
 def test_explain_shows_the_table_and_the_range():
-    from fusion_passes.tools.explain import GraphExplanation, render_text
+    from fusion_passes.cli.explain import GraphExplanation, render_text
 
     site = {"all_reduce": "ar", "fused": True, "variant": "allreduce_add_rmsnorm", "backend": "triton",
             "hoisted_over": [], "reason": None, "table": "measured table /c/tuned.json", "token_range": [1, 16],
@@ -412,7 +412,7 @@ def test_each_call_takes_its_buckets_launch(machine, fake_pg):
     """The triton backend's launch plan per call from the measured bucket (no kernel runs):
     warps at world size 1; at N, once agreed, the bucket's path or the unfused chain."""
     from fusion_passes.backends.triton import TritonBackend
-    from fusion_passes.tools.model_trace import fake_world
+    from fusion_passes.cli.model_trace import fake_world
 
     one = "c10d:" + fake_world(1).group_name
     measured.write(table(STRADDLE[:3] + [entry(8, "fused", num_warps=4)] + STRADDLE[4:]))

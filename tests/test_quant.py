@@ -494,7 +494,7 @@ def test_epilogue_fp4_matches_vllm_reference():
 def test_patterns_command_lists_every_quant_family_before_the_plain_ones():
     from fusion_passes.patterns import CATALOGUE
     from fusion_passes.quant import VARIANTS
-    from tools import patterns_cmd
+    from fusion_passes.cli import patterns_cmd
 
     rows = patterns_cmd.rows()
     names = [r["family"] for r in rows]

@@ -1,4 +1,4 @@
-"""Real vLLM 0.33 FP8 graphs (TP=2, traced on CPU by fusion_passes.tools.capture): every
+"""Real vLLM 0.33 FP8 graphs (TP=2, traced on CPU by fusion_passes.cli.capture): every
 all-reduce whose norm output is quantized fuses WITH the quant.
 
 Llama, 2 layers: the embedding all-reduce -> layer 0's rms_norm -> FP8 (qkv GEMM), then per
@@ -37,13 +37,13 @@ TOKENS = 5  # the symbolic token count, made concrete for the site numerics (odd
 
 def _trace_vllm():
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-    from fusion_passes.tools.testing.vllm_cpu_ops import register_c_quant_ops
+    from fusion_passes.cli.vllm_cpu_ops import register_c_quant_ops
 
-    # FP8 weight loading calls _C.static_scaled_fp8_quant (see fusion_passes.tools.testing.vllm_cpu_ops)
+    # FP8 weight loading calls _C.static_scaled_fp8_quant (see fusion_passes.cli.vllm_cpu_ops)
     if not register_c_quant_ops():
         pytest.skip("needs vLLM 0.33's wheel (its _C schemas) installed")
     pytest.importorskip("vllm", reason="needs vLLM 0.33 (the vllm extra): the capture tool traces its models")
-    from fusion_passes.tools.capture import trace_vllm
+    from fusion_passes.cli.capture import trace_vllm
 
     return trace_vllm
 
@@ -182,7 +182,7 @@ def test_vllm_llama_fp8_fuses_the_quant(fake_pg, quant, kind):
 @pytest.fixture
 def block_fp8_on_cpu():
     """``trace_vllm`` for block FP8: the capture tool sets up what block FP8 needs on a CPU
-    (``fusion_passes.tools.testing.vllm_cpu.prepare_block_fp8``; none of it touches the graph
+    (``fusion_passes.cli.vllm_cpu.prepare_block_fp8``; none of it touches the graph
     around the norms)."""
     return _trace_vllm()
 

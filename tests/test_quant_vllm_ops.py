@@ -3,7 +3,7 @@
 The CUDA extension of the vLLM 0.33 wheel (``vllm/_C_stable_libtorch.abi3.so``) cannot load
 on this machine: it links ``libcuda.so.1``, the NVIDIA driver, which a GPU-less host does not
 have, so ``torch.ops._C.*`` quant ops do not exist here.
-:func:`fusion_passes.tools.testing.vllm_cpu_ops.register_c_quant_ops` registers them from the
+:func:`fusion_passes.cli.vllm_cpu_ops.register_c_quant_ops` registers them from the
 wheel's OWN registration strings (the ``TORCH_LIBRARY`` schema text read out of that .so),
 with a fake implementation (they mutate and return nothing) and a CPU implementation that
 writes what the CUDA kernel computes (the kernel's documented math, via
@@ -21,7 +21,7 @@ import torch
 from torch.testing import FileCheck
 
 from fusion_passes import FusionPass
-from fusion_passes.tools.testing.vllm_cpu_ops import C_OPS, register_c_quant_ops, wheel_schemas
+from fusion_passes.cli.vllm_cpu_ops import C_OPS, register_c_quant_ops, wheel_schemas
 from graphs import all_reduce, fp32_weight_rms_norm, trace
 from ranks import run_ranks
 

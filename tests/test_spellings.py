@@ -128,7 +128,7 @@ def gloo_results(corpus):
 
     import torch.distributed as dist
 
-    from fusion_passes.tools import hf_tp
+    from fusion_passes.cli import hf_tp
     from spellings import gloo
 
     items = [(name, pickle.dumps((before, fused))) for name, (_, _, before, fused) in corpus.items()]

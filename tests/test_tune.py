@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from fusion_passes.backends import measured
-from fusion_passes.tools import bench_kernels as bk
-from fusion_passes.tools import tune, tune_show
-from fusion_passes.tools.cli import main as cli_main
+from fusion_passes.cli import bench_kernels as bk
+from fusion_passes.cli import tune, tune_show
+from fusion_passes.cli import main as cli_main
 
 
 def test_candidates_per_world_size():
@@ -45,7 +45,7 @@ def test_off_without_a_file_is_a_usage_error(monkeypatch, capsys):
 
 def test_bucket_times_every_candidate_and_every_unfused_chain(fake_pg, monkeypatch):
     from fusion_passes.backends import triton as tb
-    from fusion_passes.tools.model_trace import fake_world
+    from fusion_passes.cli.model_trace import fake_world
 
     parser = argparse.ArgumentParser()
     tune.add_arguments(parser)

@@ -1,6 +1,6 @@
 """Real vLLM 0.33 models, traced on CPU under fake ranks: what fuses, in closed form.
 
-Each model is traced ONCE per test session (``fusion_passes.tools.capture.trace_vllm``
+Each model is traced ONCE per test session (``fusion_passes.cli.capture.trace_vllm``
 caches per process) with tiny random configs of the real architectures, TP=2 (the
 session's fake world of 2), bf16, 2 decoder layers unless stated. The graph is vLLM's
 post-grad graph as its pass manager hands it to a custom pass.
@@ -51,7 +51,7 @@ def closed_form(layers: int) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def traced(fake_pg):
     """model -> (graphs, seconds to trace). Traced lazily, once per session."""
-    from fusion_passes.tools.capture import trace_vllm
+    from fusion_passes.cli.capture import trace_vllm
 
     cache: dict[str, tuple] = {}
 
@@ -167,7 +167,7 @@ def test_gemma3(traced):
 
 def test_traced_graphs_are_fresh_copies(traced):
     """trace_vllm returns copies: a test that rewrites its graphs cannot break the next."""
-    from fusion_passes.tools.capture import trace_vllm
+    from fusion_passes.cli.capture import trace_vllm
 
     a, b = trace_vllm("llama", tp=2, layers=LAYERS), trace_vllm("llama", tp=2, layers=LAYERS)
     assert a[0].graph is not b[0].graph

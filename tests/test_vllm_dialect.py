@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("vllm", reason="needs vLLM 0.33 installed (pip install -e .[vllm])")
 pytestmark = pytest.mark.vllm
 
-from fusion_passes.tools.testing.vllm_cpu import prepare_process as _prepare_process  # noqa: E402
+from fusion_passes.cli.vllm_cpu import prepare_process as _prepare_process  # noqa: E402
 
 _prepare_process()  # VLLM_TARGET_DEVICE=cpu before vLLM resolves its platform (see capture.py)
 

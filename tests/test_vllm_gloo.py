@@ -6,7 +6,7 @@ twice with vLLM's Inductor backend: as it is, and with
 all-reduce over gloo, then the unfused math in vLLM's order, including the fp32 residual
 add of ``fused_add_rms_norm``). 13 tokens (odd, and not the 16 the capture uses).
 About 5 minutes on 2 quiet cores.
-See :mod:`fusion_passes.tools.testing.vllm_e2e`.
+See :mod:`tools.testing.vllm_e2e`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ LAYERS = 2
 
 @pytest.fixture(scope="module")
 def result():
-    from fusion_passes.tools.testing.vllm_e2e import run
+    from tools.testing.vllm_e2e import run
 
     return run("llama", world_size=2, layers=LAYERS)
 
@@ -42,7 +42,7 @@ def test_fused_matches_unfused(result):
     the neighbouring bf16 value (2^-8 relative). Two layers hold 4 norms whose differences
     propagate: bound 4 x 2^-8 = 2^-6 of the activations' RMS. Measured on this machine:
     max 0.0039 at RMS 0.51 (2^-7), 57% of the outputs bit-equal. Before the CPU all-reduce
-    was made out of place (tools/capture.py), the unfused baseline itself was wrong and this
+    was made out of place (fusion_passes/cli/capture.py), the unfused baseline itself was wrong and this
     bound failed by 1000x (max 4.9)."""
     for rank in result:
         assert rank["shape"] == (13, 256)

@@ -15,9 +15,9 @@ from fusion_passes import arguments, variants
 from fusion_passes.backends import thresholds
 from fusion_passes.backends import triton as tb_mod
 from fusion_passes.backends.triton import TritonBackend
-from fusion_passes.tools.bench_cuda import time_graph
+from fusion_passes.cli.bench_cuda import time_graph
 
-NVFP4_GLOBAL_SCALE = 448.0 * 6 / 5  # as tools/bench_kernels.py: a norm output of absmax ~5 spans the e4m3 scales
+NVFP4_GLOBAL_SCALE = 448.0 * 6 / 5  # as fusion_passes/cli/bench_kernels.py: a norm output of absmax ~5 spans the e4m3 scales
 
 T0 = time.time()
 OUT = os.environ.get("OUT", "/tmp")

@@ -19,7 +19,7 @@ import triton.language as tl
 sys.path.insert(0, os.getcwd())
 from fusion_passes import epilogue  # noqa: E402
 from fusion_passes.backends import triton_kernels as K  # noqa: E402
-from fusion_passes.tools.bench_cuda import time_graph  # noqa: E402
+from fusion_passes.cli.bench_cuda import time_graph  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
 T0 = time.time()

@@ -13,7 +13,7 @@ option; a pair is tried once per process.
 At world size > 1 it is not done while compiling: the ranks would have to time together
 (:func:`fusion_passes.backends.agree.decide`) in the middle of a compile that each rank
 may or may not run (a compile cache hit skips it). The pass logs once that
-``torchrun --nproc_per_node=N -m fusion_passes.tools.cli tune`` calibrates there.
+``torchrun --nproc_per_node=N -m fusion_passes.cli tune`` calibrates there.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _calibrate(world: int, variant: str, hidden: int) -> None:
     _TRIED.add(key)
     if world > 1:
         _log.warning("fusion_passes: calibration was asked for, but at world size %d it runs only collectively: "
-                     "torchrun --nproc_per_node=%d -m fusion_passes.tools.cli tune --variants %s --hidden %d",
+                     "torchrun --nproc_per_node=%d -m fusion_passes.cli tune --variants %s --hidden %d",
                      world, world, variant, hidden)
         return
     if measured.path() is None:
@@ -97,7 +97,7 @@ def run_tune(variant: str, hidden: int) -> None:
     with socket.socket() as s:  # the child's one-rank group on a free port, not the parent's
         s.bind(("127.0.0.1", 0))
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
-    cmd = [sys.executable, "-m", "fusion_passes.tools.cli", "tune", "--variants", variant, "--hidden", str(hidden)]
+    cmd = [sys.executable, "-m", "fusion_passes.cli", "tune", "--variants", variant, "--hidden", str(hidden)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines()

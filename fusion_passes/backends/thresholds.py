@@ -134,7 +134,7 @@ TRITON: dict[str, object] = {
     #     token ranges (inclusive; hi None = no upper end) where it wins, which need not
     #     be contiguous; () = slower everywhere; the None key serves any hidden size not
     #     listed (no None key: unlisted hidden sizes are declined).
-    # `python tools/bench_kernels.py --derive-table results/<run>.json` prints the dict
+    # `fusion-passes bench kernels --derive-table results/<run>.json` prints the dict
     # form from a run of `fusion-passes bench kernels`. A (world size, variant) not listed
     # was not measured, so the backend declines it.
     # Source: `fusion-passes bench kernels` on 1x / 2x NVIDIA H200 (results/*.json).
@@ -143,7 +143,7 @@ TRITON: dict[str, object] = {
         # (results/bench_kernels_h200_ws1.json: add_rmsnorm at hidden 4096/7168/8192, FP8 static
         # and per-token at 7168) and `--variants add_rmsnorm_fp8_per_group add_rmsnorm_nvfp4
         # add_rmsnorm_mxfp4` (results/bench_kernels_h200_ws1_quant.json), 1..16384 tokens,
-        # derived by `python tools/bench_kernels.py --derive-table` on the two files: a range is
+        # derived by `fusion-passes bench kernels --derive-table` on the two files: a range is
         # where the fused call beat the BEST unfused chain (Inductor's epilogue compiled with
         # hidden static, per token count or token-dynamic) in both of its timings; elsewhere
         # the selector declines and Inductor compiles the epilogue itself. ``None`` (as a

@@ -54,7 +54,7 @@ def run_case(case, graphs: bytes, rank: int, world: int = 2, dynamic: bool = Fal
 
 
 def worker(rank: int, group_name: str, items: list[tuple[str, bytes]]) -> dict:
-    """Every case on this rank (run through ``fusion_passes.tools.hf_tp.spawn``)."""
+    """Every case on this rank (run through ``fusion_passes.cli.hf_tp.spawn``)."""
     import torch.distributed as dist
 
     start = time.perf_counter()

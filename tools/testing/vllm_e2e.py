@@ -5,10 +5,10 @@ weights from one seed, so both copies hold the same shards), compiles one with v
 Inductor backend as it is and the other with :class:`fusion_passes.vllm.VllmFusionPass`
 in its pass manager (the fused op on the reference backend: vLLM's own all-reduce, then
 the unfused math), runs both on the same tokens and returns the hidden states. The
-recipe is :mod:`fusion_passes.tools.capture`'s (and :mod:`.vllm_cpu`'s), with a real gloo
+recipe is :mod:`fusion_passes.cli.capture`'s (and :mod:`fusion_passes.cli.vllm_cpu`'s), with a real gloo
 world in place of the fake one; the forward is the profile-run style of
-:func:`fusion_passes.tools.capture.run_model` (no attention metadata). Test harness, not
-library API (see the package docstring).
+:func:`fusion_passes.cli.capture.run_model` (no attention metadata). Test harness, not
+installed (see the package docstring).
 
 Attention: the CUDA wheel has no CPU attention kernels (``ops.cpu_attn_*``), and without
 metadata vLLM's CPU attention returns its output buffer unwritten. Here each token is a
@@ -16,7 +16,7 @@ one-token prompt: causal attention over a single key is exactly its value (softm
 logit is 1), so :func:`_one_token_prompts` writes ``v`` (repeated over the query heads of
 each KV head) into the buffer. Everything else is vLLM's code.
 
-    from fusion_passes.tools.testing.vllm_e2e import run
+    from tools.testing.vllm_e2e import run
     result = run("llama", world_size=2)   # one dict per rank
 
 Costs two cold Inductor compiles per rank (about a minute each for 2 layers on CPU).
@@ -56,9 +56,9 @@ def _one_token_prompts() -> None:
 def _worker(rank: int, model: str, layers: int, dtype: str, world_size: int) -> dict:
     import torch.distributed as dist
 
-    from fusion_passes.tools import capture
-    from fusion_passes.tools.testing import vllm_cpu
-    from fusion_passes.tools.tiny_configs import write_config
+    from fusion_passes.cli import capture
+    from fusion_passes.cli import vllm_cpu
+    from fusion_passes.cli.tiny_configs import write_config
 
     vllm_cpu.prepare_process()  # the CPU recipe's environment, before vLLM is imported
     vllm_cpu.patch_cpu_wheel_for_compile()  # a full compile, not a capture: see there
@@ -111,7 +111,7 @@ def _worker(rank: int, model: str, layers: int, dtype: str, world_size: int) -> 
 
 def run(model: str = "llama", world_size: int = 2, layers: int = 2, dtype: str = "bfloat16") -> list[dict]:
     """Per rank: the fused-vs-unfused comparison of *model* on *world_size* gloo processes."""
-    from fusion_passes.tools import hf_tp
+    from fusion_passes.cli import hf_tp
 
     return hf_tp.spawn(_worker, world_size, model, layers, dtype, world_size)
 

@@ -1,0 +1,229 @@
+"""One point of ``bench model``: a model step compiled without and with the pass, timed and
+checked against an fp32 eager reference.
+
+A *point* is a step shape (:func:`points`):
+
+* ``decode T``: T sequences, one new token each, every sequence holding ``context`` tokens
+  already (a KV cache of ``context + 1`` slots filled with random keys and values);
+* ``prefill T``: one sequence of T prompt tokens into an empty cache of T slots.
+
+The logits of each sequence's last token are the step's output (what a server samples).
+A *form* is how the step is compiled (``torch.compile(fullgraph=True, dynamic=False)``,
+one compile per point and form):
+
+* ``nocoll`` (world size 1 only): the model with no collective at all, what a one-GPU
+  user runs;
+* ``unfused``: the tensor-parallel model (one rank: the explicit all-reduces of
+  :func:`fusion_passes.cli.models.reduce_explicitly`; N ranks: HF's tp_plan);
+* ``fused``: the same with :class:`fusion_passes.FusionPass` (Inductor's FX graph and
+  AOT caches off for it, so the pass runs and reports).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import math
+import time
+
+import torch
+
+from fusion_passes.cli import models
+
+FORMS_WS1 = ("nocoll", "unfused", "fused")
+FORMS_TP = ("unfused", "fused")
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One step shape."""
+
+    kind: str  # "decode" | "prefill"
+    tokens: int
+    batch: int
+    seq: int
+    max_len: int  # KV cache slots per sequence
+    start: int  # tokens already in the cache
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.tokens}"
+
+
+def points(decode, prefill, context: int) -> list[Point]:
+    """Decode points (T sequences x 1 token, ``context`` cached) then prefill (1 x T)."""
+    out = [Point("decode", t, t, 1, context + 1, context) for t in decode]
+    return out + [Point("prefill", t, 1, t, t, 0) for t in prefill]
+
+
+def inputs(model, p: Point, device, world: int, dtype=torch.bfloat16, like=None):
+    """``(token ids, replayable cache)`` of point *p* (same values on every call)."""
+    cache = models.make_cache(model, p.batch, p.max_len, p.start, dtype, device, world, seed=p.tokens, like=like)
+    return models.token_ids(p.batch, p.seq, model.config.vocab_size, device), cache
+
+
+def references(model, pts: list[Point], device, world: int) -> list[torch.Tensor]:
+    """fp32 eager logits of every point (:func:`models.reference`), same caches upcast."""
+    out = []
+    with models.reference(model), torch.no_grad():
+        for p in pts:
+            ids, cache16 = inputs(model, p, device, world)
+            _, cache32 = inputs(model, p, device, world, torch.float32, like=cache16)
+            out.append(models.step(model, ids, cache32).float())
+            del cache16, cache32
+    return out
+
+
+def distance(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Max and RMS of ``out - ref`` (fp32)."""
+    d = out.float() - ref
+    return {"max": d.abs().max().item(), "rms": math.sqrt(d.pow(2).mean().item())}
+
+
+RATIO_MAX = 1.02
+"""Largest ``ratio`` (fused / unfused RMS distance from the fp32 reference) a point may have:
+the pass computes what the compile it replaces computes (docs/design.md, "What Inductor
+keeps unrounded"), so its model is at most 2% further from fp32 than the unfused compile."""
+
+
+def numerics(outs: dict[str, torch.Tensor], ref: torch.Tensor) -> dict:
+    """Distance of each output from the reference, and the checks: the fused output's RMS
+    distance no larger than the unfused one's plus the RMS of one bf16 rounding of the
+    reference (``fused_no_further``), and at most :data:`RATIO_MAX` times it (``ratio``,
+    ``ratio_ok``). The max distance is reported too (``max_no_further``, same rule with the
+    largest single rounding) but does not decide: one element whose rounding (or FP8 code)
+    flips moves it, while the RMS sees every element."""
+    tol = distance(ref.to(torch.bfloat16), ref)
+    res = {name: distance(o, ref) for name, o in outs.items()}
+    fused, unfused = res["fused"], res["unfused"]
+    ratio = fused["rms"] / unfused["rms"] if unfused["rms"] else (1.0 if not fused["rms"] else math.inf)
+    return {"reference": "fp32 eager, same weights", **res, "tolerance": tol,
+            "fused_no_further": fused["rms"] <= unfused["rms"] + tol["rms"],
+            "max_no_further": fused["max"] <= unfused["max"] + tol["max"],
+            "ratio": ratio, "ratio_ok": ratio <= RATIO_MAX}
+
+
+def numerics_ok(n: dict) -> bool:
+    """A point's numerics pass: no further than the unfused compile, by both checks."""
+    return n["fused_no_further"] and n.get("ratio_ok", True)
+
+
+@contextlib.contextmanager
+def _form(form: str, ctx):
+    """Set the model up for *form*; yields the pass (``fused``) or None."""
+    import fusion_passes
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    if form == "nocoll":
+        for h in ctx.handles:
+            h.remove()
+        try:
+            yield None
+        finally:
+            ctx.handles = models.reduce_explicitly(ctx.model, ctx.group_name)
+    elif form == "fused":
+        with fusion_passes.enabled() as fusion, inductor_config.patch(fx_graph_cache=False), \
+                functorch_config.patch(enable_autograd_cache=False):
+            yield fusion
+    else:
+        yield None
+
+
+def run_form(form: str, ctx, ids, cache) -> dict:
+    """Compile *form* (timed), take its logits, time its step; the pass's report if fused."""
+    torch._dynamo.reset()
+    with _form(form, ctx) as fusion, torch.no_grad():
+        compiled = torch.compile(ctx.model, fullgraph=True, dynamic=False)
+        t0 = time.perf_counter()
+        logits = models.step(compiled, ids, cache).float()
+        ctx.sync()
+        compile_s = time.perf_counter() - t0
+        us = ctx.time_step(lambda: models.step(compiled, ids, cache))
+    out = {"us": us, "compile_s": compile_s, "logits": logits}
+    if fusion is not None:
+        out["reports"] = list(fusion.reports)
+    del compiled
+    torch._dynamo.reset()
+    gc.collect()
+    ctx.empty_cache()
+    return out
+
+
+def sites(reports, layers: int, runtime_backend) -> dict:
+    """The pass's sites: counts, per layer, variant and compile-time backend of each, and
+    the backend the run-time selector picks for this step (``runtime_backend(family)``)."""
+    entries = [s.to_dict() for r in reports for s in r.sites]
+    fused = [s for s in entries if s["fused"]]
+    for s in fused:
+        s["runtime_backend"] = runtime_backend(s["variant"])
+
+    def count(key):
+        out: dict[str, int] = {}
+        for s in fused:
+            out[s[key] or "?"] = out.get(s[key] or "?", 0) + 1
+        return out
+
+    return {"total": len(entries), "fused": len(fused), "per_layer": len(fused) / layers,
+            "variants": count("variant"), "backends": count("backend"), "runtime_backends": count("runtime_backend"),
+            "unfused_reasons": [s["reason"] for s in entries if not s["fused"]],
+            "errors": [e for r in reports for e in r.errors], "list": entries}
+
+
+def runtime_backend_fn(hidden: int, world: int, tokens: int, device_kind: str):
+    """``family name -> backend`` the run-time selector picks for a step of *tokens*."""
+    from fusion_passes import backends
+    from fusion_passes.patterns import CATALOGUE
+
+    variant_of = {f.name: f.variant for f in CATALOGUE}
+
+    def pick(family: str | None) -> str | None:
+        variant = variant_of.get(family or "")
+        if variant is None:
+            return None
+        call = backends.Call(variant=variant, device=device_kind, dtype=torch.bfloat16, hidden=hidden,
+                             world_size=world, tokens=tokens)
+        try:
+            return backends.select(call, "auto")
+        except RuntimeError as e:
+            return f"none: {e}"
+
+    return pick
+
+
+def run_point(ctx, p: Point, ref: torch.Tensor) -> dict:
+    """Every form of point *p*: step times, speedups, the pass's sites, numerics."""
+    ids, cache = inputs(ctx.model, p, ctx.device, ctx.world)
+    with torch.no_grad():
+        outs = {"eager": models.step(ctx.model, ids, cache).float()}
+    results = {form: run_form(form, ctx, ids, cache) for form in ctx.forms}
+    outs.update({form: r["logits"] for form, r in results.items()})
+    step_us = {form: r["us"] for form, r in results.items()}
+    cfg = ctx.model.config
+    pick = runtime_backend_fn(cfg.hidden_size, ctx.world, p.batch * p.seq, ctx.device_kind)
+    row = {
+        "kind": p.kind, "tokens": p.tokens, "batch": p.batch, "seq": p.seq, "cache_slots": p.max_len,
+        "cached_tokens": p.start, "step_us": step_us,
+        "speedup": step_us["unfused"] / step_us["fused"],
+        "compile_s": {form: round(r["compile_s"], 2) for form, r in results.items()},
+        "sites": sites(results["fused"]["reports"], cfg.num_hidden_layers, pick),
+        "numerics": numerics(outs, ref),
+    }
+    if "nocoll" in step_us:
+        row["speedup_vs_nocoll"] = step_us["nocoll"] / step_us["fused"]
+    del ids, cache
+    return row
+
+
+def format_point(prefix: str, row: dict) -> str:
+    """The progress line of one point."""
+    us, n, s = row["step_us"], row["numerics"], row["sites"]
+    nocoll = f", no collective {us['nocoll']:.1f} us (x{row['speedup_vs_nocoll']:.3f})" if "nocoll" in us else ""
+    backends_ = ", ".join(f"{k} x{v}" for k, v in s["runtime_backends"].items()) or "-"
+    check = "ok" if numerics_ok(n) else "FAILED"
+    ratio = f", ratio {n['ratio']:.3f}" if "ratio" in n else ""
+    return (f"{prefix} {row['kind']} {row['tokens']}: unfused {us['unfused']:.1f} us, fused {us['fused']:.1f} us "
+            f"(x{row['speedup']:.3f}){nocoll}; sites {s['fused']}/{s['total']} fused ({s['per_layer']:g}/layer; "
+            f"{backends_}); rms fused {n['fused']['rms']:.4g} vs unfused {n['unfused']['rms']:.4g} "
+            f"(eager {n['eager']['rms']:.4g}, tol {n['tolerance']['rms']:.2g}{ratio}): {check}")

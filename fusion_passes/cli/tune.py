@@ -1,0 +1,233 @@
+"""``fusion-passes tune``: measure the fused paths against the best unfused chain HERE, and keep the result.
+
+On the present machine and world size (``torchrun --nproc_per_node=N -m
+fusion_passes.cli tune`` at N), for every variant and hidden size asked and every
+token bucket, it times under CUDA graphs (``bench kernels``' machinery,
+:mod:`fusion_passes.cli.bench_kernels`):
+
+* the fused call at each launch config the kernel can vary (warps per row: 4, 8, 16) and,
+  at N, each multi-rank path (barrier one-shot, wait-free one-shot, two-shot);
+* every unfused chain: each collective (none at 1; NCCL, symm-mem one-shot and two-shot at
+  N) + the epilogue compiled by Inductor (static per token count, token-dynamic).
+
+Every rank times every option; the slowest rank's time counts and rank 0 picks the fastest
+(:func:`fusion_passes.backends.agree.decide`), so every rank writes the same table. The
+bucket's entry is ``fused`` (with its path and warps) when a fused option was fastest,
+else ``unfused``. The table goes to the measured-table file
+(:mod:`fusion_passes.backends.measured`; ``--out`` for another file), replacing the pairs
+measured again; the selector reads it before the shipped table from the next process on.
+
+``tune --show`` prints the table for this machine (or every table, without a GPU) and
+where each entry came from. Nothing else ever writes the file: compiling a model never
+calibrates.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import sys
+import time
+
+from fusion_passes.cli import bench_rows as br
+from fusion_passes.cli.bench_rows import positive_int
+
+WARPS = (4, 8, 16)
+MP_PATHS = ("barrier", "lamport", "twoshot")
+DEFAULT_TOKENS = br.DEFAULT_TOKENS
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--variants", nargs="+", default=["add_rmsnorm"], choices=br.VARIANTS,
+                        help="variants to calibrate (default add_rmsnorm)")
+    parser.add_argument("--hidden", type=positive_int, nargs="+", default=[7168], help="hidden sizes (default 7168)")
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=list(DEFAULT_TOKENS),
+                        help="token buckets (default 1 2 4 .. 16384)")
+    parser.add_argument("--replays", type=positive_int, default=5, help="timed graph replays per option (median)")
+    parser.add_argument("--with-max-autotune", action="store_true",
+                        help="also count the epilogue compiled with max_autotune + coordinate_descent_tuning per "
+                             "token count (slow: Inductor times its configs per shape)")
+    parser.add_argument("--file", help="the measured-table file to write (or, with --show, to read) instead of "
+                        "$FUSION_PASSES_TUNED or ~/.cache/fusion_passes/tuned.json")
+    parser.add_argument("--json", help="also write every timing to this JSON file (rank 0)")
+    parser.add_argument("--show", action="store_true", help="print the measured table and where it came from, then exit")
+
+
+def validate(args) -> None:
+    from fusion_passes.cli import UsageError
+
+    if args.show:
+        return
+    for variant in args.variants:
+        for hidden in args.hidden:
+            reason = br.check_hidden(variant, hidden)
+            if reason is not None:
+                raise UsageError(reason)
+    if len(set(args.tokens)) != len(args.tokens):
+        raise UsageError(f"--tokens has repeats: {args.tokens}")
+    from fusion_passes.backends import measured
+
+    if args.file is None and measured.path() is None:
+        raise UsageError(f"${measured.ENV}=off: there is no measured-table file to write (give --out)")
+
+
+def run(args) -> int:
+    validate(args)
+    if args.show:
+        from fusion_passes.cli import tune_show
+
+        print(tune_show.render(args.file))
+        return 0
+    import torch
+
+    if not torch.cuda.is_available() or torch.version.hip is not None:
+        print("fusion-passes tune: needs an NVIDIA CUDA GPU (it times the triton backend's kernels)", file=sys.stderr)
+        return 2
+    return _tune(args)
+
+
+def _tune(args) -> int:
+    import torch.distributed as dist
+
+    from fusion_passes.backends import measured
+    from fusion_passes.cli import bench_cuda
+    from fusion_passes.cli import bench_kernels as bk
+
+    start = time.perf_counter()
+    rank, world = bench_cuda.init_nccl()
+    args.with_dynamic_true = False
+    ctx = bk.sweep_context(args, rank, world, dist.group.WORLD.group_name, device="cuda")
+    bk._raise_recompile_limits(len(args.tokens))
+    entries, rows, seconds = [], [], {}
+    for variant in args.variants:
+        for hidden in args.hidden:
+            t0 = time.perf_counter()
+            got = tune_pair(ctx, variant, hidden)
+            seconds[f"{variant} H={hidden}"] = round(time.perf_counter() - t0, 1)
+            entries += [e for e, _ in got]
+            rows += [r for _, r in got]
+    key = measured.machine_key(world, single_node=True)
+    table = {"key": key, "command": command_line(world),
+             "written": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+             "seconds_per_pair": seconds, "entries": entries}
+    if rank == 0:
+        import pathlib
+
+        where = measured.write(table, pathlib.Path(args.file) if args.file else None)
+        print(f"wrote {len(entries)} entries for {key['gpu']} at world size {world} to {where} "
+              f"({time.perf_counter() - start:.0f} s; per pair: {seconds})")
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps({
+                "command": table["command"], "machine": bench_cuda.machine(), "versions": bench_cuda.versions(),
+                "key": key, "seconds_per_pair": seconds, "rows": rows}, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def fused_options(world: int, variant: str, hidden: int) -> list[dict]:
+    """The launch configs (and paths at N) the fused call is timed at."""
+    from fusion_passes.backends import triton as tb
+
+    limit = int(tb.LIMITS["max_warps"])
+    warps = sorted({w for w in WARPS if w <= limit} | {tb.num_warps_for(hidden, variant != "add_rmsnorm")})
+    paths = ("local",) if world == 1 else MP_PATHS
+    return [{"path": p, "num_warps": w} for p in paths for w in warps]
+
+
+def option_name(o: dict) -> str:
+    return f"fused:{o['path']}:{o['num_warps']}"
+
+
+def decide_bucket(group: str, variant: str, hidden: int, tokens: int, times: dict[str, float]) -> tuple[dict, dict]:
+    """The bucket's table entry from every rank's option times (collective: the slowest rank
+    counts, rank 0 picks), and the row of timings kept in ``--json``."""
+    from fusion_passes.backends import agree
+
+    pick, slowest = agree.decide(group, {k: math.inf if v is None else v for k, v in times.items()})
+    unfused = {k: v for k, v in slowest.items() if not k.startswith("fused:")}
+    fused = {k: v for k, v in slowest.items() if k.startswith("fused:")}
+    best_u = min(unfused, key=lambda k: (unfused[k], k))
+    best_f = min(fused, key=lambda k: (fused[k], k))
+    _, path, warps = best_f.split(":")
+    entry = {"variant": variant, "hidden": hidden, "tokens": tokens,
+             "pick": "fused" if pick.startswith("fused:") else "unfused", "path": path, "num_warps": int(warps),
+             "fused_us": _us(fused[best_f]), "unfused_us": _us(unfused[best_u]), "best_unfused": best_u}
+    row = {**entry, "times_us": {k: _us(v) for k, v in slowest.items()},
+           "speedup": unfused[best_u] / fused[best_f] if math.isfinite(fused[best_f]) else 0.0}
+    return entry, row
+
+
+def _us(v: float) -> float | None:
+    return round(v, 3) if math.isfinite(v) else None
+
+
+def command_line(world: int, argv: list[str] | None = None) -> str:
+    """The command that ran, as typed (``torchrun ...`` at world size N)."""
+    argv = sys.argv if argv is None else argv
+    rest = argv[argv.index("tune") + 1:] if "tune" in argv else argv[1:]
+    head = (f"torchrun --standalone --nproc_per_node={world} -m fusion_passes.cli" if world > 1
+            else "fusion-passes")
+    return " ".join([head, "tune", *rest])
+
+
+def tune_pair(ctx, variant: str, hidden: int) -> list[tuple[dict, dict]]:
+    """Every bucket of one (variant, hidden): ``[(entry, row), ...]``."""
+    import torch
+
+    from fusion_passes.backends import triton as tb
+    from fusion_passes.cli import bench_kernels as bk
+
+    w = (torch.rand(hidden, device=ctx.device) + 0.5).to(torch.bfloat16)
+    scale = torch.tensor([bk.NVFP4_GLOBAL_SCALE if variant.endswith("nvfp4") else bk.FP8_STATIC_SCALE],
+                         device=ctx.device)
+    forms = bk._compile_forms(ctx, variant, hidden, w, scale)
+    fused = bk._fused_fn(variant, ctx.group, ctx.fused_backend)
+    out = []
+    with bk._triton_admitted(ctx.world, variant):
+        for tokens in ctx.args.tokens:
+            times = _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb)
+            entry, row = decide_bucket(ctx.group, variant, hidden, tokens, times)
+            out.append((entry, row))
+            if ctx.rank == 0:
+                print(f"{variant:26s} H={hidden:5d} T={tokens:5d}  {entry['pick']:7s} fused {entry['fused_us']:8.2f} us "
+                      f"({entry['path']}, {entry['num_warps']} warps)  unfused {entry['unfused_us']:8.2f} us "
+                      f"({entry['best_unfused']})  x{row['speedup']:.2f}", flush=True)
+    return out
+
+
+def _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb) -> dict[str, float | None]:
+    """us per option at one token count: every fused config, every unfused chain."""
+    import torch
+
+    from fusion_passes.cli import bench_kernels as bk
+
+    torch.manual_seed(ctx.rank * 7919 + tokens)
+    x = torch.randn(tokens, hidden, device=ctx.device).to(torch.bfloat16)
+    torch.manual_seed(tokens)
+    res = torch.randn(tokens, hidden, device=ctx.device).to(torch.bfloat16)
+    inputs = (x, res, w, scale)
+    calls = max(1, min(20, int(4e8 // max(br.bytes_moved(variant, tokens, hidden), 1))))
+    bk._timed(ctx, "compile_static", forms["static"], *inputs)
+    if br.MAX_AUTOTUNE_FORM in forms:
+        bk._timed(ctx, "compile_max_autotune", forms[br.MAX_AUTOTUNE_FORM], *inputs)
+    times: dict[str, float | None] = {}
+    for option in fused_options(ctx.world, variant, hidden):
+        tb.FORCE.update(option if option["path"] != "local" else {"num_warps": option["num_warps"]})
+        try:
+            times[option_name(option)] = ctx.time_graph(fused, inputs, calls, ctx.args.replays)
+        except Exception:  # noqa: BLE001 - a config that cannot run (e.g. a path's workspace) is skipped
+            times[option_name(option)] = None
+        finally:
+            tb.FORCE.clear()
+    for coll_name, coll in bk._collectives(ctx, x).items():
+        for form_name, form in forms.items():
+            try:
+                times[f"{coll_name}+{form_name}"] = ctx.time_graph(
+                    lambda a, r, ww, s, form=form, coll=coll: form(coll(a), r, ww, s), inputs, calls, ctx.args.replays)
+            except Exception:  # noqa: BLE001 - a baseline that cannot run is left out
+                times[f"{coll_name}+{form_name}"] = None
+    del x, res
+    ctx.empty_cache()
+    return times
