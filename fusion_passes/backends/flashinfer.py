@@ -41,7 +41,7 @@ import torch
 from fusion_passes import variants
 from fusion_passes.backends import thresholds
 from fusion_passes.backends.contract import Call, Slower, platform_reason
-from fusion_passes.backends.fallback import Unfusable, VendorBackend, not_installed
+from fusion_passes.backends.fallback import VendorBackend, not_installed
 from fusion_passes.variants import FusedArgs, FusedOutputs
 
 LIMITS = thresholds.FLASHINFER
@@ -114,6 +114,21 @@ class FlashInferBackend(VendorBackend):
     def unsupported(self, call: Call) -> str | None:
         return unsupported(call)
 
+    def declines(self, call: Call) -> str | None:
+        """Why the kernel would compute this call's arguments differently (see the module
+        docstring), or None; the selector then runs it unfused."""
+        if call.weight_dtype is not None and not call.flags.weight_in_fp32 and not call.flags.gemma:
+            return ("flashinfer multiplies the weight in fp32 before the cast (vLLM order); the Hugging "
+                    "Face order (weight_in_fp32=False) would round differently")
+        if call.flags.residual_in_fp32 and call.residual:
+            return RESIDUAL_ROUNDED
+        if call.weight_dtype is not None and call.weight_dtype != call.dtype:
+            return (f"flashinfer reads the norm weight as the activation dtype {call.dtype}, "
+                    f"the graph multiplies a {call.weight_dtype} weight")
+        if call.variant == "add_rmsnorm_fp8_per_token" and call.quant_arg("scale_ub") is not None:
+            return "flashinfer's dynamic FP8 epilogue has no scale upper bound"
+        return None
+
     # -- workspace ------------------------------------------------------------------------
     def _workspace(self, group: str, x: torch.Tensor):
         import torch.distributed as dist
@@ -146,16 +161,6 @@ class FlashInferBackend(VendorBackend):
 
     # -- argument mapping -----------------------------------------------------------------
     def _prepare(self, a: FusedArgs):
-        if a.weight is not None and not a.flags.weight_in_fp32 and not a.flags.gemma:
-            raise Unfusable(
-                "flashinfer multiplies the weight in fp32 before the cast (vLLM order); the Hugging "
-                "Face order (weight_in_fp32=False) would round differently"
-            )
-        if a.flags.residual_in_fp32 and a.residual is not None:
-            raise Unfusable(RESIDUAL_ROUNDED)
-        if a.weight is not None and a.weight.dtype != a.input.dtype:
-            raise Unfusable(f"flashinfer reads the norm weight as the activation dtype {a.input.dtype}, "
-                            f"the graph multiplies a {a.weight.dtype} weight")
         hidden = a.input.shape[-1]
         x = a.input.reshape(-1, hidden).contiguous()  # allreduce_fusion takes [token_num, hidden_dim]
         res = torch.zeros_like(x) if a.residual is None else a.residual.reshape(-1, hidden).contiguous()
@@ -196,8 +201,6 @@ class FlashInferBackend(VendorBackend):
         return _shaped(a, FusedOutputs(res_out, norm, q))
 
     def add_rmsnorm_fp8_per_token(self, a: FusedArgs) -> FusedOutputs:
-        if a.quant["scale_ub"] is not None:
-            raise Unfusable("flashinfer's dynamic FP8 epilogue has no scale upper bound")
         P = self._comm.AllReduceFusionPattern
         x, res, w = self._prepare(a)
         q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
