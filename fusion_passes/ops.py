@@ -35,7 +35,7 @@ import logging
 
 import torch
 
-from fusion_passes import arguments, backends, groups, variants
+from fusion_passes import _compat, arguments, backends, groups, variants
 from fusion_passes.variants import Flags, FusedArgs, FusedOutputs, Variant
 
 VARIANTS = variants.NAMES
@@ -139,7 +139,7 @@ def _define(spec: Variant):
 
 
 _DEFINED = {spec.name: _define(spec) for spec in variants.VARIANTS}
-OPS: dict[str, torch._ops.OpOverload] = {
+OPS: dict[str, _compat.OpOverload] = {
     name: getattr(torch.ops.fusion_passes, variants.BY_NAME[name].op).default for name in _DEFINED
 }
 """Variant name -> its op overload (what the rewrite inserts)."""

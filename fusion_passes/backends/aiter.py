@@ -66,7 +66,7 @@ def unsupported(call: Call, arch: str | None = None, installed: bool | None = No
     if not arch.startswith(tuple(LIMITS["archs"])):
         return f"GPU arch {arch or 'unknown'!r} not in {LIMITS['archs']}"
     platform = platform_reason(call, DTYPES, LIMITS["world_sizes"],
-                               "the group spans several nodes: AITER's custom all-reduce uses IPC within one host",
+                               "the process group spans several nodes: AITER's custom all-reduce uses IPC within one host",
                                world_note=" (fused AR kernels)")
     if platform is not None:
         return platform
@@ -87,7 +87,7 @@ def unsupported(call: Call, arch: str | None = None, installed: bool | None = No
     if call.flags.gemma and call.variant in ("add_rmsnorm_fp8_per_group", "add_rmsnorm_mxfp4"):
         return "aiter's per-group FP8 and MXFP4 epilogues have no gemma (1 + w) norm"
     if call.group_size is not None and call.group_size not in LIMITS["per_group_sizes"]:
-        return f"group size {call.group_size} not in {LIMITS['per_group_sizes']}"
+        return f"quant group size {call.group_size} not in {LIMITS['per_group_sizes']}"
     if call.tokens is not None:
         itemsize = torch.empty((), dtype=call.dtype).element_size()
         nbytes = call.tokens * call.hidden * itemsize

@@ -38,7 +38,7 @@ import functools
 
 import torch
 
-from fusion_passes import variants
+from fusion_passes import _compat, variants
 from fusion_passes.backends import thresholds
 from fusion_passes.backends.contract import Call, Slower, platform_reason
 from fusion_passes.backends.fallback import VendorBackend, not_installed
@@ -69,7 +69,7 @@ def max_input_bytes(sm: int, world_size: int) -> float | None:
 def unsupported(call: Call, sm: int | None = None, installed: bool | None = None) -> str | None:
     """Why FlashInfer's fused kernels cannot (or should not) run *call* (*sm*, *installed*: for tests)."""
     platform = platform_reason(call, DTYPES, LIMITS["world_sizes"],
-                               "the group spans several nodes: the multi-node (MNNVL) path needs NVLink multicast, kept off",
+                               "the process group spans several nodes: the multi-node (MNNVL) path needs NVLink multicast, kept off",
                                device="cuda", device_need="needs an NVIDIA CUDA GPU")
     if platform is not None:
         return platform
@@ -146,9 +146,7 @@ class FlashInferBackend(VendorBackend):
                 f"fusion_passes: flashinfer workspace for {group!r} (hidden {hidden}) must be created "
                 "by an eager call before CUDA-graph capture"
             )
-        from torch._C._distributed_c10d import _resolve_process_group
-
-        pg = _resolve_process_group(symm.c10d_group_name(group))
+        pg = _compat.resolve_process_group(symm.c10d_group_name(group))
         world = groups.world_size(group)
         limit = max_input_bytes(_sm(), world) or 0
         max_tokens = max(1, int(limit // (hidden * x.element_size())))

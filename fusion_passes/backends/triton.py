@@ -26,7 +26,7 @@ warps per row (a measured choice; see thresholds.py).
 
 Every number it gates on is in :data:`fusion_passes.backends.thresholds.TRITON`.
 
-Multi-rank use (:mod:`fusion_passes.backends.symm`): one symmetric workspace per group,
+Multi-rank use (:mod:`fusion_passes.backends.symm`): one symmetric workspace per process group,
 registered collectively on the first eager call of a size (or :func:`symm.reserve`), then
 reused, so calls replay under CUDA graphs; a call that needs a larger workspace during
 capture raises. Calls on one group must be ordered on one stream, as NCCL's are on one

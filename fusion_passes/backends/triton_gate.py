@@ -28,7 +28,7 @@ FP4_DTYPES = variants.FP4_INPUT_DTYPES
 def unsupported(call: Call) -> str | None:
     """Why the triton backend cannot (or should not, being slower) run *call*."""
     platform = platform_reason(call, DTYPES, LIMITS["world_sizes"],
-                               "the group spans several nodes: symmetric-memory peer loads need one host",
+                               "the process group spans several nodes: symmetric-memory peer loads need one host",
                                world_note=" (barrier needs a power of two)",
                                device="cuda", device_need="needs an NVIDIA CUDA GPU (PTX signal instructions)")
     if platform is not None:
