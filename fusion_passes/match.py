@@ -184,11 +184,7 @@ def _carry_source(residual, norm: Norm, site: Site, prefer: str) -> Node | None:
         return None
     flags = dataclasses.replace(norm.flags, carry_fp32=True)
     call = dataclasses.replace(compile_time_call(site.family.variant, site.ar, norm, site.quant), flags=flags)
-    try:
-        chosen = backends.select(call, prefer)
-    except RuntimeError:
-        return None
-    return prev if chosen != "reference" or call.device == "cpu" else None
+    return prev if backends.selector.carries_fp32(call, prefer).backend is not None else None
 
 
 def _select(ar: AllReduce, add, residual, norm: Norm, residual_out: bool, found_quant, prefer: str):

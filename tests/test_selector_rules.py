@@ -155,3 +155,16 @@ def test_the_triton_backends_quant_group_size_is_the_selectors(fake_pg):
     assert choice.why.startswith("per-group FP8 quant group size 32 not in")
     args = bound("add_rmsnorm_fp8_per_group", x, None, None, group, group_size=128)
     assert selector.for_run(TritonBackend(), "add_rmsnorm_fp8_per_group", args).backend == "triton"
+
+
+def test_the_carry_fp32_flag_is_the_selectors():
+    """Once ``match._carry_source``'s own test of the selector's answer: a fused op hands the
+    next site its unrounded fp32 sum only where a backend runs that call (a kernel on a GPU)."""
+    flags = variants.Flags(weight_in_fp32=True, residual_in_fp32=True, carry_fp32=True)
+    cpu = backends.Call("add_rmsnorm", "cpu", BF16, 4096, 2, tokens=8, flags=flags)
+    assert selector.carries_fp32(cpu) == selector.Choice("reference", "flags: carry_fp32")
+    gpu = backends.Call("add_rmsnorm", "cuda", BF16, 7168, 1, tokens=256, flags=flags)
+    assert selector.carries_fp32(gpu) == selector.Choice("triton", "flags: carry_fp32")
+    fp64 = backends.Call("add_rmsnorm", "cuda", torch.float64, 7168, 1, tokens=256, flags=flags)
+    choice = selector.carries_fp32(fp64)
+    assert (choice.backend, choice.rule) == (None, "flags: no kernel carries fp32")

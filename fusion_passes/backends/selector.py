@@ -28,6 +28,9 @@ site stays unfused) and the rule, a short stable string the report keeps
     ``declines(call)``: a vendor kernel's rounding, a scale upper bound it has no slot for,
     the triton kernel's quant group sizes): the reference backend runs it.
 
+A compile-time flag is decided here too: :func:`carries_fp32` (``flags: carry_fp32``)
+says whether a fused op may hand the next site its unrounded fp32 sum.
+
 A backend's own ``run`` asks :func:`for_run` before its kernel, so a direct call (the
 tests, benchmarks) is decided by the same ``declines``.
 """
@@ -52,6 +55,8 @@ SHIPPED = "gpu: shipped table"
 MEASURED = "gpu: measured table"
 GPU_FORM = "gpu: fp8 form"
 GPU_NO_KERNEL = "gpu: no fused kernel"
+CARRY = "flags: carry_fp32"
+CARRY_NO_KERNEL = "flags: no kernel carries fp32"
 OPTIONS = "fallback: options"
 DECLINED = "declined"  # "<backend> declined"
 
@@ -139,6 +144,20 @@ def _gpu_site(call: Call, name: str) -> Choice | None:
         reasons = "; ".join(f"{n}: {why}" for n in ORDER if n != "reference" for why in [why_not(n, call)] if why)
         return Choice(None, GPU_NO_KERNEL, f"no fused kernel runs {call.variant} on {call.device} here: {reasons}")
     return None
+
+
+def carries_fp32(call: Call, prefer: str = "auto") -> Choice:
+    """Compile time, a compile-time flag: whether the previous fused op may hand this site
+    its unrounded fp32 sum (*call* with ``flags.carry_fp32``): where a backend's gate admits
+    that call, and on a GPU only a kernel's (the reference backend there is the eager
+    chain, which the site would not run). Backend None: the site reads the rounded sum."""
+    try:
+        name = select(call, prefer)
+    except RuntimeError as e:
+        return Choice(None, CARRY_NO_KERNEL, str(e))
+    if name == "reference" and call.device != "cpu":
+        return Choice(None, CARRY_NO_KERNEL, f"only the reference backend runs {call.variant} with carry_fp32 here")
+    return Choice(name, CARRY)
 
 
 def _auto_rule(name: str, call: Call) -> str:
