@@ -42,9 +42,9 @@ import functools
 
 import torch
 
+from fusion_passes import variants
 from fusion_passes.backends.contract import Call, Slower
 from fusion_passes.backends.registry import ORDER, get
-from fusion_passes import variants
 from fusion_passes.variants import FusedArgs
 
 OPTION = "option"
