@@ -1,7 +1,8 @@
-"""Every torch-private name fusion-passes uses, in one place.
+"""Every torch- and vLLM-private name fusion-passes uses, in one place.
 
 Private torch APIs move between releases (we support torch >= 2.11; the GPU machine has
-2.11, vLLM 0.33 pins 2.14). Import them from here so a move is a one-file fix.
+2.11, vLLM 0.33 pins 2.14). Import them from here so a move is a one-file fix. Each
+function names the private it wraps and the version it was checked against.
 """
 
 from __future__ import annotations
@@ -21,6 +22,44 @@ _UNSET = _config_module._UNSET_SENTINEL  # "no value at this layer" in a config 
 
 OpOverload = torch._ops.OpOverload
 """The class of ``torch.ops.<ns>.<op>.<overload>`` (what an FX node's target is)."""
+
+
+def resolve_process_group(name: str):
+    """The process group registered under *name* (a ``_c10d_functional`` op's group name),
+    as those ops resolve it: ``torch._C._distributed_c10d._resolve_process_group``
+    (private; checked against torch 2.14)."""
+    from torch._C._distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
+def symmetric_memory():
+    """torch's symmetric-memory module, ``torch.distributed._symmetric_memory`` (private;
+    its ``empty``, ``rendezvous`` and, before torch 2.9, ``enable_symm_mem_for_group`` are
+    used; checked against torch 2.14)."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    return symm_mem
+
+
+def symmetric_memory_signal_pad_bytes() -> int:
+    """Bytes of one rank's signal pad in a symmetric-memory rendezvous:
+    ``torch._C._distributed_c10d._SymmetricMemory.signal_pad_size`` (private; checked
+    against torch 2.14)."""
+    from torch._C._distributed_c10d import _SymmetricMemory
+
+    return int(_SymmetricMemory.signal_pad_size)
+
+
+def vllm_group(name: str):
+    """vLLM's ``GroupCoordinator`` called *name* (``tp:0``), as ``torch.ops.vllm.all_reduce``
+    resolves it, or None if it does not exist (or was destroyed):
+    ``vllm.distributed.parallel_state._groups`` (private, a dict of weak references;
+    checked against vLLM 0.33)."""
+    from vllm.distributed import parallel_state
+
+    ref = parallel_state._groups.get(name)
+    return ref() if ref is not None else None
 
 def set_inductor_config_everywhere(name: str, value) -> None:
     """Set ``torch._inductor.config.<name>`` for every thread of the process.

@@ -125,7 +125,9 @@ def resolve(spec: Variant, a: Mapping[str, Any]) -> dict[str, Any]:
 
 def options(spec: Variant, a: Mapping[str, Any], quant: Mapping[str, Any]) -> frozenset[str]:
     """The option arguments whose resolved value differs from what their default resolves to
-    (with the other arguments as given): only backends listing them compute those."""
+    (with the other arguments as given). ``Call.options`` carries them to the selector,
+    which runs the call on the reference backend unless the chosen backend lists them in
+    ``quant_options`` (rule ``fallback: options``, :mod:`fusion_passes.backends.selector`)."""
     out = set()
     for q in spec.quant:
         if not q.option or a[q.name] is q.default or a[q.name] == q.default:

@@ -93,6 +93,7 @@ class FusionPass(_compat.CustomGraphPass):
                 report.errors.append(msg)
                 for s in report.sites:
                     s.fused, s.variant, s.backend, s.reason = False, None, None, "pass failed: graph unchanged"
+                    s.rule = None
         report.seconds = time.perf_counter() - start
         self.report = report
         self.reports.append(report)
@@ -117,7 +118,7 @@ class FusionPass(_compat.CustomGraphPass):
             if entry.all_reduce in first and not entry.fused:
                 before = first[entry.all_reduce]
                 entry.reason = f"not fused, graph unchanged at this site: {before.reason}"
-                entry.blocker, entry.source = before.blocker, before.source
+                entry.blocker, entry.source, entry.rule = before.blocker, before.source, before.rule
         hoist.report_merged(hoisted, report)  # all-reduces merged into a partner keep an entry
 
     def _hoist_and_fuse(self, graph: Graph, report: FusionReport, frozen: frozenset):
@@ -146,6 +147,7 @@ class FusionPass(_compat.CustomGraphPass):
                 site = hoisted.stopped.get(node.name, site)  # names the op that stopped hoisting
             if isinstance(site, Miss):
                 entry.reason, entry.blocker = site.reason, getattr(site.node, "name", None)
+                entry.rule = getattr(site, "rule", None)  # a Declined site: the selector's rule
                 entry.source = _source_line(site.node) or entry.source
                 continue
             try:
@@ -154,7 +156,7 @@ class FusionPass(_compat.CustomGraphPass):
                 entry.reason, entry.blocker = str(e), site.norm.out.name
                 continue
             entry.fused, entry.variant, entry.backend, entry.reason = True, site.family.name, site.backend, site.note
-            entry.table = _table_of(site)
+            entry.table, entry.rule = _table_of(site), site.rule
         return hoisted
 
 

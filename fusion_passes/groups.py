@@ -1,6 +1,7 @@
 """Process-group names, as the fused ops carry them, and how they resolve.
 
-A fused op carries the all-reduce's group as one string qualified by its dialect:
+A fused op carries the all-reduce's process group (its ``group`` argument; never a quant
+group, which is ``group_size``) as one string qualified by its dialect:
 ``"c10d:<name>"`` for ``_c10d_functional`` group names (resolved by torch) and
 ``"vllm:<name>"`` for vLLM's group names such as ``tp:0`` (resolved by vLLM). Resolution
 happens at run time, once per process, never while tracing.
@@ -15,6 +16,8 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from fusion_passes import _compat
 
 C10D_PREFIX = "c10d:"
 VLLM_PREFIX = "vllm:"
@@ -127,20 +130,15 @@ def _decide_single_node(group: str) -> bool:
 
 def _vllm_coordinator(name: str):
     """vLLM's ``GroupCoordinator`` called *name* (``tp:0``), as ``torch.ops.vllm.all_reduce``
-    resolves it (vllm/distributed/parallel_state.py ``_groups``, weak references)."""
-    from vllm.distributed import parallel_state
-
-    ref = parallel_state._groups.get(name)
-    coordinator = ref() if ref is not None else None
+    resolves it (:func:`fusion_passes._compat.vllm_group`)."""
+    coordinator = _compat.vllm_group(name)
     if coordinator is None:
         raise ValueError(f"fusion_passes: vLLM group {name!r} does not exist (or was destroyed)")
     return coordinator
 
 
 def _resolve_c10d(name: str) -> dist.ProcessGroup:
-    from torch._C._distributed_c10d import _resolve_process_group
-
-    return _resolve_process_group(name)
+    return _compat.resolve_process_group(name)
 
 
 def _same_host(pg: dist.ProcessGroup) -> bool:

@@ -20,9 +20,13 @@ from fusion_passes.norms import rms_norm
 from fusion_passes.recognize import C10D_WAIT, AllReduce, Miss, Norm, is_named, residual_add, short, val
 
 
+@dataclasses.dataclass(frozen=True)
 class Declined(Miss):
-    """A recognized chain that no backend runs here: the reason is the selector's. The
-    report keeps it (never replaced by where hoisting stopped: the chain was found)."""
+    """A recognized chain that no backend runs here: the reason and the rule are the
+    selector's. The report keeps them (never replaced by where hoisting stopped: the chain
+    was found)."""
+
+    rule: str | None = None
 
 
 @dataclasses.dataclass
@@ -38,6 +42,7 @@ class Site:
     quant: "quant.Quant | None" = None  # the quant fused into the op (quant families)
     note: str | None = None  # e.g. why a quant after the norm was left unfused
     carry: Node | None = None  # the previous fused op whose unrounded sum is the residual (carry_fp32)
+    rule: str | None = None  # the selector's rule that chose the backend (fusion_passes.backends.selector)
 
     @property
     def removed(self) -> set[Node]:
@@ -179,11 +184,7 @@ def _carry_source(residual, norm: Norm, site: Site, prefer: str) -> Node | None:
         return None
     flags = dataclasses.replace(norm.flags, carry_fp32=True)
     call = dataclasses.replace(compile_time_call(site.family.variant, site.ar, norm, site.quant), flags=flags)
-    try:
-        chosen = backends.select(call, prefer)
-    except RuntimeError:
-        return None
-    return prev if chosen != "reference" or call.device == "cpu" else None
+    return prev if backends.selector.carries_fp32(call, prefer).backend is not None else None
 
 
 def _select(ar: AllReduce, add, residual, norm: Norm, residual_out: bool, found_quant, prefer: str):
@@ -204,13 +205,13 @@ def _select(ar: AllReduce, add, residual, norm: Norm, residual_out: bool, found_
     reasons: list[str] = []
     for family in families:
         site_quant = found_quant if family.quant is not None else None
-        backend = _backend(family, ar, norm, site_quant, prefer, reasons)
-        if backend is None:
+        choice = _backend(family, ar, norm, site_quant, prefer, reasons)
+        if choice.backend is None:
             continue
         if family.quant is None and isinstance(found_quant, quant.Quant):
             note = f"quant {found_quant.kind} left unfused: no backend runs {found_quant.variant} here ({reasons[0]})"
-        return Site(ar, norm, family, backend, add, residual, quant=site_quant, note=note)
-    return Declined(reasons[-1], ar.node)
+        return Site(ar, norm, family, choice.backend, add, residual, quant=site_quant, note=note, rule=choice.rule)
+    return Declined(reasons[-1], ar.node, rule=choice.rule)
 
 
 def follow_inductor_precision(norm: Norm) -> None:
@@ -276,30 +277,14 @@ def _chain(ar: AllReduce) -> tuple[Node | None, Node | None, Norm, bool] | Miss:
     return None, norm.residual, norm, norm.residual_out is not None and bool(norm.residual_out.users)
 
 
-def _backend(family: Family, ar: AllReduce, norm: Norm, site_quant, prefer: str, reasons: list[str]) -> str | None:
-    """The backend that would run *family* at this site, or None (the reason appended)."""
-    call = compile_time_call(family.variant, ar, norm, site_quant)
-    try:
-        backend = backends.select(call, prefer)
-    except RuntimeError as e:
-        reasons.append(str(e))
-        return None
-    form = site_quant.params.get("form") if site_quant is not None else None
-    if form and prefer == "auto" and call.device != "cpu":
-        # another project's FP8 convention (fusion_passes.fp8_forms): only the reference
-        # backend computes it, and on a GPU that is slower than the compiled chain (below)
-        reasons.append(f"no fused kernel computes the FP8 form {form!r} ({family.variant})")
-        return None
-    if backend == "reference" and prefer == "auto" and call.device != "cpu" and call.world_size:
-        # On a GPU the reference backend is the unfused chain run eagerly inside one op:
-        # slower than Inductor's compiled chain, so the site stays as it is. (A group not
-        # resolvable here, world size 0, e.g. a dump read on another machine, is left to
-        # the selector at run time.)
-        reasons.append(f"no fused kernel runs {family.variant} on {call.device} here: " + "; ".join(
-            f"{name}: {why}" for name in backends.ORDER if name != "reference"
-            for why in [backends.why_not(name, call)] if why))
-        return None
-    return backend
+def _backend(family: Family, ar: AllReduce, norm: Norm, site_quant, prefer: str,
+             reasons: list[str]) -> backends.Choice:
+    """The selector's choice for *family* at this site (:func:`backends.choose` at compile
+    time; its backend None: none runs it here, the reason appended)."""
+    choice = backends.choose(compile_time_call(family.variant, ar, norm, site_quant), prefer)
+    if choice.backend is None:
+        reasons.append(choice.why)
+    return choice
 
 
 def compile_time_call(variant: str, ar: AllReduce, norm=None, found_quant=None) -> backends.Call:
@@ -316,6 +301,7 @@ def compile_time_call(variant: str, ar: AllReduce, norm=None, found_quant=None) 
     block = None
     if found_quant is not None and isinstance(spec.block, str):
         block = found_quant.params.get(spec.block)
+    form = found_quant.params.get("form") if found_quant is not None else None
     return backends.Call(
         variant=variant,
         device=backends.device_kind(v.device),
@@ -327,6 +313,7 @@ def compile_time_call(variant: str, ar: AllReduce, norm=None, found_quant=None) 
         group_size=block,
         table=calibrate.table_for_site(ar.group, world, variant, int(v.shape[-1]), backends.device_kind(v.device)),
         token_range=None if tokens is not None else compile_range.current(),
+        form=form or None,
     )
 
 

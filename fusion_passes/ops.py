@@ -23,9 +23,10 @@ lists every op's schema.
 
 One generic body runs every op: bind and check the arguments
 (:mod:`fusion_passes.arguments`), resolve the sentinels, let the selector pick a backend
-for the call, and hand it ONE :class:`~fusion_passes.variants.FusedArgs`. A call that sets
-an option argument (``fusion_passes.variants.Arg.option``) to a value the chosen backend
-does not list in ``quant_options`` runs on the reference backend (logged once).
+for the call (:func:`fusion_passes.backends.choose`), and hand it ONE
+:class:`~fusion_passes.variants.FusedArgs`. Where the selector's rule is a fallback (an
+option argument the chosen backend does not compute, arguments it declines), the call runs
+on the reference backend (logged once).
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ import logging
 
 import torch
 
-from fusion_passes import arguments, backends, groups, variants
+from fusion_passes import _compat, arguments, backends, groups, variants
 from fusion_passes.variants import Flags, FusedArgs, FusedOutputs, Variant
 
 VARIANTS = variants.NAMES
 """Every variant's name (the backends' name for it)."""
 
 _log = logging.getLogger("fusion_passes")
-_warned_fallback: set[tuple[str, str]] = set()
+_warned_fallback: set[tuple[str, str, str]] = set()
 
 
 def call_for(variant: str, input: torch.Tensor, group: str, *, flags: Flags | None = None,
@@ -61,19 +62,20 @@ def call_for(variant: str, input: torch.Tensor, group: str, *, flags: Flags | No
 
 
 def _backend(spec: Variant, args: FusedArgs, prefer: str, options: frozenset[str]):
-    """The backend that runs this call: the selector's choice, or the reference backend when
-    the call sets options the chosen one does not compute."""
-    block = args.quant.get(spec.block) if isinstance(spec.block, str) else None
-    call = call_for(spec.name, args.input, args.group, flags=args.flags, group_size=block)
-    name = backends.select(call, prefer, run_time=True)
-    impl = backends.get(name)
-    if options and not options <= set(getattr(impl, "quant_options", ())):
-        if (name, spec.name) not in _warned_fallback:
-            _warned_fallback.add((name, spec.name))
-            _log.warning("fusion_passes: %s cannot take %s for %s; running it on the reference backend",
-                         name, sorted(options), spec.name)
-        impl = backends.get("reference")
-    return impl
+    """The backend that runs this call: the selector's choice (:func:`backends.choose`, at
+    run time), which names the reference backend where the chosen one does not compute the
+    call's options or declines its arguments (logged once per backend, variant and rule)."""
+    world = groups.world_size(args.group)
+    single_node = groups.is_single_node(args.group) if args.input.is_cuda else True
+    call = backends.selector.call_of(spec.name, args, world_size=world, single_node=single_node, options=options)
+    choice = backends.choose(call, prefer, run_time=True)
+    if choice.backend is None:
+        raise RuntimeError(choice.why)
+    if choice.fallback and (choice.rule, spec.name, choice.why) not in _warned_fallback:
+        _warned_fallback.add((choice.rule, spec.name, choice.why))
+        _log.warning("fusion_passes: %s runs %s on the reference backend (%s): %s",
+                     prefer if prefer != "auto" else "the selector", spec.name, choice.rule, choice.why)
+    return backends.get(choice.backend)
 
 
 def _pack(spec: Variant, outs: FusedOutputs, args: FusedArgs) -> tuple[torch.Tensor, ...]:
@@ -137,7 +139,7 @@ def _define(spec: Variant):
 
 
 _DEFINED = {spec.name: _define(spec) for spec in variants.VARIANTS}
-OPS: dict[str, torch._ops.OpOverload] = {
+OPS: dict[str, _compat.OpOverload] = {
     name: getattr(torch.ops.fusion_passes, variants.BY_NAME[name].op).default for name in _DEFINED
 }
 """Variant name -> its op overload (what the rewrite inserts)."""

@@ -4,11 +4,15 @@
 
     {"sites": [{"all_reduce": str, "fused": bool, "variant": str | None,
                 "backend": str | None, "hoisted_over": [str], "reason": str | None,
-                "table": str | None, "token_range": [int, int | None] | None}, ...]}
+                "table": str | None, "token_range": [int, int | None] | None,
+                "rule": str | None}, ...]}
 
 ``table``: which crossover table admitted a fused site (``"shipped table"`` or
 ``"measured table FILE"``; None for a backend without one); ``token_range``: the range
-of token counts the graph was compiled for (vLLM's compile range), None outside one.
+of token counts the graph was compiled for (vLLM's compile range), None outside one;
+``rule``: the selector's rule that chose the backend of a fused site, or declined a
+recognized one (``fusion_passes.backends.selector``: e.g. ``"option"``, ``"gpu: shipped
+table"``, ``"gpu: no fused kernel"``), None where no backend was asked.
 
 plus ``"errors"`` (internal errors the pass recovered from; empty when all went well).
 """
@@ -31,6 +35,7 @@ class SiteReport:
     reason: str | None = None
     table: str | None = None
     token_range: tuple[int, int | None] | None = None
+    rule: str | None = None
     # not part of the public dict: where the blocker sits, for `explain`
     blocker: str | None = None
     source: str | None = None
@@ -45,6 +50,7 @@ class SiteReport:
             "reason": self.reason,
             "table": self.table,
             "token_range": None if self.token_range is None else list(self.token_range),
+            "rule": self.rule,
         }
 
 

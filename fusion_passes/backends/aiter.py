@@ -42,7 +42,7 @@ import torch
 
 from fusion_passes.backends import thresholds
 from fusion_passes.backends.contract import Call, platform_reason
-from fusion_passes.backends.fallback import Unfusable, VendorBackend, not_installed
+from fusion_passes.backends.fallback import VendorBackend, not_installed
 from fusion_passes.variants import FusedArgs, FusedOutputs
 
 LIMITS = thresholds.AITER
@@ -66,7 +66,7 @@ def unsupported(call: Call, arch: str | None = None, installed: bool | None = No
     if not arch.startswith(tuple(LIMITS["archs"])):
         return f"GPU arch {arch or 'unknown'!r} not in {LIMITS['archs']}"
     platform = platform_reason(call, DTYPES, LIMITS["world_sizes"],
-                               "the group spans several nodes: AITER's custom all-reduce uses IPC within one host",
+                               "the process group spans several nodes: AITER's custom all-reduce uses IPC within one host",
                                world_note=" (fused AR kernels)")
     if platform is not None:
         return platform
@@ -87,7 +87,7 @@ def unsupported(call: Call, arch: str | None = None, installed: bool | None = No
     if call.flags.gemma and call.variant in ("add_rmsnorm_fp8_per_group", "add_rmsnorm_mxfp4"):
         return "aiter's per-group FP8 and MXFP4 epilogues have no gemma (1 + w) norm"
     if call.group_size is not None and call.group_size not in LIMITS["per_group_sizes"]:
-        return f"group size {call.group_size} not in {LIMITS['per_group_sizes']}"
+        return f"quant group size {call.group_size} not in {LIMITS['per_group_sizes']}"
     if call.tokens is not None:
         itemsize = torch.empty((), dtype=call.dtype).element_size()
         nbytes = call.tokens * call.hidden * itemsize
@@ -111,13 +111,12 @@ class AiterBackend(VendorBackend):
         super().__init__(comm)  # AITER's module unless given
         self._fp8 = fp8_dtype  # AITER's platform FP8 (aiter.utility.dtypes.fp8) unless given
 
-    def _check_fp8(self, fp8_dtype: torch.dtype) -> None:
+    def _platform_fp8(self) -> torch.dtype:
         if self._fp8 is None:
             from aiter.utility.dtypes import fp8
 
             self._fp8 = fp8
-        if fp8_dtype != self._fp8:
-            raise Unfusable(f"aiter writes {self._fp8} on this GPU, the graph wants {fp8_dtype}")
+        return self._fp8
 
     def _import_comm(self):
         import aiter.dist.communication_op  # imports only on ROCm
@@ -127,24 +126,41 @@ class AiterBackend(VendorBackend):
     def unsupported(self, call: Call) -> str | None:
         return unsupported(call)
 
+    def declines(self, call: Call) -> str | None:
+        """Why the kernel would compute this call's arguments differently (see the module
+        docstring), or None; the selector then runs it unfused."""
+        fp8_dtype = call.quant_arg("fp8_dtype")
+        if fp8_dtype is not None and fp8_dtype != self._platform_fp8():
+            return f"aiter writes {self._fp8} on this GPU, the graph wants {fp8_dtype}"
+        if call.variant == "add_rmsnorm_fp8_per_token" and call.quant_arg("scale_ub") is not None:
+            return "aiter's per-token FP8 epilogue has no scale upper bound"
+        if call.variant == "add_rmsnorm_fp8_per_group":
+            if call.quant_arg("ue8m0"):
+                return "aiter's per-group FP8 epilogue writes fp32 scales, not UE8M0"
+            if call.quant_arg("group_size", LIMITS["per_group_sizes"][0]) not in LIMITS["per_group_sizes"]:
+                return f"aiter per-group FP8 quant group sizes: {LIMITS['per_group_sizes']}"
+        return self._declines_norm(call)
+
+    def _declines_norm(self, call: Call) -> str | None:
+        """The norm's side of :meth:`declines` (every variant)."""
+        gemma = call.flags.gemma
+        if call.weight_dtype is not None and not call.flags.weight_in_fp32 and not gemma:
+            return ("aiter multiplies the weight in fp32 before the cast (vLLM order); the Hugging Face "
+                    "order (weight_in_fp32=False) would round differently")
+        if gemma and call.variant in ("add_rmsnorm_fp8_per_group", "add_rmsnorm_mxfp4"):
+            return "aiter's per-group FP8 and MXFP4 epilogues have no gemma (1 + w) norm"
+        if call.residual and not call.flags.residual_in_fp32:
+            return ("aiter normalizes the unrounded fp32 residual sum (custom_all_reduce.cuh); the "
+                    "graph rounds the sum to the activation dtype first (residual_in_fp32=False)")
+        if call.weight_dtype is not None and call.weight_dtype != call.dtype:
+            return (f"aiter reads the norm weight as the activation dtype {call.dtype}, "
+                    f"the graph multiplies a {call.weight_dtype} weight")
+        return None
+
     # -- argument mapping ---------------------------------------------------------------
-    def _common(self, a: FusedArgs, *, gemma_ok=True):
+    def _common(self, a: FusedArgs):
         from fusion_passes import groups
 
-        gemma = a.flags.gemma
-        if a.weight is not None and not a.flags.weight_in_fp32 and not gemma:
-            raise Unfusable(
-                "aiter multiplies the weight in fp32 before the cast (vLLM order); the Hugging Face "
-                "order (weight_in_fp32=False) would round differently"
-            )
-        if gemma and not gemma_ok:
-            raise Unfusable("aiter's per-group FP8 and MXFP4 epilogues have no gemma (1 + w) norm")
-        if a.residual is not None and not a.flags.residual_in_fp32:
-            raise Unfusable("aiter normalizes the unrounded fp32 residual sum (custom_all_reduce.cuh); the "
-                            "graph rounds the sum to the activation dtype first (residual_in_fp32=False)")
-        if a.weight is not None and a.weight.dtype != a.input.dtype:
-            raise Unfusable(f"aiter reads the norm weight as the activation dtype {a.input.dtype}, "
-                            f"the graph multiplies a {a.weight.dtype} weight")
         self._check_group(a.group, groups.world_size(a.group))
         hidden = a.input.shape[-1]
         x = a.input.reshape(-1, hidden)
@@ -168,9 +184,6 @@ class AiterBackend(VendorBackend):
         return _shaped(a, FusedOutputs(res_out, norm))
 
     def add_rmsnorm_fp8_per_token(self, a: FusedArgs) -> FusedOutputs:
-        self._check_fp8(a.quant["fp8_dtype"])
-        if a.quant["scale_ub"] is not None:
-            raise Unfusable("aiter's per-token FP8 epilogue has no scale upper bound")
         x, res, w = self._common(a)
         out = self._comm.tensor_model_parallel_fused_allreduce_rmsnorm_quant(
             x, res, w, a.eps, quant_type="per_token", emit_bf16=a.return_norm, gemma_norm=bool(a.flags.gemma)
@@ -180,12 +193,7 @@ class AiterBackend(VendorBackend):
 
     def add_rmsnorm_fp8_per_group(self, a: FusedArgs) -> FusedOutputs:
         p = a.quant
-        self._check_fp8(p["fp8_dtype"])
-        if p["ue8m0"]:
-            raise Unfusable("aiter's per-group FP8 epilogue writes fp32 scales, not UE8M0")
-        if p["group_size"] not in LIMITS["per_group_sizes"]:
-            raise Unfusable(f"aiter per-group FP8 group sizes: {LIMITS['per_group_sizes']}")
-        x, res, w = self._common(a, gemma_ok=False)
+        x, res, w = self._common(a)
         out = self._comm.tensor_model_parallel_fused_allreduce_rmsnorm_quant(
             x, res, w, a.eps, quant_type="per_group", group_size=p["group_size"],
             emit_bf16=a.return_norm, transpose_scale=bool(p["column_major"]),
@@ -194,7 +202,7 @@ class AiterBackend(VendorBackend):
         return _shaped(a, FusedOutputs(res_out, out[3] if a.return_norm else None, q, scales))
 
     def add_rmsnorm_mxfp4(self, a: FusedArgs) -> FusedOutputs:
-        x, res, w = self._common(a, gemma_ok=False)
+        x, res, w = self._common(a)
         out = self._comm.tensor_model_parallel_fused_allreduce_rmsnorm_mxfp4_quant(
             x, res, w, a.eps, emit_bf16=a.return_norm
         )

@@ -28,7 +28,8 @@ class Call:
     # The norm's conventions (fusion_passes.variants.SIGNATURE): a backend whose kernel
     # rounds differently under one of them declines the call instead of answering it inexactly.
     flags: Flags = dataclasses.field(default_factory=Flags)
-    # Variants whose scale block is an argument (per-group FP8): its value (else None).
+    # The quant group size (elements per scale; per-group FP8, where it is an argument),
+    # else None. Not the process group, which is the world size and single_node above.
     group_size: int | None = None
     # The measured table that may decide (its digest, fusion_passes.backends.measured), or
     # None: the shipped table (thresholds.py) decides.
@@ -36,6 +37,20 @@ class Call:
     # A graph site compiled for a range of token counts (vLLM's compile range, inclusive;
     # hi None = no upper end): only token counts in it matter. None: any token count.
     token_range: tuple[int, int | None] | None = None
+    # A graph site's FP8 quant form (fusion_passes.fp8_forms), which only the reference computes.
+    form: str | None = None
+    # What a call inside a fused op knows of its arguments (left at these defaults for a
+    # graph site, where they are not known): the option arguments set to a non-default
+    # value, whether a residual is given, the weight's dtype (None: no weight), and the quant
+    # arguments (name, value; a tensor as True), read by a backend's ``declines``.
+    options: frozenset[str] = frozenset()
+    residual: bool = False
+    weight_dtype: torch.dtype | None = None
+    quant_args: tuple[tuple[str, object], ...] = ()
+
+    def quant_arg(self, name: str, default=None):
+        """The quant argument *name* as this call carries it (a tensor as True)."""
+        return dict(self.quant_args).get(name, default)
 
 
 def platform_reason(call: Call, dtypes, world_sizes, nodes_reason: str, world_note: str = "",
@@ -43,8 +58,8 @@ def platform_reason(call: Call, dtypes, world_sizes, nodes_reason: str, world_no
     """The device, dtype, world-size and one-host checks every kernel backend makes, in that
     order: why *call* fails one, or None. *device* None: the caller checked the device
     itself; else *device_need* says what the backend needs. *world_note* ends the
-    world-size reason; *nodes_reason* is the reason for a group that spans several nodes (a
-    group of one rank never does)."""
+    world-size reason; *nodes_reason* is the reason for a process group that spans several
+    nodes (a process group of one rank never does)."""
     if device is not None and call.device != device:
         return f"{device_need}, got device {call.device!r}"
     if call.dtype not in dtypes:
@@ -69,6 +84,11 @@ class Backend(Protocol):
     ``quant_options`` (optional): the option arguments (``fusion_passes.variants.Arg.option``)
     whose non-default values it computes itself; a call with another option set runs on the
     reference backend.
+
+    ``declines(call) -> str | None`` (optional): why its kernel would compute this call's
+    ARGUMENTS differently (``Call.residual``, ``weight_dtype``, ``quant_args``: known inside
+    a fused op only), or None. The selector (:mod:`fusion_passes.backends.selector`) asks it
+    and runs such a call on the reference backend.
     """
 
     name: str

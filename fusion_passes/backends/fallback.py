@@ -1,5 +1,6 @@
-"""What a vendor backend does with a call its kernel would compute differently, and the
-shape the vendor adapters share (:class:`VendorBackend`)."""
+"""What a backend does with a call its kernel would compute differently (the selector's
+``<backend> declined`` rule: answered unfused), and the shape the vendor adapters share
+(:class:`VendorBackend`)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,7 @@ _log = logging.getLogger("fusion_passes")
 _LOGGED: set[tuple[str, str]] = set()
 
 
-class Unfusable(NotImplementedError):
-    """This call's options are outside what the vendor kernel computes identically."""
-
-
-def run_on_reference(backend: str, why: Exception, variant: str, args: FusedArgs) -> FusedOutputs:
+def run_on_reference(backend: str, why: str, variant: str, args: FusedArgs) -> FusedOutputs:
     """Answer one call with the unfused chain (correct, just not fused), logging why once."""
     from fusion_passes.backends.reference import ReferenceBackend
 
@@ -37,9 +34,10 @@ def not_installed(module: str, reason: str, installed: bool | None = None) -> st
 
 class VendorBackend:
     """The shape of a vendor adapter: the vendor module (``comm``) is injected by tests or
-    imported on first use (:meth:`_import_comm`); :meth:`run` calls the method named for the
-    variant and answers a call that raises :class:`Unfusable` (always before any vendor
-    call) with the unfused chain."""
+    imported on first use (:meth:`_import_comm`); :meth:`run` asks the selector
+    (:func:`~fusion_passes.backends.selector.for_run`, which asks the adapter's
+    ``declines``) and calls the method named for the variant, or answers a declined call
+    with the unfused chain (before any vendor call)."""
 
     name: str
     variants: frozenset[str]
@@ -60,7 +58,9 @@ class VendorBackend:
         """Run one fused call of *variant* with the vendor's kernel, or unfused (see above)."""
         if variant not in self.variants:
             raise ValueError(f"fusion_passes: the {self.name} backend does not implement {variant!r}")
-        try:
-            return getattr(self, variant)(args)
-        except Unfusable as why:  # raised before any vendor call: answer this call unfused
-            return run_on_reference(self.name, why, variant, args)
+        from fusion_passes.backends import selector
+
+        choice = selector.for_run(self, variant, args)
+        if choice.backend != self.name:
+            return run_on_reference(self.name, choice.why, variant, args)
+        return getattr(self, variant)(args)

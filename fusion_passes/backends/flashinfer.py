@@ -38,10 +38,10 @@ import functools
 
 import torch
 
-from fusion_passes import variants
+from fusion_passes import _compat, variants
 from fusion_passes.backends import thresholds
 from fusion_passes.backends.contract import Call, Slower, platform_reason
-from fusion_passes.backends.fallback import Unfusable, VendorBackend, not_installed
+from fusion_passes.backends.fallback import VendorBackend, not_installed
 from fusion_passes.variants import FusedArgs, FusedOutputs
 
 LIMITS = thresholds.FLASHINFER
@@ -69,7 +69,7 @@ def max_input_bytes(sm: int, world_size: int) -> float | None:
 def unsupported(call: Call, sm: int | None = None, installed: bool | None = None) -> str | None:
     """Why FlashInfer's fused kernels cannot (or should not) run *call* (*sm*, *installed*: for tests)."""
     platform = platform_reason(call, DTYPES, LIMITS["world_sizes"],
-                               "the group spans several nodes: the multi-node (MNNVL) path needs NVLink multicast, kept off",
+                               "the process group spans several nodes: the multi-node (MNNVL) path needs NVLink multicast, kept off",
                                device="cuda", device_need="needs an NVIDIA CUDA GPU")
     if platform is not None:
         return platform
@@ -114,6 +114,21 @@ class FlashInferBackend(VendorBackend):
     def unsupported(self, call: Call) -> str | None:
         return unsupported(call)
 
+    def declines(self, call: Call) -> str | None:
+        """Why the kernel would compute this call's arguments differently (see the module
+        docstring), or None; the selector then runs it unfused."""
+        if call.weight_dtype is not None and not call.flags.weight_in_fp32 and not call.flags.gemma:
+            return ("flashinfer multiplies the weight in fp32 before the cast (vLLM order); the Hugging "
+                    "Face order (weight_in_fp32=False) would round differently")
+        if call.flags.residual_in_fp32 and call.residual:
+            return RESIDUAL_ROUNDED
+        if call.weight_dtype is not None and call.weight_dtype != call.dtype:
+            return (f"flashinfer reads the norm weight as the activation dtype {call.dtype}, "
+                    f"the graph multiplies a {call.weight_dtype} weight")
+        if call.variant == "add_rmsnorm_fp8_per_token" and call.quant_arg("scale_ub") is not None:
+            return "flashinfer's dynamic FP8 epilogue has no scale upper bound"
+        return None
+
     # -- workspace ------------------------------------------------------------------------
     def _workspace(self, group: str, x: torch.Tensor):
         import torch.distributed as dist
@@ -131,9 +146,7 @@ class FlashInferBackend(VendorBackend):
                 f"fusion_passes: flashinfer workspace for {group!r} (hidden {hidden}) must be created "
                 "by an eager call before CUDA-graph capture"
             )
-        from torch._C._distributed_c10d import _resolve_process_group
-
-        pg = _resolve_process_group(symm.c10d_group_name(group))
+        pg = _compat.resolve_process_group(symm.c10d_group_name(group))
         world = groups.world_size(group)
         limit = max_input_bytes(_sm(), world) or 0
         max_tokens = max(1, int(limit // (hidden * x.element_size())))
@@ -146,16 +159,6 @@ class FlashInferBackend(VendorBackend):
 
     # -- argument mapping -----------------------------------------------------------------
     def _prepare(self, a: FusedArgs):
-        if a.weight is not None and not a.flags.weight_in_fp32 and not a.flags.gemma:
-            raise Unfusable(
-                "flashinfer multiplies the weight in fp32 before the cast (vLLM order); the Hugging "
-                "Face order (weight_in_fp32=False) would round differently"
-            )
-        if a.flags.residual_in_fp32 and a.residual is not None:
-            raise Unfusable(RESIDUAL_ROUNDED)
-        if a.weight is not None and a.weight.dtype != a.input.dtype:
-            raise Unfusable(f"flashinfer reads the norm weight as the activation dtype {a.input.dtype}, "
-                            f"the graph multiplies a {a.weight.dtype} weight")
         hidden = a.input.shape[-1]
         x = a.input.reshape(-1, hidden).contiguous()  # allreduce_fusion takes [token_num, hidden_dim]
         res = torch.zeros_like(x) if a.residual is None else a.residual.reshape(-1, hidden).contiguous()
@@ -196,8 +199,6 @@ class FlashInferBackend(VendorBackend):
         return _shaped(a, FusedOutputs(res_out, norm, q))
 
     def add_rmsnorm_fp8_per_token(self, a: FusedArgs) -> FusedOutputs:
-        if a.quant["scale_ub"] is not None:
-            raise Unfusable("flashinfer's dynamic FP8 epilogue has no scale upper bound")
         P = self._comm.AllReduceFusionPattern
         x, res, w = self._prepare(a)
         q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)

@@ -18,6 +18,8 @@ import threading
 
 import torch
 
+from fusion_passes import _compat
+
 SLOTS = 3  # triple buffering: a slot is re-armed one call after its use, rewritten two calls later
 STATE_WORDS = 4  # int32 words of a rank's ``state``: arrived programs, parity 0..2, elements to re-arm, unused
 
@@ -84,8 +86,7 @@ def from_peer_buffers(buffers: list[torch.Tensor], rank: int, max_tokens: int, h
 def from_symmetric_memory(group_name: str, max_tokens: int, hidden: int, dtype: torch.dtype,
                           device: torch.device) -> LamportWorkspace:
     """Allocate, arm and rendezvous one symmetric buffer per rank of *group_name* (collective)."""
-    import torch.distributed._symmetric_memory as symm_mem
-
+    symm_mem = _compat.symmetric_memory()
     world = torch.distributed.get_world_size(_resolve(group_name))
     buffer = arm(symm_mem.empty(buffer_elems(world, max_tokens, hidden), dtype=dtype, device=device))
     torch.cuda.synchronize(device)  # armed before any peer can write into it
@@ -141,9 +142,7 @@ def clear() -> None:
 
 
 def _resolve(group_name: str):
-    from torch._C._distributed_c10d import _resolve_process_group
-
-    return _resolve_process_group(group_name)
+    return _compat.resolve_process_group(group_name)
 
 
 __all__ = ["LamportWorkspace", "SLOTS", "arm", "buffer_elems", "clear", "from_peer_buffers",

@@ -30,7 +30,7 @@ import warnings
 
 import torch
 
-from fusion_passes import groups
+from fusion_passes import _compat, groups
 
 
 @dataclasses.dataclass
@@ -64,9 +64,10 @@ def c10d_group_name(group: str) -> str:
     dialect, name = groups.split(group)
     if dialect == "c10d":
         return name
-    from vllm.distributed import parallel_state
-
-    return parallel_state._groups[name]().device_group.group_name
+    coordinator = _compat.vllm_group(name)
+    if coordinator is None:
+        raise ValueError(f"fusion_passes: vLLM group {name!r} does not exist (or was destroyed)")
+    return coordinator.device_group.group_name
 
 
 def _round_up_pow2(n: int) -> int:
@@ -76,7 +77,7 @@ def _round_up_pow2(n: int) -> int:
 def get(group: str, nbytes: int, device: torch.device) -> Workspace:
     """A workspace of at least *nbytes* on *device* for *group*; grows eagerly, never in capture.
 
-    Every rank of the group must call this with the same *nbytes* (true for the fused op:
+    Every rank of the process group must call this with the same *nbytes* (true for the fused op:
     all ranks run the same call), since growing is collective.
     """
     name = c10d_group_name(group)
@@ -108,8 +109,7 @@ def reserve(group: str, max_tokens: int, hidden: int, dtype: torch.dtype, device
 
 
 def _allocate(name: str, nbytes: int, device: torch.device) -> Workspace:
-    import torch.distributed._symmetric_memory as symm_mem
-
+    symm_mem = _compat.symmetric_memory()
     enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
     if enable is not None:  # required before torch 2.9, a deprecated no-op after
         with warnings.catch_warnings():
@@ -120,8 +120,6 @@ def _allocate(name: str, nbytes: int, device: torch.device) -> Workspace:
                 pass
     buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
     handle = symm_mem.rendezvous(buffer, name)
-    from torch._C._distributed_c10d import _SymmetricMemory
-
     return Workspace(
         group_name=name,
         buffer=buffer,
@@ -130,7 +128,7 @@ def _allocate(name: str, nbytes: int, device: torch.device) -> Workspace:
         world_size=handle.world_size,
         buffer_ptrs_dev=handle.buffer_ptrs_dev,
         signal_pad_ptrs_dev=handle.signal_pad_ptrs_dev,
-        signal_pad_bytes=int(_SymmetricMemory.signal_pad_size),
+        signal_pad_bytes=_compat.symmetric_memory_signal_pad_bytes(),
     )
 
 

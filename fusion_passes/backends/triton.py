@@ -26,7 +26,7 @@ warps per row (a measured choice; see thresholds.py).
 
 Every number it gates on is in :data:`fusion_passes.backends.thresholds.TRITON`.
 
-Multi-rank use (:mod:`fusion_passes.backends.symm`): one symmetric workspace per group,
+Multi-rank use (:mod:`fusion_passes.backends.symm`): one symmetric workspace per process group,
 registered collectively on the first eager call of a size (or :func:`symm.reserve`), then
 reused, so calls replay under CUDA graphs; a call that needs a larger workspace during
 capture raises. Calls on one group must be ordered on one stream, as NCCL's are on one
@@ -59,7 +59,8 @@ import torch
 from fusion_passes import arguments, epilogue, groups, variants
 from fusion_passes.backends import measured, symm, thresholds
 from fusion_passes.backends.contract import Call
-from fusion_passes.backends.triton_gate import DTYPES, FP4_BLOCK, FP4_DTYPES, table_source, unsupported  # noqa: F401
+from fusion_passes.backends.triton_gate import (DTYPES, FP4_BLOCK, FP4_DTYPES, quant_group_reason,  # noqa: F401
+                                               table_source, unsupported)
 from fusion_passes.variants import FusedArgs, FusedOutputs
 
 LIMITS = thresholds.TRITON
@@ -133,6 +134,11 @@ class TritonBackend:
     def table_source(self, call: Call) -> str:
         return table_source(call)
 
+    def declines(self, call: Call) -> str | None:
+        """A quant group size the kernel has no constant for (its gate declines it too, from
+        ``Call.group_size``; this answers a direct :meth:`run`)."""
+        return quant_group_reason(call)
+
     # -- run -------------------------------------------------------------------------
     def run(self, variant: str, a: FusedArgs) -> FusedOutputs:
         """Run one bound call (:class:`~fusion_passes.variants.FusedArgs`) of *variant*."""
@@ -140,11 +146,10 @@ class TritonBackend:
             raise ValueError(f"fusion_passes: the triton backend does not implement {variant!r}")
         if not isinstance(a, FusedArgs):
             raise TypeError(f"fusion_passes: TritonBackend.run takes a FusedArgs, got {type(a).__name__}")
-        group_size = a.quant.get("group_size")
-        if group_size is not None and (group_size not in LIMITS["per_group_sizes"] or a.input.shape[-1] % group_size):
-            # unsupported() declines such a call (Call.group_size); a direct run() still
-            # gets the right answer, unfused.
-            from fusion_passes.backends.reference import ReferenceBackend
+        from fusion_passes.backends import selector
+
+        if selector.for_run(self, variant, a).backend != self.name:
+            from fusion_passes.backends.reference import ReferenceBackend  # the selector's "triton declined"
 
             return ReferenceBackend().run(variant, a)
         if variant in FP4_BLOCK:

@@ -28,7 +28,7 @@ FP4_DTYPES = variants.FP4_INPUT_DTYPES
 def unsupported(call: Call) -> str | None:
     """Why the triton backend cannot (or should not, being slower) run *call*."""
     platform = platform_reason(call, DTYPES, LIMITS["world_sizes"],
-                               "the group spans several nodes: symmetric-memory peer loads need one host",
+                               "the process group spans several nodes: symmetric-memory peer loads need one host",
                                world_note=" (barrier needs a power of two)",
                                device="cuda", device_need="needs an NVIDIA CUDA GPU (PTX signal instructions)")
     if platform is not None:
@@ -47,11 +47,8 @@ def unsupported(call: Call) -> str | None:
             return f"{call.variant} quantizes fp16/bf16 activations only, got {call.dtype}"
         if call.hidden % FP4_BLOCK[call.variant]:
             return f"{call.variant} needs hidden % {FP4_BLOCK[call.variant]} == 0, got {call.hidden}"
-    group_size = getattr(call, "group_size", None)
-    if call.variant == "add_rmsnorm_fp8_per_group" and group_size is not None:
-        if group_size not in LIMITS["per_group_sizes"] or call.hidden % group_size:
-            return (f"per-group FP8 group size {group_size} not in {LIMITS['per_group_sizes']} "
-                    f"or does not divide hidden {call.hidden}")
+    if call.variant == "add_rmsnorm_fp8_per_group" and (why := quant_group_reason(call)):
+        return why
     if call.tokens is not None and call.world_size > 1:
         if call.tokens * call.hidden * itemsize > LIMITS["max_workspace_bytes"]:
             return f"{call.tokens}x{call.hidden} exceeds the {LIMITS['max_workspace_bytes']}-byte symmetric workspace"
@@ -70,6 +67,16 @@ def unsupported(call: Call) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     return _slower_than_unfused(shipped[key], call)
+
+
+def quant_group_reason(call: Call) -> str | None:
+    """Why the kernel cannot quantize *call* with its quant group size (``Call.group_size``,
+    elements per FP8 scale; None: not a per-group call), or None."""
+    group_size = call.group_size
+    if group_size is not None and (group_size not in LIMITS["per_group_sizes"] or call.hidden % group_size):
+        return (f"per-group FP8 quant group size {group_size} not in {LIMITS['per_group_sizes']} "
+                f"or does not divide hidden {call.hidden}")
+    return None
 
 
 def table_source(call: Call) -> str:

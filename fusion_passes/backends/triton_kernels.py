@@ -303,7 +303,7 @@ def fused_allreduce_add_rmsnorm_kernel(
     UE8M0: tl.constexpr,
     FP8_MAX: tl.constexpr,
     MIN_SCALE: tl.constexpr,  # per-token / per-group floor of the scale
-    AMAX_EPS: tl.constexpr,  # per-group floor of the group absmax
+    AMAX_EPS: tl.constexpr,  # per-group FP8: floor of each quant group's absmax
     SWIZZLE: tl.constexpr = False,  # NVFP4 scales in the 128x4-tiled layout
     SCALE_COLS: tl.constexpr = 1,  # NVFP4 swizzled: round_up(H / 16, 4)
 ):
