@@ -166,3 +166,16 @@ def test_sigterm_during_dump_cleans_up_like_ctrl_c(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert (proc.returncode, out, err) == (143, "", "fusion-passes dump: terminated\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["STARTED", "slow.py"]
+
+
+def test_a_closed_pipe_stops_quietly():
+    """`fusion-passes patterns | head -1`: the reader closes the pipe after one line; the
+    command stops with 128 + SIGPIPE and prints nothing (it printed 'failed: BrokenPipeError')."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "fusion_passes.cli", "patterns"], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    p.stdout.readline()
+    p.stdout.close()  # the reader goes away with most of the table unread
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 128 + signal.SIGPIPE, err
+    assert err == ""
