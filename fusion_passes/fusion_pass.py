@@ -14,11 +14,12 @@ from typing import Callable
 
 from torch.fx import Graph
 
-from fusion_passes import _compat, compile_range, dedup, fx_util, ops  # noqa: F401  (ops registers the fused ops)
+from fusion_passes import _compat, compile_range, dedup, ops  # noqa: F401  (ops registers the fused ops)
 from fusion_passes.backends import calibrate
 from fusion_passes.match import Declined, find_site
 from fusion_passes.options import FusionOptions
-from fusion_passes.recognize import AllReduce, Miss, all_reduce
+from fusion_passes.recognize.fx import source_of
+from fusion_passes.recognize.aten import AllReduce, Miss, all_reduce
 from fusion_passes.report import FusionReport, SiteReport
 from fusion_passes.rewrite import FakeVals, Unfused, rewrite
 
@@ -122,7 +123,8 @@ class FusionPass(_compat.CustomGraphPass):
 
     def _hoist_and_fuse(self, graph: Graph, report: FusionReport, frozen: frozenset):
         """Hoist (all-reduces in *frozen* stay put), then match and rewrite every site."""
-        from fusion_passes import hoist, semantic
+        from fusion_passes import hoist
+        from fusion_passes.recognize import meaning as semantic
 
         semantic.forget(graph)
         opts = self.options
@@ -168,4 +170,4 @@ def _table_of(site) -> str | None:
 
 def _source_line(node) -> str | None:
     """The last ``File ..., line N`` of the node's stack trace: the model source it came from."""
-    return fx_util.source_of(node.meta.get("stack_trace") if node is not None else None)[0]
+    return source_of(node.meta.get("stack_trace") if node is not None else None)[0]

@@ -50,8 +50,8 @@ import torch
 from torch.fx import Graph, Node
 
 from fusion_passes import _compat
-from fusion_passes.norms import rms_norm
-from fusion_passes.recognize import (
+from fusion_passes.recognize import rms_norm
+from fusion_passes.recognize.aten import (
     AllReduce,
     Miss,
     all_reduce,

@@ -12,7 +12,7 @@ from typing import Callable, Union
 import torch
 from torch.fx import Node
 
-from fusion_passes.recognize import (
+from fusion_passes.recognize.aten import (
     VLLM_ADD_RMS_NORM,
     VLLM_RMS_NORM,
     AllReduce,
@@ -273,6 +273,6 @@ def _stop_reason(u: Node) -> str:
 def _is_norm_op(node: Node) -> bool:
     """A dialect's norm op (or an in-place norm kernel): the fusion boundary, never a
     blocker to hoist past."""
-    from fusion_passes.inplace import is_inplace_norm
+    from fusion_passes.recognize.inplace import is_inplace_norm
 
     return is_named(node, VLLM_RMS_NORM) or is_named(node, VLLM_ADD_RMS_NORM) or is_inplace_norm(node)

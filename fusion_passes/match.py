@@ -1,8 +1,8 @@
 """Match: from each all-reduce, walk to its norm and pick the catalogue family.
 
-The walk is dialect-neutral: it speaks only of the roles :mod:`fusion_passes.recognize`
+The walk is dialect-neutral: it speaks only of the roles :mod:`fusion_passes.recognize.aten`
 produces. A :class:`Site` is a complete match, ready to rewrite; anything else is a
-:class:`~fusion_passes.recognize.Miss` with the reason and the blocking node.
+:class:`~fusion_passes.recognize.aten.Miss` with the reason and the blocking node.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import operator
 import torch
 from torch.fx import Node
 
-from fusion_passes import _compat, backends, compile_range, fx_util, groups, quant, variants
+from fusion_passes import _compat, backends, compile_range, groups, variants
+from fusion_passes.recognize import fx, quant
 from fusion_passes.backends import calibrate
 from fusion_passes.patterns import CATALOGUE, Family
-from fusion_passes.norms import rms_norm
-from fusion_passes.recognize import C10D_WAIT, AllReduce, Miss, Norm, is_named, residual_add, short, val
+from fusion_passes.recognize import rms_norm
+from fusion_passes.recognize.aten import C10D_WAIT, AllReduce, Miss, Norm, is_named, residual_add, short, val
 
 
 class Declined(Miss):
@@ -48,9 +49,9 @@ class Site:
 
 def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
     """The fusable chain after *ar*, or why there is none: the structural recognizers
-    first, then recognition by meaning (:mod:`fusion_passes.semantic`) when they miss or
+    first, then recognition by meaning (:mod:`fusion_passes.recognize.meaning`) when they miss or
     leave a quantization of the norm output unfused."""
-    from fusion_passes import semantic
+    from fusion_passes.recognize import meaning as semantic
 
     chain = _chain(ar)
     fast = None
@@ -159,7 +160,7 @@ def _feeds_only_a_site(add: Node, norm: Norm) -> bool:
 
 def _aten(found_quant) -> bool:
     """Whether the quant is aten ops (Inductor fuses it with the norm), not a custom kernel."""
-    return all(n.target is operator.getitem or fx_util.op_name(n.target).startswith(("aten.", "prims."))
+    return all(n.target is operator.getitem or fx.op_name(n.target).startswith(("aten.", "prims."))
                for n in found_quant.nodes if n.op == "call_function")
 
 
@@ -245,7 +246,7 @@ _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _decomposed(norm: Norm) -> bool:
     """Whether *norm* is aten ops (not a dialect's norm op or its getitem)."""
-    return fx_util.op_name(norm.out.target).startswith(("aten.", "prims."))
+    return fx.op_name(norm.out.target).startswith(("aten.", "prims."))
 
 
 def _chain(ar: AllReduce) -> tuple[Node | None, Node | None, Norm, bool] | Miss:
@@ -286,7 +287,7 @@ def _backend(family: Family, ar: AllReduce, norm: Norm, site_quant, prefer: str,
         return None
     form = site_quant.params.get("form") if site_quant is not None else None
     if form and prefer == "auto" and call.device != "cpu":
-        # another project's FP8 convention (fusion_passes.fp8_forms): only the reference
+        # another project's FP8 convention (fusion_passes.recognize.meaning.fp8_forms): only the reference
         # backend computes it, and on a GPU that is slower than the compiled chain (below)
         reasons.append(f"no fused kernel computes the FP8 form {form!r} ({family.variant})")
         return None

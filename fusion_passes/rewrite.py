@@ -13,7 +13,8 @@ import operator
 import torch
 from torch.fx import Graph, Node
 
-from fusion_passes import _compat, fx_util, ops, variants
+from fusion_passes import _compat, ops, variants
+from fusion_passes.recognize import fx
 from fusion_passes.match import Site
 from fusion_passes.variants import REQUIRED
 
@@ -28,7 +29,7 @@ class FakeVals:
 
     def fake(self, a):
         """*a* as a value under the graph's fake mode (a node's ``meta['val']``)."""
-        return fx_util.fake_value(self.mode, a)
+        return fx.fake_value(self.mode, a)
 
     def __call__(self, op, args: tuple, kwargs: dict | None = None):
         with self.mode:
@@ -97,8 +98,8 @@ def carry(site: Site, fake_vals: FakeVals) -> None:
 def rewrite_quant(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -> Node:
     """Replace an all-reduce -> [add] -> norm -> quant site by one fused quant op: its
     ``q`` / ``scales`` / ``residual_out`` / ``norm_out`` take over the chain's values."""
-    from fusion_passes import adapters
-    from fusion_passes.quant import dead_buffers
+    from fusion_passes.recognize.meaning import outputs as adapters
+    from fusion_passes.recognize.quant import dead_buffers
 
     quant, norm = site.quant, site.norm
     spec = variants.get(site.family.variant)

@@ -24,7 +24,7 @@ from hypothesis import assume, given, settings
 import fusion_passes
 from fusion_passes import hoist
 from fusion_passes.options import FusionOptions
-from fusion_passes.recognize import target_name
+from fusion_passes.recognize.aten import target_name
 from graphs import count
 from hoist_plans import AR_OP, DIALECTS, Plan, Tracer, aten, build, plans
 from ranks import run_ranks

@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusion_passes import decide, semantic
-from fusion_passes.recognize import AllReduce, all_reduce
+from fusion_passes.recognize import meaning as semantic
+from fusion_passes.recognize.meaning import decide
+from fusion_passes.recognize.aten import AllReduce, all_reduce
 from spellings import harness
 
 T, H = 8, 256

@@ -11,7 +11,7 @@ arguments it mutates, read through ``getitem``:
   in ``_all_bases``; an argument that is a view of its whole base (``_<arg>_alias``) reads
   as the base, one that is a part of a larger base (``_<arg>_size`` / ``_slice_*``) is
   refused: the fused op returns whole tensors. :func:`functionalized_call` reads both
-  forms alike (the quant ops of :mod:`fusion_passes.quant_ops` use it too).
+  forms alike (the quant ops of :mod:`fusion_passes.recognize.quant_ops` use it too).
 
 An op that returns nothing still takes one output slot. :data:`OPS` says, per op, where the
 normalized value and the new residual come out and which norm conventions its kernel
@@ -32,7 +32,7 @@ import operator
 import torch
 from torch.fx import Node
 
-from fusion_passes.recognize import Miss, Norm, _vllm_weight_order, dtype_of, short
+from fusion_passes.recognize.aten import Miss, Norm, _vllm_weight_order, dtype_of, short
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +151,7 @@ def is_inplace_norm(node: Node) -> bool:
 
 def inplace_rms_norm(x: Node) -> Norm | Miss | None:
     """An in-place norm op of :data:`OPS` reading *x* (the all-reduced value), as a
-    :class:`~fusion_passes.recognize.Norm` whose ``out`` / ``residual_out`` are the getitems
+    :class:`~fusion_passes.recognize.aten.Norm` whose ``out`` / ``residual_out`` are the getitems
     carrying the normalized value and the new residual; None when no user is one."""
     for af in x.users:
         call = functionalized_call(af)

@@ -1,5 +1,5 @@
 """Adapters: the small steps between a fused op's output and the form a chain read by
-meaning (:mod:`fusion_passes.semantic`) gave the same value.
+meaning (:mod:`fusion_passes.recognize.meaning`) gave the same value.
 
 * ``"view"``: the chain holds the value in another shape (``[T*G, g]`` for ``[T, H]``);
 * ``"cast"``: the chain holds an exact upcast of it (FP8 block scales as fp32);
@@ -22,7 +22,7 @@ from torch.fx import Graph, Node
 def e2m1_values(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Packed E2M1 codes ``[..., H // 2]`` (uint8, low nibble first) -> their values
     ``[..., H]`` in *dtype* (code 8, a negative value rounded to zero, is -0.0)."""
-    from fusion_passes.conventions import decode_e2m1
+    from fusion_passes.recognize.meaning.conventions import decode_e2m1
 
     if packed.dtype != torch.uint8:
         raise TypeError(f"fusion_passes: e2m1_values takes packed uint8 codes, got {packed.dtype}")

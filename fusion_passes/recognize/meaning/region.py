@@ -6,7 +6,7 @@ its op is in :data:`VOCAB` and every input is either admitted already or a *leaf
 that does not depend on the all-reduce (a weight, the residual, a scale, a constant). A
 leaf must also be the same on every rank (replicated): a value computed from a rank's
 partial sum is refused, or the fused op would quantize each rank with its own scale.
-The region is only a candidate: :mod:`fusion_passes.semantic` decides by evaluation which
+The region is only a candidate: :mod:`fusion_passes.recognize.meaning` decides by evaluation which
 part of it is the chain and what the chain computes.
 """
 
@@ -19,7 +19,7 @@ import operator
 import torch
 from torch.fx import Node
 
-from fusion_passes.recognize import VLLM_ALL_REDUCE, Miss, short, target_name, val
+from fusion_passes.recognize.aten import VLLM_ALL_REDUCE, Miss, short, target_name, val
 
 # ops a fused epilogue can contain, by qualified name (recognize.target_name)
 VOCAB = frozenset({
@@ -103,7 +103,7 @@ class Leaves:
 def partial_values(graph) -> set[Node]:
     """Every value that holds a rank's summand: the inputs of the graph's all-reduces and
     whatever is computed from them without passing through a collective or a fused op."""
-    from fusion_passes.recognize import AllReduce, all_reduce
+    from fusion_passes.recognize.aten import AllReduce, all_reduce
 
     ars = [a for n in graph.nodes if isinstance(a := all_reduce(n), AllReduce)]
     partial = {a.input for a in ars if isinstance(a.input, Node)}

@@ -21,11 +21,11 @@ quantization that consumes it, in any of the forms it takes in real graphs:
 
 Forms and numerics follow vLLM 0.33's own matchers (compilation/passes/fusion/
 matcher_utils.py ``MatcherQuantFP8``, rms_quant_fusion.py). Every non-match is a
-:class:`~fusion_passes.recognize.Miss` naming the node that blocked it.
+:class:`~fusion_passes.recognize.aten.Miss` naming the node that blocked it.
 
-The role and the readers the recognizers share are in :mod:`fusion_passes.quant_role`,
-the aten chains in :mod:`fusion_passes.quant_aten`, the custom ops in
-:mod:`fusion_passes.quant_ops`; this module asks them in turn and re-exports the names
+The role and the readers the recognizers share are in :mod:`fusion_passes.recognize.quant_read`,
+the aten chains in :mod:`fusion_passes.recognize.quant_aten`, the custom ops in
+:mod:`fusion_passes.recognize.quant_ops`; this module asks them in turn and re-exports the names
 the rest of the library uses.
 """
 
@@ -33,10 +33,10 @@ from __future__ import annotations
 
 from torch.fx import Node
 
-from fusion_passes.quant_aten import native_group, native_static_or_token
-from fusion_passes.quant_ops import aiter_op, custom_op, dead_buffers
-from fusion_passes.quant_role import VARIANTS, Quant
-from fusion_passes.recognize import Miss
+from fusion_passes.recognize.quant_aten import native_group, native_static_or_token
+from fusion_passes.recognize.quant_ops import aiter_op, custom_op, dead_buffers
+from fusion_passes.recognize.quant_read import VARIANTS, Quant
+from fusion_passes.recognize.aten import Miss
 
 
 def find(y: Node) -> Quant | Miss | None:

@@ -18,7 +18,8 @@ import operator
 import torch
 from torch.fx import Node
 
-from fusion_passes import fx_util, groups
+from fusion_passes import groups
+from fusion_passes.recognize import fx as fx_util
 from fusion_passes.variants import Flags
 
 aten = torch.ops.aten
@@ -77,7 +78,7 @@ class Norm:
     carry_fp32: bool = False
     quant_unrounded: bool = False
     # (node, same) pairs: nodes holding the very value of another, redirected to it right
-    # before the rewrite (fusion_passes.inplace, fusion_passes.semantic)
+    # before the rewrite (fusion_passes.recognize.inplace, fusion_passes.recognize.meaning)
     aliases: tuple = ()
 
     @property

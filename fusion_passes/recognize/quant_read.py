@@ -1,8 +1,8 @@
 """The :class:`Quant` role, and the node readers every quant recognizer shares.
 
-The recognizers themselves are in :mod:`fusion_passes.quant_aten` (the native aten
-chains) and :mod:`fusion_passes.quant_ops` (vLLM's and ROCm's custom ops);
-:func:`fusion_passes.quant.find` asks them in turn.
+The recognizers themselves are in :mod:`fusion_passes.recognize.quant_aten` (the native aten
+chains) and :mod:`fusion_passes.recognize.quant_ops` (vLLM's and ROCm's custom ops);
+:func:`fusion_passes.recognize.quant.find` asks them in turn.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch.fx import Node
 
 from fusion_passes import epilogue, variants
-from fusion_passes.recognize import Miss, _convert_to, is_op, short, val
+from fusion_passes.recognize.aten import Miss, _convert_to, is_op, short, val
 
 aten = torch.ops.aten
 

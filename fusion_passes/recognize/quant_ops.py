@@ -16,9 +16,9 @@ import torch
 from torch.fx import Node
 
 from fusion_passes import epilogue, variants
-from fusion_passes.inplace import functionalized_call, partial_view_miss
-from fusion_passes.quant_role import Quant, arg, getitems, is_fp8, static_scale
-from fusion_passes.recognize import Miss, dtype_of, is_named, is_op, short, val
+from fusion_passes.recognize.inplace import functionalized_call, partial_view_miss
+from fusion_passes.recognize.quant_read import Quant, arg, getitems, is_fp8, static_scale
+from fusion_passes.recognize.aten import Miss, dtype_of, is_named, is_op, short, val
 
 aten = torch.ops.aten
 
@@ -41,7 +41,7 @@ def _af_target(node: Node) -> str | None:
 def custom_op(y: Node, u: Node) -> Quant | Miss | None:
     """``auto_functionalized(_C.<quant>, input=y, ...)`` -> getitem 1 (q) [, 2 (scale)];
     ``auto_functionalized_v2`` alike, its getitems renumbered as v1's
-    (:func:`fusion_passes.inplace.functionalized_call`)."""
+    (:func:`fusion_passes.recognize.inplace.functionalized_call`)."""
     call = functionalized_call(u)
     if call is None or call.name not in _C_OPS:
         return None

@@ -1,17 +1,17 @@
 """Recognize a chain by what it computes, not by how it is spelled.
 
-The structural recognizers (:mod:`fusion_passes.recognize`, :mod:`fusion_passes.quant`) know
+The structural recognizers (:mod:`fusion_passes.recognize.aten`, :mod:`fusion_passes.recognize.quant`) know
 the spellings of vLLM and Hugging Face and run first. When they miss, or leave a quant
 after the norm unfused, this module takes over:
 
-1. :func:`fusion_passes.region.grow` selects the candidate: the elementwise ops, casts and
+1. :func:`fusion_passes.recognize.meaning.region.grow` selects the candidate: the elementwise ops, casts and
    last-dim reductions computed from the all-reduced value, with its leaves (residual,
    weight, scales, constants: replicated values not computed from the sum);
 2. one last-dim mean of squares must be among them (:func:`statistic`); eps candidates are
    the constants next to it;
-3. :func:`fusion_passes.decide.decide` evaluates the region on probe inputs with edge values
+3. :func:`fusion_passes.recognize.meaning.decide.decide` evaluates the region on probe inputs with edge values
    and compares it with the canonical epilogue under every reading
-   (:mod:`fusion_passes.conventions`): which leaf is the residual and which the weight,
+   (:mod:`fusion_passes.recognize.meaning.conventions`): which leaf is the residual and which the weight,
    residual add in the activation dtype or fp32, weight before or after the cast back,
    Gemma's ``1 + w``, and for the quant every FP8 form / group / scale and NVFP4. Only a
    bit-exact match is accepted, and the fused part is cut so that every value read
@@ -32,10 +32,11 @@ import weakref
 import torch
 from torch.fx import Graph, Node
 
-from fusion_passes import conventions as C, decide as D, epilogue, probe_sizes
-from fusion_passes.quant import Quant
-from fusion_passes.recognize import AllReduce, Miss, Norm, short, val
-from fusion_passes.region import Leaves, Region, grow, op_name, partial_values, shape_of
+from fusion_passes import epilogue
+from fusion_passes.recognize.meaning import conventions as C, decide as D, probe_sizes
+from fusion_passes.recognize.quant import Quant
+from fusion_passes.recognize.aten import AllReduce, Miss, Norm, short, val
+from fusion_passes.recognize.meaning.region import Leaves, Region, grow, op_name, partial_values, shape_of
 
 CACHE_SIZE = 512  # distinct chain shapes kept; a model has a handful
 _CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
@@ -60,7 +61,7 @@ class Const:
 
 @dataclasses.dataclass
 class SemanticQuant(Quant):
-    """A :class:`~fusion_passes.quant.Quant` read by meaning; ``adapt``: output name ->
+    """A :class:`~fusion_passes.recognize.quant.Quant` read by meaning; ``adapt``: output name ->
     adapter the rewrite inserts after the fused output (``"view"``: reshape to the graph's
     shape; ``"e2m1"``: decode packed NVFP4 codes to their float values)."""
 
@@ -92,7 +93,7 @@ def better_miss(structural: Miss, read: Miss) -> Miss:
 def quantizes(y: Node, limit: int = 64) -> bool:
     """Whether an FP8 value is computed from norm output *y* within a few elementwise ops
     (a cheap test before recognition by meaning is tried for the quant)."""
-    from fusion_passes.region import VOCAB
+    from fusion_passes.recognize.meaning.region import VOCAB
 
     seen, todo = set(), [y]
     while todo and len(seen) < limit:
@@ -349,8 +350,8 @@ def _column_major(n: Node) -> bool:
 def variant_params(qh: C.QuantH, hidden: int, known: list[Node]) -> tuple[str, dict]:
     """The fused variant kind and its quant arguments for a quant reading: a form the
     variant computes natively goes through its own arguments (so kernels run it), any other
-    through ``form`` (:mod:`fusion_passes.fp8_forms`)."""
-    from fusion_passes import fp8_forms
+    through ``form`` (:mod:`fusion_passes.recognize.meaning.fp8_forms`)."""
+    from fusion_passes.recognize.meaning import fp8_forms
 
     if qh.kind == "nvfp4":
         return "nvfp4", {"global_scale": known[qh.scale], "swizzle": False}

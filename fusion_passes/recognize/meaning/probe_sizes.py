@@ -3,7 +3,7 @@
 An RMSNorm (and every quant the fused ops compute) works row by row, so a chain is probed
 on a few rows of its real hidden size, never on the graph's full activation: at
 :data:`TOKENS` token counts, each including every probe row kind
-(:func:`fusion_passes.probes.sets_for`). A verdict holds only if the chain is bit-exact at
+(:func:`fusion_passes.recognize.meaning.probes.sets_for`). A verdict holds only if the chain is bit-exact at
 every one of them.
 
 The token dimension is the one leading dimension of the all-reduced value that is not 1:
@@ -29,14 +29,14 @@ import math
 import torch
 from torch.fx import Node
 
-from fusion_passes.recognize import target_name, val
+from fusion_passes.recognize.aten import target_name, val
 
 TOKENS = (16, 1, 7)
 """Token counts probed: 16 rows hold every norm row kind twice (seven kinds,
-fusion_passes.probes); 1 is a decode step; 7 is not a power of two."""
+fusion_passes.recognize.meaning.probes); 1 is a decode step; 7 is not a power of two."""
 AS_IS_ROWS = 256
 """A static graph with several leading dimensions over 1 (batch and sequence) is probed as
-it is up to this many rows: the rows fusion_passes.safe_eval.MAX_NUMEL allows at the
+it is up to this many rows: the rows fusion_passes.recognize.meaning.safe_eval.MAX_NUMEL allows at the
 largest hidden size a fused kernel takes (256 x 16384)."""
 MAX_HIDDEN = 65536
 """Largest hidden size probed: 4x the largest any fused kernel takes (16384:

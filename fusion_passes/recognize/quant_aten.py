@@ -7,8 +7,8 @@
 * per group: ``view(-1, G, g) -> abs -> max`` for 1 x g groups (+ ``log2/ceil/exp2`` UE8M0).
 
 Forms and numerics follow vLLM 0.33's own matchers (compilation/passes/fusion/
-matcher_utils.py ``MatcherQuantFP8``). :func:`fusion_passes.quant.find` asks these
-recognizers after the custom-op ones (:mod:`fusion_passes.quant_ops`).
+matcher_utils.py ``MatcherQuantFP8``). :func:`fusion_passes.recognize.quant.find` asks these
+recognizers after the custom-op ones (:mod:`fusion_passes.recognize.quant_ops`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from torch.fx import Node
 
 from fusion_passes import epilogue, variants
-from fusion_passes.quant_role import Quant, arg, getitems, is_fp8, static_scale
-from fusion_passes.recognize import Miss, _convert_to, dtype_of, is_op, short, val
+from fusion_passes.recognize.quant_read import Quant, arg, getitems, is_fp8, static_scale
+from fusion_passes.recognize.aten import Miss, _convert_to, dtype_of, is_op, short, val
 
 aten = torch.ops.aten
 
