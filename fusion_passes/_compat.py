@@ -22,6 +22,23 @@ _UNSET = _config_module._UNSET_SENTINEL  # "no value at this layer" in a config 
 OpOverload = torch._ops.OpOverload
 """The class of ``torch.ops.<ns>.<op>.<overload>`` (what an FX node's target is)."""
 
+
+def op_overload_name(op: OpOverload) -> str:
+    """``aten.mul.Tensor``: an overload's namespace, op and overload name (the private
+    ``_opname`` / ``_overloadname``; the public ``name()`` drops ``.default``)."""
+    return f"{op.namespace}.{op._opname}.{op._overloadname}"
+
+
+def graph_order(node: torch.fx.Node):
+    """A key sorting the nodes of one graph in graph order: ``Node._sort_key``, what
+    ``Node.__lt__`` compares; None on a torch whose nodes carry none."""
+    return getattr(node, "_sort_key", None)
+
+
+def is_erased(node: torch.fx.Node) -> bool:
+    """Whether *node* was erased from its graph (``Node._erased``)."""
+    return node._erased
+
 def set_inductor_config_everywhere(name: str, value) -> None:
     """Set ``torch._inductor.config.<name>`` for every thread of the process.
 

@@ -19,9 +19,10 @@ from fusion_passes.backends import calibrate
 from fusion_passes.match import Declined, find_site
 from fusion_passes.options import FusionOptions
 from fusion_passes.recognize.fx import source_of
-from fusion_passes.recognize.aten import AllReduce, Miss, all_reduce
+from fusion_passes.recognize import AllReduce, Miss, all_reduce
 from fusion_passes.report import FusionReport, SiteReport
-from fusion_passes.rewrite import FakeVals, Unfused, rewrite
+from fusion_passes.recognize.fx import FakeVals
+from fusion_passes.rewrite import Unfused, rewrite
 
 log = logging.getLogger("fusion_passes")
 

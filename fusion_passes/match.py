@@ -1,8 +1,8 @@
 """Match: from each all-reduce, walk to its norm and pick the catalogue family.
 
-The walk is dialect-neutral: it speaks only of the roles :mod:`fusion_passes.recognize.aten`
+The walk is dialect-neutral: it speaks only of the roles :mod:`fusion_passes.recognize.roles`
 produces. A :class:`Site` is a complete match, ready to rewrite; anything else is a
-:class:`~fusion_passes.recognize.aten.Miss` with the reason and the blocking node.
+:class:`~fusion_passes.recognize.roles.Miss` with the reason and the blocking node.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import torch
 from torch.fx import Node
 
 from fusion_passes import _compat, backends, compile_range, groups, variants
-from fusion_passes.recognize import fx, quant
 from fusion_passes.backends import calibrate
 from fusion_passes.patterns import CATALOGUE, Family
-from fusion_passes.recognize import rms_norm
-from fusion_passes.recognize.aten import C10D_WAIT, AllReduce, Miss, Norm, is_named, residual_add, short, val
+from fusion_passes.recognize import find_quant, fx, rms_norm
+from fusion_passes.recognize.aten import C10D_WAIT, residual_add
+from fusion_passes.recognize.fx import is_named, short, val
+from fusion_passes.recognize.roles import AllReduce, Miss, Norm, Quant
 
 
 class Declined(Miss):
@@ -36,7 +37,7 @@ class Site:
     backend: str
     add: Node | None = None  # the aten add of the residual (plain dialect)
     residual: Node | None = None
-    quant: "quant.Quant | None" = None  # the quant fused into the op (quant families)
+    quant: "Quant | None" = None  # the quant fused into the op (quant families)
     note: str | None = None  # e.g. why a quant after the norm was left unfused
     carry: Node | None = None  # the previous fused op whose unrounded sum is the residual (carry_fp32)
 
@@ -58,9 +59,9 @@ def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
     if not isinstance(chain, Miss):
         add, residual, norm, residual_out = chain
         follow_inductor_precision(norm)
-        found_quant = quant.find(norm.out)
+        found_quant = find_quant(norm.out)
         fast = _select_inductor(ar, add, residual, norm, residual_out, found_quant, prefer_backend)
-        if isinstance(found_quant, quant.Quant) or not semantic.quantizes(norm.out):
+        if isinstance(found_quant, Quant) or not semantic.quantizes(norm.out):
             return fast
     read = semantic.recognize(ar, ar.node.graph)
     if isinstance(read, Miss):
@@ -95,7 +96,7 @@ def _reads_unrounded(norm: Norm, found_quant) -> bool:
     """Whether Inductor's default compile quantizes the UNROUNDED norm value: an aten FP8
     quant (fused into the norm's kernel) of a norm output read by nothing else."""
     return (not _compat.inductor_config.emulate_precision_casts
-            and isinstance(found_quant, quant.Quant) and found_quant.kind.startswith("fp8")
+            and isinstance(found_quant, Quant) and found_quant.kind.startswith("fp8")
             and norm.weight_in_fp32 and _decomposed(norm) and _aten(found_quant)
             and all(u in found_quant.nodes for u in norm.out.users))
 
@@ -194,7 +195,7 @@ def _select(ar: AllReduce, add, residual, norm: Norm, residual_out: bool, found_
     if note is not None and not note.startswith("quant left unfused"):
         note = f"quant left unfused: {note}"
     families = []
-    if isinstance(found_quant, quant.Quant):
+    if isinstance(found_quant, Quant):
         norm_out = any(u not in found_quant.nodes for u in norm.out.users)
         families += [f for f in CATALOGUE if f.quant == found_quant.kind and f.residual == has_residual
                      and getattr(f, "norm_out", False) == norm_out]
@@ -208,7 +209,7 @@ def _select(ar: AllReduce, add, residual, norm: Norm, residual_out: bool, found_
         backend = _backend(family, ar, norm, site_quant, prefer, reasons)
         if backend is None:
             continue
-        if family.quant is None and isinstance(found_quant, quant.Quant):
+        if family.quant is None and isinstance(found_quant, Quant):
             note = f"quant {found_quant.kind} left unfused: no backend runs {found_quant.variant} here ({reasons[0]})"
         return Site(ar, norm, family, backend, add, residual, quant=site_quant, note=note)
     return Declined(reasons[-1], ar.node)

@@ -5,8 +5,8 @@ A variant is one fused op ``torch.ops.fusion_passes.allreduce_<name>``: all-redu
 [+ residual] -> RMSNorm [-> quant]. Every op takes the arguments of :data:`SIGNATURE`, in
 that order, with the variant's own quant arguments where :data:`QUANT` stands. Adding a
 quant format is one :class:`Variant` entry in :data:`VARIANTS` (plus its epilogue math in
-:mod:`fusion_passes.epilogue`, its recognizer in :mod:`fusion_passes.recognize.quant_aten` or
-:mod:`fusion_passes.recognize.quant_ops` and its kernel where one exists); adding a norm-convention flag is one ``flag=True`` entry in
+:mod:`fusion_passes.epilogue`, its recognizer in :mod:`fusion_passes.recognize` (the module of its
+quant kind) and its kernel where one exists); adding a norm-convention flag is one ``flag=True`` entry in
 :data:`SIGNATURE` (plus its math and the backends' gates).
 
 This module imports torch and the standard library only: everything else may import it.

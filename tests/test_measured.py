@@ -192,7 +192,7 @@ def test_vllm_compile_range_reaches_the_call_and_the_report(fake_pg):
     from vllm.config.utils import Range
 
     from fusion_passes.match import compile_time_call
-    from fusion_passes.recognize.aten import all_reduce
+    from fusion_passes.recognize import all_reduce
     from fusion_passes.vllm import VllmFusionPass
     from graphs import all_reduce as ar_fn, hf_rms_norm
 

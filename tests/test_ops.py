@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fusion_passes  # noqa: F401  (registers the ops)
 from fusion_passes import epilogue, groups, ops, variants
-from fusion_passes.recognize import quant
+from fusion_passes.recognize import roles
 from fusion_passes.patterns import CATALOGUE
 from graphs import fp32_weight_rms_norm
 from ranks import rank_sum
@@ -122,7 +122,7 @@ def test_schemas_are_as_published():
 def test_every_table_reads_the_registry():
     """The ops, the recognizer's kinds and the catalogue cover exactly the registry's variants."""
     assert tuple(ops.OPS) == variants.NAMES
-    assert quant.VARIANTS == {v.kind: v.name for v in variants.VARIANTS if v.kind}
+    assert roles.VARIANTS == {v.kind: v.name for v in variants.VARIANTS if v.kind}
     for v in variants.VARIANTS:
         fams = [f for f in CATALOGUE if f.variant == v.name]
         assert len(fams) == (3 if v.kind is None else 4), v.name

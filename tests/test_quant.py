@@ -19,7 +19,7 @@ from torch.testing import FileCheck
 
 from fusion_passes import FusionPass, backends, epilogue
 from fusion_passes.match import find_site
-from fusion_passes.recognize.aten import all_reduce as recognize_all_reduce
+from fusion_passes.recognize import all_reduce as recognize_all_reduce
 from fusion_passes.variants import Flags
 from graphs import all_reduce, fp32_weight_rms_norm, gemma_rms_norm, hf_rms_norm, trace
 from ranks import run_ranks
@@ -455,7 +455,7 @@ def test_property_nvfp4_fuses_bit_exact(fake_pg, tokens, hidden, swizzle, dtype,
 
 @pytest.mark.parametrize("return_norm", [False, True])
 def test_mxfp4_op_matches_epilogue_and_rejects_bad_input(fake_pg, return_norm):
-    """MXFP4 has no unfused form to match in vLLM 0.33 (see fusion_passes.recognize.quant): check the
+    """MXFP4 has no unfused form to match in vLLM 0.33 (see fusion_passes.recognize.quant_fp4): check the
     fused op's fake (output shapes, dtypes, the optional norm output) and its input errors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -493,7 +493,7 @@ def test_epilogue_fp4_matches_vllm_reference():
 
 def test_patterns_command_lists_every_quant_family_before_the_plain_ones():
     from fusion_passes.patterns import CATALOGUE
-    from fusion_passes.recognize.quant import VARIANTS
+    from fusion_passes.recognize import VARIANTS
     from tools import patterns_cmd
 
     rows = patterns_cmd.rows()

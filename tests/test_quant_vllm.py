@@ -72,8 +72,8 @@ def _site_graphs(gm: GraphModule, tokens: int = TOKENS) -> list[tuple[str, Graph
     outputs every value read outside the chain. Returns ``(all-reduce name, graph, the
     placeholder of the all-reduce input)``."""
     from fusion_passes.match import Site, find_site
-    from fusion_passes.recognize.quant import dead_buffers
-    from fusion_passes.recognize.aten import all_reduce
+    from fusion_passes.recognize import dead_buffers
+    from fusion_passes.recognize import all_reduce
 
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     out = []

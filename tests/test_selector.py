@@ -34,7 +34,7 @@ def test_run_time_never_overrides_a_hard_limit():
 
 def test_a_static_graph_site_carries_its_token_count(fake_pg):
     from fusion_passes.match import compile_time_call
-    from fusion_passes.recognize.aten import all_reduce
+    from fusion_passes.recognize import all_reduce
     from graphs import all_reduce as ar_fn, hf_rms_norm, trace
 
     gm = trace(lambda x, r, w: hf_rms_norm(ar_fn(x) + r, w), torch.randn(6, 64), torch.randn(6, 64), torch.randn(64))

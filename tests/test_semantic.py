@@ -186,7 +186,7 @@ def test_a_quant_the_meaning_path_cannot_read_has_a_reason(monkeypatch):
     only recognition by meaning reads) stays: when that reading misses, the site still says
     why the quant is left, with the meaning path's reason."""
     from fusion_passes.recognize import meaning as semantic
-    from fusion_passes.recognize.aten import Miss
+    from fusion_passes.recognize.roles import Miss
 
     def chain(x, res, w):
         h = all_reduce(x) + res

@@ -9,7 +9,7 @@ import torch
 
 from fusion_passes.recognize import meaning as semantic
 from fusion_passes.recognize.meaning import decide
-from fusion_passes.recognize.aten import AllReduce, all_reduce
+from fusion_passes.recognize import AllReduce, all_reduce
 from spellings import harness
 
 T, H = 8, 256

@@ -46,7 +46,7 @@ class GraphExplanation:
 
 
 def _all_reduces(graph) -> list[str]:
-    from fusion_passes.recognize.aten import all_reduce
+    from fusion_passes.recognize import all_reduce
 
     return [n.name for n in graph.nodes if all_reduce(n) is not None]
 

@@ -32,7 +32,7 @@ class Opaque:
     """Stands in for a call target that cannot be found here by name (an op of a library
     that is not loaded, a Python function): carries the name, refuses to run.
 
-    ``__name__`` is the short op name, so :func:`fusion_passes.recognize.aten.target_name`
+    ``__name__`` is the short op name, so :func:`fusion_passes.recognize.fx.op_name`
     (and with it the recognizers) see ``vllm.all_reduce.default`` as they would the op.
     """
 

@@ -20,7 +20,7 @@ from torch.fx import Node
 
 from fusion_passes import epilogue, variants
 from fusion_passes.recognize.meaning import fp8_forms
-from fusion_passes.recognize.aten import val
+from fusion_passes.recognize.fx import val
 from fusion_passes.recognize.meaning.region import shape_of
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2)

@@ -21,7 +21,7 @@ import torch
 from torch.fx import Node
 
 from fusion_passes.recognize.meaning import conventions as C, probe_sizes, probes, safe_eval
-from fusion_passes.recognize.aten import val
+from fusion_passes.recognize.fx import val
 from fusion_passes.recognize.meaning.region import Region, shape_of
 
 

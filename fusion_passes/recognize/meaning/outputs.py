@@ -37,7 +37,7 @@ def _(packed, dtype):
 def _call(graph: Graph, after: Node, op, args: tuple, fake_vals) -> Node:
     with graph.inserting_after(after):
         node = graph.call_function(op, args)
-    node.meta["val"] = fake_vals(op, args)
+    fake_vals.update(node)
     node.meta["stack_trace"] = after.meta.get("stack_trace")
     return node
 

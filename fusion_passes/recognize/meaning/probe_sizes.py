@@ -29,7 +29,7 @@ import math
 import torch
 from torch.fx import Node
 
-from fusion_passes.recognize.aten import target_name, val
+from fusion_passes.recognize.fx import op_name, val
 
 TOKENS = (16, 1, 7)
 """Token counts probed: 16 rows hold every norm row kind twice (seven kinds,
@@ -76,7 +76,7 @@ class Plan:
             return ("size", self.key(v)) if isinstance(v, torch.SymInt) else a
 
         args = tuple(one(a) for a in args)
-        pos = SIZE_ARGS.get(target_name(node)) if node.op == "call_function" else None
+        pos = SIZE_ARGS.get(op_name(node.target)) if node.op == "call_function" else None
         if pos is not None and len(args) > pos and isinstance(args[pos], (list, tuple)):
             sizes = [one(a) for a in args[pos]]
             if not self.dynamic and not self.literal and (len(sizes) > 1 or self.per_token(sizes)):
@@ -156,7 +156,7 @@ class Sizes:
     def args(self, node: Node, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """*node*'s evaluated arguments with its sizes at this token count."""
         args = tuple(self.size(a) if isinstance(a, torch.SymInt) else a for a in args)
-        pos = SIZE_ARGS.get(target_name(node)) if node.op == "call_function" else None
+        pos = SIZE_ARGS.get(op_name(node.target)) if node.op == "call_function" else None
         if pos is not None and len(args) > pos and isinstance(args[pos], (list, tuple)):
             sizes = [self.size(a) for a in args[pos]]
             if len(sizes) > 1 or self.plan.per_token(sizes):
