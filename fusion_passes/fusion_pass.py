@@ -125,9 +125,9 @@ class FusionPass(_compat.CustomGraphPass):
     def _hoist_and_fuse(self, graph: Graph, report: FusionReport, frozen: frozenset):
         """Hoist (all-reduces in *frozen* stay put), then match and rewrite every site."""
         from fusion_passes import hoist
-        from fusion_passes.recognize import meaning as semantic
+        from fusion_passes.recognize import meaning
 
-        semantic.forget(graph)
+        meaning.forget(graph)
         opts = self.options
         hoisted = hoist.run(graph, opts, frozen) if opts.hoist else hoist.HoistResult()
         # one chain for identical quants of one value (HF FP8: q/k/v each quantize the norm output)
@@ -145,7 +145,7 @@ class FusionPass(_compat.CustomGraphPass):
             report.sites.append(entry)
             found = all_reduce(node)
             site = found if isinstance(found, Miss) else find_site(found, opts.backend)
-            if isinstance(site, Miss) and not isinstance(site, (semantic.DeepMiss, Declined)):
+            if isinstance(site, Miss) and not isinstance(site, (meaning.DeepMiss, Declined)):
                 site = hoisted.stopped.get(node.name, site)  # names the op that stopped hoisting
             if isinstance(site, Miss):
                 entry.reason, entry.blocker = site.reason, getattr(site.node, "name", None)

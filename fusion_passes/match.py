@@ -52,7 +52,7 @@ def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
     """The fusable chain after *ar*, or why there is none: the structural recognizers
     first, then recognition by meaning (:mod:`fusion_passes.recognize.meaning`) when they miss or
     leave a quantization of the norm output unfused."""
-    from fusion_passes.recognize import meaning as semantic
+    from fusion_passes.recognize import meaning
 
     chain = _chain(ar)
     fast = None
@@ -61,13 +61,13 @@ def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
         follow_inductor_precision(norm)
         found_quant = find_quant(norm.out)
         fast = _select_inductor(ar, add, residual, norm, residual_out, found_quant, prefer_backend)
-        if isinstance(found_quant, Quant) or not semantic.quantizes(norm.out):
+        if isinstance(found_quant, Quant) or not meaning.quantizes(norm.out):
             return fast
-    read = semantic.recognize(ar, ar.node.graph)
+    read = meaning.recognize(ar, ar.node.graph)
     if isinstance(read, Miss):
         if isinstance(fast, Site) and fast.note is None:
             fast.note = f"quant left unfused: {read.reason}"  # the norm output is quantized (above)
-        return fast if fast is not None else semantic.better_miss(chain, read)
+        return fast if fast is not None else meaning.better_miss(chain, read)
     norm = read.norm
     follow_inductor_precision(norm)
     if norm.residual is None:

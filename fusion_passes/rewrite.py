@@ -83,13 +83,13 @@ def carry(site: Site, fake_vals: FakeVals) -> None:
 def rewrite_quant(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -> Node:
     """Replace an all-reduce -> [add] -> norm -> quant site by one fused quant op: its
     ``q`` / ``scales`` / ``residual_out`` / ``norm_out`` take over the chain's values."""
-    from fusion_passes.recognize.meaning import outputs as adapters
+    from fusion_passes.recognize.meaning import outputs
     from fusion_passes.recognize import dead_buffers
 
     quant, norm = site.quant, site.norm
     spec = variants.get(site.family.variant)
     norm_out = bool(getattr(site.family, "norm_out", False))
-    created = adapters.materialize(graph, site, fake_vals)  # scales spelled as Python numbers become tensors
+    created = outputs.materialize(graph, site, fake_vals)  # scales spelled as Python numbers become tensors
     args, kwargs = op_arguments(site, backend)
     edit = _Edit(graph, site, FUSED_OPS[spec.name], args, spec.output_names, fake_vals, kwargs)
     edit.new[:0] = created
@@ -107,7 +107,7 @@ def rewrite_quant(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -
     for name, out in (("q", outs["q"]), ("scales", scales)):
         old = quant.outputs.get(name)
         if old is not None:
-            new = adapters.apply(graph, out, adapt.get(name, ""), old, fake_vals)
+            new = outputs.apply(graph, out, adapt.get(name, ""), old, fake_vals)
             edit.new += _chain_to(new, out)
             replace.append((name, new, old))
     edit.check(replace)

@@ -22,14 +22,8 @@ _NAMES: dict = {}  # target -> name: every node of every graph asks (the all-red
 
 def op_name(target: Any) -> str:
     """``aten.mul.Tensor``-style name of a call target (no import of its library); other
-    callables by ``__name__`` (``getitem``, ``auto_functionalized``); a node's own is
-    ``op_name(node.target)``.
-
-    The one op-name helper. It replaced four that agreed on every target they were given:
-    ``recognize.target_name(node)`` and ``region.op_name(node)`` were this on
-    ``node.target`` (region's special case, ``"getitem"`` for ``operator.getitem``, is that
-    function's ``__name__``), and ``inplace._op_name`` differed only on targets that are not
-    an OpOverload (``str(op)``), which its callers never passed."""
+    callables by ``__name__`` (``getitem`` for ``operator.getitem``, ``auto_functionalized``);
+    a node's own is ``op_name(node.target)``. The one op-name helper of the library."""
     try:
         return _NAMES[target]
     except (KeyError, TypeError):  # TypeError: an unhashable target, named each time

@@ -25,7 +25,8 @@ from torch.fx import Node
 from fusion_passes import epilogue, variants
 from fusion_passes.recognize.fx import converts_to, dtype_of, is_op, short, val
 from fusion_passes.recognize.inplace import Call, partial_view_miss
-from fusion_passes.recognize.quant_read import arg, c_op, clamp_of, first_leak, getitems, is_fp8, sat_to_fp8, static_scale
+from fusion_passes.recognize.quant_read import (arg, c_op, clamp_of, first_leak, getitems, is_fp8, sat_to_fp8,
+                                                static_scale)
 from fusion_passes.recognize.roles import Miss, Quant
 
 aten = torch.ops.aten

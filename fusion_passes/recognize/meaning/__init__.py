@@ -4,14 +4,14 @@ The structural recognizers (:mod:`fusion_passes.recognize`) know
 the spellings of vLLM and Hugging Face and run first. When they miss, or leave a quant
 after the norm unfused, this module takes over:
 
-1. :func:`fusion_passes.recognize.meaning.region.grow` selects the candidate: the elementwise ops, casts and
+1. :func:`.region.grow` selects the candidate: the elementwise ops, casts and
    last-dim reductions computed from the all-reduced value, with its leaves (residual,
    weight, scales, constants: replicated values not computed from the sum);
 2. one last-dim mean of squares must be among them (:func:`statistic`); eps candidates are
    the constants next to it;
-3. :func:`fusion_passes.recognize.meaning.decide.decide` evaluates the region on probe inputs with edge values
+3. :func:`.decide.decide` evaluates the region on probe inputs with edge values
    and compares it with the canonical epilogue under every reading
-   (:mod:`fusion_passes.recognize.meaning.conventions`): which leaf is the residual and which the weight,
+   (:mod:`.conventions`): which leaf is the residual and which the weight,
    residual add in the activation dtype or fp32, weight before or after the cast back,
    Gemma's ``1 + w``, and for the quant every FP8 form / group / scale and NVFP4. Only a
    bit-exact match is accepted, and the fused part is cut so that every value read
