@@ -33,12 +33,12 @@ def _pure(node: Node) -> bool:
     t = node.target
     if node.op != "call_function" or not isinstance(t, _compat.OpOverload) or t.namespace not in ("aten", "prims"):
         return False
-    schema = t._schema
+    schema = _compat.op_schema(t)
     if schema.is_mutable or any(tag in t.tags for tag in _nondeterministic_tags()):
         return False
     name = fx.op_name(t)
     # two uninitialized buffers (empty_like, new_empty) are two buffers, not one value
-    return not name.startswith(_GEMMS) and "empty" not in t._opname
+    return not name.startswith(_GEMMS) and "empty" not in name.split(".")[1]
 
 
 def _nondeterministic_tags():

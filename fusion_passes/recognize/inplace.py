@@ -109,7 +109,7 @@ def functionalized_call(af: Node) -> Call | None:
     op = af.args[0]
     if not isinstance(op, _compat.OpOverload):
         return None
-    schema = op._schema
+    schema = _compat.op_schema(op)
     slots = max(1, len(schema.returns))
     mutated = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     args = dict(af.kwargs)

@@ -122,7 +122,7 @@ def call(target, args: tuple, kwargs: dict, budget: Budget | None = None):
     if not isinstance(target, _compat.OpOverload) or target not in PURE:
         raise Refused("not an op recognition by meaning evaluates (pure arithmetic, casts, views, "
                       "reductions)")
-    if any(a.name == "device" and a.kwarg_only for a in target._schema.arguments):
+    if any(a.name == "device" and a.kwarg_only for a in _compat.op_schema(target).arguments):
         kwargs = {**kwargs, "device": torch.device("cpu")}  # a factory: on the probe's device
     _check_sizes(target, args, kwargs)
     out = target(*args, **kwargs)
