@@ -27,7 +27,8 @@ __version__ = "0.1.0"
 def _load() -> None:
     """Import the public names, registering ``torch.ops.fusion_passes.*`` (idempotent)."""
     global FusionPass, FusionOptions, FusionReport, SiteReport, enabled, install, uninstall
-    from fusion_passes import adapters, ops  # noqa: F401  (register torch.ops.fusion_passes.*)
+    from fusion_passes import ops  # noqa: F401  (register torch.ops.fusion_passes.*)
+    from fusion_passes.recognize.meaning import outputs  # noqa: F401  (registers fusion_passes::e2m1_values)
     from fusion_passes.fusion_pass import FusionPass
     from fusion_passes.options import FusionOptions
     from fusion_passes.registration import enabled, install, uninstall

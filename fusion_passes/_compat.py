@@ -61,6 +61,29 @@ def vllm_group(name: str):
     ref = parallel_state._groups.get(name)
     return ref() if ref is not None else None
 
+
+def op_overload_name(op: OpOverload) -> str:
+    """``aten.mul.Tensor``: an overload's namespace, op and overload name (the private
+    ``_opname`` / ``_overloadname``; the public ``name()`` drops ``.default``)."""
+    return f"{op.namespace}.{op._opname}.{op._overloadname}"
+
+
+def op_schema(op: OpOverload) -> torch.FunctionSchema:
+    """An overload's schema (``OpOverload._schema``): its arguments, returns, aliasing."""
+    return op._schema
+
+
+def graph_order(node: torch.fx.Node):
+    """A key sorting the nodes of one graph in graph order: ``Node._sort_key``, what
+    ``Node.__lt__`` compares; None on a torch whose nodes carry none."""
+    return getattr(node, "_sort_key", None)
+
+
+def is_erased(node: torch.fx.Node) -> bool:
+    """Whether *node* was erased from its graph (``Node._erased``)."""
+    return node._erased
+
+
 def set_inductor_config_everywhere(name: str, value) -> None:
     """Set ``torch._inductor.config.<name>`` for every thread of the process.
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from torch.fx import Graph, Node
 
-from fusion_passes import _compat, fx_util
+from fusion_passes import _compat
+from fusion_passes.recognize import fx
 
 _GEMMS = ("aten.mm.", "aten.addmm.", "aten.bmm.", "aten.baddbmm.", "aten._scaled_mm", "aten.linear.",
           "aten.matmul.", "aten.convolution.")
@@ -32,12 +33,12 @@ def _pure(node: Node) -> bool:
     t = node.target
     if node.op != "call_function" or not isinstance(t, _compat.OpOverload) or t.namespace not in ("aten", "prims"):
         return False
-    schema = t._schema
+    schema = _compat.op_schema(t)
     if schema.is_mutable or any(tag in t.tags for tag in _nondeterministic_tags()):
         return False
-    name = fx_util.op_name(t)
+    name = fx.op_name(t)
     # two uninitialized buffers (empty_like, new_empty) are two buffers, not one value
-    return not name.startswith(_GEMMS) and "empty" not in t._opname
+    return not name.startswith(_GEMMS) and "empty" not in name.split(".")[1]
 
 
 def _nondeterministic_tags():
@@ -54,7 +55,7 @@ def _key(node: Node, mapping: dict | None = None):
     def arg(a):
         if isinstance(a, Node):
             a = mapping.get(a, a)
-            if fx_util.op_name(a.target) in _CONSTANTS and not a.all_input_nodes:
+            if fx.op_name(a.target) in _CONSTANTS and not a.all_input_nodes:
                 return ("const", a.target, _frozen(a.args), _frozen(a.kwargs))
             return ("node", a)
         if isinstance(a, (list, tuple)):

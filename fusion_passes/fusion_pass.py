@@ -14,13 +14,15 @@ from typing import Callable
 
 from torch.fx import Graph
 
-from fusion_passes import _compat, compile_range, dedup, fx_util, ops  # noqa: F401  (ops registers the fused ops)
+from fusion_passes import _compat, compile_range, dedup, ops  # noqa: F401  (ops registers the fused ops)
 from fusion_passes.backends import calibrate
 from fusion_passes.match import Declined, find_site
 from fusion_passes.options import FusionOptions
+from fusion_passes.recognize.fx import source_of
 from fusion_passes.recognize import AllReduce, Miss, all_reduce
 from fusion_passes.report import FusionReport, SiteReport
-from fusion_passes.rewrite import FakeVals, Unfused, rewrite
+from fusion_passes.recognize.fx import FakeVals
+from fusion_passes.rewrite import Unfused, rewrite
 
 log = logging.getLogger("fusion_passes")
 
@@ -123,9 +125,10 @@ class FusionPass(_compat.CustomGraphPass):
 
     def _hoist_and_fuse(self, graph: Graph, report: FusionReport, frozen: frozenset):
         """Hoist (all-reduces in *frozen* stay put), then match and rewrite every site."""
-        from fusion_passes import hoist, semantic
+        from fusion_passes import hoist
+        from fusion_passes.recognize import meaning
 
-        semantic.forget(graph)
+        meaning.forget(graph)
         opts = self.options
         hoisted = hoist.run(graph, opts, frozen) if opts.hoist else hoist.HoistResult()
         # one chain for identical quants of one value (HF FP8: q/k/v each quantize the norm output)
@@ -143,7 +146,7 @@ class FusionPass(_compat.CustomGraphPass):
             report.sites.append(entry)
             found = all_reduce(node)
             site = found if isinstance(found, Miss) else find_site(found, opts.backend)
-            if isinstance(site, Miss) and not isinstance(site, (semantic.DeepMiss, Declined)):
+            if isinstance(site, Miss) and not isinstance(site, (meaning.DeepMiss, Declined)):
                 site = hoisted.stopped.get(node.name, site)  # names the op that stopped hoisting
             if isinstance(site, Miss):
                 entry.reason, entry.blocker = site.reason, getattr(site.node, "name", None)
@@ -170,4 +173,4 @@ def _table_of(site) -> str | None:
 
 def _source_line(node) -> str | None:
     """The last ``File ..., line N`` of the node's stack trace: the model source it came from."""
-    return fx_util.source_of(node.meta.get("stack_trace") if node is not None else None)[0]
+    return source_of(node.meta.get("stack_trace") if node is not None else None)[0]

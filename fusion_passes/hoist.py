@@ -49,29 +49,21 @@ import dataclasses
 import torch
 from torch.fx import Graph, Node
 
-from fusion_passes import _compat
-from fusion_passes.norms import rms_norm
-from fusion_passes.recognize import (
-    AllReduce,
-    Miss,
-    all_reduce,
-    short,
-    target_name,
-    val,
-)
+from fusion_passes.recognize import all_reduce, rms_norm
+from fusion_passes.recognize.fx import FakeVals, op_name, short, val
+from fusion_passes.recognize.roles import AllReduce, Miss
 from fusion_passes.hoist_rules import (  # noqa: F401  (RULES, STOPS: the rules' public names)
     RULES,
     STOPS,
     Boundary,
     Merge,
     Sink,
-    _Context,
-    _is_norm_op,
-    _stop_reason,
+    Context,
     add_or_sub,
+    is_norm_op,
     split,
+    stop_reason,
 )
-from fusion_passes.rewrite import FakeVals
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -162,7 +154,7 @@ class _Hoister:
         self.fake = FakeVals(graph)
         self.result = HoistResult()
         ars = [a for n in graph.nodes if isinstance(a := all_reduce(n), AllReduce)]
-        self.ctx = _Context(options, _partial_values(graph, ars), {a.value: a for a in ars})
+        self.ctx = Context(options, _partial_values(graph, ars), {a.value: a for a in ars})
         self.ars = {a.node: a for a in ars}
         self.first = {a.node: i for i, a in enumerate(ars)}  # graph order as given: merges keep the first
 
@@ -196,7 +188,7 @@ class _Hoister:
             return None
         if len(users) == 1 and RULES.get(users[0].target) is add_or_sub:
             pass  # a merge or the residual add: the rule decides
-        elif not isinstance(rms_norm(v), Miss) or any(_is_norm_op(u) for u in users):
+        elif not isinstance(rms_norm(v), Miss) or any(is_norm_op(u) for u in users):
             return None  # already feeds its norm (a refused norm: the matcher says why)
         elif len(users) > 1:
             return self._stop(name, Miss(
@@ -206,7 +198,7 @@ class _Hoister:
         if u.op != "call_function":
             return self._stop(name, Miss(f"all-reduce output {v.name} is a graph output", v))
         rule = RULES.get(u.target)
-        outcome = rule(u, v, self.ctx) if rule is not None else Miss(_stop_reason(u), u)
+        outcome = rule(u, v, self.ctx) if rule is not None else Miss(stop_reason(u), u)
         if isinstance(outcome, Miss):
             return self._stop(name, outcome)
         if isinstance(outcome, Boundary):
@@ -227,20 +219,14 @@ class _Hoister:
             before.prepend(n)
         ar.node.update_arg(0, new_input)
         with self.fake.mode:  # what the dialects' fake impls return (without their dispatch cost)
-            out = torch.empty_like(self._fake(new_input), **_AR_FAKE_FORMAT.get(target_name(ar.node), {}))
+            out = torch.empty_like(self.fake.fake(new_input), **_AR_FAKE_FORMAT.get(op_name(ar.node.target), {}))
         for n in ar.nodes:
-            n.meta["val"] = out
+            self.fake.update(n, out)
         moved = dataclasses.replace(ar, input=new_input)
         del self.ctx.by_value[ar.value]
         self.ctx.by_value[moved.value] = moved
         self.ars[moved.node] = moved
         return moved
-
-    def _fake(self, n: Node):
-        v = val(n)
-        if isinstance(v, torch.Tensor) and not isinstance(v, _compat.FakeTensor):
-            v = self.fake.mode.from_tensor(v)
-        return v
 
     def _clone_onto(self, u: Node, replace: dict[Node, Node]) -> Node:
         """``u`` recomputed with its arguments replaced, inserted right before ``u``."""
@@ -250,16 +236,14 @@ class _Hoister:
             new = self.graph.call_function(u.target, args, kwargs)
         new.meta.update({k: x for k, x in u.meta.items() if k != "val"})
         new.meta[PARTIAL_INPUTS] = tuple(sorted(r.name for r in replace.values() if isinstance(r, Node)))
-        with self.fake.mode:
-            new.meta["val"] = u.target(*torch.fx.node.map_arg(args, self._fake),
-                                       **torch.fx.node.map_arg(kwargs, self._fake))
+        self.fake.update(new)
         self.ctx.partial.add(new)
         return new
 
     def _sink(self, ar: AllReduce, u: Node) -> AllReduce:
         """``u(AR(x))`` -> ``AR(u(x))``; for a split, its getitem moves along."""
         v = ar.value
-        ops = [target_name(u)]
+        ops = [op_name(u.target)]
         new_u = self._clone_onto(u, {v: ar.input})
         last_old, last_new = u, new_u
         if RULES.get(u.target) is split:  # the tuple is read at one index: move the getitem too
@@ -267,7 +251,7 @@ class _Hoister:
                 self.graph.erase_node(dead)
             get = next(iter(u.users))
             new_get = self._clone_onto(get, {u: new_u})
-            ops.append(target_name(get))
+            ops.append(op_name(get.target))
             last_old, last_new = get, new_get
         moved = self._place(ar, last_new, last_old)
         last_old.replace_all_uses_with(moved.value)
@@ -291,7 +275,7 @@ class _Hoister:
             self.graph.erase_node(n)
         del self.ctx.by_value[gone.value]
         del self.ars[gone.node]
-        op = target_name(u)
+        op = op_name(u.target)
         self.result.hoisted_over[keep.node.name].append(op)
         self.result.hoisted_over.setdefault(gone.node.name, []).append(op)
         self.result.merged[gone.node.name] = keep.node.name

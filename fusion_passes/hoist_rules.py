@@ -12,17 +12,9 @@ from typing import Callable, Union
 import torch
 from torch.fx import Node
 
-from fusion_passes.recognize import (
-    VLLM_ADD_RMS_NORM,
-    VLLM_RMS_NORM,
-    AllReduce,
-    Miss,
-    is_named,
-    is_op,
-    short,
-    target_name,
-    val,
-)
+from fusion_passes.recognize.fx import is_named, is_op, op_name, short, val
+from fusion_passes.recognize.roles import AllReduce, Miss
+from fusion_passes.recognize.vllm_ir import VLLM_ADD_RMS_NORM, VLLM_RMS_NORM
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -52,7 +44,7 @@ Outcome = Union[Sink, Merge, Boundary, Miss]
 
 
 @dataclasses.dataclass
-class _Context:
+class Context:
     """What a rule may ask about the graph."""
 
     options: object
@@ -66,7 +58,7 @@ class _Context:
         return isinstance(a, (int, float, bool, torch.SymInt, torch.SymFloat)) or a is None
 
 
-Rule = Callable[[Node, Node, _Context], Outcome]
+Rule = Callable[[Node, Node, Context], Outcome]
 
 # ---------------------------------------------------------------------------------- rules
 
@@ -87,7 +79,7 @@ def _same_meta(u: Node, v: Node) -> Miss | None:
     return None
 
 
-def layout(u: Node, v: Node, ctx: _Context) -> Outcome:
+def layout(u: Node, v: Node, ctx: Context) -> Outcome:
     """Re-indexes the same elements (a view or copy): the sum commutes with any
     re-indexing, elementwise and bit for bit."""
     if u.args[0] is not v:
@@ -98,7 +90,7 @@ def layout(u: Node, v: Node, ctx: _Context) -> Outcome:
     return _same_meta(u, v) or Sink()
 
 
-def permute(u: Node, v: Node, ctx: _Context) -> Outcome:
+def permute(u: Node, v: Node, ctx: Context) -> Outcome:
     """A permutation that keeps the last (hidden) dim last. Exact like any re-indexing; one
     that moves the hidden dim is refused: the fused kernels normalise contiguous rows, so
     they would need a transposing copy of their input, and no real graph has one."""
@@ -109,7 +101,7 @@ def permute(u: Node, v: Node, ctx: _Context) -> Outcome:
     return layout(u, v, ctx)
 
 
-def transpose(u: Node, v: Node, ctx: _Context) -> Outcome:
+def transpose(u: Node, v: Node, ctx: Context) -> Outcome:
     """``transpose(d0, d1)`` of two leading dims: a permutation that keeps the last dim."""
     rank = len(val(v).shape)
     if rank - 1 in {d % rank for d in u.args[1:3]}:
@@ -117,7 +109,7 @@ def transpose(u: Node, v: Node, ctx: _Context) -> Outcome:
     return layout(u, v, ctx)
 
 
-def split(u: Node, v: Node, ctx: _Context) -> Outcome:
+def split(u: Node, v: Node, ctx: Context) -> Outcome:
     """``split`` / ``unbind`` whose tuple is read at ONE index: ``getitem(split(AR(x)), k) ==
     AR(getitem(split(x), k))``. Moving it shrinks the collective to the piece that is used."""
     getters = [g for g in u.users if g.users or g.target is not operator.getitem]  # dead pieces don't count
@@ -127,12 +119,12 @@ def split(u: Node, v: Node, ctx: _Context) -> Outcome:
     return layout(u, v, ctx)
 
 
-def scale(u: Node, v: Node, ctx: _Context) -> Outcome:
+def scale(u: Node, v: Node, ctx: Context) -> Outcome:
     """``AR(x) * c == AR(x * c)`` and ``AR(x) / c == AR(x / c)`` for a ``c`` equal on every
     rank (a scalar, or a tensor not derived from a Partial value): distributivity.
     A divisor that is the all-reduce output itself is nonlinear and stops."""
     a, b = u.args[:2]
-    if target_name(u).startswith("aten.div") and a is not v:
+    if op_name(u.target).startswith("aten.div") and a is not v:
         return Miss(f"{short(u)} divides BY the all-reduce output (nonlinear)", u)
     c = b if a is v else a
     if a is v and b is v:
@@ -145,12 +137,12 @@ def scale(u: Node, v: Node, ctx: _Context) -> Outcome:
     return _same_meta(u, v) or Sink()
 
 
-def negate(u: Node, v: Node, ctx: _Context) -> Outcome:
+def negate(u: Node, v: Node, ctx: Context) -> Outcome:
     """``-AR(x) == AR(-x)``: bit-exact (a sign flip commutes with rounding)."""
     return _same_meta(u, v) or Sink()
 
 
-def add_or_sub(u: Node, v: Node, ctx: _Context) -> Outcome:
+def add_or_sub(u: Node, v: Node, ctx: Context) -> Outcome:
     """``AR(a) +- AR(b) == AR(a +- b)`` for two all-reduces of one group (merge, saving a
     collective); ``AR(a) + r`` with a replicated ``r`` is the residual add, the fusion
     boundary. Adding a scalar or a partial value stops (the scalar would be summed once
@@ -175,13 +167,13 @@ def add_or_sub(u: Node, v: Node, ctx: _Context) -> Outcome:
     return Miss(f"{short(u)} subtracts a replicated value: not a residual add", u)
 
 
-def cast(u: Node, v: Node, ctx: _Context) -> Outcome:
+def cast(u: Node, v: Node, ctx: Context) -> Outcome:
     """A dtype cast. Not exact: moving it changes the precision of the cross-rank sum
     (see the module docstring); allowed only with ``hoist_casts``."""
     if not getattr(ctx.options, "hoist_casts", False):
         blocker = _beyond_cast(u)
         if blocker is not None:  # moving the cast would not reach a norm: name what stops it
-            return Miss(f"{_stop_reason(blocker)} (after the cast {u.name}: moving the cast would not help)",
+            return Miss(f"{stop_reason(blocker)} (after the cast {u.name}: moving the cast would not help)",
                         blocker)
         return Miss(f"{short(u)} casts the all-reduce output; moving a cast changes the sum's "
                     "precision (enable hoist_casts to allow it)", u)
@@ -199,7 +191,7 @@ def _beyond_cast(u: Node, steps: int = 8) -> Node | None:
         if len(cur.users) != 1:
             return None
         nxt = next(iter(cur.users))
-        if nxt.op != "call_function" or _is_norm_op(nxt):
+        if nxt.op != "call_function" or is_norm_op(nxt):
             return None
         rule = RULES.get(nxt.target)
         if rule is None and nxt.target is operator.getitem and RULES.get(cur.target) is split:
@@ -261,8 +253,8 @@ STOPS: dict[str, str] = {
 any other op stops it as 'nonlinear or unknown'."""
 
 
-def _stop_reason(u: Node) -> str:
-    name = target_name(u)
+def stop_reason(u: Node) -> str:
+    name = op_name(u.target)
     for prefix, why in STOPS.items():
         if name == prefix or name.startswith(prefix + "."):
             return f"hoisting stopped at {short(u)}: it {why}"
@@ -270,9 +262,9 @@ def _stop_reason(u: Node) -> str:
             "(nonlinear or unknown op)")
 
 
-def _is_norm_op(node: Node) -> bool:
+def is_norm_op(node: Node) -> bool:
     """A dialect's norm op (or an in-place norm kernel): the fusion boundary, never a
     blocker to hoist past."""
-    from fusion_passes.inplace import is_inplace_norm
+    from fusion_passes.recognize.inplace import is_inplace_norm
 
     return is_named(node, VLLM_RMS_NORM) or is_named(node, VLLM_ADD_RMS_NORM) or is_inplace_norm(node)

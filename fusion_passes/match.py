@@ -1,8 +1,8 @@
 """Match: from each all-reduce, walk to its norm and pick the catalogue family.
 
-The walk is dialect-neutral: it speaks only of the roles :mod:`fusion_passes.recognize`
+The walk is dialect-neutral: it speaks only of the roles :mod:`fusion_passes.recognize.roles`
 produces. A :class:`Site` is a complete match, ready to rewrite; anything else is a
-:class:`~fusion_passes.recognize.Miss` with the reason and the blocking node.
+:class:`~fusion_passes.recognize.roles.Miss` with the reason and the blocking node.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ import operator
 import torch
 from torch.fx import Node
 
-from fusion_passes import _compat, backends, compile_range, fx_util, groups, quant, variants
+from fusion_passes import _compat, backends, compile_range, groups, variants
 from fusion_passes.backends import calibrate
 from fusion_passes.patterns import CATALOGUE, Family
-from fusion_passes.norms import rms_norm
-from fusion_passes.recognize import C10D_WAIT, AllReduce, Miss, Norm, is_named, residual_add, short, val
+from fusion_passes.recognize import find_quant, fx, rms_norm
+from fusion_passes.recognize.aten import C10D_WAIT, residual_add
+from fusion_passes.recognize.fx import is_named, short, val
+from fusion_passes.recognize.roles import AllReduce, Miss, Norm, Quant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +41,7 @@ class Site:
     backend: str
     add: Node | None = None  # the aten add of the residual (plain dialect)
     residual: Node | None = None
-    quant: "quant.Quant | None" = None  # the quant fused into the op (quant families)
+    quant: "Quant | None" = None  # the quant fused into the op (quant families)
     note: str | None = None  # e.g. why a quant after the norm was left unfused
     carry: Node | None = None  # the previous fused op whose unrounded sum is the residual (carry_fp32)
     rule: str | None = None  # the selector's rule that chose the backend (fusion_passes.backends.selector)
@@ -53,24 +55,24 @@ class Site:
 
 def find_site(ar: AllReduce, prefer_backend: str = "auto") -> Site | Miss:
     """The fusable chain after *ar*, or why there is none: the structural recognizers
-    first, then recognition by meaning (:mod:`fusion_passes.semantic`) when they miss or
+    first, then recognition by meaning (:mod:`fusion_passes.recognize.meaning`) when they miss or
     leave a quantization of the norm output unfused."""
-    from fusion_passes import semantic
+    from fusion_passes.recognize import meaning
 
     chain = _chain(ar)
     fast = None
     if not isinstance(chain, Miss):
         add, residual, norm, residual_out = chain
         follow_inductor_precision(norm)
-        found_quant = quant.find(norm.out)
+        found_quant = find_quant(norm.out)
         fast = _select_inductor(ar, add, residual, norm, residual_out, found_quant, prefer_backend)
-        if isinstance(found_quant, quant.Quant) or not semantic.quantizes(norm.out):
+        if isinstance(found_quant, Quant) or not meaning.quantizes(norm.out):
             return fast
-    read = semantic.recognize(ar, ar.node.graph)
+    read = meaning.recognize(ar, ar.node.graph)
     if isinstance(read, Miss):
         if isinstance(fast, Site) and fast.note is None:
             fast.note = f"quant left unfused: {read.reason}"  # the norm output is quantized (above)
-        return fast if fast is not None else semantic.better_miss(chain, read)
+        return fast if fast is not None else meaning.better_miss(chain, read)
     norm = read.norm
     follow_inductor_precision(norm)
     if norm.residual is None:
@@ -99,7 +101,7 @@ def _reads_unrounded(norm: Norm, found_quant) -> bool:
     """Whether Inductor's default compile quantizes the UNROUNDED norm value: an aten FP8
     quant (fused into the norm's kernel) of a norm output read by nothing else."""
     return (not _compat.inductor_config.emulate_precision_casts
-            and isinstance(found_quant, quant.Quant) and found_quant.kind.startswith("fp8")
+            and isinstance(found_quant, Quant) and found_quant.kind.startswith("fp8")
             and norm.weight_in_fp32 and _decomposed(norm) and _aten(found_quant)
             and all(u in found_quant.nodes for u in norm.out.users))
 
@@ -164,7 +166,7 @@ def _feeds_only_a_site(add: Node, norm: Norm) -> bool:
 
 def _aten(found_quant) -> bool:
     """Whether the quant is aten ops (Inductor fuses it with the norm), not a custom kernel."""
-    return all(n.target is operator.getitem or fx_util.op_name(n.target).startswith(("aten.", "prims."))
+    return all(n.target is operator.getitem or fx.op_name(n.target).startswith(("aten.", "prims."))
                for n in found_quant.nodes if n.op == "call_function")
 
 
@@ -194,7 +196,7 @@ def _select(ar: AllReduce, add, residual, norm: Norm, residual_out: bool, found_
     if note is not None and not note.startswith("quant left unfused"):
         note = f"quant left unfused: {note}"
     families = []
-    if isinstance(found_quant, quant.Quant):
+    if isinstance(found_quant, Quant):
         norm_out = any(u not in found_quant.nodes for u in norm.out.users)
         families += [f for f in CATALOGUE if f.quant == found_quant.kind and f.residual == has_residual
                      and getattr(f, "norm_out", False) == norm_out]
@@ -208,7 +210,7 @@ def _select(ar: AllReduce, add, residual, norm: Norm, residual_out: bool, found_
         choice = _backend(family, ar, norm, site_quant, prefer, reasons)
         if choice.backend is None:
             continue
-        if family.quant is None and isinstance(found_quant, quant.Quant):
+        if family.quant is None and isinstance(found_quant, Quant):
             note = f"quant {found_quant.kind} left unfused: no backend runs {found_quant.variant} here ({reasons[0]})"
         return Site(ar, norm, family, choice.backend, add, residual, quant=site_quant, note=note, rule=choice.rule)
     return Declined(reasons[-1], ar.node, rule=choice.rule)
@@ -246,7 +248,7 @@ _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _decomposed(norm: Norm) -> bool:
     """Whether *norm* is aten ops (not a dialect's norm op or its getitem)."""
-    return fx_util.op_name(norm.out.target).startswith(("aten.", "prims."))
+    return fx.op_name(norm.out.target).startswith(("aten.", "prims."))
 
 
 def _chain(ar: AllReduce) -> tuple[Node | None, Node | None, Norm, bool] | Miss:

@@ -13,26 +13,12 @@ import operator
 import torch
 from torch.fx import Graph, Node
 
-from fusion_passes import _compat, fx_util, ops, variants
+from fusion_passes import _compat, ops, variants
+from fusion_passes.recognize.fx import FakeVals
 from fusion_passes.match import Site
 from fusion_passes.variants import REQUIRED
 
 FUSED_OPS = ops.OPS  # variant name -> the fused op overload
-
-
-class FakeVals:
-    """Computes ``meta['val']`` for new nodes under the graph's fake mode."""
-
-    def __init__(self, graph: Graph):
-        self.mode = _compat.detect_fake_mode(graph) or _compat.FakeTensorMode(allow_non_fake_inputs=True)
-
-    def fake(self, a):
-        """*a* as a value under the graph's fake mode (a node's ``meta['val']``)."""
-        return fx_util.fake_value(self.mode, a)
-
-    def __call__(self, op, args: tuple, kwargs: dict | None = None):
-        with self.mode:
-            return op(*[self.fake(a) for a in args], **(kwargs or {}))
 
 
 def op_arguments(site: Site, backend: str) -> tuple[tuple, dict]:
@@ -89,21 +75,21 @@ def carry(site: Site, fake_vals: FakeVals) -> None:
     if prev is None:
         return
     prev.kwargs = {**prev.kwargs, "carry_fp32": True}
-    prev.meta["val"] = fake_vals(prev.target, prev.args, {k: fake_vals.fake(v) for k, v in prev.kwargs.items()})
+    fake_vals.update(prev)
     for u in prev.users:
-        u.meta["val"] = prev.meta["val"][u.args[1]]
+        fake_vals.update(u)
 
 
 def rewrite_quant(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -> Node:
     """Replace an all-reduce -> [add] -> norm -> quant site by one fused quant op: its
     ``q`` / ``scales`` / ``residual_out`` / ``norm_out`` take over the chain's values."""
-    from fusion_passes import adapters
-    from fusion_passes.quant import dead_buffers
+    from fusion_passes.recognize.meaning import outputs
+    from fusion_passes.recognize import dead_buffers
 
     quant, norm = site.quant, site.norm
     spec = variants.get(site.family.variant)
     norm_out = bool(getattr(site.family, "norm_out", False))
-    created = adapters.materialize(graph, site, fake_vals)  # scales spelled as Python numbers become tensors
+    created = outputs.materialize(graph, site, fake_vals)  # scales spelled as Python numbers become tensors
     args, kwargs = op_arguments(site, backend)
     edit = _Edit(graph, site, FUSED_OPS[spec.name], args, spec.output_names, fake_vals, kwargs)
     edit.new[:0] = created
@@ -113,7 +99,7 @@ def rewrite_quant(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -
         view = torch.ops.aten.view.dtype
         with graph.inserting_after(scales):
             scales = graph.call_function(view, (outs["scales"], quant.scale_view))
-        scales.meta["val"] = fake_vals(view, (outs["scales"], quant.scale_view))
+        fake_vals.update(scales)
         edit.new.append(scales)
 
     adapt = getattr(quant, "adapt", {})  # recognition by meaning: the chain's form of an output
@@ -121,7 +107,7 @@ def rewrite_quant(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -
     for name, out in (("q", outs["q"]), ("scales", scales)):
         old = quant.outputs.get(name)
         if old is not None:
-            new = adapters.apply(graph, out, adapt.get(name, ""), old, fake_vals)
+            new = outputs.apply(graph, out, adapt.get(name, ""), old, fake_vals)
             edit.new += _chain_to(new, out)
             replace.append((name, new, old))
     edit.check(replace)
@@ -154,14 +140,14 @@ class _Edit:
         self.needs_sort = not late < first
         with graph.inserting_after(late) if self.needs_sort else graph.inserting_before(first):
             self.fused = graph.call_function(op, args, kwargs or {})
-        self.fused.meta["val"] = fake_vals(op, args, kwargs)
+        fake_vals.update(self.fused)
         self.fused.meta["stack_trace"] = site.norm.out.meta.get("stack_trace")
         self.outs: dict[str, Node] = {}
         prev = self.fused
         for i, name in enumerate(names):
             with graph.inserting_after(prev):
                 prev = self.outs[name] = graph.call_function(operator.getitem, (self.fused, i))
-            prev.meta["val"] = self.fused.meta["val"][i]
+            fake_vals.update(prev)
             prev.meta["stack_trace"] = self.fused.meta["stack_trace"]
         self.new: list[Node] = [self.fused, *self.outs.values()]  # what undo() erases
 
@@ -207,7 +193,7 @@ class _Edit:
                 raise RuntimeError(f"cannot remove {n.name}: still used by {[u.name for u in n.users]}")
             self.graph.erase_node(n)
         for n in dead:
-            if not n._erased and n.graph is self.graph and not n.users:
+            if not _compat.is_erased(n) and n.graph is self.graph and not n.users:
                 self.graph.erase_node(n)
         for name in ("norm_out", "scales", "residual_out"):
             n = self.outs.get(name)

@@ -5,8 +5,8 @@ A variant is one fused op ``torch.ops.fusion_passes.allreduce_<name>``: all-redu
 [+ residual] -> RMSNorm [-> quant]. Every op takes the arguments of :data:`SIGNATURE`, in
 that order, with the variant's own quant arguments where :data:`QUANT` stands. Adding a
 quant format is one :class:`Variant` entry in :data:`VARIANTS` (plus its epilogue math in
-:mod:`fusion_passes.epilogue`, its recognizer in :mod:`fusion_passes.quant_aten` or
-:mod:`fusion_passes.quant_ops` and its kernel where one exists); adding a norm-convention flag is one ``flag=True`` entry in
+:mod:`fusion_passes.epilogue`, its recognizer in :mod:`fusion_passes.recognize` (the module of its
+quant kind) and its kernel where one exists); adding a norm-convention flag is one ``flag=True`` entry in
 :data:`SIGNATURE` (plus its math and the backends' gates).
 
 This module imports torch and the standard library only: everything else may import it.
@@ -237,10 +237,10 @@ def _tokens(x: torch.Tensor):
 _FP8 = Arg("fp8_dtype", "ScalarType", torch.float8_e4m3fn, "float8_e4m3fn, or float8_e4m3fnuz (ROCm gfx942)",
            option=True)
 _FORM = Arg("form", "str", "", "another project's FP8 convention ('': the variant's own vLLM order; "
-             "fusion_passes.fp8_forms)", option=True, late=True)
+             "fusion_passes.recognize.meaning.fp8_forms)", option=True, late=True)
 _STATIC_FORM = Arg("form", "str", "", "'' (q = y * (1 / scale)), 'div' (y / scale), 'mul' (y * scale, the "
                    "scale given as its inverse) or 'input_product' (y * (1 / scale) rounded to the activation "
-                   "dtype first): fusion_passes.fp8_forms.static", option=True, late=True)
+                   "dtype first): fusion_passes.recognize.meaning.fp8_forms.static", option=True, late=True)
 _Q_FP8 = Out("q", lambda x, p: tuple(x.shape), "fp8_dtype")
 _Q_FP4 = Out("q", lambda x, p: (_tokens(x), x.shape[-1] // 2), torch.uint8)  # two E2M1 codes a byte, [T, H/2]
 _F32 = torch.float32

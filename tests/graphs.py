@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from fusion_passes.fx_util import op_name
+from fusion_passes.recognize.fx import op_name
 
 c10d = torch.ops._c10d_functional
 

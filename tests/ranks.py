@@ -15,7 +15,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fusion_passes import groups
-from fusion_passes.fx_util import op_name
+from fusion_passes.recognize.fx import op_name
 
 
 def rank_sum(xs: list[torch.Tensor]) -> torch.Tensor:

@@ -39,7 +39,7 @@ EXPLAIN_SECONDS = 60.0  # a tiny graph explains in about 2 s here; pow(10, 10**8
 # machine (/usr/bin/time -v); before the fix the planted
 # ones([2**28]) and full([2**28]) in fp64 peaked at 5.1 GB each
 MAX_RSS_MB = 2500
-LARGEST = 2 ** 22  # most elements of a tensor the pass makes (fusion_passes.safe_eval.MAX_NUMEL)
+LARGEST = 2 ** 22  # most elements of a tensor the pass makes (fusion_passes.recognize.meaning.safe_eval.MAX_NUMEL)
 
 
 def native_chain(x, res, w):
@@ -154,7 +154,8 @@ class _Record(TorchDispatchMode):
 
 def _run_recorded(graph) -> set[str]:
     """The ops the pass ran on *graph* (verdicts not cached: every case is probed)."""
-    from fusion_passes import FusionPass, semantic
+    from fusion_passes import FusionPass
+    from fusion_passes.recognize import meaning as semantic
 
     semantic._CACHE.clear()
     state = torch.get_rng_state()
@@ -230,7 +231,7 @@ def test_a_module_constant_is_never_mutated(fake_pg, op):
 def test_every_allowed_op_is_functional_and_deterministic():
     """The allowlist, checked against the ops' own schemas: no argument is written, no op
     draws random numbers."""
-    from fusion_passes import safe_eval
+    from fusion_passes.recognize.meaning import safe_eval
 
     for op in safe_eval.PURE:
         assert not op._schema.is_mutable, op
@@ -241,7 +242,7 @@ def test_every_allowed_op_is_functional_and_deterministic():
 def test_python_operators_are_bounded():
     import operator
 
-    from fusion_passes import safe_eval
+    from fusion_passes.recognize.meaning import safe_eval
 
     assert safe_eval.call(operator.mul, (4096, 8), {}) == 32768
     for args in ((10, 10 ** 8), (2 ** 40, 2)):

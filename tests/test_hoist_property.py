@@ -24,7 +24,7 @@ from hypothesis import assume, given, settings
 import fusion_passes
 from fusion_passes import hoist
 from fusion_passes.options import FusionOptions
-from fusion_passes.recognize import target_name
+from fusion_passes.recognize.fx import op_name
 from graphs import count
 from hoist_plans import AR_OP, DIALECTS, Plan, Tracer, aten, build, plans
 from ranks import run_ranks
@@ -156,7 +156,7 @@ def check_plan(plan: Plan, gm, per_rank, b) -> None:
         node = next(n for n in gm.graph.nodes if n.name == first.blocker)
         want = "vllm.all_reduce.default" if (plan.blocker, plan.dialect) == ("second_user", "vllm") else \
             BLOCKER_NODE[plan.blocker]  # vLLM's all-reduce has no wait_tensor: it is the value read twice
-        assert target_name(node) == want
+        assert op_name(node.target) == want
     applied = len([o for o in first.hoisted_over if o != "getitem"])
     assert applied <= len(plan.ops) + 1  # + the clone of a non-contiguous flatten
 

@@ -134,6 +134,70 @@ def test_the_variant_registry_is_a_leaf():
     assert imported - {"__future__"} <= {"torch"} | set(sys.stdlib_module_names), imported
 
 
+R = "fusion_passes.recognize"
+RECOGNITION_LAYERS = (
+    (f"{R}.roles",),  # the leaf: Miss, AllReduce, Norm, Quant
+    (f"{R}.fx",),  # FX helpers and the fake-value mechanism
+    (f"{R}.aten", f"{R}.vllm_ir"),  # a reader per dialect
+    (f"{R}.inplace",),  # in-place kernels (vLLM IR's maybe_inplace reads vllm_ir's weight order)
+    (f"{R}.quant_read",),  # what the quant readers share
+    (f"{R}.quant_scaled", f"{R}.quant_group", f"{R}.quant_fp4"),  # quant readers by kind
+    (R,),  # the dispatch: all_reduce, rms_norm, find_quant
+)
+"""docs/design.md's layers of recognition, bottom up: a module imports recognition modules
+of LOWER layers only (none of its own layer), so no reader calls up. Recognition by
+meaning (``recognize.meaning.*``) sits above them all."""
+BELOW_RECOGNITION = {"fusion_passes._compat", "fusion_passes.variants", "fusion_passes.epilogue",
+                     "fusion_passes.groups"}
+"""The library modules outside recognition that it may import (none of the engine above it)."""
+
+
+def recognition_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a recognition module that is not down (see RECOGNITION_LAYERS)."""
+    layer = {m: i for i, group in enumerate(RECOGNITION_LAYERS) for m in group}
+    top = len(RECOGNITION_LAYERS)
+
+    def level(m: str) -> int:
+        return top if m.startswith(f"{R}.meaning") else layer[m]
+
+    out = []
+    for m in sorted(n for n in graph if n == R or n.startswith(R + ".")):
+        for dep in sorted(graph[m]):
+            if dep == R or dep.startswith(R + "."):
+                if not (level(dep) < level(m) or level(dep) == level(m) == top):
+                    out.append(f"{m} imports {dep}: not below it")
+            elif dep not in BELOW_RECOGNITION:
+                out.append(f"{m} imports {dep}, above recognition")
+    return out
+
+
+def test_recognition_imports_only_down():
+    mods = modules()
+    layered = {m for group in RECOGNITION_LAYERS for m in group}
+    recognition = {m for m in mods if m == R or m.startswith(R + ".")}
+    assert recognition - layered == {m for m in recognition if m.startswith(f"{R}.meaning")}, \
+        "every recognition module outside meaning has a layer"
+    assert layered <= recognition
+    assert recognition_violations(import_graph(mods)) == []
+
+
+def test_the_layer_check_finds_a_planted_upward_import():
+    graph = import_graph(modules())
+    graph[f"{R}.roles"].add(f"{R}.fx")  # the leaf calling up
+    graph[f"{R}.aten"].add(R)  # a reader importing the dispatch
+    graph[f"{R}.quant_scaled"].add(f"{R}.quant_group")  # a sibling of its own layer
+    graph[f"{R}.vllm_ir"].add(f"{R}.meaning.region")  # a reader calling recognition by meaning
+    graph[f"{R}.fx"].add("fusion_passes.match")  # the engine above
+    assert recognition_violations(graph) == [
+        f"{R}.aten imports {R}: not below it",
+        f"{R}.fx imports fusion_passes.match, above recognition",
+        f"{R}.quant_scaled imports {R}.quant_group: not below it",
+        f"{R}.roles imports {R}.fx: not below it",
+        f"{R}.vllm_ir imports {R}.meaning.region: not below it",
+    ]
+
+
+
 @pytest.mark.parametrize("name", sorted(m for m in modules(command_line=True) if not m.endswith("__main__")))
 def test_every_module_imports(name):
     need = NEEDS.get(name)

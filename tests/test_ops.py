@@ -16,7 +16,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fusion_passes  # noqa: F401  (registers the ops)
-from fusion_passes import epilogue, groups, ops, quant, variants
+from fusion_passes import epilogue, groups, ops, variants
+from fusion_passes.recognize import roles
 from fusion_passes.patterns import CATALOGUE
 from graphs import fp32_weight_rms_norm
 from ranks import rank_sum
@@ -27,7 +28,7 @@ GROUP = "c10d:0"
 
 # The schemas as published (graphs and dumps carry these argument lists). The per-group
 # scale_min default is SCALE_MIN_KERNEL (-2.0): it was -1.0 with the same meaning before
-# the sentinels were named. The FP8 variants' ``form`` (fusion_passes.fp8_forms) came
+# the sentinels were named. The FP8 variants' ``form`` (fusion_passes.recognize.meaning.fp8_forms) came
 # later: it is the last argument, so graphs written before it bind unchanged. ``promote_out``
 # (the norm output's type promotion, issue 22), ``carry_fp32`` and ``quant_unrounded`` (what
 # Inductor's compile keeps unrounded, issue 22) came after ``residual_in_fp32``; the rewrite
@@ -121,7 +122,7 @@ def test_schemas_are_as_published():
 def test_every_table_reads_the_registry():
     """The ops, the recognizer's kinds and the catalogue cover exactly the registry's variants."""
     assert tuple(ops.OPS) == variants.NAMES
-    assert quant.VARIANTS == {v.kind: v.name for v in variants.VARIANTS if v.kind}
+    assert roles.VARIANTS == {v.kind: v.name for v in variants.VARIANTS if v.kind}
     for v in variants.VARIANTS:
         fams = [f for f in CATALOGUE if f.variant == v.name]
         assert len(fams) == (3 if v.kind is None else 4), v.name

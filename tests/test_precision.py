@@ -79,7 +79,7 @@ def test_a_dialect_norm_op_keeps_its_own_rounding():
     import operator
 
     from fusion_passes.match import follow_inductor_precision
-    from fusion_passes.recognize import Norm
+    from fusion_passes.recognize.roles import Norm
 
     g = torch.fx.Graph()
     x, w = g.placeholder("x"), g.placeholder("w")

@@ -14,7 +14,7 @@ from probe_cost import chain as maximum_chain
 from test_dump_safety import native_chain
 
 HIDDEN = 4096
-ROWS = 16  # fusion_passes.probe_sizes.TOKENS: the most rows a probe holds
+ROWS = 16  # fusion_passes.recognize.meaning.probe_sizes.TOKENS: the most rows a probe holds
 
 
 class _Largest(TorchDispatchMode):
@@ -39,7 +39,8 @@ def _is_fake(t) -> bool:
 def _largest(fn, tokens: int) -> tuple[int, object]:
     """The largest real tensor the pass makes on *fn* traced at *tokens* x HIDDEN (fake:
     tracing allocates nothing), and the pass's report."""
-    from fusion_passes import FusionPass, semantic
+    from fusion_passes import FusionPass
+    from fusion_passes.recognize import meaning as semantic
 
     args = [torch.empty(tokens, HIDDEN, dtype=torch.bfloat16) for _ in range(2)]
     args.append(torch.empty(HIDDEN, dtype=torch.bfloat16))

@@ -455,7 +455,7 @@ def test_property_nvfp4_fuses_bit_exact(fake_pg, tokens, hidden, swizzle, dtype,
 
 @pytest.mark.parametrize("return_norm", [False, True])
 def test_mxfp4_op_matches_epilogue_and_rejects_bad_input(fake_pg, return_norm):
-    """MXFP4 has no unfused form to match in vLLM 0.33 (see fusion_passes.quant): check the
+    """MXFP4 has no unfused form to match in vLLM 0.33 (see fusion_passes.recognize.quant_fp4): check the
     fused op's fake (output shapes, dtypes, the optional norm output) and its input errors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -493,7 +493,7 @@ def test_epilogue_fp4_matches_vllm_reference():
 
 def test_patterns_command_lists_every_quant_family_before_the_plain_ones():
     from fusion_passes.patterns import CATALOGUE
-    from fusion_passes.quant import VARIANTS
+    from fusion_passes.recognize import VARIANTS
     from fusion_passes.cli import patterns_cmd
 
     rows = patterns_cmd.rows()
@@ -511,7 +511,7 @@ def test_patterns_command_lists_every_quant_family_before_the_plain_ones():
 
 def test_per_tensor_quant_with_another_floor_fuses_with_its_form(fake_pg):
     """A per-tensor chain flooring its scale at 1e-12 instead of vLLM's 1/(448*512) is the
-    same math with another constant: recognized by meaning (fusion_passes.semantic), fused
+    same math with another constant: recognized by meaning (fusion_passes.recognize.meaning), fused
     with the FP8 form that names the floor, bit-exact on simulated ranks."""
     args = (*_args(5, 64, torch.bfloat16, 11)[:3], torch.randn(5, 64, dtype=torch.bfloat16))
     gm = trace(_per_tensor_block(lambda y, z: y, floor=1e-12), *args)

@@ -26,7 +26,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 from torch.testing import FileCheck
 
-from fusion_passes.fx_util import op_name
+from fusion_passes.recognize.fx import op_name
 from ranks import run_ranks
 
 pytestmark = pytest.mark.vllm
@@ -72,7 +72,7 @@ def _site_graphs(gm: GraphModule, tokens: int = TOKENS) -> list[tuple[str, Graph
     outputs every value read outside the chain. Returns ``(all-reduce name, graph, the
     placeholder of the all-reduce input)``."""
     from fusion_passes.match import Site, find_site
-    from fusion_passes.quant import dead_buffers
+    from fusion_passes.recognize import dead_buffers
     from fusion_passes.recognize import all_reduce
 
     order = {n: i for i, n in enumerate(gm.graph.nodes)}

@@ -1,4 +1,4 @@
-"""Recognition by meaning (fusion_passes.semantic and its parts), unit by unit.
+"""Recognition by meaning (fusion_passes.recognize.meaning and its parts), unit by unit.
 
 The corpus of real spellings is tests/test_spellings.py; here: the per-shape verdict
 cache, the FP8 forms against the epilogue's own functions, the E2M1 adapter against vLLM's
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import fusion_passes
-from fusion_passes import decide, epilogue, fp8_forms, probes
-from fusion_passes.conventions import decode_e2m1
+from fusion_passes import epilogue
+from fusion_passes.recognize.meaning import decide, fp8_forms, probes
+from fusion_passes.recognize.meaning.conventions import decode_e2m1
 from graphs import all_reduce, count, run_pass, trace
 from spellings import sources as S
 
@@ -33,7 +34,7 @@ def test_verdict_is_computed_once_per_chain_shape(monkeypatch):
     calls = []
     real = decide.decide
     monkeypatch.setattr(decide, "decide", lambda *a, **k: calls.append(1) or real(*a, **k))
-    from fusion_passes import semantic
+    from fusion_passes.recognize import meaning as semantic
 
     semantic._CACHE.clear()
 
@@ -184,8 +185,8 @@ def test_a_quant_the_meaning_path_cannot_read_has_a_reason(monkeypatch):
     """The structural norm fuses and the quant after it (transformers' per-row FP8, which
     only recognition by meaning reads) stays: when that reading misses, the site still says
     why the quant is left, with the meaning path's reason."""
-    from fusion_passes import semantic
-    from fusion_passes.recognize import Miss
+    from fusion_passes.recognize import meaning as semantic
+    from fusion_passes.recognize.roles import Miss
 
     def chain(x, res, w):
         h = all_reduce(x) + res

@@ -185,7 +185,8 @@ def test_sglang_static_with_a_0dim_scale_is_the_input_product_form():
     ``y * (1/s)`` form bit for bit. Scales: the corpus' 0.0173, and 0.001 and 7.7."""
     import torch
 
-    from fusion_passes import epilogue, fp8_forms
+    from fusion_passes import epilogue
+    from fusion_passes.recognize.meaning import fp8_forms
     from spellings import sources as S
 
     bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusion_passes import decide, semantic
+from fusion_passes.recognize import meaning as semantic
+from fusion_passes.recognize.meaning import decide
 from fusion_passes.recognize import AllReduce, all_reduce
 from spellings import harness
 

@@ -37,7 +37,7 @@ pytest.importorskip("vllm", reason="needs vLLM 0.33 installed (pip install -e .[
 pytestmark = pytest.mark.vllm
 
 from fusion_passes import FusionPass  # noqa: E402
-from fusion_passes.fx_util import op_name  # noqa: E402
+from fusion_passes.recognize.fx import op_name  # noqa: E402
 from graphs import count  # noqa: E402
 
 LAYERS = 2

@@ -147,7 +147,8 @@ def _unchanged(fn, *args):
 def _recognized(fn, *args):
     """The vLLM recognizer's verdict on the first all-reduce of *fn*'s graph. (The report
     words a single-user non-match itself: match.py's ``_why_no_norm``.)"""
-    from fusion_passes.recognize import Miss, vllm_rms_norm
+    from fusion_passes.recognize.roles import Miss
+    from fusion_passes.recognize.vllm_ir import vllm_rms_norm
 
     gm = trace(fn, *args)
     (ar,) = [n for n in gm.graph.nodes if n.target is AR]

@@ -32,7 +32,7 @@ class Opaque:
     """Stands in for a call target that cannot be found here by name (an op of a library
     that is not loaded, a Python function): carries the name, refuses to run.
 
-    ``__name__`` is the short op name, so :func:`fusion_passes.recognize.target_name`
+    ``__name__`` is the short op name, so :func:`fusion_passes.recognize.fx.op_name`
     (and with it the recognizers) see ``vllm.all_reduce.default`` as they would the op.
     """
 
@@ -53,7 +53,7 @@ FILE_ARGUMENTS = ("filename", "file", "path", "f")
 
 def inert(op) -> bool:
     """Ops a dump may name that stay :class:`Opaque` even when registered (defence in depth:
-    the probes run only their own allowlist, fusion_passes/safe_eval.py): ones that draw
+    the probes run only their own allowlist, fusion_passes/recognize/meaning/safe_eval.py): ones that draw
     random numbers, print, or take a file name."""
     schema = op._schema
     return (torch.Tag.nondeterministic_seeded in op.tags or schema.name == "aten::_print"

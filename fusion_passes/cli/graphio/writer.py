@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from fusion_passes.fx_util import source_of  # noqa: F401  (re-exported: explain and the recorder read it here)
+from fusion_passes.recognize.fx import source_of  # noqa: F401  (re-exported: explain and the recorder read it here)
 from fusion_passes.cli.graphio.format import FORMAT, STAGES, VERSION
 from fusion_passes.cli.graphio.rebuild import Opaque
 

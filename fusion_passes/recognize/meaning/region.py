@@ -6,7 +6,7 @@ its op is in :data:`VOCAB` and every input is either admitted already or a *leaf
 that does not depend on the all-reduce (a weight, the residual, a scale, a constant). A
 leaf must also be the same on every rank (replicated): a value computed from a rank's
 partial sum is refused, or the fused op would quantize each rank with its own scale.
-The region is only a candidate: :mod:`fusion_passes.semantic` decides by evaluation which
+The region is only a candidate: :mod:`fusion_passes.recognize.meaning` decides by evaluation which
 part of it is the chain and what the chain computes.
 """
 
@@ -19,9 +19,12 @@ import operator
 import torch
 from torch.fx import Node
 
-from fusion_passes.recognize import VLLM_ALL_REDUCE, Miss, short, target_name, val
+from fusion_passes import _compat
+from fusion_passes.recognize.fx import op_name, short, val
+from fusion_passes.recognize.roles import Miss
+from fusion_passes.recognize.vllm_ir import VLLM_ALL_REDUCE
 
-# ops a fused epilogue can contain, by qualified name (recognize.target_name)
+# ops a fused epilogue can contain, by qualified name (fusion_passes.recognize.fx.op_name)
 VOCAB = frozenset({
     *(f"aten.{op}.{ov}" for op in ("add", "sub", "mul", "div") for ov in ("Tensor", "Scalar")),
     *(f"aten.{op}.default" for op in (
@@ -46,11 +49,6 @@ COLLECTIVE_NAMESPACES = ("_c10d_functional", "c10d_functional", "fusion_passes")
 COLLECTIVE_OPS = (VLLM_ALL_REDUCE,)  # collectives in a namespace that also holds other ops
 MAX_NODES = 256  # a fused epilogue is a few dozen nodes; a larger region is not one chain
 MAX_DEPTH = 24  # how far a leaf's inputs are followed to prove it independent / replicated
-
-
-def op_name(node: Node) -> str:
-    """:func:`recognize.target_name`, with ``getitem`` for ``operator.getitem``."""
-    return "getitem" if node.target is operator.getitem else target_name(node)
 
 
 @dataclasses.dataclass
@@ -120,13 +118,13 @@ def _is_collective(node: object) -> bool:
     """A collective's (or a fused op's) value: a probe input, never evaluated on probes."""
     if not isinstance(node, Node):
         return False
-    return getattr(node.target, "namespace", "") in COLLECTIVE_NAMESPACES or op_name(node) in COLLECTIVE_OPS
+    return getattr(node.target, "namespace", "") in COLLECTIVE_NAMESPACES or op_name(node.target) in COLLECTIVE_OPS
 
 
 def _admissible(u: Node) -> str | None:
     if u.op != "call_function":
         return f"{u.name} is a graph output" if u.op == "output" else f"{u.name} is not an op"
-    if op_name(u) not in VOCAB:
+    if op_name(u.target) not in VOCAB:
         return f"{short(u)} is not an elementwise, cast, reduction or layout op a fused epilogue computes"
     return None
 
@@ -137,7 +135,7 @@ def grow(root: Node, anchor: Node, leaves: Leaves) -> Region | Miss:
     order: list[Node] = []
     found_leaves: dict[Node, None] = {}
     stops: list[tuple[Node, str]] = []
-    heap = [(u._sort_key, id(u), u) for u in root.users] if hasattr(root, "_sort_key") else None
+    heap = [(_compat.graph_order(u), id(u), u) for u in root.users] if _compat.graph_order(root) is not None else None
     if heap is None:  # torch without Node._sort_key: graph order by index
         return Miss("this torch's FX nodes carry no graph position", root)
     heapq.heapify(heap)
@@ -157,7 +155,7 @@ def grow(root: Node, anchor: Node, leaves: Leaves) -> Region | Miss:
             return Miss(f"the chain after {root.name} has over {MAX_NODES} elementwise ops", u)
         for w in u.users:
             if w not in seen:
-                heapq.heappush(heap, (w._sort_key, id(w), w))
+                heapq.heappush(heap, (_compat.graph_order(w), id(w), w))
     bases, leaf_nodes = _leaf_inputs(list(found_leaves), anchor)
     return Region(root, order, list(found_leaves), bases, leaf_nodes, stops)
 
@@ -190,7 +188,7 @@ def _leaf_inputs(leaves: list[Node], anchor: Node) -> tuple[list[Node], list[Nod
             continue
         nodes.add(n)
         todo.extend(n.all_input_nodes)
-    return sorted(bases, key=lambda n: n._sort_key), sorted(nodes, key=lambda n: n._sort_key)
+    return sorted(bases, key=_compat.graph_order), sorted(nodes, key=_compat.graph_order)
 
 
 def is_size(node: Node) -> bool:

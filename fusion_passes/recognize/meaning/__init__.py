@@ -1,17 +1,17 @@
 """Recognize a chain by what it computes, not by how it is spelled.
 
-The structural recognizers (:mod:`fusion_passes.recognize`, :mod:`fusion_passes.quant`) know
+The structural recognizers (:mod:`fusion_passes.recognize`) know
 the spellings of vLLM and Hugging Face and run first. When they miss, or leave a quant
 after the norm unfused, this module takes over:
 
-1. :func:`fusion_passes.region.grow` selects the candidate: the elementwise ops, casts and
+1. :func:`.region.grow` selects the candidate: the elementwise ops, casts and
    last-dim reductions computed from the all-reduced value, with its leaves (residual,
    weight, scales, constants: replicated values not computed from the sum);
 2. one last-dim mean of squares must be among them (:func:`statistic`); eps candidates are
    the constants next to it;
-3. :func:`fusion_passes.decide.decide` evaluates the region on probe inputs with edge values
+3. :func:`.decide.decide` evaluates the region on probe inputs with edge values
    and compares it with the canonical epilogue under every reading
-   (:mod:`fusion_passes.conventions`): which leaf is the residual and which the weight,
+   (:mod:`.conventions`): which leaf is the residual and which the weight,
    residual add in the activation dtype or fp32, weight before or after the cast back,
    Gemma's ``1 + w``, and for the quant every FP8 form / group / scale and NVFP4. Only a
    bit-exact match is accepted, and the fused part is cut so that every value read
@@ -32,10 +32,11 @@ import weakref
 import torch
 from torch.fx import Graph, Node
 
-from fusion_passes import conventions as C, decide as D, epilogue, probe_sizes
-from fusion_passes.quant import Quant
-from fusion_passes.recognize import AllReduce, Miss, Norm, short, val
-from fusion_passes.region import Leaves, Region, grow, op_name, partial_values, shape_of
+from fusion_passes import _compat, epilogue
+from fusion_passes.recognize.meaning import conventions as C, decide as D, probe_sizes
+from fusion_passes.recognize.fx import op_name, short, val
+from fusion_passes.recognize.meaning.region import Leaves, Region, grow, partial_values, shape_of
+from fusion_passes.recognize.roles import AllReduce, Miss, Norm, Quant
 
 CACHE_SIZE = 512  # distinct chain shapes kept; a model has a handful
 _CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
@@ -54,13 +55,13 @@ class Const:
         kwargs = {"dtype": torch.float32, "device": val(before).device}
         with graph.inserting_before(before):
             node = graph.call_function(torch.ops.aten.full.default, args, kwargs)
-        node.meta["val"] = fake_vals(torch.ops.aten.full.default, args, kwargs)
+        fake_vals.update(node)
         return node
 
 
 @dataclasses.dataclass
 class SemanticQuant(Quant):
-    """A :class:`~fusion_passes.quant.Quant` read by meaning; ``adapt``: output name ->
+    """A :class:`~fusion_passes.recognize.roles.Quant` read by meaning; ``adapt``: output name ->
     adapter the rewrite inserts after the fused output (``"view"``: reshape to the graph's
     shape; ``"e2m1"``: decode packed NVFP4 codes to their float values)."""
 
@@ -92,12 +93,12 @@ def better_miss(structural: Miss, read: Miss) -> Miss:
 def quantizes(y: Node, limit: int = 64) -> bool:
     """Whether an FP8 value is computed from norm output *y* within a few elementwise ops
     (a cheap test before recognition by meaning is tried for the quant)."""
-    from fusion_passes.region import VOCAB
+    from fusion_passes.recognize.meaning.region import VOCAB
 
     seen, todo = set(), [y]
     while todo and len(seen) < limit:
         for u in todo.pop().users:
-            if u in seen or u.op != "call_function" or op_name(u) not in VOCAB:
+            if u in seen or u.op != "call_function" or op_name(u.target) not in VOCAB:
                 continue
             seen.add(u)
             if getattr(val(u), "dtype", None) in C.FP8_DTYPES:
@@ -122,7 +123,7 @@ def statistic(region: Region) -> Node | Miss:
     """The one last-dim mean (or sum) of squares in *region*: the RMSNorm statistic."""
     found, wrong = [], []
     for n in region.nodes:
-        if op_name(n) not in ("aten.mean.dim", "aten.sum.dim_IntList") or not _is_square(n.args[0]):
+        if op_name(n.target) not in ("aten.mean.dim", "aten.sum.dim_IntList") or not _is_square(n.args[0]):
             continue
         dims = list(n.args[1]) if len(n.args) > 1 and n.args[1] is not None else []
         rank = len(val(n.args[0]).shape)
@@ -145,7 +146,7 @@ def statistic(region: Region) -> Node | Miss:
 def _is_square(n: object) -> bool:
     if not isinstance(n, Node):
         return False
-    name = op_name(n)
+    name = op_name(n.target)
     if name in ("aten.pow.Tensor_Scalar",):
         return n.args[1] == 2
     return name == "aten.square.default" or (name == "aten.mul.Tensor" and n.args[0] is n.args[1])
@@ -168,9 +169,9 @@ def _broadcast_add(region: Region, stat: Node) -> Miss | None:
     """A leaf of another shape added to the reduced value before the norm: not a residual."""
     shape = shape_of(region.root)
     for n in region.nodes:
-        if n is stat or n._sort_key > stat._sort_key:
+        if n is stat or _compat.graph_order(n) > _compat.graph_order(stat):
             break
-        if op_name(n) in ("aten.add.Tensor", "aten.sub.Tensor"):
+        if op_name(n.target) in ("aten.add.Tensor", "aten.sub.Tensor"):
             for a in n.args[:2]:
                 if isinstance(a, Node) and a in region.leaves and shape_of(a) not in (shape, None) \
                         and shape_of(n) == shape:
@@ -261,9 +262,9 @@ def shape_key(region: Region, known: list[Node], plan: probe_sizes.Plan) -> tupl
 
     inside = set(region.nodes)
     computed = set(region.leaf_nodes)
-    nodes = tuple((op_name(n), enc(plan.key_args(n, n.args)), enc(n.kwargs), meta(n),
+    nodes = tuple((op_name(n.target), enc(plan.key_args(n, n.args)), enc(n.kwargs), meta(n),
                    any(u not in inside for u in n.users)) for n in region.nodes)
-    leaves = tuple((op_name(n), enc(plan.key_args(n, n.args)), meta(n)) if n in computed else ("input", meta(n))
+    leaves = tuple((op_name(n.target), enc(plan.key_args(n, n.args)), meta(n)) if n in computed else ("input", meta(n))
                    for n in known)
     return meta(region.root), any(u not in inside for u in region.root.users), leaves, nodes
 
@@ -304,7 +305,7 @@ def _build(ar: AllReduce, region: Region, known: list[Node], v: D.Verdict) -> Re
         return (DeepMiss if deep else Miss)(reason.format(node=short(node)), node)
     h = v.norm
     by_role: dict[str, list] = {}
-    for n in sorted(v.roles, key=lambda n: n._sort_key):
+    for n in sorted(v.roles, key=_compat.graph_order):
         by_role.setdefault(v.roles[n][0], []).append((n, v.roles[n][1]))
     aliases: list[tuple[Node, Node]] = []
 
@@ -320,7 +321,7 @@ def _build(ar: AllReduce, region: Region, known: list[Node], v: D.Verdict) -> Re
         sum_node = None
     quant = _quant(v, region, known, primary) if v.quant is not None else None
     norm = Norm(ar.value, known[h.weight] if h.weight is not None else None, h.eps, h.gemma, h.weight_in_fp32,
-                primary("norm")[0] or v.y, tuple(sorted(v.fused, key=lambda n: n._sort_key)), residual, sum_node,
+                primary("norm")[0] or v.y, tuple(sorted(v.fused, key=_compat.graph_order)), residual, sum_node,
                 residual_in_fp32=h.residual_in_fp32 and residual is not None, aliases=tuple(aliases))
     note = None
     if v.quant_miss is not None:
@@ -336,7 +337,7 @@ def _quant(v: D.Verdict, region: Region, known: list[Node], primary) -> Semantic
     if kind == "fp8_per_group" and scales is not None and _column_major(scales):
         params["column_major"] = True
     below = set(D.descendants(region, v.y))
-    nodes = tuple(n for n in sorted(v.fused, key=lambda n: n._sort_key) if n in below)
+    nodes = tuple(n for n in sorted(v.fused, key=_compat.graph_order) if n in below)
     adapt = {k: a for k, a in (("q", q_adapt), ("scales", s_adapt)) if a}
     return SemanticQuant(kind, params, nodes, {"q": q, "scales": scales}, adapt=adapt)
 
@@ -349,8 +350,8 @@ def _column_major(n: Node) -> bool:
 def variant_params(qh: C.QuantH, hidden: int, known: list[Node]) -> tuple[str, dict]:
     """The fused variant kind and its quant arguments for a quant reading: a form the
     variant computes natively goes through its own arguments (so kernels run it), any other
-    through ``form`` (:mod:`fusion_passes.fp8_forms`)."""
-    from fusion_passes import fp8_forms
+    through ``form`` (:mod:`fusion_passes.recognize.meaning.fp8_forms`)."""
+    from fusion_passes.recognize.meaning import fp8_forms
 
     if qh.kind == "nvfp4":
         return "nvfp4", {"global_scale": known[qh.scale], "swizzle": False}

@@ -25,7 +25,7 @@ import math
 import torch
 from torch.fx import Node
 
-from fusion_passes import safe_eval
+from fusion_passes.recognize.meaning import safe_eval
 
 FP8_TIES = (1.0625, -1.1875, 2.125, -3.375, 9.5, -17.0, 304.0, -0.0029296875, 0.5, -448.0)
 E2M1_TIES = (0.25, -0.75, 1.25, -1.75, 2.5, -3.5, 5.0, -6.0, 0.1, -0.0)
@@ -143,8 +143,8 @@ def base_probe(shape: tuple, dtype: torch.dtype, seed: int) -> torch.Tensor:
 def evaluate(nodes: list[Node], env: dict[Node, object], refused: dict | None = None, sizes=None,
              budget: safe_eval.Budget | None = None) -> dict[Node, object]:
     """Run *nodes* (in order) on the values in *env* (extended in place), each through
-    :func:`fusion_passes.safe_eval.call` (pure, bounded ops only), with their size
-    arguments at the probed token count (*sizes*: a :class:`fusion_passes.probe_sizes.Sizes`).
+    :func:`fusion_passes.recognize.meaning.safe_eval.call` (pure, bounded ops only), with their size
+    arguments at the probed token count (*sizes*: a :class:`fusion_passes.recognize.meaning.probe_sizes.Sizes`).
     A node that is refused or fails to run gets no value (and neither do its users);
     *refused* collects ``node -> reason`` for the refused ones."""
     for n in nodes:

@@ -1,5 +1,7 @@
-"""Adapters: the small steps between a fused op's output and the form a chain read by
-meaning (:mod:`fusion_passes.semantic`) gave the same value.
+"""Fused outputs in the chain's form: the small steps from a fused op's output to the form
+in which a chain read by meaning (:mod:`fusion_passes.recognize.meaning`) gave the same
+value (the ``adapt`` specs of a by-meaning ``Quant``). Not a vendor adapter: those are
+the backends (:mod:`fusion_passes.backends`).
 
 * ``"view"``: the chain holds the value in another shape (``[T*G, g]`` for ``[T, H]``);
 * ``"cast"``: the chain holds an exact upcast of it (FP8 block scales as fp32);
@@ -8,7 +10,7 @@ meaning (:mod:`fusion_passes.semantic`) gave the same value.
   :func:`e2m1_values` decodes them (``fusion_passes::e2m1_values``);
 
 and :func:`materialize`, which turns a scale spelled as a Python number into the
-``full([1], value)`` tensor the fused op takes. Every adapter reproduces the chain's value
+``full([1], value)`` tensor the fused op takes. Every step reproduces the chain's value
 exactly: the recognizer compared the decoded / cast / reshaped canonical output with it.
 """
 
@@ -22,7 +24,7 @@ from torch.fx import Graph, Node
 def e2m1_values(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Packed E2M1 codes ``[..., H // 2]`` (uint8, low nibble first) -> their values
     ``[..., H]`` in *dtype* (code 8, a negative value rounded to zero, is -0.0)."""
-    from fusion_passes.conventions import decode_e2m1
+    from fusion_passes.recognize.meaning.conventions import decode_e2m1
 
     if packed.dtype != torch.uint8:
         raise TypeError(f"fusion_passes: e2m1_values takes packed uint8 codes, got {packed.dtype}")
@@ -37,7 +39,7 @@ def _(packed, dtype):
 def _call(graph: Graph, after: Node, op, args: tuple, fake_vals) -> Node:
     with graph.inserting_after(after):
         node = graph.call_function(op, args)
-    node.meta["val"] = fake_vals(op, args)
+    fake_vals.update(node)
     node.meta["stack_trace"] = after.meta.get("stack_trace")
     return node
 
@@ -68,7 +70,7 @@ def _sizes(want) -> list[int]:
 
 
 def materialize(graph: Graph, site, fake_vals) -> list[Node]:
-    """Replace every quant parameter that is a ``semantic.Const`` by a ``full`` node placed
+    """Replace every quant parameter that is a ``meaning.Const`` by a ``full`` node placed
     before the chain (so the fused op, inserted there, follows it); returns those nodes."""
     quant = site.quant
     consts = {k: v for k, v in quant.params.items() if hasattr(v, "materialize")}

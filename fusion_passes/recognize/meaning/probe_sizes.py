@@ -3,7 +3,7 @@
 An RMSNorm (and every quant the fused ops compute) works row by row, so a chain is probed
 on a few rows of its real hidden size, never on the graph's full activation: at
 :data:`TOKENS` token counts, each including every probe row kind
-(:func:`fusion_passes.probes.sets_for`). A verdict holds only if the chain is bit-exact at
+(:func:`fusion_passes.recognize.meaning.probes.sets_for`). A verdict holds only if the chain is bit-exact at
 every one of them.
 
 The token dimension is the one leading dimension of the all-reduced value that is not 1:
@@ -29,14 +29,14 @@ import math
 import torch
 from torch.fx import Node
 
-from fusion_passes.recognize import target_name, val
+from fusion_passes.recognize.fx import op_name, val
 
 TOKENS = (16, 1, 7)
 """Token counts probed: 16 rows hold every norm row kind twice (seven kinds,
-fusion_passes.probes); 1 is a decode step; 7 is not a power of two."""
+fusion_passes.recognize.meaning.probes); 1 is a decode step; 7 is not a power of two."""
 AS_IS_ROWS = 256
 """A static graph with several leading dimensions over 1 (batch and sequence) is probed as
-it is up to this many rows: the rows fusion_passes.safe_eval.MAX_NUMEL allows at the
+it is up to this many rows: the rows fusion_passes.recognize.meaning.safe_eval.MAX_NUMEL allows at the
 largest hidden size a fused kernel takes (256 x 16384)."""
 MAX_HIDDEN = 65536
 """Largest hidden size probed: 4x the largest any fused kernel takes (16384:
@@ -76,7 +76,7 @@ class Plan:
             return ("size", self.key(v)) if isinstance(v, torch.SymInt) else a
 
         args = tuple(one(a) for a in args)
-        pos = SIZE_ARGS.get(target_name(node)) if node.op == "call_function" else None
+        pos = SIZE_ARGS.get(op_name(node.target)) if node.op == "call_function" else None
         if pos is not None and len(args) > pos and isinstance(args[pos], (list, tuple)):
             sizes = [one(a) for a in args[pos]]
             if not self.dynamic and not self.literal and (len(sizes) > 1 or self.per_token(sizes)):
@@ -156,7 +156,7 @@ class Sizes:
     def args(self, node: Node, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """*node*'s evaluated arguments with its sizes at this token count."""
         args = tuple(self.size(a) if isinstance(a, torch.SymInt) else a for a in args)
-        pos = SIZE_ARGS.get(target_name(node)) if node.op == "call_function" else None
+        pos = SIZE_ARGS.get(op_name(node.target)) if node.op == "call_function" else None
         if pos is not None and len(args) > pos and isinstance(args[pos], (list, tuple)):
             sizes = [self.size(a) for a in args[pos]]
             if len(sizes) > 1 or self.plan.per_token(sizes):

@@ -11,7 +11,7 @@ arguments it mutates, read through ``getitem``:
   in ``_all_bases``; an argument that is a view of its whole base (``_<arg>_alias``) reads
   as the base, one that is a part of a larger base (``_<arg>_size`` / ``_slice_*``) is
   refused: the fused op returns whole tensors. :func:`functionalized_call` reads both
-  forms alike (the quant ops of :mod:`fusion_passes.quant_ops` use it too).
+  forms alike (the quant readers' :func:`fusion_passes.recognize.quant_read.c_op` uses it too).
 
 An op that returns nothing still takes one output slot. :data:`OPS` says, per op, where the
 normalized value and the new residual come out and which norm conventions its kernel
@@ -29,10 +29,12 @@ from __future__ import annotations
 import dataclasses
 import operator
 
-import torch
 from torch.fx import Node
 
-from fusion_passes.recognize import Miss, Norm, _vllm_weight_order, dtype_of, short
+from fusion_passes import _compat
+from fusion_passes.recognize.fx import dtype_of, op_name, short
+from fusion_passes.recognize.roles import Miss, Norm
+from fusion_passes.recognize.vllm_ir import vllm_weight_order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,12 +77,6 @@ OPS = {
 """qualified op name -> :class:`InplaceNorm`."""
 
 
-def _op_name(op) -> str:
-    if isinstance(op, torch._ops.OpOverload):
-        return f"{op.namespace}.{op._opname}.{op._overloadname}"
-    return str(op)
-
-
 _VIEW_INFO = ("size", "stride", "storage_offset", "slice_dim", "slice_start", "slice_end", "length")
 """``auto_functionalized_v2`` keys of an argument that is a PART of its base (a slice, a
 strided view, a list): the fused op returns whole tensors, so such a call is refused.
@@ -111,15 +107,15 @@ def functionalized_call(af: Node) -> Call | None:
     if af.op != "call_function" or kind not in ("auto_functionalized", "auto_functionalized_v2"):
         return None
     op = af.args[0]
-    if not isinstance(op, torch._ops.OpOverload):
+    if not isinstance(op, _compat.OpOverload):
         return None
-    schema = op._schema
+    schema = _compat.op_schema(op)
     slots = max(1, len(schema.returns))
     mutated = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     args = dict(af.kwargs)
     if kind == "auto_functionalized":
         index = {name: slots + i for i, name in enumerate(mutated)}
-        return Call(_op_name(op), args, index, {i: i for i in range(slots + len(mutated))})
+        return Call(op_name(op), args, index, {i: i for i in range(slots + len(mutated))})
     bases = args.pop("_all_bases", [])
     index, views = {}, []
     for name in mutated:  # torch/_higher_order_ops/auto_functionalize.py writes a view's info
@@ -133,7 +129,7 @@ def functionalized_call(af: Node) -> Call | None:
         args[name] = bases[at]
     v1 = {i: i for i in range(slots)}
     v1.update({slots + i: index[name] for i, name in enumerate(mutated) if name in index})
-    return Call(_op_name(op), args, index, v1, tuple(views))
+    return Call(op_name(op), args, index, v1, tuple(views))
 
 
 def partial_view_miss(af: Node, call: Call) -> Miss:
@@ -151,7 +147,7 @@ def is_inplace_norm(node: Node) -> bool:
 
 def inplace_rms_norm(x: Node) -> Norm | Miss | None:
     """An in-place norm op of :data:`OPS` reading *x* (the all-reduced value), as a
-    :class:`~fusion_passes.recognize.Norm` whose ``out`` / ``residual_out`` are the getitems
+    :class:`~fusion_passes.recognize.roles.Norm` whose ``out`` / ``residual_out`` are the getitems
     carrying the normalized value and the new residual; None when no user is one."""
     for af in x.users:
         call = functionalized_call(af)
@@ -207,7 +203,7 @@ def _norm(af: Node, spec: InplaceNorm, args: dict, index: dict[str, int], x: Nod
     if args.get("variance_size") is not None:
         return Miss(f"{short(af)} normalizes over a variance_size prefix", af)
     weight = args.get(spec.weight)
-    w_fp32 = spec.weight_in_fp32 if spec.weight_in_fp32 is not None else _vllm_weight_order(af, x, weight)
+    w_fp32 = spec.weight_in_fp32 if spec.weight_in_fp32 is not None else vllm_weight_order(af, x, weight)
     if isinstance(w_fp32, Miss):
         return w_fp32
     nodes = (af, *items.values())

@@ -20,9 +20,9 @@ import math
 import torch
 from torch.fx import Node
 
-from fusion_passes import conventions as C, probe_sizes, probes, safe_eval
-from fusion_passes.recognize import val
-from fusion_passes.region import Region, shape_of
+from fusion_passes.recognize.meaning import conventions as C, probe_sizes, probes, safe_eval
+from fusion_passes.recognize.fx import val
+from fusion_passes.recognize.meaning.region import Region, shape_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,7 @@ def norm_envs(region: Region, plan: probe_sizes.Plan) -> tuple[list[dict], list]
     region cannot be probed.
 
     Leaves are computed from their bases where every op on the way is one probes run
-    (:mod:`fusion_passes.safe_eval`); a leaf that is not gets a fresh probe value of its
+    (:mod:`fusion_passes.recognize.meaning.safe_eval`); a leaf that is not gets a fresh probe value of its
     shape and dtype, as a graph input does (a leaf is any replicated value the chain reads:
     the fused op reads the same node)."""
     envs, starts = [], []

@@ -24,7 +24,7 @@ SGLang ``native_static_quant_fp8``  static: ``q = f32(in_dtype(y * (1/s)))``, th
 ``q = fp8(clamp(., -M, M))``. A form is written as a short string (the fused ops' ``form``
 argument, ``""`` = the variant's own vLLM order): comma-separated flags and ``key=value``
 pairs, e.g. ``"invert,f64,amax_min=1e-12"``. Every chain the recognizer accepts was checked
-bit for bit against :func:`quantize` on probe inputs (:mod:`fusion_passes.semantic`).
+bit for bit against :func:`quantize` on probe inputs (:mod:`fusion_passes.recognize.meaning`).
 """
 
 from __future__ import annotations

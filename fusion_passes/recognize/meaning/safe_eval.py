@@ -1,6 +1,6 @@
 """What recognition by meaning may run: an allowlist of pure, shape-bounded ops.
 
-Probes (:mod:`fusion_passes.probes`) evaluate a candidate chain's nodes on inputs they own.
+Probes (:mod:`fusion_passes.recognize.meaning.probes`) evaluate a candidate chain's nodes on inputs they own.
 The nodes come from a graph, and a graph may come from a file (``fusion-passes explain
 dump.json``): whatever a node names must not write, read files, print, draw random
 numbers, talk to other ranks, mutate an input or allocate without bound. So a node is run
@@ -17,7 +17,7 @@ only if
   data), has at most :data:`MAX_NUMEL` elements.
 
 Anything else is refused with a reason (:func:`call` raises :class:`Refused`); the probes
-treat the node's value as unknown (see :func:`fusion_passes.decide.norm_envs`).
+treat the node's value as unknown (see :func:`fusion_passes.recognize.meaning.decide.norm_envs`).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ PYTHON_OPS = {
 MAX_NUMEL = 2 ** 22
 """Most elements one evaluated tensor may have: 256 rows of the largest hidden size a fused
 kernel takes (16384: fusion_passes/backends/thresholds.py ``max_hidden``); probes hold at
-most 16 rows (fusion_passes.probe_sizes.TOKENS)."""
+most 16 rows (fusion_passes.recognize.meaning.probe_sizes.TOKENS)."""
 MAX_BYTES = 1 << 30
 """Bytes the tensors evaluated for one set of probe environments may take in all (the norm
 probes of a chain, or the quant probes of one reading): about 4x the most measured,
@@ -122,7 +122,7 @@ def call(target, args: tuple, kwargs: dict, budget: Budget | None = None):
     if not isinstance(target, _compat.OpOverload) or target not in PURE:
         raise Refused("not an op recognition by meaning evaluates (pure arithmetic, casts, views, "
                       "reductions)")
-    if any(a.name == "device" and a.kwarg_only for a in target._schema.arguments):
+    if any(a.name == "device" and a.kwarg_only for a in _compat.op_schema(target).arguments):
         kwargs = {**kwargs, "device": torch.device("cpu")}  # a factory: on the probe's device
     _check_sizes(target, args, kwargs)
     out = target(*args, **kwargs)
