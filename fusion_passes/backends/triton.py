@@ -59,7 +59,8 @@ import torch
 from fusion_passes import arguments, epilogue, groups, variants
 from fusion_passes.backends import measured, symm, thresholds
 from fusion_passes.backends.contract import Call
-from fusion_passes.backends.triton_gate import DTYPES, FP4_BLOCK, FP4_DTYPES, table_source, unsupported  # noqa: F401
+from fusion_passes.backends.triton_gate import (  # noqa: F401
+    DTYPES, FP4_BLOCK, FP4_DTYPES, FP8_UNROUNDED, table_source, unsupported)
 from fusion_passes.variants import FusedArgs, FusedOutputs
 
 LIMITS = thresholds.TRITON
@@ -254,6 +255,7 @@ class TritonBackend:
             AMAX_EPS=float(p["amax_eps"]) if per_group else 0.0,
             MIN_SCALE=float(p["scale_min"]) if per_group else PER_TOKEN_MIN_SCALE,
             SWIZZLE=quant == k.QUANT_NVFP4 and bool(p["swizzle"]), SCALE_COLS=o.scale_cols,
+            Q_RAW=bool(f.quant_unrounded) and variant in FP8_UNROUNDED,
         )
         scalars = (x.shape[0], float(a.eps), o.stride_t, o.stride_g)
         if plan.lamport is not None:
