@@ -20,8 +20,9 @@ differences are fp32 summation order inside the norm's mean and the hardware
 quant epilogues are exact: FP8 bit-identical, NVFP4 / MXFP4 byte-identical (packed
 codes, e4m3 / E8M0 scales, swizzle padding) to fusion_passes.epilogue on an H200.
 
-World size 1: no symmetric memory, no barriers; one program per row reads the input
-in place (a fused add + RMSNorm (+ quant) kernel).
+World size 1: no symmetric memory, no barriers; one program per row (or per ``ROWS``
+consecutive rows, a launch config ``fusion-passes tune`` may pick with the warps and
+``num_stages``) reads the input in place (a fused add + RMSNorm (+ quant) kernel).
 
 World size > 1 (one-shot): a persistent grid of ``G`` programs; program ``b`` copies
 rows ``b, b+G, ...`` of its input into this rank's symmetric buffer, meets program ``b``
@@ -320,6 +321,7 @@ def fused_allreduce_add_rmsnorm_kernel(
     SWIZZLE: tl.constexpr = False,  # NVFP4 scales in the 128x4-tiled layout
     SCALE_COLS: tl.constexpr = 1,  # NVFP4 swizzled: round_up(H / 16, 4)
     Q_RAW: tl.constexpr = False,  # FP8 codes from the norm value before its rounding (quant_unrounded)
+    ROWS: tl.constexpr = 1,  # world size 1: rows per program (a tuned launch config)
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -332,12 +334,19 @@ def fused_allreduce_add_rmsnorm_kernel(
     # epilogue.nvfp4: 1 / global_scale, with vLLM's get_reciprocal (1/0 := 1e-8)
     inv_gs = tl.math.div_rn(1.0, gs + (gs == 0).to(tl.float32) * 1e8) if QUANT == 4 else 0.0
 
-    if WS == 1:  # one row per program, no loop: the shortest path from load to store
+    if WS == 1 and ROWS == 1:  # one row per program, no loop: the shortest path from load to store
         s = tl.load(in_ptr + tl.cast(pid, tl.int64) * H + cols, mask=mask, other=0.0).to(tl.float32)
         _epilogue_row(s, pid, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub, gs,
                       inv_gs, eps, scale_stride_t, scale_stride_g, H, BLOCK, HAS_RES, RES_FP32, HAS_W, GEMMA, W_FP32,
                       WRITE_NORM, QUANT, HAS_UB, GROUP, UE8M0, FP8_MAX, MIN_SCALE, AMAX_EPS, SWIZZLE, SCALE_COLS,
                       Q_RAW)
+    elif WS == 1:  # ROWS consecutive rows per program: the weight loaded once, the loop pipelined (num_stages)
+        for row in range(pid * ROWS, tl.minimum(pid * ROWS + ROWS, T)):
+            s = tl.load(in_ptr + tl.cast(row, tl.int64) * H + cols, mask=mask, other=0.0).to(tl.float32)
+            _epilogue_row(s, row, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub,
+                          gs, inv_gs, eps, scale_stride_t, scale_stride_g, H, BLOCK, HAS_RES, RES_FP32, HAS_W, GEMMA,
+                          W_FP32, WRITE_NORM, QUANT, HAS_UB, GROUP, UE8M0, FP8_MAX, MIN_SCALE, AMAX_EPS, SWIZZLE,
+                          SCALE_COLS, Q_RAW)
     else:
         nprog = tl.num_programs(0)
         bufs = buf_ptrs.to(tl.pointer_type(tl.uint64))
