@@ -174,8 +174,10 @@ def _norm(s, w, eps, H: tl.constexpr, HAS_W: tl.constexpr, GEMMA: tl.constexpr, 
         y = n
     y = y.to(out_ty).to(tl.float32)
     if Q_RAW:
-        return y, raw
-    return y, y
+        yq = raw
+    else:
+        yq = y
+    return y, yq
 
 
 @triton.jit
