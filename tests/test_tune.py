@@ -64,7 +64,8 @@ def test_bucket_times_every_candidate_and_every_unfused_chain(fake_pg, monkeypat
     assert set(times) == {"fused:local:1", "fused:local:4", "fused:local:8", "fused:local:16", "none+static",
                           "none+tokdyn"}  # hidden 64: its own warp count (1) is a candidate too
     assert all(v > 0 for v in times.values())
-    assert seen == [{"num_warps": 1}, {"num_warps": 4}, {"num_warps": 8}, {"num_warps": 16}]  # forced, then cleared
+    # forced, then cleared; one row and Triton's stages forced too (a table on disk must not change them)
+    assert seen == [{"num_warps": w, "rows": 1, "num_stages": None} for w in (1, 4, 8, 16)]
 
 
 def test_row_configs_only_at_world_size_1_where_the_programs_fill_the_sms():

@@ -263,8 +263,11 @@ def _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb) -> d
 
 
 def _time_fused(ctx, tb, option, fused, inputs, calls, times) -> None:
-    """Time the fused call at one launch config (forced on the backend) into *times*."""
-    tb.FORCE.update(option if option["path"] != "local" else {k: v for k, v in option.items() if k != "path"})
+    """Time the fused call at one launch config (forced on the backend) into *times*. At world
+    size 1 every launch field is forced (one row, Triton's stages unless named), so that no
+    entry of a table already on disk changes the config being timed."""
+    local = {"rows": 1, "num_stages": None, **{k: v for k, v in option.items() if k != "path"}}
+    tb.FORCE.update(option if option["path"] != "local" else local)
     try:
         times[option_name(option)] = ctx.time_graph(fused, inputs, calls, ctx.args.replays)
     except Exception:  # noqa: BLE001 - a config that cannot run (e.g. a path's workspace) is skipped
