@@ -7,7 +7,7 @@ unrounded"), on a real GPU at world size 1:
   runs, three weight forms, the residual added in the activation dtype or in fp32: against
   the reference backend with the same flag. The residual is bit-exact, the norm within one
   ulp, the scales bit-exact against the epilogue's quant of the kernel's own norm output
-  (the scales come from the rounded norm, flag or not), the codes against the epilogue's
+  on the CPU (the scales come from the rounded norm, flag or not), the codes against the epilogue's
   codes of the reference's unrounded norm value (``epilogue.FP8_CODES``) with the kernel's
   scales: flag off, the epilogue's codes of the kernel's own norm output, bit-exact. Flag
   on, the kernel's unrounded value is not an output, and it differs from the reference's
@@ -87,13 +87,21 @@ def check_raw(group, variant, params, dtype, tokens, hidden, form, res_fp32, unr
     assert "unrounded" not in str(why or ""), why
     t, r = TritonBackend().run(variant, a), ReferenceBackend().run(variant, a)
     assert torch.equal(t.residual_out, r.residual_out), "residual_out"
-    torch.testing.assert_close(t.norm_out.float(), r.norm_out.float(), rtol=ULP[dtype], atol=1e-6)
+    # The Hugging Face form rounds twice (n.to(dtype), then w * n): one ulp of n from the
+    # kernel's rsqrt becomes up to ~1.2 ulp of the output (2 of 551936 elements at 0.0092
+    # relative, bf16 77x7168, 1x H100, 2026-12-06); the other forms round once.
+    rtol = ULP[dtype] * (2 if form == "hf" else 1)
+    torch.testing.assert_close(t.norm_out.float(), r.norm_out.float(), rtol=rtol, atol=1e-6)
     qp = a.quant
-    oq, os_ = epilogue.quantize(variant, t.norm_out, qp)  # the scales (and flag off the codes) of the kernel's norm
+    # The epilogue on the CPU: torch on CUDA divides by a Python scalar through its
+    # reciprocal (the per-group scale amax / fp8_max: 1 to 6485 codes off on a GPU), the
+    # CPU and the kernel (_div_const_rn) divide correctly rounded.
+    cpu = {k: v.cpu() if torch.is_tensor(v) else v for k, v in qp.items()}
+    oq, os_ = epilogue.quantize(variant, t.norm_out.cpu(), cpu)  # the scales (flag off: the codes) of the kernel's norm
     if os_ is not None:
-        assert torch.equal(t.scales, os_.reshape(t.scales.shape)), "scales vs the epilogue on the kernel's norm"
+        assert torch.equal(t.scales.cpu(), os_.reshape(t.scales.shape)), "scales vs the epilogue on the kernel's norm"
     if not unrounded:
-        assert torch.equal(t.q.view(torch.uint8), oq.view(torch.uint8)), "codes vs the epilogue on the kernel's norm"
+        assert torch.equal(t.q.cpu().view(torch.uint8), oq.view(torch.uint8)), "codes vs the epilogue on the kernel's norm"
         return f"{variant} {params_text(params)} {form} res_fp32={res_fp32} flag off: codes and scales bit-exact"
     fl = dataclasses.asdict(a.flags)
     y32 = epilogue.norm_unrounded(x, res, w, 1e-6, **fl)
@@ -101,7 +109,7 @@ def check_raw(group, variant, params, dtype, tokens, hidden, form, res_fp32, unr
     differ = int((t.q.view(torch.uint8) != want.view(torch.uint8)).sum())
     assert differ <= RAW_SHARE * t.q.numel(), f"{differ} codes differ from the reference's unrounded value"
     return (f"{variant} {params_text(params)} {form} res_fp32={res_fp32} flag on: scales bit-exact, "
-            f"{differ} of {t.q.numel()} codes differ from the reference's (vs flag off {share(t.q, oq):.2%})")
+            f"{differ} of {t.q.numel()} codes differ from the reference's (vs flag off {share(t.q.cpu(), oq):.2%})")
 
 
 def params_text(params) -> str:
