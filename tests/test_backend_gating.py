@@ -104,6 +104,22 @@ def test_triton_declines_quant_shapes_it_does_not_run(kw, reason):
     assert why is not None and reason in why, why
 
 
+def test_triton_quantizes_the_unrounded_norm_for_fp8_only():
+    """quant_unrounded: the kernel's FP8 quants read the norm value before its rounding
+    (Q_RAW; checked against the reference on a GPU by tests/gpu/parity_check.py); the FP4
+    quants have no such form (epilogue.FP8_CODES) and are declined with the flag."""
+    flags = variants.Flags(quant_unrounded=True)
+    for variant in ("add_rmsnorm_fp8_static", "add_rmsnorm_fp8_per_token", "add_rmsnorm_fp8_per_group"):
+        c = Call(variant=variant, device="cuda", dtype=torch.bfloat16, hidden=4096, world_size=1, tokens=8,
+                 flags=flags)
+        assert triton_backend.unsupported(c) is None, variant
+    for variant in ("add_rmsnorm_nvfp4", "add_rmsnorm_mxfp4"):
+        c = Call(variant=variant, device="cuda", dtype=torch.bfloat16, hidden=4096, world_size=1, tokens=8,
+                 flags=flags)
+        why = triton_backend.unsupported(c)
+        assert why is not None and "quant_unrounded" in why, why
+
+
 # -- aiter ----------------------------------------------------------------------------
 def acall(**kw):
     kw.setdefault("device", "rocm")

@@ -101,6 +101,15 @@ def test_a_new_tune_replaces_its_pairs_and_keeps_the_others(machine):
      "unknown variant"),
     (json.dumps({"format": measured.FORMAT, "version": 1, "tables": [table([entry(1, "fused"), entry(1, "fused")])]}),
      "listed twice"),
+    (json.dumps({"format": measured.FORMAT, "version": 1, "tables": [table([entry(1, "fused", rows=3)])]}),
+     "rows must be one of (1, 2, 4, 8), got 3"),
+    (json.dumps({"format": measured.FORMAT, "version": 1, "tables": [table([entry(1, "fused", num_stages=0)])]}),
+     "num_stages must be one of"),
+    (json.dumps({"format": measured.FORMAT, "version": 1, "tables": [table([entry(1, "fused", rows=True)])]}),
+     "rows must be one of"),
+    (json.dumps({"format": measured.FORMAT, "version": 1,
+                 "tables": [table([entry(1, "fused", rows=2, path="barrier")], world_size=1)]}),
+     "only the world-size-1 kernel"),
     (json.dumps({"format": measured.FORMAT, "version": 1, "tables": [table(STRADDLE, torch="2.10.0")]}),
      "stale: measured with other versions (torch '2.10.0' there, '2.11.0' here)"),
     (json.dumps({"format": measured.FORMAT, "version": 1, "tables": [table(STRADDLE, gpu="NVIDIA H200")]}),
@@ -397,6 +406,32 @@ def test_the_child_tune_runs_and_its_failure_is_named(machine):
     with pytest.raises(RuntimeError, match="exited 2: fusion-passes tune: needs an NVIDIA CUDA GPU"):
         calibrate.run_tune("add_rmsnorm", 7168)
     assert not machine.exists()
+
+
+def test_each_call_takes_its_buckets_rows_and_stages(machine, fake_pg):
+    """World size 1: the bucket's rows per program set the grid (ceil(tokens / rows)) and
+    its num_stages the launch; no entry, or an entry without them: one row per program and
+    Triton's default stages; ``tune``'s forced config overrides the table while it times."""
+    from fusion_passes.backends.triton import FORCE, TritonBackend
+    from fusion_passes.cli.model_trace import fake_world
+
+    one = "c10d:" + fake_world(1).group_name
+    measured.write(table(STRADDLE[:10] + [entry(1024, "fused", num_warps=16, rows=4, num_stages=1)] + STRADDLE[11:]))
+    plan = TritonBackend()._plan
+    p = plan(*_bound(one, 1000), False, "add_rmsnorm")
+    assert (p.grid, p.rows, p.num_warps, p.launch()) == (250, 4, 16, {"num_warps": 16, "num_stages": 1})
+    p = plan(*_bound(one, 1023), False, "add_rmsnorm")
+    assert (p.grid, p.rows) == (256, 4)  # the last program takes 3 rows
+    p = plan(*_bound(one, 2048), False, "add_rmsnorm")  # its bucket names neither
+    assert (p.grid, p.rows, p.launch()) == (2048, 1, {"num_warps": 8})
+    p = plan(*_bound(one, 1000, hidden=4096), False, "add_rmsnorm")  # no entry: the shipped rule
+    assert (p.grid, p.rows, p.num_stages) == (1000, 1, None)
+    FORCE.update(rows=2, num_stages=3)
+    try:
+        p = plan(*_bound(one, 1000), False, "add_rmsnorm")
+        assert (p.grid, p.rows, p.num_stages) == (500, 2, 3)
+    finally:
+        FORCE.clear()
 
 
 def _bound(group, tokens, hidden=7168):

@@ -64,7 +64,57 @@ def test_bucket_times_every_candidate_and_every_unfused_chain(fake_pg, monkeypat
     assert set(times) == {"fused:local:1", "fused:local:4", "fused:local:8", "fused:local:16", "none+static",
                           "none+tokdyn"}  # hidden 64: its own warp count (1) is a candidate too
     assert all(v > 0 for v in times.values())
-    assert seen == [{"num_warps": 1}, {"num_warps": 4}, {"num_warps": 8}, {"num_warps": 16}]  # forced, then cleared
+    # forced, then cleared; one row and Triton's stages forced too (a table on disk must not change them)
+    assert seen == [{"num_warps": w, "rows": 1, "num_stages": None} for w in (1, 4, 8, 16)]
+
+
+def test_row_configs_only_at_world_size_1_where_the_programs_fill_the_sms():
+    names = [tune.option_name(o) for o in tune.row_options(1, 16384, 132, 8)]
+    assert names == ["fused:local:8:r2:s1", "fused:local:8:r2:s3", "fused:local:8:r4:s1", "fused:local:8:r4:s3"]
+    assert [tune.option_name(o) for o in tune.row_options(1, 300, 132, 4)] == [
+        "fused:local:4:r2:s1", "fused:local:4:r2:s3"]  # 75 programs of 4 rows would leave SMs idle
+    assert tune.row_options(1, 200, 132, 4) == [] and tune.row_options(2, 16384, 132, 8) == []
+    assert tune.row_options(1, 16384, None, 8) == []  # off CUDA: no launch config to vary
+    assert tune.parse_option("fused:local:8:r4:s1") == {"path": "local", "num_warps": 8, "rows": 4, "num_stages": 1}
+    assert tune.parse_option("fused:barrier:16") == {"path": "barrier", "num_warps": 16, "rows": 1,
+                                                      "num_stages": None}
+
+
+def test_the_second_pass_times_rows_with_the_fastest_warps_and_the_entry_keeps_them(fake_pg, monkeypatch):
+    """A fake timer: the fused time is a function of the forced config (8 warps fastest, then
+    4 rows at 1 stage); the second pass starts from the first pass's 8 warps, and the
+    bucket's entry names the rows and stages that won."""
+    from fusion_passes.backends import triton as tb
+    from fusion_passes.cli.model_trace import fake_world
+
+    parser = argparse.ArgumentParser()
+    tune.add_arguments(parser)
+    args = parser.parse_args(["--tokens", "4096"])
+    args.with_dynamic_true = False
+    ctx = bk.sweep_context(args, 0, 1, fake_world(1).group_name, device="cpu", compile_backend="eager",
+                           fused_backend="reference")
+    seen = []
+    monkeypatch.setattr(tb, "FORCE", _Recorder(seen))
+    monkeypatch.setattr(tune, "programs_to_fill", lambda device: 132)
+    cost = {4: 10.0, 8: 9.0, 16: 11.0}
+
+    def fake_time(fn, inputs, calls, replays):
+        f = dict(tb.FORCE)
+        if not f:
+            return 9.5  # an unfused chain
+        return cost.get(f["num_warps"], 12.0) - {None: 0, 1: 0, 2: 0.5, 4: 1.0}[f.get("rows")] \
+            - (0.25 if f.get("num_stages") == 1 else 0.0)
+    monkeypatch.setattr(ctx, "time_graph", fake_time)
+    w, scale = torch.rand(64).bfloat16(), torch.tensor([0.02])
+    forms = {"static": lambda *a: None, "tokdyn": lambda *a: None}
+    monkeypatch.setattr(bk, "_timed", lambda *a, **k: None)
+    monkeypatch.setattr(bk, "_collectives", lambda ctx, x: {"none": lambda t: t})
+    times = tune._bucket_times(ctx, "add_rmsnorm", 64, 4096, w, scale, forms, lambda *a: None, tb)
+    assert seen[4:] == [{"num_warps": 8, "rows": r, "num_stages": s} for r in (2, 4) for s in (1, 3)]
+    entry, row = tune.decide_bucket(ctx.group, "add_rmsnorm", 64, 4096, times)
+    assert (entry["pick"], entry["num_warps"], entry["rows"], entry["num_stages"]) == ("fused", 8, 4, 1)
+    assert entry["fused_us"] == 7.75 and entry["best_unfused"] in ("none+static", "none+tokdyn")
+    measured.parse_table({"key": {}, "entries": [entry]}, "test")  # the table reads it back
 
 
 class _Recorder(dict):

@@ -115,7 +115,7 @@ def lamport_kernel(
     WRITE_NORM: tl.constexpr, QUANT: tl.constexpr, HAS_UB: tl.constexpr, GROUP: tl.constexpr,
     UE8M0: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, AMAX_EPS: tl.constexpr,
     SWIZZLE: tl.constexpr, SCALE_COLS: tl.constexpr, BITS: tl.constexpr, SENT: tl.constexpr,
-    TWO_SHOT: tl.constexpr = False,
+    TWO_SHOT: tl.constexpr = False, Q_RAW: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -153,7 +153,7 @@ def lamport_kernel(
         _epilogue_row(s, row, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub,
                       gs, inv_gs, eps, scale_stride_t, scale_stride_g, H, BLOCK, HAS_RES, RES_FP32, HAS_W, GEMMA,
                       W_FP32, WRITE_NORM, QUANT, HAS_UB, GROUP, UE8M0, FP8_MAX, MIN_SCALE, AMAX_EPS, SWIZZLE,
-                      SCALE_COLS)
+                      SCALE_COLS, Q_RAW)
 
     if pid == 0:  # every program has read the parity: advance it for the next call
         arrived = tl.load(state_ptr, volatile=True)

@@ -10,11 +10,13 @@ holds one table per machine key::
                "torch": "2.11.0+cu130", "triton": "3.6.0", "driver": "12080"},
        "command": "fusion-passes tune ...", "written": "2026-12-06T21:00:00Z",
        "entries": [{"variant": "add_rmsnorm", "hidden": 7168, "tokens": 1, "pick": "fused",
-                    "path": "local", "num_warps": 16, "fused_us": 2.2, "unfused_us": 3.0,
-                    "best_unfused": "none+static"}, ...]}]}
+                    "path": "local", "num_warps": 16, "rows": 1, "num_stages": null,
+                    "fused_us": 2.2, "unfused_us": 3.0, "best_unfused": "none+static"}, ...]}]}
 
 An entry is one token *bucket* of one (variant, hidden): ``pick`` ``fused`` (the kernel,
-on ``path``, with ``num_warps``) or ``unfused`` (the best unfused chain was faster). A token
+on ``path``, at its fastest launch config: ``num_warps``, ``rows`` per program at world size 1
+and ``num_stages``; the last two optional, absent meaning one row and Triton's default) or
+``unfused`` (the best unfused chain was faster). A token
 count is served by the smallest measured bucket at or above it (the largest above them
 all). Where the table has no entry for a (variant, hidden), the shipped table
 (:mod:`fusion_passes.backends.thresholds`) decides, as it would without the file.
@@ -47,6 +49,9 @@ ENV = "FUSION_PASSES_TUNED"
 PICKS = ("fused", "unfused")
 PATHS = ("local", "barrier", "lamport", "twoshot")
 VERSION_KEYS = ("torch", "triton", "driver")
+# The launch configs an entry may name besides its warps, and their values: the ones
+# ``fusion-passes tune`` times (fusion_passes/cli/tune.py ROWS, STAGES), each a valid Triton launch.
+LAUNCH = {"rows": (1, 2, 4, 8), "num_stages": (1, 2, 3, 4)}
 
 _log = logging.getLogger("fusion_passes")
 _warned: set[str] = set()
@@ -127,6 +132,8 @@ class Entry:
     pick: str
     path: str = "local"
     num_warps: int | None = None
+    rows: int | None = None  # rows per program (world size 1; None: one)
+    num_stages: int | None = None  # Triton's pipelining depth (None: Triton's default)
     fused_us: float | None = None
     unfused_us: float | None = None
     best_unfused: str | None = None
@@ -186,6 +193,9 @@ def _entry(raw) -> tuple[tuple[str, int], Entry]:
     warps = raw.get("num_warps")
     if warps is not None and (not isinstance(warps, int) or isinstance(warps, bool) or warps not in (1, 2, 4, 8, 16, 32)):
         raise Invalid(f"num_warps must be a power of two up to 32, got {warps!r}")
+    launch = {name: _launch_int(raw, name, allowed) for name, allowed in LAUNCH.items()}
+    if launch["rows"] is not None and launch["rows"] > 1 and path_ != "local":
+        raise Invalid(f"rows per program {launch['rows']} on path {path_!r}: only the world-size-1 kernel takes it")
     times = {}
     for name in ("fused_us", "unfused_us"):
         v = raw.get(name)
@@ -194,7 +204,14 @@ def _entry(raw) -> tuple[tuple[str, int], Entry]:
         times[name] = None if v is None else float(v)
     best = raw.get("best_unfused")
     return (variant, hidden), Entry(tokens, pick, path_, warps, best_unfused=best if isinstance(best, str) else None,
-                                    **times)
+                                    **launch, **times)
+
+
+def _launch_int(raw: dict, name: str, allowed: tuple[int, ...]) -> int | None:
+    v = raw.get(name)
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v not in allowed):
+        raise Invalid(f"{name} must be one of {allowed}, got {v!r}")
+    return v
 
 
 def digest_of(table: dict) -> str:

@@ -59,8 +59,8 @@ import torch
 from fusion_passes import arguments, epilogue, groups, variants
 from fusion_passes.backends import measured, symm, thresholds
 from fusion_passes.backends.contract import Call
-from fusion_passes.backends.triton_gate import (DTYPES, FP4_BLOCK, FP4_DTYPES, quant_group_reason,  # noqa: F401
-                                               table_source, unsupported)
+from fusion_passes.backends.triton_gate import (  # noqa: F401
+    DTYPES, FP4_BLOCK, FP4_DTYPES, FP8_UNROUNDED, quant_group_reason, table_source, unsupported)
 from fusion_passes.variants import FusedArgs, FusedOutputs
 
 LIMITS = thresholds.TRITON
@@ -211,10 +211,11 @@ class TritonBackend:
         if entry is not None and entry.num_warps:
             nw = entry.num_warps
         nw = FORCE.get("num_warps", nw)
+        stages = FORCE.get("num_stages", entry.num_stages if entry is not None else None)
         if not (tokens and world > 1):
-            return _Plan(max(tokens, 1), nw)
+            return _local_plan(tokens, nw, stages, entry)
         if FORCE.get("path", "unfused" if entry is not None and entry.pick == "unfused" else None) == "unfused":
-            return _Plan(max(tokens, 1), nw, path="unfused")
+            return _local_plan(tokens, nw, stages, entry, path="unfused")
         dev = x.device
         resident = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) * max(
             1, int(LIMITS["threads_per_sm"]) // (32 * nw)
@@ -224,10 +225,12 @@ class TritonBackend:
             from fusion_passes.backends import lamport
 
             lw = lamport.get(a.group, tokens, hidden, x.dtype, dev)
-            return _Plan(max(1, min(tokens, resident)), nw, lw.rank, lw.world_size, path, lamport=lw)
+            return _Plan(max(1, min(tokens, resident)), nw, lw.rank, lw.world_size, path, lamport=lw,
+                         num_stages=stages)
         ws = symm.get(a.group, x.numel() * x.element_size(), dev)
         grid = max(1, min(tokens, resident, ws.signal_pad_bytes // 4 // ws.world_size))
-        return _Plan(grid, nw, ws.rank, ws.world_size, "barrier", ws.buffer_ptrs_dev, ws.signal_pad_ptrs_dev)
+        return _Plan(grid, nw, ws.rank, ws.world_size, "barrier", ws.buffer_ptrs_dev, ws.signal_pad_ptrs_dev,
+                     num_stages=stages)
 
     def _launch(self, a: FusedArgs, quant: int, write_norm: bool, variant: str = "") -> FusedOutputs:
         k, p, f = self._k, a.quant, a.flags
@@ -259,6 +262,7 @@ class TritonBackend:
             AMAX_EPS=float(p["amax_eps"]) if per_group else 0.0,
             MIN_SCALE=float(p["scale_min"]) if per_group else PER_TOKEN_MIN_SCALE,
             SWIZZLE=quant == k.QUANT_NVFP4 and bool(p["swizzle"]), SCALE_COLS=o.scale_cols,
+            Q_RAW=bool(f.quant_unrounded) and variant in FP8_UNROUNDED,
         )
         scalars = (x.shape[0], float(a.eps), o.stride_t, o.stride_g)
         if plan.lamport is not None:
@@ -271,10 +275,10 @@ class TritonBackend:
             lamport_kernels.lamport_kernel[(plan.grid,)](
                 *tensors, lw.peers, lw.state, *scalars, lw.slot_elems, **consts,
                 BITS=tl.int16 if bits == torch.int16 else tl.int32, SENT=sent, TWO_SHOT=plan.path == "twoshot",
-                num_warps=plan.num_warps)
+                **plan.launch())
         else:
             k.fused_allreduce_add_rmsnorm_kernel[(plan.grid,)](
-                *tensors, plan.buf_ptrs, plan.sig_ptrs, *scalars, **consts, num_warps=plan.num_warps)
+                *tensors, plan.buf_ptrs, plan.sig_ptrs, *scalars, **consts, ROWS=plan.rows, **plan.launch())
         return _shaped(o, lead, hidden, fp4)
 
 
@@ -291,13 +295,27 @@ class _Plan:
     buf_ptrs: int = 0  # barrier path: the symmetric workspace's peer buffers / signal pads
     sig_ptrs: int = 0
     lamport: object = None  # wait-free paths: their lamport.LamportWorkspace
+    rows: int = 1  # world size 1 (and the epilogue after an unfused collective): rows per program
+    num_stages: int | None = None  # Triton's software-pipelining depth (None: Triton's default)
+
+    def launch(self) -> dict:
+        """The launch options: warps, and the stages where a measured config names them."""
+        return {"num_warps": self.num_warps, **({"num_stages": self.num_stages} if self.num_stages else {})}
+
+
+def _local_plan(tokens: int, nw: int, stages: int | None, entry, path: str = "local") -> _Plan:
+    """A launch of the kernel at world size 1: ``rows`` rows per program (the measured entry's,
+    or ``FORCE["rows"]`` while ``tune`` times it; 1 by default), ``ceil(tokens / rows)`` programs."""
+    rows = FORCE.get("rows", (entry.rows if entry is not None and entry.rows else 1))
+    return _Plan(max(1, -(-tokens // rows)), nw, path=path, rows=rows, num_stages=stages)
 
 
 PATHS = ("barrier", "lamport", "twoshot")
 PATH_ENV = "FUSION_PASSES_TRITON_PATH"
 FORCE: dict = {}
-"""``fusion-passes tune`` only: ``{"num_warps": n, "path": p}`` forced on every launch while it
-times the candidates (``path`` one of :data:`PATHS` or ``"unfused"``)."""
+"""``fusion-passes tune`` only: ``{"num_warps": n, "path": p, "rows": r, "num_stages": s}`` (any of
+them) forced on every launch while it times the candidates (``path`` one of :data:`PATHS` or
+``"unfused"``; ``rows`` at world size 1 only)."""
 
 
 def path_for(world: int, tokens: int, hidden: int, itemsize: int, measured_path: str | None = None) -> str:

@@ -23,6 +23,10 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # FP4 variants: elements per scale block (the registry's), and the activations they take.
 FP4_BLOCK = {name: variants.BY_NAME[name].block for name in ("add_rmsnorm_nvfp4", "add_rmsnorm_mxfp4")}
 FP4_DTYPES = variants.FP4_INPUT_DTYPES
+# The quants whose codes the kernel computes from the unrounded norm value (``Q_RAW``, the
+# ``quant_unrounded`` flag): the FP8 ones it runs (epilogue.FP8_CODES, less per-tensor).
+# The FP4 quants have no such form and are declined with the flag.
+FP8_UNROUNDED = frozenset({"add_rmsnorm_fp8_static", "add_rmsnorm_fp8_per_token", "add_rmsnorm_fp8_per_group"})
 
 
 def unsupported(call: Call) -> str | None:
@@ -35,8 +39,8 @@ def unsupported(call: Call) -> str | None:
         return platform
     if call.hidden > LIMITS["max_hidden"]:
         return f"hidden {call.hidden} > {LIMITS['max_hidden']} (one row must fit in registers)"
-    if call.flags.quant_unrounded:
-        return "the kernel quantizes the rounded norm output (quant_unrounded)"
+    if call.flags.quant_unrounded and call.variant in FP4_BLOCK:
+        return f"{call.variant} has no unrounded-input form (quant_unrounded; epilogue.FP8_CODES)"
     if call.flags.carry_fp32 and not (call.flags.weight_in_fp32 or call.flags.gemma):
         return "carry_fp32 with the weight after the cast back: the kernel rounds in the residual's dtype"
     itemsize = torch.empty((), dtype=call.dtype).element_size()

@@ -9,7 +9,9 @@ One kernel, specialised by ``tl.constexpr`` flags, computes for every row of ``[
          the unrounded fp32 sum, as vLLM's fused_add_rms_norm)
     y  = RMSNorm(s) with the epilogue's weight conventions -> norm_out (optional)
     q  = quant(y)  (FP8 static / per-token / per-group,   -> q, scales
-                    NVFP4, MXFP4)
+                    NVFP4, MXFP4; Q_RAW: the FP8 codes from y before
+                    its rounding to the output dtype, the scales from y,
+                    as Inductor's compile of the chain: quant_unrounded)
 
 The numerics follow :mod:`fusion_passes.epilogue` step by step (each rounding to the
 activation dtype that the unfused chain performs is performed here too); the only
@@ -18,8 +20,9 @@ differences are fp32 summation order inside the norm's mean and the hardware
 quant epilogues are exact: FP8 bit-identical, NVFP4 / MXFP4 byte-identical (packed
 codes, e4m3 / E8M0 scales, swizzle padding) to fusion_passes.epilogue on an H200.
 
-World size 1: no symmetric memory, no barriers; one program per row reads the input
-in place (a fused add + RMSNorm (+ quant) kernel).
+World size 1: no symmetric memory, no barriers; one program per row (or per ``ROWS``
+consecutive rows, a launch config ``fusion-passes tune`` may pick with the warps and
+``num_stages``) reads the input in place (a fused add + RMSNorm (+ quant) kernel).
 
 World size > 1 (one-shot): a persistent grid of ``G`` programs; program ``b`` copies
 rows ``b, b+G, ...`` of its input into this rank's symmetric buffer, meets program ``b``
@@ -147,27 +150,40 @@ def _barrier(signal_pad_ptrs, slot, RANK: tl.constexpr, WS: tl.constexpr):
 
 
 @triton.jit
-def _norm(s, w, eps, H: tl.constexpr, HAS_W: tl.constexpr, GEMMA: tl.constexpr, W_FP32: tl.constexpr, act, out_ty):
-    """RMSNorm of the fp32 row ``s`` with the epilogue's weight conventions, rounded to
-    the output dtype and returned in fp32: what the quant of the unfused chain reads."""
+def _norm(s, w, eps, H: tl.constexpr, HAS_W: tl.constexpr, GEMMA: tl.constexpr, W_FP32: tl.constexpr, act, out_ty,
+          Q_RAW: tl.constexpr = False):
+    """RMSNorm of the fp32 row ``s`` with the epilogue's weight conventions: ``(y, yq)``, ``y``
+    rounded to the output dtype and returned in fp32 (the norm output), ``yq`` what the quant
+    reads: ``y``, or with ``Q_RAW`` the fp32 value before that rounding
+    (epilogue.norm_unrounded: the Hugging Face form's product of the weight and the
+    unrounded normalized value)."""
     rstd = tl.math.rsqrt(tl.sum(s * s, axis=0) / H + eps)
     n = s * rstd
+    raw = n
     if HAS_W:
         if GEMMA:
-            y = n * (1.0 + w)
+            raw = n * (1.0 + w)
+            y = raw
         elif W_FP32:
-            y = n * w
+            raw = n * w
+            y = raw
         else:  # Hugging Face Llama: w * normed.to(dtype), in the promoted dtype
+            raw = w * n
             y = w * n.to(act).to(tl.float32)
     else:
         y = n
-    return y.to(out_ty).to(tl.float32)
+    y = y.to(out_ty).to(tl.float32)
+    if Q_RAW:
+        yq = raw
+    else:
+        yq = y
+    return y, yq
 
 
 @triton.jit
-def _fp8_per_token(y, row, q_ptr, qscale_ptr, ub, cols, mask, scale_stride_t, HAS_UB: tl.constexpr,
+def _fp8_per_token(y, yq, row, q_ptr, qscale_ptr, ub, cols, mask, scale_stride_t, HAS_UB: tl.constexpr,
                    FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, H: tl.constexpr):
-    """epilogue.fp8_per_token: one scale per row, ``q = clamp(y * (1 / scale))``."""
+    """epilogue.fp8_per_token: one scale per row from ``y``, ``q = clamp(yq * (1 / scale))``."""
     amax = tl.max(tl.abs(y), axis=0)
     if HAS_UB:
         amax = tl.minimum(amax, ub)
@@ -175,24 +191,24 @@ def _fp8_per_token(y, row, q_ptr, qscale_ptr, ub, cols, mask, scale_stride_t, HA
     # per-token reference on CUDA (torch multiplies a CUDA tensor divided by a Python scalar by
     # the fp32 reciprocal) passed bit-exact with it and failed with the correctly rounded form.
     scale = tl.maximum(amax / FP8_MAX, MIN_SCALE)
-    q = tl.clamp(y * tl.math.div_rn(1.0, scale), -FP8_MAX, FP8_MAX)
+    q = tl.clamp(yq * tl.math.div_rn(1.0, scale), -FP8_MAX, FP8_MAX)
     off = tl.cast(row, tl.int64) * H
     tl.store(q_ptr + off + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(qscale_ptr + tl.cast(row, tl.int64) * scale_stride_t, scale)
 
 
 @triton.jit
-def _fp8_per_group(y, row, q_ptr, qscale_ptr, cols, mask, scale_stride_t, scale_stride_g, H: tl.constexpr,
+def _fp8_per_group(y, yq, row, q_ptr, qscale_ptr, cols, mask, scale_stride_t, scale_stride_g, H: tl.constexpr,
                    BLOCK: tl.constexpr, GROUP: tl.constexpr, UE8M0: tl.constexpr, FP8_MAX: tl.constexpr,
                    MIN_SCALE: tl.constexpr, AMAX_EPS: tl.constexpr):
-    """epilogue.fp8_per_group: 1 x GROUP groups, ``q = y / scale`` correctly rounded."""
+    """epilogue.fp8_per_group: 1 x GROUP groups, scales from ``y``, ``q = yq / scale`` correctly rounded."""
     NG: tl.constexpr = BLOCK // GROUP
     y2 = tl.reshape(y, (NG, GROUP))
     amax = tl.maximum(tl.max(tl.abs(y2), axis=1), AMAX_EPS)
     scale = tl.maximum(_div_const_rn(amax, FP8_MAX), MIN_SCALE)
     if UE8M0:
         scale = tl.math.exp2(tl.math.ceil(tl.math.log2(scale)))
-    q2 = tl.clamp(_div_rn(y2, tl.broadcast_to(scale[:, None], (NG, GROUP))), -FP8_MAX, FP8_MAX)
+    q2 = tl.clamp(_div_rn(tl.reshape(yq, (NG, GROUP)), tl.broadcast_to(scale[:, None], (NG, GROUP))), -FP8_MAX, FP8_MAX)
     q = tl.reshape(q2, (BLOCK,))
     tl.store(q_ptr + tl.cast(row, tl.int64) * H + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     g = tl.arange(0, NG)
@@ -242,7 +258,7 @@ def _epilogue_row(
     RES_FP32: tl.constexpr, HAS_W: tl.constexpr, GEMMA: tl.constexpr, W_FP32: tl.constexpr,
     WRITE_NORM: tl.constexpr, QUANT: tl.constexpr, HAS_UB: tl.constexpr, GROUP: tl.constexpr,
     UE8M0: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, AMAX_EPS: tl.constexpr,
-    SWIZZLE: tl.constexpr, SCALE_COLS: tl.constexpr,
+    SWIZZLE: tl.constexpr, SCALE_COLS: tl.constexpr, Q_RAW: tl.constexpr = False,
 ):
     """Everything after the all-reduce for one row: ``s`` is the reduced row in fp32
     (already rounded to the activation dtype, as the collective returns it)."""
@@ -256,16 +272,16 @@ def _epilogue_row(
             s = (s + r_in).to(act).to(tl.float32)  # aten.add in the activation dtype
     tl.store(res_out_ptr + off + cols, s.to(act), mask=mask)
     out_ty = norm_ptr.dtype.element_ty
-    y = _norm(s, w, eps, H, HAS_W, GEMMA, W_FP32, act, out_ty)
+    y, yq = _norm(s, w, eps, H, HAS_W, GEMMA, W_FP32, act, out_ty, Q_RAW)
     if WRITE_NORM:
         tl.store(norm_ptr + off + cols, y.to(out_ty), mask=mask)
     if QUANT == 1:  # epilogue.fp8_static: y * (1 / scale)
-        q = tl.clamp(y * inv_scale, -FP8_MAX, FP8_MAX)
+        q = tl.clamp(yq * inv_scale, -FP8_MAX, FP8_MAX)
         tl.store(q_ptr + off + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     elif QUANT == 2:
-        _fp8_per_token(y, row, q_ptr, qscale_ptr, ub, cols, mask, scale_stride_t, HAS_UB, FP8_MAX, MIN_SCALE, H)
+        _fp8_per_token(y, yq, row, q_ptr, qscale_ptr, ub, cols, mask, scale_stride_t, HAS_UB, FP8_MAX, MIN_SCALE, H)
     elif QUANT == 3:
-        _fp8_per_group(y, row, q_ptr, qscale_ptr, cols, mask, scale_stride_t, scale_stride_g, H, BLOCK, GROUP,
+        _fp8_per_group(y, yq, row, q_ptr, qscale_ptr, cols, mask, scale_stride_t, scale_stride_g, H, BLOCK, GROUP,
                        UE8M0, FP8_MAX, MIN_SCALE, AMAX_EPS)
     elif QUANT == 4 or QUANT == 5:
         _fp4(y, row, q_ptr, qscale_ptr, gs, inv_gs, H, BLOCK, QUANT == 4, SWIZZLE, SCALE_COLS)
@@ -306,6 +322,8 @@ def fused_allreduce_add_rmsnorm_kernel(
     AMAX_EPS: tl.constexpr,  # per-group FP8: floor of each quant group's absmax
     SWIZZLE: tl.constexpr = False,  # NVFP4 scales in the 128x4-tiled layout
     SCALE_COLS: tl.constexpr = 1,  # NVFP4 swizzled: round_up(H / 16, 4)
+    Q_RAW: tl.constexpr = False,  # FP8 codes from the norm value before its rounding (quant_unrounded)
+    ROWS: tl.constexpr = 1,  # world size 1: rows per program (a tuned launch config)
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -318,11 +336,19 @@ def fused_allreduce_add_rmsnorm_kernel(
     # epilogue.nvfp4: 1 / global_scale, with vLLM's get_reciprocal (1/0 := 1e-8)
     inv_gs = tl.math.div_rn(1.0, gs + (gs == 0).to(tl.float32) * 1e8) if QUANT == 4 else 0.0
 
-    if WS == 1:  # one row per program, no loop: the shortest path from load to store
+    if WS == 1 and ROWS == 1:  # one row per program, no loop: the shortest path from load to store
         s = tl.load(in_ptr + tl.cast(pid, tl.int64) * H + cols, mask=mask, other=0.0).to(tl.float32)
         _epilogue_row(s, pid, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub, gs,
                       inv_gs, eps, scale_stride_t, scale_stride_g, H, BLOCK, HAS_RES, RES_FP32, HAS_W, GEMMA, W_FP32,
-                      WRITE_NORM, QUANT, HAS_UB, GROUP, UE8M0, FP8_MAX, MIN_SCALE, AMAX_EPS, SWIZZLE, SCALE_COLS)
+                      WRITE_NORM, QUANT, HAS_UB, GROUP, UE8M0, FP8_MAX, MIN_SCALE, AMAX_EPS, SWIZZLE, SCALE_COLS,
+                      Q_RAW)
+    elif WS == 1:  # ROWS consecutive rows per program: the weight loaded once, the loop pipelined (num_stages)
+        for row in range(pid * ROWS, tl.minimum(pid * ROWS + ROWS, T)):
+            s = tl.load(in_ptr + tl.cast(row, tl.int64) * H + cols, mask=mask, other=0.0).to(tl.float32)
+            _epilogue_row(s, row, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub,
+                          gs, inv_gs, eps, scale_stride_t, scale_stride_g, H, BLOCK, HAS_RES, RES_FP32, HAS_W, GEMMA,
+                          W_FP32, WRITE_NORM, QUANT, HAS_UB, GROUP, UE8M0, FP8_MAX, MIN_SCALE, AMAX_EPS, SWIZZLE,
+                          SCALE_COLS, Q_RAW)
     else:
         nprog = tl.num_programs(0)
         bufs = buf_ptrs.to(tl.pointer_type(tl.uint64))
@@ -344,5 +370,5 @@ def fused_allreduce_add_rmsnorm_kernel(
             _epilogue_row(s, row, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub,
                           gs, inv_gs, eps, scale_stride_t, scale_stride_g, H, BLOCK, HAS_RES, RES_FP32, HAS_W, GEMMA,
                           W_FP32, WRITE_NORM, QUANT, HAS_UB, GROUP, UE8M0, FP8_MAX, MIN_SCALE, AMAX_EPS, SWIZZLE,
-                          SCALE_COLS)
+                          SCALE_COLS, Q_RAW)
         _barrier(sig_ptrs, pid, RANK, WS)  # peers are done reading this rank's buffer

@@ -5,8 +5,11 @@ fusion_passes.cli tune`` at N), for every variant and hidden size asked and ever
 token bucket, it times under CUDA graphs (``bench kernels``' machinery,
 :mod:`fusion_passes.cli.bench_kernels`):
 
-* the fused call at each launch config the kernel can vary (warps per row: 4, 8, 16) and,
-  at N, each multi-rank path (barrier one-shot, wait-free one-shot, two-shot);
+* the fused call at each launch config the kernel can vary: warps per row (4, 8, 16) and,
+  at N, each multi-rank path (barrier one-shot, wait-free one-shot, two-shot); then, at
+  world size 1, with the fastest warps, rows per program (2, 4: where the bucket still
+  fills every SM with programs) at each pipelining depth (``num_stages`` 1, 3), one
+  coordinate at a time as Inductor's coordinate descent does, to keep the options few;
 * every unfused chain: each collective (none at 1; NCCL, symm-mem one-shot and two-shot at
   N) + the epilogue compiled by Inductor (static per token count, token-dynamic).
 
@@ -34,6 +37,8 @@ from fusion_passes.cli import bench_rows as br
 from fusion_passes.cli.bench_rows import positive_int
 
 WARPS = (4, 8, 16)
+ROWS = (2, 4)  # rows per program timed at world size 1 (one row: the first pass)
+STAGES = (1, 3)  # num_stages timed with them (3: Triton's default on NVIDIA)
 MP_PATHS = ("barrier", "lamport", "twoshot")
 DEFAULT_TOKENS = br.DEFAULT_TOKENS
 
@@ -136,8 +141,33 @@ def fused_options(world: int, variant: str, hidden: int) -> list[dict]:
     return [{"path": p, "num_warps": w} for p in paths for w in warps]
 
 
+def programs_to_fill(device) -> int | None:
+    """The programs that keep every SM of *device* busy: its SM count (None off CUDA: the
+    reference backend has no launch config)."""
+    from fusion_passes.backends import triton as tb
+
+    return tb._sm_count(device.index or 0) if device.type == "cuda" else None
+
+
+def row_options(world: int, tokens: int, sm_count: int | None, num_warps: int) -> list[dict]:
+    """The second pass at world size 1: *num_warps* (the first pass's fastest) with several
+    rows per program, where ``tokens / rows`` programs still cover the *sm_count* SMs."""
+    if world != 1 or sm_count is None:
+        return []
+    return [{"path": "local", "num_warps": num_warps, "rows": r, "num_stages": st}
+            for r in ROWS if tokens // r >= sm_count for st in STAGES]
+
+
 def option_name(o: dict) -> str:
-    return f"fused:{o['path']}:{o['num_warps']}"
+    name = f"fused:{o['path']}:{o['num_warps']}"
+    return name + (f":r{o['rows']}:s{o['num_stages']}" if o.get("rows") else "")
+
+
+def parse_option(name: str) -> dict:
+    """:func:`option_name` read back: ``{"path", "num_warps", "rows", "num_stages"}``."""
+    _, path, warps, *rest = name.split(":")
+    rows, stages = (int(rest[0][1:]), int(rest[1][1:])) if rest else (1, None)
+    return {"path": path, "num_warps": int(warps), "rows": rows, "num_stages": stages}
 
 
 def decide_bucket(group: str, variant: str, hidden: int, tokens: int, times: dict[str, float]) -> tuple[dict, dict]:
@@ -150,9 +180,8 @@ def decide_bucket(group: str, variant: str, hidden: int, tokens: int, times: dic
     fused = {k: v for k, v in slowest.items() if k.startswith("fused:")}
     best_u = min(unfused, key=lambda k: (unfused[k], k))
     best_f = min(fused, key=lambda k: (fused[k], k))
-    _, path, warps = best_f.split(":")
     entry = {"variant": variant, "hidden": hidden, "tokens": tokens,
-             "pick": "fused" if pick.startswith("fused:") else "unfused", "path": path, "num_warps": int(warps),
+             "pick": "fused" if pick.startswith("fused:") else "unfused", **parse_option(best_f),
              "fused_us": _us(fused[best_f]), "unfused_us": _us(unfused[best_u]), "best_unfused": best_u}
     row = {**entry, "times_us": {k: _us(v) for k, v in slowest.items()},
            "speedup": unfused[best_u] / fused[best_f] if math.isfinite(fused[best_f]) else 0.0}
@@ -192,7 +221,7 @@ def tune_pair(ctx, variant: str, hidden: int) -> list[tuple[dict, dict]]:
             out.append((entry, row))
             if ctx.rank == 0:
                 print(f"{variant:26s} H={hidden:5d} T={tokens:5d}  {entry['pick']:7s} fused {entry['fused_us']:8.2f} us "
-                      f"({entry['path']}, {entry['num_warps']} warps)  unfused {entry['unfused_us']:8.2f} us "
+                      f"({entry['path']}, {entry['num_warps']} warps, {entry['rows']} rows, stages {entry['num_stages']})  unfused {entry['unfused_us']:8.2f} us "
                       f"({entry['best_unfused']})  x{row['speedup']:.2f}", flush=True)
     return out
 
@@ -214,13 +243,12 @@ def _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb) -> d
         bk._timed(ctx, "compile_max_autotune", forms[br.MAX_AUTOTUNE_FORM], *inputs)
     times: dict[str, float | None] = {}
     for option in fused_options(ctx.world, variant, hidden):
-        tb.FORCE.update(option if option["path"] != "local" else {"num_warps": option["num_warps"]})
-        try:
-            times[option_name(option)] = ctx.time_graph(fused, inputs, calls, ctx.args.replays)
-        except Exception:  # noqa: BLE001 - a config that cannot run (e.g. a path's workspace) is skipped
-            times[option_name(option)] = None
-        finally:
-            tb.FORCE.clear()
+        _time_fused(ctx, tb, option, fused, inputs, calls, times)
+    if ctx.world == 1:
+        first = {k: v for k, v in times.items() if v is not None}
+        warps = parse_option(min(first, key=first.get))["num_warps"] if first else tb.num_warps_for(hidden)
+        for option in row_options(ctx.world, tokens, programs_to_fill(x.device), warps):
+            _time_fused(ctx, tb, option, fused, inputs, calls, times)
     for coll_name, coll in bk._collectives(ctx, x).items():
         for form_name, form in forms.items():
             try:
@@ -231,3 +259,17 @@ def _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb) -> d
     del x, res
     ctx.empty_cache()
     return times
+
+
+def _time_fused(ctx, tb, option, fused, inputs, calls, times) -> None:
+    """Time the fused call at one launch config (forced on the backend) into *times*. At world
+    size 1 every launch field is forced (one row, Triton's stages unless named), so that no
+    entry of a table already on disk changes the config being timed."""
+    local = {"rows": 1, "num_stages": None, **{k: v for k, v in option.items() if k != "path"}}
+    tb.FORCE.update(option if option["path"] != "local" else local)
+    try:
+        times[option_name(option)] = ctx.time_graph(fused, inputs, calls, ctx.args.replays)
+    except Exception:  # noqa: BLE001 - a config that cannot run (e.g. a path's workspace) is skipped
+        times[option_name(option)] = None
+    finally:
+        tb.FORCE.clear()

@@ -1,9 +1,22 @@
 """The triton backend under the compile-parity flags (docs/design.md, "What Inductor keeps
-unrounded"), against the reference backend, on a real GPU at world size 1:
+unrounded"), on a real GPU at world size 1:
 
 * ``carry_fp32``: an fp32 residual in, the unrounded fp32 sum out (bit-exact: one fp32
   add of the same two values), the norm within one ulp of the output dtype;
-* ``quant_unrounded``: the backend declines it (its kernel quantizes the rounded norm).
+* ``quant_unrounded`` (the kernel's ``Q_RAW``), flag on and off, every FP8 quant the kernel
+  runs, three weight forms, the residual added in the activation dtype or in fp32: against
+  the reference backend with the same flag. The residual is bit-exact, the norm within one
+  ulp, the scales bit-exact against the epilogue's quant of the kernel's own norm output
+  on the CPU (the scales come from the rounded norm, flag or not), the codes against the epilogue's
+  codes of the reference's unrounded norm value (``epilogue.FP8_CODES``) with the kernel's
+  scales: flag off, the epilogue's codes of the kernel's own norm output, bit-exact. Flag
+  on, the kernel's unrounded value is not an output, and it differs from the reference's
+  in fp32 summation order and ``rsqrt``; each line prints how many codes differ (at most
+  ``RAW_SHARE``);
+* per site against the unfused compile (Inductor, default precision) of the chain the op
+  replaces: the residual bit-exact, the share of FP8 codes that differ (issue 22: at most
+  0.5%), with the flag (what the pass now selects) and without it (before), and whether
+  the scales are equal.
 
     python tests/gpu/parity_check.py
 """
@@ -17,7 +30,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from fusion_passes import ops, variants
+from fusion_passes import epilogue, ops, variants
 from fusion_passes.backends.reference import ReferenceBackend
 from fusion_passes.backends.triton import TritonBackend
 
@@ -25,29 +38,137 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import oracles  # noqa: E402
 
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+SHARE = 0.005  # issue 22's target: at most 0.5% of FP8 codes differ from the unfused compile
+RAW_SHARE = 1e-4  # flag on, against the reference's unrounded value: fp32-ulp differences only
+FP8_PARAMS = {  # each FP8 variant's non-option quant arguments (tests/gpu/triton_check.py's)
+    "add_rmsnorm_fp8_static": [(torch.tensor([0.02]),)],
+    "add_rmsnorm_fp8_per_token": [(None,), (torch.tensor([3.0]),)],
+    "add_rmsnorm_fp8_per_group": [(128, False, False), (128, True, True), (64, False, True)],
+}
+FORMS = {"hf": dict(gemma=False, w_fp32=False), "vllm": dict(gemma=False, w_fp32=True),
+         "gemma": dict(gemma=True, w_fp32=True)}
 
 
-def args_for(variant, x, res, w, group, params, **flags):
-    a = oracles.fused_args(variants.get(variant), x, res, w, 1e-6, group, False, True, *params)
+def args_for(variant, x, res, w, group, params, gemma=False, w_fp32=True, with_norm_out=False, **flags):
+    a = oracles.fused_args(variants.get(variant), x, res, w, 1e-6, group, gemma, w_fp32, *params,
+                           with_norm_out=with_norm_out)
     return dataclasses.replace(a, flags=dataclasses.replace(a.flags, **flags))
 
 
-def check(group, dtype, tokens, hidden) -> list[str]:
+def share(a, b) -> float:
+    return float((a.view(torch.uint8) != b.view(torch.uint8)).float().mean())
+
+
+def on_cuda(params):
+    return tuple(p.cuda() if torch.is_tensor(p) else p for p in params)
+
+
+def check_carry(group, dtype, tokens, hidden) -> str:
     g = torch.Generator(device="cuda").manual_seed(tokens)
     x = torch.randn(tokens, hidden, device="cuda", generator=g).to(dtype)
     res32 = torch.randn(tokens, hidden, device="cuda", generator=g)
     w = (torch.rand(hidden, device="cuda", generator=g) + 0.5).to(dtype)
-    tri, ref = TritonBackend(), ReferenceBackend()
-    out = []
     a = args_for("add_rmsnorm", x, res32, w, group, (), carry_fp32=True)
-    t, r = tri.run("add_rmsnorm", a), ref.run("add_rmsnorm", a)
+    t, r = TritonBackend().run("add_rmsnorm", a), ReferenceBackend().run("add_rmsnorm", a)
     assert t.residual_out.dtype == torch.float32 and torch.equal(t.residual_out, r.residual_out), "carry sum"
     torch.testing.assert_close(t.norm_out.float(), r.norm_out.float(), rtol=ULP[dtype], atol=1e-6)
-    out.append(f"carry_fp32 {dtype} {tokens}x{hidden}")
-    assert tri.unsupported(dataclasses.replace(ops.call_for("add_rmsnorm_fp8_per_token", x, group),
-                                               flags=variants.Flags(quant_unrounded=True)))
-    out.append("quant_unrounded declined")
-    return out
+    return f"carry_fp32 {dtype} {tokens}x{hidden}"
+
+
+def check_raw(group, variant, params, dtype, tokens, hidden, form, res_fp32, unrounded) -> str:
+    """One FP8 call, flag *unrounded*, against the reference backend and the epilogue."""
+    g = torch.Generator(device="cuda").manual_seed(tokens * 31 + hidden)
+    x = torch.randn(tokens, hidden, device="cuda", generator=g).to(dtype)
+    res = torch.randn(tokens, hidden, device="cuda", generator=g).to(dtype)
+    w = (torch.rand(hidden, device="cuda", generator=g) + 0.5).to(dtype)
+    a = args_for(variant, x, res, w, group, params, with_norm_out=True, **FORMS[form],
+                 residual_in_fp32=res_fp32, quant_unrounded=unrounded)
+    why = TritonBackend().unsupported(dataclasses.replace(ops.call_for(variant, x, group), flags=a.flags))
+    assert "unrounded" not in str(why or ""), why
+    t, r = TritonBackend().run(variant, a), ReferenceBackend().run(variant, a)
+    assert torch.equal(t.residual_out, r.residual_out), "residual_out"
+    # The Hugging Face form rounds twice (n.to(dtype), then w * n): one ulp of n from the
+    # kernel's rsqrt becomes up to ~1.2 ulp of the output (2 of 551936 elements at 0.0092
+    # relative, bf16 77x7168, 1x H100, 2026-12-06); the other forms round once.
+    rtol = ULP[dtype] * (2 if form == "hf" else 1)
+    torch.testing.assert_close(t.norm_out.float(), r.norm_out.float(), rtol=rtol, atol=1e-6)
+    qp = a.quant
+    # The epilogue on the CPU: torch on CUDA divides by a Python scalar through its
+    # reciprocal (the per-group scale amax / fp8_max: 1 to 6485 codes off on a GPU), the
+    # CPU and the kernel (_div_const_rn) divide correctly rounded.
+    cpu = {k: v.cpu() if torch.is_tensor(v) else v for k, v in qp.items()}
+    oq, os_ = epilogue.quantize(variant, t.norm_out.cpu(), cpu)  # the scales (flag off: the codes) of the kernel's norm
+    if os_ is not None:
+        assert torch.equal(t.scales.cpu(), os_.reshape(t.scales.shape)), "scales vs the epilogue on the kernel's norm"
+    if not unrounded:
+        assert torch.equal(t.q.cpu().view(torch.uint8), oq.view(torch.uint8)), "codes vs the epilogue on the kernel's norm"
+        return f"{variant} {params_text(params)} {form} res_fp32={res_fp32} flag off: codes and scales bit-exact"
+    fl = dataclasses.asdict(a.flags)
+    y32 = epilogue.norm_unrounded(x, res, w, 1e-6, **fl)
+    want = epilogue.FP8_CODES[variant](y32, t.scales if os_ is not None else None, qp)
+    differ = int((t.q.view(torch.uint8) != want.view(torch.uint8)).sum())
+    assert differ <= RAW_SHARE * t.q.numel(), f"{differ} codes differ from the reference's unrounded value"
+    return (f"{variant} {params_text(params)} {form} res_fp32={res_fp32} flag on: scales bit-exact, "
+            f"{differ} of {t.q.numel()} codes differ from the reference's (vs flag off {share(t.q.cpu(), oq):.2%})")
+
+
+def params_text(params) -> str:
+    return str([p.item() if torch.is_tensor(p) else p for p in params])
+
+
+def chain(variant, qp, form):
+    """The unfused chain the op replaces: add, the form's RMSNorm, the variant's quant in
+    vLLM's order (epilogue.QUANT, plain torch ops) with the call's resolved arguments *qp*."""
+    kw = FORMS[form]
+
+    def fn(x, res, w):
+        h = x + res
+        y = epilogue.rms_norm(h, w, 1e-6, gemma=kw["gemma"], weight_in_fp32=kw["w_fp32"])
+        q, s = epilogue.QUANT[variant](y, qp)
+        return (h, q) if s is None else (h, q, s)
+    return fn
+
+
+def check_compile(group, variant, params, dtype, tokens, hidden, form) -> str:
+    g = torch.Generator(device="cuda").manual_seed(tokens + 7)
+    x = torch.randn(tokens, hidden, device="cuda", generator=g).to(dtype)
+    res = torch.randn(tokens, hidden, device="cuda", generator=g).to(dtype)
+    w = (torch.rand(hidden, device="cuda", generator=g) + 0.5).to(dtype)
+    qp = args_for(variant, x, res, w, group, params, **FORMS[form]).quant
+    torch._dynamo.reset()
+    h, q, *s = torch.compile(chain(variant, qp, form), dynamic=False, fullgraph=True)(x, res, w)
+    line, on = [], None
+    for unrounded in (True, False):
+        a = args_for(variant, x, res, w, group, params, **FORMS[form], quant_unrounded=unrounded)
+        t = TritonBackend().run(variant, a)
+        assert torch.equal(t.residual_out, h), "residual vs the unfused compile"
+        scales = "scales equal" if not s or torch.equal(t.scales, s[0].reshape(t.scales.shape)) else "scales differ"
+        line.append(f"{'flag on' if unrounded else 'flag off'} {share(t.q, q):.3%} ({scales})")
+        on = share(t.q, q) if unrounded else on
+    text = (f"compile parity {variant} {params_text(params)} {form} {str(dtype)[6:]} {tokens}x{hidden}: "
+            f"codes differing from the unfused compile: " + ", ".join(line))
+    assert on <= SHARE, f"over {SHARE:.1%}: {text}"  # both flags printed either way
+    return text
+
+
+def cases(group):
+    for dtype in (torch.bfloat16, torch.float16):
+        for tokens, hidden in ((1, 4096), (7, 2048), (64, 4096)):
+            yield check_carry, (group, dtype, tokens, hidden)
+    for variant, plist in FP8_PARAMS.items():
+        for i, params in enumerate(plist):
+            p = on_cuda(params)
+            for form, res_fp32 in (("hf", False), ("vllm", False), ("gemma", False), ("hf", True), ("vllm", True)):
+                for unrounded in (False, True):
+                    yield check_raw, (group, variant, p, torch.bfloat16, 77, 7168, form, res_fp32, unrounded)
+                    if form == "hf" and not res_fp32:
+                        yield check_raw, (group, variant, p, torch.float16, 1, 4096, form, res_fp32, unrounded)
+            if i:  # the compile parity with each variant's first parameters (and per-group UE8M0)
+                if params != (128, True, True):
+                    continue
+            for form, dtype, tokens, hidden in (("hf", torch.bfloat16, 64, 4096), ("hf", torch.float16, 2048, 7168),
+                                                ("vllm", torch.bfloat16, 64, 4096)):
+                yield check_compile, (group, variant, p, dtype, tokens, hidden, form)
 
 
 def main() -> int:
@@ -56,17 +177,16 @@ def main() -> int:
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
     group = "c10d:" + dist.group.WORLD.group_name
-    failures = 0
-    for dtype in (torch.bfloat16, torch.float16):
-        for tokens, hidden in ((1, 4096), (7, 2048), (64, 4096)):
-            try:
-                lines = check(group, dtype, tokens, hidden)
-                print("\n".join("ok   " + line for line in lines), flush=True)
-            except Exception as e:  # noqa: BLE001 - report every failure, keep going
-                failures += 1
-                print(f"FAIL {dtype} {tokens}x{hidden}: {e}", flush=True)
+    failures = total = 0
+    for fn, c in cases(group):
+        total += 1
+        try:
+            print("ok   " + fn(*c), flush=True)
+        except Exception as e:  # noqa: BLE001 - report every failure, keep going
+            failures += 1
+            print(f"FAIL {fn.__name__}{c[1:]}: {type(e).__name__}: {e}", flush=True)
     dist.destroy_process_group()
-    print(f"{failures} failed")
+    print(f"{total - failures} passed, {failures} failed")
     return 1 if failures else 0
 
 
