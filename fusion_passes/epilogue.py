@@ -345,7 +345,7 @@ def quantize(variant: str, y: torch.Tensor, params: Mapping[str, Any],
     if variant not in QUANT:
         raise ValueError(f"fusion_passes: unknown quant variant {variant!r}")
     if params.get("form"):  # another project's FP8 convention, recognized by meaning
-        from fusion_passes.recognize.meaning import fp8_forms
+        from fusion_passes import fp8_forms
 
         return fp8_forms.variant_quantize(variant, y, params, y32)
     q, scales = QUANT[variant](y, params)

@@ -237,10 +237,10 @@ def _tokens(x: torch.Tensor):
 _FP8 = Arg("fp8_dtype", "ScalarType", torch.float8_e4m3fn, "float8_e4m3fn, or float8_e4m3fnuz (ROCm gfx942)",
            option=True)
 _FORM = Arg("form", "str", "", "another project's FP8 convention ('': the variant's own vLLM order; "
-             "fusion_passes.recognize.meaning.fp8_forms)", option=True, late=True)
+             "fusion_passes.fp8_forms)", option=True, late=True)
 _STATIC_FORM = Arg("form", "str", "", "'' (q = y * (1 / scale)), 'div' (y / scale), 'mul' (y * scale, the "
                    "scale given as its inverse) or 'input_product' (y * (1 / scale) rounded to the activation "
-                   "dtype first): fusion_passes.recognize.meaning.fp8_forms.static", option=True, late=True)
+                   "dtype first): fusion_passes.fp8_forms.static", option=True, late=True)
 _Q_FP8 = Out("q", lambda x, p: tuple(x.shape), "fp8_dtype")
 _Q_FP4 = Out("q", lambda x, p: (_tokens(x), x.shape[-1] // 2), torch.uint8)  # two E2M1 codes a byte, [T, H/2]
 _F32 = torch.float32

@@ -230,7 +230,7 @@ def test_kernel_backends_leave_the_input_product_form_to_the_reference(fake_pg, 
     """The static form ``input_product`` (SGLang's native static quant with a 0-dim scale:
     the product rounded to bf16) is no kernel's: whichever backend the selector picks, the
     op runs the call on the reference backend, which computes the form."""
-    from fusion_passes.recognize.meaning import fp8_forms
+    from fusion_passes import fp8_forms
 
     assert "form" not in getattr(backends.get(name), "quant_options", ())
     monkeypatch.setattr(backends, "select", lambda *a, **k: name)

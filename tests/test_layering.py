@@ -1,4 +1,5 @@
-"""The library's modules import each other without a cycle, and the registry is a leaf.
+"""The library's modules import each other without a cycle, along the layers docs/design.md
+draws, and the registry is a leaf.
 
 The import graph is read from the sources with ``ast``: every ``import`` and ``from ...
 import`` statement counts, at module level or inside a function (a lazy import is still
@@ -148,7 +149,7 @@ RECOGNITION_LAYERS = (
 of LOWER layers only (none of its own layer), so no reader calls up. Recognition by
 meaning (``recognize.meaning.*``) sits above them all."""
 BELOW_RECOGNITION = {"fusion_passes._compat", "fusion_passes.variants", "fusion_passes.epilogue",
-                     "fusion_passes.groups"}
+                     "fusion_passes.groups", "fusion_passes.fp8_forms"}
 """The library modules outside recognition that it may import (none of the engine above it)."""
 
 
@@ -204,3 +205,57 @@ def test_every_module_imports(name):
     if need is not None and importlib.util.find_spec(need) is None:
         pytest.skip(f"{name} needs {need}, which is not installed")
     importlib.import_module(name)
+
+
+DESIGN = ROOT / "docs" / "design.md"
+MARKER = "<!-- layers: read by tests/test_layering.py"
+
+
+def design_layers() -> list[list[str]]:
+    """docs/design.md's layer drawing, bottom row first: each row's module names as written
+    (``recognize/`` a whole subpackage, ``__init__`` the package itself)."""
+    text = DESIGN.read_text()
+    block = text[text.index(MARKER):].split("```text\n", 1)[1].split("```", 1)[0]
+    rows = [line.split("#", 1)[0].split() for line in block.splitlines() if line.strip()]
+    return rows[::-1]
+
+
+def layer_of(module: str, rows: list[list[str]]) -> int | None:
+    """The row of *module* (``fusion_passes.x.y``) in the drawing, or None."""
+    rel = module.removeprefix("fusion_passes").lstrip(".") or "__init__"
+    for i, row in enumerate(rows):
+        for name in row:
+            if name.endswith("/") and (rel == name[:-1] or rel.startswith(name[:-1] + ".")):
+                return i
+            if rel == name:
+                return i
+    return None
+
+
+def layer_violations(graph: dict[str, set[str]], rows: list[list[str]]) -> list[str]:
+    out = [f"{m}: in no row of docs/design.md's layers" for m in sorted(graph) if layer_of(m, rows) is None]
+    for m in sorted(graph):
+        for dep in sorted(graph[m]):
+            lm, ld = layer_of(m, rows), layer_of(dep, rows)
+            if lm is not None and ld is not None and ld > lm:
+                out.append(f"{m} imports {dep}: a layer above it")
+    return out
+
+
+def test_the_import_graph_is_the_layers_of_the_design_doc():
+    rows = design_layers()
+    assert rows[-1] == ["cli/"] and len(rows) >= 10, rows
+    assert layer_violations(import_graph(modules()), rows) == []
+
+
+def test_the_layer_check_finds_an_upward_import_and_an_unplaced_module():
+    rows = design_layers()
+    graph = import_graph(modules())
+    graph["fusion_passes.epilogue"].add("fusion_passes.recognize.meaning")  # the oracle reading recognition
+    graph["fusion_passes.backends.selector"].add("fusion_passes.match")  # the selector calling the matcher
+    graph["fusion_passes.new_module"] = set()
+    assert layer_violations(graph, rows) == [
+        "fusion_passes.new_module: in no row of docs/design.md's layers",
+        "fusion_passes.backends.selector imports fusion_passes.match: a layer above it",
+        "fusion_passes.epilogue imports fusion_passes.recognize.meaning: a layer above it",
+    ]

@@ -28,7 +28,7 @@ GROUP = "c10d:0"
 
 # The schemas as published (graphs and dumps carry these argument lists). The per-group
 # scale_min default is SCALE_MIN_KERNEL (-2.0): it was -1.0 with the same meaning before
-# the sentinels were named. The FP8 variants' ``form`` (fusion_passes.recognize.meaning.fp8_forms) came
+# the sentinels were named. The FP8 variants' ``form`` (fusion_passes.fp8_forms) came
 # later: it is the last argument, so graphs written before it bind unchanged. ``promote_out``
 # (the norm output's type promotion, issue 22), ``carry_fp32`` and ``quant_unrounded`` (what
 # Inductor's compile keeps unrounded, issue 22) came after ``residual_in_fp32``; the rewrite

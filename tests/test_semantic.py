@@ -13,7 +13,8 @@ import torch
 
 import fusion_passes
 from fusion_passes import epilogue
-from fusion_passes.recognize.meaning import decide, fp8_forms, probes
+from fusion_passes import fp8_forms
+from fusion_passes.recognize.meaning import decide, probes
 from fusion_passes.recognize.meaning.conventions import decode_e2m1
 from graphs import all_reduce, count, run_pass, trace
 from spellings import sources as S

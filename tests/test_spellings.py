@@ -186,7 +186,7 @@ def test_sglang_static_with_a_0dim_scale_is_the_input_product_form():
     import torch
 
     from fusion_passes import epilogue
-    from fusion_passes.recognize.meaning import fp8_forms
+    from fusion_passes import fp8_forms
     from spellings import sources as S
 
     bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)

@@ -37,7 +37,7 @@ class Call:
     # A graph site compiled for a range of token counts (vLLM's compile range, inclusive;
     # hi None = no upper end): only token counts in it matter. None: any token count.
     token_range: tuple[int, int | None] | None = None
-    # A graph site's FP8 quant form (fusion_passes.recognize.meaning.fp8_forms), which only the reference computes.
+    # A graph site's FP8 quant form (fusion_passes.fp8_forms), which only the reference computes.
     form: str | None = None
     # What a call inside a fused op knows of its arguments (left at these defaults for a
     # graph site, where they are not known): the option arguments set to a non-default

@@ -15,7 +15,7 @@ site stays unfused) and the rule, a short stable string the report keeps
     The triton backend's crossover table is named (``Call.table``, else the shipped one).
 ``gpu: fp8 form``, ``gpu: no fused kernel``
     compile time, ``auto``, on a GPU: a site whose FP8 quant follows another project's form
-    (:mod:`fusion_passes.recognize.meaning.fp8_forms`, which only the reference backend computes), or that
+    (:mod:`fusion_passes.fp8_forms`, which only the reference backend computes), or that
     only the reference backend would run, stays unfused: there the reference backend is
     the unfused chain run eagerly inside one op, slower than Inductor's compiled chain. (A
     process group not resolvable at compile time, world size 0, is left to the run-time

@@ -237,7 +237,7 @@ CASES = [
     # before the FP8 cast. That double rounding differs from fp8(y * (1/s)) and fp8(y / s)
     # in fp32 (94 of the 65280 finite bf16 values at x_s = 0.0173, 126 at 0.001 and 7.7;
     # eager and Inductor's CPU compile of the quant at default precision agree with each
-    # other): it is the static form input_product (fusion_passes/recognize/meaning/fp8_forms.py), bit for
+    # other): it is the static form input_product (fusion_passes/fp8_forms.py), bit for
     # bit on all of them (tests/test_spellings.py, the experiment's test)
     Case("sglang_native_static_0dim", SG + " + sglang test/srt/test_fp8_kernel.py native_static_quant_fp8 "
          "(0-dim fp32 scale)", _sglang_static, inputs=("res", "w", "s0"), expect=ADD + "_fp8_static",

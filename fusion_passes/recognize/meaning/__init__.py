@@ -350,8 +350,8 @@ def _column_major(n: Node) -> bool:
 def variant_params(qh: C.QuantH, hidden: int, known: list[Node]) -> tuple[str, dict]:
     """The fused variant kind and its quant arguments for a quant reading: a form the
     variant computes natively goes through its own arguments (so kernels run it), any other
-    through ``form`` (:mod:`fusion_passes.recognize.meaning.fp8_forms`)."""
-    from fusion_passes.recognize.meaning import fp8_forms
+    through ``form`` (:mod:`fusion_passes.fp8_forms`)."""
+    from fusion_passes import fp8_forms
 
     if qh.kind == "nvfp4":
         return "nvfp4", {"global_scale": known[qh.scale], "swizzle": False}

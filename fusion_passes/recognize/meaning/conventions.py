@@ -5,7 +5,7 @@ residual and which the weight, eps, and the convention flags); a :class:`QuantH`
 quantization of the norm output (kind, group, FP8 form, scale leaf). :func:`norm_hypotheses`
 and :func:`quant_hypotheses` enumerate the readings the region's structure allows;
 :func:`canonical_norm` / :func:`canonical_quant` compute each with
-:mod:`fusion_passes.epilogue` / :mod:`fusion_passes.recognize.meaning.fp8_forms`. Leaves are referred to by
+:mod:`fusion_passes.epilogue` / :mod:`fusion_passes.fp8_forms`. Leaves are referred to by
 index into the region's ``known`` list, so a verdict carries over to every chain of the
 same shape.
 """
@@ -19,7 +19,7 @@ import torch
 from torch.fx import Node
 
 from fusion_passes import epilogue, variants
-from fusion_passes.recognize.meaning import fp8_forms
+from fusion_passes import fp8_forms
 from fusion_passes.recognize.fx import val
 from fusion_passes.recognize.meaning.region import shape_of
 
