@@ -180,3 +180,28 @@ def test_where_no_backend_follows_the_compile_the_site_fuses_as_before():
         backends._REGISTRY.pop("rounded_only")
         backends.get.cache_clear()
         backends.select.cache_clear()
+
+
+@pytest.mark.parametrize("variant,params", [
+    ("add_rmsnorm_fp8_per_token", {"scale_ub": None}),
+    ("add_rmsnorm_fp8_per_group", {"group_size": 128, "ue8m0": False, "column_major": False, "amax_eps": 0.0,
+                                   "scale_min": None}),
+])
+def test_a_dynamic_scale_reads_the_unrounded_amax_where_inductor_compiles_to_triton(variant, params):
+    """Inductor's Triton code (GPU) takes a dynamic FP8 scale's amax from the unrounded norm
+    value, its C++ code (CPU) from the rounded one (epilogue.amax_reads_unrounded; measured
+    on an H100 and here). The epilogue computes both, and the reference backend picks by
+    device; the Triton kernel's Q_RAW does the GPU's."""
+    from fusion_passes import epilogue
+
+    assert not epilogue.amax_reads_unrounded("cpu") and epilogue.amax_reads_unrounded("cuda")
+    g = torch.Generator().manual_seed(3)
+    y32 = torch.randn(16, 512, generator=g) * 3
+    y = y32.to(torch.bfloat16)
+    p = {**params, "fp8_dtype": torch.float8_e4m3fn}
+    _, s_rounded = epilogue.quantize(variant, y, p, y32)
+    q_raw, s_raw = epilogue.quantize(variant, y, p, y32, amax_unrounded=True)
+    want_q, want_s = epilogue.QUANT[variant](y32, p)  # the variant's order on the unrounded value
+    assert torch.equal(s_raw, want_s) and torch.equal(q_raw.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(s_rounded, epilogue.QUANT[variant](y, p)[1])
+    assert (s_raw != s_rounded).float().mean() > 0.9  # bf16 rounding moves almost every amax

@@ -39,5 +39,6 @@ class ReferenceBackend:
             return FusedOutputs(summed, norm)
         y32 = epilogue.norm_unrounded(reduced, args.residual, args.weight, args.eps, **flags) \
             if args.flags.quant_unrounded else None
-        q, scales = epilogue.quantize(variant, norm, args.quant, y32)
+        q, scales = epilogue.quantize(variant, norm, args.quant, y32,
+                                      amax_unrounded=epilogue.amax_reads_unrounded(reduced.device))
         return FusedOutputs(summed, norm if args.return_norm else None, q, scales)
