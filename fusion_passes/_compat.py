@@ -22,6 +22,10 @@ _UNSET = _config_module._UNSET_SENTINEL  # "no value at this layer" in a config 
 
 OpOverload = torch._ops.OpOverload
 """The class of ``torch.ops.<ns>.<op>.<overload>`` (what an FX node's target is)."""
+OpOverloadPacket = torch._ops.OpOverloadPacket
+"""The class of ``torch.ops.<ns>.<op>`` (an op with its overloads)."""
+HigherOrderOperator = torch._ops.HigherOrderOperator
+"""The class of ``torch.ops.higher_order.*`` (``auto_functionalized``, ``cond``, ...)."""
 
 
 def resolve_process_group(name: str):

@@ -259,3 +259,22 @@ def test_the_layer_check_finds_an_upward_import_and_an_unplaced_module():
         "fusion_passes.backends.selector imports fusion_passes.match: a layer above it",
         "fusion_passes.epilogue imports fusion_passes.recognize.meaning: a layer above it",
     ]
+
+
+def private_imports(mods: dict[str, pathlib.Path]) -> list[str]:
+    """Every ``from fusion_passes.X import _name`` across modules (``_compat``, the module of
+    torch's private names, is a module name, not a private one)."""
+    out = []
+    for name, path in sorted(mods.items()):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fusion_passes"):
+                out += [f"{name} imports {node.module}.{a.name}" for a in node.names
+                        if a.name.startswith("_") and a.name != "_compat" and not a.name.startswith("__")]
+    return out
+
+
+def test_no_module_imports_another_modules_private_names(tmp_path):
+    assert private_imports(modules(command_line=True)) == []
+    planted = tmp_path / "m.py"
+    planted.write_text("def f():\n    from fusion_passes.backends.triton_kernels import _row\n")
+    assert private_imports({"m": planted}) == ["m imports fusion_passes.backends.triton_kernels._row"]

@@ -176,10 +176,7 @@ def test_where_no_backend_follows_the_compile_the_site_fuses_as_before():
         ops = [n for n in gm.graph.nodes if n.op == "call_function" and "fusion_passes" in str(n.target)]
         assert not any(n.kwargs.get("carry_fp32") or n.kwargs.get("quant_unrounded") for n in ops)
     finally:
-        backends.ORDER.remove("rounded_only")
-        backends._REGISTRY.pop("rounded_only")
-        backends.get.cache_clear()
-        backends.select.cache_clear()
+        backends.unregister("rounded_only")
 
 
 @pytest.mark.parametrize("variant,params", [

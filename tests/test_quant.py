@@ -416,10 +416,7 @@ def test_quant_left_unfused_when_no_backend_runs_it(fake_pg):
             .check("max").check("float8_e4m3fn").run(gm.code)
         _assert_same(ref, gm, args)
     finally:
-        backends.ORDER.remove("plain_only")
-        backends._REGISTRY.pop("plain_only")
-        backends.get.cache_clear()
-        backends.select.cache_clear()
+        backends.unregister("plain_only")
 
 
 @needs_vllm

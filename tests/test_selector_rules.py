@@ -94,10 +94,7 @@ def cpu_only():
     try:
         yield
     finally:
-        backends.ORDER.remove("cpu_only")
-        backends._REGISTRY.pop("cpu_only")
-        backends.get.cache_clear()
-        backends.select.cache_clear()
+        backends.unregister("cpu_only")
 
 
 def test_the_run_time_fallbacks_are_the_selectors_and_logged_with_their_rule(fake_pg, cpu_only, caplog):

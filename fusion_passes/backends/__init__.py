@@ -14,13 +14,19 @@ from typing import Callable
 
 from fusion_passes.backends import registry, selector, thresholds
 from fusion_passes.backends.contract import Backend, Call, Slower
-from fusion_passes.backends.registry import _REGISTRY, ORDER, check_name, get  # noqa: F401 - tests reach _REGISTRY
+from fusion_passes.backends.registry import ORDER, check_name, get
 from fusion_passes.backends.selector import Choice, choose, device_kind, select, table_source, why_not
 
 
 def register(name: str, factory: Callable[[], Backend], *, before: str | None = None) -> None:
     """Add a backend (created lazily: importing a vendor library is deferred to first use)."""
     registry.add(name, factory, before=before)
+    select.cache_clear()
+
+
+def unregister(name: str) -> None:
+    """Take a backend :func:`register` added out again."""
+    registry.remove(name)
     select.cache_clear()
 
 
@@ -57,5 +63,5 @@ register("triton", _triton, before="reference")
 register("flashinfer", _flashinfer, before="triton")
 register("aiter", _aiter, before="flashinfer")
 
-__all__ = ["Backend", "Call", "Choice", "ORDER", "Slower", "check_name", "choose", "device_kind", "get", "register",
+__all__ = ["Backend", "Call", "Choice", "ORDER", "Slower", "check_name", "choose", "device_kind", "get", "register", "unregister",
            "select", "table_source", "why_not", "thresholds"]

@@ -35,13 +35,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fusion_passes.backends.triton_kernels import _epilogue_row, _thread_index
+from fusion_passes.backends.triton_kernels import epilogue_row, thread_index
 
 
 @triton.jit
 def _arrive(addr):
     """One relaxed atomic add of 1 per program (thread 0 only)."""
-    if _thread_index() == 0:
+    if thread_index() == 0:
         tl.inline_asm_elementwise("atom.global.relaxed.gpu.add.u32 $0, [$1], 1;", "=r, l", [addr],
                                   dtype=tl.uint32, is_pure=False, pack=1)
 
@@ -150,7 +150,7 @@ def lamport_kernel(
                 v = _wait_row(mine + slot_off + tl.cast(r, tl.int64) * T * H + off, cols, mask, BITS, SENT)
                 acc += v.to(act, bitcast=True).to(tl.float32)
             s = acc.to(act).to(tl.float32)  # the all-reduce's result is in the activation dtype
-        _epilogue_row(s, row, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub,
+        epilogue_row(s, row, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub,
                       gs, inv_gs, eps, scale_stride_t, scale_stride_g, H, BLOCK, HAS_RES, RES_FP32, HAS_W, GEMMA,
                       W_FP32, WRITE_NORM, QUANT, HAS_UB, GROUP, UE8M0, FP8_MAX, MIN_SCALE, AMAX_EPS, SWIZZLE,
                       SCALE_COLS, Q_RAW)

@@ -25,6 +25,14 @@ def add(name: str, factory: Callable[[], Backend], *, before: str | None = None)
     get.cache_clear()
 
 
+def remove(name: str) -> None:
+    """Take a backend out again (a test's stand-in, or a plugin that unloads)."""
+    _REGISTRY.pop(name, None)
+    if name in ORDER:
+        ORDER.remove(name)
+    get.cache_clear()
+
+
 @functools.lru_cache(maxsize=None)
 def get(name: str) -> Backend:
     """The backend called *name*; a clear error naming the known ones otherwise."""

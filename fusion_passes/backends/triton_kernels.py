@@ -51,7 +51,7 @@ QUANT_MXFP4 = 5
 
 
 @triton.jit
-def _thread_index():
+def thread_index():
     return tl.inline_asm_elementwise(
         "mov.u32 $0, %tid.x;", "=r", [], dtype=tl.uint32, is_pure=True, pack=1
     )
@@ -143,7 +143,7 @@ def _barrier(signal_pad_ptrs, slot, RANK: tl.constexpr, WS: tl.constexpr):
     remote = tl.load(pads + peers).to(tl.pointer_type(tl.uint32))
     local = tl.load(pads + RANK).to(tl.pointer_type(tl.uint32))
     tl.debug_barrier()  # every thread's writes precede the release below
-    if _thread_index() < WS:  # thread p signals peer p and waits for peer p
+    if thread_index() < WS:  # thread p signals peer p and waits for peer p
         _cas_spin(remote + slot * WS + RANK, PUT_RELEASE)
         _cas_spin(local + slot * WS + peers, WAIT_ACQUIRE)
     tl.debug_barrier()  # no thread reads before every peer has arrived
@@ -252,7 +252,7 @@ def _fp4(y, row, q_ptr, qscale_ptr, gs, inv_gs, H: tl.constexpr, BLOCK: tl.const
 
 
 @triton.jit
-def _epilogue_row(
+def epilogue_row(
     s, row, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub, gs, inv_gs, eps,
     scale_stride_t, scale_stride_g, H: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
     RES_FP32: tl.constexpr, HAS_W: tl.constexpr, GEMMA: tl.constexpr, W_FP32: tl.constexpr,
@@ -344,14 +344,14 @@ def fused_allreduce_add_rmsnorm_kernel(
 
     if WS == 1 and ROWS == 1:  # one row per program, no loop: the shortest path from load to store
         s = tl.load(in_ptr + tl.cast(pid, tl.int64) * H + cols, mask=mask, other=0.0).to(tl.float32)
-        _epilogue_row(s, pid, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub, gs,
+        epilogue_row(s, pid, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub, gs,
                       inv_gs, eps, scale_stride_t, scale_stride_g, H, BLOCK, HAS_RES, RES_FP32, HAS_W, GEMMA, W_FP32,
                       WRITE_NORM, QUANT, HAS_UB, GROUP, UE8M0, FP8_MAX, MIN_SCALE, AMAX_EPS, SWIZZLE, SCALE_COLS,
                       Q_RAW)
     elif WS == 1:  # ROWS consecutive rows per program: the weight loaded once, the loop pipelined (num_stages)
         for row in range(pid * ROWS, tl.minimum(pid * ROWS + ROWS, T)):
             s = tl.load(in_ptr + tl.cast(row, tl.int64) * H + cols, mask=mask, other=0.0).to(tl.float32)
-            _epilogue_row(s, row, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub,
+            epilogue_row(s, row, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub,
                           gs, inv_gs, eps, scale_stride_t, scale_stride_g, H, BLOCK, HAS_RES, RES_FP32, HAS_W, GEMMA,
                           W_FP32, WRITE_NORM, QUANT, HAS_UB, GROUP, UE8M0, FP8_MAX, MIN_SCALE, AMAX_EPS, SWIZZLE,
                           SCALE_COLS, Q_RAW)
@@ -373,7 +373,7 @@ def fused_allreduce_add_rmsnorm_kernel(
                     src = tl.multiple_of(tl.load(bufs + r).to(tl.pointer_type(act)), 16)
                 acc += tl.load(src + off + cols, mask=mask, other=0.0).to(tl.float32)
             s = acc.to(act).to(tl.float32)  # the all-reduce's result is in the activation dtype
-            _epilogue_row(s, row, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub,
+            epilogue_row(s, row, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub,
                           gs, inv_gs, eps, scale_stride_t, scale_stride_g, H, BLOCK, HAS_RES, RES_FP32, HAS_W, GEMMA,
                           W_FP32, WRITE_NORM, QUANT, HAS_UB, GROUP, UE8M0, FP8_MAX, MIN_SCALE, AMAX_EPS, SWIZZLE,
                           SCALE_COLS, Q_RAW)

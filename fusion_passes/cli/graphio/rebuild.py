@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx
 
+from fusion_passes import _compat
 from fusion_passes.cli.graphio.format import NAME, short_target
 
 if TYPE_CHECKING:
@@ -71,11 +72,11 @@ def resolve_target(target: str):
         try:
             if parts[0] == "higher_order" and len(parts) == 2:
                 found = getattr(torch.ops.higher_order, parts[1])
-                if isinstance(found, torch._ops.HigherOrderOperator):
+                if isinstance(found, _compat.HigherOrderOperator):
                     return found
             elif len(parts) == 3:
                 found = getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
-                if isinstance(found, torch._ops.OpOverload) and not inert(found):
+                if isinstance(found, _compat.OpOverload) and not inert(found):
                     return found
         except (AttributeError, RuntimeError):
             pass

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 import torch.fx
 
-from fusion_passes.recognize.fx import source_of  # noqa: F401  (re-exported: explain and the recorder read it here)
+from fusion_passes import _compat
 from fusion_passes.cli.graphio.format import FORMAT, STAGES, VERSION
 from fusion_passes.cli.graphio.rebuild import Opaque
+from fusion_passes.recognize.fx import source_of  # noqa: F401  (re-exported: explain and the recorder read it here)
 
 
 def target_string(target: Any) -> str:
@@ -19,11 +20,11 @@ def target_string(target: Any) -> str:
     ``operator.getitem``: a call target as a qualified name (strings stay as they are)."""
     if isinstance(target, str):
         return target
-    if isinstance(target, torch._ops.OpOverload):
+    if isinstance(target, _compat.OpOverload):
         return f"torch.ops.{target.namespace}.{target._opname}.{target._overloadname}"
-    if isinstance(target, torch._ops.OpOverloadPacket):
+    if isinstance(target, _compat.OpOverloadPacket):
         return f"torch.ops.{target._qualified_op_name.replace('::', '.')}"
-    if isinstance(target, torch._ops.HigherOrderOperator):
+    if isinstance(target, _compat.HigherOrderOperator):
         return f"torch.ops.higher_order.{target.name()}"
     if isinstance(target, Opaque):
         return target.qualified
@@ -46,7 +47,7 @@ def encode(value: Any) -> Any:
         return {"dtype": str(value).removeprefix("torch.")}
     if isinstance(value, torch.device):
         return {"device": str(value)}
-    if isinstance(value, (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator)):
+    if isinstance(value, (_compat.OpOverload, _compat.OpOverloadPacket, _compat.HigherOrderOperator)):
         return {"op": target_string(value)}
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return {"sym": str(value)}
