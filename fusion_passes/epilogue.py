@@ -359,7 +359,7 @@ def quantize(variant: str, y: torch.Tensor, params: Mapping[str, Any],
     if params.get("form"):  # another project's FP8 convention, recognized by meaning
         from fusion_passes import fp8_forms
 
-        return fp8_forms.variant_quantize(variant, y, params, y32)
+        return fp8_forms.variant_quantize(variant, y, params, y32, amax_unrounded)
     q, scales = QUANT[variant](y, params)
     if y32 is None:
         return q, scales

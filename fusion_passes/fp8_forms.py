@@ -36,7 +36,7 @@ import torch
 APPLY = ("recip", "div", "mul")
 PRECISION = ("f32", "f64", "input")
 POW2 = ("", "ceil", "floor")
-_FLAGS = ("invert", "safe_recip", "amax_min_input", "zero_amax_one", "input_product")
+_FLAGS = ("invert", "safe_recip", "amax_min_input", "zero_amax_one", "input_product", "amax_f32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +50,10 @@ class Form:
     ``invert``); ``zero_amax_one``: an amax that is not positive (an all-zero row) taken
     as 1; ``input_product``: the scaled value rounded to the activation dtype before the
     clamp (``y * (1/s)`` of a bf16 / fp16 ``y`` and a 0-dim fp32 ``s``: torch's type
-    promotion keeps that product in the activation dtype)."""
+    promotion keeps that product in the activation dtype); ``amax_f32``: the chain upcasts
+    before its amax (SGLang's ``input.abs().to(float32).amax()``): the same value in eager,
+    but under Inductor's default compile the amax then reads the unrounded norm value
+    (``quant_unrounded``) on the CPU too."""
 
     invert: bool = False
     precision: str = "f32"
@@ -62,6 +65,7 @@ class Form:
     amax_min_input: bool = False
     zero_amax_one: bool = False
     input_product: bool = False
+    amax_f32: bool = False
 
     def __post_init__(self):
         if self.precision not in PRECISION or self.apply not in APPLY or self.pow2 not in POW2:
@@ -153,24 +157,28 @@ def apply(y: torch.Tensor, s: torch.Tensor, m: float, dtype: torch.dtype, form: 
 
 
 def quantize(y: torch.Tensor, group: int | None, dtype: torch.dtype, m: float, form: Form,
-             scale_ub: torch.Tensor | None = None, y32: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             scale_ub: torch.Tensor | None = None, y32: torch.Tensor | None = None,
+             amax_unrounded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic FP8 of *y* -> ``(q, scales)``; ``group``: elements per scale along the last dim
     (the hidden size: per token; None: one scale for the whole tensor). Scales are
     ``[..., H // group]`` (per token ``[..., 1]``, per tensor ``[1]``); ``scale_ub`` caps
-    the amax (vLLM's per-token upper bound); *y32* as :func:`scaled`."""
-    q, s, _ = quantize_with_scaled(y, group, dtype, m, form, scale_ub, y32)
+    the amax (vLLM's per-token upper bound); *y32* as :func:`scaled`; the amax from *y32*
+    where the form upcasts first (``amax_f32``) or *amax_unrounded* (the compile's device
+    takes it there: ``epilogue.amax_reads_unrounded``)."""
+    q, s, _ = quantize_with_scaled(y, group, dtype, m, form, scale_ub, y32, amax_unrounded)
     return q, s
 
 
-def quantize_with_scaled(y, group, dtype, m, form, scale_ub=None, y32=None):
+def quantize_with_scaled(y, group, dtype, m, form, scale_ub=None, y32=None, amax_unrounded=False):
     """:func:`quantize` plus the fp32 scaled value before the clamp (``q, scales, scaled``)."""
     hidden = y.shape[-1]
+    src = y32 if y32 is not None and (form.amax_f32 or amax_unrounded) else y  # what the amax reads
     if group is None:
-        amax = y.abs().max().reshape(1)
+        amax = src.abs().max().reshape(1)
         grouped = y
     else:
         grouped = y.reshape(*y.shape[:-1], hidden // group, group)
-        amax = grouped.abs().amax(dim=-1, keepdim=True)
+        amax = src.reshape(grouped.shape).abs().amax(dim=-1, keepdim=True)
     if scale_ub is not None:
         amax = amax.to(torch.float32).clamp(max=scale_ub)
     s = _scale(amax, y.dtype, m, form)
@@ -194,7 +202,8 @@ def static(y: torch.Tensor, scale: torch.Tensor, m: float, dtype: torch.dtype, h
     return scaled(y, scale.to(torch.float32), static_form(how), y32).clamp(-m, m).to(dtype)
 
 
-def variant_quantize(variant: str, y: torch.Tensor, p, y32=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def variant_quantize(variant: str, y: torch.Tensor, p, y32=None,
+                     amax_unrounded: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A fused FP8 variant's quantization under its ``form`` argument: ``(q, scales | None)``
     from the variant's resolved quant arguments *p* (fusion_passes.variants). *y32*
     (``quant_unrounded``, Inductor's default compile): the codes are scaled from it, the
@@ -209,11 +218,11 @@ def variant_quantize(variant: str, y: torch.Tensor, p, y32=None) -> tuple[torch.
     if y32 is not None and form.precision == "input":  # the compile divides the amax in fp32, unrounded
         form = dataclasses.replace(form, precision="f32")
     if variant == "add_rmsnorm_fp8_per_token":
-        return quantize(y, y.shape[-1], dtype, m, form, p["scale_ub"], y32)
+        return quantize(y, y.shape[-1], dtype, m, form, p["scale_ub"], y32, amax_unrounded)
     if variant == "add_rmsnorm_fp8_per_tensor":
-        return quantize(y, None, dtype, m, form, y32=y32)
+        return quantize(y, None, dtype, m, form, y32=y32, amax_unrounded=amax_unrounded)
     if variant == "add_rmsnorm_fp8_per_group":
-        q, s = quantize(y, p["group_size"], dtype, m, form, y32=y32)
+        q, s = quantize(y, p["group_size"], dtype, m, form, y32=y32, amax_unrounded=amax_unrounded)
         if p["column_major"]:  # the token dim contiguous, as the variant's scales output
             s = s.transpose(-2, -1).contiguous().transpose(-2, -1)
         return q, s

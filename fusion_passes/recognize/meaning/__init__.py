@@ -34,7 +34,7 @@ from torch.fx import Graph, Node
 
 from fusion_passes import _compat, epilogue
 from fusion_passes.recognize.meaning import conventions as C, decide as D, probe_sizes
-from fusion_passes.recognize.fx import op_name, short, val
+from fusion_passes.recognize.fx import dtype_of, op_name, short, val
 from fusion_passes.recognize.meaning.region import Leaves, Region, grow, partial_values, shape_of
 from fusion_passes.recognize.roles import AllReduce, Miss, Norm, Quant
 
@@ -338,8 +338,23 @@ def _quant(v: D.Verdict, region: Region, known: list[Node], primary) -> Semantic
         params["column_major"] = True
     below = set(D.descendants(region, v.y))
     nodes = tuple(n for n in sorted(v.fused, key=_compat.graph_order) if n in below)
+    if params.get("form") is not None and kind != "fp8_static" and _amax_in_fp32(nodes, v.y):
+        from fusion_passes import fp8_forms
+
+        params["form"] = dataclasses.replace(fp8_forms.parse(params["form"]), amax_f32=True).text()
     adapt = {k: a for k, a in (("q", q_adapt), ("scales", s_adapt)) if a}
     return SemanticQuant(kind, params, nodes, {"q": q, "scales": scales}, adapt=adapt)
+
+
+_AMAX = (torch.ops.aten.amax.default, torch.ops.aten.max.dim, torch.ops.aten.max.default)
+
+
+def _amax_in_fp32(nodes, y: Node) -> bool:
+    """Whether the chain's amax reduces an fp32 upcast of a bf16 / fp16 norm output
+    (``input.abs().to(float32).amax()``): Inductor's compile then reads the unrounded norm
+    value there (fp8_forms.Form ``amax_f32``)."""
+    low = dtype_of(y) in (torch.bfloat16, torch.float16)
+    return low and any(n.target in _AMAX and dtype_of(n) == torch.float32 for n in nodes)
 
 
 def _column_major(n: Node) -> bool:
