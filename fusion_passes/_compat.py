@@ -28,6 +28,42 @@ HigherOrderOperator = torch._ops.HigherOrderOperator
 """The class of ``torch.ops.higher_order.*`` (``auto_functionalized``, ``cond``, ...)."""
 
 
+def functorch_config():
+    """``torch._functorch.config`` (AOTAutograd's settings; the command line turns its FX
+    graph cache off around a measured compile)."""
+    from torch._functorch import config
+
+    return config
+
+
+def dynamo_config():
+    """``torch._dynamo.config`` (the command line raises its recompile limits for token sweeps)."""
+    import torch._dynamo
+
+    return torch._dynamo.config
+
+
+def mark_dynamic(t: torch.Tensor, dim: int) -> None:
+    """``torch._dynamo.mark_dynamic``: compile *t*'s dimension *dim* symbolic, as vLLM does
+    for the token dimension."""
+    import torch._dynamo
+
+    torch._dynamo.mark_dynamic(t, dim)
+
+
+def run_and_get_code(fn, *args, **kwargs):
+    """``torch._inductor.utils.run_and_get_code``: *fn*'s result and the code Inductor
+    generated for it (the demo checks the fused op is in that code)."""
+    from torch._inductor.utils import run_and_get_code as run
+
+    return run(fn, *args, **kwargs)
+
+
+def scaled_mm(*args, **kwargs):
+    """``torch._scaled_mm``: the FP8 GEMM the command line's FP8 model layers run."""
+    return torch._scaled_mm(*args, **kwargs)
+
+
 def resolve_process_group(name: str):
     """The process group registered under *name* (a ``_c10d_functional`` op's group name),
     as those ops resolve it: ``torch._C._distributed_c10d._resolve_process_group``

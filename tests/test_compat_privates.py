@@ -17,6 +17,9 @@ PRIVATE = re.compile(r"_resolve_process_group|distributed\._symmetric_memory|_Sy
                      r"|torch\._ops\.")
 
 
+TORCH_PRIVATE = re.compile(r"torch\._[a-z]")
+
+
 @pytest.mark.parametrize("path", [ROOT / "groups.py", ROOT / "ops.py", *sorted((ROOT / "backends").glob("*.py"))],
                          ids=lambda p: p.name)
 def test_no_private_name_outside_compat(path):
@@ -38,3 +41,17 @@ def test_an_unknown_vllm_group_is_a_clear_error():
     assert _compat.vllm_group("no_such_group:0") is None
     with pytest.raises(ValueError, match="vLLM group 'no_such_group:0' does not exist"):
         symm.c10d_group_name("vllm:no_such_group:0")
+
+
+def test_no_module_reaches_a_torch_private_module_outside_compat():
+    """Every ``torch._x`` in code (not in comments or ``...`` in docstrings), package-wide,
+    command line included, is in _compat.py."""
+    hits = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if path.name == "_compat.py":
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if TORCH_PRIVATE.search(code) and "``" not in code and not code.strip().startswith(('"', "'")):
+                hits.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert hits == [], hits

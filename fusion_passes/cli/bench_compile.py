@@ -63,8 +63,9 @@ def _timed_pass_cls():
 
 def compile_once(model: str, layers: int, tp: int, dtype: str) -> dict:
     """Compile *model* with *layers* layers cold; the row of timings."""
+    from fusion_passes import _compat
     import torch
-    from torch._inductor import config as inductor_config
+    inductor_config = _compat.inductor_config
 
     from fusion_passes.cli import capture
     from fusion_passes.cli import vllm_cpu
@@ -73,7 +74,7 @@ def compile_once(model: str, layers: int, tp: int, dtype: str) -> dict:
     capture.prepare(None)
     capture.fake_world(tp)
     vllm_cpu.patch_cpu_wheel_for_compile()
-    torch._dynamo.reset()
+    torch.compiler.reset()
     fusion = _timed_pass_cls()()
     _REPORTS.clear()
     with tempfile.TemporaryDirectory(prefix="fusion-passes-bench-") as root:
@@ -100,7 +101,7 @@ def compile_once(model: str, layers: int, tp: int, dtype: str) -> dict:
                 os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
             else:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = old_dir
-    torch._dynamo.reset()
+    torch.compiler.reset()
     ours = sum(r.seconds for r in _REPORTS)
     sites = sum(len(r.sites) for r in _REPORTS)
     fused = sum(len(r.fused) for r in _REPORTS)

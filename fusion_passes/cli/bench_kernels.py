@@ -195,12 +195,12 @@ def _report(args, result: dict) -> None:
 def _raise_recompile_limits(token_counts: int) -> None:
     """The static epilogue compiles once per token count on one function: more than
     Dynamo's default recompile limit (8) in a full sweep."""
-    import torch._dynamo
-
+    from fusion_passes import _compat
+    config = _compat.dynamo_config()
     for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
                  "accumulated_cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 4 * token_counts + 16))
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 4 * token_counts + 16))
 
 
 def _variant_hidden(ctx, variant: str, hidden: int, selectors: dict) -> list[dict]:
@@ -262,6 +262,7 @@ def _triton_admitted(world: int, variant: str):
 def _compile_forms(ctx, variant, hidden, w, scale) -> dict:
     """Compile the token-dynamic form now (once, at TOKDYN_COMPILE_TOKENS); the static
     form compiles per token count in :func:`_row`."""
+    from fusion_passes import _compat
     import torch
 
     forms = bench_epilogue.compile_forms(bench_epilogue.epilogue_fn(variant, EPS),
@@ -269,8 +270,8 @@ def _compile_forms(ctx, variant, hidden, w, scale) -> dict:
                                          with_max_autotune=getattr(ctx.args, "with_max_autotune", False))
     x = torch.randn(TOKDYN_COMPILE_TOKENS, hidden, device=ctx.device).to(torch.bfloat16)
     res = torch.randn_like(x)
-    torch._dynamo.mark_dynamic(x, 0)
-    torch._dynamo.mark_dynamic(res, 0)
+    _compat.mark_dynamic(x, 0)
+    _compat.mark_dynamic(res, 0)
     t0 = time.perf_counter()
     forms["tokdyn"](x, res, w, scale)
     ctx.sync()

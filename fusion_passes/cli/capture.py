@@ -197,8 +197,9 @@ pass itself (torch's defaults: auto-functionalization v2, static shapes)."""
 
 
 def _compile_until_captured(net, cfg) -> None:
-    from torch._functorch import config as functorch_config
-    from torch._inductor import config as inductor_config
+    from fusion_passes import _compat
+    functorch_config = _compat.functorch_config()
+    inductor_config = _compat.inductor_config
 
     try:
         with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
@@ -212,7 +213,7 @@ def _compile_until_captured(net, cfg) -> None:
 def _trace_cached(model: str, tp: int, dtype: str, quant: str | None, layers: int, route: str = "vllm") -> tuple:
     prepare(quant)
     fake_world(tp)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     capture = _capture_pass_cls()(stop=True)
     with tempfile.TemporaryDirectory(prefix="fusion-passes-capture-") as root:
         direct = route == "compile_fx"
@@ -226,7 +227,7 @@ def _trace_cached(model: str, tp: int, dtype: str, quant: str | None, layers: in
             net = torch.compile(net, backend="inductor", fullgraph=True,
                                 options={"post_grad_custom_post_pass": capture})
         _compile_until_captured(net, cfg)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     graphs = _CAPTURED.pop(capture.key, [])
     if not graphs:
         raise RuntimeError(f"trace_vllm({model!r}): vLLM compiled no graph")

@@ -49,11 +49,10 @@ def add_arguments(parser) -> None:
 
 def worker(rank: int, directory: str, dtype_name: str, tokens: int) -> dict:
     """One rank: load sharded, compile unfused and fused, compare. Rank 0's dict is the result."""
-    import torch._dynamo
-    from torch._inductor import config
-    from torch._inductor.utils import run_and_get_code
-
     import fusion_passes
+    from fusion_passes import _compat
+
+    config = _compat.inductor_config
 
     config.fx_graph_cache = False  # time real compiles, never a cache hit from an earlier run
     dtype = DTYPES[dtype_name]
@@ -63,10 +62,10 @@ def worker(rank: int, directory: str, dtype_name: str, tokens: int) -> dict:
         t0 = time.perf_counter()
         unfused = torch.compile(model, fullgraph=True)(ids).logits
         unfused_seconds = time.perf_counter() - t0
-        torch._dynamo.reset()
+        torch.compiler.reset()
         with fusion_passes.enabled() as fusion:
             t0 = time.perf_counter()
-            out, codes = run_and_get_code(torch.compile(model, fullgraph=True), ids)
+            out, codes = _compat.run_and_get_code(torch.compile(model, fullgraph=True), ids)
             compile_seconds = time.perf_counter() - t0
         fused = out.logits
     report = fusion_passes.FusionReport()

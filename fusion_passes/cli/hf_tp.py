@@ -143,10 +143,10 @@ def tiny_model(name: str) -> Iterator[str]:
 def _capture_worker(rank: int, directory: str, dtype: str, tokens: int) -> list[dict]:
     """On each gloo rank: load with tp_plan, compile full-graph, capture every post-grad
     graph before and after FusionPass (text + report). Rank 0's result is kept."""
-    import torch._inductor.config as inductor_config
-
     from fusion_passes import FusionPass, _compat
     from fusion_passes.cli.capture import snapshot
+
+    inductor_config = _compat.inductor_config
 
     model = load_tp(directory, getattr(torch, dtype))
     for module in model.modules():  # Qwen3-MoE's plan hooks q/k norms for backward: inference only

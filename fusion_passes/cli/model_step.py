@@ -112,9 +112,10 @@ def numerics_ok(n: dict) -> bool:
 @contextlib.contextmanager
 def _form(form: str, ctx):
     """Set the model up for *form*; yields the pass (``fused``) or None."""
+    from fusion_passes import _compat
     import fusion_passes
-    from torch._functorch import config as functorch_config
-    from torch._inductor import config as inductor_config
+    functorch_config = _compat.functorch_config()
+    inductor_config = _compat.inductor_config
 
     if form == "nocoll":
         for h in ctx.handles:
@@ -133,7 +134,7 @@ def _form(form: str, ctx):
 
 def run_form(form: str, ctx, ids, cache) -> dict:
     """Compile *form* (timed), take its logits, time its step; the pass's report if fused."""
-    torch._dynamo.reset()
+    torch.compiler.reset()
     with _form(form, ctx) as fusion, torch.no_grad():
         compiled = torch.compile(ctx.model, fullgraph=True, dynamic=False)
         t0 = time.perf_counter()
@@ -145,7 +146,7 @@ def run_form(form: str, ctx, ids, cache) -> dict:
     if fusion is not None:
         out["reports"] = list(fusion.reports)
     del compiled
-    torch._dynamo.reset()
+    torch.compiler.reset()
     gc.collect()
     ctx.empty_cache()
     return out

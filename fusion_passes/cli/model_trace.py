@@ -60,11 +60,12 @@ def _capture_pass(reports: list):
 
 def trace(model, ids, cache) -> list:
     """The pass's reports for one compiled step (Dynamo + AOT + post-grad; no codegen)."""
-    from torch._functorch import config as functorch_config
-    from torch._inductor import config as inductor_config
+    from fusion_passes import _compat
+    functorch_config = _compat.functorch_config()
+    inductor_config = _compat.inductor_config
 
     reports: list = []
-    torch._dynamo.reset()
+    torch.compiler.reset()
     with inductor_config.patch(post_grad_custom_post_pass=_capture_pass(reports), fx_graph_cache=False), \
             functorch_config.patch(enable_autograd_cache=False), torch.no_grad():
         try:
@@ -75,7 +76,7 @@ def trace(model, ids, cache) -> list:
                 cause = cause.__cause__ or cause.__context__
             if cause is None:
                 raise
-    torch._dynamo.reset()
+    torch.compiler.reset()
     return reports
 
 

@@ -29,6 +29,8 @@ import types
 import torch
 from torch import nn
 
+from fusion_passes import _compat
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Llama-3-8B (meta-llama/Meta-Llama-3-8B config.json) and Qwen3-30B-A3B (Qwen/Qwen3-30B-A3B
@@ -140,7 +142,7 @@ class Fp8Linear(nn.Linear):
         if self.reference:
             return nn.functional.linear(x.float(), self.weight.float() * self.weight_scale.t())
         q, scale = quant_per_token(x)
-        out = torch._scaled_mm(q.reshape(-1, q.shape[-1]), self.weight.t(), scale_a=scale.reshape(-1, 1),
+        out = _compat.scaled_mm(q.reshape(-1, q.shape[-1]), self.weight.t(), scale_a=scale.reshape(-1, 1),
                                scale_b=self.weight_scale, out_dtype=x.dtype)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 

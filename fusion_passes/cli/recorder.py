@@ -156,12 +156,12 @@ def compile_and_record(model, inputs, fusion, model_name: str | None) -> list[Gr
     the post-grad passes, and with them the recording).
     """
     import torch
-    from torch._functorch import config as functorch_config
-
     from fusion_passes import _compat
 
+    functorch_config = _compat.functorch_config()
+
     recorder = _recorder_class()(fusion, model_name)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     with _compat.inductor_config.patch(post_grad_custom_post_pass=recorder, fx_graph_cache=False,
                                        fx_graph_remote_cache=False), \
             functorch_config.patch(enable_autograd_cache=False), torch.no_grad():
@@ -174,7 +174,7 @@ def compile_and_record(model, inputs, fusion, model_name: str | None) -> list[Gr
             terminal.note(f"note: running the compiled model failed after {len(recorder.graphs)} graph(s) were "
                           f"recorded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                           "the dump holds what was compiled")
-    torch._dynamo.reset()
+    torch.compiler.reset()
     return recorder.graphs
 
 
