@@ -43,16 +43,22 @@ def test_off_without_a_file_is_a_usage_error(monkeypatch, capsys):
     assert cli_main(["tune"]) == 2 and "no measured-table file" in capsys.readouterr().err
 
 
-def test_bucket_times_every_candidate_and_every_unfused_chain(fake_pg, monkeypatch):
-    from fusion_passes.backends import triton as tb
+def _sweep_context(tokens: str):
+    """A world-size-1 sweep over *tokens* on the CPU (eager compiles, the reference backend)."""
     from fusion_passes.cli.model_trace import fake_world
 
     parser = argparse.ArgumentParser()
     tune.add_arguments(parser)
-    args = parser.parse_args(["--tokens", "3"])
+    args = parser.parse_args(["--tokens", tokens])
     args.with_dynamic_true = False
-    ctx = bk.sweep_context(args, 0, 1, fake_world(1).group_name, device="cpu", compile_backend="eager",
-                           fused_backend="reference")
+    return bk.sweep_context(args, 0, 1, fake_world(1).group_name, device="cpu", compile_backend="eager",
+                            fused_backend="reference")
+
+
+def test_bucket_times_every_candidate_and_every_unfused_chain(fake_pg, monkeypatch):
+    from fusion_passes.backends import triton as tb
+
+    ctx = _sweep_context("3")
     seen = []
     monkeypatch.setattr(tb, "FORCE", _Recorder(seen))
     w, scale = torch.rand(64).bfloat16(), torch.tensor([0.02])
@@ -85,14 +91,8 @@ def test_the_second_pass_times_rows_with_the_fastest_warps_and_the_entry_keeps_t
     4 rows at 1 stage); the second pass starts from the first pass's 8 warps, and the
     bucket's entry names the rows and stages that won."""
     from fusion_passes.backends import triton as tb
-    from fusion_passes.cli.model_trace import fake_world
 
-    parser = argparse.ArgumentParser()
-    tune.add_arguments(parser)
-    args = parser.parse_args(["--tokens", "4096"])
-    args.with_dynamic_true = False
-    ctx = bk.sweep_context(args, 0, 1, fake_world(1).group_name, device="cpu", compile_backend="eager",
-                           fused_backend="reference")
+    ctx = _sweep_context("4096")
     seen = []
     monkeypatch.setattr(tb, "FORCE", _Recorder(seen))
     monkeypatch.setattr(tune, "programs_to_fill", lambda device: 132)
