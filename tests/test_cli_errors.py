@@ -85,6 +85,9 @@ BAD_BENCH = [  # (argv, WORLD_SIZE or None, the message after "fusion-passes ben
     (["kernels", "--plan", "--tokens", str(10**12)],
      None, f"argument --tokens: must be an integer from 1 to 131072, got {10**12}"),  # Llama 3.1's context
     (["compile", "--layers", "8", "1000000"], None, f"argument --layers: {LAYERS} 1000000"),
+    (["kernels", "--plan", "--replays", str(10**9)],
+     None, f"argument --replays: must be an integer from 1 to 1000, got {10**9}"),
+    (["model", "--dry-run", "--replays", "1001"], None, "argument --replays: must be an integer from 1 to 1000, got 1001"),
     (["kernels", "--plan"], "abc", f"environment variable WORLD_SIZE {TP} 'abc'"),
     (["kernels", "--plan"], "-3", f"environment variable WORLD_SIZE {TP} -3"),
     (["model", "--plan"], "0", f"environment variable WORLD_SIZE {TP} 0"),
@@ -216,3 +219,14 @@ def test_capture_refuses_before_tracing(tmp_path, monkeypatch, capsys, argv, mes
     err = _one_line_error(rc, *capsys.readouterr(), argv[0])
     assert message in err, err
     assert _left(tmp_path) == ["afile"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tokens", str(10**12)], f"argument --tokens: must be an integer from 1 to 131072, got {10**12}"),
+    (["--replays", "5000"], "argument --replays: must be an integer from 1 to 1000, got 5000"),
+])
+def test_tune_ranges_are_refused_before_work(capsys, argv, message):
+    rc = cli.main(["tune", *argv])
+    out, err = capsys.readouterr()
+    assert (rc, out) == (2, ""), (rc, out, err)
+    assert err.startswith(f"fusion-passes tune: error: {message}") and err.count("\n") == 1, err

@@ -26,6 +26,12 @@ MAX_STEP_TOKENS = 131_072
 prompt in one step (Llama 3.1's ``max_position_embeddings``, 131,072, with chunked
 prefill off); vLLM's default step is 8,192 to 16,384 tokens."""
 
+MAX_REPLAYS = 1_000
+"""Most timed replays per point: 1,000 replays of the longest step ``bench model`` takes
+(a 40,960-token prefill, about 150 ms by scaling the 14.9 ms of a 4,096-token prefill on
+1x H200, results/bench_model_h200_ws1_llama_bf16.json) is 2.5 minutes per form; a
+kernel point is microseconds a replay."""
+
 
 def int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
     """An argparse ``type``: an integer in ``[lo, hi]`` (no upper bound when *hi* is None)."""

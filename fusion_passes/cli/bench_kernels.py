@@ -35,8 +35,8 @@ import types
 
 from fusion_passes.cli import bench_epilogue  # noqa: E402
 from fusion_passes.cli import bench_rows as br  # noqa: E402
-from fusion_passes.cli.arguments import MAX_STEP_TOKENS, int_range, world_size_from_env  # noqa: E402
-from fusion_passes.cli.bench_rows import positive_int  # noqa: E402
+from fusion_passes.cli.arguments import (  # noqa: E402
+    MAX_REPLAYS, MAX_STEP_TOKENS, int_range, world_size_from_env)
 
 NVFP4_GLOBAL_SCALE = 448.0 * 6 / 5  # a norm output of absmax ~5 spans the e4m3 block scales
 FP8_STATIC_SCALE = 0.02
@@ -45,15 +45,17 @@ EPS = 1e-6
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--hidden", type=positive_int, nargs="+", default=list(br.DEFAULT_HIDDEN),
+    parser.add_argument("--hidden", type=int_range(1), nargs="+", default=list(br.DEFAULT_HIDDEN),
                         help="hidden sizes for add_rmsnorm (default 4096 7168 8192)")
-    parser.add_argument("--quant-hidden", type=positive_int, nargs="+", default=list(br.DEFAULT_QUANT_HIDDEN),
+    parser.add_argument("--quant-hidden", type=int_range(1), nargs="+",
+                        default=list(br.DEFAULT_QUANT_HIDDEN),
                         help="hidden sizes for the quant variants (default 7168)")
     parser.add_argument("--tokens", type=int_range(1, MAX_STEP_TOKENS), nargs="+", default=list(br.DEFAULT_TOKENS),
                         help="token counts (default 1 2 4 .. 16384)")
     parser.add_argument("--variants", nargs="+", default=list(br.DEFAULT_VARIANTS), choices=br.VARIANTS,
                         help=f"default: {' '.join(br.DEFAULT_VARIANTS)}")
-    parser.add_argument("--replays", type=positive_int, default=5, help="timed graph replays per point (median)")
+    parser.add_argument("--replays", type=int_range(1, MAX_REPLAYS), default=5,
+                        help="timed graph replays per point (median)")
     parser.add_argument("--with-dynamic-true", action="store_true",
                         help="also time the epilogue compiled with dynamic=True (an extra column, never the best)")
     parser.add_argument("--with-max-autotune", action="store_true",

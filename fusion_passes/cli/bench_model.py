@@ -33,9 +33,9 @@ import time
 import types
 
 from fusion_passes.cli.arguments import (
-    MAX_CONTEXT, MAX_LAYERS, MAX_SEQS, MAX_TP, int_range, world_size_from_env,
+    MAX_CONTEXT, MAX_LAYERS, MAX_REPLAYS, MAX_SEQS, MAX_TP, int_range, world_size_from_env,
 )
-from fusion_passes.cli.bench_rows import command_line, positive_int
+from fusion_passes.cli.bench_rows import command_line
 
 MODELS = ("llama", "qwen3_moe")
 PRECISIONS = ("bf16", "fp8")
@@ -61,7 +61,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prefill", type=int_range(1, MAX_CONTEXT), nargs="*", default=list(DEFAULT_PREFILL),
                         help="prefill steps: 1 sequence x T tokens (default 512 4096; none: --prefill)")
     parser.add_argument("--context", type=int_range(1, MAX_CONTEXT - 1), default=1024, help="tokens cached per decoding sequence")
-    parser.add_argument("--replays", type=positive_int, default=10, help="timed graph replays per step (median)")
+    parser.add_argument("--replays", type=int_range(1, MAX_REPLAYS), default=10,
+                        help="timed graph replays per step (median)")
     parser.add_argument("--fp8-linear", choices=("vllm", "hf"), default="vllm",
                         help="vllm: our FP8 linear with vLLM's native per-token quant (default); hf: "
                              "transformers' CompressedTensorsFP8Linear (quantize_fp8_per_row)")

@@ -171,17 +171,6 @@ def format_plan(p: dict) -> str:
             "per compile (narrow with --variants / --hidden / --tokens)")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
 def check_hidden(variant: str, hidden: int) -> str | None:
     """Why *variant* cannot be benchmarked at *hidden* (None if it can): the quant block
     and row alignment here, then the triton gate's own limits (as on an NVIDIA GPU)."""

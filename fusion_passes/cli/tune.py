@@ -34,7 +34,7 @@ import sys
 import time
 
 from fusion_passes.cli import bench_rows as br
-from fusion_passes.cli.bench_rows import positive_int
+from fusion_passes.cli.arguments import MAX_REPLAYS, MAX_STEP_TOKENS, int_range
 
 WARPS = (4, 8, 16)
 ROWS = (2, 4)  # rows per program timed at world size 1 (one row: the first pass)
@@ -46,10 +46,12 @@ DEFAULT_TOKENS = br.DEFAULT_TOKENS
 def add_arguments(parser) -> None:
     parser.add_argument("--variants", nargs="+", default=["add_rmsnorm"], choices=br.VARIANTS,
                         help="variants to calibrate (default add_rmsnorm)")
-    parser.add_argument("--hidden", type=positive_int, nargs="+", default=[7168], help="hidden sizes (default 7168)")
-    parser.add_argument("--tokens", type=positive_int, nargs="+", default=list(DEFAULT_TOKENS),
+    parser.add_argument("--hidden", type=int_range(1), nargs="+", default=[7168],
+                        help="hidden sizes (default 7168)")
+    parser.add_argument("--tokens", type=int_range(1, MAX_STEP_TOKENS), nargs="+", default=list(DEFAULT_TOKENS),
                         help="token buckets (default 1 2 4 .. 16384)")
-    parser.add_argument("--replays", type=positive_int, default=5, help="timed graph replays per option (median)")
+    parser.add_argument("--replays", type=int_range(1, MAX_REPLAYS), default=5,
+                        help="timed graph replays per option (median)")
     parser.add_argument("--with-max-autotune", action="store_true",
                         help="also count the epilogue compiled with max_autotune + coordinate_descent_tuning per "
                              "token count (slow: Inductor times its configs per shape)")
