@@ -360,13 +360,13 @@ def quantize(variant: str, y: torch.Tensor, params: Mapping[str, Any],
         from fusion_passes import fp8_forms
 
         return fp8_forms.variant_quantize(variant, y, params, y32, amax_unrounded)
+    if y32 is not None and variant not in FP8_CODES:
+        raise ValueError(f"fusion_passes: {variant} has no unrounded-input form (quant_unrounded)")
+    if y32 is not None and amax_unrounded and variant != "add_rmsnorm_fp8_static":
+        return QUANT[variant](y32, params)  # a dynamic scale: the variant's own order, on the unrounded value
     q, scales = QUANT[variant](y, params)
     if y32 is None:
         return q, scales
-    if variant not in FP8_CODES:
-        raise ValueError(f"fusion_passes: {variant} has no unrounded-input form (quant_unrounded)")
-    if amax_unrounded and scales is not None:  # the variant's own order, on the unrounded value
-        return QUANT[variant](y32, params)
     return FP8_CODES[variant](y32, scales, params), scales
 
 
