@@ -43,6 +43,14 @@ def dynamo_config():
     return torch._dynamo.config
 
 
+def dynamo_graphs_compiled() -> int:
+    """How many graphs Dynamo has compiled in this process so far
+    (``torch._dynamo.utils.counters["stats"]["unique_graphs"]``; a count never reset)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def mark_dynamic(t: torch.Tensor, dim: int) -> None:
     """``torch._dynamo.mark_dynamic``: compile *t*'s dimension *dim* symbolic, as vLLM does
     for the token dimension."""

@@ -132,6 +132,18 @@ def test_points():
         ("decode", 1, 1, 1, 1025, 1024), ("decode", 64, 64, 1, 1025, 1024), ("prefill", 512, 1, 512, 512, 0)]
 
 
+def test_token_dynamic_points_share_one_prefill_cache_and_compile_at_the_largest():
+    pts = model_step.points([1, 64], [512, 2048], 1024, shared_prefill_cache=True)
+    assert [(p.kind, p.tokens, p.max_len) for p in pts] == [
+        ("decode", 1, 1025), ("decode", 64, 1025), ("prefill", 512, 2048), ("prefill", 2048, 2048)]
+    assert model_step.compile_point(pts[:2]) is pts[1] and model_step.compile_point(pts[2:]) is pts[3]
+    # Dynamo specializes a size of 1: a lone decode 1 compiles at 2 sequences, prefill 1 at 2 tokens
+    assert model_step.compile_point(pts[:1]).tokens == 2 and model_step.compile_point(pts[:1]).batch == 2
+    one = model_step.points([], [1], 8, shared_prefill_cache=True)
+    assert (model_step.compile_point(one).seq, model_step.compile_point(one).max_len) == (2, 2)
+    assert model_step.token_dims(pts[0]) == (0, 0) and model_step.token_dims(pts[2]) == (1, -1)
+
+
 def test_numerics_check_allows_one_rounding_of_the_reference():
     torch.manual_seed(0)
     ref = torch.randn(4, 1, 100)
@@ -185,12 +197,15 @@ def test_plan_counts_compiles():
                               layers=4))()
     assert bench_model.plan(args, 1)["compiles"] == 18
     assert bench_model.plan(args, 2)["compiles"] == 12
+    args.token_dynamic = True  # one graph per step kind and form
+    assert bench_model.plan(args, 1)["compiles"] == 6
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--decode", "--prefill"], "nothing to run"),
     (["--world-size", "2"], "--world-size is for --dry-run"),
     (["--out", "/nonexistent-folder/x.json"], "does not exist"),
+    (["--token-dynamic", "--dry-run"], "--dry-run only traces"),
 ])
 def test_bad_arguments_exit_2(argv, message, capsys):
     assert cli_main(["bench", "model", "--plan", *argv]) == 2

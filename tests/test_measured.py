@@ -110,6 +110,11 @@ def test_a_new_tune_replaces_its_pairs_and_keeps_the_others(machine):
     (json.dumps({"format": measured.FORMAT, "version": 1,
                  "tables": [table([entry(1, "fused", rows=2, path="barrier")], world_size=1)]}),
      "only the world-size-1 kernel"),
+    (json.dumps({"format": measured.FORMAT, "version": 1, "tables": [table([entry(1, "fused", evict="yes")])]}),
+     "evict must be true or false"),
+    (json.dumps({"format": measured.FORMAT, "version": 1,
+                 "tables": [table([entry(1, "fused", evict=True, path="lamport")], world_size=1)]}),
+     "true only on path 'local'"),
     (json.dumps({"format": measured.FORMAT, "version": 1, "tables": [table(STRADDLE, torch="2.10.0")]}),
      "stale: measured with other versions (torch '2.10.0' there, '2.11.0' here)"),
     (json.dumps({"format": measured.FORMAT, "version": 1, "tables": [table(STRADDLE, gpu="NVIDIA H200")]}),
@@ -461,3 +466,41 @@ def test_each_call_takes_its_buckets_launch(machine, fake_pg):
     agree.settle(two, [t.digest, t.digest], t)
     assert plan(*_bound(two, 300), False, "add_rmsnorm").path == "unfused"  # the group's collective + the epilogue
     assert plan(*_bound(two, 300), False, "add_rmsnorm").world == 1
+
+
+def test_an_unfused_bucket_runs_the_fastest_collective_it_measured(machine, fake_pg):
+    """The ``unfused`` pick at world size N runs the collective its bucket measured fastest
+    (``best_unfused``); a bucket that names none (or NCCL) runs the group's own."""
+    from fusion_passes.backends.triton import TritonBackend
+
+    two = "c10d:" + fake_pg.group_name
+    entries = [dict(e) for e in STRADDLE]
+    entries[8]["best_unfused"] = "symm_two_shot+static"  # 256 tokens
+    entries[9]["best_unfused"] = "nccl+tokdyn"  # 512 tokens
+    measured.write(table(entries, world_size=2))
+    t = measured.local(2)
+    agree.settle(two, [t.digest, t.digest], t)
+    plan = TritonBackend()._plan
+    assert plan(*_bound(two, 200), False, "add_rmsnorm").collective == "symm_two_shot"
+    assert plan(*_bound(two, 300), False, "add_rmsnorm").collective == "nccl"
+    entries[9].pop("best_unfused")
+    measured.write(table(entries, world_size=2))
+    t = measured.local(2)
+    agree.settle(two, [t.digest, t.digest], t)
+    assert plan(*_bound(two, 300), False, "add_rmsnorm").collective is None  # the group's own
+
+
+def test_a_bucket_measured_faster_with_evict_first_launches_with_it(machine, fake_pg):
+    from fusion_passes.backends.triton import FORCE, TritonBackend
+    from fusion_passes.cli.model_trace import fake_world
+
+    one = "c10d:" + fake_world(1).group_name
+    measured.write(table([entry(8, "fused", num_warps=4, evict=True), entry(64, "fused", num_warps=4)]))
+    plan = TritonBackend()._plan
+    assert plan(*_bound(one, 6), False, "add_rmsnorm").evict is True
+    assert plan(*_bound(one, 40), False, "add_rmsnorm").evict is False
+    FORCE["evict"] = False  # tune times the config without it
+    try:
+        assert plan(*_bound(one, 6), False, "add_rmsnorm").evict is False
+    finally:
+        FORCE.clear()

@@ -71,7 +71,7 @@ def test_bucket_times_every_candidate_and_every_unfused_chain(fake_pg, monkeypat
                           "none+tokdyn"}  # hidden 64: its own warp count (1) is a candidate too
     assert all(v > 0 for v in times.values())
     # forced, then cleared; one row and Triton's stages forced too (a table on disk must not change them)
-    assert seen == [{"num_warps": w, "rows": 1, "num_stages": None} for w in (1, 4, 8, 16)]
+    assert seen == [{"num_warps": w, "rows": 1, "num_stages": None, "evict": False} for w in (1, 4, 8, 16)]
 
 
 def test_row_configs_only_at_world_size_1_where_the_programs_fill_the_sms():
@@ -84,9 +84,12 @@ def test_row_configs_only_at_world_size_1_where_the_programs_fill_the_sms():
     assert tune.parse_option("fused:local:8:r4:s1") == {"path": "local", "num_warps": 8, "rows": 4, "num_stages": 1}
     assert tune.parse_option("fused:barrier:16") == {"path": "barrier", "num_warps": 16, "rows": 1,
                                                       "num_stages": None}
+    evict = {"path": "local", "num_warps": 8, "rows": 1, "num_stages": None, "evict": True}
+    assert tune.option_name(evict) == "fused:local:8:r1:sNone:evict" and tune.parse_option(tune.option_name(evict)) == evict
 
 
-def test_the_second_pass_times_rows_with_the_fastest_warps_and_the_entry_keeps_them(fake_pg, monkeypatch):
+@pytest.mark.parametrize("evict_gain", [-0.5, 0.5])
+def test_the_second_pass_times_rows_with_the_fastest_warps_and_the_entry_keeps_them(fake_pg, monkeypatch, evict_gain):
     """A fake timer: the fused time is a function of the forced config (8 warps fastest, then
     4 rows at 1 stage); the second pass starts from the first pass's 8 warps, and the
     bucket's entry names the rows and stages that won."""
@@ -103,18 +106,22 @@ def test_the_second_pass_times_rows_with_the_fastest_warps_and_the_entry_keeps_t
         if not f:
             return 9.5  # an unfused chain
         return cost.get(f["num_warps"], 12.0) - {None: 0, 1: 0, 2: 0.5, 4: 1.0}[f.get("rows")] \
-            - (0.25 if f.get("num_stages") == 1 else 0.0)
+            - (0.25 if f.get("num_stages") == 1 else 0.0) - (evict_gain if f.get("evict") else 0.0)
     monkeypatch.setattr(ctx, "time_graph", fake_time)
     w, scale = torch.rand(64).bfloat16(), torch.tensor([0.02])
     forms = {"static": lambda *a: None, "tokdyn": lambda *a: None}
     monkeypatch.setattr(bk, "_timed", lambda *a, **k: None)
     monkeypatch.setattr(bk, "_collectives", lambda ctx, x: {"none": lambda t: t})
     times = tune._bucket_times(ctx, "add_rmsnorm", 64, 4096, w, scale, forms, lambda *a: None, tb)
-    assert seen[4:] == [{"num_warps": 8, "rows": r, "num_stages": s} for r in (2, 4) for s in (1, 3)]
+    assert seen[4:8] == [{"num_warps": 8, "rows": r, "num_stages": s, "evict": False} for r in (2, 4) for s in (1, 3)]
+    # then the fastest so far (8 warps, 4 rows, 1 stage) with evict_first
+    assert seen[8:] == [{"num_warps": 8, "rows": 4, "num_stages": 1, "evict": True}]
     entry, row = tune.decide_bucket(ctx.group, "add_rmsnorm", 64, 4096, times)
     assert (entry["pick"], entry["num_warps"], entry["rows"], entry["num_stages"]) == ("fused", 8, 4, 1)
-    assert entry["fused_us"] == 7.75 and entry["best_unfused"] in ("none+static", "none+tokdyn")
-    measured.parse_table({"key": {}, "entries": [entry]}, "test")  # the table reads it back
+    assert entry.get("evict", False) is (evict_gain > 0)
+    assert entry["fused_us"] == 7.75 - max(evict_gain, 0) and entry["best_unfused"] in ("none+static", "none+tokdyn")
+    (e,) = measured.parse_table({"key": {}, "entries": [entry]}, "test").buckets[("add_rmsnorm", 64)]  # read back
+    assert bool(e.evict) is (evict_gain > 0)
 
 
 class _Recorder(dict):

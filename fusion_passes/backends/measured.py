@@ -137,6 +137,7 @@ class Entry:
     fused_us: float | None = None
     unfused_us: float | None = None
     best_unfused: str | None = None
+    evict: bool | None = None  # world size 1: streamed loads evict_first (None: off)
 
 
 @dataclasses.dataclass(eq=False)
@@ -203,8 +204,11 @@ def _entry(raw) -> tuple[tuple[str, int], Entry]:
             raise Invalid(f"{name} must be a positive finite number, got {v!r}")
         times[name] = None if v is None else float(v)
     best = raw.get("best_unfused")
+    evict = raw.get("evict")
+    if evict is not None and (not isinstance(evict, bool) or (evict and path_ != "local")):
+        raise Invalid(f"evict must be true or false, and true only on path 'local', got {evict!r} on {path_!r}")
     return (variant, hidden), Entry(tokens, pick, path_, warps, best_unfused=best if isinstance(best, str) else None,
-                                    **launch, **times)
+                                    evict=evict, **launch, **times)
 
 
 def _launch_int(raw: dict, name: str, allowed: tuple[int, ...]) -> int | None:

@@ -132,10 +132,45 @@ def _allocate(name: str, nbytes: int, device: torch.device) -> Workspace:
     )
 
 
+COLLECTIVES = ("nccl", "symm_one_shot", "symm_two_shot")
+"""The unfused chain's collectives ``fusion-passes tune`` times at world size N (its
+``best_unfused`` names one, ``COLLECTIVE+FORM``)."""
+
+
+def collective_of(best_unfused: str | None) -> str | None:
+    """The collective of a measured ``best_unfused`` (``"symm_one_shot+tokdyn"`` ->
+    ``"symm_one_shot"``), or None where it names none of :data:`COLLECTIVES`."""
+    name = (best_unfused or "").partition("+")[0]
+    return name if name in COLLECTIVES else None
+
+
+def all_reduce(x: torch.Tensor, group: str, collective: str | None) -> torch.Tensor:
+    """Sum *x* over *group* with *collective*, the fastest one the measured table names:
+    torch's symmetric-memory one-shot or two-shot (``torch.ops.symm_mem``) through this
+    group's workspace, for a ``c10d`` group; else (NCCL, nothing measured, or a vLLM group,
+    whose communicator already picks its own fastest) the group's own collective
+    (:func:`fusion_passes.groups.all_reduce`, what the unfused graph ran). The two-shot
+    reduces in place, so its result lives in the workspace until the next call on the
+    group, which the caller's stream orders after every read of it.
+
+    NOT EXECUTED at world size > 1: no machine with several GPUs was lent (the selection
+    is tested on CPU, tests/test_symm_collective.py)."""
+    if collective not in ("symm_one_shot", "symm_two_shot") or groups.split(group)[0] != "c10d":
+        return groups.all_reduce(x, group)
+    nbytes = x.numel() * x.element_size()
+    ws = get(group, nbytes, x.device)
+    buf = ws.buffer[:nbytes].view(x.dtype).view(x.shape)
+    buf.copy_(x)
+    if collective == "symm_one_shot":
+        return torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", ws.group_name)
+    torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", ws.group_name)
+    return buf
+
+
 def clear() -> None:
     """Forget every workspace (tests; before destroying a process group)."""
     with _LOCK:
         _WORKSPACES.clear()
 
 
-__all__ = ["Workspace", "get", "reserve", "clear", "c10d_group_name"]
+__all__ = ["Workspace", "get", "reserve", "clear", "c10d_group_name", "COLLECTIVES", "collective_of", "all_reduce"]

@@ -42,8 +42,10 @@ instead of the one-shot's N-1 times it). The wait-free kernels are
 sizes 2, 4 and 8 (tests/gpu/lamport_check.py), but they were never timed on several GPUs,
 so the shipped table does not pick them: a measured table (``fusion-passes tune`` at world
 size N) may, per token bucket, and ``FUSION_PASSES_TRITON_PATH`` forces one. Where the
-measured table says the unfused chain was faster, a call runs the group's own collective
-and then this kernel at world size 1 (the epilogue alone), never the eager reference.
+measured table says the unfused chain was faster, a call runs the fastest collective that
+table measured (:func:`symm.all_reduce`: torch's symmetric-memory one-shot or two-shot, or
+the group's own) and then this kernel at world size 1 (the epilogue alone), never the
+eager reference.
 The two-shot gathers the all-reduce's result (activation dtype) and recomputes the
 epilogue locally rather than gathering the outputs: fewer bytes over the links for
 every variant (2 bytes per element against 3 to 4 for residual_out + norm or codes).
@@ -200,8 +202,8 @@ class TritonBackend:
     def _plan(self, a: FusedArgs, x: torch.Tensor, fp4: bool, variant: str) -> "_Plan":
         """Grid, warps and multi-rank path of one launch: the measured table's entry for this
         call's token bucket where there is one (agreed across the group), else the shipped
-        rules. A measured ``unfused`` pick at world size > 1 runs the group's own collective
-        and then this kernel at world size 1 (the epilogue alone)."""
+        rules. A measured ``unfused`` pick at world size > 1 runs the fastest collective the
+        table measured and then this kernel at world size 1 (the epilogue alone)."""
         tokens, hidden = x.shape
         world = groups.world_size(a.group)
         entry = measured_entry(variant, a.group, world, tokens, hidden)
@@ -215,7 +217,9 @@ class TritonBackend:
         if not (tokens and world > 1):
             return _local_plan(tokens, nw, stages, entry)
         if FORCE.get("path", "unfused" if entry is not None and entry.pick == "unfused" else None) == "unfused":
-            return _local_plan(tokens, nw, stages, entry, path="unfused")
+            plan = _local_plan(tokens, nw, stages, entry, path="unfused")
+            plan.collective = symm.collective_of(None if entry is None else entry.best_unfused)
+            return plan
         dev = x.device
         resident = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) * max(
             1, int(LIMITS["threads_per_sm"]) // (32 * nw)
@@ -246,8 +250,8 @@ class TritonBackend:
         per_group = quant == k.QUANT_FP8_PER_GROUP
         if not x.shape[0]:
             return _shaped(o, lead, hidden, fp4)
-        if plan.path == "unfused":  # the group's own collective (what the unfused graph ran), then the epilogue
-            x = groups.all_reduce(x, a.group).contiguous()
+        if plan.path == "unfused":  # the fastest measured collective, then the epilogue
+            x = symm.all_reduce(x, a.group, plan.collective).contiguous()
         tensors = (x, x if res is None else res, x if w is None else w, o.res_out,
                    o.res_out if o.norm is None else o.norm, o.res_out if o.q is None else o.q,
                    x if o.scales_arg is None else o.scales_arg,
@@ -278,7 +282,8 @@ class TritonBackend:
                 **plan.launch())
         else:
             k.fused_allreduce_add_rmsnorm_kernel[(plan.grid,)](
-                *tensors, plan.buf_ptrs, plan.sig_ptrs, *scalars, **consts, ROWS=plan.rows, **plan.launch())
+                *tensors, plan.buf_ptrs, plan.sig_ptrs, *scalars, **consts, ROWS=plan.rows,
+                EVICT=plan.evict and plan.world == 1, **plan.launch())
         return _shaped(o, lead, hidden, fp4)
 
 
@@ -297,6 +302,8 @@ class _Plan:
     lamport: object = None  # wait-free paths: their lamport.LamportWorkspace
     rows: int = 1  # world size 1 (and the epilogue after an unfused collective): rows per program
     num_stages: int | None = None  # Triton's software-pipelining depth (None: Triton's default)
+    collective: str | None = None  # path "unfused": the measured fastest (symm.COLLECTIVES; None: the group's own)
+    evict: bool = False  # world size 1: streamed loads evict_first, the weight evict_last (a tuned option)
 
     def launch(self) -> dict:
         """The launch options: warps, and the stages where a measured config names them."""
@@ -307,15 +314,16 @@ def _local_plan(tokens: int, nw: int, stages: int | None, entry, path: str = "lo
     """A launch of the kernel at world size 1: ``rows`` rows per program (the measured entry's,
     or ``FORCE["rows"]`` while ``tune`` times it; 1 by default), ``ceil(tokens / rows)`` programs."""
     rows = FORCE.get("rows", (entry.rows if entry is not None and entry.rows else 1))
-    return _Plan(max(1, -(-tokens // rows)), nw, path=path, rows=rows, num_stages=stages)
+    evict = FORCE.get("evict", bool(entry is not None and entry.evict))
+    return _Plan(max(1, -(-tokens // rows)), nw, path=path, rows=rows, num_stages=stages, evict=evict)
 
 
 PATHS = ("barrier", "lamport", "twoshot")
 PATH_ENV = "FUSION_PASSES_TRITON_PATH"
 FORCE: dict = {}
-"""``fusion-passes tune`` only: ``{"num_warps": n, "path": p, "rows": r, "num_stages": s}`` (any of
-them) forced on every launch while it times the candidates (``path`` one of :data:`PATHS` or
-``"unfused"``; ``rows`` at world size 1 only)."""
+"""``fusion-passes tune`` only: ``{"num_warps": n, "path": p, "rows": r, "num_stages": s, "evict": e}``
+(any of them) forced on every launch while it times the candidates (``path`` one of :data:`PATHS`
+or ``"unfused"``; ``rows`` and ``evict`` at world size 1 only)."""
 
 
 def path_for(world: int, tokens: int, hidden: int, itemsize: int, measured_path: str | None = None) -> str:

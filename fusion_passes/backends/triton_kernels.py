@@ -252,20 +252,31 @@ def _fp4(y, row, q_ptr, qscale_ptr, gs, inv_gs, H: tl.constexpr, BLOCK: tl.const
 
 
 @triton.jit
+def _stream(ptr, mask, EVICT: tl.constexpr):
+    """A load read once per launch (a row of the input or the residual): with ``EVICT``,
+    marked first out of L2 (``evict_first``, as Inductor marks its streamed loads), so the
+    weight every row reads stays resident; a tuned launch option."""
+    if EVICT:
+        return tl.load(ptr, mask=mask, other=0.0, eviction_policy="evict_first")
+    else:
+        return tl.load(ptr, mask=mask, other=0.0)
+
+
+@triton.jit
 def epilogue_row(
     s, row, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub, gs, inv_gs, eps,
     scale_stride_t, scale_stride_g, H: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
     RES_FP32: tl.constexpr, HAS_W: tl.constexpr, GEMMA: tl.constexpr, W_FP32: tl.constexpr,
     WRITE_NORM: tl.constexpr, QUANT: tl.constexpr, HAS_UB: tl.constexpr, GROUP: tl.constexpr,
     UE8M0: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, AMAX_EPS: tl.constexpr,
-    SWIZZLE: tl.constexpr, SCALE_COLS: tl.constexpr, Q_RAW: tl.constexpr = False,
+    SWIZZLE: tl.constexpr, SCALE_COLS: tl.constexpr, Q_RAW: tl.constexpr = False, EVICT: tl.constexpr = False,
 ):
     """Everything after the all-reduce for one row: ``s`` is the reduced row in fp32
     (already rounded to the activation dtype, as the collective returns it)."""
     act = res_out_ptr.dtype.element_ty
     off = tl.cast(row, tl.int64) * H
     if HAS_RES:
-        r_in = tl.load(res_ptr + off + cols, mask=mask, other=0.0).to(tl.float32)
+        r_in = _stream(res_ptr + off + cols, mask, EVICT).to(tl.float32)
         if RES_FP32:
             s = s + r_in  # vLLM fused_add_rms_norm: the norm reads the unrounded fp32 sum
         else:
@@ -330,12 +341,16 @@ def fused_allreduce_add_rmsnorm_kernel(
     SCALE_COLS: tl.constexpr = 1,  # NVFP4 swizzled: round_up(H / 16, 4)
     Q_RAW: tl.constexpr = False,  # FP8 codes from the norm value before its rounding (quant_unrounded)
     ROWS: tl.constexpr = 1,  # world size 1: rows per program (a tuned launch config)
+    EVICT: tl.constexpr = False,  # world size 1: streamed loads evict_first (a tuned launch config)
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
     act = in_ptr.dtype.element_ty
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 0.0
+    if EVICT:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32) if HAS_W else 0.0
+    else:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 0.0
     inv_scale = tl.math.div_rn(1.0, tl.load(qscale_ptr).to(tl.float32)) if QUANT == 1 else 0.0
     ub = tl.load(ub_ptr).to(tl.float32) if HAS_UB else 0.0
     gs = tl.load(ub_ptr).to(tl.float32) if QUANT == 4 else 0.0  # NVFP4's global scale
@@ -343,18 +358,18 @@ def fused_allreduce_add_rmsnorm_kernel(
     inv_gs = tl.math.div_rn(1.0, gs + (gs == 0).to(tl.float32) * 1e8) if QUANT == 4 else 0.0
 
     if WS == 1 and ROWS == 1:  # one row per program, no loop: the shortest path from load to store
-        s = tl.load(in_ptr + tl.cast(pid, tl.int64) * H + cols, mask=mask, other=0.0).to(tl.float32)
+        s = _stream(in_ptr + tl.cast(pid, tl.int64) * H + cols, mask, EVICT).to(tl.float32)
         epilogue_row(s, pid, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub, gs,
                       inv_gs, eps, scale_stride_t, scale_stride_g, H, BLOCK, HAS_RES, RES_FP32, HAS_W, GEMMA, W_FP32,
                       WRITE_NORM, QUANT, HAS_UB, GROUP, UE8M0, FP8_MAX, MIN_SCALE, AMAX_EPS, SWIZZLE, SCALE_COLS,
-                      Q_RAW)
+                      Q_RAW, EVICT)
     elif WS == 1:  # ROWS consecutive rows per program: the weight loaded once, the loop pipelined (num_stages)
         for row in range(pid * ROWS, tl.minimum(pid * ROWS + ROWS, T)):
-            s = tl.load(in_ptr + tl.cast(row, tl.int64) * H + cols, mask=mask, other=0.0).to(tl.float32)
+            s = _stream(in_ptr + tl.cast(row, tl.int64) * H + cols, mask, EVICT).to(tl.float32)
             epilogue_row(s, row, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub,
                           gs, inv_gs, eps, scale_stride_t, scale_stride_g, H, BLOCK, HAS_RES, RES_FP32, HAS_W, GEMMA,
                           W_FP32, WRITE_NORM, QUANT, HAS_UB, GROUP, UE8M0, FP8_MAX, MIN_SCALE, AMAX_EPS, SWIZZLE,
-                          SCALE_COLS, Q_RAW)
+                          SCALE_COLS, Q_RAW, EVICT)
     else:
         nprog = tl.num_programs(0)
         bufs = buf_ptrs.to(tl.pointer_type(tl.uint64))

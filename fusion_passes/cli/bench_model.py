@@ -66,6 +66,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fp8-linear", choices=("vllm", "hf"), default="vllm",
                         help="vllm: our FP8 linear with vLLM's native per-token quant (default); hf: "
                              "transformers' CompressedTensorsFP8Linear (quantize_fp8_per_row)")
+    parser.add_argument("--token-dynamic", action="store_true",
+                        help="compile each form once per step kind with the token dimension dynamic and "
+                             "Dynamo's guards dropped (as vLLM compiles), at the kind's largest point, and run "
+                             "every point of that kind through it; prefill points share the largest one's cache")
     parser.add_argument("--tiny", action="store_true", help="toy sizes of the same model families")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU: trace under the fake process group and report the sites (no timing)")
@@ -83,6 +87,8 @@ def validate(args) -> None:
 
     if not args.decode and not args.prefill:
         raise UsageError("nothing to run: --decode and --prefill are both empty")
+    if args.token_dynamic and args.dry_run:
+        raise UsageError("--token-dynamic compiles and times the steps; --dry-run only traces them")
     if args.world_size > 1 and not args.dry_run:
         raise UsageError("--world-size is for --dry-run; on GPUs the world size is torchrun's")
     if args.out:
@@ -96,19 +102,21 @@ def plan(args, world: int) -> dict:
     n_points = len(args.decode) + len(args.prefill)
     forms = 3 if world == 1 else 2
     combos = len(args.model) * len(args.precision)
-    compiles = combos * n_points * forms
+    n_graphs = (bool(args.decode) + bool(args.prefill)) if getattr(args, "token_dynamic", False) else n_points
+    compiles = combos * n_graphs * forms
     cold = SECONDS_COLD[0] + SECONDS_COLD[1] * args.layers
     warm = SECONDS_WARM[0] + SECONDS_WARM[1] * args.layers
     per_point = cold + (forms - 1) * warm
     return {"points": n_points, "forms": forms, "combinations": combos, "compiles": compiles,
-            "estimate_s": round(combos * (SECONDS_SETUP + n_points * per_point))}
+            "estimate_s": round(combos * (SECONDS_SETUP + n_graphs * per_point))}
 
 
 def run(args) -> int:
     validate(args)
     from fusion_passes.cli import model_step
 
-    pts = model_step.points(args.decode, args.prefill, args.context)
+    pts = model_step.points(args.decode, args.prefill, args.context,
+                            shared_prefill_cache=getattr(args, "token_dynamic", False))
     if args.dry_run:
         return _dry_run(args, pts)
     world = world_size_from_env()
@@ -232,18 +240,33 @@ def _combination(ctx, args, name: str, precision: str, pts) -> list[dict]:
     if ctx.rank == 0 and not args.json:
         print(f"{prefix}: {ctx.form}", flush=True)
     rows = []
-    for p, ref in zip(pts, refs):
-        row = {"model": name, "precision": precision, "form": ctx.form,
-               **model_step.run_point(ctx, p, ref)}
+    for row in _point_rows(ctx, args, pts, refs):
+        row = {"model": name, "precision": precision, "form": ctx.form, **row}
         if precision == "fp8":
             row["fp8_linear"] = args.fp8_linear
-        ctx.phases["compile"] += sum(row["compile_s"].values())
+        if "compiled_at" not in row or not rows or rows[-1]["kind"] != row["kind"]:  # once per graph
+            ctx.phases["compile"] += sum(row["compile_s"].values())
         rows.append(row)
         if ctx.rank == 0 and not args.json:
             print(model_step.format_point(prefix, row), flush=True)
     del ctx.model
     ctx.handles = []
     return rows
+
+
+def _point_rows(ctx, args, pts, refs):
+    """Each point's row: one compile per point and form, or (``--token-dynamic``) one per
+    step kind and form (:func:`fusion_passes.cli.model_step.run_dynamic`)."""
+    from fusion_passes.cli import model_step
+
+    if not args.token_dynamic:
+        for p, ref in zip(pts, refs):
+            yield model_step.run_point(ctx, p, ref)
+        return
+    for kind in ("decode", "prefill"):
+        idx = [i for i, p in enumerate(pts) if p.kind == kind]
+        if idx:
+            yield from model_step.run_dynamic(ctx, [pts[i] for i in idx], [refs[i] for i in idx])
 
 
 def _benchmark(args, pts, p: dict) -> int:
@@ -268,7 +291,7 @@ def _benchmark(args, pts, p: dict) -> int:
     ratios = [r["numerics"]["ratio"] for r in rows if r["model"] not in MOE]
     result = {"command": command_line("model", ctx.world), "world_size": ctx.world, "device": args.device,
               "machine": bench_cuda.machine(), "versions": bench_cuda.versions(), "layers": args.layers,
-              "tiny": args.tiny, "context": args.context, "plan": p,
+              "tiny": args.tiny, "context": args.context, "plan": p, "token_dynamic": args.token_dynamic,
               "timing": ("one compiled step per CUDA graph (torch.cuda.graph), median of replays" if
                          args.device == "cuda" else "CPU: median wall-clock time of eager calls"),
               "phases_s": {k: round(v, 1) for k, v in ctx.phases.items()},

@@ -8,8 +8,9 @@ A *point* is a step shape (:func:`points`):
 * ``prefill T``: one sequence of T prompt tokens into an empty cache of T slots.
 
 The logits of each sequence's last token are the step's output (what a server samples).
-A *form* is how the step is compiled (``torch.compile(fullgraph=True, dynamic=False)``,
-one compile per point and form):
+A *form* is what is compiled (``torch.compile(fullgraph=True, dynamic=False)``, one
+compile per point and form; token-dynamic, :func:`run_dynamic`: one compile per step
+kind and form, serving every point of that kind):
 
 * ``nocoll`` (world size 1 only): the model with no collective at all, what a one-GPU
   user runs;
@@ -51,10 +52,13 @@ class Point:
         return f"{self.kind} {self.tokens}"
 
 
-def points(decode, prefill, context: int) -> list[Point]:
-    """Decode points (T sequences x 1 token, ``context`` cached) then prefill (1 x T)."""
+def points(decode, prefill, context: int, shared_prefill_cache: bool = False) -> list[Point]:
+    """Decode points (T sequences x 1 token, ``context`` cached) then prefill (1 x T, into
+    a cache of T slots; ``shared_prefill_cache``: of the largest prefill's slots, so that
+    every prefill point has the same cache shape, as one token-dynamic graph needs)."""
     out = [Point("decode", t, t, 1, context + 1, context) for t in decode]
-    return out + [Point("prefill", t, 1, t, t, 0) for t in prefill]
+    slots = max(prefill, default=0)
+    return out + [Point("prefill", t, 1, t, slots if shared_prefill_cache else t, 0) for t in prefill]
 
 
 def inputs(model, p: Point, device, world: int, dtype=torch.bfloat16, like=None):
@@ -194,12 +198,19 @@ def runtime_backend_fn(hidden: int, world: int, tokens: int, device_kind: str):
 
 
 def run_point(ctx, p: Point, ref: torch.Tensor) -> dict:
-    """Every form of point *p*: step times, speedups, the pass's sites, numerics."""
+    """Every form of point *p*, each compiled for it: step times, speedups, sites, numerics."""
     ids, cache = inputs(ctx.model, p, ctx.device, ctx.world)
     with torch.no_grad():
-        outs = {"eager": models.step(ctx.model, ids, cache).float()}
+        eager = models.step(ctx.model, ids, cache).float()
     results = {form: run_form(form, ctx, ids, cache) for form in ctx.forms}
-    outs.update({form: r["logits"] for form, r in results.items()})
+    del ids, cache
+    return point_row(ctx, p, ref, eager, results)
+
+
+def point_row(ctx, p: Point, ref: torch.Tensor, eager: torch.Tensor, results: dict) -> dict:
+    """The row of point *p* from each form's result (``us``, ``compile_s``, ``logits``, and
+    the pass's ``reports`` for ``fused``)."""
+    outs = {"eager": eager, **{form: r["logits"] for form, r in results.items()}}
     step_us = {form: r["us"] for form, r in results.items()}
     cfg = ctx.model.config
     pick = runtime_backend_fn(cfg.hidden_size, ctx.world, p.batch * p.seq, ctx.device_kind)
@@ -213,8 +224,82 @@ def run_point(ctx, p: Point, ref: torch.Tensor) -> dict:
     }
     if "nocoll" in step_us:
         row["speedup_vs_nocoll"] = step_us["nocoll"] / step_us["fused"]
-    del ids, cache
     return row
+
+
+def token_dims(p: Point) -> tuple[int, int]:
+    """``(ids dim, cache dim)`` that carry the token count of point *p*'s kind (cache dim
+    -1: the cache does not grow with it): decode, the sequences (dim 0 of the ids and of
+    every cache tensor); prefill, the prompt length (dim 1 of the ids; the cache is shared)."""
+    return (0, 0) if p.kind == "decode" else (1, -1)
+
+
+def compile_point(pts: list[Point]) -> Point:
+    """Where one kind's token-dynamic graph is compiled: at its largest point (vLLM compiles
+    at its largest size), or at 2 tokens if that is 1 (Dynamo specializes a size of 1)."""
+    top = max(pts, key=lambda p: p.tokens)
+    if top.tokens >= 2:
+        return top
+    return dataclasses.replace(top, tokens=2, batch=2) if top.kind == "decode" else \
+        dataclasses.replace(top, tokens=2, seq=2, max_len=max(2, top.max_len))
+
+
+def run_dynamic(ctx, pts: list[Point], refs: list[torch.Tensor]) -> list[dict]:
+    """The points of ONE kind through token-dynamic forms, as vLLM runs its graphs: each form
+    is compiled once, at :func:`compile_point`, with the token dimension marked dynamic
+    (``mark_dynamic``: Dynamo raises if the model specializes it) and Dynamo's guards
+    dropped, then every point runs through that one graph (a point whose logits come out
+    in another shape fails). Rows as :func:`run_point`'s, with ``compiled_at`` and ``graphs``
+    (per form, the graphs Dynamo compiled for the kind: 1 unless it recompiled)."""
+    at = compile_point(pts)
+    with torch.no_grad():
+        eager = [models.step(ctx.model, *inputs(ctx.model, p, ctx.device, ctx.world)).float() for p in pts]
+    per_form = {form: _run_form_dynamic(form, ctx, at, pts) for form in ctx.forms}
+    rows = []
+    for i, (p, ref) in enumerate(zip(pts, refs)):
+        results = {form: {**r["compile"], **r["points"][i]} for form, r in per_form.items()}
+        rows.append({**point_row(ctx, p, ref, eager[i], results), "compiled_at": at.tokens,
+                     "graphs": {form: r["compile"]["graphs"] for form, r in per_form.items()}})
+    return rows
+
+
+def _run_form_dynamic(form: str, ctx, at: Point, pts: list[Point]) -> dict:
+    from fusion_passes import _compat
+    from fusion_passes.cli.bench_epilogue import drop_guards
+
+    ids_dim, cache_dim = token_dims(at)
+    torch.compiler.reset()
+    graphs = _compat.dynamo_graphs_compiled()
+    with _form(form, ctx) as fusion, torch.no_grad():
+        compiled = torch.compile(ctx.model, fullgraph=True, options={"guard_filter_fn": drop_guards})
+        ids, cache = inputs(ctx.model, at, ctx.device, ctx.world)
+        _compat.mark_dynamic(ids, ids_dim)
+        if cache_dim >= 0:
+            for layer in cache.layers:
+                _compat.mark_dynamic(layer.keys, cache_dim)
+                _compat.mark_dynamic(layer.values, cache_dim)
+        t0 = time.perf_counter()
+        models.step(compiled, ids, cache)
+        ctx.sync()
+        out = {"compile": {"compile_s": time.perf_counter() - t0}, "points": []}
+        del ids, cache
+        for p in pts:
+            ids, cache = inputs(ctx.model, p, ctx.device, ctx.world)
+            logits = models.step(compiled, ids, cache).float()
+            want = (p.batch, 1, ctx.model.config.vocab_size)
+            if tuple(logits.shape) != want:
+                raise RuntimeError(f"token-dynamic {form} graph compiled at {at.label} gave logits of shape "
+                                   f"{tuple(logits.shape)} at {p.label} (expected {want}): it specialized a size")
+            out["points"].append({"logits": logits, "us": ctx.time_step(lambda: models.step(compiled, ids, cache))})
+            del ids, cache
+        if fusion is not None:
+            out["compile"]["reports"] = list(fusion.reports)
+    out["compile"]["graphs"] = _compat.dynamo_graphs_compiled() - graphs
+    del compiled
+    torch.compiler.reset()
+    gc.collect()
+    ctx.empty_cache()
+    return out
 
 
 def format_point(prefix: str, row: dict) -> str:
@@ -224,7 +309,8 @@ def format_point(prefix: str, row: dict) -> str:
     backends_ = ", ".join(f"{k} x{v}" for k, v in s["runtime_backends"].items()) or "-"
     check = "ok" if numerics_ok(n) else "FAILED"
     ratio = f", ratio {n['ratio']:.3f}" if "ratio" in n else ""
-    return (f"{prefix} {row['kind']} {row['tokens']}: unfused {us['unfused']:.1f} us, fused {us['fused']:.1f} us "
+    dyn = f" (token-dynamic graph compiled at {row['compiled_at']})" if "compiled_at" in row else ""
+    return (f"{prefix} {row['kind']} {row['tokens']}{dyn}: unfused {us['unfused']:.1f} us, fused {us['fused']:.1f} us "
             f"(x{row['speedup']:.3f}){nocoll}; sites {s['fused']}/{s['total']} fused ({s['per_layer']:g}/layer; "
             f"{backends_}); rms fused {n['fused']['rms']:.4g} vs unfused {n['unfused']['rms']:.4g} "
             f"(eager {n['eager']['rms']:.4g}, tol {n['tolerance']['rms']:.2g}{ratio}): {check}")

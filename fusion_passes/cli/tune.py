@@ -8,8 +8,10 @@ token bucket, it times under CUDA graphs (``bench kernels``' machinery,
 * the fused call at each launch config the kernel can vary: warps per row (4, 8, 16) and,
   at N, each multi-rank path (barrier one-shot, wait-free one-shot, two-shot); then, at
   world size 1, with the fastest warps, rows per program (2, 4: where the bucket still
-  fills every SM with programs) at each pipelining depth (``num_stages`` 1, 3), one
-  coordinate at a time as Inductor's coordinate descent does, to keep the options few;
+  fills every SM with programs) at each pipelining depth (``num_stages`` 1, 3), and last
+  the fastest config so far with its streamed loads ``evict_first`` (the weight
+  ``evict_last``, as Inductor marks them), one coordinate at a time as Inductor's
+  coordinate descent does, to keep the options few;
 * every unfused chain: each collective (none at 1; NCCL, symm-mem one-shot and two-shot at
   N) + the epilogue compiled by Inductor (static per token count, token-dynamic).
 
@@ -162,14 +164,18 @@ def row_options(world: int, tokens: int, sm_count: int | None, num_warps: int) -
 
 def option_name(o: dict) -> str:
     name = f"fused:{o['path']}:{o['num_warps']}"
-    return name + (f":r{o['rows']}:s{o['num_stages']}" if o.get("rows") else "")
+    name += f":r{o['rows']}:s{o['num_stages']}" if o.get("rows") else ""
+    return name + (":evict" if o.get("evict") else "")
 
 
 def parse_option(name: str) -> dict:
-    """:func:`option_name` read back: ``{"path", "num_warps", "rows", "num_stages"}``."""
+    """:func:`option_name` read back: ``{"path", "num_warps", "rows", "num_stages"}``, and
+    ``"evict": True`` for a config timed with its streamed loads ``evict_first``."""
     _, path, warps, *rest = name.split(":")
-    rows, stages = (int(rest[0][1:]), int(rest[1][1:])) if rest else (1, None)
-    return {"path": path, "num_warps": int(warps), "rows": rows, "num_stages": stages}
+    evict = bool(rest) and rest[-1] == "evict"
+    rest = rest[:-1] if evict else rest
+    rows, stages = (int(rest[0][1:]), None if rest[1] == "sNone" else int(rest[1][1:])) if rest else (1, None)
+    return {"path": path, "num_warps": int(warps), "rows": rows, "num_stages": stages, **({"evict": True} if evict else {})}
 
 
 def decide_bucket(group: str, variant: str, hidden: int, tokens: int, times: dict[str, float]) -> tuple[dict, dict]:
@@ -249,8 +255,13 @@ def _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb) -> d
     if ctx.world == 1:
         first = {k: v for k, v in times.items() if v is not None}
         warps = parse_option(min(first, key=first.get))["num_warps"] if first else tb.num_warps_for(hidden)
-        for option in row_options(ctx.world, tokens, programs_to_fill(x.device), warps):
+        fill = programs_to_fill(x.device)
+        for option in row_options(ctx.world, tokens, fill, warps):
             _time_fused(ctx, tb, option, fused, inputs, calls, times)
+        timed = {k: v for k, v in times.items() if v is not None}
+        if timed and fill is not None:  # then the fastest config so far with its streamed loads evict_first
+            _time_fused(ctx, tb, {**parse_option(min(timed, key=timed.get)), "evict": True}, fused, inputs, calls,
+                        times)
     for coll_name, coll in bk._collectives(ctx, x).items():
         for form_name, form in forms.items():
             try:
@@ -267,7 +278,7 @@ def _time_fused(ctx, tb, option, fused, inputs, calls, times) -> None:
     """Time the fused call at one launch config (forced on the backend) into *times*. At world
     size 1 every launch field is forced (one row, Triton's stages unless named), so that no
     entry of a table already on disk changes the config being timed."""
-    local = {"rows": 1, "num_stages": None, **{k: v for k, v in option.items() if k != "path"}}
+    local = {"rows": 1, "num_stages": None, "evict": False, **{k: v for k, v in option.items() if k != "path"}}
     tb.FORCE.update(option if option["path"] != "local" else local)
     try:
         times[option_name(option)] = ctx.time_graph(fused, inputs, calls, ctx.args.replays)

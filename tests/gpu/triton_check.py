@@ -291,6 +291,36 @@ def all_cases() -> list[dict]:
     return cases
 
 
+def check_launch_configs(group, rank, world, tokens=1000, hidden=7168):
+    """Every tuned launch option (rows per program, num_stages, evict_first) computes the same
+    bytes as the default launch: a launch config may change the time, never a result."""
+    from fusion_passes.backends import triton as tb
+
+    if world != 1:
+        return "launch configs: world size 1 only (skipped)"
+    g = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randn(tokens, hidden, device="cuda", generator=g).to(torch.bfloat16)
+    res = torch.randn(tokens, hidden, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.rand(hidden, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
+    backend, n = TritonBackend(), 0
+    for variant, params in (("add_rmsnorm", ()), ("add_rmsnorm_fp8_per_token", (None,))):
+        want = run(backend, variant, x, res, w, 1e-6, group, False, False, *params)
+        for rows in (1, 2, 4):
+            for stages in (None, 1, 3):
+                for evict in (False, True):
+                    tb.FORCE.update(rows=rows, num_stages=stages, evict=evict)
+                    try:
+                        got = run(backend, variant, x, res, w, 1e-6, group, False, False, *params)
+                    finally:
+                        tb.FORCE.clear()
+                    for a, b_ in zip(got, want):
+                        if a is not None and not torch.equal(same_bytes(a), same_bytes(b_)):
+                            raise AssertionError(f"{variant} rows {rows} stages {stages} evict {evict}: differs "
+                                                 "from the default launch")
+                    n += 1
+    return f"launch configs: {n} (rows x stages x evict_first, 2 variants) byte-identical to the default launch"
+
+
 def main() -> int:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
@@ -312,7 +342,7 @@ def main() -> int:
             failures += 1
         if rank == 0:
             print(ok, tag, flush=True)
-    for fn in (check_graph_replay, check_back_to_back, check_op):
+    for fn in (check_graph_replay, check_back_to_back, check_op, check_launch_configs):
         try:
             tag, ok = fn(group, rank, world), "ok  "
         except Exception as e:  # noqa: BLE001 - report every failure, keep going
@@ -325,7 +355,7 @@ def main() -> int:
     if rank == 0:
         for line in sorted(SOURCES):
             print("oracle", line, flush=True)
-        print(f"{len(cases) + 3 - failures} passed, {failures} failed at world size {world}")
+        print(f"{len(cases) + 4 - failures} passed, {failures} failed at world size {world}")
     return 1 if failures else 0
 
 
