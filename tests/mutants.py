@@ -131,6 +131,20 @@ MUTANTS = (
            "        x = a.input.reshape(-1, hidden)",
            "        x = a.input",
            VENDOR, "AITER's per-group path reads M = input.shape[0] of an N-D input"),
+    Mutant("unfused_pick_ignores_the_measured_collective", "fusion_passes/backends/symm.py",
+           'return name if name in COLLECTIVES else None',
+           'return None',
+           ("tests/test_symm_collective.py", "tests/test_measured.py", "-k", "collective"),
+           "the measured unfused pick always runs the group's own collective, never the fastest"),
+    Mutant("tune_never_times_evict_first", "fusion_passes/cli/tune.py",
+           "if timed and fill is not None:",
+           "if False:",
+           ("tests/test_tune.py", "-k", "second_pass"), "the evict_first launch option is never timed"),
+    Mutant("token_dynamic_prefill_caches_differ", "fusion_passes/cli/model_step.py",
+           "slots if shared_prefill_cache else t",
+           "t",
+           ("tests/test_bench_model.py", "-k", "token_dynamic"),
+           "token-dynamic prefill points get caches of different shapes (one graph cannot serve them)"),
 )
 
 
