@@ -88,6 +88,16 @@ def test_row_configs_only_at_world_size_1_where_the_programs_fill_the_sms():
     assert tune.option_name(evict) == "fused:local:8:r1:sNone:evict" and tune.parse_option(tune.option_name(evict)) == evict
 
 
+def test_evict_first_is_tried_on_the_fastest_and_the_fastest_one_row_config():
+    times = {"fused:local:4": 3.0, "fused:local:8": 2.5, "fused:local:8:r2:s1": 2.0, "fused:local:16": None,
+             "none+static": 1.0}
+    assert [tune.option_name(o) for o in tune.evict_options(times)] == [
+        "fused:local:8:r2:s1:evict", "fused:local:8:r1:sNone:evict"]
+    times["fused:local:8:r2:s1"] = 2.6  # one row is fastest: one candidate
+    assert [tune.option_name(o) for o in tune.evict_options(times)] == ["fused:local:8:r1:sNone:evict"]
+    assert tune.evict_options({"none+static": 1.0}) == []
+
+
 @pytest.mark.parametrize("evict_gain", [-0.5, 0.5])
 def test_the_second_pass_times_rows_with_the_fastest_warps_and_the_entry_keeps_them(fake_pg, monkeypatch, evict_gain):
     """A fake timer: the fused time is a function of the forced config (8 warps fastest, then
@@ -114,8 +124,9 @@ def test_the_second_pass_times_rows_with_the_fastest_warps_and_the_entry_keeps_t
     monkeypatch.setattr(bk, "_collectives", lambda ctx, x: {"none": lambda t: t})
     times = tune._bucket_times(ctx, "add_rmsnorm", 64, 4096, w, scale, forms, lambda *a: None, tb)
     assert seen[4:8] == [{"num_warps": 8, "rows": r, "num_stages": s, "evict": False} for r in (2, 4) for s in (1, 3)]
-    # then the fastest so far (8 warps, 4 rows, 1 stage) with evict_first
-    assert seen[8:] == [{"num_warps": 8, "rows": 4, "num_stages": 1, "evict": True}]
+    # then evict_first on the fastest so far (8 warps, 4 rows, 1 stage) and the fastest one-row (8 warps)
+    assert seen[8:] == [{"num_warps": 8, "rows": 4, "num_stages": 1, "evict": True},
+                        {"num_warps": 8, "rows": 1, "num_stages": None, "evict": True}]
     entry, row = tune.decide_bucket(ctx.group, "add_rmsnorm", 64, 4096, times)
     assert (entry["pick"], entry["num_warps"], entry["rows"], entry["num_stages"]) == ("fused", 8, 4, 1)
     assert entry.get("evict", False) is (evict_gain > 0)

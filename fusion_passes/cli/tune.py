@@ -9,8 +9,8 @@ token bucket, it times under CUDA graphs (``bench kernels``' machinery,
   at N, each multi-rank path (barrier one-shot, wait-free one-shot, two-shot); then, at
   world size 1, with the fastest warps, rows per program (2, 4: where the bucket still
   fills every SM with programs) at each pipelining depth (``num_stages`` 1, 3), and last
-  the fastest config so far with its streamed loads ``evict_first`` (the weight
-  ``evict_last``, as Inductor marks them), one coordinate at a time as Inductor's
+  the fastest config so far and the fastest one-row config with their streamed loads
+  ``evict_first`` (the weight ``evict_last``, as Inductor marks them), one coordinate at a time as Inductor's
   coordinate descent does, to keep the options few;
 * every unfused chain: each collective (none at 1; NCCL, symm-mem one-shot and two-shot at
   N) + the epilogue compiled by Inductor (static per token count, token-dynamic).
@@ -162,6 +162,18 @@ def row_options(world: int, tokens: int, sm_count: int | None, num_warps: int) -
             for r in ROWS if tokens // r >= sm_count for st in STAGES]
 
 
+def evict_options(times: dict[str, float | None]) -> list[dict]:
+    """The last pass at world size 1: the fastest fused config so far and the fastest with one
+    row per program (the two differ where more rows won), each with its streamed loads
+    ``evict_first``. Both, because the option interacts with rows: on 1x H100 it took 7168 x
+    1024 tokens from 22.0 to 20.3 us at one row and 2 rows at 4096 x 1024 from 7.3 to 10.6 us
+    (results/tune_h100_ws1_add_rmsnorm_evict.json)."""
+    timed = {k: v for k, v in times.items() if k.startswith("fused:") and v is not None}
+    one_row = {k: v for k, v in timed.items() if parse_option(k)["rows"] == 1}
+    picks = [min(d, key=lambda k: (d[k], k)) for d in (timed, one_row) if d]
+    return [{**parse_option(k), "evict": True} for k in dict.fromkeys(picks)]
+
+
 def option_name(o: dict) -> str:
     name = f"fused:{o['path']}:{o['num_warps']}"
     name += f":r{o['rows']}:s{o['num_stages']}" if o.get("rows") else ""
@@ -229,7 +241,8 @@ def tune_pair(ctx, variant: str, hidden: int) -> list[tuple[dict, dict]]:
             out.append((entry, row))
             if ctx.rank == 0:
                 print(f"{variant:26s} H={hidden:5d} T={tokens:5d}  {entry['pick']:7s} fused {entry['fused_us']:8.2f} us "
-                      f"({entry['path']}, {entry['num_warps']} warps, {entry['rows']} rows, stages {entry['num_stages']})  unfused {entry['unfused_us']:8.2f} us "
+                      f"({entry['path']}, {entry['num_warps']} warps, {entry['rows']} rows, stages {entry['num_stages']}"
+                      f"{', evict_first' if entry.get('evict') else ''})  unfused {entry['unfused_us']:8.2f} us "
                       f"({entry['best_unfused']})  x{row['speedup']:.2f}", flush=True)
     return out
 
@@ -258,10 +271,9 @@ def _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb) -> d
         fill = programs_to_fill(x.device)
         for option in row_options(ctx.world, tokens, fill, warps):
             _time_fused(ctx, tb, option, fused, inputs, calls, times)
-        timed = {k: v for k, v in times.items() if v is not None}
-        if timed and fill is not None:  # then the fastest config so far with its streamed loads evict_first
-            _time_fused(ctx, tb, {**parse_option(min(timed, key=timed.get)), "evict": True}, fused, inputs, calls,
-                        times)
+        if fill is not None:  # then evict_first on the fastest config so far and the fastest one-row config
+            for option in evict_options(times):
+                _time_fused(ctx, tb, option, fused, inputs, calls, times)
     for coll_name, coll in bk._collectives(ctx, x).items():
         for form_name, form in forms.items():
             try:

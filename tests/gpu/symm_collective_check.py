@@ -1,12 +1,13 @@
-"""The measured ``unfused`` pick's symmetric-memory collectives (fusion_passes.backends.symm.all_reduce),
-as processes on ONE GPU (the IPC harness of tests/gpu/lamport_check.py).
+"""The measured ``unfused`` pick's symmetric-memory collectives (fusion_passes.backends.symm.all_reduce).
 
-``python tests/gpu/symm_collective_check.py [WS ...]``: WS processes on GPU 0 over a gloo group
-register one symmetric workspace (``symm.get``) and sum rank-seeded inputs with torch's
-one-shot and two-shot (``torch.ops.symm_mem``) through it; each result must equal the sum
-in rank order, computed in fp32 and rounded once, on every rank, for several token counts.
-Whether torch's symmetric memory accepts several processes on one GPU over gloo is what
-this finds out first; timings here mean nothing and are not printed.
+``python tests/gpu/symm_collective_check.py [WS ...]``: WS processes, rank r on GPU
+``r % device_count``, over a gloo group, register one symmetric workspace (``symm.get``) and
+sum rank-seeded inputs with torch's one-shot and two-shot (``torch.ops.symm_mem``) through it;
+each result must equal the sum in rank order, computed in fp32 and rounded once, on every
+rank, for several token counts. It needs WS GPUs: with several processes on ONE GPU torch
+refuses at the rendezvous ("detected allocations from overlapping devices from different
+ranks", 1x H100, 2026-12-07: results/symm_collective_check_h100_one_gpu.log), so unlike
+tests/gpu/lamport_check.py it cannot run on the one-GPU machines lent so far.
 """
 
 from __future__ import annotations
@@ -32,17 +33,18 @@ def worker(rank, world, queue, results, barrier):
 
         from fusion_passes.backends import symm
 
-        torch.cuda.set_device(0)
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
         dist.init_process_group("gloo", rank=rank, world_size=world)
         group = "c10d:" + dist.group.WORLD.group_name
-        symm.get(group, max(TOKENS) * H * 2, torch.device("cuda", 0))
+        symm.get(group, max(TOKENS) * H * 2, device)
         checked = 0
         for collective in ("symm_one_shot", "symm_two_shot"):
             for tokens in TOKENS:
                 xs = [torch.randn(tokens, H, generator=torch.Generator().manual_seed(r * 1000 + tokens)).bfloat16()
                       for r in range(world)]
                 want = sum(x.float() for x in xs).bfloat16()
-                got = symm.all_reduce(xs[rank].cuda(), group, collective).cpu()
+                got = symm.all_reduce(xs[rank].to(device), group, collective).cpu()
                 torch.cuda.synchronize()
                 if not torch.equal(got, want):
                     err = (got.float() - want.float()).abs().max().item()
@@ -62,7 +64,7 @@ def run(world: int) -> str | None:
 
 def main(argv) -> int:
     return lc.run_worlds([int(a) for a in argv] or [2, 4], run, lambda world: (
-        f"{2 * len(TOKENS)} sums (symm one-shot and two-shot) on one GPU: every rank equal to the fp32 rank-order sum"))
+        f"{2 * len(TOKENS)} sums (symm one-shot and two-shot): every rank equal to the fp32 rank-order sum"))
 
 
 if __name__ == "__main__":
