@@ -306,7 +306,8 @@ def _benchmark(args, pts, p: dict) -> int:
             print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["phases_s"].items()))
             worst = f"; fused/unfused distance at most {result['max_ratio']:.3f} (<= {model_step.RATIO_MAX})" \
                 if ratios else ""
-            print(f"numerics (fused at most {model_step.RATIO_MAX}x as far from fp32 as unfused, in RMS): "
+            print(f"numerics (fused no further from fp32 than unfused in RMS, within one bf16 rounding, "
+                  f"and at most {model_step.RATIO_MAX}x): "
                   f"{'ok' if not failed else f'FAILED at {len(failed)} points'} (dense){worst}"
                   + (f"; MoE (router ties make it noisy): not within at {len(noisy)} points" if noisy else ""))
     dist.barrier()
