@@ -44,8 +44,15 @@ def _table_lines(raw: dict, table, here: dict | None) -> list[str]:
     for (variant, hidden), entries in sorted(table.buckets.items()):
         for e in entries:
             lines.append(f"  {variant:26s} {hidden:6d} {e.tokens:7d}  {e.pick:7s}  {e.path:7s}  {e.num_warps or '-':>5}  "
-                         f"{_num(e.fused_us):>8}  {_num(e.unfused_us):>10}  {e.best_unfused or '-'}")
+                         f"{_num(e.fused_us):>8}  {_num(e.unfused_us):>10}  {e.best_unfused or '-'}{_launch(e)}")
     return lines
+
+
+def _launch(e) -> str:
+    """The entry's launch options beyond warps, where they are not the defaults."""
+    parts = ([f"{e.rows} rows"] if e.rows and e.rows > 1 else []) + \
+        ([f"stages {e.num_stages}"] if e.num_stages else []) + (["evict_first"] if e.evict else [])
+    return f"  ({', '.join(parts)})" if parts else ""
 
 
 def _num(v) -> str:
