@@ -197,7 +197,7 @@ def test_runtime_backend_follows_the_selector():
 
 def test_plan_counts_compiles():
     args = type("A", (), dict(decode=[1, 8, 32, 64], prefill=[512, 4096], model=["llama"], precision=["bf16"],
-                              layers=4))()
+                              layers=4, token_dynamic=False))()
     assert bench_model.plan(args, 1)["compiles"] == 18
     assert bench_model.plan(args, 2)["compiles"] == 12
     args.token_dynamic = True  # one graph per step kind and form

@@ -85,16 +85,16 @@ def test_row_configs_only_at_world_size_1_where_the_programs_fill_the_sms():
     assert tune.parse_option("fused:barrier:16") == {"path": "barrier", "num_warps": 16, "rows": 1,
                                                       "num_stages": None}
     evict = {"path": "local", "num_warps": 8, "rows": 1, "num_stages": None, "evict": True}
-    assert tune.option_name(evict) == "fused:local:8:r1:sNone:evict" and tune.parse_option(tune.option_name(evict)) == evict
+    assert tune.option_name(evict) == "fused:local:8:evict" and tune.parse_option(tune.option_name(evict)) == evict
 
 
 def test_evict_first_is_tried_on_the_fastest_and_the_fastest_one_row_config():
     times = {"fused:local:4": 3.0, "fused:local:8": 2.5, "fused:local:8:r2:s1": 2.0, "fused:local:16": None,
              "none+static": 1.0}
     assert [tune.option_name(o) for o in tune.evict_options(times)] == [
-        "fused:local:8:r2:s1:evict", "fused:local:8:r1:sNone:evict"]
+        "fused:local:8:r2:s1:evict", "fused:local:8:evict"]
     times["fused:local:8:r2:s1"] = 2.6  # one row is fastest: one candidate
-    assert [tune.option_name(o) for o in tune.evict_options(times)] == ["fused:local:8:r1:sNone:evict"]
+    assert [tune.option_name(o) for o in tune.evict_options(times)] == ["fused:local:8:evict"]
     assert tune.evict_options({"none+static": 1.0}) == []
 
 

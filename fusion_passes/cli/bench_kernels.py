@@ -303,30 +303,17 @@ def _fused_fn(variant: str, group: str, backend: str = "triton"):
 
 
 def _collectives(ctx, x) -> dict:
-    """name -> ``f(t)`` all-reducing *t* (shaped like *x*) the way that baseline does."""
-    import torch
-
+    """name -> ``f(t)`` all-reducing *t* (shaped like *x*) the way that baseline does: none at
+    world size 1; at N each collective a measured ``unfused`` bucket can name
+    (``symm.COLLECTIVES``: NCCL, torch's symmetric-memory one-shot and two-shot), run by
+    the function the fused op's unfused pick runs (``symm.all_reduce``), with the group's
+    symmetric workspace registered here, before any capture."""
     if ctx.world == 1:
         return {"none": lambda t: t}
-    import torch.distributed._symmetric_memory as symm_mem
+    from fusion_passes.backends import symm
 
-    pg = ctx.pg_name
-    buf = symm_mem.empty(x.shape, dtype=x.dtype, device="cuda")
-    symm_mem.rendezvous(buf, pg)
-
-    def nccl(t):
-        return torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(t, "sum", pg))
-
-    def one_shot(t):
-        buf.copy_(t)
-        return torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", pg)
-
-    def two_shot(t):
-        buf.copy_(t)
-        torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", pg)
-        return buf
-
-    return {"nccl": nccl, "symm_one_shot": one_shot, "symm_two_shot": two_shot}
+    symm.get(ctx.group, x.numel() * x.element_size(), x.device)
+    return {name: (lambda t, name=name: symm.all_reduce(t, ctx.group, name)) for name in symm.COLLECTIVES}
 
 
 def _timed(ctx, phase: str, fn, *args):

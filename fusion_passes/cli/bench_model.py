@@ -102,7 +102,7 @@ def plan(args, world: int) -> dict:
     n_points = len(args.decode) + len(args.prefill)
     forms = 3 if world == 1 else 2
     combos = len(args.model) * len(args.precision)
-    n_graphs = (bool(args.decode) + bool(args.prefill)) if getattr(args, "token_dynamic", False) else n_points
+    n_graphs = (bool(args.decode) + bool(args.prefill)) if args.token_dynamic else n_points
     compiles = combos * n_graphs * forms
     cold = SECONDS_COLD[0] + SECONDS_COLD[1] * args.layers
     warm = SECONDS_WARM[0] + SECONDS_WARM[1] * args.layers
@@ -116,7 +116,7 @@ def run(args) -> int:
     from fusion_passes.cli import model_step
 
     pts = model_step.points(args.decode, args.prefill, args.context,
-                            shared_prefill_cache=getattr(args, "token_dynamic", False))
+                            shared_prefill_cache=args.token_dynamic)
     if args.dry_run:
         return _dry_run(args, pts)
     world = world_size_from_env()

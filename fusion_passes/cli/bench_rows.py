@@ -60,7 +60,11 @@ SECONDS_SETUP = 20.0
 
 def collectives(world: int) -> tuple[str, ...]:
     """The collectives an unfused chain may start with at *world* ranks."""
-    return ("none",) if world == 1 else ("nccl", "symm_one_shot", "symm_two_shot")
+    if world == 1:
+        return ("none",)
+    from fusion_passes.backends import symm
+
+    return symm.COLLECTIVES
 
 
 def baseline_names(world: int, with_dynamic_true: bool = False,

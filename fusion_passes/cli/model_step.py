@@ -139,26 +139,6 @@ def _form(form: str, ctx):
         yield None
 
 
-def run_form(form: str, ctx, ids, cache) -> dict:
-    """Compile *form* (timed), take its logits, time its step; the pass's report if fused."""
-    torch.compiler.reset()
-    with _form(form, ctx) as fusion, torch.no_grad():
-        compiled = torch.compile(ctx.model, fullgraph=True, dynamic=False)
-        t0 = time.perf_counter()
-        logits = models.step(compiled, ids, cache).float()
-        ctx.sync()
-        compile_s = time.perf_counter() - t0
-        us = ctx.time_step(lambda: models.step(compiled, ids, cache))
-    out = {"us": us, "compile_s": compile_s, "logits": logits}
-    if fusion is not None:
-        out["reports"] = list(fusion.reports)
-    del compiled
-    torch.compiler.reset()
-    gc.collect()
-    ctx.empty_cache()
-    return out
-
-
 def sites(reports, layers: int, runtime_backend) -> dict:
     """The pass's sites: counts, per layer, variant and compile-time backend of each, and
     the backend the run-time selector picks for this step (``runtime_backend(family)``)."""
@@ -202,11 +182,9 @@ def runtime_backend_fn(hidden: int, world: int, tokens: int, device_kind: str):
 
 def run_point(ctx, p: Point, ref: torch.Tensor) -> dict:
     """Every form of point *p*, each compiled for it: step times, speedups, sites, numerics."""
-    ids, cache = inputs(ctx.model, p, ctx.device, ctx.world)
     with torch.no_grad():
-        eager = models.step(ctx.model, ids, cache).float()
-    results = {form: run_form(form, ctx, ids, cache) for form in ctx.forms}
-    del ids, cache
+        eager = models.step(ctx.model, *inputs(ctx.model, p, ctx.device, ctx.world)).float()
+    results = {form: _point_result(run_form(form, ctx, p, [p], dynamic=False), 0) for form in ctx.forms}
     return point_row(ctx, p, ref, eager, results)
 
 
@@ -249,60 +227,71 @@ def compile_point(pts: list[Point]) -> Point:
 
 def run_dynamic(ctx, pts: list[Point], refs: list[torch.Tensor]) -> list[dict]:
     """The points of ONE kind through token-dynamic forms, as vLLM runs its graphs: each form
-    is compiled once, at :func:`compile_point`, with the token dimension marked dynamic
-    (``mark_dynamic``: Dynamo raises if the model specializes it) and Dynamo's guards
-    dropped, then every point runs through that one graph (a point whose logits come out
-    in another shape fails). Rows as :func:`run_point`'s, with ``compiled_at`` and ``graphs``
-    (per form, the graphs Dynamo compiled for the kind: 1 unless it recompiled)."""
+    compiled once, at :func:`compile_point` (:func:`run_form` with ``dynamic=True``), every
+    point run through that one graph. Rows as :func:`run_point`'s, with ``compiled_at`` and
+    ``graphs`` (per form, the graphs Dynamo compiled for the kind: 1 unless it recompiled)."""
     at = compile_point(pts)
     with torch.no_grad():
         eager = [models.step(ctx.model, *inputs(ctx.model, p, ctx.device, ctx.world)).float() for p in pts]
-    per_form = {form: _run_form_dynamic(form, ctx, at, pts) for form in ctx.forms}
-    rows = []
-    for i, (p, ref) in enumerate(zip(pts, refs)):
-        results = {form: {**r["compile"], **r["points"][i]} for form, r in per_form.items()}
-        rows.append({**point_row(ctx, p, ref, eager[i], results), "compiled_at": at.tokens,
-                     "graphs": {form: r["compile"]["graphs"] for form, r in per_form.items()}})
-    return rows
+    per_form = {form: run_form(form, ctx, at, pts, dynamic=True) for form in ctx.forms}
+    return [{**point_row(ctx, p, ref, eager[i], {form: _point_result(r, i) for form, r in per_form.items()}),
+             "compiled_at": at.tokens, "graphs": {form: r["graphs"] for form, r in per_form.items()}}
+            for i, (p, ref) in enumerate(zip(pts, refs))]
 
 
-def _run_form_dynamic(form: str, ctx, at: Point, pts: list[Point]) -> dict:
+def run_form(form: str, ctx, at: Point, pts: list[Point], dynamic: bool) -> dict:
+    """Compile *form* once, at point *at* (timed), then run every point of *pts* through the
+    compiled step: its logits and step time per point (``points``), the pass's ``reports``
+    if fused, and the ``graphs`` Dynamo compiled. Static (``dynamic=False``): compiled for
+    *at*'s shapes, which *pts* share. Token-dynamic: the token dimension of *at*'s inputs
+    marked dynamic (``mark_dynamic``: Dynamo raises if the model specializes it) and
+    Dynamo's guards dropped, as vLLM runs its graphs; a point whose logits come out in
+    another shape fails."""
     from fusion_passes import _compat
     from fusion_passes.cli.bench_epilogue import drop_guards
 
-    ids_dim, cache_dim = token_dims(at)
     torch.compiler.reset()
     graphs = _compat.dynamo_graphs_compiled()
+    out: dict = {"points": [], "reports": None}
     with _form(form, ctx) as fusion, torch.no_grad():
-        compiled = torch.compile(ctx.model, fullgraph=True, options={"guard_filter_fn": drop_guards})
+        compiled = (torch.compile(ctx.model, fullgraph=True, options={"guard_filter_fn": drop_guards}) if dynamic
+                    else torch.compile(ctx.model, fullgraph=True, dynamic=False))
         ids, cache = inputs(ctx.model, at, ctx.device, ctx.world)
-        _compat.mark_dynamic(ids, ids_dim)
-        if cache_dim >= 0:
-            for layer in cache.layers:
+        if dynamic:
+            ids_dim, cache_dim = token_dims(at)
+            _compat.mark_dynamic(ids, ids_dim)
+            for layer in cache.layers if cache_dim >= 0 else ():
                 _compat.mark_dynamic(layer.keys, cache_dim)
                 _compat.mark_dynamic(layer.values, cache_dim)
         t0 = time.perf_counter()
         models.step(compiled, ids, cache)
         ctx.sync()
-        out = {"compile": {"compile_s": time.perf_counter() - t0}, "points": []}
+        out["compile_s"] = time.perf_counter() - t0
+        first = (ids, cache)  # the compile point's own inputs serve it (new ones would recompile a static step)
         del ids, cache
         for p in pts:
-            ids, cache = inputs(ctx.model, p, ctx.device, ctx.world)
+            ids, cache = first if p == at else inputs(ctx.model, p, ctx.device, ctx.world)
             logits = models.step(compiled, ids, cache).float()
             want = (p.batch, 1, ctx.model.config.vocab_size)
             if tuple(logits.shape) != want:
-                raise RuntimeError(f"token-dynamic {form} graph compiled at {at.label} gave logits of shape "
+                raise RuntimeError(f"{form} graph compiled at {at.label} gave logits of shape "
                                    f"{tuple(logits.shape)} at {p.label} (expected {want}): it specialized a size")
             out["points"].append({"logits": logits, "us": ctx.time_step(lambda: models.step(compiled, ids, cache))})
             del ids, cache
+        del first
         if fusion is not None:
-            out["compile"]["reports"] = list(fusion.reports)
-    out["compile"]["graphs"] = _compat.dynamo_graphs_compiled() - graphs
+            out["reports"] = list(fusion.reports)
+    out["graphs"] = _compat.dynamo_graphs_compiled() - graphs
     del compiled
     torch.compiler.reset()
     gc.collect()
     ctx.empty_cache()
     return out
+
+
+def _point_result(r: dict, i: int) -> dict:
+    """Point *i*'s result of one :func:`run_form` run, as :func:`point_row` reads it."""
+    return {"compile_s": r["compile_s"], "reports": r["reports"], **r["points"][i]}
 
 
 def format_point(prefix: str, row: dict) -> str:

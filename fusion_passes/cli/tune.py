@@ -175,8 +175,11 @@ def evict_options(times: dict[str, float | None]) -> list[dict]:
 
 
 def option_name(o: dict) -> str:
+    """``fused:PATH:WARPS``, then ``:rROWS:sSTAGES`` where either is not the default (one
+    row, Triton's stages), then ``:evict`` where the streamed loads are ``evict_first``."""
     name = f"fused:{o['path']}:{o['num_warps']}"
-    name += f":r{o['rows']}:s{o['num_stages']}" if o.get("rows") else ""
+    if o.get("rows", 1) != 1 or o.get("num_stages") is not None:
+        name += f":r{o.get('rows', 1)}:s{o.get('num_stages')}"
     return name + (":evict" if o.get("evict") else "")
 
 
@@ -186,7 +189,7 @@ def parse_option(name: str) -> dict:
     _, path, warps, *rest = name.split(":")
     evict = bool(rest) and rest[-1] == "evict"
     rest = rest[:-1] if evict else rest
-    rows, stages = (int(rest[0][1:]), None if rest[1] == "sNone" else int(rest[1][1:])) if rest else (1, None)
+    rows, stages = (int(rest[0][1:]), int(rest[1][1:])) if rest else (1, None)
     return {"path": path, "num_warps": int(warps), "rows": rows, "num_stages": stages, **({"evict": True} if evict else {})}
 
 
