@@ -69,9 +69,8 @@ def check(spec: Variant, a: Mapping[str, Any]) -> None:
             raise ValueError(f"fusion_passes: {name} is on {t.device} but input is on {x.device}: "
                              "every tensor of a fused call must be on the input's device")
     hidden = x.shape[-1]
-    # an fp32 residual (the previous site's carry_fp32 sum) where the add is in fp32 anyway
-    carried = residual is not None and residual.dtype == torch.float32 and (
-        a.get("carry_fp32") or a.get("residual_in_fp32"))
+    # an fp32 residual (the previous site's carry_fp32 sum): added in fp32 (epilogue.add_residual)
+    carried = residual is not None and residual.dtype == torch.float32
     if residual is not None and (residual.shape != x.shape or (residual.dtype != x.dtype and not carried)):
         raise ValueError(
             "fusion_passes: residual must match input in shape and dtype (or be fp32, added in fp32): "

@@ -23,8 +23,15 @@ from fusion_passes.variants import (  # the formats' constants, declared with th
 
 
 def add_residual(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-    """``x + residual`` in the activation dtype (as ``aten.add`` computes it), or ``x``."""
-    return x if residual is None else x + residual
+    """``x + residual`` in the activation dtype (as ``aten.add`` computes it), or ``x``. An
+    fp32 residual (a previous site's unrounded sum, ``carry_fp32``) is added in fp32 and the
+    sum rounded to the activation dtype: Inductor's compile of an add whose residual stream
+    it recomputes but whose sum it stores (fusion_passes.inductor_store, ``ROUNDED``)."""
+    if residual is None:
+        return x
+    if residual.dtype != x.dtype:
+        return (x.to(torch.float32) + residual.to(torch.float32)).to(x.dtype)
+    return x + residual
 
 
 def rms_norm(
@@ -36,6 +43,7 @@ def rms_norm(
     weight_in_fp32: bool = True,
     out_dtype: torch.dtype | None = None,
     promote_out: bool = False,
+    variance_of: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RMSNorm over the last dim, computed in fp32 as every real model does.
 
@@ -48,10 +56,13 @@ def rms_norm(
     ``promote_out``: the result has the promoted dtype of ``w`` and the activations, as the
     Hugging Face form gives, also with ``weight_in_fp32`` (an fp32 weight: the fp32 product,
     never rounded to the activation dtype; what Inductor's compile of that form returns).
+    ``variance_of``: the values the mean of squares reads, where they are not ``x`` (the
+    unrounded fp32 sum of ``sum_stored``: :func:`add_rms_norm`).
     """
     dtype = out_dtype or x.dtype
     x32 = x.to(torch.float32)
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    v32 = x32 if variance_of is None else variance_of.to(torch.float32)
+    normed = x32 * torch.rsqrt(v32.pow(2).mean(-1, keepdim=True) + eps)
     if weight is None:
         return normed.to(dtype)
     if gemma:
@@ -73,6 +84,7 @@ def add_rms_norm(
     promote_out: bool = False,
     carry_fp32: bool = False,
     quant_unrounded: bool = False,
+    sum_stored: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(x + residual), x + residual)``: the two values the fused op returns.
 
@@ -82,9 +94,18 @@ def add_rms_norm(
     activation dtype and the norm reads that rounded sum (Hugging Face, plain PyTorch).
     ``carry_fp32``: the same, but the sum is returned unrounded in fp32 (the residual may
     be fp32 too): a residual stream that Inductor's compile recomputes in fp32 instead of
-    storing it (docs/design.md, "What Inductor keeps unrounded"). ``quant_unrounded`` only
+    storing it (docs/design.md, "What Inductor keeps unrounded"). ``sum_stored``: the sum
+    is added in fp32 and returned rounded; the mean of squares reads the unrounded sum, the
+    normalization the rounded one: Inductor's compile where it stores the sum in the loop
+    that computes the variance (fusion_passes.inductor_store). ``quant_unrounded`` only
     concerns the quant (:func:`quantize`).
     """
+    if sum_stored and residual is not None:
+        summed32 = x.to(torch.float32) + residual.to(torch.float32)
+        rounded = summed32.to(x.dtype)
+        norm = rms_norm(rounded, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32, promote_out=promote_out,
+                        variance_of=summed32)
+        return norm, rounded
     if (residual_in_fp32 or carry_fp32) and residual is not None:
         summed32 = x.to(torch.float32) + residual.to(torch.float32)
         norm = rms_norm(summed32, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32, out_dtype=x.dtype,
@@ -95,9 +116,13 @@ def add_rms_norm(
 
 
 def norm_unrounded(x, residual, weight, eps, *, gemma=False, weight_in_fp32=True, residual_in_fp32=False,
-                   carry_fp32=False, **_) -> torch.Tensor:
+                   carry_fp32=False, sum_stored=False, **_) -> torch.Tensor:
     """The norm output of :func:`add_rms_norm` before its rounding to the activation dtype
     (fp32): what an FP8 quant fused with the norm by Inductor reads (``quant_unrounded``)."""
+    if sum_stored and residual is not None:
+        summed32 = x.to(torch.float32) + residual.to(torch.float32)
+        return rms_norm(summed32.to(x.dtype), weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32,
+                        out_dtype=torch.float32, variance_of=summed32)
     if (residual_in_fp32 or carry_fp32) and residual is not None:
         summed = x.to(torch.float32) + residual.to(torch.float32)
     else:

@@ -14,7 +14,7 @@ from typing import Callable
 
 from torch.fx import Graph
 
-from fusion_passes import _compat, compile_range, dedup, ops  # noqa: F401  (ops registers the fused ops)
+from fusion_passes import _compat, compile_range, dedup, inductor_store, ops  # noqa: F401  (ops registers the fused ops)
 from fusion_passes.backends import calibrate
 from fusion_passes.match import Declined, find_site
 from fusion_passes.options import FusionOptions
@@ -131,6 +131,8 @@ class FusionPass(_compat.CustomGraphPass):
         meaning.forget(graph)
         opts = self.options
         hoisted = hoist.run(graph, opts, frozen) if opts.hoist else hoist.HoistResult()
+        # what the compile without the pass would store (and round), read before any rewrite
+        stores = inductor_store.analyse(graph)
         # one chain for identical quants of one value (HF FP8: q/k/v each quantize the norm output)
         report.merged_duplicates = dedup.merge_identical(
             graph, [a.value for n in graph.nodes if isinstance(a := all_reduce(n), AllReduce)])
@@ -139,6 +141,14 @@ class FusionPass(_compat.CustomGraphPass):
         fake_vals = FakeVals(graph)
         # Match each site on the graph as the previous rewrites left it: a site's residual
         # is often the previous site's sum, which that rewrite has just replaced.
+        with inductor_store.reading(stores):
+            self._match_and_rewrite(graph, report, hoisted, fake_vals, stores)
+        return hoisted
+
+    def _match_and_rewrite(self, graph: Graph, report: FusionReport, hoisted, fake_vals: FakeVals, stores) -> None:
+        from fusion_passes.recognize import meaning
+
+        opts = self.options
         for node in [n for n in graph.nodes if all_reduce(n) is not None]:
             entry = SiteReport(node.name, hoisted_over=list(hoisted.hoisted_over.get(node.name, [])),
                                token_range=compile_range.current())
@@ -154,13 +164,14 @@ class FusionPass(_compat.CustomGraphPass):
                 entry.source = _source_line(site.node) or entry.source
                 continue
             try:
-                rewrite(graph, site, fake_vals, opts.backend)
+                fused = rewrite(graph, site, fake_vals, opts.backend)
             except Unfused as e:  # an output would change dtype or shape: the site stays
                 entry.reason, entry.blocker = str(e), site.norm.out.name
                 continue
             entry.fused, entry.variant, entry.backend, entry.reason = True, site.family.name, site.backend, site.note
             entry.table, entry.rule = _table_of(site), site.rule
-        return hoisted
+            if site.add is not None:
+                stores.same_as(fused, site.add)  # the next site's residual: stored or not, as the sum was
 
 
 def _table_of(site) -> str | None:

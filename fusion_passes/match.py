@@ -13,7 +13,7 @@ import operator
 import torch
 from torch.fx import Node
 
-from fusion_passes import _compat, backends, compile_range, groups, variants
+from fusion_passes import _compat, backends, compile_range, groups, inductor_store, variants
 from fusion_passes.backends import calibrate
 from fusion_passes.patterns import CATALOGUE, Family
 from fusion_passes.recognize import find_quant, fx, rms_norm
@@ -103,7 +103,20 @@ def _reads_unrounded(norm: Norm, found_quant) -> bool:
     return (not _compat.inductor_config.emulate_precision_casts
             and isinstance(found_quant, Quant) and found_quant.kind.startswith("fp8")
             and norm.weight_in_fp32 and _decomposed(norm) and _aten(found_quant)
-            and all(u in found_quant.nodes for u in norm.out.users))
+            and all(u in found_quant.nodes for u in norm.out.users)
+            and not _rounds_later_reads(norm.out))  # a stored norm output: the codes' loop reads it rounded
+
+
+def _hidden(node: Node) -> int | None:
+    v = val(node)
+    return int(v.shape[-1]) if isinstance(v, torch.Tensor) and v.dim() and isinstance(v.shape[-1], int) else None
+
+
+def _rounds_later_reads(node: Node) -> bool:
+    """The compile without the pass stores *node* and a later loop of its kernel reads it
+    rounded (:mod:`fusion_passes.inductor_store`; False outside the pass)."""
+    stores = inductor_store.current()
+    return stores is not None and stores.rounds_later_reads(node, _hidden(node))
 
 
 def _select_unrounded(ar: AllReduce, add, residual, norm: Norm, residual_out: bool, found_quant, prefer: str):
@@ -129,10 +142,13 @@ def _select_inductor(ar: AllReduce, add, residual, norm: Norm, residual_out: boo
     compile reads them (:func:`follow_inductor_sum`); where no backend computes that, the
     site is selected as before (the sum rounded, the quant reading the rounded norm)."""
     if not follow_inductor_sum(add, residual, norm, residual_out, found_quant):
-        return _select(ar, add, residual, norm, residual_out, found_quant, prefer)
+        site = _select(ar, add, residual, norm, residual_out, found_quant, prefer)
+        if isinstance(site, Site) and add is not None and not _compat.inductor_config.emulate_precision_casts:
+            site.carry = _carry_source(residual, norm, site, prefer)  # a stored sum of an unstored stream
+        return site
     site = _select_unrounded(ar, add, residual, norm, residual_out, found_quant, prefer)
-    if not isinstance(site, Site) and norm.residual_in_fp32:
-        norm.residual_in_fp32 = False  # nor reads the unrounded sum
+    if not isinstance(site, Site) and (norm.residual_in_fp32 or norm.sum_stored):
+        norm.residual_in_fp32 = norm.sum_stored = False  # nor reads the unrounded sum
         return _select(ar, add, residual, norm, residual_out, found_quant, prefer)
     if isinstance(site, Site):
         site.carry = _carry_source(residual, norm, site, prefer)
@@ -142,16 +158,25 @@ def _select_inductor(ar: AllReduce, add, residual, norm: Norm, residual_out: boo
 def follow_inductor_sum(add, residual, norm: Norm, residual_out: bool, found_quant) -> bool:
     """Set the flags under which the fused op reads the plain chain's sum and quant as
     Inductor's default compile does (docs/design.md, "What Inductor keeps unrounded"):
-    a sum read by the norm alone, or by the norm and the next site's add, is never stored,
-    so the norm reads it unrounded (``residual_in_fp32``); an aten FP8 quant of a norm
-    output read by nothing else reads the unrounded norm value (``quant_unrounded``).
+    a sum the compile does not store is recomputed in fp32 by every reader, so the norm
+    reads it unrounded (``residual_in_fp32``); a sum it stores is read unrounded by the
+    variance, in the loop that stores it, and rounded by the normalization
+    (``sum_stored``; :mod:`fusion_passes.inductor_store` says which). Outside the pass
+    (no analysis): a sum read by the norm alone, or by the norm and the next site's add, is
+    taken as not stored. An aten FP8 quant of a norm output read by nothing else reads the
+    unrounded norm value unless the compile stores it (``quant_unrounded``).
     Returns whether it set any."""
     if _compat.inductor_config.emulate_precision_casts or add is None or not _decomposed(norm):
         return False
-    only_next = not residual_out or _feeds_only_a_site(add, norm)
-    norm.residual_in_fp32 = norm.residual_in_fp32 or only_next
+    stores = inductor_store.current()
+    if stores is not None and stores.known(add):
+        reads = stores.sum_reads(add, _hidden(add))
+        norm.sum_stored = reads == inductor_store.STORED
+        norm.residual_in_fp32 = norm.residual_in_fp32 or reads == inductor_store.UNROUNDED
+    else:
+        norm.residual_in_fp32 = norm.residual_in_fp32 or not residual_out or _feeds_only_a_site(add, norm)
     norm.quant_unrounded = _reads_unrounded(norm, found_quant)
-    return norm.residual_in_fp32 or norm.quant_unrounded
+    return norm.residual_in_fp32 or norm.quant_unrounded or norm.sum_stored
 
 
 def _feeds_only_a_site(add: Node, norm: Norm) -> bool:
@@ -176,10 +201,16 @@ def _carry_source(residual, norm: Norm, site: Site, prefer: str) -> Node | None:
     backend that runs this site computes it."""
     from fusion_passes import ops
 
-    if residual is None or len(residual.users) != 1 or not norm.residual_in_fp32:
+    if residual is None or len(residual.users) != 1:
         return None
     prev = residual.args[0] if residual.target is operator.getitem else None
     if prev is None or prev.target not in ops.OPS.values():
+        return None
+    stores = inductor_store.current()
+    if stores is not None and stores.known(prev):
+        if stores.stored(prev):  # the compile stores that sum: this site reads it rounded
+            return None
+    elif not norm.residual_in_fp32:
         return None
     names = variants.get(next(k for k, v in ops.OPS.items() if v is prev.target)).output_names
     if names[residual.args[1]] != "residual_out":

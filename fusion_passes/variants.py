@@ -180,7 +180,8 @@ QUANT = Arg("<quant>", "", doc="marks where a variant's quant arguments go")
 
 SIGNATURE: tuple[Arg, ...] = (
     Arg("input", "Tensor", doc="this rank's partial sum, [..., hidden]"),
-    Arg("residual", "Tensor?", doc="added after the all-reduce, or None (residual_out is then the sum)"),
+    Arg("residual", "Tensor?", doc="added after the all-reduce, or None (residual_out is then the sum); "
+        "the input's dtype, or fp32 (a previous site's carry_fp32 sum, added in fp32)"),
     Arg("weight", "Tensor?", doc="the norm weight [hidden], or None"),
     Arg("eps", "float", doc="the norm's epsilon"),
     Arg("group", "str", doc="'c10d:<name>' or 'vllm:<name>' (fusion_passes.groups)"),
@@ -202,6 +203,9 @@ SIGNATURE: tuple[Arg, ...] = (
     Arg("quant_unrounded", "bool", False, "the FP8 quant reads the norm value before its rounding to the "
         "activation dtype (its scales from the rounded value): Inductor's compile of an aten quant fused "
         "with the norm (epilogue.quantize)", flag=True),
+    Arg("sum_stored", "bool", False, "add the residual in fp32, return the sum rounded; the variance reads "
+        "the unrounded sum, the normalization the rounded one: Inductor's compile where it stores the sum "
+        "in the variance's loop (fusion_passes.inductor_store; epilogue.add_rms_norm)", flag=True),
 )
 """The ONE argument list of every fused op. New arguments go at the end with a default,
 so graphs written before them still load; :mod:`fusion_passes.rewrite` writes those after

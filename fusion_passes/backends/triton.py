@@ -258,7 +258,7 @@ class TritonBackend:
                    x if o.ub is None else o.ub.reshape(-1).to(torch.float32))
         consts = dict(
             H=hidden, BLOCK=o.block, RANK=plan.rank, WS=plan.world,
-            HAS_RES=res is not None, RES_FP32=bool(f.residual_in_fp32 or f.carry_fp32) and res is not None,
+            HAS_RES=res is not None, RES_FP32=_res_mode(f) if res is not None else 0,
             HAS_W=w is not None, GEMMA=bool(f.gemma),
             W_FP32=bool(f.weight_in_fp32), WRITE_NORM=o.norm is not None, QUANT=quant,
             HAS_UB=o.ub is not None and quant == k.QUANT_FP8_PER_TOKEN, GROUP=p.get("group_size", 128),
@@ -364,6 +364,14 @@ def measured_entry(variant: str, group: str, world: int, tokens: int, hidden: in
     digest = agree.for_group(group, world)
     table = measured.by_digest(digest) if digest else None
     return None if table is None else table.lookup(variant, hidden, tokens)
+
+
+def _res_mode(f) -> int:
+    """The kernel's ``RES_FP32``: 0 the sum rounded (aten.add), 1 the norm reads the unrounded
+    fp32 sum (residual_in_fp32, carry_fp32), 2 only its variance does (sum_stored)."""
+    if f.sum_stored:
+        return 2
+    return 1 if (f.residual_in_fp32 or f.carry_fp32) else 0
 
 
 def _shaped(o: _Out, lead, hidden: int, fp4: bool) -> FusedOutputs:

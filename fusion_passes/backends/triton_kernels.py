@@ -5,8 +5,10 @@ One kernel, specialised by ``tl.constexpr`` flags, computes for every row of ``[
     s  = sum over ranks r of input_r      (fp32 accumulation, in rank order, rounded to
                                            the activation dtype: what the all-reduce returns)
     s  = (s + residual) in the activation dtype          -> residual_out
-         (RES_FP32: added in fp32; residual_out is the sum rounded, the norm reads
-         the unrounded fp32 sum, as vLLM's fused_add_rms_norm)
+         (RES_FP32 1: added in fp32; residual_out is the sum rounded, the norm reads
+         the unrounded fp32 sum, as vLLM's fused_add_rms_norm; RES_FP32 2: the
+         variance reads the unrounded sum, the normalization the rounded one,
+         as Inductor's compile where it stores the sum: sum_stored)
     y  = RMSNorm(s) with the epilogue's weight conventions -> norm_out (optional)
     q  = quant(y)  (FP8 static / per-token / per-group,   -> q, scales
                     NVFP4, MXFP4; Q_RAW: the FP8 codes from y before
@@ -150,14 +152,16 @@ def _barrier(signal_pad_ptrs, slot, RANK: tl.constexpr, WS: tl.constexpr):
 
 
 @triton.jit
-def _norm(s, w, eps, H: tl.constexpr, HAS_W: tl.constexpr, GEMMA: tl.constexpr, W_FP32: tl.constexpr, act, out_ty,
-          Q_RAW: tl.constexpr = False):
-    """RMSNorm of the fp32 row ``s`` with the epilogue's weight conventions: ``(y, yq)``, ``y``
+def _norm(s, v, w, eps, H: tl.constexpr, HAS_W: tl.constexpr, GEMMA: tl.constexpr, W_FP32: tl.constexpr, act,
+          out_ty, Q_RAW: tl.constexpr = False):
+    """RMSNorm of the fp32 row ``s``, its mean of squares from ``v`` (``s`` itself, or the
+    unrounded sum where ``s`` is the stored one: sum_stored), with the epilogue's weight
+    conventions: ``(y, yq)``, ``y``
     rounded to the output dtype and returned in fp32 (the norm output), ``yq`` what the quant
     reads: ``y``, or with ``Q_RAW`` the fp32 value before that rounding
     (epilogue.norm_unrounded: the Hugging Face form's product of the weight and the
     unrounded normalized value)."""
-    rstd = tl.math.rsqrt(tl.sum(s * s, axis=0) / H + eps)
+    rstd = tl.math.rsqrt(tl.sum(v * v, axis=0) / H + eps)
     n = s * rstd
     raw = n
     if HAS_W:
@@ -275,15 +279,21 @@ def epilogue_row(
     (already rounded to the activation dtype, as the collective returns it)."""
     act = res_out_ptr.dtype.element_ty
     off = tl.cast(row, tl.int64) * H
+    v = s
     if HAS_RES:
         r_in = _stream(res_ptr + off + cols, mask, EVICT).to(tl.float32)
-        if RES_FP32:
+        if RES_FP32 == 1:
             s = s + r_in  # vLLM fused_add_rms_norm: the norm reads the unrounded fp32 sum
+            v = s
+        elif RES_FP32 == 2:  # sum_stored: the variance reads the unrounded sum, the rest the rounded
+            v = s + r_in
+            s = v.to(act).to(tl.float32)
         else:
             s = (s + r_in).to(act).to(tl.float32)  # aten.add in the activation dtype
+            v = s
     tl.store(res_out_ptr + off + cols, s.to(act), mask=mask)
     out_ty = norm_ptr.dtype.element_ty
-    y, yq = _norm(s, w, eps, H, HAS_W, GEMMA, W_FP32, act, out_ty, Q_RAW)
+    y, yq = _norm(s, v, w, eps, H, HAS_W, GEMMA, W_FP32, act, out_ty, Q_RAW)
     if WRITE_NORM:
         tl.store(norm_ptr + off + cols, y.to(out_ty), mask=mask)
     # What a dynamic scale's amax reads: with Q_RAW the unrounded value, as Inductor's Triton

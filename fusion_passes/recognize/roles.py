@@ -67,6 +67,7 @@ class Norm:
     # carry_fp32 is set on the previous site's op by the rewrite, never on a norm
     carry_fp32: bool = False
     quant_unrounded: bool = False
+    sum_stored: bool = False  # the compile stores the sum: the normalization reads it rounded
     # (node, same) pairs: nodes holding the very value of another, redirected to it right
     # before the rewrite (fusion_passes.recognize.inplace, fusion_passes.recognize.meaning)
     aliases: tuple = ()
