@@ -51,11 +51,12 @@ ORACLES = ("tests/test_oracles.py", "-k", "not triton_kernel")  # all but the Tr
 OPS = ("tests/test_ops.py",)
 VENDOR = ("tests/test_vendor_adapters.py",)
 PINNED = ("tests/test_hoist_property.py", "-k", "pinned")
+STREAM = ("tests/test_compile_parity.py", "-k", "stream")  # every site of a stored-and-inlined stream
 
 MUTANTS = (
     Mutant("eps_outside_rsqrt", EPI,
-           "normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)",
-           "normed = x32 * (torch.rsqrt(x32.pow(2).mean(-1, keepdim=True)) + eps)",
+           "normed = x32 * torch.rsqrt(v32.pow(2).mean(-1, keepdim=True) + eps)",
+           "normed = x32 * (torch.rsqrt(v32.pow(2).mean(-1, keepdim=True)) + eps)",
            OPS, "eps added after the rsqrt instead of inside it"),
     Mutant("residual_in_fp32_ignored", EPI,
            "if (residual_in_fp32 or carry_fp32) and residual is not None:\n        summed32 =",
@@ -145,6 +146,26 @@ MUTANTS = (
            "t",
            ("tests/test_bench_model.py", "-k", "token_dynamic"),
            "token-dynamic prefill points get caches of different shapes (one graph cannot serve them)"),
+    Mutant("stored_sums_read_unrounded", "fusion_passes/match.py",
+           "reads = stores.sum_reads(add, _hidden(add))",
+           "reads = inductor_store.UNROUNDED",
+           STREAM, "every sum read unrounded, also where the compile stores (rounds) it"),
+    Mutant("stored_norm_output_quantized_unrounded", "fusion_passes/match.py",
+           "and not _rounds_later_reads(norm.out))",
+           ")",
+           STREAM, "the FP8 codes from the unrounded norm output, also where the compile stores it"),
+    Mutant("carry_past_a_stored_sum", "fusion_passes/match.py",
+           "if stores.stored(prev):  # the compile stores",
+           "if False:  # the compile stores",
+           STREAM, "the unrounded stream carried past a sum the compile stores and rounds"),
+    Mutant("sum_stored_variance_of_rounded_sum", EPI,
+           "v32 = x32 if variance_of is None else variance_of.to(torch.float32)",
+           "v32 = x32",
+           STREAM, "sum_stored's variance from the rounded sum"),
+    Mutant("inductor_store_reads_threshold_off_by_one", "fusion_passes/inductor_store.py",
+           "return v.ops > ops_t or len(v.reads) > reads_t",
+           "return v.ops > ops_t or len(v.reads) >= reads_t",
+           STREAM, "a value with exactly realize_reads_threshold reads taken as stored"),
 )
 
 
