@@ -309,14 +309,17 @@ def quant_params(spec, *params, **opts) -> dict:
     return resolve(spec, a)
 
 
-def fused_args(spec, x, res, w, eps, group, gemma, w_fp32, *params, with_norm_out=False, residual_in_fp32=False):
-    """The :class:`~fusion_passes.variants.FusedArgs` of one GPU-check case, bound as the op binds."""
+def fused_args(spec, x, res, w, eps, group, gemma, w_fp32, *params, with_norm_out=False, residual_in_fp32=False,
+               **flags):
+    """The :class:`~fusion_passes.variants.FusedArgs` of one GPU-check case, bound as the op
+    binds; *flags*: other norm flags (``sum_stored``, ...)."""
     from fusion_passes import arguments
 
     a = dict(zip(("input", "residual", "weight", "eps", "group", "gemma", "weight_in_fp32"),
                  (x, res, w, eps, group, gemma, w_fp32)))
     a.update(zip(spec.positional, params))
     a["residual_in_fp32"] = residual_in_fp32
+    a.update(flags)
     if spec.kind is not None:
         a["return_norm"] = bool(with_norm_out)
     a = arguments.bind(spec, (), a)

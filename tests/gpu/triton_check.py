@@ -45,11 +45,11 @@ import oracles  # noqa: E402
 
 
 def run(backend, variant, x, res, w, eps, group, gemma, w_fp32, *params, with_norm_out=False,
-        residual_in_fp32=False):
+        residual_in_fp32=False, **flags):
     """``backend.run`` as a tuple: ``(norm, residual_out)``, or ``(q, scales, residual_out, norm)``;
     *params* are the variant's non-option quant arguments in order."""
     args = oracles.fused_args(variants.get(variant), x, res, w, eps, group, gemma, w_fp32, *params,
-                              with_norm_out=with_norm_out, residual_in_fp32=residual_in_fp32)
+                              with_norm_out=with_norm_out, residual_in_fp32=residual_in_fp32, **flags)
     o = backend.run(variant, args)
     return (o.norm_out, o.residual_out) if variant == "add_rmsnorm" else (o.q, o.scales, o.residual_out, o.norm_out)
 
@@ -147,13 +147,13 @@ def check_case(group, rank, world, tokens, hidden, dtype, *, residual=True, weig
     res = torch.randn((tokens, hidden), generator=shared, device=dev).to(dtype) if residual else None
     w = (torch.rand((hidden,), generator=shared, device=dev) + 0.5).to(w_dtype or dtype) if weight else None
     eps = 1e-6
-    rf = dict(residual_in_fp32=res_fp32)
+    rf = {res_fp32: True} if isinstance(res_fp32, str) else dict(residual_in_fp32=res_fp32)  # or "sum_stored"
     ref_norm, ref_res = run(ReferenceBackend(), "add_rmsnorm", x, res, w, eps, group, gemma, w_fp32, **rf)
     tb = TritonBackend()
     tol = max(ULP[ref_norm.dtype], ULP[dtype])  # the norm rounds to the activation dtype first
     res_tol = 0.0 if world <= 2 else ULP[dtype]
     tag = f"ws{world} T{tokens} H{hidden} {str(dtype)[6:]} res={residual} w={weight} gemma={gemma} wfp32={w_fp32} q={quant}"
-    tag += " res_fp32=True" if res_fp32 else ""
+    tag += f" {res_fp32}" if isinstance(res_fp32, str) else (" res_fp32=True" if res_fp32 else "")
     if quant is None:
         norm, res_out = run(tb, "add_rmsnorm", x, res, w, eps, group, gemma, w_fp32, **rf)
         close(f"{tag} residual_out", res_out, ref_res, res_tol)
@@ -288,6 +288,14 @@ def all_cases() -> list[dict]:
     ]
     for quant in ("fp8_static", "fp8_per_token", "fp8_per_group"):
         cases.append(dict(tokens=77, hidden=7168, dtype=torch.bfloat16, quant=quant, res_fp32=True))
+    # sum_stored (issue 22: the variance from the unrounded sum, the normalization from the stored one)
+    cases += [
+        dict(tokens=1, hidden=4096, dtype=torch.bfloat16, res_fp32="sum_stored"),
+        dict(tokens=257, hidden=7168, dtype=torch.bfloat16, res_fp32="sum_stored"),
+        dict(tokens=33, hidden=8192, dtype=torch.float16, res_fp32="sum_stored"),
+        dict(tokens=17, hidden=4096, dtype=torch.bfloat16, res_fp32="sum_stored", gemma=True),
+        dict(tokens=77, hidden=7168, dtype=torch.bfloat16, res_fp32="sum_stored", quant="fp8_per_token"),
+    ]
     return cases
 
 
