@@ -15,6 +15,47 @@ def group_name() -> str:
     return dist.group.WORLD.group_name
 
 
+def stream_chain(layers: int, quantize, quants: int, gather: bool):
+    """*layers* sites whose residual stream starts at an embedding gather (or an input) and
+    runs through every site, as a decoder's does; a matmul between sites (the next
+    all-reduce's input: the site's bf16 norm output, or its FP8 codes dequantized, from
+    *quants* identical ``quantize(y) -> (codes, scales)`` of the norm output as q/k/v have);
+    each site's norm output or first quant's (codes, scales) returned, the stream read by
+    nothing else until the final norm. Inductor stores the stream at every fourth sum or
+    so (more than 4 buffer reads), and a norm output where the stream's reads make it so
+    (fusion_passes.inductor_store). Issue 22's per-site parity, on CPU
+    (tests/test_compile_parity.py) and GPU (tests/gpu/parity_check.py)."""
+    def fn(ids, table, x, ws, w, w_final):
+        h = table[ids] if gather else table
+        outs = []
+        for i in range(layers):
+            h = all_reduce(x) + h
+            y = hf_rms_norm(h, w, 1e-6)
+            if not quants:
+                outs.append((y,))
+                x = y @ ws[i]
+                continue
+            qs = [quantize(y) for _ in range(quants)]
+            outs.append(qs[0])
+            x = sum(((c.float() * sc) @ ws[i].float()).to(y.dtype) for c, sc in qs)
+        outs.append((hf_rms_norm(h, w_final, 1e-5), h))
+        return outs
+    return fn
+
+
+def stream_args(layers: int, quants: int, gather: bool, tokens: int, hidden: int, device="cpu"):
+    """Inputs of :func:`stream_chain` (bf16 activations, FP8 weights where it quantizes)."""
+    g = torch.Generator().manual_seed(0)
+    rows = 64 if gather else tokens
+    weights = [torch.randn(hidden, hidden, generator=g) / hidden ** 0.5 for _ in range(layers)]
+    wdt = torch.float8_e4m3fn if quants else torch.bfloat16
+    args = (torch.randint(0, 64, (tokens,), generator=g), torch.randn(rows, hidden, generator=g).to(torch.bfloat16),
+            torch.randn(tokens, hidden, generator=g).to(torch.bfloat16), [w.to(wdt) for w in weights],
+            (torch.rand(hidden, generator=g) + 0.5).to(torch.bfloat16),
+            (torch.rand(hidden, generator=g) + 0.5).to(torch.bfloat16))
+    return tuple([t.to(device) for t in a] if isinstance(a, list) else a.to(device) for a in args)
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """The plain-PyTorch dialect's all-reduce, as DTensor / HF tp_plan emit it."""
     return c10d.wait_tensor(c10d.all_reduce(x, "sum", group_name()))

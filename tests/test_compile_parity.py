@@ -23,7 +23,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 from fusion_passes import FusionPass
-from graphs import all_reduce, hf_rms_norm
+from graphs import all_reduce, hf_rms_norm, stream_args, stream_chain
 import tp_llama
 
 pytestmark = pytest.mark.usefixtures("fake_pg")
@@ -138,43 +138,6 @@ def test_an_fp8_chain_is_no_further_from_fp64_than_the_unfused_compile():
     assert fused <= RATIO * unfused, (fused, unfused)
 
 
-def stream_chain(q, layers: int, quants: int, gather: bool):
-    """*layers* sites whose residual stream starts at an embedding gather (or an input) and
-    runs through every site, as a decoder's does; a matmul between sites (the next
-    all-reduce's input: the site's bf16 norm output, or its FP8 codes dequantized,
-    *quants* identical per-token quants of the norm output as q/k/v have); each site's
-    norm output or first quant's (codes, scales) returned, the stream read by nothing else.
-    Inductor stores the stream at every fourth sum or so (more than 4 buffer reads), and
-    a stored norm output where the stream's reads make it so (fusion_passes.inductor_store)."""
-    def fn(ids, table, x, ws, w, w_final):
-        h = table[ids] if gather else table
-        outs = []
-        for i in range(layers):
-            h = all_reduce(x) + h
-            y = hf_rms_norm(h, w, 1e-6)
-            if not quants:
-                outs.append((y,))
-                x = y @ ws[i]
-                continue
-            qs = [q["token"].forward_native(y) for _ in range(quants)]
-            outs.append(qs[0])
-            x = sum(((c.float() * sc) @ ws[i].float()).to(y.dtype) for c, sc in qs)
-        outs.append((hf_rms_norm(h, w_final, 1e-5), h))
-        return outs
-    return fn
-
-
-def _stream_args(layers: int, quants: int, gather: bool, tokens: int, hidden: int):
-    g = torch.Generator().manual_seed(0)
-    rows = 64 if gather else tokens
-    weights = [torch.randn(hidden, hidden, generator=g) / hidden ** 0.5 for _ in range(layers)]
-    return (torch.randint(0, 64, (tokens,), generator=g), torch.randn(rows, hidden, generator=g).to(torch.bfloat16),
-            torch.randn(tokens, hidden, generator=g).to(torch.bfloat16),
-            [w.to(FP8 if quants else torch.bfloat16) for w in weights],
-            (torch.rand(hidden, generator=g) + 0.5).to(torch.bfloat16),
-            (torch.rand(hidden, generator=g) + 0.5).to(torch.bfloat16))
-
-
 @pytest.mark.parametrize("quants,gather,tokens,hidden", [
     (0, False, 16, 256), (0, True, 16, 256), (1, True, 16, 256), (3, True, 64, 1024)])
 def test_every_site_of_a_stream_matches_the_unfused_compile(quants, gather, tokens, hidden):
@@ -183,8 +146,9 @@ def test_every_site_of_a_stream_matches_the_unfused_compile(quants, gather, toke
     round exactly there (sum_stored, a rounded sum, no carry past a stored sum,
     quant_unrounded only for a norm output the compile does not store). Carrying the
     stream unrounded throughout put 2-60% of the elements of every later site apart."""
-    fn = stream_chain(_vllm_quants() if quants else None, 8, quants, gather)
-    args = _stream_args(8, quants, gather, tokens, hidden)
+    quantize = _vllm_quants()["token"].forward_native if quants else None
+    fn = stream_chain(8, quantize, quants, gather)
+    args = stream_args(8, quants, gather, tokens, hidden)
     want, _ = compiled(fn, args, fuse=False)
     got, report = compiled(fn, args, fuse=True)
     assert sum(s.fused for s in report.sites) == 8, report.summary()

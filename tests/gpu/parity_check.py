@@ -190,29 +190,6 @@ def amax_hypothesis(variant, x, res, w, qp, form, q, s) -> str:
     return f"hypothesis amax from the unrounded fp32 norm: scales equal {same:.1%}, codes differ {share(qq, q):.3%}"
 
 
-def stream(layers, quant, gather):
-    """tests/test_compile_parity.py's stream (an embedding gather or an input, a matmul
-    between sites), with the epilogue's per-token FP8 quant (vLLM's order, plain torch)."""
-    from graphs import all_reduce, hf_rms_norm
-
-    def fn(ids, table, x, ws, w, w_final):
-        h = table[ids] if gather else table
-        outs = []
-        for i in range(layers):
-            h = all_reduce(x) + h
-            y = hf_rms_norm(h, w, 1e-6)
-            if quant:
-                c, sc = epilogue.fp8_per_token(y)
-                outs.append((c, sc))
-                x = ((c.float() * sc) @ ws[i].float()).to(y.dtype)
-            else:
-                outs.append((y,))
-                x = y @ ws[i]
-        outs.append((hf_rms_norm(h, w_final, 1e-5), h))
-        return outs
-    return fn
-
-
 def check_stream(group, quant, gather, tokens, hidden, device="cuda") -> str:
     """Issue 22 at every site of an 8-site stream compiled by Inductor with and without the
     pass (triton backend): the share of norm elements / FP8 codes that differ per site
@@ -222,15 +199,10 @@ def check_stream(group, quant, gather, tokens, hidden, device="cuda") -> str:
     import torch._inductor.config as inductor_config
     from fusion_passes import FusionPass
 
-    g = torch.Generator().manual_seed(0)
-    rows = 64 if gather else tokens
-    ws = [torch.randn(hidden, hidden, generator=g) / hidden ** 0.5 for _ in range(8)]
-    args = (torch.randint(0, 64, (tokens,), generator=g), torch.randn(rows, hidden, generator=g).bfloat16(),
-            torch.randn(tokens, hidden, generator=g).bfloat16(),
-            [w.to(torch.float8_e4m3fn if quant else torch.bfloat16) for w in ws],
-            (torch.rand(hidden, generator=g) + 0.5).bfloat16(), (torch.rand(hidden, generator=g) + 0.5).bfloat16())
-    args = tuple([t.to(device) for t in a] if isinstance(a, list) else a.to(device) for a in args)
-    fn = stream(8, quant, gather)
+    from graphs import stream_args, stream_chain
+
+    args = stream_args(8, int(quant), gather, tokens, hidden, device)
+    fn = stream_chain(8, epilogue.fp8_per_token, int(quant), gather)  # vLLM's order, plain torch
     outs = []
     for fuse in (False, True):
         p = FusionPass(backend="triton" if device == "cuda" else "reference") if fuse else None
