@@ -19,7 +19,10 @@ the rounded buffer. In an add + RMSNorm (+ FP8 quant) kernel that gives, measure
 
 A Triton *persistent* reduction (one loop: a row of at most 1024 elements,
 torch/_inductor/choices.py ``should_use_persistent_reduction``) reads every such value
-from the store cache, unrounded.
+from the store cache, unrounded. NOT YET RUN ON A GPU: the Triton side (a stored sum fused
+into the variance's loop, the persistent case) follows from the same code generator and
+is what ``tests/gpu/parity_check.py`` (``check_stream``) checks; no machine ran it when
+this was written (2026-12-07). The CPU side is measured.
 
 Whether a value is stored is decided during lowering (torch/_inductor/graph.py
 ``GraphLowering.run_node``, ir.py ``StorageBox.should_realize_on_reuse`` and
