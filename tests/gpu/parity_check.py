@@ -17,7 +17,7 @@ unrounded"), on a real GPU at world size 1:
   0.5%), with the flag (what the pass now selects) and without it (before), and whether
   the scales are equal.
 
-    python tests/gpu/parity_check.py
+    python tests/gpu/parity_check.py [stream ...]   (only the checks whose name holds one of these)
 """
 
 from __future__ import annotations
