@@ -74,8 +74,6 @@ _REDUCTIONS = frozenset({
 # CPU: reused values computing one of these are stored (ir.py should_realize_on_reuse)
 _HEAVY_CPU = frozenset({"exp", "log", "log10", "log1p", "log2", "sigmoid", "tanh"})
 PERSISTENT_MAX = 1024  # choices.py should_use_persistent_reduction: ReductionHint.INNER threshold
-
-
 # Views after which a loop over the value is no longer one flat run of its buffer.
 _NOT_FLAT_VIEWS = frozenset({aten.expand.default, aten.permute.default, aten.t.default, aten.transpose.int,
                              aten.slice.Tensor, aten.select.int})
@@ -113,6 +111,8 @@ class Stores:
         return v is not None and v.stored
 
     def known(self, node: Node) -> bool:
+        """Whether the analysis saw *node* (a node the pass made later is unknown, unless
+        :meth:`same_as` named what it stands for)."""
         return node in self._values
 
     def same_as(self, new: Node, old: Node) -> None:
