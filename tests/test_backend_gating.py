@@ -6,6 +6,7 @@ checked against the vendors' own signatures in tests/test_vendor_adapters.py.
 
 from __future__ import annotations
 
+import dataclasses
 
 import pytest
 import torch
@@ -241,3 +242,15 @@ def test_kernel_backends_leave_the_input_product_form_to_the_reference(fake_pg, 
     assert torch.equal(q.view(torch.uint8), want.view(torch.uint8))
     fp32 = fp8_forms.static(norm, scale, 448.0, torch.float8_e4m3fn, "")  # the form shows on these values
     assert not torch.equal(q.view(torch.uint8), fp32.view(torch.uint8))
+
+
+def test_vendor_kernels_decline_an_fp32_residual():
+    """A previous site's carry_fp32 sum reaches a site as an fp32 residual (added in fp32,
+    epilogue.add_residual); AITER and FlashInfer read the residual as the activation dtype."""
+    for backend, device in ((aiter_backend.AiterBackend(), "rocm"), (fi_backend.FlashInferBackend(), "cuda")):
+        flags = variants.Flags(residual_in_fp32=backend.name == "aiter")  # each one's accepted residual add
+        base = Call(variant="add_rmsnorm", device=device, dtype=torch.bfloat16, hidden=4096, world_size=2,
+                    tokens=64, residual=True, flags=flags, residual_dtype=torch.bfloat16)
+        assert backend.declines(base) is None, backend.name
+        why = backend.declines(dataclasses.replace(base, residual_dtype=torch.float32))
+        assert why is not None and "residual" in why and "float32" in why, (backend.name, why)

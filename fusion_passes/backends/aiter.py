@@ -153,6 +153,9 @@ class AiterBackend(VendorBackend):
         if call.residual and not call.flags.residual_in_fp32:
             return ("aiter normalizes the unrounded fp32 residual sum (custom_all_reduce.cuh); the "
                     "graph rounds the sum to the activation dtype first (residual_in_fp32=False)")
+        if call.residual_dtype is not None and call.residual_dtype != call.dtype:
+            return (f"aiter reads the residual as the activation dtype {call.dtype}, "
+                    f"the call gives a {call.residual_dtype} one (a carried fp32 sum)")
         if call.weight_dtype is not None and call.weight_dtype != call.dtype:
             return (f"aiter reads the norm weight as the activation dtype {call.dtype}, "
                     f"the graph multiplies a {call.weight_dtype} weight")

@@ -46,6 +46,7 @@ class Call:
     options: frozenset[str] = frozenset()
     residual: bool = False
     weight_dtype: torch.dtype | None = None
+    residual_dtype: torch.dtype | None = None  # an fp32 residual: a previous site's carry_fp32 sum
     quant_args: tuple[tuple[str, object], ...] = ()
 
     def quant_arg(self, name: str, default=None):

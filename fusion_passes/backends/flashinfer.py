@@ -123,6 +123,9 @@ class FlashInferBackend(VendorBackend):
                     "Face order (weight_in_fp32=False) would round differently")
         if call.flags.residual_in_fp32 and call.residual:
             return RESIDUAL_ROUNDED
+        if call.residual_dtype is not None and call.residual_dtype != call.dtype:
+            return (f"flashinfer reads the residual as the activation dtype {call.dtype}, "
+                    f"the call gives a {call.residual_dtype} one (a carried fp32 sum)")
         if call.weight_dtype is not None and call.weight_dtype != call.dtype:
             return (f"flashinfer reads the norm weight as the activation dtype {call.dtype}, "
                     f"the graph multiplies a {call.weight_dtype} weight")

@@ -211,6 +211,7 @@ def call_of(variant: str, a: FusedArgs, *, world_size: int, single_node: bool = 
         flags=a.flags, group_size=a.quant.get(block) if isinstance(block, str) else None,
         options=options, residual=a.residual is not None,
         weight_dtype=None if a.weight is None else a.weight.dtype,
+        residual_dtype=None if a.residual is None else a.residual.dtype,
         quant_args=tuple(sorted((k, _fact(v)) for k, v in a.quant.items())),
     )
 
