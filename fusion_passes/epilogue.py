@@ -30,8 +30,13 @@ def add_residual(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor
     if residual is None:
         return x
     if residual.dtype != x.dtype:
-        return (x.to(torch.float32) + residual.to(torch.float32)).to(x.dtype)
+        return sum_fp32(x, residual).to(x.dtype)
     return x + residual
+
+
+def sum_fp32(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``x + residual`` added in fp32 and left unrounded (how Inductor computes a low-precision add)."""
+    return x.to(torch.float32) + residual.to(torch.float32)
 
 
 def rms_norm(
@@ -101,13 +106,13 @@ def add_rms_norm(
     concerns the quant (:func:`quantize`).
     """
     if sum_stored and residual is not None:
-        summed32 = x.to(torch.float32) + residual.to(torch.float32)
+        summed32 = sum_fp32(x, residual)
         rounded = summed32.to(x.dtype)
         norm = rms_norm(rounded, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32, promote_out=promote_out,
                         variance_of=summed32)
         return norm, rounded
     if (residual_in_fp32 or carry_fp32) and residual is not None:
-        summed32 = x.to(torch.float32) + residual.to(torch.float32)
+        summed32 = sum_fp32(x, residual)
         norm = rms_norm(summed32, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32, out_dtype=x.dtype,
                         promote_out=promote_out)
         return norm, summed32 if carry_fp32 else summed32.to(x.dtype)
@@ -120,11 +125,11 @@ def norm_unrounded(x, residual, weight, eps, *, gemma=False, weight_in_fp32=True
     """The norm output of :func:`add_rms_norm` before its rounding to the activation dtype
     (fp32): what an FP8 quant fused with the norm by Inductor reads (``quant_unrounded``)."""
     if sum_stored and residual is not None:
-        summed32 = x.to(torch.float32) + residual.to(torch.float32)
+        summed32 = sum_fp32(x, residual)
         return rms_norm(summed32.to(x.dtype), weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32,
                         out_dtype=torch.float32, variance_of=summed32)
     if (residual_in_fp32 or carry_fp32) and residual is not None:
-        summed = x.to(torch.float32) + residual.to(torch.float32)
+        summed = sum_fp32(x, residual)
     else:
         summed = add_residual(x, residual)
     return rms_norm(summed, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32, out_dtype=torch.float32)
