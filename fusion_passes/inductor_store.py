@@ -72,7 +72,10 @@ _REDUCTIONS = frozenset({
     aten.prod.dim_int, aten.argmax.default, aten.argmin.default,
 })
 # CPU: reused values computing one of these are stored (ir.py should_realize_on_reuse)
+# ir.py StorageBox.should_realize_on_reuse: CPU ops heavy enough to store a reused value.
+# torch 2.11 lists two; the later rewrite that added realize_opusers_threshold lists seven.
 _HEAVY_CPU = frozenset({"exp", "log", "log10", "log1p", "log2", "sigmoid", "tanh"})
+_HEAVY_CPU_2_11 = frozenset({"exp", "sigmoid"})
 PERSISTENT_MAX = 1024  # choices.py should_use_persistent_reduction: ReductionHint.INNER threshold
 # Views after which a loop over the value is no longer one flat run of its buffer.
 _NOT_FLAT_VIEWS = frozenset({aten.expand.default, aten.permute.default, aten.t.default, aten.transpose.int,
@@ -172,8 +175,22 @@ def _is_pointwise(node: Node) -> bool:
     return t in _POINTWISE or torch.Tag.pointwise in getattr(t, "tags", ())
 
 
-def _thresholds(device: str) -> tuple[int, int, int, int]:
-    """(reads on reuse, accumulated reads, op count, users) from Inductor's config."""
+@dataclasses.dataclass(frozen=True)
+class _Rules:
+    """The store-or-inline thresholds of the running torch (config.py's ``realize_*``)."""
+
+    reads: int  # realize_reads_threshold: reads of a value read twice
+    acc: int  # realize_acc_reads_threshold: reads of any value
+    ops: int  # realize_opcount_threshold
+    users: int | None  # realize_opusers_threshold (CPU); None: this torch has no such rule
+    heavy_cpu: frozenset
+    delay_cheap_outputs: bool  # delay_realize_cheap_outputs: a read-free output is not stored
+
+
+def _rules(device: str) -> _Rules:
+    """Inductor's thresholds for *device*. torch 2.11 has one op-count and one accumulated
+    reads threshold for every device and no users rule; later versions split them by CPU
+    and GPU (``None`` then picks the device's default) and add the users rule."""
     c = _compat.inductor_config
     cpu = device == "cpu"
     acc = c.realize_acc_reads_threshold
@@ -182,7 +199,9 @@ def _thresholds(device: str) -> tuple[int, int, int, int]:
     ops = c.realize_opcount_threshold
     if ops is None:
         ops = c.realize_cpu_opcount_threshold if cpu else c._realize_opcount_threshold_default
-    return c.realize_reads_threshold, acc, ops, c.realize_opusers_threshold
+    users = getattr(c, "realize_opusers_threshold", None)
+    return _Rules(c.realize_reads_threshold, acc, ops, users, _HEAVY_CPU if users is not None else _HEAVY_CPU_2_11,
+                  bool(getattr(c, "delay_realize_cheap_outputs", False)))
 
 
 def _device(graph: Graph) -> str:
@@ -196,7 +215,7 @@ def _device(graph: Graph) -> str:
 def analyse(graph: Graph) -> Stores:
     """Replay Inductor's store-or-inline decisions over *graph* (module docstring)."""
     device = _device(graph)
-    reads_t, acc_t, ops_t, users_t = _thresholds(device)
+    rules = _rules(device)
     values: dict[Node, _Value] = {}
 
     def buffer(n: Node) -> _Value:
@@ -232,7 +251,7 @@ def analyse(graph: Graph) -> Stores:
         elif _is_pointwise(n):
             reads = frozenset().union(*(v.reads for v in ins)) if ins else frozenset()
             ops = sum(v.ops for v in ins if not v.stored) + 1 + len(ins)
-            heavy = any(v.heavy for v in ins if not v.stored) or _op_name(n.target) in _HEAVY_CPU
+            heavy = any(v.heavy for v in ins if not v.stored) or _op_name(n.target) in rules.heavy_cpu
             same = all(_numel(a) == _numel(n) for a in (*n.args, *n.kwargs.values()) for a in _flat(a)
                        if isinstance(a, Node) and a in values)
             is_flat = same and n.target not in _GATHERS and all(v.flat for v in ins)
@@ -249,11 +268,11 @@ def analyse(graph: Graph) -> Stores:
         if v.stored:
             continue
         users = set(n.users)
-        if any(u.op == "output" for u in users) and (v.reads or v.ops > ops_t):
+        if any(u.op == "output" for u in users) and (v.reads or v.ops > rules.ops or not rules.delay_cheap_outputs):
             store(n)
-        elif len(users) > 1 and _reuse_stores(v, len(users), device, reads_t, ops_t, users_t):
+        elif len(users) > 1 and _reuse_stores(v, len(users), device, rules):
             store(n)
-        elif len(v.reads) > acc_t or v.ops > ops_t:  # has_exceeded_max_reads -> realize_hint
+        elif len(v.reads) > rules.acc or v.ops > rules.ops:  # has_exceeded_max_reads -> realize_hint
             if len(v.reads) > 1:
                 store(n)
     return Stores(values, device, flat)
@@ -264,14 +283,14 @@ def _numel(n: Node) -> int | None:
     return v.numel() if isinstance(v, torch.Tensor) else None
 
 
-def _reuse_stores(v: _Value, users: int, device: str, reads_t: int, ops_t: int, users_t: int) -> bool:
+def _reuse_stores(v: _Value, users: int, device: str, rules: _Rules) -> bool:
     """ir.py ``StorageBox.should_realize_on_reuse`` for a pointwise value read *users* times."""
     if device == "cpu":
         if v.heavy:
             return True
-        if users > users_t and v.ops > max(0, ops_t - 2):
+        if rules.users is not None and users > rules.users and v.ops > max(0, rules.ops - 2):
             return True
-    return v.ops > ops_t or len(v.reads) > reads_t
+    return v.ops > rules.ops or len(v.reads) > rules.reads
 
 
 def _flat(a):
