@@ -209,6 +209,7 @@ def test_plan_counts_compiles():
     (["--world-size", "2"], "--world-size is for --dry-run"),
     (["--out", "/nonexistent-folder/x.json"], "does not exist"),
     (["--token-dynamic", "--dry-run"], "--dry-run only traces"),
+    (["--rounds", "100", "--replays", "11"], "--rounds 100 x --replays 11 is more than 1000 timed replays"),
 ])
 def test_bad_arguments_exit_2(argv, message, capsys):
     assert cli_main(["bench", "model", "--plan", *argv]) == 2
@@ -227,7 +228,10 @@ def test_format_point_line():
            "numerics": {"fused": {"rms": 0.019}, "unfused": {"rms": 0.015}, "eager": {"rms": 0.019},
                         "tolerance": {"rms": 0.001}, "fused_no_further": False}}
     line = model_step.format_point("llama bf16", row)
-    assert "x1.051" in line and "no collective 100.0 us" in line and "FAILED" in line
+    assert "x1.051" in line and "no collective 100.0 us" in line and "FAILED" in line and "rounds" not in line
+    row["rounds_us"] = {form: [t, t] for form, t in row["step_us"].items()}
+    row["speedup_range"] = [0.98, 1.06]
+    assert "(x1.051, x0.980-1.060 over 2 rounds)" in model_step.format_point("llama bf16", row)
     row["numerics"].update(fused_no_further=True, ratio=1.0211, ratio_ok=False)
     line = model_step.format_point("llama bf16", row)
     assert "ratio 1.021): FAILED" in line
@@ -237,3 +241,32 @@ def test_format_point_line():
                            fused_no_further=False, ratio=0.1910 / 0.1887, ratio_ok=True)
     assert model_step.format_point("llama fp8", row).endswith("ratio 1.012): FAILED")
     assert json.loads(json.dumps(row)) == row
+
+
+def test_rounds_interleave_the_forms_and_report_the_median_and_range():
+    """GPU timing (``deferred``): every form's captured step is replayed once per round,
+    each round starting at the next form; a step's time is the median of its rounds, and
+    the row's speedup range spans the per-round speedups. Fake replays stand in for the
+    CUDA graphs: each returns its form's next planned time and logs the order."""
+    import types
+
+    log = []
+    planned = {"nocoll": [9, 9, 9], "unfused": [10, 30, 12], "fused": [8, 20, 12]}
+
+    def replay_of(form):
+        times = iter(planned[form])
+        return lambda: (log.append(form), next(times))[1]
+
+    ctx = types.SimpleNamespace(rounds=3, replays=1, empty_cache=lambda: None)
+    per_form = {form: {"compile_s": 0.0, "reports": None,
+                       "points": [{"logits": None, "replay": replay_of(form), "rounds_us": []}]}
+                for form in planned}
+    model_step.interleave(ctx, per_form)
+    assert log == ["nocoll", "unfused", "fused", "unfused", "fused", "nocoll", "fused", "nocoll", "unfused"]
+    got = {form: model_step._point_result(r, 0) for form, r in per_form.items()}
+    assert {f: g["us"] for f, g in got.items()} == {"nocoll": 9, "unfused": 12, "fused": 12}
+    assert all("replay" not in r["points"][0] for r in per_form.values())
+    rounds = {f: g["rounds_us"] for f, g in got.items()}
+    per_round = [u / f for u, f in zip(rounds["unfused"], rounds["fused"])]
+    assert per_round == [1.25, 1.5, 1.0] and (min(per_round), max(per_round)) == (1.0, 1.5)
+

@@ -88,6 +88,7 @@ BAD_BENCH = [  # (argv, WORLD_SIZE or None, the message after "fusion-passes ben
     (["kernels", "--plan", "--replays", str(10**9)],
      None, f"argument --replays: must be an integer from 1 to 1000, got {10**9}"),
     (["model", "--dry-run", "--replays", "1001"], None, "argument --replays: must be an integer from 1 to 1000, got 1001"),
+    (["model", "--plan", "--rounds", "101"], None, "argument --rounds: must be an integer from 1 to 100, got 101"),
     (["kernels", "--plan"], "abc", f"environment variable WORLD_SIZE {TP} 'abc'"),
     (["kernels", "--plan"], "-3", f"environment variable WORLD_SIZE {TP} -3"),
     (["model", "--plan"], "0", f"environment variable WORLD_SIZE {TP} 0"),

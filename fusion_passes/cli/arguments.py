@@ -31,6 +31,9 @@ MAX_REPLAYS = 1_000
 (a 40,960-token prefill, about 150 ms by scaling the 14.9 ms of a 4,096-token prefill on
 1x H200, results/bench_model_h200_ws1_llama_bf16.json) is 2.5 minutes per form; a
 kernel point is microseconds a replay."""
+MAX_ROUNDS = 100
+"""Most interleaved rounds per point (``bench model --rounds``): with the default 10
+replays a round, 100 rounds are 1,000 replays per form, :data:`MAX_REPLAYS`'s bound."""
 
 
 def int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:

@@ -1,7 +1,7 @@
 """What the GPU benchmarks share: CUDA-graph timing, bandwidth probes, machine and versions.
 
-:func:`time_graph` captures ``calls`` calls of a function in one CUDA graph and replays it;
-the time of one call is a replay's time / ``calls``. ``bench kernels`` and ``bench model``
+:func:`time_graph` captures ``calls`` calls of a function in one CUDA graph (:func:`capture`)
+and replays it; the time of one call is a replay's time / ``calls``. ``bench kernels`` and ``bench model``
 both time this way, so their numbers compare. Everything here but :func:`machine` and
 :func:`versions` needs a CUDA GPU.
 """
@@ -15,11 +15,22 @@ import sys
 
 
 def time_graph(fn, args=(), calls: int = 1, replays: int = 5) -> float:
-    """Median time (us) of one call of ``fn(*args)``, from a CUDA graph holding *calls* calls.
+    """Median time (us) of one call of ``fn(*args)``, from a CUDA graph holding *calls* calls
+    (:func:`capture`), over *replays* timed replays."""
+    replay = capture(fn, args, calls)
+    return statistics.median(replay() for _ in range(replays))
+
+
+def capture(fn, args=(), calls: int = 1):
+    """``fn(*args)`` captured *calls* times in one CUDA graph; returns ``replay()``, which
+    replays the graph once and returns the time (us) of one call.
 
     Two eager warm-up calls on a side stream come first (Triton and Inductor compile then,
-    collectives register their buffers), then the capture, one untimed replay and
-    *replays* timed ones.
+    collectives register their buffers), then the capture and one untimed replay. The
+    returned function holds the graph, *fn* and *args*, so it can be replayed later, after
+    other graphs (``bench model --rounds``). The kernels stay loaded while whoever built
+    *fn* keeps them: Inductor's modules stay in its code cache, Triton's jitted kernels in
+    their function's cache.
     """
     import torch
 
@@ -36,16 +47,17 @@ def time_graph(fn, args=(), calls: int = 1, replays: int = 5) -> float:
             fn(*args)
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
+
+    def replay() -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0 / calls)
-    del graph
-    return statistics.median(times)
+        return start.elapsed_time(end) * 1000.0 / calls
+
+    replay.keep = (graph, fn, args)
+    return replay
 
 
 def copy_bandwidth() -> float:

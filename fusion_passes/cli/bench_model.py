@@ -33,7 +33,7 @@ import time
 import types
 
 from fusion_passes.cli.arguments import (
-    MAX_CONTEXT, MAX_LAYERS, MAX_REPLAYS, MAX_SEQS, MAX_TP, int_range, world_size_from_env,
+    MAX_CONTEXT, MAX_LAYERS, MAX_REPLAYS, MAX_ROUNDS, MAX_SEQS, MAX_TP, int_range, world_size_from_env,
 )
 from fusion_passes.cli.bench_rows import command_line
 
@@ -62,7 +62,12 @@ def add_arguments(parser) -> None:
                         help="prefill steps: 1 sequence x T tokens (default 512 4096; none: --prefill)")
     parser.add_argument("--context", type=int_range(1, MAX_CONTEXT - 1), default=1024, help="tokens cached per decoding sequence")
     parser.add_argument("--replays", type=int_range(1, MAX_REPLAYS), default=10,
-                        help="timed graph replays per step (median)")
+                        help="timed graph replays per step and round (median; default 10)")
+    parser.add_argument("--rounds", type=int_range(1, MAX_ROUNDS), default=5,
+                        help="rounds per point (default 5): on GPU each round replays every form's captured "
+                             "step once, interleaved, so drift during the run falls on all forms; a step's "
+                             "time is the median of its rounds, and the row gives the speedup's range over "
+                             "the rounds. On CPU the rounds of a form run back to back after its compile")
     parser.add_argument("--fp8-linear", choices=("vllm", "hf"), default="vllm",
                         help="vllm: our FP8 linear with vLLM's native per-token quant (default); hf: "
                              "transformers' CompressedTensorsFP8Linear (quantize_fp8_per_row)")
@@ -89,6 +94,9 @@ def validate(args) -> None:
         raise UsageError("nothing to run: --decode and --prefill are both empty")
     if args.token_dynamic and args.dry_run:
         raise UsageError("--token-dynamic compiles and times the steps; --dry-run only traces them")
+    if args.rounds * args.replays > MAX_REPLAYS:
+        raise UsageError(f"--rounds {args.rounds} x --replays {args.replays} is more than {MAX_REPLAYS} timed "
+                         "replays per form and point")
     if args.world_size > 1 and not args.dry_run:
         raise UsageError("--world-size is for --dry-run; on GPUs the world size is torchrun's")
     if args.out:
@@ -171,28 +179,29 @@ def _setup(args):
         rank, world = bench_cuda.init_nccl("29543")
         ctx = types.SimpleNamespace(device=torch.device("cuda", torch.cuda.current_device()), device_kind="cuda",
                                     sync=torch.cuda.synchronize, empty_cache=torch.cuda.empty_cache,
-                                    time_step=lambda fn: bench_cuda.time_graph(fn, (), 1, args.replays))
+                                    capture=bench_cuda.capture, deferred=True)
     else:
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29543")
         dist.init_process_group("gloo", rank=rank, world_size=world)
         ctx = types.SimpleNamespace(device=torch.device("cpu"), device_kind="cpu", sync=lambda: None,
-                                    empty_cache=lambda: None, time_step=lambda fn: _wall_us(fn, args.replays))
+                                    empty_cache=lambda: None, capture=_wall_timer, deferred=False)
+    ctx.rounds, ctx.replays = args.rounds, args.replays
     ctx.rank, ctx.world, ctx.group_name, ctx.handles = rank, world, dist.group.WORLD.group_name, []
     return ctx
 
 
-def _wall_us(fn, replays: int) -> float:
-    import statistics
-
+def _wall_timer(fn):
+    """CPU: *fn* called once, then ``replay()``, the wall-clock time (us) of one call."""
     fn()
-    times = []
-    for _ in range(replays):
+
+    def replay() -> float:
         t0 = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
+        return (time.perf_counter() - t0) * 1e6
+
+    return replay
 
 
 def _load(ctx, args, name: str):
@@ -292,8 +301,11 @@ def _benchmark(args, pts, p: dict) -> int:
     result = {"command": command_line("model", ctx.world), "world_size": ctx.world, "device": args.device,
               "machine": bench_cuda.machine(), "versions": bench_cuda.versions(), "layers": args.layers,
               "tiny": args.tiny, "context": args.context, "plan": p, "token_dynamic": args.token_dynamic,
-              "timing": ("one compiled step per CUDA graph (torch.cuda.graph), median of replays" if
-                         args.device == "cuda" else "CPU: median wall-clock time of eager calls"),
+              "timing": ("one compiled step per CUDA graph (torch.cuda.graph); per round the median of "
+                         "--replays replays, the forms of a point interleaved round by round; a step's time is "
+                         "the median of its rounds" if args.device == "cuda" else
+                         "CPU: median wall-clock time of eager calls, per round, rounds back to back"),
+              "rounds": args.rounds, "replays": args.replays,
               "phases_s": {k: round(v, 1) for k, v in ctx.phases.items()},
               "numerics_failed": len(failed), "numerics_failed_moe": len(noisy),
               "max_ratio": max(ratios, default=None), "ratio_max_allowed": model_step.RATIO_MAX, "rows": rows}

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import gc
 import math
+import statistics
 import time
 
 import torch
@@ -184,8 +185,9 @@ def run_point(ctx, p: Point, ref: torch.Tensor) -> dict:
     """Every form of point *p*, each compiled for it: step times, speedups, sites, numerics."""
     with torch.no_grad():
         eager = models.step(ctx.model, *inputs(ctx.model, p, ctx.device, ctx.world)).float()
-    results = {form: _point_result(run_form(form, ctx, p, [p], dynamic=False), 0) for form in ctx.forms}
-    return point_row(ctx, p, ref, eager, results)
+    per_form = {form: run_form(form, ctx, p, [p], dynamic=False) for form in ctx.forms}
+    interleave(ctx, per_form)
+    return point_row(ctx, p, ref, eager, {form: _point_result(r, 0) for form, r in per_form.items()})
 
 
 def point_row(ctx, p: Point, ref: torch.Tensor, eager: torch.Tensor, results: dict) -> dict:
@@ -205,6 +207,11 @@ def point_row(ctx, p: Point, ref: torch.Tensor, eager: torch.Tensor, results: di
     }
     if "nocoll" in step_us:
         row["speedup_vs_nocoll"] = step_us["nocoll"] / step_us["fused"]
+    rounds = {form: r["rounds_us"] for form, r in results.items()}
+    if len(rounds["fused"]) > 1:
+        row["rounds_us"] = {form: [round(t, 2) for t in ts] for form, ts in rounds.items()}
+        per_round = [u / f for u, f in zip(rounds["unfused"], rounds["fused"])]
+        row["speedup_range"] = [min(per_round), max(per_round)]
     return row
 
 
@@ -234,6 +241,7 @@ def run_dynamic(ctx, pts: list[Point], refs: list[torch.Tensor]) -> list[dict]:
     with torch.no_grad():
         eager = [models.step(ctx.model, *inputs(ctx.model, p, ctx.device, ctx.world)).float() for p in pts]
     per_form = {form: run_form(form, ctx, at, pts, dynamic=True) for form in ctx.forms}
+    interleave(ctx, per_form)
     return [{**point_row(ctx, p, ref, eager[i], {form: _point_result(r, i) for form, r in per_form.items()}),
              "compiled_at": at.tokens, "graphs": {form: r["graphs"] for form, r in per_form.items()}}
             for i, (p, ref) in enumerate(zip(pts, refs))]
@@ -276,7 +284,11 @@ def run_form(form: str, ctx, at: Point, pts: list[Point], dynamic: bool) -> dict
             if tuple(logits.shape) != want:
                 raise RuntimeError(f"{form} graph compiled at {at.label} gave logits of shape "
                                    f"{tuple(logits.shape)} at {p.label} (expected {want}): it specialized a size")
-            out["points"].append({"logits": logits, "us": ctx.time_step(lambda: models.step(compiled, ids, cache))})
+            replay = ctx.capture(lambda compiled=compiled, ids=ids, cache=cache: models.step(compiled, ids, cache))
+            out["points"].append({"logits": logits, "replay": replay, "rounds_us": []})
+            if not ctx.deferred:  # CPU: a later call would recompile under another form's config
+                out["points"][-1]["rounds_us"] = [_round_us(replay, ctx.replays) for _ in range(ctx.rounds)]
+                del out["points"][-1]["replay"]
             del ids, cache
         del first
         if fusion is not None:
@@ -289,9 +301,39 @@ def run_form(form: str, ctx, at: Point, pts: list[Point], dynamic: bool) -> dict
     return out
 
 
+def interleave(ctx, per_form: dict) -> None:
+    """Time the steps :func:`run_form` captured (GPU: CUDA graphs that outlive their form's
+    compile) in ``ctx.rounds`` rounds; each round replays every form of a point once
+    (``ctx.replays`` timed replays, their median), starting each round at the next form, so
+    a clock or thermal drift during the run falls on every form alike. Fills each point's
+    ``rounds_us`` and drops the graphs. On CPU the rounds were taken right after each compile
+    (a compiled step cannot run after the next form's compile) and this does nothing."""
+    forms = list(per_form)
+    n_points = len(next(iter(per_form.values()))["points"]) if forms else 0
+    for i in range(n_points):
+        if "replay" not in per_form[forms[0]]["points"][i]:
+            continue
+        for r in range(ctx.rounds):
+            for form in forms[r % len(forms):] + forms[:r % len(forms)]:
+                pt = per_form[form]["points"][i]
+                pt["rounds_us"].append(_round_us(pt["replay"], ctx.replays))
+        for form in forms:
+            del per_form[form]["points"][i]["replay"]
+    gc.collect()
+    ctx.empty_cache()
+
+
+def _round_us(replay, replays: int) -> float:
+    """One round of a step: the median of *replays* timed replays."""
+    return statistics.median(replay() for _ in range(replays))
+
+
 def _point_result(r: dict, i: int) -> dict:
-    """Point *i*'s result of one :func:`run_form` run, as :func:`point_row` reads it."""
-    return {"compile_s": r["compile_s"], "reports": r["reports"], **r["points"][i]}
+    """Point *i*'s result of one :func:`run_form` run, as :func:`point_row` reads it: ``us``
+    is the median of its rounds."""
+    pt = r["points"][i]
+    return {"compile_s": r["compile_s"], "reports": r["reports"], "logits": pt["logits"],
+            "rounds_us": pt["rounds_us"], "us": statistics.median(pt["rounds_us"])}
 
 
 def format_point(prefix: str, row: dict) -> str:
@@ -302,7 +344,9 @@ def format_point(prefix: str, row: dict) -> str:
     check = "ok" if numerics_ok(n) else "FAILED"
     ratio = f", ratio {n['ratio']:.3f}" if "ratio" in n else ""
     dyn = f" (token-dynamic graph compiled at {row['compiled_at']})" if "compiled_at" in row else ""
+    spread = (f", x{row['speedup_range'][0]:.3f}-{row['speedup_range'][1]:.3f} over {len(row['rounds_us']['fused'])} "
+              "rounds" if "speedup_range" in row else "")
     return (f"{prefix} {row['kind']} {row['tokens']}{dyn}: unfused {us['unfused']:.1f} us, fused {us['fused']:.1f} us "
-            f"(x{row['speedup']:.3f}){nocoll}; sites {s['fused']}/{s['total']} fused ({s['per_layer']:g}/layer; "
+            f"(x{row['speedup']:.3f}{spread}){nocoll}; sites {s['fused']}/{s['total']} fused ({s['per_layer']:g}/layer; "
             f"{backends_}); rms fused {n['fused']['rms']:.4g} vs unfused {n['unfused']['rms']:.4g} "
             f"(eager {n['eager']['rms']:.4g}, tol {n['tolerance']['rms']:.2g}{ratio}): {check}")
