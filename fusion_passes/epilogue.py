@@ -90,6 +90,7 @@ def add_rms_norm(
     carry_fp32: bool = False,
     quant_unrounded: bool = False,
     sum_stored: bool = False,
+    amax_unrounded: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(x + residual), x + residual)``: the two values the fused op returns.
 
@@ -102,8 +103,8 @@ def add_rms_norm(
     storing it (docs/design.md, "What Inductor keeps unrounded"). ``sum_stored``: the sum
     is added in fp32 and returned rounded; the mean of squares reads the unrounded sum, the
     normalization the rounded one: Inductor's compile where it stores the sum in the loop
-    that computes the variance (fusion_passes.inductor_store). ``quant_unrounded`` only
-    concerns the quant (:func:`quantize`).
+    that computes the variance (fusion_passes.inductor_store). ``quant_unrounded`` and
+    ``amax_unrounded`` only concern the quant (:func:`quantize`).
     """
     if sum_stored and residual is not None:
         summed32 = sum_fp32(x, residual)
@@ -123,7 +124,8 @@ def add_rms_norm(
 def norm_unrounded(x, residual, weight, eps, *, gemma=False, weight_in_fp32=True, residual_in_fp32=False,
                    carry_fp32=False, sum_stored=False, **_) -> torch.Tensor:
     """The norm output of :func:`add_rms_norm` before its rounding to the activation dtype
-    (fp32): what an FP8 quant fused with the norm by Inductor reads (``quant_unrounded``)."""
+    (fp32): what an FP8 quant fused with the norm by Inductor reads (``quant_unrounded``;
+    its amax alone with ``amax_unrounded``)."""
     if sum_stored and residual is not None:
         summed32 = sum_fp32(x, residual)
         return rms_norm(summed32.to(x.dtype), weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32,
@@ -378,14 +380,23 @@ def amax_reads_unrounded(device: torch.device | str) -> bool:
 
 
 def quantize(variant: str, y: torch.Tensor, params: Mapping[str, Any],
-             y32: torch.Tensor | None = None, amax_unrounded: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+             y32: torch.Tensor | None = None, amax_unrounded: bool = False,
+             codes_rounded: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The quant epilogue of *variant* on the norm output *y*: ``(q, scales | None)``.
     *y32* (``quant_unrounded``, FP8 variants): the norm value before its rounding, which the
     codes are computed from; the scales stay those of *y* (an amax taken in the activation
     dtype is the rounded amax of the unrounded value: rounding is monotonic), or with
-    *amax_unrounded* (:func:`amax_reads_unrounded`) those of *y32*."""
+    *amax_unrounded* (:func:`amax_reads_unrounded`) those of *y32*. *codes_rounded* (the
+    ``amax_unrounded`` flag: Inductor's Triton compile storing the norm output in the
+    amax's loop): the scales from *y32*, the codes from *y* with those scales."""
     if variant not in QUANT:
         raise ValueError(f"fusion_passes: unknown quant variant {variant!r}")
+    if codes_rounded:
+        if y32 is None or variant not in FP8_CODES or params.get("form"):
+            raise ValueError(f"fusion_passes: {variant} has no form with its amax from the unrounded norm value "
+                             "(amax_unrounded)")
+        _, scales = QUANT[variant](y32, params)
+        return FP8_CODES[variant](y, scales, params), scales
     if params.get("form"):  # another project's FP8 convention, recognized by meaning
         from fusion_passes import fp8_forms
 

@@ -13,7 +13,7 @@ import operator
 import torch
 from torch.fx import Node
 
-from fusion_passes import _compat, backends, compile_range, groups, inductor_store, variants
+from fusion_passes import _compat, backends, compile_range, epilogue, groups, inductor_store, variants
 from fusion_passes.backends import calibrate
 from fusion_passes.patterns import CATALOGUE, Family
 from fusion_passes.recognize import find_quant, fx, rms_norm
@@ -107,6 +107,21 @@ def _reads_unrounded(norm: Norm, found_quant) -> bool:
             and not _rounds_later_reads(norm.out))  # a stored norm output: the codes' loop reads it rounded
 
 
+def _amax_unrounded(norm: Norm, found_quant) -> bool:
+    """Whether Inductor's default compile stores the norm output in the loop that takes a
+    dynamic FP8 scale's amax, where it reads the value unrounded (its Triton code:
+    epilogue.amax_reads_unrounded), and takes the codes a loop later from the stored, rounded
+    value: the quant :func:`_reads_unrounded` would read unrounded but for that store."""
+    stores = inductor_store.current()
+    return (stores is not None and epilogue.amax_reads_unrounded(stores.device)
+            and not _compat.inductor_config.emulate_precision_casts
+            and isinstance(found_quant, Quant) and found_quant.kind in ("fp8_per_token", "fp8_per_group")
+            and not found_quant.params.get("form")
+            and norm.weight_in_fp32 and _decomposed(norm) and _aten(found_quant)
+            and all(u in found_quant.nodes for u in norm.out.users)
+            and _rounds_later_reads(norm.out))
+
+
 def _hidden(node: Node) -> int | None:
     v = val(node)
     return int(v.shape[-1]) if isinstance(v, torch.Tensor) and v.dim() and isinstance(v.shape[-1], int) else None
@@ -123,8 +138,8 @@ def _select_unrounded(ar: AllReduce, add, residual, norm: Norm, residual_out: bo
     """:func:`_select` with ``norm.quant_unrounded`` as set; where no backend then fuses the
     quant, selected again with the quant reading the rounded norm (as before)."""
     site = _select(ar, add, residual, norm, residual_out, found_quant, prefer)
-    if norm.quant_unrounded and (not isinstance(site, Site) or site.quant is None):
-        norm.quant_unrounded = False  # no backend quantizes the unrounded norm here
+    if (norm.quant_unrounded or norm.amax_unrounded) and (not isinstance(site, Site) or site.quant is None):
+        norm.quant_unrounded = norm.amax_unrounded = False  # no backend quantizes the unrounded norm here
         site = _select(ar, add, residual, norm, residual_out, found_quant, prefer)
     return site
 
@@ -164,7 +179,8 @@ def follow_inductor_sum(add, residual, norm: Norm, residual_out: bool, found_qua
     (``sum_stored``; :mod:`fusion_passes.inductor_store` says which). Outside the pass
     (no analysis): a sum read by the norm alone, or by the norm and the next site's add, is
     taken as not stored. An aten FP8 quant of a norm output read by nothing else reads the
-    unrounded norm value unless the compile stores it (``quant_unrounded``).
+    unrounded norm value unless the compile stores it (``quant_unrounded``); where it stores
+    it, a GPU compile's amax still reads it unrounded (``amax_unrounded``).
     Returns whether it set any."""
     if _compat.inductor_config.emulate_precision_casts or add is None or not _decomposed(norm):
         return False
@@ -176,7 +192,8 @@ def follow_inductor_sum(add, residual, norm: Norm, residual_out: bool, found_qua
     else:
         norm.residual_in_fp32 = norm.residual_in_fp32 or not residual_out or _feeds_only_a_site(add, norm)
     norm.quant_unrounded = _reads_unrounded(norm, found_quant)
-    return norm.residual_in_fp32 or norm.quant_unrounded or norm.sum_stored
+    norm.amax_unrounded = _amax_unrounded(norm, found_quant)
+    return norm.residual_in_fp32 or norm.quant_unrounded or norm.sum_stored or norm.amax_unrounded
 
 
 def _feeds_only_a_site(add: Node, norm: Norm) -> bool:

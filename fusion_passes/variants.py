@@ -206,6 +206,10 @@ SIGNATURE: tuple[Arg, ...] = (
     Arg("sum_stored", "bool", False, "add the residual in fp32, return the sum rounded; the variance reads "
         "the unrounded sum, the normalization the rounded one: Inductor's compile where it stores the sum "
         "in the variance's loop (fusion_passes.inductor_store; epilogue.add_rms_norm)", flag=True),
+    Arg("amax_unrounded", "bool", False, "a dynamic FP8 scale's amax reads the norm value before its rounding, "
+        "the codes the rounded value: Inductor's Triton compile where it stores the norm output in the loop "
+        "that takes the amax, and the codes' later loop reads the stored value (fusion_passes.inductor_store; "
+        "epilogue.quantize)", flag=True),
 )
 """The ONE argument list of every fused op. New arguments go at the end with a default,
 so graphs written before them still load; :mod:`fusion_passes.rewrite` writes those after

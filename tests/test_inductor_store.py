@@ -44,6 +44,13 @@ class Torch211Config:
 
 
 @pytest.fixture
+def default_precision():
+    """Inductor's default precision (the suite runs with emulated casts: tests/conftest.py)."""
+    with _compat.inductor_config.patch(emulate_precision_casts=False):
+        yield
+
+
+@pytest.fixture
 def torch_2_11(monkeypatch):
     monkeypatch.setattr(_compat, "inductor_config", Torch211Config(_compat.inductor_config))
 
@@ -86,3 +93,51 @@ def test_the_pass_stores_what_inductor_2_11_stored_on_an_h100(torch_2_11, monkey
     _, report = run_pass(gm)
     assert seen == [stored]
     assert sum(s.fused for s in report.sites) == 8 and not report.errors, report.summary()
+
+
+def _flags(gm) -> list[dict]:
+    return [dict(n.kwargs) for n in gm.graph.nodes if "fusion_passes" in str(n.target)]
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_a_stored_norm_output_gets_its_amax_unrounded_on_a_gpu_only(default_precision, torch_2_11, monkeypatch,
+                                                                    device):
+    """The FP8 stream with an embedding gather at hidden 4096 (no persistent reduction):
+    the compile stores the first site's norm output (its inlined computation reads 5
+    buffers, more than 4, and the quant reads it twice). Inductor's Triton code then takes
+    the amax in the loop that stores it, unrounded, and the codes a loop later from the
+    stored value (on an H100, 1.49% of that site's codes differed from the compile's while
+    the fused op took the amax from the rounded value): ``amax_unrounded`` there, on a GPU;
+    on CPU the amax reads the rounded value too, so no flag."""
+    from fusion_passes import epilogue
+
+    monkeypatch.setattr(inductor_store, "_device", lambda graph: device)
+    gm = trace(stream_chain(8, epilogue.fp8_per_token, 1, True), *stream_args(8, 1, True, 4, 4096))
+    _, report = run_pass(gm, backend="reference")
+    assert sum(s.fused for s in report.sites) == 8
+    first = _flags(gm)[0]
+    assert not first.get("quant_unrounded") and first.get("amax_unrounded", False) is (device == "cuda"), first
+
+
+def test_amax_unrounded_scales_from_the_unrounded_value_and_codes_from_the_rounded():
+    """epilogue.quantize's ``codes_rounded`` (the flag's reference) against torch ops: the
+    per-token scale from the fp32 value's amax, the codes from the bf16 value; each half
+    differs from the other readings, so a swap is caught."""
+    import torch
+
+    from fusion_passes import epilogue
+
+    g = torch.Generator().manual_seed(0)
+    y32 = torch.randn(64, 512, generator=g) * 3
+    y = y32.to(torch.bfloat16)
+    params = {"fp8_dtype": torch.float8_e4m3fn, "scale_ub": None}
+    q, s = epilogue.quantize("add_rmsnorm_fp8_per_token", y, params, y32, amax_unrounded=True, codes_rounded=True)
+    want_s = (y32.abs().amax(-1, keepdim=True) / 448.0).clamp(min=1 / (448.0 * 512))
+    want_q = (y.float() * want_s.reciprocal()).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(s, want_s) and torch.equal(q.float(), want_q.float())
+    q_all, s_all = epilogue.quantize("add_rmsnorm_fp8_per_token", y, params, y32, amax_unrounded=True)
+    q_none, s_none = epilogue.quantize("add_rmsnorm_fp8_per_token", y, params)
+    assert torch.equal(s_all, s) and not torch.equal(q_all.float(), q.float())  # codes: rounded vs unrounded
+    assert not torch.equal(s_none, s)  # scales: the rounded value's amax
+    with pytest.raises(ValueError, match="amax_unrounded"):
+        epilogue.quantize("add_rmsnorm_nvfp4", y, {}, y32, codes_rounded=True)

@@ -32,9 +32,11 @@ GROUP = "c10d:0"
 # later: it is the last argument, so graphs written before it bind unchanged. ``promote_out``
 # (the norm output's type promotion, issue 22), ``carry_fp32`` and ``quant_unrounded`` (what
 # Inductor's compile keeps unrounded, issue 22) came after ``residual_in_fp32``, then
-# ``sum_stored`` (the sum Inductor stores in the variance's loop, issue 22); the rewrite
+# ``sum_stored`` (the sum Inductor stores in the variance's loop, issue 22), then
+# ``amax_unrounded`` (a norm output its Triton code stores in the amax's loop); the rewrite
 # writes every argument after ``backend`` as a keyword, so no graph binds these by position.
-FLAGS_22 = ", bool promote_out=False, bool carry_fp32=False, bool quant_unrounded=False, bool sum_stored=False"
+FLAGS_22 = (", bool promote_out=False, bool carry_fp32=False, bool quant_unrounded=False, bool sum_stored=False"
+            ", bool amax_unrounded=False")
 SCHEMAS = {
     "add_rmsnorm": "(Tensor input, Tensor? residual, Tensor? weight, float eps, str group, bool gemma=False, "
                    "bool weight_in_fp32=True, str backend=\"auto\", bool residual_in_fp32=False" + FLAGS_22 + ") -> (Tensor, Tensor)",

@@ -78,9 +78,9 @@ def unsupported(call: Call, sm: int | None = None, installed: bool | None = None
         return f"hidden*itemsize {call.hidden * itemsize} not a multiple of {LIMITS['bytes_per_access']} bytes"
     if call.flags.promote_out:
         return "flashinfer writes the norm in the activation dtype; the graph's is wider (promote_out: an fp32 weight)"
-    if call.flags.carry_fp32 or call.flags.quant_unrounded or call.flags.sum_stored:
+    if call.flags.carry_fp32 or call.flags.quant_unrounded or call.flags.sum_stored or call.flags.amax_unrounded:
         return ("flashinfer rounds the sum and the quant input to the activation dtype "
-                "(carry_fp32, quant_unrounded, sum_stored)")
+                "(carry_fp32, quant_unrounded, sum_stored, amax_unrounded)")
     if not call.flags.weight_in_fp32 and not call.flags.gemma:
         return ("flashinfer multiplies the weight in fp32 before the cast; the graph multiplies after "
                 "it (weight_in_fp32=False), which rounds differently")

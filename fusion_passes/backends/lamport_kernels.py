@@ -115,7 +115,7 @@ def lamport_kernel(
     WRITE_NORM: tl.constexpr, QUANT: tl.constexpr, HAS_UB: tl.constexpr, GROUP: tl.constexpr,
     UE8M0: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, AMAX_EPS: tl.constexpr,
     SWIZZLE: tl.constexpr, SCALE_COLS: tl.constexpr, BITS: tl.constexpr, SENT: tl.constexpr,
-    TWO_SHOT: tl.constexpr = False, Q_RAW: tl.constexpr = False,
+    TWO_SHOT: tl.constexpr = False, Q_RAW: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)

@@ -38,7 +38,8 @@ class ReferenceBackend:
         if variants.get(variant).kind is None:
             return FusedOutputs(summed, norm)
         y32 = epilogue.norm_unrounded(reduced, args.residual, args.weight, args.eps, **flags) \
-            if args.flags.quant_unrounded else None
+            if args.flags.quant_unrounded or args.flags.amax_unrounded else None
         q, scales = epilogue.quantize(variant, norm, args.quant, y32,
-                                      amax_unrounded=epilogue.amax_reads_unrounded(reduced.device))
+                                      amax_unrounded=epilogue.amax_reads_unrounded(reduced.device),
+                                      codes_rounded=bool(args.flags.amax_unrounded))
         return FusedOutputs(summed, norm if args.return_norm else None, q, scales)

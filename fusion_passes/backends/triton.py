@@ -266,7 +266,7 @@ class TritonBackend:
             AMAX_EPS=float(p["amax_eps"]) if per_group else 0.0,
             MIN_SCALE=float(p["scale_min"]) if per_group else PER_TOKEN_MIN_SCALE,
             SWIZZLE=quant == k.QUANT_NVFP4 and bool(p["swizzle"]), SCALE_COLS=o.scale_cols,
-            Q_RAW=bool(f.quant_unrounded) and variant in FP8_UNROUNDED,
+            Q_RAW=_quant_mode(f) if variant in FP8_UNROUNDED else 0,
         )
         scalars = (x.shape[0], float(a.eps), o.stride_t, o.stride_g)
         if plan.lamport is not None:
@@ -372,6 +372,14 @@ def _res_mode(f) -> int:
     if f.sum_stored:
         return 2
     return 1 if (f.residual_in_fp32 or f.carry_fp32) else 0
+
+
+def _quant_mode(f) -> int:
+    """The kernel's ``Q_RAW``: 0 the quant reads the rounded norm output, 1 its codes and
+    amax read the unrounded one (quant_unrounded), 2 its amax alone does (amax_unrounded)."""
+    if f.quant_unrounded:
+        return 1
+    return 2 if f.amax_unrounded else 0
 
 
 def _shaped(o: _Out, lead, hidden: int, fp4: bool) -> FusedOutputs:

@@ -41,6 +41,8 @@ def unsupported(call: Call) -> str | None:
         return f"hidden {call.hidden} > {LIMITS['max_hidden']} (one row must fit in registers)"
     if call.flags.quant_unrounded and call.variant in FP4_BLOCK:
         return f"{call.variant} has no unrounded-input form (quant_unrounded; epilogue.FP8_CODES)"
+    if call.flags.amax_unrounded and call.variant not in FP8_UNROUNDED:
+        return f"{call.variant} has no amax from the unrounded norm value (amax_unrounded; epilogue.FP8_CODES)"
     if call.flags.carry_fp32 and not (call.flags.weight_in_fp32 or call.flags.gemma):
         return "carry_fp32 with the weight after the cast back: the kernel rounds in the residual's dtype"
     itemsize = torch.empty((), dtype=call.dtype).element_size()

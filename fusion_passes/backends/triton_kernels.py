@@ -11,9 +11,12 @@ One kernel, specialised by ``tl.constexpr`` flags, computes for every row of ``[
          as Inductor's compile where it stores the sum: sum_stored)
     y  = RMSNorm(s) with the epilogue's weight conventions -> norm_out (optional)
     q  = quant(y)  (FP8 static / per-token / per-group,   -> q, scales
-                    NVFP4, MXFP4; Q_RAW: the FP8 codes from y before
-                    its rounding to the output dtype, the scales from y,
-                    as Inductor's compile of the chain: quant_unrounded)
+                    NVFP4, MXFP4; Q_RAW 1: the FP8 codes and a dynamic
+                    scale's amax from y before its rounding to the output
+                    dtype, as Inductor's Triton compile of the chain:
+                    quant_unrounded; Q_RAW 2: the amax alone, the codes
+                    from the rounded y, where that compile stores y in
+                    the amax's loop: amax_unrounded)
 
 The numerics follow :mod:`fusion_passes.epilogue` step by step (each rounding to the
 activation dtype that the unfused chain performs is performed here too); the only
@@ -293,15 +296,17 @@ def epilogue_row(
             v = s
     tl.store(res_out_ptr + off + cols, s.to(act), mask=mask)
     out_ty = norm_ptr.dtype.element_ty
-    y, yq = _norm(s, v, w, eps, H, HAS_W, GEMMA, W_FP32, act, out_ty, Q_RAW)
+    y, yq = _norm(s, v, w, eps, H, HAS_W, GEMMA, W_FP32, act, out_ty, Q_RAW != 0)
     if WRITE_NORM:
         tl.store(norm_ptr + off + cols, y.to(out_ty), mask=mask)
     # What a dynamic scale's amax reads: with Q_RAW the unrounded value, as Inductor's Triton
     # code does (epilogue.amax_reads_unrounded). On 1x H100 (tests/gpu/parity_check.py,
     # 2026-12-07) the codes then differ from the unfused compile's in 0.000-0.058%.
     ya = y
-    if Q_RAW:
+    if Q_RAW != 0:
         ya = yq
+    if Q_RAW == 2:  # amax_unrounded: the codes, a loop after the store in the compile, read y rounded
+        yq = y
     if QUANT == 1:  # epilogue.fp8_static: y * (1 / scale)
         q = tl.clamp(yq * inv_scale, -FP8_MAX, FP8_MAX)
         tl.store(q_ptr + off + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
@@ -349,7 +354,7 @@ def fused_allreduce_add_rmsnorm_kernel(
     AMAX_EPS: tl.constexpr,  # per-group FP8: floor of each quant group's absmax
     SWIZZLE: tl.constexpr = False,  # NVFP4 scales in the 128x4-tiled layout
     SCALE_COLS: tl.constexpr = 1,  # NVFP4 swizzled: round_up(H / 16, 4)
-    Q_RAW: tl.constexpr = False,  # FP8 codes from the norm value before its rounding (quant_unrounded)
+    Q_RAW: tl.constexpr = 0,  # 1: FP8 codes and amax from the unrounded norm value (quant_unrounded); 2: the amax alone (amax_unrounded)
     ROWS: tl.constexpr = 1,  # world size 1: rows per program (a tuned launch config)
     EVICT: tl.constexpr = False,  # world size 1: streamed loads evict_first (a tuned launch config)
 ):

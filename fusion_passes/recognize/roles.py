@@ -68,6 +68,7 @@ class Norm:
     carry_fp32: bool = False
     quant_unrounded: bool = False
     sum_stored: bool = False  # the compile stores the sum: the normalization reads it rounded
+    amax_unrounded: bool = False  # the compile stores the norm output: its amax unrounded, codes rounded
     # (node, same) pairs: nodes holding the very value of another, redirected to it right
     # before the rewrite (fusion_passes.recognize.inplace, fusion_passes.recognize.meaning)
     aliases: tuple = ()

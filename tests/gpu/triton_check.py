@@ -123,6 +123,9 @@ def check_quant(tag, variant, common, p, rf, res_tol, tol, multi_row):
     rq, rs, rr, rn = run(ReferenceBackend(), variant, *common, *p, with_norm_out=True, **rf)
     close(f"{tag} residual_out", res_out, rr, res_tol)
     close(f"{tag} norm_out", norm, rn, tol)
+    if rf.get("amax_unrounded"):
+        amax_unrounded_check(tag, variant, p, q, s, norm, rs)
+        return
     source = oracle_check(tag, variant, p, q, s, norm)
     if variant == "add_rmsnorm_fp8_per_group" and p[2] and multi_row:  # one row: both layouts coincide
         assert s.stride(0) == 1, f"{tag}: column-major scales expected, strides {s.stride()}"
@@ -133,6 +136,29 @@ def check_quant(tag, variant, common, p, rf, res_tol, tol, multi_row):
         assert n2 is None and torch.equal(same_bytes(q2), same_bytes(q)) and torch.equal(
             same_bytes(s2), same_bytes(s)), f"{tag}: with_norm_out=False changed the quant"
     SOURCES.add(f"{variant}: {source}")
+
+
+def amax_unrounded_check(tag, variant, p, q, s, norm, ref_scales):
+    """``amax_unrounded``: the scales from the unrounded norm value (the reference's, within
+    2 fp32 ulps: the value carries the last bits of the mean's reduction order, the kernel's
+    and torch's), not the rounded norm output's in most rows; the codes exactly those of the
+    kernel's own rounded norm output under the kernel's scales (epilogue.FP8_CODES on the GPU)."""
+    from fusion_passes import epilogue
+
+    rel = ((s.float() - ref_scales.float()).abs() / ref_scales.float().abs()).max().item()
+    assert rel <= 2 * 2.0 ** -23, f"{tag}: scales {rel:.3g} (relative) from the reference's unrounded-amax scales"
+    params = dict(zip(("scale_ub",) if variant == "add_rmsnorm_fp8_per_token" else
+                      ("group_size", "ue8m0", "column_major"), p))
+    params.update(fp8_dtype=q.dtype, amax_eps=0.0, scale_min=None)
+    if p[0] is None if variant == "add_rmsnorm_fp8_per_token" else not p[1]:  # no upper bound, no UE8M0 rounding
+        _, rounded_scales, _ = oracles.oracle_quant(variant, norm, p)
+        same = (rounded_scales.to(s.device).reshape(s.shape) == s).float().mean().item()
+        assert same < 0.5, f"{tag}: {same:.0%} of the scales equal the rounded norm output's: amax not unrounded?"
+    want = epilogue.FP8_CODES[variant](norm, s.reshape(norm.shape[0], -1) if variant != "add_rmsnorm_fp8_per_token"
+                                       else s, params)
+    assert torch.equal(same_bytes(q), same_bytes(want.reshape(q.shape))), \
+        f"{tag}: codes are not the rounded norm output's under the kernel's scales"
+    SOURCES.add(f"{variant} amax_unrounded: fusion_passes.epilogue.FP8_CODES and the reference backend")
 
 
 SOURCES: set[str] = set()  # which oracle answered each variant (printed at the end)
@@ -147,7 +173,7 @@ def check_case(group, rank, world, tokens, hidden, dtype, *, residual=True, weig
     res = torch.randn((tokens, hidden), generator=shared, device=dev).to(dtype) if residual else None
     w = (torch.rand((hidden,), generator=shared, device=dev) + 0.5).to(w_dtype or dtype) if weight else None
     eps = 1e-6
-    rf = {res_fp32: True} if isinstance(res_fp32, str) else dict(residual_in_fp32=res_fp32)  # or "sum_stored"
+    rf = {res_fp32: True} if isinstance(res_fp32, str) else dict(residual_in_fp32=res_fp32)  # or a flag's name
     ref_norm, ref_res = run(ReferenceBackend(), "add_rmsnorm", x, res, w, eps, group, gemma, w_fp32, **rf)
     tb = TritonBackend()
     tol = max(ULP[ref_norm.dtype], ULP[dtype])  # the norm rounds to the activation dtype first
@@ -295,6 +321,13 @@ def all_cases() -> list[dict]:
         dict(tokens=33, hidden=8192, dtype=torch.float16, res_fp32="sum_stored"),
         dict(tokens=17, hidden=4096, dtype=torch.bfloat16, res_fp32="sum_stored", gemma=True),
         dict(tokens=77, hidden=7168, dtype=torch.bfloat16, res_fp32="sum_stored", quant="fp8_per_token"),
+    ]
+    # amax_unrounded (issue 22: a norm output Inductor's Triton code stores in the amax's loop:
+    # the amax from the unrounded value, the codes from the stored one)
+    cases += [
+        dict(tokens=64, hidden=4096, dtype=torch.bfloat16, res_fp32="amax_unrounded", quant="fp8_per_token"),
+        dict(tokens=77, hidden=7168, dtype=torch.bfloat16, res_fp32="amax_unrounded", quant="fp8_per_group"),
+        dict(tokens=5, hidden=4096, dtype=torch.float16, res_fp32="amax_unrounded", quant="fp8_per_token"),
     ]
     return cases
 
