@@ -252,8 +252,11 @@ class TritonBackend:
             return _shaped(o, lead, hidden, fp4)
         if plan.path == "unfused":  # the fastest measured collective, then the epilogue
             x = symm.all_reduce(x, a.group, plan.collective).contiguous()
+        # without a norm output the kernel still reads the norm's dtype off norm_ptr (it rounds
+        # the norm there): a tensor of that dtype, never written (not res_out: carry_fp32 makes it fp32)
+        norm_ptr = o.norm if o.norm is not None else _of_dtype(arguments.norm_dtype(x, a.weight, f), x, w, o.res_out)
         tensors = (x, x if res is None else res, x if w is None else w, o.res_out,
-                   o.res_out if o.norm is None else o.norm, o.res_out if o.q is None else o.q,
+                   norm_ptr, o.res_out if o.q is None else o.q,
                    x if o.scales_arg is None else o.scales_arg,
                    x if o.ub is None else o.ub.reshape(-1).to(torch.float32))
         consts = dict(
@@ -372,6 +375,14 @@ def _res_mode(f) -> int:
     if f.sum_stored:
         return 2
     return 1 if (f.residual_in_fp32 or f.carry_fp32) else 0
+
+
+def _of_dtype(dtype: torch.dtype, *tensors) -> torch.Tensor:
+    """One of *tensors* of *dtype* (the first), or a one-element tensor of it."""
+    for t in tensors:
+        if t is not None and t.dtype == dtype:
+            return t
+    return torch.empty(1, dtype=dtype, device=tensors[0].device)
 
 
 def _quant_mode(f) -> int:

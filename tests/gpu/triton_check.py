@@ -125,28 +125,31 @@ def check_quant(tag, variant, common, p, rf, res_tol, tol, multi_row):
     close(f"{tag} norm_out", norm, rn, tol)
     if rf.get("amax_unrounded"):
         amax_unrounded_check(tag, variant, p, q, s, norm, rs)
-        return
-    source = oracle_check(tag, variant, p, q, s, norm)
+        source = None
+    else:
+        source = oracle_check(tag, variant, p, q, s, norm)
     if variant == "add_rmsnorm_fp8_per_group" and p[2] and multi_row:  # one row: both layouts coincide
         assert s.stride(0) == 1, f"{tag}: column-major scales expected, strides {s.stride()}"
     if variant in ("add_rmsnorm_nvfp4", "add_rmsnorm_mxfp4"):
         fp4_vs_reference(tag, q, s, rq, rs)
-    if variant == "add_rmsnorm_nvfp4":  # without the norm output: the same quant
-        q2, s2, _, n2 = run(TritonBackend(), variant, *common, *p, **rf)
-        assert n2 is None and torch.equal(same_bytes(q2), same_bytes(q)) and torch.equal(
-            same_bytes(s2), same_bytes(s)), f"{tag}: with_norm_out=False changed the quant"
-    SOURCES.add(f"{variant}: {source}")
+    # without the norm output: the same quant (the kernel once read the norm's dtype off the
+    # residual output there, fp32 under carry_fp32, and quantized the unrounded norm)
+    q2, s2, _, n2 = run(TritonBackend(), variant, *common, *p, **rf)
+    assert n2 is None and torch.equal(same_bytes(q2), same_bytes(q)) and (s is None or torch.equal(
+        same_bytes(s2), same_bytes(s))), f"{tag}: with_norm_out=False changed the quant"
+    if source is not None:
+        SOURCES.add(f"{variant}: {source}")
 
 
 def amax_unrounded_check(tag, variant, p, q, s, norm, ref_scales):
     """``amax_unrounded``: the scales from the unrounded norm value (the reference's, within
-    2 fp32 ulps: the value carries the last bits of the mean's reduction order, the kernel's
+    4 fp32 ulps: the value carries the last bits of the mean's reduction order, the kernel's
     and torch's), not the rounded norm output's in most rows; the codes exactly those of the
     kernel's own rounded norm output under the kernel's scales (epilogue.FP8_CODES on the GPU)."""
     from fusion_passes import epilogue
 
     rel = ((s.float() - ref_scales.float()).abs() / ref_scales.float().abs()).max().item()
-    assert rel <= 2 * 2.0 ** -23, f"{tag}: scales {rel:.3g} (relative) from the reference's unrounded-amax scales"
+    assert rel <= 4 * 2.0 ** -23, f"{tag}: scales {rel:.3g} (relative) from the reference's unrounded-amax scales"
     params = dict(zip(("scale_ub",) if variant == "add_rmsnorm_fp8_per_token" else
                       ("group_size", "ue8m0", "column_major"), p))
     params.update(fp8_dtype=q.dtype, amax_eps=0.0, scale_min=None)
@@ -329,6 +332,9 @@ def all_cases() -> list[dict]:
         dict(tokens=77, hidden=7168, dtype=torch.bfloat16, res_fp32="amax_unrounded", quant="fp8_per_group"),
         dict(tokens=5, hidden=4096, dtype=torch.float16, res_fp32="amax_unrounded", quant="fp8_per_token"),
     ]
+    # carry_fp32 with a quant (the residual output fp32): the norm still rounds before the quant
+    cases += [dict(tokens=64, hidden=4096, dtype=torch.bfloat16, res_fp32="carry_fp32", quant=q)
+              for q in ("fp8_static", "fp8_per_token", "fp8_per_group")]
     return cases
 
 
