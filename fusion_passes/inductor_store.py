@@ -6,7 +6,9 @@ dtype only where it is stored (realized) as a buffer. Where it is stored, a read
 SAME loop as the store still gets the unrounded value (the code generator's store cache,
 torch/_inductor/codegen/common.py ``CSEProxy.load``), and a reader in a later loop loads
 the rounded buffer. In an add + RMSNorm (+ FP8 quant) kernel that gives, measured on CPU
-(tests/test_compile_parity.py, docs/design.md "What Inductor keeps unrounded"):
+(tests/test_compile_parity.py, docs/design.md "What Inductor keeps unrounded") and read
+in Inductor's Triton code on an H100 (torch 2.11; results/README.md, "The stored-value
+rules on the GPU"):
 
 * the sum ``x + residual`` not stored: the variance and the normalization read it
   unrounded (``residual_in_fp32``), and so does the next site that recomputes it
@@ -14,15 +16,15 @@ the rounded buffer. In an add + RMSNorm (+ FP8 quant) kernel that gives, measure
 * the sum stored: the variance, in the loop that stores it, reads it unrounded; the
   normalization, one loop later, reads the rounded buffer (``sum_stored``); the next site
   reads the rounded buffer (no carry);
-* the norm output stored: the dynamic scale's amax, in the loop that stores it, reads it
-  unrounded; the FP8 codes, one loop later, read it rounded (no ``quant_unrounded``).
+* the norm output stored: the FP8 codes, one loop later, read it rounded (no
+  ``quant_unrounded``); the dynamic scale's amax, in the loop that stores it, reads it
+  unrounded on a GPU (``amax_unrounded``; the CPU's C++ amax reads the rounded value).
 
 A Triton *persistent* reduction (one loop: a row of at most 1024 elements,
 torch/_inductor/choices.py ``should_use_persistent_reduction``) reads every such value
-from the store cache, unrounded. NOT YET RUN ON A GPU: the Triton side (a stored sum fused
-into the variance's loop, the persistent case) follows from the same code generator and
-is what ``tests/gpu/parity_check.py`` (``check_stream``) checks; no machine ran it when
-this was written (2026-12-07). The CPU side is measured.
+from the store cache, unrounded. The thresholds are read as the running torch names them:
+torch 2.11 has one op-count and one accumulated-reads threshold for every device and no
+``realize_opusers_threshold`` (:func:`_rules`).
 
 Whether a value is stored is decided during lowering (torch/_inductor/graph.py
 ``GraphLowering.run_node``, ir.py ``StorageBox.should_realize_on_reuse`` and
