@@ -32,7 +32,7 @@ def test_token_dynamic_forms_compile_once_per_kind_and_keep_parity(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "fusion_passes.cli", "bench", "model", "--device", "cpu", "--tiny", "--layers", "2",
          "--token-dynamic", "--model", "llama", "--precision", "bf16", "--decode", "1", "4", "--prefill", "8", "16",
-         "--context", "8", "--replays", "1", "--out", str(out)],
+         "--context", "8", "--replays", "1", "--rounds", "2", "--out", str(out)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -47,4 +47,8 @@ def test_token_dynamic_forms_compile_once_per_kind_and_keep_parity(tmp_path):
         assert r["graphs"] == {"nocoll": 1, "unfused": 1, "fused": 1}, r["graphs"]
         assert (r["sites"]["total"], r["sites"]["fused"]) == (4, 4)
         assert r["numerics"]["ratio_ok"] and r["numerics"]["fused_no_further"], r["numerics"]
+        # two rounds per form; the step time is their median, the speedup's range theirs
+        assert {f: len(ts) for f, ts in r["rounds_us"].items()} == {"nocoll": 2, "unfused": 2, "fused": 2}
+        lo, hi = r["speedup_range"]
+        assert lo <= r["speedup"] <= hi
     assert result["numerics_failed"] == 0
