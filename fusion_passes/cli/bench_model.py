@@ -14,7 +14,9 @@ activations per token into ``torch._scaled_mm``; ``--fp8-linear`` picks whose li
 
 Steps, forms and numerics: :mod:`fusion_passes.cli.model_step`. Each step is captured
 in a CUDA graph by hand (``torch.cuda.graph`` around the compiled step, one step per
-graph) and replayed; a step's time is the median replay. ``--dry-run`` traces the same
+graph) and replayed in ``--rounds`` rounds, the forms of a point interleaved round by round
+(:func:`fusion_passes.cli.model_step.interleave`); a step's time is the median of its
+rounds' medians, and each row gives the speedup's range over the rounds. ``--dry-run`` traces the same
 models on CPU under the fake process group and reports the sites
 (:mod:`fusion_passes.cli.model_trace`); ``--device cpu`` runs the whole benchmark on CPU
 (gloo, Inductor's C++ kernels, wall-clock time of eager calls): a check of the tool whose
