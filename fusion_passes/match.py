@@ -99,12 +99,9 @@ def _select_read(ar: AllReduce, norm: Norm, residual_out: bool, found_quant, pre
 
 def _reads_unrounded(norm: Norm, found_quant) -> bool:
     """Whether Inductor's default compile quantizes the UNROUNDED norm value: an aten FP8
-    quant (fused into the norm's kernel) of a norm output read by nothing else."""
-    return (not _compat.inductor_config.emulate_precision_casts
-            and isinstance(found_quant, Quant) and found_quant.kind.startswith("fp8")
-            and norm.weight_in_fp32 and _decomposed(norm) and _aten(found_quant)
-            and all(u in found_quant.nodes for u in norm.out.users)
-            and not _rounds_later_reads(norm.out))  # a stored norm output: the codes' loop reads it rounded
+    quant (fused into the norm's kernel) of a norm output read by nothing else, which the
+    compile does not store (a stored one: the codes' loop reads it rounded)."""
+    return _fused_with_norm(norm, found_quant) and not _rounds_later_reads(norm.out)
 
 
 def _amax_unrounded(norm: Norm, found_quant) -> bool:
@@ -114,12 +111,18 @@ def _amax_unrounded(norm: Norm, found_quant) -> bool:
     value: the quant :func:`_reads_unrounded` would read unrounded but for that store."""
     stores = inductor_store.current()
     return (stores is not None and epilogue.amax_reads_unrounded(stores.device)
-            and not _compat.inductor_config.emulate_precision_casts
-            and isinstance(found_quant, Quant) and found_quant.kind in ("fp8_per_token", "fp8_per_group")
-            and not found_quant.params.get("form")
-            and norm.weight_in_fp32 and _decomposed(norm) and _aten(found_quant)
-            and all(u in found_quant.nodes for u in norm.out.users)
+            and _fused_with_norm(norm, found_quant)
+            and found_quant.kind in ("fp8_per_token", "fp8_per_group") and not found_quant.params.get("form")
             and _rounds_later_reads(norm.out))
+
+
+def _fused_with_norm(norm: Norm, found_quant) -> bool:
+    """Whether Inductor's default compile fuses the quant into the norm's kernel: an aten
+    FP8 quant of a decomposed norm (weight multiplied in fp32) whose output nothing else reads."""
+    return (not _compat.inductor_config.emulate_precision_casts
+            and isinstance(found_quant, Quant) and found_quant.kind.startswith("fp8")
+            and norm.weight_in_fp32 and _decomposed(norm) and _aten(found_quant)
+            and all(u in found_quant.nodes for u in norm.out.users))
 
 
 def _hidden(node: Node) -> int | None:
