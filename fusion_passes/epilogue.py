@@ -106,19 +106,9 @@ def add_rms_norm(
     that computes the variance (fusion_passes.inductor_store). ``quant_unrounded`` and
     ``amax_unrounded`` only concern the quant (:func:`quantize`).
     """
-    if sum_stored and residual is not None:
-        summed32 = sum_fp32(x, residual)
-        rounded = summed32.to(x.dtype)
-        norm = rms_norm(rounded, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32, promote_out=promote_out,
-                        variance_of=summed32)
-        return norm, rounded
-    if (residual_in_fp32 or carry_fp32) and residual is not None:
-        summed32 = sum_fp32(x, residual)
-        norm = rms_norm(summed32, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32, out_dtype=x.dtype,
-                        promote_out=promote_out)
-        return norm, summed32 if carry_fp32 else summed32.to(x.dtype)
-    summed = add_residual(x, residual)
-    return rms_norm(summed, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32, promote_out=promote_out), summed
+    normed, variance_of, summed = _stream(x, residual, residual_in_fp32, carry_fp32, sum_stored)
+    return rms_norm(normed, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32, out_dtype=x.dtype,
+                    promote_out=promote_out, variance_of=variance_of), summed
 
 
 def norm_unrounded(x, residual, weight, eps, *, gemma=False, weight_in_fp32=True, residual_in_fp32=False,
@@ -126,15 +116,25 @@ def norm_unrounded(x, residual, weight, eps, *, gemma=False, weight_in_fp32=True
     """The norm output of :func:`add_rms_norm` before its rounding to the activation dtype
     (fp32): what an FP8 quant fused with the norm by Inductor reads (``quant_unrounded``;
     its amax alone with ``amax_unrounded``)."""
-    if sum_stored and residual is not None:
+    normed, variance_of, _ = _stream(x, residual, residual_in_fp32, carry_fp32, sum_stored)
+    return rms_norm(normed, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32, out_dtype=torch.float32,
+                    variance_of=variance_of)
+
+
+def _stream(x, residual, residual_in_fp32: bool, carry_fp32: bool, sum_stored: bool):
+    """``(what the norm normalizes, what its mean of squares reads where that differs (or
+    None), the residual output)`` under :func:`add_rms_norm`'s flags."""
+    if residual is None:
+        return x, None, x
+    if sum_stored:
         summed32 = sum_fp32(x, residual)
-        return rms_norm(summed32.to(x.dtype), weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32,
-                        out_dtype=torch.float32, variance_of=summed32)
-    if (residual_in_fp32 or carry_fp32) and residual is not None:
-        summed = sum_fp32(x, residual)
-    else:
-        summed = add_residual(x, residual)
-    return rms_norm(summed, weight, eps, gemma=gemma, weight_in_fp32=weight_in_fp32, out_dtype=torch.float32)
+        rounded = summed32.to(x.dtype)
+        return rounded, summed32, rounded
+    if residual_in_fp32 or carry_fp32:
+        summed32 = sum_fp32(x, residual)
+        return summed32, None, summed32 if carry_fp32 else summed32.to(x.dtype)
+    summed = add_residual(x, residual)
+    return summed, None, summed
 
 
 # ---------------------------------------------------------------------------------------
