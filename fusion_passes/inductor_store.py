@@ -223,9 +223,6 @@ def analyse(graph: Graph) -> Stores:
     def buffer(n: Node) -> _Value:
         return _Value(frozenset([n]), 0, stored=True)
 
-    def as_read(a) -> _Value | None:
-        return values.get(a) if isinstance(a, Node) else None
-
     flat: dict[Node, bool] = {}
 
     def store(n: Node) -> None:
@@ -244,7 +241,9 @@ def analyse(graph: Graph) -> Stores:
             continue
         if n.op != "call_function":
             continue
-        ins = [r for a in (*n.args, *n.kwargs.values()) for x in _flat(a) if (r := as_read(x)) is not None]
+        args: list[Node] = []  # every Node argument, nested, once per use (Inductor counts each read)
+        torch.fx.node.map_arg((n.args, n.kwargs), args.append)
+        ins = [values[a] for a in args if a in values]
         if n.target in _VIEWS and ins:
             src = n.args[0]
             values[n] = dataclasses.replace(values[src]) if src in values else buffer(n)
@@ -254,17 +253,15 @@ def analyse(graph: Graph) -> Stores:
             reads = frozenset().union(*(v.reads for v in ins)) if ins else frozenset()
             ops = sum(v.ops for v in ins if not v.stored) + 1 + len(ins)
             heavy = any(v.heavy for v in ins if not v.stored) or _op_name(n.target) in rules.heavy_cpu
-            same = all(_numel(a) == _numel(n) for a in (*n.args, *n.kwargs.values()) for a in _flat(a)
-                       if isinstance(a, Node) and a in values)
+            same = all(_numel(a) == _numel(n) for a in n.all_input_nodes if a in values)
             is_flat = same and n.target not in _GATHERS and all(v.flat for v in ins)
             values[n] = _Value(reads, ops, heavy, flat=is_flat)
         else:
             values[n] = buffer(n)  # reductions, matmuls, collectives, custom ops, getitems
             if n.target not in _REDUCTIONS and n.target is not operator.getitem:
-                for a in (*n.args, *n.kwargs.values()):  # ExternKernel.realize_input
-                    for x in _flat(a):
-                        if isinstance(x, Node) and x in values:
-                            store(x)
+                for a in n.all_input_nodes:  # ExternKernel.realize_input
+                    if a in values:
+                        store(a)
             continue
         v = values[n]
         if v.stored:
@@ -293,11 +290,3 @@ def _reuse_stores(v: _Value, users: int, device: str, rules: _Rules) -> bool:
         if rules.users is not None and users > rules.users and v.ops > max(0, rules.ops - 2):
             return True
     return v.ops > rules.ops or len(v.reads) > rules.reads
-
-
-def _flat(a):
-    if isinstance(a, (list, tuple)):
-        for x in a:
-            yield from _flat(x)
-    else:
-        yield a
