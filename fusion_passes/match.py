@@ -44,6 +44,9 @@ class Site:
     quant: "Quant | None" = None  # the quant fused into the op (quant families)
     note: str | None = None  # e.g. why a quant after the norm was left unfused
     carry: Node | None = None  # the previous fused op whose unrounded sum is the residual (carry_fp32)
+    # fp32 upcasts of the sum outside the site that the compile feeds the unrounded sum
+    # (:func:`_upcasts_unrounded`): this site's op then returns it in fp32 (carry_fp32)
+    upcasts: tuple[Node, ...] = ()
     rule: str | None = None  # the selector's rule that chose the backend (fusion_passes.backends.selector)
 
     @property
@@ -170,6 +173,7 @@ def _select_inductor(ar: AllReduce, add, residual, norm: Norm, residual_out: boo
         return _select(ar, add, residual, norm, residual_out, found_quant, prefer)
     if isinstance(site, Site):
         site.carry = _carry_source(residual, norm, site, prefer)
+        site.upcasts = _upcasts_unrounded(add, norm, site, prefer)
     return site
 
 
@@ -238,6 +242,25 @@ def _carry_source(residual, norm: Norm, site: Site, prefer: str) -> Node | None:
     flags = dataclasses.replace(norm.flags, carry_fp32=True)
     call = dataclasses.replace(compile_time_call(site.family.variant, site.ar, norm, site.quant), flags=flags)
     return prev if backends.selector.carries_fp32(call, prefer).backend is not None else None
+
+
+def _upcasts_unrounded(add, norm: Norm, site: Site, prefer: str) -> tuple[Node, ...]:
+    """The fp32 upcasts of the sum *add* outside its site (another norm of the same stream,
+    say) where the compile does not store the sum: Inductor recomputes it there inline, in
+    fp32, so they read it unrounded (docs/design.md, "What Inductor keeps unrounded"). Where
+    the site's backend returns the unrounded sum (``carry_fp32``), the rewrite hands it to
+    them (:func:`fusion_passes.rewrite.hand_unrounded`); else () and they read it rounded."""
+    stores = inductor_store.current()
+    if (add is None or not norm.residual_in_fp32 or norm.sum_stored or stores is None or not stores.known(add)
+            or stores.sum_reads(add, _hidden(add)) != inductor_store.UNROUNDED):
+        return ()
+    removed = site.removed
+    ups = tuple(u for u in add.users if u not in removed and fx.converts_to(u, torch.float32))
+    if not ups:
+        return ()
+    flags = dataclasses.replace(norm.flags, carry_fp32=True)
+    call = dataclasses.replace(compile_time_call(site.family.variant, site.ar, norm, site.quant), flags=flags)
+    return ups if backends.selector.carries_fp32(call, prefer).backend is not None else ()
 
 
 def _select(ar: AllReduce, add, residual, norm: Norm, residual_out: bool, found_quant, prefer: str):

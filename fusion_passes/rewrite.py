@@ -64,6 +64,7 @@ def rewrite(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -> Node
     edit.take_residual()
     edit.finish()
     carry(site, fake_vals)
+    hand_unrounded(graph, site, edit.fused, fake_vals)
     return edit.fused
 
 
@@ -78,6 +79,29 @@ def carry(site: Site, fake_vals: FakeVals) -> None:
     fake_vals.update(prev)
     for u in prev.users:
         fake_vals.update(u)
+
+
+def hand_unrounded(graph: Graph, site: Site, fused: Node, fake_vals: FakeVals) -> None:
+    """Where fp32 upcasts of the site's sum outside the site read it unrounded in the compile
+    (``site.upcasts``, :func:`fusion_passes.match._upcasts_unrounded`), *fused* returns the
+    sum unrounded in fp32 (``carry_fp32``): those upcasts are replaced by it, and every other
+    reader gets it rounded to the activation dtype, the value it had."""
+    if not site.upcasts:
+        return
+    names = variants.get(site.family.variant).output_names
+    res = next(u for u in fused.users if u.target is operator.getitem and names[u.args[1]] == "residual_out")
+    dtype = res.meta["val"].dtype
+    fused.kwargs = {**fused.kwargs, "carry_fp32": True}
+    fake_vals.update(fused)
+    fake_vals.update(res)
+    with graph.inserting_after(res):
+        rounded = graph.call_function(torch.ops.prims.convert_element_type.default, (res, dtype))
+    rounded.meta["stack_trace"] = res.meta.get("stack_trace")
+    res.replace_all_uses_with(rounded, delete_user_cb=lambda u: u is not rounded and u not in site.upcasts)
+    fake_vals.update(rounded)
+    for up in site.upcasts:  # an fp32 upcast of an fp32 value: the value itself
+        up.replace_all_uses_with(res)
+        graph.erase_node(up)
 
 
 def rewrite_quant(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -> Node:
@@ -121,6 +145,7 @@ def rewrite_quant(graph: Graph, site: Site, fake_vals: FakeVals, backend: str) -
     edit.take_residual()
     edit.finish(dead_buffers(quant))  # buffers found before erasing: erase_node clears kwargs
     carry(site, fake_vals)
+    hand_unrounded(graph, site, edit.fused, fake_vals)
     return edit.fused
 
 

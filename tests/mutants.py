@@ -179,6 +179,11 @@ MUTANTS = (
            "return (stores is not None and True",
            ("tests/test_inductor_store.py", "-k", "amax"),
            "amax_unrounded also where the compile's amax reads the rounded value (CPU)"),
+    Mutant("second_norm_reads_the_rounded_sum", "fusion_passes/rewrite.py",
+           'fused.kwargs = {**fused.kwargs, "carry_fp32": True}\n    fake_vals.update(fused)\n    fake_vals.update(res)',
+           'fused.kwargs = {**fused.kwargs, "carry_fp32": False}\n    fake_vals.update(fused)\n    fake_vals.update(res)',
+           ("tests/test_compile_parity.py", "-k", "second_norm"),
+           "a second norm of an unstored sum reads the op's rounded residual output"),
 )
 
 

@@ -158,6 +158,32 @@ def test_every_site_of_a_stream_matches_the_unfused_compile(quants, gather, toke
             assert torch.equal(w[1], g[1]), i
 
 
+def two_norms_of_one_sum(layers: int):
+    """Sites whose sum a second, unfused norm reads too (a final norm beside the next
+    layer's, or hidden states handed to a draft model): the compile does not store the sum
+    (it reads 2 buffers), so that norm recomputes it in fp32 and reads it unrounded."""
+    def fn(xs, res, w, w2):
+        return [(hf_rms_norm(h, w, 1e-6), hf_rms_norm(h, w2, 1e-5) * 2)
+                for h in (all_reduce(xs[i]) + res for i in range(layers))]
+    return fn
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_second_norm_of_a_site_sum_reads_it_as_the_compile_does(dtype):
+    """The fused op returns that sum unrounded in fp32 (carry_fp32) to the second norm's
+    upcast, and rounded to every other reader. Handing it the op's rounded residual output
+    put 20% of the second norm's elements apart (CPU, bf16, hidden 256 and 1024)."""
+    xs, res, w, _ = _inputs(dtype, n=2)
+    w2 = (torch.rand(H, generator=torch.Generator().manual_seed(3)) + 0.5).to(dtype)
+    fn = two_norms_of_one_sum(2)
+    want, _ = compiled(fn, (xs, res, w, w2), fuse=False)
+    got, report = compiled(fn, (xs, res, w, w2), fuse=True)
+    assert sum(s.fused for s in report.sites) == 2, report.summary()
+    for (y0, z0), (y1, z1) in zip(want, got):
+        assert y1.dtype == y0.dtype and z1.dtype == z0.dtype
+        assert share(y0, y1) <= SHARE and share(z0, z1) <= SHARE, (share(y0, y1), share(z0, z1))
+
+
 def test_emulated_casts_fused_compile_equals_eager():
     w = tp_llama.to(tp_llama.make(4, H), torch.bfloat16)
     ids = torch.randint(0, 256, (T,), generator=torch.Generator().manual_seed(2))
