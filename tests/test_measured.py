@@ -504,3 +504,15 @@ def test_a_bucket_measured_faster_with_evict_first_launches_with_it(machine, fak
         assert plan(*_bound(one, 6), False, "add_rmsnorm").evict is False
     finally:
         FORCE.clear()
+
+
+def test_bench_kernels_says_what_the_measured_table_picks(machine):
+    """`bench kernels`' selector line reads this machine's table, as a compiled site does
+    (it had printed the shipped table's verdict beside timings taken at the tuned configs)."""
+    from fusion_passes.cli import bench_kernels
+
+    assert bench_kernels._selector("add_rmsnorm", 7168, 256, 1) == ("triton", None)  # shipped: fused at 256
+    measured.write(table(STRADDLE))
+    pick, why = bench_kernels._selector("add_rmsnorm", 7168, 256, 1)
+    assert pick == "reference" and "measured" in why, why
+    assert bench_kernels._selector("add_rmsnorm", 7168, 128, 1) == ("triton", None)

@@ -232,13 +232,17 @@ def _variant_hidden(ctx, variant: str, hidden: int, selectors: dict) -> list[dic
 
 
 def _selector(variant: str, hidden: int, tokens: int, world: int) -> tuple[str, str | None]:
-    """What ``backend="auto"`` picks for this call today, and why not triton (None if triton)."""
+    """What ``backend="auto"`` picks for this call today, and why not triton (None if triton):
+    from this machine's measured table where it has one (at world size 1; above, only a
+    table the group agreed on counts, as for a compiled site), else the shipped one."""
     import torch
 
     from fusion_passes import backends
+    from fusion_passes.backends import agree
 
     call = backends.Call(variant=variant, device="cuda", dtype=torch.bfloat16, hidden=hidden, world_size=world,
-                         tokens=tokens, group_size=br.PER_GROUP_SIZE if variant.endswith("per_group") else None)
+                         tokens=tokens, group_size=br.PER_GROUP_SIZE if variant.endswith("per_group") else None,
+                         table=agree.table_id(None, world))
     return backends.select(call, "auto"), backends.why_not("triton", call)
 
 
