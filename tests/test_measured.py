@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pathlib
 import time
 
 import pytest
@@ -16,7 +17,7 @@ from fusion_passes import backends, compile_range
 from fusion_passes.backends import Call, Slower, agree, measured
 from fusion_passes.backends import triton as triton_backend
 
-GPU = "NVIDIA H100 80GB HBM3"
+GPU = "NVIDIA H20"  # a GPU kind no shipped per-GPU table names (tests below fake an H100 for that)
 VERSIONS = {"torch": "2.11.0", "triton": "3.6.0", "driver": "12080"}
 
 
@@ -516,3 +517,100 @@ def test_bench_kernels_says_what_the_measured_table_picks(machine):
     pick, why = bench_kernels._selector("add_rmsnorm", 7168, 256, 1)
     assert pick == "reference" and "measured" in why, why
     assert bench_kernels._selector("add_rmsnorm", 7168, 128, 1) == ("triton", None)
+
+
+# -- the shipped per-GPU tables (fusion_passes/backends/tables) ----------------------------------
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+@pytest.fixture
+def h100(machine, monkeypatch):
+    """The fake machine as an H100 (the GPU kind of the shipped table), other versions than
+    the shipped table's: its versions are where it was measured, not a condition."""
+    monkeypatch.setattr(measured, "_gpu", lambda: H100)
+    measured.reset()
+    return machine
+
+
+def test_every_shipped_table_parses_and_names_its_runs():
+    files = sorted(measured.SHIPPED_DIR.glob("*.json"))
+    assert [f.name for f in files] == ["nvidia_h100_80gb_hbm3_ws1.json"]
+    for f in files:
+        (raw,) = measured.read_file(f)
+        table = measured.parse_table(raw, f.name)
+        assert table.key["gpu"] == H100 and table.key["world_size"] == 1
+        assert raw["command"].startswith("python -m tools.merge_tuned results/") and len(raw["sources"]) == 2
+        assert all(s["command"].startswith("fusion-passes tune") for s in raw["sources"])
+        assert set(table.buckets) == {("add_rmsnorm", h) for h in (4096, 7168, 8192)}
+
+
+def test_an_h100_without_a_file_is_decided_by_the_shipped_h100_table(h100):
+    table = measured.local(1)
+    assert table is not None and table.shipped and table.key["gpu"] == H100
+    want = f"shipped table for {H100} (fusion_passes/backends/tables/nvidia_h100_80gb_hbm3_ws1.json)"
+    assert table.label("add_rmsnorm", 7168) == want
+    digest = agree.table_id(None, 1)
+    assert digest == table.digest
+    # 7168 x 512: the generic (H200) table declines it, the H100 runs picked the fused call (2 rows)
+    call = cuda_call(512, table_=digest)
+    assert triton_backend.unsupported(call) is None and backends.table_source("triton", call) == want
+    assert "512 tokens outside" in str(triton_backend.unsupported(cuda_call(512)))  # the generic table
+    # 4096 x 512: both H100 runs lost (0.98x, 0.97x): declined, naming the shipped table
+    why = triton_backend.unsupported(cuda_call(512, hidden=4096, table_=digest))
+    assert isinstance(why, Slower) and "512-token bucket" in why and want in why
+    assert measured.local(2) is None  # world size 2: no shipped table
+    assert not table.measured_here("add_rmsnorm", 7168)
+
+
+def test_this_machines_file_takes_precedence_per_pair(h100):
+    measured.write({"key": measured.machine_key(1), "command": "fusion-passes tune --hidden 7168",
+                    "entries": [entry(1, "unfused", hidden=7168)]})
+    table = measured.local(1)
+    assert not table.shipped and table.lookup("add_rmsnorm", 7168, 512).pick == "unfused"  # this machine's
+    assert table.label("add_rmsnorm", 7168) == f"measured table {h100}"
+    assert table.label("add_rmsnorm", 4096).startswith(f"shipped table for {H100}")
+    assert table.lookup("add_rmsnorm", 4096, 512).pick == "unfused" and table.lookup("add_rmsnorm", 4096, 1024).rows == 2
+    assert table.measured_here("add_rmsnorm", 7168) and not table.measured_here("add_rmsnorm", 4096)
+    assert agree.table_id(None, 1) == table.digest and measured.by_digest(table.digest) is table
+
+
+def test_off_turns_off_this_machines_file_only(h100, monkeypatch):
+    monkeypatch.setenv(measured.ENV, "off")
+    measured.reset()
+    assert measured.local(1).shipped
+
+
+def test_calibration_measures_a_pair_the_shipped_table_holds(h100, monkeypatch):
+    """The user asked to measure this machine: a shipped table is not that."""
+    from fusion_passes.backends import calibrate
+
+    asked = []
+    monkeypatch.setattr(calibrate, "_calibrate", lambda *a: asked.append(a))
+    with calibrate.enabled(True):
+        calibrate.table_for_site(None, 1, "add_rmsnorm", 7168, "cuda")
+    assert asked == [(1, "add_rmsnorm", 7168)]
+
+
+def test_merging_runs_ships_a_fused_pick_only_where_every_run_made_it(tmp_path):
+    from tools import merge_tuned
+
+    def run(picks):
+        return table([entry(t, p, fused_us=f, unfused_us=u, num_warps=w) for t, p, f, u, w in picks])
+
+    a = run([(1, "fused", 2.0, 3.0, 8), (256, "fused", 4.0, 4.1, 8), (512, "unfused", 5.0, 4.9, 16)])
+    b = run([(1, "fused", 1.9, 3.1, 16), (256, "unfused", 4.2, 4.0, 4), (512, "fused", 4.8, 5.0, 8)])
+    merged = merge_tuned.merge([("a.json", a), ("b.json", b)])
+    got = {e["tokens"]: (e["pick"], e["num_warps"], e["fused_us"], e["unfused_us"]) for e in merged["entries"]}
+    assert got == {1: ("fused", 16, 1.9, 3.1), 256: ("unfused", 4, 4.2, 4.0), 512: ("unfused", 16, 5.0, 4.9)}
+    assert merged["command"] == "python -m tools.merge_tuned a.json b.json" and len(merged["sources"]) == 2
+    measured.parse_table(merged, "merged")  # a table the library reads
+    with pytest.raises(ValueError, match="different machines"):
+        merge_tuned.merge([("a.json", a), ("c.json", table(a["entries"], world_size=2))])
+    with pytest.raises(ValueError, match="different"):
+        merge_tuned.merge([("a.json", a), ("d.json", run([(1, "fused", 2.0, 3.0, 8)]))])
+    # the shipped H100 file is what the tool makes of the two runs it names
+    shipped = measured.SHIPPED_DIR / "nvidia_h100_80gb_hbm3_ws1.json"
+    (raw,) = measured.read_file(shipped)
+    runs = [(s["file"], measured.read_file(pathlib.Path(__file__).parents[1] / s["file"])[0]) for s in raw["sources"]]
+    assert merge_tuned.merge(runs) == raw

@@ -166,6 +166,7 @@ def test_show_prints_each_entry_and_its_source(monkeypatch, tmp_path):
     assert "the shipped table" in text.splitlines()[-1]
     monkeypatch.setenv("WORLD_SIZE", "abc")  # a bad WORLD_SIZE is a usage error naming it (exit 2), not a crash
     assert cli_main(["tune", "--show", "--file", str(file)]) == 2
+    monkeypatch.delenv("WORLD_SIZE")
     measured.reset()
     file.write_text("{")
     assert "unreadable" in tune_show.render(str(file))

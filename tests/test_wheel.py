@@ -78,6 +78,9 @@ def test_the_wheel_holds_the_library_the_catalogue_and_the_command_line_only(whe
     # every source of the package ships (a subfolder that packages.find missed would not)
     sources = {f for f in _tracked_files() if f.startswith("fusion_passes/") and f.endswith(".py")}
     assert sources == {n for n in shipped if n.endswith(".py")}
+    # and every shipped per-GPU table (package data, read by fusion_passes.backends.measured)
+    tables = {f for f in _tracked_files() if f.startswith("fusion_passes/backends/tables/")}
+    assert tables and tables == {n for n in shipped if n.startswith("fusion_passes/backends/tables/")}
     entry_points = zipfile.ZipFile(wheel).read(f"{info}/entry_points.txt").decode()
     assert "fusion-passes = fusion_passes.cli:main" in entry_points
 

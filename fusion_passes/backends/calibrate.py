@@ -56,7 +56,7 @@ def table_for_site(group: str | None, world: int, variant: str, hidden: int, dev
     (variant, hidden) first when that was asked for and can be done here."""
     if _ON.get() and device == "cuda" and world >= 1:
         table = measured.local(world) if world == 1 else None
-        if table is None or not table.has(variant, hidden):
+        if table is None or not table.measured_here(variant, hidden):  # a shipped per-GPU table is not this machine
             _calibrate(world, variant, hidden)
     return agree.table_id(group, world)
 

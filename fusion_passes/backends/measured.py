@@ -26,6 +26,14 @@ nothing in it is executed. A corrupt file, a format version this library does no
 or a table for this GPU and world size written by other torch / Triton / driver versions
 (stale) gives ONE warning naming the file and the problem, and the shipped table is used.
 
+SHIPPED per-GPU tables: ``fusion_passes/backends/tables/*.json``, in the same format, hold
+tables that ``fusion-passes tune`` measured on a GPU kind we could run (merged over several
+runs by ``tools/merge_tuned.py``; each file names its runs). One applies where its GPU name,
+world size and one-host flag are this machine's; its versions are where it was measured, not
+a condition. This machine's own file takes precedence per (variant, hidden): :func:`local`
+returns the two combined, each pair labelled with the table it came from
+(:meth:`Table.label`). ``$FUSION_PASSES_TUNED=off`` turns off this machine's file only.
+
 A table is identified by its digest (:attr:`Table.digest`); the selector's
 :class:`~fusion_passes.backends.contract.Call` carries it (``table``), so a decision names
 the table that made it. Which digest a call may use at world size > 1 is agreed across
@@ -148,9 +156,26 @@ class Table:
     key: dict
     buckets: dict[tuple[str, int], tuple[Entry, ...]]
     digest: str
+    shipped: bool = False  # a shipped per-GPU table (fusion_passes/backends/tables), not this machine's
+    # (variant, hidden) -> the table it came from, where two were combined (:func:`combine`)
+    labels: dict = dataclasses.field(default_factory=dict)
 
     def has(self, variant: str, hidden: int) -> bool:
         return (variant, hidden) in self.buckets
+
+    def label(self, variant: str, hidden: int) -> str:
+        """Which table decides (variant, hidden): ``measured table FILE`` (this machine's,
+        written by ``fusion-passes tune``) or ``shipped table for GPU (FILE)``."""
+        return self.labels.get((variant, hidden)) or self._own_label()
+
+    def _own_label(self) -> str:
+        if self.shipped:
+            return f"shipped table for {self.key.get('gpu')} ({self.source})"
+        return f"measured table {self.source}"
+
+    def measured_here(self, variant: str, hidden: int) -> bool:
+        """Whether this machine's own file holds (variant, hidden) (calibration fills the rest)."""
+        return self.has(variant, hidden) and not self.label(variant, hidden).startswith("shipped")
 
     def lookup(self, variant: str, hidden: int, tokens: int) -> Entry | None:
         """The bucket serving *tokens* (the smallest measured at or above it), or None."""
@@ -298,18 +323,52 @@ def _local(file: str | None, key_json: str | None) -> Table | None:
     return None
 
 
+SHIPPED_DIR = pathlib.Path(__file__).with_name("tables")
+MATCH_KEYS = ("gpu", "world_size", "single_node")  # what a shipped table must share with this machine
+
+
+@functools.lru_cache(maxsize=None)
+def shipped(key_json: str | None) -> Table | None:
+    """The shipped per-GPU table for this machine key (:data:`SHIPPED_DIR`), or None. Our
+    own files: one that does not parse is a bug of the library, and raises."""
+    if key_json is None:
+        return None
+    key = json.loads(key_json)
+    for file in sorted(SHIPPED_DIR.glob("*.json")):
+        for raw in read_file(file):
+            if isinstance(raw, dict) and all(raw.get("key", {}).get(k) == key[k] for k in MATCH_KEYS):
+                table = dataclasses.replace(parse_table(raw, f"fusion_passes/backends/tables/{file.name}"),
+                                            shipped=True)
+                _BY_DIGEST[table.digest] = table
+                return table
+    return None
+
+
+def combine(own: Table | None, ship: Table | None) -> Table | None:
+    """This machine's table over the shipped one: its pairs replace the shipped table's."""
+    if own is None or ship is None:
+        return own or ship
+    buckets = {**ship.buckets, **own.buckets}
+    labels = {pair: (own if pair in own.buckets else ship)._own_label() for pair in buckets}
+    digest = hashlib.sha256(f"{own.digest}+{ship.digest}".encode()).hexdigest()[:16]
+    table = Table(own.source, own.key, buckets, digest, labels=labels)
+    _BY_DIGEST[digest] = table
+    return table
+
+
 _LOCAL: dict[tuple, Table | None] = {}  # (env, world size, one host) -> the answer: a dict hit per call
 
 
 def local(world_size: int, single_node: bool = True) -> Table | None:
-    """This machine's table at *world_size* from the file, or None (then the shipped table
-    decides). Read once per process (:func:`reset` forgets it); later calls cost a dict lookup."""
+    """The table that decides at *world_size*: this machine's from the file, over the
+    shipped per-GPU table (:func:`combine`), or None (then thresholds.py decides). Read once per process (:func:`reset` forgets it); later calls cost a dict lookup."""
     memo = (os.environ.get(ENV), os.environ.get("XDG_CACHE_HOME"), world_size, single_node)
     if memo in _LOCAL:
         return _LOCAL[memo]
     file = path()
-    key = machine_key(world_size, single_node) if file is not None else None
-    found = _local(None if file is None else str(file), None if key is None else json.dumps(key, sort_keys=True))
+    key = machine_key(world_size, single_node)
+    key_json = None if key is None else json.dumps(key, sort_keys=True)
+    found = combine(_local(None if file is None else str(file), key_json), shipped(key_json))
     _LOCAL[memo] = found
     return found
 
@@ -327,6 +386,7 @@ def file_digest() -> str:
 def reset() -> None:
     """Forget what was read (after ``tune`` wrote the file, or in tests)."""
     _local.cache_clear()
+    shipped.cache_clear()
     _LOCAL.clear()
     _BY_DIGEST.clear()
     _warned.clear()

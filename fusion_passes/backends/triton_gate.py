@@ -3,7 +3,8 @@
 A pure function of a :class:`~fusion_passes.backends.contract.Call`: the platform and the
 kernel's limits first, then the crossover table that decides, the measured one
 (:mod:`fusion_passes.backends.measured`, when the call names it and it has the call's
-variant and hidden size) or the shipped one (``thresholds.TRITON["max_tokens_faster"]``).
+variant and hidden size; a shipped per-GPU table counts as one) or the shipped one
+(``thresholds.TRITON["max_tokens_faster"]``).
 A graph site compiled for a token range (``Call.token_range``) is declined when no token
 count in the range was measured faster.
 """
@@ -86,10 +87,11 @@ def quant_group_reason(call: Call) -> str | None:
 
 
 def table_source(call: Call) -> str:
-    """Which table decides *call*: ``measured table FILE`` or ``shipped table``."""
+    """Which table decides *call*: ``measured table FILE``, ``shipped table for GPU (FILE)``
+    (a shipped per-GPU table, :mod:`fusion_passes.backends.measured`) or ``shipped table``."""
     table = measured.by_digest(call.table) if call.table else None
     if table is not None and table.has(call.variant, call.hidden):
-        return f"measured table {table.source}"
+        return table.label(call.variant, call.hidden)
     return "shipped table"
 
 
@@ -102,7 +104,7 @@ def _measured_verdict(table, call: Call) -> str | None:
     """The measured table's verdict: per call, the bucket serving its token count; for a
     graph site, admitted when some bucket in its token range picked the fused call (each
     call then picks per size at run time)."""
-    where = f"measured table {table.source}"
+    where = table.label(call.variant, call.hidden)
     if call.tokens is not None:
         if call.tokens < 1:
             return None

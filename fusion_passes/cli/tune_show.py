@@ -12,31 +12,58 @@ import pathlib
 
 
 def render(out: str | None = None) -> str:
-    from fusion_passes.backends import measured
+    """This machine's file (or *out*), then the shipped per-GPU tables."""
     from fusion_passes.cli.arguments import world_size_from_env
 
-    file = pathlib.Path(out) if out else measured.path()
-    if file is None:
-        return f"${measured.ENV}=off: no measured table; the shipped table decides everywhere"
-    try:
-        raws = measured.read_file(file)
-        tables = [(raw, measured.parse_table(raw, str(file))) for raw in raws]
-    except measured.Invalid as e:
-        return f"{file}: unreadable ({e}); the shipped table decides everywhere"
-    if not tables:
-        return f"{file}: no measured table (run `fusion-passes tune`); the shipped table decides everywhere"
+    from fusion_passes.backends import measured
+
     here = measured.machine_key(world_size_from_env())
-    lines = [f"measured tables in {file}:"]
-    for raw, table in tables:
-        lines += _table_lines(raw, table, here)
+    lines = _file_lines(pathlib.Path(out) if out else measured.path(), here)
+    shipped = sorted(measured.SHIPPED_DIR.glob("*.json"))
+    if shipped:
+        lines.append(f"shipped per-GPU tables ({', '.join('fusion_passes/backends/tables/' + f.name for f in shipped)}),"
+                     " used for the pairs this machine's file does not hold:")
+        for f in shipped:
+            for raw in measured.read_file(f):
+                table = measured.parse_table(raw, f.name)
+                k = table.key
+                if here is not None and all(k.get(m) == here.get(m) for m in measured.MATCH_KEYS):
+                    lines += _table_lines(raw, table, here, match=measured.MATCH_KEYS)
+                else:  # another GPU's: one line
+                    pairs = sorted(table.buckets)
+                    lines.append(f"- {k.get('gpu')}, world size {k.get('world_size')}: "
+                                 f"{sum(len(v) for v in table.buckets.values())} buckets of "
+                                 f"{', '.join(sorted({v for v, _ in pairs}))} at hidden "
+                                 f"{' '.join(str(h) for h in sorted({h for _, h in pairs}))} (not this machine)")
     lines.append("every (world size, variant, hidden) not listed: the shipped table "
                  "(fusion_passes/backends/thresholds.py)")
     return "\n".join(lines)
 
 
-def _table_lines(raw: dict, table, here: dict | None) -> list[str]:
+def _file_lines(file: pathlib.Path | None, here: dict | None) -> list[str]:
+    from fusion_passes.backends import measured
+
+    if file is None:
+        return [f"${measured.ENV}=off: no measured table of this machine"]
+    try:
+        raws = measured.read_file(file)
+        tables = [(raw, measured.parse_table(raw, str(file))) for raw in raws]
+    except measured.Invalid as e:
+        return [f"{file}: unreadable ({e}); not used"]
+    if not tables:
+        return [f"{file}: no measured table (run `fusion-passes tune`)"]
+    lines = [f"measured tables in {file}:"]
+    for raw, table in tables:
+        lines += _table_lines(raw, table, here)
+    return lines
+
+
+def _table_lines(raw: dict, table, here: dict | None, match=None) -> list[str]:
+    """One table's key, source and entries; ``[used here]`` where its key is this machine's
+    (on the *match* fields only, for a shipped table)."""
     k = table.key
-    used = " [used here]" if here is not None and k == here else ""
+    same = here is not None and (k == here if match is None else all(k.get(f) == here.get(f) for f in match))
+    used = " [used here]" if same else ""
     lines = [f"- {k.get('gpu')}, world size {k.get('world_size')}, torch {k.get('torch')}, triton {k.get('triton')}, "
              f"driver {k.get('driver')}{used}",
              f"  from `{raw.get('command', '?')}` at {raw.get('written', '?')} (digest {table.digest})",
