@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("fusion_passes", "patterns", "tools", "tests", "pyproject.toml")
+COPIED = ("fusion_passes", "patterns", "tools", "tests", "results", "pyproject.toml")  # results: the runs a shipped table names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +184,16 @@ MUTANTS = (
            'fused.kwargs = {**fused.kwargs, "carry_fp32": False}\n    fake_vals.update(fused)\n    fake_vals.update(res)',
            ("tests/test_compile_parity.py", "-k", "second_norm"),
            "a second norm of an unstored sum reads the op's rounded residual output"),
+    Mutant("shipped_gpu_table_ignored", "fusion_passes/backends/measured.py",
+           "found = combine(_local(None if file is None else str(file), key_json), shipped(key_json))",
+           "found = combine(_local(None if file is None else str(file), key_json), None)",
+           ("tests/test_measured.py", "-k", "shipped or precedence or off_turns"),
+           "an H100 without its own table decided by the H200 thresholds, not the shipped H100 table"),
+    Mutant("merge_ships_a_fused_pick_one_run_lost", "tools/merge_tuned.py",
+           'if all(e["pick"] == "fused" for e in seen):',
+           'if any(e["pick"] == "fused" for e in seen):',
+           ("tests/test_measured.py", "-k", "merging"),
+           "the merge ships a fused pick that one run lost"),
 )
 
 
