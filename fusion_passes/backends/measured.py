@@ -361,7 +361,8 @@ _LOCAL: dict[tuple, Table | None] = {}  # (env, world size, one host) -> the ans
 
 def local(world_size: int, single_node: bool = True) -> Table | None:
     """The table that decides at *world_size*: this machine's from the file, over the
-    shipped per-GPU table (:func:`combine`), or None (then thresholds.py decides). Read once per process (:func:`reset` forgets it); later calls cost a dict lookup."""
+    shipped per-GPU table (:func:`combine`), or None (then thresholds.py decides). Read once
+    per process (:func:`reset` forgets it); later calls cost a dict lookup."""
     memo = (os.environ.get(ENV), os.environ.get("XDG_CACHE_HOME"), world_size, single_node)
     if memo in _LOCAL:
         return _LOCAL[memo]
