@@ -158,7 +158,7 @@ class Table:
     digest: str
     shipped: bool = False  # a shipped per-GPU table (fusion_passes/backends/tables), not this machine's
     # (variant, hidden) -> the table it came from, where two were combined (:func:`combine`)
-    labels: dict = dataclasses.field(default_factory=dict)
+    origin: dict = dataclasses.field(default_factory=dict)
 
     def has(self, variant: str, hidden: int) -> bool:
         return (variant, hidden) in self.buckets
@@ -166,16 +166,14 @@ class Table:
     def label(self, variant: str, hidden: int) -> str:
         """Which table decides (variant, hidden): ``measured table FILE`` (this machine's,
         written by ``fusion-passes tune``) or ``shipped table for GPU (FILE)``."""
-        return self.labels.get((variant, hidden)) or self._own_label()
-
-    def _own_label(self) -> str:
-        if self.shipped:
-            return f"shipped table for {self.key.get('gpu')} ({self.source})"
-        return f"measured table {self.source}"
+        table = self.origin.get((variant, hidden), self)
+        if table.shipped:
+            return f"shipped table for {table.key.get('gpu')} ({table.source})"
+        return f"measured table {table.source}"
 
     def measured_here(self, variant: str, hidden: int) -> bool:
         """Whether this machine's own file holds (variant, hidden) (calibration fills the rest)."""
-        return self.has(variant, hidden) and not self.label(variant, hidden).startswith("shipped")
+        return self.has(variant, hidden) and not self.origin.get((variant, hidden), self).shipped
 
     def lookup(self, variant: str, hidden: int, tokens: int) -> Entry | None:
         """The bucket serving *tokens* (the smallest measured at or above it), or None."""
@@ -349,9 +347,9 @@ def combine(own: Table | None, ship: Table | None) -> Table | None:
     if own is None or ship is None:
         return own or ship
     buckets = {**ship.buckets, **own.buckets}
-    labels = {pair: (own if pair in own.buckets else ship)._own_label() for pair in buckets}
+    origin = {pair: own if pair in own.buckets else ship for pair in buckets}
     digest = hashlib.sha256(f"{own.digest}+{ship.digest}".encode()).hexdigest()[:16]
-    table = Table(own.source, own.key, buckets, digest, labels=labels)
+    table = Table(own.source, own.key, buckets, digest, origin=origin)
     _BY_DIGEST[digest] = table
     return table
 
