@@ -37,14 +37,15 @@ engine, ``backends/`` and the catalogue ``patterns/``."""
 @functools.lru_cache(maxsize=None)
 def source_hash(root: pathlib.Path | None = None) -> str:
     """sha256 of the sources that can change a compiled graph: every ``.py`` of the package
-    at *root* (default: this one) but those under :data:`NOT_IN_KEY`."""
+    at *root* (default: this one) but those under :data:`NOT_IN_KEY`, and its ``.json`` data
+    (the shipped per-GPU tables, fusion_passes/backends/tables)."""
     root = _ROOT if root is None else root
     h = hashlib.sha256()
     files = []
     for top, dirs, names in os.walk(root):
         at_top = pathlib.Path(top) == root
         dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not (at_top and d in NOT_IN_KEY))
-        files += [pathlib.Path(top, n) for n in sorted(names) if n.endswith(".py")]
+        files += [pathlib.Path(top, n) for n in sorted(names) if n.endswith((".py", ".json"))]
     for p in files:
         h.update(str(p.relative_to(root)).encode())
         h.update(p.read_bytes())
