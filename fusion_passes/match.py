@@ -239,9 +239,14 @@ def _carry_source(residual, norm: Norm, site: Site, prefer: str) -> Node | None:
     names = variants.get(next(k for k, v in ops.OPS.items() if v is prev.target)).output_names
     if names[residual.args[1]] != "residual_out":
         return None
+    return prev if _carries_fp32(norm, site, prefer) else None
+
+
+def _carries_fp32(norm: Norm, site: Site, prefer: str) -> bool:
+    """Whether a backend computes *site* (with *norm*'s flags) under ``carry_fp32``."""
     flags = dataclasses.replace(norm.flags, carry_fp32=True)
     call = dataclasses.replace(compile_time_call(site.family.variant, site.ar, norm, site.quant), flags=flags)
-    return prev if backends.selector.carries_fp32(call, prefer).backend is not None else None
+    return backends.selector.carries_fp32(call, prefer).backend is not None
 
 
 def _upcasts_unrounded(add, norm: Norm, site: Site, prefer: str) -> tuple[Node, ...]:
@@ -256,11 +261,7 @@ def _upcasts_unrounded(add, norm: Norm, site: Site, prefer: str) -> tuple[Node, 
         return ()
     removed = site.removed
     ups = tuple(u for u in add.users if u not in removed and fx.converts_to(u, torch.float32))
-    if not ups:
-        return ()
-    flags = dataclasses.replace(norm.flags, carry_fp32=True)
-    call = dataclasses.replace(compile_time_call(site.family.variant, site.ar, norm, site.quant), flags=flags)
-    return ups if backends.selector.carries_fp32(call, prefer).backend is not None else ()
+    return ups if ups and _carries_fp32(norm, site, prefer) else ()
 
 
 def _select(ar: AllReduce, add, residual, norm: Norm, residual_out: bool, found_quant, prefer: str):
