@@ -325,21 +325,28 @@ SHIPPED_DIR = pathlib.Path(__file__).with_name("tables")
 MATCH_KEYS = ("gpu", "world_size", "single_node")  # what a shipped table must share with this machine
 
 
+def same_gpu(table_key: dict, key: dict | None) -> bool:
+    """Whether a shipped table of *table_key* applies to the machine *key* (:data:`MATCH_KEYS`)."""
+    return key is not None and all(table_key.get(k) == key.get(k) for k in MATCH_KEYS)
+
+
+def shipped_tables() -> list[tuple[dict, Table]]:
+    """Every shipped per-GPU table, ``(raw, table)``. Our own files: one that does not parse
+    is a bug of the library, and raises."""
+    return [(raw, dataclasses.replace(parse_table(raw, f"fusion_passes/backends/tables/{file.name}"), shipped=True))
+            for file in sorted(SHIPPED_DIR.glob("*.json")) for raw in read_file(file)]
+
+
 @functools.lru_cache(maxsize=None)
 def shipped(key_json: str | None) -> Table | None:
-    """The shipped per-GPU table for this machine key (:data:`SHIPPED_DIR`), or None. Our
-    own files: one that does not parse is a bug of the library, and raises."""
+    """The shipped per-GPU table for this machine key (:data:`SHIPPED_DIR`), or None."""
     if key_json is None:
         return None
     key = json.loads(key_json)
-    for file in sorted(SHIPPED_DIR.glob("*.json")):
-        for raw in read_file(file):
-            if isinstance(raw, dict) and all(raw.get("key", {}).get(k) == key[k] for k in MATCH_KEYS):
-                table = dataclasses.replace(parse_table(raw, f"fusion_passes/backends/tables/{file.name}"),
-                                            shipped=True)
-                _BY_DIGEST[table.digest] = table
-                return table
-    return None
+    table = next((t for _, t in shipped_tables() if same_gpu(t.key, key)), None)
+    if table is not None:
+        _BY_DIGEST[table.digest] = table
+    return table
 
 
 def combine(own: Table | None, ship: Table | None) -> Table | None:
@@ -391,6 +398,11 @@ def reset() -> None:
     _warned.clear()
 
 
+def dump(tables: list[dict]) -> str:
+    """The file's text holding *tables* (raw dicts), as :func:`read_file` reads it."""
+    return json.dumps({"format": FORMAT, "version": VERSION, "tables": tables}, indent=1)
+
+
 def write(table: dict, file: pathlib.Path | None = None) -> pathlib.Path:
     """Store *table* (``key``, ``entries``, ...) in the file, replacing the table of the same
     key and merging entries of other (variant, hidden) pairs kept from it. Only ``tune``
@@ -412,7 +424,7 @@ def write(table: dict, file: pathlib.Path | None = None) -> pathlib.Path:
                  + list(table["entries"])}
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(file.suffix + ".tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, "version": VERSION, "tables": kept + [table]}, indent=1))
+    tmp.write_text(dump(kept + [table]))
     tmp.replace(file)
     reset()
     return file

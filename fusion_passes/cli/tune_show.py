@@ -19,22 +19,20 @@ def render(out: str | None = None) -> str:
 
     here = measured.machine_key(world_size_from_env())
     lines = _file_lines(pathlib.Path(out) if out else measured.path(), here)
-    shipped = sorted(measured.SHIPPED_DIR.glob("*.json"))
+    shipped = measured.shipped_tables()
     if shipped:
-        lines.append(f"shipped per-GPU tables ({', '.join('fusion_passes/backends/tables/' + f.name for f in shipped)}),"
+        lines.append(f"shipped per-GPU tables ({', '.join(sorted({t.source for _, t in shipped}))}),"
                      " used for the pairs this machine's file does not hold:")
-        for f in shipped:
-            for raw in measured.read_file(f):
-                table = measured.parse_table(raw, f.name)
-                k = table.key
-                if here is not None and all(k.get(m) == here.get(m) for m in measured.MATCH_KEYS):
-                    lines += _table_lines(raw, table, here, match=measured.MATCH_KEYS)
-                else:  # another GPU's: one line
-                    pairs = sorted(table.buckets)
-                    lines.append(f"- {k.get('gpu')}, world size {k.get('world_size')}: "
-                                 f"{sum(len(v) for v in table.buckets.values())} buckets of "
-                                 f"{', '.join(sorted({v for v, _ in pairs}))} at hidden "
-                                 f"{' '.join(str(h) for h in sorted({h for _, h in pairs}))} (not this machine)")
+        for raw, table in shipped:
+            k = table.key
+            if measured.same_gpu(k, here):
+                lines += _table_lines(raw, table, used=True)
+            else:  # another GPU's: one line
+                pairs = sorted(table.buckets)
+                lines.append(f"- {k.get('gpu')}, world size {k.get('world_size')}: "
+                             f"{sum(len(v) for v in table.buckets.values())} buckets of "
+                             f"{', '.join(sorted({v for v, _ in pairs}))} at hidden "
+                             f"{' '.join(str(h) for h in sorted({h for _, h in pairs}))} (not this machine)")
     lines.append("every (world size, variant, hidden) not listed: the shipped table "
                  "(fusion_passes/backends/thresholds.py)")
     return "\n".join(lines)
@@ -54,18 +52,15 @@ def _file_lines(file: pathlib.Path | None, here: dict | None) -> list[str]:
         return [f"{file}: no measured table (run `fusion-passes tune`)"]
     lines = [f"measured tables in {file}:"]
     for raw, table in tables:
-        lines += _table_lines(raw, table, here)
+        lines += _table_lines(raw, table, used=here is not None and table.key == here)
     return lines
 
 
-def _table_lines(raw: dict, table, here: dict | None, match=None) -> list[str]:
-    """One table's key, source and entries; ``[used here]`` where its key is this machine's
-    (on the *match* fields only, for a shipped table)."""
+def _table_lines(raw: dict, table, used: bool) -> list[str]:
+    """One table's key, source and entries; ``[used here]`` where this machine reads it."""
     k = table.key
-    same = here is not None and (k == here if match is None else all(k.get(f) == here.get(f) for f in match))
-    used = " [used here]" if same else ""
     lines = [f"- {k.get('gpu')}, world size {k.get('world_size')}, torch {k.get('torch')}, triton {k.get('triton')}, "
-             f"driver {k.get('driver')}{used}",
+             f"driver {k.get('driver')}{' [used here]' if used else ''}",
              f"  from `{raw.get('command', '?')}` at {raw.get('written', '?')} (digest {table.digest})",
              "  variant                    hidden  tokens  pick     path     warps  fused us  unfused us  best unfused"]
     for (variant, hidden), entries in sorted(table.buckets.items()):
