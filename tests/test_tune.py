@@ -74,12 +74,19 @@ def test_bucket_times_every_candidate_and_every_unfused_chain(fake_pg, monkeypat
     assert seen == [{"num_warps": w, "rows": 1, "num_stages": None, "evict": False} for w in (1, 4, 8, 16)]
 
 
-def test_row_configs_only_at_world_size_1_where_the_programs_fill_the_sms():
+def test_row_configs_only_at_world_size_1_where_the_programs_fill_the_sms_or_add_no_wave():
     names = [tune.option_name(o) for o in tune.row_options(1, 16384, 132, 8)]
     assert names == ["fused:local:8:r2:s1", "fused:local:8:r2:s3", "fused:local:8:r4:s1", "fused:local:8:r4:s3"]
-    assert [tune.option_name(o) for o in tune.row_options(1, 300, 132, 4)] == [
-        "fused:local:4:r2:s1", "fused:local:4:r2:s3"]  # 75 programs of 4 rows would leave SMs idle
-    assert tune.row_options(1, 200, 132, 4) == [] and tune.row_options(2, 16384, 132, 8) == []
+    assert [tune.option_name(o) for o in tune.row_options(1, 300, 132, (4, 16))] == [
+        "fused:local:4:r2:s1", "fused:local:4:r2:s3",  # 75 programs of 4 rows would leave SMs idle
+        "fused:local:16:r2:s1", "fused:local:16:r2:s3"]
+    # 256 tokens: 128 programs of 2 rows on 132 SMs are one wave of 2 rows, as 256 one-row programs
+    # are two waves of one; 4 rows (64 programs) would double what an SM does
+    assert [tune.option_name(o) for o in tune.row_options(1, 256, 132, 8)] == ["fused:local:8:r2:s1",
+                                                                              "fused:local:8:r2:s3"]
+    assert tune.rows_fit(256, 2, 132) and not tune.rows_fit(256, 4, 132) and tune.rows_fit(200, 2, 132)
+    assert tune.rows_fit(528, 4, 132) and not tune.rows_fit(129, 2, 132)  # 129: one wave of one row
+    assert tune.row_options(1, 129, 132, 4) == [] and tune.row_options(2, 16384, 132, 8) == []
     assert tune.row_options(1, 16384, None, 8) == []  # off CUDA: no launch config to vary
     assert tune.parse_option("fused:local:8:r4:s1") == {"path": "local", "num_warps": 8, "rows": 4, "num_stages": 1}
     assert tune.parse_option("fused:barrier:16") == {"path": "barrier", "num_warps": 16, "rows": 1,
@@ -99,10 +106,10 @@ def test_evict_first_is_tried_on_the_fastest_and_the_fastest_one_row_config():
 
 
 @pytest.mark.parametrize("evict_gain", [-0.5, 0.5])
-def test_the_second_pass_times_rows_with_the_fastest_warps_and_the_entry_keeps_them(fake_pg, monkeypatch, evict_gain):
+def test_the_second_pass_times_rows_at_every_warp_count_and_the_entry_keeps_the_fastest(fake_pg, monkeypatch, evict_gain):
     """A fake timer: the fused time is a function of the forced config (8 warps fastest, then
-    4 rows at 1 stage); the second pass starts from the first pass's 8 warps, and the
-    bucket's entry names the rows and stages that won."""
+    4 rows at 1 stage); the second pass times rows at each of the first pass's warp counts,
+    and the bucket's entry names the warps, rows and stages that won."""
     from fusion_passes.backends import triton as tb
 
     ctx = _sweep_context("4096")
@@ -123,9 +130,10 @@ def test_the_second_pass_times_rows_with_the_fastest_warps_and_the_entry_keeps_t
     monkeypatch.setattr(bk, "_timed", lambda *a, **k: None)
     monkeypatch.setattr(bk, "_collectives", lambda ctx, x: {"none": lambda t: t})
     times = tune._bucket_times(ctx, "add_rmsnorm", 64, 4096, w, scale, forms, lambda *a: None, tb)
-    assert seen[4:8] == [{"num_warps": 8, "rows": r, "num_stages": s, "evict": False} for r in (2, 4) for s in (1, 3)]
+    assert seen[4:20] == [{"num_warps": w, "rows": r, "num_stages": s, "evict": False}
+                          for w in (1, 4, 8, 16) for r in (2, 4) for s in (1, 3)]  # hidden 64: 1 warp too
     # then evict_first on the fastest so far (8 warps, 4 rows, 1 stage) and the fastest one-row (8 warps)
-    assert seen[8:] == [{"num_warps": 8, "rows": 4, "num_stages": 1, "evict": True},
+    assert seen[20:] == [{"num_warps": 8, "rows": 4, "num_stages": 1, "evict": True},
                         {"num_warps": 8, "rows": 1, "num_stages": None, "evict": True}]
     entry, row = tune.decide_bucket(ctx.group, "add_rmsnorm", 64, 4096, times)
     assert (entry["pick"], entry["num_warps"], entry["rows"], entry["num_stages"]) == ("fused", 8, 4, 1)

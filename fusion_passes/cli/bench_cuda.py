@@ -60,6 +60,23 @@ def capture(fn, args=(), calls: int = 1):
     return replay
 
 
+def launch_floor_us(calls: int = 20, replays: int = 11) -> float:
+    """Time (us) of the least a kernel can do under this harness: one Triton program storing
+    one value, *calls* of them in one graph (:func:`time_graph`). No fused call measured the
+    same way can take less, so a speedup target over an unfused kernel of ``u`` us is out of
+    reach where ``u / target`` is below it."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _one_store(ptr):
+        tl.store(ptr, 0.0)
+
+    out = torch.empty(1, device="cuda")
+    return time_graph(lambda t: _one_store[(1,)](t), (out,), calls, replays)
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth, bytes read + written per second (1 GiB source)."""
     import torch

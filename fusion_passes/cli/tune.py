@@ -7,13 +7,17 @@ token bucket, it times under CUDA graphs (``bench kernels``' machinery,
 
 * the fused call at each launch config the kernel can vary: warps per row (4, 8, 16) and,
   at N, each multi-rank path (barrier one-shot, wait-free one-shot, two-shot); then, at
-  world size 1, with the fastest warps, rows per program (2, 4: where the bucket still
-  fills every SM with programs) at each pipelining depth (``num_stages`` 1, 3), and last
+  world size 1, rows per program (2, 4: where the bucket still fills every SM with programs
+  or adds no wave) at each warp count and pipelining depth (``num_stages`` 1, 3), and last
   the fastest config so far and the fastest one-row config with their streamed loads
   ``evict_first`` (the weight ``evict_last``, as Inductor marks them), one coordinate at a time as Inductor's
   coordinate descent does, to keep the options few;
 * every unfused chain: each collective (none at 1; NCCL, symm-mem one-shot and two-shot at
   N) + the epilogue compiled by Inductor (static per token count, token-dynamic).
+
+First it times the launch floor (:func:`fusion_passes.cli.bench_cuda.launch_floor_us`): the
+least any option can take here, printed and kept in ``--json``, so a speedup target out of
+reach at a small bucket shows as such.
 
 Every rank times every option; the slowest rank's time counts and rank 0 picks the fastest
 (:func:`fusion_passes.backends.agree.decide`), so every rank writes the same table. The
@@ -108,6 +112,10 @@ def _tune(args) -> int:
     args.with_dynamic_true = False
     ctx = bk.sweep_context(args, rank, world, dist.group.WORLD.group_name, device="cuda")
     bk._raise_recompile_limits(len(args.tokens))
+    floor = bench_cuda.launch_floor_us(replays=max(args.replays, 5))
+    if rank == 0:
+        print(f"launch floor {floor:.2f} us: one Triton program storing one value, timed as every option below",
+              flush=True)
     entries, rows, seconds = [], [], {}
     for variant in args.variants:
         for hidden in args.hidden:
@@ -129,7 +137,7 @@ def _tune(args) -> int:
         if args.json:
             pathlib.Path(args.json).write_text(json.dumps({
                 "command": table["command"], "machine": bench_cuda.machine(), "versions": bench_cuda.versions(),
-                "key": key, "seconds_per_pair": seconds, "rows": rows}, indent=1))
+                "key": key, "seconds_per_pair": seconds, "launch_floor_us": round(floor, 3), "rows": rows}, indent=1))
     dist.barrier()
     dist.destroy_process_group()
     return 0
@@ -153,13 +161,25 @@ def programs_to_fill(device) -> int | None:
     return tb._sm_count(device.index or 0) if device.type == "cuda" else None
 
 
-def row_options(world: int, tokens: int, sm_count: int | None, num_warps: int) -> list[dict]:
-    """The second pass at world size 1: *num_warps* (the first pass's fastest) with several
-    rows per program, where ``tokens / rows`` programs still cover the *sm_count* SMs."""
+def row_options(world: int, tokens: int, sm_count: int | None, warps) -> list[dict]:
+    """The second pass at world size 1: several rows per program at each of *warps* (every
+    warp count of the first pass: on 1x H100 the warps that won one row were not the ones that
+    won two, results/tune_h100_ws1_add_rmsnorm_maxat_session9.json at 4096 x 512), where
+    :func:`rows_fit` admits the rows on *sm_count* SMs, each at each pipelining depth."""
     if world != 1 or sm_count is None:
         return []
-    return [{"path": "local", "num_warps": num_warps, "rows": r, "num_stages": st}
-            for r in ROWS if tokens // r >= sm_count for st in STAGES]
+    warps = (warps,) if isinstance(warps, int) else tuple(warps)
+    return [{"path": "local", "num_warps": w, "rows": r, "num_stages": st}
+            for w in warps for r in ROWS if rows_fit(tokens, r, sm_count) for st in STAGES]
+
+
+def rows_fit(tokens: int, rows: int, sm_count: int) -> bool:
+    """Whether *rows* per program can pay at *tokens*: the ``tokens / rows`` programs still
+    cover every SM, or they add no wave (one program per SM at a time, no SM runs more rows
+    than at one row per program: 256 tokens as 128 programs of 2 rows on 132 SMs take 2 rows
+    per SM, as 256 programs of one row do)."""
+    programs = -(-tokens // rows)
+    return tokens // rows >= sm_count or -(-programs // sm_count) * rows <= -(-tokens // sm_count)
 
 
 def evict_options(times: dict[str, float | None]) -> list[dict]:
@@ -270,7 +290,7 @@ def _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb) -> d
         _time_fused(ctx, tb, option, fused, inputs, calls, times)
     if ctx.world == 1:
         first = {k: v for k, v in times.items() if v is not None}
-        warps = parse_option(min(first, key=first.get))["num_warps"] if first else tb.num_warps_for(hidden)
+        warps = sorted({parse_option(k)["num_warps"] for k in first}) or [tb.num_warps_for(hidden)]
         fill = programs_to_fill(x.device)
         for option in row_options(ctx.world, tokens, fill, warps):
             _time_fused(ctx, tb, option, fused, inputs, calls, times)
