@@ -388,7 +388,8 @@ def compile_time_call(variant: str, ar: AllReduce, norm=None, found_quant=None) 
         tokens=tokens,
         flags=norm.flags if norm is not None else variants.Flags(),
         group_size=block,
-        table=calibrate.table_for_site(ar.group, world, variant, int(v.shape[-1]), backends.device_kind(v.device)),
+        table=calibrate.table_for_site(ar.group, world, variant, int(v.shape[-1]), backends.device_kind(v.device),
+                                       v.dtype),
         token_range=None if tokens is not None else compile_range.current(),
         form=form or None,
     )

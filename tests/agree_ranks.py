@@ -17,7 +17,7 @@ VERSIONS = {"torch": "2.11.0", "triton": "3.6.0", "driver": "12080"}
 
 def _table(world, picks):
     return {"key": {"gpu": GPU, "world_size": world, "single_node": True, **VERSIONS}, "command": "test",
-            "entries": [{"variant": "add_rmsnorm", "hidden": 4096, "tokens": t, "pick": p, "path": "lamport",
+            "entries": [{"variant": "add_rmsnorm", "hidden": 4096, "dtype": "bfloat16", "tokens": t, "pick": p, "path": "lamport",
                          "num_warps": 8, "fused_us": 2.0, "unfused_us": 3.0} for t, p in picks]}
 
 
@@ -35,6 +35,7 @@ def _with_table(rank, world, tmp, picks_per_rank):
     from fusion_passes.backends import agree, measured
     from fusion_passes.backends import triton as tb
 
+    import torch
     import torch.distributed as dist
 
     file = os.path.join(tmp, f"rank{rank}-{len(os.listdir(tmp))}.json")
@@ -47,7 +48,7 @@ def _with_table(rank, world, tmp, picks_per_rank):
     group = "c10d:" + dist.group.WORLD.group_name
     before = agree.table_id(group, world)  # compile time, before any eager call: shipped
     digest = agree.for_group(group, world)
-    entry = tb.measured_entry("add_rmsnorm", group, world, 100, 4096)
+    entry = tb.measured_entry("add_rmsnorm", group, world, 100, 4096, torch.bfloat16)
     return {"before": before, "agreed": digest is not None, "digest": digest,
             "entry": None if entry is None else (entry.tokens, entry.pick, entry.path),
             "compile_time": agree.table_id(group, world)}

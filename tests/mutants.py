@@ -194,6 +194,11 @@ MUTANTS = (
            'if any(e["pick"] == "fused" for e in seen):',
            ("tests/test_measured.py", "-k", "merging"),
            "the merge ships a fused pick that one run lost"),
+    Mutant("table_ignores_the_dtype", "fusion_passes/backends/measured.py",
+           'return str(dtype).removeprefix("torch.")',
+           'return "bfloat16"',
+           ("tests/test_measured.py", "-k", "version_1 or calibration_when_asked"),
+           "a float16 call decided by what tune timed in bfloat16"),
 )
 
 

@@ -20,6 +20,8 @@ from fusion_passes.backends import triton as triton_backend
 GPU = "NVIDIA H20"  # a GPU kind no shipped per-GPU table names (tests below fake an H100 for that)
 VERSIONS = {"torch": "2.11.0", "triton": "3.6.0", "driver": "12080"}
 
+BF16 = torch.bfloat16
+
 
 @pytest.fixture
 def machine(monkeypatch, tmp_path):
@@ -35,8 +37,8 @@ def machine(monkeypatch, tmp_path):
     agree.reset()
 
 
-def entry(tokens, pick, variant="add_rmsnorm", hidden=7168, **kw):
-    return {"variant": variant, "hidden": hidden, "tokens": tokens, "pick": pick, "fused_us": 2.0,
+def entry(tokens, pick, variant="add_rmsnorm", hidden=7168, dtype="bfloat16", **kw):
+    return {"variant": variant, "hidden": hidden, "dtype": dtype, "tokens": tokens, "pick": pick, "fused_us": 2.0,
             "unfused_us": 3.0 if pick == "fused" else 1.5, **kw}
 
 
@@ -49,8 +51,8 @@ def table(entries, world_size=1, **key):
             "command": "fusion-passes tune", "entries": entries}
 
 
-def cuda_call(tokens, hidden=7168, variant="add_rmsnorm", world_size=1, table_=None, token_range=None):
-    return Call(variant=variant, device="cuda", dtype=torch.bfloat16, hidden=hidden, world_size=world_size,
+def cuda_call(tokens, hidden=7168, variant="add_rmsnorm", world_size=1, table_=None, token_range=None, dtype=BF16):
+    return Call(variant=variant, device="cuda", dtype=dtype, hidden=hidden, world_size=world_size,
                 tokens=tokens, table=table_, token_range=token_range)
 
 
@@ -74,11 +76,11 @@ def test_written_table_reads_back_keyed_and_bucketed(machine):
     t = measured.local(1)
     assert t.source == str(machine) and t.key["gpu"] == GPU and len(t.digest) == 16
     assert measured.local(2) is None  # another world size: another key
-    assert t.lookup("add_rmsnorm", 7168, 200).tokens == 256  # the bucket at or above
-    assert t.lookup("add_rmsnorm", 7168, 10**6).tokens == 16384  # above them all: the largest
-    assert t.lookup("add_rmsnorm", 4096, 8) is None
-    assert [e.tokens for e in t.in_range("add_rmsnorm", 7168, 129, 300)] == [256, 512]
-    assert [e.tokens for e in t.in_range("add_rmsnorm", 7168, 20000, None)] == [16384]
+    assert t.lookup("add_rmsnorm", 7168, 200, dtype=BF16).tokens == 256  # the bucket at or above
+    assert t.lookup("add_rmsnorm", 7168, 10**6, dtype=BF16).tokens == 16384  # above them all: the largest
+    assert t.lookup("add_rmsnorm", 4096, 8, dtype=BF16) is None
+    assert [e.tokens for e in t.in_range("add_rmsnorm", 7168, 129, 300, dtype=BF16)] == [256, 512]
+    assert [e.tokens for e in t.in_range("add_rmsnorm", 7168, 20000, None, dtype=BF16)] == [16384]
     assert agree.table_id(None, 1) == t.digest and measured.by_digest(t.digest) is t
 
 
@@ -87,7 +89,7 @@ def test_a_new_tune_replaces_its_pairs_and_keeps_the_others(machine):
     measured.write(table([entry(1, "unfused", hidden=4096)]))
     measured.write(table([entry(1, "fused", hidden=4096)]))
     t = measured.local(1)
-    assert t.has("add_rmsnorm", 7168) and t.lookup("add_rmsnorm", 4096, 1).pick == "fused"
+    assert t.has("add_rmsnorm", 7168, dtype=BF16) and t.lookup("add_rmsnorm", 4096, 1, dtype=BF16).pick == "fused"
     assert len(json.loads(machine.read_text())["tables"]) == 1
 
 
@@ -95,30 +97,34 @@ def test_a_new_tune_replaces_its_pairs_and_keeps_the_others(machine):
     ("{not json", "not readable JSON"),
     (json.dumps({"format": "something else"}), "not a measured table"),
     (json.dumps({"format": measured.FORMAT, "version": 99, "tables": []}), "format version 99"),
-    (json.dumps({"format": measured.FORMAT, "version": 1, "tables": [table([entry(1, "maybe")])]}), "pick must be"),
-    (json.dumps({"format": measured.FORMAT, "version": 1, "tables": [table([entry(1, "fused", fused_us=float("nan"))])]}),
+    (json.dumps({"format": measured.FORMAT, "version": 2, "tables": [table([entry(1, "maybe")])]}), "pick must be"),
+    (json.dumps({"format": measured.FORMAT, "version": 2, "tables": [table([entry(1, "fused", fused_us=float("nan"))])]}),
      "positive finite"),
-    (json.dumps({"format": measured.FORMAT, "version": 1, "tables": [table([entry(1, "fused", variant="os.system")])]}),
+    (json.dumps({"format": measured.FORMAT, "version": 2, "tables": [table([entry(1, "fused", variant="os.system")])]}),
      "unknown variant"),
-    (json.dumps({"format": measured.FORMAT, "version": 1, "tables": [table([entry(1, "fused"), entry(1, "fused")])]}),
+    (json.dumps({"format": measured.FORMAT, "version": 2, "tables": [table([entry(1, "fused"), entry(1, "fused")])]}),
      "listed twice"),
-    (json.dumps({"format": measured.FORMAT, "version": 1, "tables": [table([entry(1, "fused", rows=3)])]}),
+    (json.dumps({"format": measured.FORMAT, "version": 2, "tables": [table([entry(1, "fused", rows=3)])]}),
      "rows must be one of (1, 2, 4, 8), got 3"),
-    (json.dumps({"format": measured.FORMAT, "version": 1, "tables": [table([entry(1, "fused", num_stages=0)])]}),
+    (json.dumps({"format": measured.FORMAT, "version": 2, "tables": [table([entry(1, "fused", num_stages=0)])]}),
      "num_stages must be one of"),
-    (json.dumps({"format": measured.FORMAT, "version": 1, "tables": [table([entry(1, "fused", rows=True)])]}),
+    (json.dumps({"format": measured.FORMAT, "version": 2, "tables": [table([entry(1, "fused", rows=True)])]}),
      "rows must be one of"),
-    (json.dumps({"format": measured.FORMAT, "version": 1,
+    (json.dumps({"format": measured.FORMAT, "version": 2,
                  "tables": [table([entry(1, "fused", rows=2, path="barrier")], world_size=1)]}),
      "only the world-size-1 kernel"),
-    (json.dumps({"format": measured.FORMAT, "version": 1, "tables": [table([entry(1, "fused", evict="yes")])]}),
+    (json.dumps({"format": measured.FORMAT, "version": 2, "tables": [table([entry(1, "fused", dtype="float64")])]}),
+     "dtype must be one of ('bfloat16', 'float16'), got 'float64'"),
+    (json.dumps({"format": measured.FORMAT, "version": 2, "tables": [table([entry(1, "fused", dtype=None)])]}),
+     "dtype must be one of"),
+    (json.dumps({"format": measured.FORMAT, "version": 2, "tables": [table([entry(1, "fused", evict="yes")])]}),
      "evict must be true or false"),
-    (json.dumps({"format": measured.FORMAT, "version": 1,
+    (json.dumps({"format": measured.FORMAT, "version": 2,
                  "tables": [table([entry(1, "fused", evict=True, path="lamport")], world_size=1)]}),
      "true only on path 'local'"),
-    (json.dumps({"format": measured.FORMAT, "version": 1, "tables": [table(STRADDLE, torch="2.10.0")]}),
+    (json.dumps({"format": measured.FORMAT, "version": 2, "tables": [table(STRADDLE, torch="2.10.0")]}),
      "stale: measured with other versions (torch '2.10.0' there, '2.11.0' here)"),
-    (json.dumps({"format": measured.FORMAT, "version": 1, "tables": [table(STRADDLE, gpu="NVIDIA H200")]}),
+    (json.dumps({"format": measured.FORMAT, "version": 2, "tables": [table(STRADDLE, gpu="NVIDIA H200")]}),
      "no table for this GPU"),
 ])
 def test_a_bad_file_gives_one_warning_and_the_shipped_table(machine, caplog, content, says):
@@ -131,6 +137,26 @@ def test_a_bad_file_gives_one_warning_and_the_shipped_table(machine, caplog, con
     warnings = [r.getMessage() for r in caplog.records if "measured table" in r.getMessage()]
     assert len(warnings) == 1, warnings
     assert says in warnings[0] and str(machine) in warnings[0] and "shipped table is used" in warnings[0]
+
+
+def test_a_version_1_file_reads_as_bfloat16_and_never_decides_float16(machine, caplog):
+    """Before the dtype key (format version 1) tune timed bfloat16 only: such a file's entries
+    are bfloat16 entries; a float16 call finds none and the shipped table decides it."""
+    old = table([{k: v for k, v in e.items() if k != "dtype"} for e in STRADDLE])
+    machine.write_text(json.dumps({"format": measured.FORMAT, "version": 1, "tables": [old]}))
+    with caplog.at_level(logging.WARNING, logger="fusion_passes"):
+        digest = measured.local(1).digest
+    assert not caplog.records
+    assert isinstance(triton_backend.unsupported(cuda_call(300, table_=digest)), Slower)  # the bf16 bucket: unfused
+    assert triton_backend.table_source(cuda_call(300, table_=digest)) == f"measured table {machine}"
+    fp16 = cuda_call(1024, table_=digest, dtype=torch.float16)  # measured fused in bf16; the shipped table: slower
+    assert triton_backend.table_source(fp16) == "shipped table"
+    assert "shipped table" in triton_backend.unsupported(fp16)
+    measured.write(table([entry(1024, "fused", dtype="float16")]))  # a new tune in fp16 keeps the bf16 entries
+    t = measured.local(1)
+    assert t.lookup("add_rmsnorm", 7168, 300, dtype=BF16).pick == "unfused"
+    assert t.lookup("add_rmsnorm", 7168, 300, dtype=torch.float16).pick == "fused"
+    assert json.loads(machine.read_text())["version"] == measured.VERSION == 2
 
 
 def test_tune_replaces_a_file_it_cannot_read(machine):
@@ -256,9 +282,9 @@ def test_a_world_size_1_call_reads_the_local_table_without_a_collective(machine)
     from fusion_passes.backends.triton import measured_entry
 
     measured.write(table(STRADDLE))
-    assert measured_entry("add_rmsnorm", "c10d:never-resolved", 1, 300, 7168).tokens == 512
-    assert measured_entry("add_rmsnorm", "c10d:never-resolved", 1, 300, 4096) is None
-    assert measured_entry("add_rmsnorm", "c10d:never-resolved", 1, 0, 7168) is None
+    assert measured_entry("add_rmsnorm", "c10d:never-resolved", 1, 300, 7168, BF16).tokens == 512
+    assert measured_entry("add_rmsnorm", "c10d:never-resolved", 1, 300, 4096, BF16) is None
+    assert measured_entry("add_rmsnorm", "c10d:never-resolved", 1, 0, 7168, BF16) is None
 
 
 def _cuda_block_graph():
@@ -357,9 +383,9 @@ def tune_calls(monkeypatch):
 
     calls = []
 
-    def fake_tune(variant, hidden):  # what the child `fusion-passes tune` would write
-        calls.append((variant, hidden))
-        measured.write(table([entry(2**i, "fused", variant=variant, hidden=hidden) for i in range(15)]))
+    def fake_tune(variant, hidden, dtype):  # what the child `fusion-passes tune` would write
+        calls.append((variant, hidden, dtype))
+        measured.write(table([entry(2**i, "fused", variant=variant, hidden=hidden, dtype=dtype) for i in range(15)]))
 
     monkeypatch.setattr(calibrate, "run_tune", fake_tune)
     monkeypatch.delenv(calibrate.ENV, raising=False)
@@ -371,7 +397,7 @@ def tune_calls(monkeypatch):
 def test_no_calibration_unless_asked(machine, tune_calls):
     from fusion_passes.backends import calibrate
 
-    assert calibrate.table_for_site(None, 1, "add_rmsnorm", 7168, "cuda") is None
+    assert calibrate.table_for_site(None, 1, "add_rmsnorm", 7168, "cuda", BF16) is None
     assert tune_calls == [] and not machine.exists()
 
 
@@ -379,13 +405,20 @@ def test_calibration_when_asked_measures_the_missing_pair_once(machine, tune_cal
     from fusion_passes.backends import calibrate
 
     with caplog.at_level(logging.WARNING, logger="fusion_passes"), calibrate.enabled(calibrate.requested(True)):
-        digest = calibrate.table_for_site(None, 1, "add_rmsnorm", 7168, "cuda")
-        assert calibrate.table_for_site(None, 1, "add_rmsnorm", 7168, "cuda") == digest  # measured now: no rerun
-        assert calibrate.table_for_site(None, 1, "add_rmsnorm", 4096, "cpu") == digest  # not a GPU site
-        assert calibrate.table_for_site("c10d:0", 2, "add_rmsnorm", 7168, "cuda") is None  # never at N
-    assert tune_calls == [("add_rmsnorm", 7168)]
-    assert measured.by_digest(digest).has("add_rmsnorm", 7168)
-    assert any("calibrating add_rmsnorm at hidden 7168" in r.getMessage() for r in caplog.records)
+        digest = calibrate.table_for_site(None, 1, "add_rmsnorm", 7168, "cuda", BF16)
+        assert calibrate.table_for_site(None, 1, "add_rmsnorm", 7168, "cuda", BF16) == digest  # measured now: no rerun
+        assert calibrate.table_for_site(None, 1, "add_rmsnorm", 4096, "cpu", BF16) == digest  # not a GPU site
+        assert calibrate.table_for_site("c10d:0", 2, "add_rmsnorm", 7168, "cuda", BF16) is None  # never at N
+    assert tune_calls == [("add_rmsnorm", 7168, "bfloat16")]
+    assert measured.by_digest(digest).has("add_rmsnorm", 7168, dtype=BF16)
+    assert any("calibrating add_rmsnorm at hidden 7168 in bfloat16" in r.getMessage() for r in caplog.records)
+    # the same pair in float16 was never timed: calibrated on its own, and the bfloat16 entries are kept
+    assert not measured.by_digest(digest).has("add_rmsnorm", 7168, dtype=torch.float16)
+    with calibrate.enabled(calibrate.requested(True)):
+        fp16 = calibrate.table_for_site(None, 1, "add_rmsnorm", 7168, "cuda", torch.float16)
+    assert tune_calls[-1] == ("add_rmsnorm", 7168, "float16") and len(tune_calls) == 2
+    both = measured.by_digest(fp16)
+    assert both.has("add_rmsnorm", 7168, dtype=torch.float16) and both.has("add_rmsnorm", 7168, dtype=BF16)
     assert any("torchrun --nproc_per_node=2" in r.getMessage() for r in caplog.records)
     monkeypatch.setenv(calibrate.ENV, "1")
     assert calibrate.requested(False)
@@ -394,13 +427,13 @@ def test_calibration_when_asked_measures_the_missing_pair_once(machine, tune_cal
 def test_a_failed_calibration_warns_and_leaves_the_shipped_table(machine, monkeypatch, caplog):
     from fusion_passes.backends import calibrate
 
-    def broken(variant, hidden):
+    def broken(variant, hidden, dtype):
         raise RuntimeError("`tune --variants add_rmsnorm --hidden 7168` exited 2: no GPU")
 
     monkeypatch.setattr(calibrate, "run_tune", broken)
     calibrate.reset()
     with caplog.at_level(logging.WARNING, logger="fusion_passes"), calibrate.enabled(True):
-        assert calibrate.table_for_site(None, 1, "add_rmsnorm", 7168, "cuda") is None
+        assert calibrate.table_for_site(None, 1, "add_rmsnorm", 7168, "cuda", BF16) is None
     calibrate.reset()
     assert any("failed" in r.getMessage() and "shipped table decides" in r.getMessage() for r in caplog.records)
 
@@ -410,7 +443,7 @@ def test_the_child_tune_runs_and_its_failure_is_named(machine):
     from fusion_passes.backends import calibrate
 
     with pytest.raises(RuntimeError, match="exited 2: fusion-passes tune: needs an NVIDIA CUDA GPU"):
-        calibrate.run_tune("add_rmsnorm", 7168)
+        calibrate.run_tune("add_rmsnorm", 7168, "bfloat16")
     assert not machine.exists()
 
 
@@ -542,14 +575,14 @@ def test_every_shipped_table_parses_and_names_its_runs():
         assert table.key["gpu"] == H100 and table.key["world_size"] == 1
         assert raw["command"].startswith("python -m tools.merge_tuned results/") and len(raw["sources"]) == 2
         assert all(s["command"].startswith("fusion-passes tune") for s in raw["sources"])
-        assert set(table.buckets) == {("add_rmsnorm", h) for h in (4096, 7168, 8192)}
+        assert set(table.buckets) == {("add_rmsnorm", h, "bfloat16") for h in (4096, 7168, 8192)}
 
 
 def test_an_h100_without_a_file_is_decided_by_the_shipped_h100_table(h100):
     table = measured.local(1)
     assert table is not None and table.shipped and table.key["gpu"] == H100
     want = f"shipped table for {H100} (fusion_passes/backends/tables/nvidia_h100_80gb_hbm3_ws1.json)"
-    assert table.label("add_rmsnorm", 7168) == want
+    assert table.label("add_rmsnorm", 7168, dtype=BF16) == want
     digest = agree.table_id(None, 1)
     assert digest == table.digest
     # 7168 x 512: the generic (H200) table declines it, the H100 runs picked the fused call (2 rows)
@@ -560,18 +593,18 @@ def test_an_h100_without_a_file_is_decided_by_the_shipped_h100_table(h100):
     why = triton_backend.unsupported(cuda_call(512, hidden=4096, table_=digest))
     assert isinstance(why, Slower) and "512-token bucket" in why and want in why
     assert measured.local(2) is None  # world size 2: no shipped table
-    assert not table.measured_here("add_rmsnorm", 7168)
+    assert not table.measured_here("add_rmsnorm", 7168, dtype=BF16)
 
 
 def test_this_machines_file_takes_precedence_per_pair(h100):
     measured.write({"key": measured.machine_key(1), "command": "fusion-passes tune --hidden 7168",
                     "entries": [entry(1, "unfused", hidden=7168)]})
     table = measured.local(1)
-    assert not table.shipped and table.lookup("add_rmsnorm", 7168, 512).pick == "unfused"  # this machine's
-    assert table.label("add_rmsnorm", 7168) == f"measured table {h100}"
-    assert table.label("add_rmsnorm", 4096).startswith(f"shipped table for {H100}")
-    assert table.lookup("add_rmsnorm", 4096, 512).pick == "unfused" and table.lookup("add_rmsnorm", 4096, 1024).rows == 2
-    assert table.measured_here("add_rmsnorm", 7168) and not table.measured_here("add_rmsnorm", 4096)
+    assert not table.shipped and table.lookup("add_rmsnorm", 7168, 512, dtype=BF16).pick == "unfused"  # this machine's
+    assert table.label("add_rmsnorm", 7168, dtype=BF16) == f"measured table {h100}"
+    assert table.label("add_rmsnorm", 4096, dtype=BF16).startswith(f"shipped table for {H100}")
+    assert table.lookup("add_rmsnorm", 4096, 512, dtype=BF16).pick == "unfused" and table.lookup("add_rmsnorm", 4096, 1024, dtype=BF16).rows == 2
+    assert table.measured_here("add_rmsnorm", 7168, dtype=BF16) and not table.measured_here("add_rmsnorm", 4096, dtype=BF16)
     assert agree.table_id(None, 1) == table.digest and measured.by_digest(table.digest) is table
 
 
@@ -588,8 +621,8 @@ def test_calibration_measures_a_pair_the_shipped_table_holds(h100, monkeypatch):
     asked = []
     monkeypatch.setattr(calibrate, "_calibrate", lambda *a: asked.append(a))
     with calibrate.enabled(True):
-        calibrate.table_for_site(None, 1, "add_rmsnorm", 7168, "cuda")
-    assert asked == [(1, "add_rmsnorm", 7168)]
+        calibrate.table_for_site(None, 1, "add_rmsnorm", 7168, "cuda", BF16)
+    assert asked == [(1, "add_rmsnorm", 7168, "bfloat16")]
 
 
 def test_merging_runs_ships_a_fused_pick_only_where_every_run_made_it(tmp_path):

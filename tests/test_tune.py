@@ -139,7 +139,7 @@ def test_the_second_pass_times_rows_at_every_warp_count_and_the_entry_keeps_the_
     assert (entry["pick"], entry["num_warps"], entry["rows"], entry["num_stages"]) == ("fused", 8, 4, 1)
     assert entry.get("evict", False) is (evict_gain > 0)
     assert entry["fused_us"] == 7.75 - max(evict_gain, 0) and entry["best_unfused"] in ("none+static", "none+tokdyn")
-    (e,) = measured.parse_table({"key": {}, "entries": [entry]}, "test").buckets[("add_rmsnorm", 64)]  # read back
+    (e,) = measured.parse_table({"key": {}, "entries": [entry]}, "test").buckets[("add_rmsnorm", 64, "bfloat16")]  # read back
     assert bool(e.evict) is (evict_gain > 0)
 
 
@@ -159,18 +159,18 @@ def test_show_prints_each_entry_and_its_source(monkeypatch, tmp_path):
     monkeypatch.setattr(measured, "_versions", lambda: {"torch": "2.11", "triton": "3.6", "driver": "580"})
     key = measured.machine_key(1)
     measured.write({"key": key, "command": "fusion-passes tune --hidden 7168", "written": "2026-12-06T20:35:00Z",
-                    "entries": [{"variant": "add_rmsnorm", "hidden": 7168, "tokens": 1024, "pick": "unfused",
+                    "entries": [{"variant": "add_rmsnorm", "hidden": 7168, "dtype": "bfloat16", "tokens": 1024, "pick": "unfused",
                                  "path": "local", "num_warps": 8, "fused_us": 16.71, "unfused_us": 16.13,
                                  "best_unfused": "none+static"},
-                                {"variant": "add_rmsnorm", "hidden": 7168, "tokens": 2048, "pick": "fused",
+                                {"variant": "add_rmsnorm", "hidden": 7168, "dtype": "float16", "tokens": 2048, "pick": "fused",
                                  "path": "local", "num_warps": 4, "rows": 2, "num_stages": 1, "evict": True,
                                  "fused_us": 40.1, "unfused_us": 43.2, "best_unfused": "none+static"}]}, file)
     text = tune_show.render(str(file))
     measured.reset()
     assert f"measured tables in {file}:" in text and "NVIDIA H200, world size 1" in text and "[used here]" in text
     assert "from `fusion-passes tune --hidden 7168` at 2026-12-06T20:35:00Z" in text
-    assert "add_rmsnorm                  7168    1024  unfused  local        8     16.71       16.13  none+static\n" in text
-    assert "2048  fused    local        4     40.10       43.20  none+static  (2 rows, stages 1, evict_first)" in text
+    assert "add_rmsnorm                  7168  bfloat16    1024  unfused  local        8     16.71       16.13  none+static\n" in text
+    assert "7168  float16     2048  fused    local        4     40.10       43.20  none+static  (2 rows, stages 1, evict_first)" in text
     assert "the shipped table" in text.splitlines()[-1]
     monkeypatch.setenv("WORLD_SIZE", "abc")  # a bad WORLD_SIZE is a usage error naming it (exit 2), not a crash
     assert cli_main(["tune", "--show", "--file", str(file)]) == 2

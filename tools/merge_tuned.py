@@ -3,14 +3,15 @@
     python -m tools.merge_tuned RUN1.json RUN2.json [...] --out fusion_passes/backends/tables/NAME.json
 
 Every input must hold exactly one table, all of one GPU name and world size, and the same
-(variant, hidden, tokens) buckets. A bucket picks ``fused`` only where EVERY run picked it
-(the fused call at its tuned config beat the best unfused epilogue in each), with the launch
-config and times of the run whose fused call was fastest there; elsewhere ``unfused``, with
-the times of the run where the unfused chain was fastest. One run's pick of a bucket flips
-between runs where the two sides are within about 3% (results/README.md, "Issue 22 closed
-on the GPU, and the tuned table read back"), so a fused pick that holds in every run is the
-one shipped. The output's key carries the GPU name, world size and one host, and the versions
-of the first run; its ``command`` names this merge and its ``sources`` the input files.
+(variant, hidden, dtype, tokens) buckets (a version-1 run's entries read as bfloat16). A bucket
+picks ``fused`` only where EVERY run picked it (the fused call at its tuned config beat the
+best unfused epilogue in each), with the launch config and times of the run whose fused call
+was fastest there; elsewhere ``unfused``, with the times of the run where the unfused chain was
+fastest. One run's pick of a bucket flips between runs where the two sides are within about 3%
+(results/README.md, "Issue 22 closed on the GPU, and the tuned table read back"), so a fused
+pick that holds in every run is the one shipped. The output's key carries the GPU name, world
+size and one host, and the versions of the first run; its ``command`` names this merge and its
+``sources`` the input files.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ def merge(runs: list[tuple[str, dict]]) -> dict:
     keys = {(t["key"].get("gpu"), t["key"].get("world_size"), t["key"].get("single_node")) for _, t in runs}
     if len(keys) != 1:
         raise ValueError(f"the runs are of different machines: {sorted(map(str, keys))}")
-    by_run = [{(e["variant"], e["hidden"], e["tokens"]): e for e in t["entries"]} for _, t in runs]
+    by_run = [{(e["variant"], e["hidden"], e["dtype"], e["tokens"]): e for e in t["entries"]} for _, t in runs]
     buckets = set(by_run[0])
     if any(set(b) != buckets for b in by_run[1:]):
-        raise ValueError("the runs measured different (variant, hidden, tokens) buckets")
+        raise ValueError("the runs measured different (variant, hidden, dtype, tokens) buckets")
     entries = []
     for bucket in sorted(buckets):
         seen = [b[bucket] for b in by_run]

@@ -51,41 +51,41 @@ def enabled(on: bool) -> Iterator[None]:
         _ON.reset(token)
 
 
-def table_for_site(group: str | None, world: int, variant: str, hidden: int, device: str) -> str | None:
+def table_for_site(group: str | None, world: int, variant: str, hidden: int, device: str, dtype) -> str | None:
     """The table a graph site is decided by (:func:`agree.table_id`), after calibrating its
-    (variant, hidden) first when that was asked for and can be done here."""
+    (variant, hidden, activation dtype) first when that was asked for and can be done here."""
     if _ON.get() and device == "cuda" and world >= 1:
         table = measured.local(world) if world == 1 else None
-        if table is None or not table.measured_here(variant, hidden):  # a shipped per-GPU table is not this machine
-            _calibrate(world, variant, hidden)
+        if table is None or not table.measured_here(variant, hidden, dtype=dtype):  # shipped: not this machine
+            _calibrate(world, variant, hidden, measured.dtype_name(dtype))
     return agree.table_id(group, world)
 
 
-def _calibrate(world: int, variant: str, hidden: int) -> None:
-    key = (world, variant, hidden)
+def _calibrate(world: int, variant: str, hidden: int, dtype: str) -> None:
+    key = (world, variant, hidden, dtype)
     if key in _TRIED:
         return
     _TRIED.add(key)
     if world > 1:
         _log.warning("fusion_passes: calibration was asked for, but at world size %d it runs only collectively: "
-                     "torchrun --nproc_per_node=%d -m fusion_passes.cli tune --variants %s --hidden %d",
-                     world, world, variant, hidden)
+                     "torchrun --nproc_per_node=%d -m fusion_passes.cli tune --variants %s --hidden %d --dtypes %s",
+                     world, world, variant, hidden, dtype)
         return
     if measured.path() is None:
         _log.warning("fusion_passes: calibration was asked for, but $%s=off; the shipped table decides", measured.ENV)
         return
-    _log.warning("fusion_passes: calibrating %s at hidden %d on this GPU (%s; once per machine, about 20 s)",
-                 variant, hidden, ENV if os.environ.get(ENV) else "calibrate=True")
+    _log.warning("fusion_passes: calibrating %s at hidden %d in %s on this GPU (%s; once per machine, about 20 s)",
+                 variant, hidden, dtype, ENV if os.environ.get(ENV) else "calibrate=True")
     try:
-        run_tune(variant, hidden)
+        run_tune(variant, hidden, dtype)
     except Exception as e:  # noqa: BLE001 - never breaks the compile: the shipped table decides
-        _log.warning("fusion_passes: calibrating %s at hidden %d failed (%s: %s); the shipped table decides",
-                     variant, hidden, type(e).__name__, str(e)[:300])
+        _log.warning("fusion_passes: calibrating %s at hidden %d in %s failed (%s: %s); the shipped table decides",
+                     variant, hidden, dtype, type(e).__name__, str(e)[:300])
         return
     measured.reset()
 
 
-def run_tune(variant: str, hidden: int) -> None:
+def run_tune(variant: str, hidden: int, dtype: str = "bfloat16") -> None:
     """``fusion-passes tune`` for one pair in a child process at world size 1 (its own CUDA
     context and process group; the distributed variables of this process are not passed on)."""
     env = {k: v for k, v in os.environ.items()
@@ -97,7 +97,8 @@ def run_tune(variant: str, hidden: int) -> None:
     with socket.socket() as s:  # the child's one-rank group on a free port, not the parent's
         s.bind(("127.0.0.1", 0))
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
-    cmd = [sys.executable, "-m", "fusion_passes.cli", "tune", "--variants", variant, "--hidden", str(hidden)]
+    cmd = [sys.executable, "-m", "fusion_passes.cli", "tune", "--variants", variant, "--hidden", str(hidden),
+           "--dtypes", dtype]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines()

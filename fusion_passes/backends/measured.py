@@ -5,21 +5,23 @@
 ``$FUSION_PASSES_TUNED`` names another file (``off`` disables the measured table). The file
 holds one table per machine key::
 
-    {"format": "fusion-passes measured table", "version": 1, "tables": [
+    {"format": "fusion-passes measured table", "version": 2, "tables": [
       {"key": {"gpu": "NVIDIA H100 80GB HBM3", "world_size": 1, "single_node": true,
                "torch": "2.11.0+cu130", "triton": "3.6.0", "driver": "12080"},
        "command": "fusion-passes tune ...", "written": "2026-12-06T21:00:00Z",
-       "entries": [{"variant": "add_rmsnorm", "hidden": 7168, "tokens": 1, "pick": "fused",
+       "entries": [{"variant": "add_rmsnorm", "hidden": 7168, "dtype": "bfloat16", "tokens": 1, "pick": "fused",
                     "path": "local", "num_warps": 16, "rows": 1, "num_stages": null,
                     "fused_us": 2.2, "unfused_us": 3.0, "best_unfused": "none+static"}, ...]}]}
 
-An entry is one token *bucket* of one (variant, hidden): ``pick`` ``fused`` (the kernel,
+An entry is one token *bucket* of one (variant, hidden, activation dtype): ``pick`` ``fused`` (the kernel,
 on ``path``, at its fastest launch config: ``num_warps``, ``rows`` per program at world size 1
 and ``num_stages``; the last two optional, absent meaning one row and Triton's default) or
 ``unfused`` (the best unfused chain was faster). A token
 count is served by the smallest measured bucket at or above it (the largest above them
-all). Where the table has no entry for a (variant, hidden), the shipped table
-(:mod:`fusion_passes.backends.thresholds`) decides, as it would without the file.
+all). Where the table has no entry for a (variant, hidden, dtype), the shipped table
+(:mod:`fusion_passes.backends.thresholds`) decides, as it would without the file: a call in
+float16 is never decided by what was timed in bfloat16. Version 1 files (before the dtype
+key) are read as bfloat16, the only dtype ``tune`` timed then.
 
 The file is data: parsed as JSON, every field checked (types, names, finite numbers);
 nothing in it is executed. A corrupt file, a format version this library does not read,
@@ -30,7 +32,7 @@ SHIPPED per-GPU tables: ``fusion_passes/backends/tables/*.json``, in the same fo
 tables that ``fusion-passes tune`` measured on a GPU kind we could run (merged over several
 runs by ``tools/merge_tuned.py``; each file names its runs). One applies where its GPU name,
 world size and one-host flag are this machine's; its versions are where it was measured, not
-a condition. This machine's own file takes precedence per (variant, hidden): :func:`local`
+a condition. This machine's own file takes precedence per (variant, hidden, dtype): :func:`local`
 returns the two combined, each pair labelled with the table it came from
 (:meth:`Table.label`). ``$FUSION_PASSES_TUNED=off`` turns off this machine's file only.
 
@@ -52,7 +54,9 @@ import os
 import pathlib
 
 FORMAT = "fusion-passes measured table"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # the format versions read (1: entries without "dtype", all timed in bfloat16)
+DTYPES = ("bfloat16", "float16")  # an entry's activation dtype (torch's name): those ``tune`` times
 ENV = "FUSION_PASSES_TUNED"
 PICKS = ("fused", "unfused")
 PATHS = ("local", "barrier", "lamport", "twoshot")
@@ -134,7 +138,7 @@ def machine_key(world_size: int, single_node: bool = True) -> dict | None:
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One measured token bucket of one (variant, hidden)."""
+    """One measured token bucket of one (variant, hidden, dtype)."""
 
     tokens: int
     pick: str
@@ -148,43 +152,51 @@ class Entry:
     evict: bool | None = None  # world size 1: streamed loads evict_first (None: off)
 
 
+def dtype_name(dtype) -> str:
+    """The table's name of an activation dtype: a torch dtype (``torch.bfloat16``) or its
+    name (``"bfloat16"``) -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclasses.dataclass(eq=False)
 class Table:
-    """One machine key's entries, indexed by (variant, hidden), buckets in increasing order."""
+    """One machine key's entries, indexed by (variant, hidden, dtype name), buckets in
+    increasing order. Every query names the activation dtype (a torch dtype or its name)."""
 
     source: str  # the file it was read from
     key: dict
     buckets: dict[tuple[str, int], tuple[Entry, ...]]
     digest: str
     shipped: bool = False  # a shipped per-GPU table (fusion_passes/backends/tables), not this machine's
-    # (variant, hidden) -> the table it came from, where two were combined (:func:`combine`)
+    # (variant, hidden, dtype) -> the table it came from, where two were combined (:func:`combine`)
     origin: dict = dataclasses.field(default_factory=dict)
 
-    def has(self, variant: str, hidden: int) -> bool:
-        return (variant, hidden) in self.buckets
+    def has(self, variant: str, hidden: int, *, dtype) -> bool:
+        return (variant, hidden, dtype_name(dtype)) in self.buckets
 
-    def label(self, variant: str, hidden: int) -> str:
-        """Which table decides (variant, hidden): ``measured table FILE`` (this machine's,
+    def label(self, variant: str, hidden: int, *, dtype) -> str:
+        """Which table decides (variant, hidden, dtype): ``measured table FILE`` (this machine's,
         written by ``fusion-passes tune``) or ``shipped table for GPU (FILE)``."""
-        table = self.origin.get((variant, hidden), self)
+        table = self.origin.get((variant, hidden, dtype_name(dtype)), self)
         if table.shipped:
             return f"shipped table for {table.key.get('gpu')} ({table.source})"
         return f"measured table {table.source}"
 
-    def measured_here(self, variant: str, hidden: int) -> bool:
-        """Whether this machine's own file holds (variant, hidden) (calibration fills the rest)."""
-        return self.has(variant, hidden) and not self.origin.get((variant, hidden), self).shipped
+    def measured_here(self, variant: str, hidden: int, *, dtype) -> bool:
+        """Whether this machine's own file holds (variant, hidden, dtype) (calibration fills the rest)."""
+        pair = (variant, hidden, dtype_name(dtype))
+        return pair in self.buckets and not self.origin.get(pair, self).shipped
 
-    def lookup(self, variant: str, hidden: int, tokens: int) -> Entry | None:
+    def lookup(self, variant: str, hidden: int, tokens: int, *, dtype) -> Entry | None:
         """The bucket serving *tokens* (the smallest measured at or above it), or None."""
-        entries = self.buckets.get((variant, hidden))
+        entries = self.buckets.get((variant, hidden, dtype_name(dtype)))
         if not entries:
             return None
         return next((e for e in entries if e.tokens >= tokens), entries[-1])
 
-    def in_range(self, variant: str, hidden: int, lo: int, hi: int | None) -> tuple[Entry, ...]:
+    def in_range(self, variant: str, hidden: int, lo: int, hi: int | None, *, dtype) -> tuple[Entry, ...]:
         """Every bucket serving some token count in ``[lo, hi]`` (hi None: no upper end)."""
-        entries = self.buckets.get((variant, hidden), ())
+        entries = self.buckets.get((variant, hidden, dtype_name(dtype)), ())
         out, below = [], 0
         for i, e in enumerate(entries):
             top = math.inf if i == len(entries) - 1 else e.tokens
@@ -198,7 +210,7 @@ class Invalid(ValueError):
     """The file is not a measured table this library reads (the message says why)."""
 
 
-def _entry(raw) -> tuple[tuple[str, int], Entry]:
+def _entry(raw) -> tuple[tuple[str, int, str], Entry]:
     from fusion_passes import variants
 
     if not isinstance(raw, dict):
@@ -209,6 +221,8 @@ def _entry(raw) -> tuple[tuple[str, int], Entry]:
     for name, v in (("hidden", hidden), ("tokens", tokens)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise Invalid(f"{name} must be a positive integer, got {v!r}")
+    if raw.get("dtype") not in DTYPES:
+        raise Invalid(f"dtype must be one of {DTYPES}, got {raw.get('dtype')!r}")
     if pick not in PICKS:
         raise Invalid(f"pick must be one of {PICKS}, got {pick!r}")
     path_ = raw.get("path", "local")
@@ -230,7 +244,7 @@ def _entry(raw) -> tuple[tuple[str, int], Entry]:
     evict = raw.get("evict")
     if evict is not None and (not isinstance(evict, bool) or (evict and path_ != "local")):
         raise Invalid(f"evict must be true or false, and true only on path 'local', got {evict!r} on {path_!r}")
-    return (variant, hidden), Entry(tokens, pick, path_, warps, best_unfused=best if isinstance(best, str) else None,
+    return (variant, hidden, raw["dtype"]), Entry(tokens, pick, path_, warps, best_unfused=best if isinstance(best, str) else None,
                                     evict=evict, **launch, **times)
 
 
@@ -251,11 +265,11 @@ def parse_table(raw: dict, source: str) -> Table:
     """One table of the file, checked and indexed."""
     if not isinstance(raw, dict) or not isinstance(raw.get("key"), dict) or not isinstance(raw.get("entries"), list):
         raise Invalid("a table needs a 'key' object and an 'entries' list")
-    buckets: dict[tuple[str, int], dict[int, Entry]] = {}
+    buckets: dict[tuple[str, int, str], dict[int, Entry]] = {}
     for item in raw["entries"]:
         where, entry = _entry(item)
         if entry.tokens in buckets.setdefault(where, {}):
-            raise Invalid(f"{where[0]} hidden {where[1]}: token bucket {entry.tokens} listed twice")
+            raise Invalid(f"{where[0]} hidden {where[1]} {where[2]}: token bucket {entry.tokens} listed twice")
         buckets[where][entry.tokens] = entry
     indexed = {k: tuple(v[t] for t in sorted(v)) for k, v in buckets.items()}
     return Table(source, dict(raw["key"]), indexed, digest_of(raw))
@@ -271,12 +285,22 @@ def read_file(file: pathlib.Path) -> list[dict]:
         raise Invalid(f"not readable JSON ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise Invalid(f"not a measured table (no \"format\": {FORMAT!r})")
-    if data.get("version") != VERSION:
-        raise Invalid(f"format version {data.get('version')!r}; this library reads version {VERSION} "
+    if data.get("version") not in READS:
+        raise Invalid(f"format version {data.get('version')!r}; this library reads versions {READS} "
                       "(run `fusion-passes tune` again)")
     if not isinstance(data.get("tables"), list):
         raise Invalid("'tables' must be a list")
+    if data["version"] == 1:  # before the dtype key: every entry was timed in bfloat16
+        return [_as_bfloat16(t) for t in data["tables"]]
     return data["tables"]
+
+
+def _as_bfloat16(table):
+    """A version-1 table read as version 2: its entries' dtype ``bfloat16`` (the only one
+    ``tune`` timed before the key existed)."""
+    if not isinstance(table, dict) or not isinstance(table.get("entries"), list):
+        return table  # parse_table says what is wrong
+    return {**table, "entries": [{"dtype": "bfloat16", **e} if isinstance(e, dict) else e for e in table["entries"]]}
 
 
 def _warn(source: str, why: str) -> None:
@@ -405,7 +429,7 @@ def dump(tables: list[dict]) -> str:
 
 def write(table: dict, file: pathlib.Path | None = None) -> pathlib.Path:
     """Store *table* (``key``, ``entries``, ...) in the file, replacing the table of the same
-    key and merging entries of other (variant, hidden) pairs kept from it. Only ``tune``
+    key and merging entries of other (variant, hidden, dtype) triples kept from it. Only ``tune``
     calls this. A file this library cannot read is replaced (the old one kept as ``.bad``)."""
     file = file or path()
     if file is None:
@@ -419,8 +443,9 @@ def write(table: dict, file: pathlib.Path | None = None) -> pathlib.Path:
     kept = [t for t in tables if t.get("key") != table["key"]]
     old = next((t for t in tables if t.get("key") == table["key"]), None)
     if old is not None:
-        fresh = {(e["variant"], e["hidden"]) for e in table["entries"]}
-        table = {**table, "entries": [e for e in old["entries"] if (e.get("variant"), e.get("hidden")) not in fresh]
+        fresh = {(e["variant"], e["hidden"], e["dtype"]) for e in table["entries"]}
+        table = {**table, "entries": [e for e in old["entries"]
+                                      if (e.get("variant"), e.get("hidden"), e.get("dtype")) not in fresh]
                  + list(table["entries"])}
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(file.suffix + ".tmp")

@@ -206,7 +206,7 @@ class TritonBackend:
         table measured and then this kernel at world size 1 (the epilogue alone)."""
         tokens, hidden = x.shape
         world = groups.world_size(a.group)
-        entry = measured_entry(variant, a.group, world, tokens, hidden)
+        entry = measured_entry(variant, a.group, world, tokens, hidden, x.dtype)
         nw = num_warps_for(hidden, variant != "add_rmsnorm")
         if fp4 and tokens >= LIMITS["fp4_many_tokens"]:
             nw = min(nw, int(LIMITS["fp4_many_tokens_warps"][variant]))
@@ -357,8 +357,8 @@ def path_for(world: int, tokens: int, hidden: int, itemsize: int, measured_path:
     return path
 
 
-def measured_entry(variant: str, group: str, world: int, tokens: int, hidden: int):
-    """The measured table's entry for this call's token bucket (None: no measured entry; the
+def measured_entry(variant: str, group: str, world: int, tokens: int, hidden: int, dtype):
+    """The measured table's entry for this call's token bucket and activation *dtype* (None: no measured entry; the
     shipped rules decide). At world size > 1 only a table agreed across the group counts."""
     from fusion_passes.backends import agree
 
@@ -366,7 +366,7 @@ def measured_entry(variant: str, group: str, world: int, tokens: int, hidden: in
         return None
     digest = agree.for_group(group, world)
     table = measured.by_digest(digest) if digest else None
-    return None if table is None else table.lookup(variant, hidden, tokens)
+    return None if table is None else table.lookup(variant, hidden, tokens, dtype=dtype)
 
 
 def _res_mode(f) -> int:

@@ -60,7 +60,7 @@ def unsupported(call: Call) -> str | None:
         if call.tokens * call.hidden * itemsize > LIMITS["max_workspace_bytes"]:
             return f"{call.tokens}x{call.hidden} exceeds the {LIMITS['max_workspace_bytes']}-byte symmetric workspace"
     table = measured.by_digest(call.table) if call.table else None
-    if table is not None and table.has(call.variant, call.hidden):
+    if table is not None and table.has(call.variant, call.hidden, dtype=call.dtype):
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
         return _measured_verdict(table, call)
@@ -90,8 +90,8 @@ def table_source(call: Call) -> str:
     """Which table decides *call*: ``measured table FILE``, ``shipped table for GPU (FILE)``
     (a shipped per-GPU table, :mod:`fusion_passes.backends.measured`) or ``shipped table``."""
     table = measured.by_digest(call.table) if call.table else None
-    if table is not None and table.has(call.variant, call.hidden):
-        return table.label(call.variant, call.hidden)
+    if table is not None and table.has(call.variant, call.hidden, dtype=call.dtype):
+        return table.label(call.variant, call.hidden, dtype=call.dtype)
     return "shipped table"
 
 
@@ -104,18 +104,18 @@ def _measured_verdict(table, call: Call) -> str | None:
     """The measured table's verdict: per call, the bucket serving its token count; for a
     graph site, admitted when some bucket in its token range picked the fused call (each
     call then picks per size at run time)."""
-    where = table.label(call.variant, call.hidden)
+    where = table.label(call.variant, call.hidden, dtype=call.dtype)
     if call.tokens is not None:
         if call.tokens < 1:
             return None
-        e = table.lookup(call.variant, call.hidden, call.tokens)
+        e = table.lookup(call.variant, call.hidden, call.tokens, dtype=call.dtype)
         if e.pick == "fused":
             return None
         times = f"{e.unfused_us:.1f} vs {e.fused_us:.1f} us, " if e.unfused_us and e.fused_us else ""
         return Slower(f"{call.tokens} tokens: the unfused chain was faster in the {e.tokens}-token bucket "
                       f"({times}{where}; measured crossover)")
     lo, hi = call.token_range or (1, None)
-    if any(e.pick == "fused" for e in table.in_range(call.variant, call.hidden, lo, hi)):
+    if any(e.pick == "fused" for e in table.in_range(call.variant, call.hidden, lo, hi, dtype=call.dtype)):
         return None
     return Slower(f"slower than unfused at every measured token count in {_range_text((lo, hi))} "
                   f"(hidden {call.hidden}; {where}; measured crossover)")

@@ -274,7 +274,7 @@ def _compile_forms(ctx, variant, hidden, w, scale) -> dict:
     forms = bench_epilogue.compile_forms(bench_epilogue.epilogue_fn(variant, EPS),
                                          with_dynamic_true=ctx.args.with_dynamic_true, backend=ctx.compile_backend,
                                          with_max_autotune=getattr(ctx.args, "with_max_autotune", False))
-    x = torch.randn(TOKDYN_COMPILE_TOKENS, hidden, device=ctx.device).to(torch.bfloat16)
+    x = torch.randn(TOKDYN_COMPILE_TOKENS, hidden, device=ctx.device).to(w.dtype)  # the weight's dtype
     res = torch.randn_like(x)
     _compat.mark_dynamic(x, 0)
     _compat.mark_dynamic(res, 0)

@@ -54,6 +54,11 @@ def add_arguments(parser) -> None:
                         help="variants to calibrate (default add_rmsnorm)")
     parser.add_argument("--hidden", type=int_range(1), nargs="+", default=[7168],
                         help="hidden sizes (default 7168)")
+    from fusion_passes.backends.measured import DTYPES
+
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=DTYPES,
+                        help="activation dtypes to calibrate (default bfloat16); the table keeps one entry per dtype, "
+                             "and a call in a dtype not measured is decided by the shipped table")
     parser.add_argument("--tokens", type=int_range(1, MAX_STEP_TOKENS), nargs="+", default=list(DEFAULT_TOKENS),
                         help="token buckets (default 1 2 4 .. 16384)")
     parser.add_argument("--replays", type=int_range(1, MAX_REPLAYS), default=5,
@@ -77,8 +82,9 @@ def validate(args) -> None:
             reason = br.check_hidden(variant, hidden)
             if reason is not None:
                 raise UsageError(reason)
-    if len(set(args.tokens)) != len(args.tokens):
-        raise UsageError(f"--tokens has repeats: {args.tokens}")
+    for name in ("tokens", "dtypes"):
+        if len(set(getattr(args, name))) != len(getattr(args, name)):
+            raise UsageError(f"--{name} has repeats: {getattr(args, name)}")
     from fusion_passes.backends import measured
 
     if args.file is None and measured.path() is None:
@@ -119,11 +125,12 @@ def _tune(args) -> int:
     entries, rows, seconds = [], [], {}
     for variant in args.variants:
         for hidden in args.hidden:
-            t0 = time.perf_counter()
-            got = tune_pair(ctx, variant, hidden)
-            seconds[f"{variant} H={hidden}"] = round(time.perf_counter() - t0, 1)
-            entries += [e for e, _ in got]
-            rows += [r for _, r in got]
+            for dtype in args.dtypes:
+                t0 = time.perf_counter()
+                got = tune_pair(ctx, variant, hidden, dtype)
+                seconds[f"{variant} H={hidden} {dtype}"] = round(time.perf_counter() - t0, 1)
+                entries += [e for e, _ in got]
+                rows += [r for _, r in got]
     key = measured.machine_key(world, single_node=True)
     table = {"key": key, "command": command_line(world),
              "written": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -213,7 +220,8 @@ def parse_option(name: str) -> dict:
     return {"path": path, "num_warps": int(warps), "rows": rows, "num_stages": stages, **({"evict": True} if evict else {})}
 
 
-def decide_bucket(group: str, variant: str, hidden: int, tokens: int, times: dict[str, float]) -> tuple[dict, dict]:
+def decide_bucket(group: str, variant: str, hidden: int, tokens: int, times: dict[str, float],
+                  dtype: str = "bfloat16") -> tuple[dict, dict]:
     """The bucket's table entry from every rank's option times (collective: the slowest rank
     counts, rank 0 picks), and the row of timings kept in ``--json``."""
     from fusion_passes.backends import agree
@@ -223,7 +231,7 @@ def decide_bucket(group: str, variant: str, hidden: int, tokens: int, times: dic
     fused = {k: v for k, v in slowest.items() if k.startswith("fused:")}
     best_u = min(unfused, key=lambda k: (unfused[k], k))
     best_f = min(fused, key=lambda k: (fused[k], k))
-    entry = {"variant": variant, "hidden": hidden, "tokens": tokens,
+    entry = {"variant": variant, "hidden": hidden, "dtype": dtype, "tokens": tokens,
              "pick": "fused" if pick.startswith("fused:") else "unfused", **parse_option(best_f),
              "fused_us": _us(fused[best_f]), "unfused_us": _us(unfused[best_u]), "best_unfused": best_u}
     row = {**entry, "times_us": {k: _us(v) for k, v in slowest.items()},
@@ -244,14 +252,14 @@ def command_line(world: int, argv: list[str] | None = None) -> str:
     return " ".join([head, "tune", *rest])
 
 
-def tune_pair(ctx, variant: str, hidden: int) -> list[tuple[dict, dict]]:
-    """Every bucket of one (variant, hidden): ``[(entry, row), ...]``."""
+def tune_pair(ctx, variant: str, hidden: int, dtype: str = "bfloat16") -> list[tuple[dict, dict]]:
+    """Every bucket of one (variant, hidden) in the activation *dtype*: ``[(entry, row), ...]``."""
     import torch
 
     from fusion_passes.backends import triton as tb
     from fusion_passes.cli import bench_kernels as bk
 
-    w = (torch.rand(hidden, device=ctx.device) + 0.5).to(torch.bfloat16)
+    w = (torch.rand(hidden, device=ctx.device) + 0.5).to(getattr(torch, dtype))  # the weight in the activation dtype
     scale = torch.tensor([bk.NVFP4_GLOBAL_SCALE if variant.endswith("nvfp4") else bk.FP8_STATIC_SCALE],
                          device=ctx.device)
     forms = bk._compile_forms(ctx, variant, hidden, w, scale)
@@ -260,10 +268,10 @@ def tune_pair(ctx, variant: str, hidden: int) -> list[tuple[dict, dict]]:
     with bk._triton_admitted(ctx.world, variant):
         for tokens in ctx.args.tokens:
             times = _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb)
-            entry, row = decide_bucket(ctx.group, variant, hidden, tokens, times)
+            entry, row = decide_bucket(ctx.group, variant, hidden, tokens, times, dtype)
             out.append((entry, row))
             if ctx.rank == 0:
-                print(f"{variant:26s} H={hidden:5d} T={tokens:5d}  {entry['pick']:7s} fused {entry['fused_us']:8.2f} us "
+                print(f"{variant:26s} H={hidden:5d} {dtype:8s} T={tokens:5d}  {entry['pick']:7s} fused {entry['fused_us']:8.2f} us "
                       f"({entry['path']}, {entry['num_warps']} warps, {entry['rows']} rows, stages {entry['num_stages']}"
                       f"{', evict_first' if entry.get('evict') else ''})  unfused {entry['unfused_us']:8.2f} us "
                       f"({entry['best_unfused']})  x{row['speedup']:.2f}", flush=True)
@@ -277,9 +285,9 @@ def _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb) -> d
     from fusion_passes.cli import bench_kernels as bk
 
     torch.manual_seed(ctx.rank * 7919 + tokens)
-    x = torch.randn(tokens, hidden, device=ctx.device).to(torch.bfloat16)
+    x = torch.randn(tokens, hidden, device=ctx.device).to(w.dtype)  # the activation dtype is the weight's
     torch.manual_seed(tokens)
-    res = torch.randn(tokens, hidden, device=ctx.device).to(torch.bfloat16)
+    res = torch.randn(tokens, hidden, device=ctx.device).to(w.dtype)
     inputs = (x, res, w, scale)
     calls = max(1, min(20, int(4e8 // max(br.bytes_moved(variant, tokens, hidden), 1))))
     bk._timed(ctx, "compile_static", forms["static"], *inputs)

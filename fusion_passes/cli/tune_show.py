@@ -31,9 +31,10 @@ def render(out: str | None = None) -> str:
                 pairs = sorted(table.buckets)
                 lines.append(f"- {k.get('gpu')}, world size {k.get('world_size')}: "
                              f"{sum(len(v) for v in table.buckets.values())} buckets of "
-                             f"{', '.join(sorted({v for v, _ in pairs}))} at hidden "
-                             f"{' '.join(str(h) for h in sorted({h for _, h in pairs}))} (not this machine)")
-    lines.append("every (world size, variant, hidden) not listed: the shipped table "
+                             f"{', '.join(sorted({v for v, _, _ in pairs}))} at hidden "
+                             f"{' '.join(str(h) for h in sorted({h for _, h, _ in pairs}))} in "
+                             f"{' '.join(sorted({d for _, _, d in pairs}))} (not this machine)")
+    lines.append("every (world size, variant, hidden, dtype) not listed: the shipped table "
                  "(fusion_passes/backends/thresholds.py)")
     return "\n".join(lines)
 
@@ -62,10 +63,11 @@ def _table_lines(raw: dict, table, used: bool) -> list[str]:
     lines = [f"- {k.get('gpu')}, world size {k.get('world_size')}, torch {k.get('torch')}, triton {k.get('triton')}, "
              f"driver {k.get('driver')}{' [used here]' if used else ''}",
              f"  from `{raw.get('command', '?')}` at {raw.get('written', '?')} (digest {table.digest})",
-             "  variant                    hidden  tokens  pick     path     warps  fused us  unfused us  best unfused"]
-    for (variant, hidden), entries in sorted(table.buckets.items()):
+             "  variant                    hidden  dtype     tokens  pick     path     warps  fused us  unfused us  "
+             "best unfused"]
+    for (variant, hidden, dtype), entries in sorted(table.buckets.items()):
         for e in entries:
-            lines.append(f"  {variant:26s} {hidden:6d} {e.tokens:7d}  {e.pick:7s}  {e.path:7s}  {e.num_warps or '-':>5}  "
+            lines.append(f"  {variant:26s} {hidden:6d}  {dtype:8s} {e.tokens:7d}  {e.pick:7s}  {e.path:7s}  {e.num_warps or '-':>5}  "
                          f"{_num(e.fused_us):>8}  {_num(e.unfused_us):>10}  {e.best_unfused or '-'}{_launch(e)}")
     return lines
 

@@ -42,7 +42,7 @@ def table(world, group, bump=0.0):
 
     # processes sharing one GPU count as several nodes (more ranks than GPUs): keyed as such
     return {"key": measured.machine_key(world, groups.is_single_node(group)), "command": "tests/gpu/agree_check.py",
-            "entries": [{"variant": v, "hidden": lc.H, "tokens": t, "pick": p, "path": path, "num_warps": 8,
+            "entries": [{"variant": v, "hidden": lc.H, "dtype": str(lc.DTYPE).removeprefix("torch."), "tokens": t, "pick": p, "path": path, "num_warps": 8,
                          "fused_us": 2.0 + bump, "unfused_us": 3.0}
                         for v in ("add_rmsnorm", "add_rmsnorm_fp8_per_token") for t, p, path in BUCKETS]}
 
@@ -59,7 +59,7 @@ def run_calls(rank, world, group, w, device, call):
     for tokens, want_path in CALLS:
         for variant in ("add_rmsnorm", "add_rmsnorm_fp8_per_token"):
             x, res = lc.inputs(rank, call, tokens, device)
-            entry = tb.measured_entry(variant, group, world, tokens, lc.H)
+            entry = tb.measured_entry(variant, group, world, tokens, lc.H, lc.DTYPE)
             path = "unfused" if entry.pick == "unfused" else entry.path
             assert path == want_path, (tokens, path, want_path)
             seen.append((tokens, variant, path))
@@ -127,7 +127,7 @@ def worker(rank, world, queue, results, barrier, tmp):
 def tb_entry(group, world):
     from fusion_passes.backends import triton as tb
 
-    return tb.measured_entry("add_rmsnorm", group, world, 4, lc.H)
+    return tb.measured_entry("add_rmsnorm", group, world, 4, lc.H, lc.DTYPE)
 
 
 def verdict(world, every) -> str | None:
