@@ -117,6 +117,11 @@ def test_a_new_tune_replaces_its_pairs_and_keeps_the_others(machine):
      "dtype must be one of ('bfloat16', 'float16'), got 'float64'"),
     (json.dumps({"format": measured.FORMAT, "version": 2, "tables": [table([entry(1, "fused", dtype=None)])]}),
      "dtype must be one of"),
+    (json.dumps({"format": measured.FORMAT, "version": 2, "tables": [table([entry(1, "fused", chunk=3000)])]}),
+     "chunk must be one of (256, 512, 1024, 2048, 4096), got 3000"),
+    (json.dumps({"format": measured.FORMAT, "version": 2,
+                 "tables": [table([entry(1, "fused", chunk=1024, path="barrier")], world_size=1)]}),
+     "chunk 1024 on path 'barrier'"),
     (json.dumps({"format": measured.FORMAT, "version": 2, "tables": [table([entry(1, "fused", evict="yes")])]}),
      "evict must be true or false"),
     (json.dumps({"format": measured.FORMAT, "version": 2,
@@ -536,6 +541,27 @@ def test_a_bucket_measured_faster_with_evict_first_launches_with_it(machine, fak
     FORCE["evict"] = False  # tune times the config without it
     try:
         assert plan(*_bound(one, 6), False, "add_rmsnorm").evict is False
+    finally:
+        FORCE.clear()
+
+
+def test_a_bucket_measured_faster_in_pieces_runs_the_looped_kernel_where_it_computes_the_call(machine, fake_pg):
+    from fusion_passes.backends import triton_kernels as k
+    from fusion_passes.backends.triton import FORCE, TritonBackend, looped_chunk
+    from fusion_passes.cli.model_trace import fake_world
+
+    one = "c10d:" + fake_world(1).group_name
+    measured.write(table([entry(8, "fused", num_warps=4, chunk=2048), entry(64, "fused", num_warps=4)]))
+    plan = TritonBackend()._plan
+    p = plan(*_bound(one, 6), False, "add_rmsnorm")
+    assert p.chunk == 2048 and plan(*_bound(one, 40), False, "add_rmsnorm").chunk == 0
+    assert looped_chunk(p, 7168, k.QUANT_NONE, 0) == 2048 and looped_chunk(p, 7168, k.QUANT_FP8_STATIC, 2) == 2048
+    assert looped_chunk(p, 7168, k.QUANT_FP8_PER_TOKEN, 0) == 0  # a dynamic scale: the one-pass kernel
+    assert looped_chunk(p, 7168, k.QUANT_NONE, 1) == 0  # the norm of the unrounded fp32 sum: one pass
+    assert looped_chunk(p, 2048, k.QUANT_NONE, 0) == 0  # one piece would be the whole row
+    FORCE["chunk"] = 0  # tune times the one-pass kernel whatever the table says
+    try:
+        assert plan(*_bound(one, 6), False, "add_rmsnorm").chunk == 0
     finally:
         FORCE.clear()
 

@@ -71,7 +71,7 @@ def test_bucket_times_every_candidate_and_every_unfused_chain(fake_pg, monkeypat
                           "none+tokdyn"}  # hidden 64: its own warp count (1) is a candidate too
     assert all(v > 0 for v in times.values())
     # forced, then cleared; one row and Triton's stages forced too (a table on disk must not change them)
-    assert seen == [{"num_warps": w, "rows": 1, "num_stages": None, "evict": False} for w in (1, 4, 8, 16)]
+    assert seen == [{"num_warps": w, "rows": 1, "num_stages": None, "evict": False, "chunk": 0} for w in (1, 4, 8, 16)]
 
 
 def test_row_configs_only_at_world_size_1_where_the_programs_fill_the_sms_or_add_no_wave():
@@ -93,6 +93,22 @@ def test_row_configs_only_at_world_size_1_where_the_programs_fill_the_sms_or_add
                                                       "num_stages": None}
     evict = {"path": "local", "num_warps": 8, "rows": 1, "num_stages": None, "evict": True}
     assert tune.option_name(evict) == "fused:local:8:evict" and tune.parse_option(tune.option_name(evict)) == evict
+
+
+def test_the_looped_kernel_is_timed_in_pieces_below_the_hidden_size_where_it_computes_the_variant():
+    names = [tune.option_name(o) for o in tune.chunk_options(1, "add_rmsnorm", 4096, 132, (4, 8))]
+    assert names == ["fused:local:4:c1024", "fused:local:8:c1024", "fused:local:4:c2048", "fused:local:8:c2048"]
+    assert [tune.option_name(o) for o in tune.chunk_options(1, "add_rmsnorm_fp8_static", 2048, 132, (8,))] == [
+        "fused:local:8:c1024"]  # 2048: one piece would be the whole row
+    assert tune.chunk_options(1, "add_rmsnorm_fp8_per_token", 4096, 132, (8,)) == []  # a dynamic scale: not looped
+    assert tune.chunk_options(2, "add_rmsnorm", 4096, 132, (8,)) == [] and tune.chunk_options(1, "add_rmsnorm", 4096,
+                                                                                                None, (8,)) == []
+    for name in ("fused:local:8:c2048", "fused:local:8:c1024:evict", "fused:local:4:r2:s1:c1024"):
+        assert tune.option_name(tune.parse_option(name)) == name
+    assert tune.parse_option("fused:local:8:c2048:evict") == {"path": "local", "num_warps": 8, "rows": 1,
+                                                               "num_stages": None, "chunk": 2048, "evict": True}
+    with pytest.raises(ValueError, match="not a fused option name"):
+        tune.parse_option("fused:local:8:x3")
 
 
 def test_evict_first_is_tried_on_the_fastest_and_the_fastest_one_row_config():
@@ -130,11 +146,11 @@ def test_the_second_pass_times_rows_at_every_warp_count_and_the_entry_keeps_the_
     monkeypatch.setattr(bk, "_timed", lambda *a, **k: None)
     monkeypatch.setattr(bk, "_collectives", lambda ctx, x: {"none": lambda t: t})
     times = tune._bucket_times(ctx, "add_rmsnorm", 64, 4096, w, scale, forms, lambda *a: None, tb)
-    assert seen[4:20] == [{"num_warps": w, "rows": r, "num_stages": s, "evict": False}
+    assert seen[4:20] == [{"num_warps": w, "rows": r, "num_stages": s, "evict": False, "chunk": 0}
                           for w in (1, 4, 8, 16) for r in (2, 4) for s in (1, 3)]  # hidden 64: 1 warp too
     # then evict_first on the fastest so far (8 warps, 4 rows, 1 stage) and the fastest one-row (8 warps)
-    assert seen[20:] == [{"num_warps": 8, "rows": 4, "num_stages": 1, "evict": True},
-                        {"num_warps": 8, "rows": 1, "num_stages": None, "evict": True}]
+    assert seen[20:] == [{"num_warps": 8, "rows": 4, "num_stages": 1, "evict": True, "chunk": 0},
+                        {"num_warps": 8, "rows": 1, "num_stages": None, "evict": True, "chunk": 0}]  # no pieces below 64
     entry, row = tune.decide_bucket(ctx.group, "add_rmsnorm", 64, 4096, times)
     assert (entry["pick"], entry["num_warps"], entry["rows"], entry["num_stages"]) == ("fused", 8, 4, 1)
     assert entry.get("evict", False) is (evict_gain > 0)

@@ -63,7 +63,7 @@ PATHS = ("local", "barrier", "lamport", "twoshot")
 VERSION_KEYS = ("torch", "triton", "driver")
 # The launch configs an entry may name besides its warps, and their values: the ones
 # ``fusion-passes tune`` times (fusion_passes/cli/tune.py ROWS, STAGES), each a valid Triton launch.
-LAUNCH = {"rows": (1, 2, 4, 8), "num_stages": (1, 2, 3, 4)}
+LAUNCH = {"rows": (1, 2, 4, 8), "num_stages": (1, 2, 3, 4), "chunk": (256, 512, 1024, 2048, 4096)}
 
 _log = logging.getLogger("fusion_passes")
 _warned: set[str] = set()
@@ -150,6 +150,7 @@ class Entry:
     unfused_us: float | None = None
     best_unfused: str | None = None
     evict: bool | None = None  # world size 1: streamed loads evict_first (None: off)
+    chunk: int | None = None  # world size 1: the row in pieces of this many elements, two passes (None: whole)
 
 
 def dtype_name(dtype) -> str:
@@ -234,6 +235,8 @@ def _entry(raw) -> tuple[tuple[str, int, str], Entry]:
     launch = {name: _launch_int(raw, name, allowed) for name, allowed in LAUNCH.items()}
     if launch["rows"] is not None and launch["rows"] > 1 and path_ != "local":
         raise Invalid(f"rows per program {launch['rows']} on path {path_!r}: only the world-size-1 kernel takes it")
+    if launch["chunk"] is not None and path_ != "local":
+        raise Invalid(f"chunk {launch['chunk']} on path {path_!r}: only the world-size-1 kernel takes it")
     times = {}
     for name in ("fused_us", "unfused_us"):
         v = raw.get(name)

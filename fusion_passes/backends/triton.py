@@ -284,9 +284,10 @@ class TritonBackend:
                 BITS=tl.int16 if bits == torch.int16 else tl.int32, SENT=sent, TWO_SHOT=plan.path == "twoshot",
                 **plan.launch())
         else:
+            chunk = looped_chunk(plan, hidden, quant, consts["RES_FP32"])
             k.fused_allreduce_add_rmsnorm_kernel[(plan.grid,)](
                 *tensors, plan.buf_ptrs, plan.sig_ptrs, *scalars, **consts, ROWS=plan.rows,
-                EVICT=plan.evict and plan.world == 1, **plan.launch())
+                EVICT=plan.evict and plan.world == 1, CHUNK=chunk, **plan.launch())
         return _shaped(o, lead, hidden, fp4)
 
 
@@ -307,10 +308,21 @@ class _Plan:
     num_stages: int | None = None  # Triton's software-pipelining depth (None: Triton's default)
     collective: str | None = None  # path "unfused": the measured fastest (symm.COLLECTIVES; None: the group's own)
     evict: bool = False  # world size 1: streamed loads evict_first, the weight evict_last (a tuned option)
+    chunk: int = 0  # world size 1: the row in pieces of this many elements, two passes (a tuned option; 0: whole)
 
     def launch(self) -> dict:
         """The launch options: warps, and the stages where a measured config names them."""
         return {"num_warps": self.num_warps, **({"num_stages": self.num_stages} if self.num_stages else {})}
+
+
+def looped_chunk(plan: _Plan, hidden: int, quant: int, res_fp32: int) -> int:
+    """The piece size the kernel runs the row in (0: whole): the plan's, where the looped
+    kernel computes this call (``triton_kernels.looped_supported``: otherwise the one-pass
+    kernel, whatever the table says) at world size 1 and the row has two pieces or more."""
+    from fusion_passes.backends import triton_kernels as k
+
+    ok = plan.world == 1 and 0 < plan.chunk < hidden and k.looped_supported(quant, res_fp32)
+    return plan.chunk if ok else 0
 
 
 def _local_plan(tokens: int, nw: int, stages: int | None, entry, path: str = "local") -> _Plan:
@@ -318,15 +330,16 @@ def _local_plan(tokens: int, nw: int, stages: int | None, entry, path: str = "lo
     or ``FORCE["rows"]`` while ``tune`` times it; 1 by default), ``ceil(tokens / rows)`` programs."""
     rows = FORCE.get("rows", (entry.rows if entry is not None and entry.rows else 1))
     evict = FORCE.get("evict", bool(entry is not None and entry.evict))
-    return _Plan(max(1, -(-tokens // rows)), nw, path=path, rows=rows, num_stages=stages, evict=evict)
+    chunk = FORCE.get("chunk", (entry.chunk if entry is not None and entry.chunk else 0))
+    return _Plan(max(1, -(-tokens // rows)), nw, path=path, rows=rows, num_stages=stages, evict=evict, chunk=chunk)
 
 
 PATHS = ("barrier", "lamport", "twoshot")
 PATH_ENV = "FUSION_PASSES_TRITON_PATH"
 FORCE: dict = {}
-"""``fusion-passes tune`` only: ``{"num_warps": n, "path": p, "rows": r, "num_stages": s, "evict": e}``
-(any of them) forced on every launch while it times the candidates (``path`` one of :data:`PATHS`
-or ``"unfused"``; ``rows`` and ``evict`` at world size 1 only)."""
+"""``fusion-passes tune`` only: ``{"num_warps": n, "path": p, "rows": r, "num_stages": s, "evict": e,
+"chunk": c}`` (any of them) forced on every launch while it times the candidates (``path`` one of
+:data:`PATHS` or ``"unfused"``; ``rows``, ``evict`` and ``chunk`` at world size 1 only)."""
 
 
 def path_for(world: int, tokens: int, hidden: int, itemsize: int, measured_path: str | None = None) -> str:

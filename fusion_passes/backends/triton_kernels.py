@@ -164,7 +164,13 @@ def _norm(s, v, w, eps, H: tl.constexpr, HAS_W: tl.constexpr, GEMMA: tl.constexp
     reads: ``y``, or with ``Q_RAW`` the fp32 value before that rounding
     (epilogue.norm_unrounded: the Hugging Face form's product of the weight and the
     unrounded normalized value)."""
-    rstd = tl.math.rsqrt(tl.sum(v * v, axis=0) / H + eps)
+    return _scale(s, tl.math.rsqrt(tl.sum(v * v, axis=0) / H + eps), w, HAS_W, GEMMA, W_FP32, act, out_ty, Q_RAW)
+
+
+@triton.jit
+def _scale(s, rstd, w, HAS_W: tl.constexpr, GEMMA: tl.constexpr, W_FP32: tl.constexpr, act, out_ty,
+           Q_RAW: tl.constexpr = False):
+    """:func:`_norm` past the variance: ``s * rstd`` and the weight, ``(y, yq)`` as there."""
     n = s * rstd
     raw = n
     if HAS_W:
@@ -320,6 +326,66 @@ def epilogue_row(
 
 
 @triton.jit
+def epilogue_row_looped(
+    row, in_ptr, res_ptr, w_ptr, res_out_ptr, norm_ptr, q_ptr, inv_scale, eps, H: tl.constexpr,
+    CHUNK: tl.constexpr, HAS_RES: tl.constexpr, RES_FP32: tl.constexpr, HAS_W: tl.constexpr, GEMMA: tl.constexpr,
+    W_FP32: tl.constexpr, WRITE_NORM: tl.constexpr, QUANT: tl.constexpr, FP8_MAX: tl.constexpr,
+    Q_RAW: tl.constexpr, EVICT: tl.constexpr,
+):
+    """:func:`epilogue_row` at world size 1 with the row in ``CHUNK``-wide pieces, in two
+    passes, as Inductor's looped reductions do: the first adds, stores the sum and accumulates
+    its squares per lane, the second reads the stored sum back (just written: in L2) with the
+    weight and normalizes. Fewer live registers than a whole row; a tuned launch option. Only
+    where the second pass needs nothing but the stored (rounded) sum: no quant or static FP8,
+    the residual added in the activation dtype or ``sum_stored`` (:func:`looped_supported`).
+    The variance's lanes are summed in another order than the one-pass kernel's."""
+    act = res_out_ptr.dtype.element_ty
+    out_ty = norm_ptr.dtype.element_ty
+    off = tl.cast(row, tl.int64) * H
+    acc = tl.zeros([CHUNK], dtype=tl.float32)
+    for c in tl.range(0, H, CHUNK):
+        cols = c + tl.arange(0, CHUNK)
+        mask = cols < H
+        s = _stream(in_ptr + off + cols, mask, EVICT).to(tl.float32)
+        v = s
+        if HAS_RES:
+            r_in = _stream(res_ptr + off + cols, mask, EVICT).to(tl.float32)
+            if RES_FP32 == 2:  # sum_stored: the variance reads the unrounded sum, the rest the rounded
+                v = s + r_in
+                s = v.to(act).to(tl.float32)
+            else:  # aten.add in the activation dtype
+                s = (s + r_in).to(act).to(tl.float32)
+                v = s
+        tl.store(res_out_ptr + off + cols, s.to(act), mask=mask)
+        acc += v * v
+    rstd = tl.math.rsqrt(tl.sum(acc, axis=0) / H + eps)
+    for c in tl.range(0, H, CHUNK):
+        cols = c + tl.arange(0, CHUNK)
+        mask = cols < H
+        s = _stream(res_out_ptr + off + cols, mask, EVICT).to(tl.float32)
+        if HAS_W:
+            if EVICT:
+                w = tl.load(w_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            else:
+                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        else:
+            w = 0.0
+        y, yq = _scale(s, rstd, w, HAS_W, GEMMA, W_FP32, act, out_ty, Q_RAW == 1)
+        if WRITE_NORM:
+            tl.store(norm_ptr + off + cols, y.to(out_ty), mask=mask)
+        if QUANT == 1:  # epilogue.fp8_static: y * (1 / scale)
+            q = tl.clamp(yq * inv_scale, -FP8_MAX, FP8_MAX)
+            tl.store(q_ptr + off + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def looped_supported(quant: int, res_fp32: int) -> bool:
+    """Whether :func:`epilogue_row_looped` computes this call: its second pass reads only the
+    stored sum, so no dynamic scale (a row's amax is a third pass) and no norm of the
+    unrounded fp32 sum (``RES_FP32`` 1, which the store rounds away)."""
+    return quant in (QUANT_NONE, QUANT_FP8_STATIC) and res_fp32 in (0, 2)
+
+
+@triton.jit
 def fused_allreduce_add_rmsnorm_kernel(
     in_ptr,
     res_ptr,
@@ -357,6 +423,7 @@ def fused_allreduce_add_rmsnorm_kernel(
     Q_RAW: tl.constexpr = 0,  # 1: FP8 codes and amax from the unrounded norm value (quant_unrounded); 2: the amax alone (amax_unrounded)
     ROWS: tl.constexpr = 1,  # world size 1: rows per program (a tuned launch config)
     EVICT: tl.constexpr = False,  # world size 1: streamed loads evict_first (a tuned launch config)
+    CHUNK: tl.constexpr = 0,  # world size 1: the row in CHUNK-wide pieces, two passes (a tuned launch config; 0: whole)
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -372,7 +439,11 @@ def fused_allreduce_add_rmsnorm_kernel(
     # epilogue.nvfp4: 1 / global_scale, with vLLM's get_reciprocal (1/0 := 1e-8)
     inv_gs = tl.math.div_rn(1.0, gs + (gs == 0).to(tl.float32) * 1e8) if QUANT == 4 else 0.0
 
-    if WS == 1 and ROWS == 1:  # one row per program, no loop: the shortest path from load to store
+    if WS == 1 and CHUNK > 0:  # ROWS rows per program, each in CHUNK-wide pieces (epilogue_row_looped)
+        for row in range(pid * ROWS, tl.minimum(pid * ROWS + ROWS, T)):
+            epilogue_row_looped(row, in_ptr, res_ptr, w_ptr, res_out_ptr, norm_ptr, q_ptr, inv_scale, eps, H, CHUNK,
+                                HAS_RES, RES_FP32, HAS_W, GEMMA, W_FP32, WRITE_NORM, QUANT, FP8_MAX, Q_RAW, EVICT)
+    elif WS == 1 and ROWS == 1:  # one row per program, no loop: the shortest path from load to store
         s = _stream(in_ptr + tl.cast(pid, tl.int64) * H + cols, mask, EVICT).to(tl.float32)
         epilogue_row(s, pid, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub, gs,
                       inv_gs, eps, scale_stride_t, scale_stride_g, H, BLOCK, HAS_RES, RES_FP32, HAS_W, GEMMA, W_FP32,

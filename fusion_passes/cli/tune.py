@@ -8,7 +8,9 @@ token bucket, it times under CUDA graphs (``bench kernels``' machinery,
 * the fused call at each launch config the kernel can vary: warps per row (4, 8, 16) and,
   at N, each multi-rank path (barrier one-shot, wait-free one-shot, two-shot); then, at
   world size 1, rows per program (2, 4: where the bucket still fills every SM with programs
-  or adds no wave) at each warp count and pipelining depth (``num_stages`` 1, 3), and last
+  or adds no wave) at each warp count and pipelining depth (``num_stages`` 1, 3), the
+  looped kernel (the row in pieces of 1024 or 2048, two passes, as Inductor's looped
+  reductions; add + RMSNorm and static FP8) at each warp count, and last
   the fastest config so far and the fastest one-row config with their streamed loads
   ``evict_first`` (the weight ``evict_last``, as Inductor marks them), one coordinate at a time as Inductor's
   coordinate descent does, to keep the options few;
@@ -45,6 +47,11 @@ from fusion_passes.cli.arguments import MAX_REPLAYS, MAX_STEP_TOKENS, int_range
 WARPS = (4, 8, 16)
 ROWS = (2, 4)  # rows per program timed at world size 1 (one row: the first pass)
 STAGES = (1, 3)  # num_stages timed with them (3: Triton's default on NVIDIA)
+# Pieces of a row timed at world size 1 (the looped kernel, triton_kernels.epilogue_row_looped):
+# Inductor's looped add + RMSNorm beat the one-pass kernel at 4096 x 512 and 8192 x 256 on 1x H100
+# (results/tune_h100_ws1_add_rmsnorm_maxat_session9.json); powers of two below the hidden size.
+CHUNKS = (1024, 2048)
+LOOPED_VARIANTS = ("add_rmsnorm", "add_rmsnorm_fp8_static")  # the variants it computes (looped_supported)
 MP_PATHS = ("barrier", "lamport", "twoshot")
 DEFAULT_TOKENS = br.DEFAULT_TOKENS
 
@@ -189,6 +196,15 @@ def rows_fit(tokens: int, rows: int, sm_count: int) -> bool:
     return tokens // rows >= sm_count or -(-programs // sm_count) * rows <= -(-tokens // sm_count)
 
 
+def chunk_options(world: int, variant: str, hidden: int, sm_count: int | None, warps) -> list[dict]:
+    """The third pass at world size 1: the looped kernel, one row per program in pieces of each
+    of :data:`CHUNKS` below *hidden*, at each of *warps*, for the variants it computes."""
+    if world != 1 or sm_count is None or variant not in LOOPED_VARIANTS:
+        return []
+    return [{"path": "local", "num_warps": w, "rows": 1, "num_stages": None, "chunk": c}
+            for c in CHUNKS if c < hidden for w in warps]
+
+
 def evict_options(times: dict[str, float | None]) -> list[dict]:
     """The last pass at world size 1: the fastest fused config so far and the fastest with one
     row per program (the two differ where more rows won), each with its streamed loads
@@ -203,21 +219,34 @@ def evict_options(times: dict[str, float | None]) -> list[dict]:
 
 def option_name(o: dict) -> str:
     """``fused:PATH:WARPS``, then ``:rROWS:sSTAGES`` where either is not the default (one
-    row, Triton's stages), then ``:evict`` where the streamed loads are ``evict_first``."""
+    row, Triton's stages), ``:cCHUNK`` for the looped kernel, then ``:evict`` where the
+    streamed loads are ``evict_first``."""
     name = f"fused:{o['path']}:{o['num_warps']}"
     if o.get("rows", 1) != 1 or o.get("num_stages") is not None:
         name += f":r{o.get('rows', 1)}:s{o.get('num_stages')}"
+    if o.get("chunk"):
+        name += f":c{o['chunk']}"
     return name + (":evict" if o.get("evict") else "")
 
 
 def parse_option(name: str) -> dict:
-    """:func:`option_name` read back: ``{"path", "num_warps", "rows", "num_stages"}``, and
-    ``"evict": True`` for a config timed with its streamed loads ``evict_first``."""
+    """:func:`option_name` read back: ``{"path", "num_warps", "rows", "num_stages"}``, with
+    ``"chunk"`` for the looped kernel and ``"evict": True`` for a config timed with its
+    streamed loads ``evict_first``."""
     _, path, warps, *rest = name.split(":")
-    evict = bool(rest) and rest[-1] == "evict"
-    rest = rest[:-1] if evict else rest
-    rows, stages = (int(rest[0][1:]), int(rest[1][1:])) if rest else (1, None)
-    return {"path": path, "num_warps": int(warps), "rows": rows, "num_stages": stages, **({"evict": True} if evict else {})}
+    o = {"path": path, "num_warps": int(warps), "rows": 1, "num_stages": None}
+    for part in rest:
+        if part == "evict":
+            o["evict"] = True
+        elif part[0] == "r":
+            o["rows"] = int(part[1:])
+        elif part[0] == "s":
+            o["num_stages"] = None if part[1:] == "None" else int(part[1:])
+        elif part[0] == "c":
+            o["chunk"] = int(part[1:])
+        else:
+            raise ValueError(f"not a fused option name: {name!r}")
+    return o
 
 
 def decide_bucket(group: str, variant: str, hidden: int, tokens: int, times: dict[str, float],
@@ -273,6 +302,7 @@ def tune_pair(ctx, variant: str, hidden: int, dtype: str = "bfloat16") -> list[t
             if ctx.rank == 0:
                 print(f"{variant:26s} H={hidden:5d} {dtype:8s} T={tokens:5d}  {entry['pick']:7s} fused {entry['fused_us']:8.2f} us "
                       f"({entry['path']}, {entry['num_warps']} warps, {entry['rows']} rows, stages {entry['num_stages']}"
+                      f"{', pieces of ' + str(entry['chunk']) if entry.get('chunk') else ''}"
                       f"{', evict_first' if entry.get('evict') else ''})  unfused {entry['unfused_us']:8.2f} us "
                       f"({entry['best_unfused']})  x{row['speedup']:.2f}", flush=True)
     return out
@@ -300,7 +330,8 @@ def _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb) -> d
         first = {k: v for k, v in times.items() if v is not None}
         warps = sorted({parse_option(k)["num_warps"] for k in first}) or [tb.num_warps_for(hidden)]
         fill = programs_to_fill(x.device)
-        for option in row_options(ctx.world, tokens, fill, warps):
+        for option in row_options(ctx.world, tokens, fill, warps) + chunk_options(ctx.world, variant, hidden, fill,
+                                                                                   warps):
             _time_fused(ctx, tb, option, fused, inputs, calls, times)
         if fill is not None:  # then evict_first on the fastest config so far and the fastest one-row config
             for option in evict_options(times):
@@ -321,7 +352,8 @@ def _time_fused(ctx, tb, option, fused, inputs, calls, times) -> None:
     """Time the fused call at one launch config (forced on the backend) into *times*. At world
     size 1 every launch field is forced (one row, Triton's stages unless named), so that no
     entry of a table already on disk changes the config being timed."""
-    local = {"rows": 1, "num_stages": None, "evict": False, **{k: v for k, v in option.items() if k != "path"}}
+    local = {"rows": 1, "num_stages": None, "evict": False, "chunk": 0,
+             **{k: v for k, v in option.items() if k != "path"}}
     tb.FORCE.update(option if option["path"] != "local" else local)
     try:
         times[option_name(option)] = ctx.time_graph(fused, inputs, calls, ctx.args.replays)
