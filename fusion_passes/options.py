@@ -17,7 +17,7 @@ class FusionOptions:
     ``hoist_casts``: let an all-reduce move across a dtype cast. OFF by default: it
     changes the precision in which the cross-rank sum is accumulated.
     ``calibrate``: measure a graph site's (variant, hidden) on this GPU before deciding it
-    when the measured table does not hold it (world size 1; about 20 s per pair, once per
+    when the measured table does not hold it (world size 1; about 25 s per pair, once per
     machine; :mod:`fusion_passes.backends.calibrate`). OFF by default; also
     ``FUSION_PASSES_CALIBRATE=1``.
 

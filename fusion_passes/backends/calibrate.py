@@ -29,7 +29,9 @@ from typing import Iterator
 from fusion_passes.backends import agree, measured
 
 ENV = "FUSION_PASSES_CALIBRATE"
-TIMEOUT_S = 300  # one pair took 14-21 s on 1x H200 (results/README.md); room for a slow first JIT
+# one pair (15 buckets, no max-autotune) took 14-21 s on 1x H200 and 22.5 s on 1x H100 with the
+# looped and rows options (results/README.md); room for a slow first JIT
+TIMEOUT_S = 300
 _TRUE = ("1", "true", "yes", "on")
 _log = logging.getLogger("fusion_passes")
 _ON: contextvars.ContextVar[bool] = contextvars.ContextVar("fusion_passes_calibrate", default=False)
@@ -74,7 +76,7 @@ def _calibrate(world: int, variant: str, hidden: int, dtype: str) -> None:
     if measured.path() is None:
         _log.warning("fusion_passes: calibration was asked for, but $%s=off; the shipped table decides", measured.ENV)
         return
-    _log.warning("fusion_passes: calibrating %s at hidden %d in %s on this GPU (%s; once per machine, about 20 s)",
+    _log.warning("fusion_passes: calibrating %s at hidden %d in %s on this GPU (%s; once per machine, about 25 s)",
                  variant, hidden, dtype, ENV if os.environ.get(ENV) else "calibrate=True")
     try:
         run_tune(variant, hidden, dtype)

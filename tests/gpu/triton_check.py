@@ -371,8 +371,8 @@ def check_launch_configs(group, rank, world, tokens=1000, hidden=7168):
 def check_looped_configs(group, rank, world, tokens=1000):
     """The looped kernel (the row in pieces, two passes; a tuned option) against the default
     one-pass launch and an fp64 reference. Its variance sums the lanes in another order, so
-    bytes may differ: the residual output must not (it is the add alone), the norm output
-    and static FP8 codes by at most one step of their dtype, and the norm's mean distance
+    bytes may differ: the residual output must not (it is the add alone), the norm output by
+    at most two steps of its dtype (two roundings) and static FP8 codes by one, and the norm's mean distance
     from fp64 at most 1.01x the one-pass kernel's. Cases it does not compute (a dynamic scale,
     the norm of the unrounded fp32 sum) must run the one-pass kernel: equal bytes."""
     from fusion_passes.backends import triton as tb
@@ -409,7 +409,10 @@ def check_looped_configs(group, rank, world, tokens=1000):
                 norm, res_out = (got[0], got[1]) if variant == "add_rmsnorm" else (got[3], got[2])
                 norm1 = want[0] if variant == "add_rmsnorm" else want[3]
                 exact(f"{tag} residual_out", res_out, (want[1] if variant == "add_rmsnorm" else want[2]).cpu())
-                close(f"{tag} norm_out", norm, norm1, ULP[torch.bfloat16])
+                # the Hugging Face form rounds twice (the normalized value, then its product with
+                # the weight): a variance one ulp apart moves the output by up to two steps (1x H100,
+                # 2026-12-07: 8 of 7.2M elements at 7168 in pieces of 1024 moved by two)
+                close(f"{tag} norm_out", norm, norm1, 2 * ULP[torch.bfloat16])
                 if variant == "add_rmsnorm_fp8_static":
                     close(f"{tag} fp8 codes", got[0].float(), want[0].float(), 2.0**-3, atol=2.0**-9)  # one e4m3 step
                 if not flags:
@@ -419,7 +422,7 @@ def check_looped_configs(group, rank, world, tokens=1000):
                         raise AssertionError(f"{tag}: {d_loop:.3g} from fp64, the one-pass kernel {d_one:.3g}")
                 lines.append(f"{(norm != norm1).sum().item()}")
     return (f"looped configs: {len(lines)} (pieces of 1024 / 2048, H 4096 / 7168): residual bytes equal, norm within "
-            f"one bf16 step (differing elements of {tokens} rows: {' '.join(lines)}); per-token FP8 and the fp32 sum: "
+            f"two bf16 steps (differing elements of {tokens} rows: {' '.join(lines)}); per-token FP8 and the fp32 sum: "
             "the one-pass kernel's bytes")
 
 
