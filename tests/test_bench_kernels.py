@@ -239,6 +239,29 @@ def test_the_sweep_on_cpu(fake_pg):
     assert ctx.phases["compile_tokdyn"] > 0 and ctx.phases["compile_static"] > 0
 
 
+def test_the_sweep_times_and_asks_the_selector_in_the_dtype_asked(fake_pg, monkeypatch):
+    """``--dtype float16``: the weight, input and residual in float16 (the forms compile at the
+    weight's dtype), and the selector asked about float16 calls, whose table entries differ."""
+    import argparse
+
+    from fusion_passes.cli.model_trace import fake_world
+
+    parser = argparse.ArgumentParser()
+    bk.add_arguments(parser)
+    args = parser.parse_args(["--tokens", "2", "--dtype", "float16", "--json"])
+    ctx = bk.sweep_context(args, 0, 1, fake_world(1).group_name, device="cpu", compile_backend="eager",
+                           fused_backend="reference")
+    asked, seen = [], []
+    monkeypatch.setattr(bk, "_selector", lambda *a: asked.append(a) or ("triton", None))
+    monkeypatch.setattr(bk, "_row", lambda ctx, v, h, t, w, *rest: seen.append(w.dtype) or {"tokens": t})
+    torch._dynamo.reset()
+    assert bk._variant_hidden(ctx, "add_rmsnorm", 64, {}) == [{"tokens": 2}]
+    torch._dynamo.reset()
+    assert asked == [("add_rmsnorm", 64, 2, 1, "float16")] and seen == [torch.float16]
+    assert br.result(command="c", world=1, machine={}, versions={}, rows=[], phases={}, plan_={}, bandwidths={},
+                     with_dynamic_true=False, selectors={}, dtype=args.dtype)["dtype"] == "float16"
+
+
 # -- the selector and its table ----------------------------------------------------------------
 
 

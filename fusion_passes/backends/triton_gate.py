@@ -113,12 +113,12 @@ def _measured_verdict(table, call: Call) -> str | None:
             return None
         times = f"{e.unfused_us:.1f} vs {e.fused_us:.1f} us, " if e.unfused_us and e.fused_us else ""
         return Slower(f"{call.tokens} tokens: the unfused chain was faster in the {e.tokens}-token bucket "
-                      f"({times}{where}; measured crossover)")
+                      f"({measured.dtype_name(call.dtype)}, {times}{where}; measured crossover)")
     lo, hi = call.token_range or (1, None)
     if any(e.pick == "fused" for e in table.in_range(call.variant, call.hidden, lo, hi, dtype=call.dtype)):
         return None
     return Slower(f"slower than unfused at every measured token count in {_range_text((lo, hi))} "
-                  f"(hidden {call.hidden}; {where}; measured crossover)")
+                  f"(hidden {call.hidden}, {measured.dtype_name(call.dtype)}; {where}; measured crossover)")
 
 
 def _slower_than_unfused(entry, call: Call) -> str | None:

@@ -56,6 +56,9 @@ def add_arguments(parser) -> None:
                         help=f"default: {' '.join(br.DEFAULT_VARIANTS)}")
     parser.add_argument("--replays", type=int_range(1, MAX_REPLAYS), default=5,
                         help="timed graph replays per point (median)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"),
+                        help="the activation dtype (default bfloat16); the selector reads the table's entries "
+                             "of this dtype")
     parser.add_argument("--with-dynamic-true", action="store_true",
                         help="also time the epilogue compiled with dynamic=True (an extra column, never the best)")
     parser.add_argument("--with-max-autotune", action="store_true",
@@ -145,7 +148,7 @@ def _sweep(args, plan: dict) -> int:
     result = br.result(command=br.command_line("kernels", world), world=world, machine=bench_cuda.machine(),
                        versions=bench_cuda.versions(), rows=rows, phases=ctx.phases, plan_=plan,
                        bandwidths=bandwidths, with_dynamic_true=args.with_dynamic_true, selectors=selectors,
-                       with_max_autotune=args.with_max_autotune)
+                       with_max_autotune=args.with_max_autotune, dtype=args.dtype)
     if rank == 0:
         _report(args, result)
     dist.barrier()
@@ -210,14 +213,14 @@ def _variant_hidden(ctx, variant: str, hidden: int, selectors: dict) -> list[dic
     import torch
 
     args = ctx.args
-    verdicts = {t: _selector(variant, hidden, t, ctx.world) for t in args.tokens}  # the table as it is
+    verdicts = {t: _selector(variant, hidden, t, ctx.world, args.dtype) for t in args.tokens}  # the table as it is
     declined = sorted(t for t, (pick, _) in verdicts.items() if pick != "triton")
     if declined:
         pick, why = verdicts[declined[0]]
         selectors[f"{variant} H={hidden}"] = f"{pick} picked at tokens {declined}" + (f" (triton: {why})" if why else "")
     else:
         selectors[f"{variant} H={hidden}"] = "triton at every point"
-    w = (torch.rand(hidden, device=ctx.device) + 0.5).to(torch.bfloat16)
+    w = (torch.rand(hidden, device=ctx.device) + 0.5).to(getattr(torch, args.dtype))  # the activation dtype
     scale = torch.tensor([NVFP4_GLOBAL_SCALE if variant.endswith("nvfp4") else FP8_STATIC_SCALE], device=ctx.device)
     forms = _compile_forms(ctx, variant, hidden, w, scale)
     fused = _fused_fn(variant, ctx.group, ctx.fused_backend)
@@ -231,7 +234,7 @@ def _variant_hidden(ctx, variant: str, hidden: int, selectors: dict) -> list[dic
     return rows
 
 
-def _selector(variant: str, hidden: int, tokens: int, world: int) -> tuple[str, str | None]:
+def _selector(variant: str, hidden: int, tokens: int, world: int, dtype: str = "bfloat16") -> tuple[str, str | None]:
     """What ``backend="auto"`` picks for this call today, and why not triton (None if triton):
     from this machine's measured table where it has one (at world size 1; above, only a
     table the group agreed on counts, as for a compiled site), else the shipped one."""
@@ -240,7 +243,7 @@ def _selector(variant: str, hidden: int, tokens: int, world: int) -> tuple[str, 
     from fusion_passes import backends
     from fusion_passes.backends import agree
 
-    call = backends.Call(variant=variant, device="cuda", dtype=torch.bfloat16, hidden=hidden, world_size=world,
+    call = backends.Call(variant=variant, device="cuda", dtype=getattr(torch, dtype), hidden=hidden, world_size=world,
                          tokens=tokens, group_size=br.PER_GROUP_SIZE if variant.endswith("per_group") else None,
                          table=agree.table_id(None, world))
     return backends.select(call, "auto"), backends.why_not("triton", call)
@@ -333,9 +336,9 @@ def _row(ctx, variant, hidden, tokens, w, scale, forms, fused, verdict) -> dict:
     import torch
 
     torch.manual_seed(ctx.rank * 7919 + tokens)
-    x = torch.randn(tokens, hidden, device=ctx.device).to(torch.bfloat16)
+    x = torch.randn(tokens, hidden, device=ctx.device).to(w.dtype)  # the activation dtype is the weight's
     torch.manual_seed(tokens)
-    res = torch.randn(tokens, hidden, device=ctx.device).to(torch.bfloat16)
+    res = torch.randn(tokens, hidden, device=ctx.device).to(w.dtype)
     nbytes = br.bytes_moved(variant, tokens, hidden)
     calls = max(1, min(20, int(4e8 // max(nbytes, 1))))
     inputs = (x, res, w, scale)

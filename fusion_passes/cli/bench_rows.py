@@ -204,11 +204,11 @@ def command_line(benchmark: str, world: int, argv: list[str] | None = None) -> s
 
 def result(*, command: str, world: int, machine: dict, versions: dict, rows: list[dict], phases: dict,
            plan_: dict, bandwidths: dict, with_dynamic_true: bool, selectors: dict,
-           with_max_autotune: bool = False) -> dict:
+           with_max_autotune: bool = False, dtype: str = "bfloat16") -> dict:
     """The JSON a sweep writes."""
     counted, extra = baseline_names(world, with_dynamic_true, with_max_autotune)
     return {
-        "command": command, "world_size": world, "machine": machine, "versions": versions, "dtype": "bfloat16",
+        "command": command, "world_size": world, "machine": machine, "versions": versions, "dtype": dtype,
         "method": ("every call captured K times in one CUDA graph, median of replays / K; the fused call is "
                    "the public op with backend='triton', timed first and last in its row; baselines = "
                    "collective + the epilogue compiled by Inductor with the hidden size static"),
