@@ -199,6 +199,16 @@ MUTANTS = (
            'return "bfloat16"',
            ("tests/test_measured.py", "-k", "version_1 or calibration_when_asked"),
            "a float16 call decided by what tune timed in bfloat16"),
+    Mutant("looped_second_pass_reads_the_input", "fusion_passes/backends/triton_kernels.py",
+           "        s = _stream(res_out_ptr + off + cols, mask, EVICT).to(tl.float32)\n",
+           "        s = _stream(in_ptr + off + cols, mask, EVICT).to(tl.float32)\n",
+           ("tests/test_triton_interpret.py",),
+           "the looped kernel normalizes the all-reduce's output instead of the stored sum"),
+    Mutant("looped_kernel_runs_a_dynamic_scale", "fusion_passes/backends/triton_kernels.py",
+           "    return quant in (QUANT_NONE, QUANT_FP8_STATIC) and res_fp32 in (0, 2)",
+           "    return quant in (QUANT_NONE, QUANT_FP8_STATIC, QUANT_FP8_PER_TOKEN) and res_fp32 in (0, 1, 2)",
+           ("tests/test_triton_interpret.py", "tests/test_measured.py", "-k", "interpret or looped or pieces"),
+           "the looped kernel runs calls it does not compute (a per-token scale, the fp32 sum)"),
 )
 
 
