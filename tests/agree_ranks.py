@@ -72,7 +72,7 @@ def cases(rank, world, tmp):
     # fake timers: every rank sees other times; the slowest rank's time per option counts
     times = {"fused:barrier:8": 10.0 + 5 * rank, "fused:lamport:8": 12.0, "nccl+static": 14.0 - rank}
     out["decide"] = agree.decide(group, times)
-    entry, _ = tune.decide_bucket(group, "add_rmsnorm", 4096, 64, {**times, "fused:twoshot:8": None})
+    entry, _ = tune.decide_bucket(group, "add_rmsnorm", 4096, 64, {**times, "fused:twoshot:8": None}, "bfloat16")
     out["bucket"] = entry
     return out
 

@@ -75,19 +75,19 @@ def test_bucket_times_every_candidate_and_every_unfused_chain(fake_pg, monkeypat
 
 
 def test_row_configs_only_at_world_size_1_where_the_programs_fill_the_sms_or_add_no_wave():
-    names = [tune.option_name(o) for o in tune.row_options(1, 16384, 132, 8)]
+    names = [tune.option_name(o) for o in tune.row_options(1, 16384, 132, (8,))]
     assert names == ["fused:local:8:r2:s1", "fused:local:8:r2:s3", "fused:local:8:r4:s1", "fused:local:8:r4:s3"]
     assert [tune.option_name(o) for o in tune.row_options(1, 300, 132, (4, 16))] == [
         "fused:local:4:r2:s1", "fused:local:4:r2:s3",  # 75 programs of 4 rows would leave SMs idle
         "fused:local:16:r2:s1", "fused:local:16:r2:s3"]
     # 256 tokens: 128 programs of 2 rows on 132 SMs are one wave of 2 rows, as 256 one-row programs
     # are two waves of one; 4 rows (64 programs) would double what an SM does
-    assert [tune.option_name(o) for o in tune.row_options(1, 256, 132, 8)] == ["fused:local:8:r2:s1",
+    assert [tune.option_name(o) for o in tune.row_options(1, 256, 132, (8,))] == ["fused:local:8:r2:s1",
                                                                               "fused:local:8:r2:s3"]
     assert tune.rows_fit(256, 2, 132) and not tune.rows_fit(256, 4, 132) and tune.rows_fit(200, 2, 132)
     assert tune.rows_fit(528, 4, 132) and not tune.rows_fit(129, 2, 132)  # 129: one wave of one row
-    assert tune.row_options(1, 129, 132, 4) == [] and tune.row_options(2, 16384, 132, 8) == []
-    assert tune.row_options(1, 16384, None, 8) == []  # off CUDA: no launch config to vary
+    assert tune.row_options(1, 129, 132, (4,)) == [] and tune.row_options(2, 16384, 132, (8,)) == []
+    assert tune.row_options(1, 16384, None, (8,)) == []  # off CUDA: no launch config to vary
     assert tune.parse_option("fused:local:8:r4:s1") == {"path": "local", "num_warps": 8, "rows": 4, "num_stages": 1}
     assert tune.parse_option("fused:barrier:16") == {"path": "barrier", "num_warps": 16, "rows": 1,
                                                       "num_stages": None}
@@ -151,7 +151,7 @@ def test_the_second_pass_times_rows_at_every_warp_count_and_the_entry_keeps_the_
     # then evict_first on the fastest so far (8 warps, 4 rows, 1 stage) and the fastest one-row (8 warps)
     assert seen[20:] == [{"num_warps": 8, "rows": 4, "num_stages": 1, "evict": True, "chunk": 0},
                         {"num_warps": 8, "rows": 1, "num_stages": None, "evict": True, "chunk": 0}]  # no pieces below 64
-    entry, row = tune.decide_bucket(ctx.group, "add_rmsnorm", 64, 4096, times)
+    entry, row = tune.decide_bucket(ctx.group, "add_rmsnorm", 64, 4096, times, "bfloat16")
     assert (entry["pick"], entry["num_warps"], entry["rows"], entry["num_stages"]) == ("fused", 8, 4, 1)
     assert entry.get("evict", False) is (evict_gain > 0)
     assert entry["fused_us"] == 7.75 - max(evict_gain, 0) and entry["best_unfused"] in ("none+static", "none+tokdyn")

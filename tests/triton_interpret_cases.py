@@ -96,7 +96,9 @@ def _compare(got, want, default) -> dict:
 
 
 def _bytes(t):
-    return t.contiguous().view(-1).view(__import__("torch").uint8)
+    import torch
+
+    return t.contiguous().view(-1).view(torch.uint8)
 
 
 if __name__ == "__main__":

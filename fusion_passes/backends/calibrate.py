@@ -87,7 +87,7 @@ def _calibrate(world: int, variant: str, hidden: int, dtype: str) -> None:
     measured.reset()
 
 
-def run_tune(variant: str, hidden: int, dtype: str = "bfloat16") -> None:
+def run_tune(variant: str, hidden: int, dtype: str) -> None:
     """``fusion-passes tune`` for one pair in a child process at world size 1 (its own CUDA
     context and process group; the distributed variables of this process are not passed on)."""
     env = {k: v for k, v in os.environ.items()

@@ -159,6 +159,11 @@ def dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def pair(variant: str, hidden: int, dtype) -> tuple[str, int, str]:
+    """What a table is indexed by: (variant, hidden, :func:`dtype_name`)."""
+    return variant, hidden, dtype_name(dtype)
+
+
 @dataclasses.dataclass(eq=False)
 class Table:
     """One machine key's entries, indexed by (variant, hidden, dtype name), buckets in
@@ -166,38 +171,38 @@ class Table:
 
     source: str  # the file it was read from
     key: dict
-    buckets: dict[tuple[str, int], tuple[Entry, ...]]
+    buckets: dict[tuple[str, int, str], tuple[Entry, ...]]  # :func:`pair` -> its buckets
     digest: str
     shipped: bool = False  # a shipped per-GPU table (fusion_passes/backends/tables), not this machine's
     # (variant, hidden, dtype) -> the table it came from, where two were combined (:func:`combine`)
     origin: dict = dataclasses.field(default_factory=dict)
 
     def has(self, variant: str, hidden: int, *, dtype) -> bool:
-        return (variant, hidden, dtype_name(dtype)) in self.buckets
+        return pair(variant, hidden, dtype) in self.buckets
 
     def label(self, variant: str, hidden: int, *, dtype) -> str:
         """Which table decides (variant, hidden, dtype): ``measured table FILE`` (this machine's,
         written by ``fusion-passes tune``) or ``shipped table for GPU (FILE)``."""
-        table = self.origin.get((variant, hidden, dtype_name(dtype)), self)
+        table = self.origin.get(pair(variant, hidden, dtype), self)
         if table.shipped:
             return f"shipped table for {table.key.get('gpu')} ({table.source})"
         return f"measured table {table.source}"
 
     def measured_here(self, variant: str, hidden: int, *, dtype) -> bool:
         """Whether this machine's own file holds (variant, hidden, dtype) (calibration fills the rest)."""
-        pair = (variant, hidden, dtype_name(dtype))
-        return pair in self.buckets and not self.origin.get(pair, self).shipped
+        p = pair(variant, hidden, dtype)
+        return p in self.buckets and not self.origin.get(p, self).shipped
 
     def lookup(self, variant: str, hidden: int, tokens: int, *, dtype) -> Entry | None:
         """The bucket serving *tokens* (the smallest measured at or above it), or None."""
-        entries = self.buckets.get((variant, hidden, dtype_name(dtype)))
+        entries = self.buckets.get(pair(variant, hidden, dtype))
         if not entries:
             return None
         return next((e for e in entries if e.tokens >= tokens), entries[-1])
 
     def in_range(self, variant: str, hidden: int, lo: int, hi: int | None, *, dtype) -> tuple[Entry, ...]:
         """Every bucket serving some token count in ``[lo, hi]`` (hi None: no upper end)."""
-        entries = self.buckets.get((variant, hidden, dtype_name(dtype)), ())
+        entries = self.buckets.get(pair(variant, hidden, dtype), ())
         out, below = [], 0
         for i, e in enumerate(entries):
             top = math.inf if i == len(entries) - 1 else e.tokens
@@ -247,8 +252,9 @@ def _entry(raw) -> tuple[tuple[str, int, str], Entry]:
     evict = raw.get("evict")
     if evict is not None and (not isinstance(evict, bool) or (evict and path_ != "local")):
         raise Invalid(f"evict must be true or false, and true only on path 'local', got {evict!r} on {path_!r}")
-    return (variant, hidden, raw["dtype"]), Entry(tokens, pick, path_, warps, best_unfused=best if isinstance(best, str) else None,
-                                    evict=evict, **launch, **times)
+    entry = Entry(tokens, pick, path_, warps, best_unfused=best if isinstance(best, str) else None, evict=evict,
+                  **launch, **times)
+    return pair(variant, hidden, raw["dtype"]), entry
 
 
 def _launch_int(raw: dict, name: str, allowed: tuple[int, ...]) -> int | None:
@@ -381,7 +387,7 @@ def combine(own: Table | None, ship: Table | None) -> Table | None:
     if own is None or ship is None:
         return own or ship
     buckets = {**ship.buckets, **own.buckets}
-    origin = {pair: own if pair in own.buckets else ship for pair in buckets}
+    origin = {p: own if p in own.buckets else ship for p in buckets}
     digest = hashlib.sha256(f"{own.digest}+{ship.digest}".encode()).hexdigest()[:16]
     table = Table(own.source, own.key, buckets, digest, origin=origin)
     _BY_DIGEST[digest] = table

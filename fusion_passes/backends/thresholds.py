@@ -5,7 +5,7 @@ documented limit names the file it comes from; a measured crossover names the be
 command and machine that measured it.
 
 This is the SHIPPED table. Where ``fusion-passes tune`` measured this machine, its table
-(:mod:`fusion_passes.backends.measured`) is read first, per (world size, variant, hidden),
+(:mod:`fusion_passes.backends.measured`) is read first, per (world size, variant, hidden, dtype),
 and then a shipped per-GPU table of this GPU kind (``backends/tables/``, measured by ``tune``
 on that kind); this one decides everything they do not hold.
 """

@@ -276,6 +276,24 @@ def _stream(ptr, mask, EVICT: tl.constexpr):
 
 
 @triton.jit
+def _add_residual(s, r_in, act, RES_FP32: tl.constexpr):
+    """The residual add, ``(s, v)``: ``s`` the sum everything after reads and ``v`` the one the
+    variance reads. RES_FP32 0: aten.add in the activation dtype, both rounded; 1: vLLM
+    fused_add_rms_norm, both the unrounded fp32 sum; 2: sum_stored, the variance on the
+    unrounded sum, the rest on the rounded one."""
+    if RES_FP32 == 1:
+        s = s + r_in
+        v = s
+    elif RES_FP32 == 2:
+        v = s + r_in
+        s = v.to(act).to(tl.float32)
+    else:
+        s = (s + r_in).to(act).to(tl.float32)
+        v = s
+    return s, v
+
+
+@triton.jit
 def epilogue_row(
     s, row, cols, mask, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, qscale_ptr, inv_scale, ub, gs, inv_gs, eps,
     scale_stride_t, scale_stride_g, H: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
@@ -290,16 +308,7 @@ def epilogue_row(
     off = tl.cast(row, tl.int64) * H
     v = s
     if HAS_RES:
-        r_in = _stream(res_ptr + off + cols, mask, EVICT).to(tl.float32)
-        if RES_FP32 == 1:
-            s = s + r_in  # vLLM fused_add_rms_norm: the norm reads the unrounded fp32 sum
-            v = s
-        elif RES_FP32 == 2:  # sum_stored: the variance reads the unrounded sum, the rest the rounded
-            v = s + r_in
-            s = v.to(act).to(tl.float32)
-        else:
-            s = (s + r_in).to(act).to(tl.float32)  # aten.add in the activation dtype
-            v = s
+        s, v = _add_residual(s, _stream(res_ptr + off + cols, mask, EVICT).to(tl.float32), act, RES_FP32)
     tl.store(res_out_ptr + off + cols, s.to(act), mask=mask)
     out_ty = norm_ptr.dtype.element_ty
     y, yq = _norm(s, v, w, eps, H, HAS_W, GEMMA, W_FP32, act, out_ty, Q_RAW != 0)
@@ -349,13 +358,7 @@ def epilogue_row_looped(
         s = _stream(in_ptr + off + cols, mask, EVICT).to(tl.float32)
         v = s
         if HAS_RES:
-            r_in = _stream(res_ptr + off + cols, mask, EVICT).to(tl.float32)
-            if RES_FP32 == 2:  # sum_stored: the variance reads the unrounded sum, the rest the rounded
-                v = s + r_in
-                s = v.to(act).to(tl.float32)
-            else:  # aten.add in the activation dtype
-                s = (s + r_in).to(act).to(tl.float32)
-                v = s
+            s, v = _add_residual(s, _stream(res_ptr + off + cols, mask, EVICT).to(tl.float32), act, RES_FP32)
         tl.store(res_out_ptr + off + cols, s.to(act), mask=mask)
         acc += v * v
     rstd = tl.math.rsqrt(tl.sum(acc, axis=0) / H + eps)
@@ -420,7 +423,8 @@ def fused_allreduce_add_rmsnorm_kernel(
     AMAX_EPS: tl.constexpr,  # per-group FP8: floor of each quant group's absmax
     SWIZZLE: tl.constexpr = False,  # NVFP4 scales in the 128x4-tiled layout
     SCALE_COLS: tl.constexpr = 1,  # NVFP4 swizzled: round_up(H / 16, 4)
-    Q_RAW: tl.constexpr = 0,  # 1: FP8 codes and amax from the unrounded norm value (quant_unrounded); 2: the amax alone (amax_unrounded)
+    # 1: FP8 codes and amax from the unrounded norm value (quant_unrounded); 2: the amax alone (amax_unrounded)
+    Q_RAW: tl.constexpr = 0,
     ROWS: tl.constexpr = 1,  # world size 1: rows per program (a tuned launch config)
     EVICT: tl.constexpr = False,  # world size 1: streamed loads evict_first (a tuned launch config)
     CHUNK: tl.constexpr = 0,  # world size 1: the row in CHUNK-wide pieces, two passes (a tuned launch config; 0: whole)

@@ -213,7 +213,7 @@ def _variant_hidden(ctx, variant: str, hidden: int, selectors: dict) -> list[dic
     import torch
 
     args = ctx.args
-    verdicts = {t: _selector(variant, hidden, t, ctx.world, args.dtype) for t in args.tokens}  # the table as it is
+    verdicts = {t: _selector(variant, hidden, t, ctx.world, args.dtype) for t in args.tokens}  # the table now
     declined = sorted(t for t, (pick, _) in verdicts.items() if pick != "triton")
     if declined:
         pick, why = verdicts[declined[0]]

@@ -51,7 +51,6 @@ STAGES = (1, 3)  # num_stages timed with them (3: Triton's default on NVIDIA)
 # Inductor's looped add + RMSNorm beat the one-pass kernel at 4096 x 512 and 8192 x 256 on 1x H100
 # (results/tune_h100_ws1_add_rmsnorm_maxat_session9.json); powers of two below the hidden size.
 CHUNKS = (1024, 2048)
-LOOPED_VARIANTS = ("add_rmsnorm", "add_rmsnorm_fp8_static")  # the variants it computes (looped_supported)
 MP_PATHS = ("barrier", "lamport", "twoshot")
 DEFAULT_TOKENS = br.DEFAULT_TOKENS
 
@@ -76,7 +75,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--file", help="the measured-table file to write (or, with --show, to read) instead of "
                         "$FUSION_PASSES_TUNED or ~/.cache/fusion_passes/tuned.json")
     parser.add_argument("--json", help="also write every timing to this JSON file (rank 0)")
-    parser.add_argument("--show", action="store_true", help="print the measured table and where it came from, then exit")
+    parser.add_argument("--show", action="store_true",
+                        help="print the measured table and where it came from, then exit")
 
 
 def validate(args) -> None:
@@ -182,7 +182,6 @@ def row_options(world: int, tokens: int, sm_count: int | None, warps) -> list[di
     :func:`rows_fit` admits the rows on *sm_count* SMs, each at each pipelining depth."""
     if world != 1 or sm_count is None:
         return []
-    warps = (warps,) if isinstance(warps, int) else tuple(warps)
     return [{"path": "local", "num_warps": w, "rows": r, "num_stages": st}
             for w in warps for r in ROWS if rows_fit(tokens, r, sm_count) for st in STAGES]
 
@@ -198,8 +197,12 @@ def rows_fit(tokens: int, rows: int, sm_count: int) -> bool:
 
 def chunk_options(world: int, variant: str, hidden: int, sm_count: int | None, warps) -> list[dict]:
     """The third pass at world size 1: the looped kernel, one row per program in pieces of each
-    of :data:`CHUNKS` below *hidden*, at each of *warps*, for the variants it computes."""
-    if world != 1 or sm_count is None or variant not in LOOPED_VARIANTS:
+    of :data:`CHUNKS` below *hidden*, at each of *warps*, for the variants it computes
+    (``triton_kernels.looped_supported``, with the residual added as tune calls the op)."""
+    from fusion_passes.backends import triton as tb
+    from fusion_passes.backends import triton_kernels as k
+
+    if world != 1 or sm_count is None or not k.looped_supported(getattr(k, tb.KERNEL_QUANT[variant]), 0):
         return []
     return [{"path": "local", "num_warps": w, "rows": 1, "num_stages": None, "chunk": c}
             for c in CHUNKS if c < hidden for w in warps]
@@ -250,7 +253,7 @@ def parse_option(name: str) -> dict:
 
 
 def decide_bucket(group: str, variant: str, hidden: int, tokens: int, times: dict[str, float],
-                  dtype: str = "bfloat16") -> tuple[dict, dict]:
+                  dtype: str) -> tuple[dict, dict]:
     """The bucket's table entry from every rank's option times (collective: the slowest rank
     counts, rank 0 picks), and the row of timings kept in ``--json``."""
     from fusion_passes.backends import agree
@@ -281,7 +284,7 @@ def command_line(world: int, argv: list[str] | None = None) -> str:
     return " ".join([head, "tune", *rest])
 
 
-def tune_pair(ctx, variant: str, hidden: int, dtype: str = "bfloat16") -> list[tuple[dict, dict]]:
+def tune_pair(ctx, variant: str, hidden: int, dtype: str) -> list[tuple[dict, dict]]:
     """Every bucket of one (variant, hidden) in the activation *dtype*: ``[(entry, row), ...]``."""
     import torch
 
@@ -300,10 +303,11 @@ def tune_pair(ctx, variant: str, hidden: int, dtype: str = "bfloat16") -> list[t
             entry, row = decide_bucket(ctx.group, variant, hidden, tokens, times, dtype)
             out.append((entry, row))
             if ctx.rank == 0:
-                print(f"{variant:26s} H={hidden:5d} {dtype:8s} T={tokens:5d}  {entry['pick']:7s} fused {entry['fused_us']:8.2f} us "
-                      f"({entry['path']}, {entry['num_warps']} warps, {entry['rows']} rows, stages {entry['num_stages']}"
-                      f"{', pieces of ' + str(entry['chunk']) if entry.get('chunk') else ''}"
-                      f"{', evict_first' if entry.get('evict') else ''})  unfused {entry['unfused_us']:8.2f} us "
+                launch = (f"{entry['path']}, {entry['num_warps']} warps, {entry['rows']} rows, "
+                          f"stages {entry['num_stages']}" + (f", pieces of {entry['chunk']}" if entry.get("chunk") else "")
+                          + (", evict_first" if entry.get("evict") else ""))
+                print(f"{variant:26s} H={hidden:5d} {dtype:8s} T={tokens:5d}  {entry['pick']:7s} "
+                      f"fused {entry['fused_us']:8.2f} us ({launch})  unfused {entry['unfused_us']:8.2f} us "
                       f"({entry['best_unfused']})  x{row['speedup']:.2f}", flush=True)
     return out
 

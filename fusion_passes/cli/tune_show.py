@@ -67,8 +67,8 @@ def _table_lines(raw: dict, table, used: bool) -> list[str]:
              "best unfused"]
     for (variant, hidden, dtype), entries in sorted(table.buckets.items()):
         for e in entries:
-            lines.append(f"  {variant:26s} {hidden:6d}  {dtype:8s} {e.tokens:7d}  {e.pick:7s}  {e.path:7s}  {e.num_warps or '-':>5}  "
-                         f"{_num(e.fused_us):>8}  {_num(e.unfused_us):>10}  {e.best_unfused or '-'}{_launch(e)}")
+            lines.append(f"  {variant:26s} {hidden:6d}  {dtype:8s} {e.tokens:7d}  {e.pick:7s}  {e.path:7s}  "
+                         f"{e.num_warps or '-':>5}  {_num(e.fused_us):>8}  {_num(e.unfused_us):>10}  {e.best_unfused or '-'}{_launch(e)}")
     return lines
 
 

@@ -72,6 +72,11 @@ def same_bytes(t):
     return t.contiguous().view(torch.uint8)
 
 
+def same_outputs(got, want) -> bool:
+    """Every output of one call (a :func:`run` tuple) byte-equal to another's."""
+    return all(a is None or torch.equal(same_bytes(a), same_bytes(b)) for a, b in zip(got, want))
+
+
 def exact(name, got, want):
     """Every byte equal (fp32 scales: every value), shapes and dtypes equal."""
     got = got.cpu()
@@ -360,10 +365,9 @@ def check_launch_configs(group, rank, world, tokens=1000, hidden=7168):
                         got = run(backend, variant, x, res, w, 1e-6, group, False, False, *params)
                     finally:
                         tb.FORCE.clear()
-                    for a, b_ in zip(got, want):
-                        if a is not None and not torch.equal(same_bytes(a), same_bytes(b_)):
-                            raise AssertionError(f"{variant} rows {rows} stages {stages} evict {evict}: differs "
-                                                 "from the default launch")
+                    if not same_outputs(got, want):
+                        raise AssertionError(f"{variant} rows {rows} stages {stages} evict {evict}: differs "
+                                             "from the default launch")
                     n += 1
     return f"launch configs: {n} (rows x stages x evict_first, 2 variants) byte-identical to the default launch"
 
@@ -372,8 +376,8 @@ def check_looped_configs(group, rank, world, tokens=1000):
     """The looped kernel (the row in pieces, two passes; a tuned option) against the default
     one-pass launch and an fp64 reference. Its variance sums the lanes in another order, so
     bytes may differ: the residual output must not (it is the add alone), the norm output by
-    at most two steps of its dtype (two roundings) and static FP8 codes by one, and the norm's mean distance
-    from fp64 at most 1.01x the one-pass kernel's. Cases it does not compute (a dynamic scale,
+    at most two steps of its dtype (two roundings) and static FP8 codes by one, and the norm's
+    mean distance from fp64 at most 1.01x the one-pass kernel's. Cases it does not compute (a dynamic scale,
     the norm of the unrounded fp32 sum) must run the one-pass kernel: equal bytes."""
     from fusion_passes.backends import triton as tb
 
@@ -385,8 +389,7 @@ def check_looped_configs(group, rank, world, tokens=1000):
         x = (torch.randn(tokens, hidden, device="cuda", generator=g) * 3).to(torch.bfloat16)
         res = torch.randn(tokens, hidden, device="cuda", generator=g).to(torch.bfloat16)
         w = (torch.rand(hidden, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
-        s64 = x.double() + res.double()
-        exact_norm = s64.to(torch.bfloat16).double()
+        exact_norm = (x.double() + res.double()).to(torch.bfloat16).double()
         exact_norm = exact_norm * torch.rsqrt(exact_norm.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
         for variant, params, flags in (("add_rmsnorm", (), {}), ("add_rmsnorm", (), {"sum_stored": True}),
                                        ("add_rmsnorm_fp8_static", (torch.tensor([0.02], device="cuda"),), {}),
@@ -402,9 +405,8 @@ def check_looped_configs(group, rank, world, tokens=1000):
                     tb.FORCE.clear()
                 tag = f"looped H{hidden} {variant} {flags or ''} pieces of {chunk}"
                 if variant == "add_rmsnorm_fp8_per_token" or flags.get("residual_in_fp32"):
-                    for a, b_ in zip(got, want):
-                        if a is not None and not torch.equal(same_bytes(a), same_bytes(b_)):
-                            raise AssertionError(f"{tag}: not the one-pass kernel's bytes")
+                    if not same_outputs(got, want):
+                        raise AssertionError(f"{tag}: not the one-pass kernel's bytes")
                     continue
                 norm, res_out = (got[0], got[1]) if variant == "add_rmsnorm" else (got[3], got[2])
                 norm1 = want[0] if variant == "add_rmsnorm" else want[3]
@@ -414,7 +416,8 @@ def check_looped_configs(group, rank, world, tokens=1000):
                 # 2026-12-07: 8 of 7.2M elements at 7168 in pieces of 1024 moved by two)
                 close(f"{tag} norm_out", norm, norm1, 2 * ULP[torch.bfloat16])
                 if variant == "add_rmsnorm_fp8_static":
-                    close(f"{tag} fp8 codes", got[0].float(), want[0].float(), 2.0**-3, atol=2.0**-9)  # one e4m3 step
+                    # one e4m3 step
+                    close(f"{tag} fp8 codes", got[0].float(), want[0].float(), 2.0**-3, atol=2.0**-9)
                 if not flags:
                     d_loop = (norm.double() - exact_norm).abs().mean().item()
                     d_one = (norm1.double() - exact_norm).abs().mean().item()
