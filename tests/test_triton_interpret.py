@@ -30,7 +30,8 @@ def found(tmp_path_factory):
 
 
 def test_every_case_and_config_ran(found):
-    assert set(found) == {f"{c} {k}" for c in LOOPED + ONE_PASS_ONLY for k in ("default", "rows2", "pieces1024")}
+    want = {f"{c} {k}" for c in LOOPED + ONE_PASS_ONLY for k in ("default", "rows2", "pieces1024")}
+    assert set(found) == want | {"move floor"}
 
 
 @pytest.mark.parametrize("config", ["default", "rows2", "pieces1024"])
@@ -59,3 +60,10 @@ def test_rows_never_change_bytes_and_the_looped_kernel_only_runs_where_it_comput
         assert found[f"{case} rows2"]["same_as_default"], case
     for case in ONE_PASS_ONLY:
         assert found[f"{case} pieces1024"]["same_as_default"], case
+
+
+def test_the_move_floor_kernel_moves_the_rows(found):
+    """``fusion-passes tune``'s move floor (bench_cuda.move_rows) times a kernel that must move
+    the bucket's bytes: both rows copied, or the second written as FP8 of the same shape."""
+    f = found["move floor"]
+    assert f["copies"] and f["fp8"] == "torch.float8_e4m3fn (6, 3072)", f

@@ -8,6 +8,7 @@ both time this way, so their numbers compare. Everything here but :func:`machine
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -75,6 +76,65 @@ def launch_floor_us(calls: int = 20, replays: int = 11) -> float:
 
     out = torch.empty(1, device="cuda")
     return time_graph(lambda t: _one_store[(1,)](t), (out,), calls, replays)
+
+
+MOVE_OUT = {"add_rmsnorm": None, "add_rmsnorm_fp8_static": "float8_e4m3fn",
+            "add_rmsnorm_fp8_per_token": "float8_e4m3fn", "add_rmsnorm_fp8_per_group": "float8_e4m3fn"}
+"""The variants :func:`move_floor_us` times, and the dtype of their second output (None: the
+activation dtype, the norm output); the FP4 variants' packed codes are not modelled."""
+
+
+@functools.cache
+def move_kernel():
+    """The Triton kernel :func:`move_floor_us` times: program ``i`` reads row ``i`` of ``x``
+    and of ``r`` and writes ``x`` to ``a`` and ``r``, converted to ``b``'s dtype, to ``b``.
+    Nothing is computed: the bytes of a world-size-1 add + RMSNorm (+ FP8) call, moved."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _move_rows(x_ptr, r_ptr, a_ptr, b_ptr, H: tl.constexpr, BLOCK: tl.constexpr):
+        off = tl.cast(tl.program_id(0), tl.int64) * H
+        cols = tl.arange(0, BLOCK)
+        mask = cols < H
+        tl.store(a_ptr + off + cols, tl.load(x_ptr + off + cols, mask=mask), mask=mask)
+        r = tl.load(r_ptr + off + cols, mask=mask)
+        tl.store(b_ptr + off + cols, r.to(tl.float32).to(b_ptr.dtype.element_ty), mask=mask)
+
+    return _move_rows
+
+
+def move_rows(x, r, out_dtype=None, num_warps: int = 4):
+    """One launch of :func:`move_kernel` over ``[T, H]`` rows: ``(a, b)``, ``a`` the bytes of
+    ``x`` and ``b`` ``r`` in *out_dtype* (None: ``r``'s)."""
+    import torch
+    import triton
+
+    a = torch.empty_like(x)
+    b = torch.empty(r.shape, dtype=out_dtype or r.dtype, device=r.device)
+    if x.shape[0]:
+        move_kernel()[(x.shape[0],)](x, r, a, b, x.shape[1], triton.next_power_of_2(x.shape[1]), num_warps=num_warps)
+    return a, b
+
+
+def move_floor_us(variant: str, tokens: int, hidden: int, dtype, calls: int, replays: int) -> float | None:
+    """Time (us) of moving the bytes *variant*'s world-size-1 call moves, and nothing else:
+    :func:`move_rows` over ``[tokens, hidden]`` rows of *dtype* (the input and the residual
+    read, the residual out and the norm output or the FP8 codes written; the weight and the
+    scales left out), the best of 4, 8 and 16 warps, timed as every option of ``tune``
+    (:func:`time_graph`). A fused call that reads and writes these rows once takes about this
+    at least, so a speedup target over an unfused call of ``u`` us is out of reach at this
+    bucket where ``u / target`` is below it. None for a variant it does not model (:data:`MOVE_OUT`)."""
+    import torch
+
+    if variant not in MOVE_OUT:
+        return None
+    out = MOVE_OUT[variant] and getattr(torch, MOVE_OUT[variant])
+    x = torch.randn(tokens, hidden, device="cuda").to(dtype)
+    r = torch.randn(tokens, hidden, device="cuda").to(dtype)
+    best = min(time_graph(lambda a, b, nw=nw: move_rows(a, b, out, nw), (x, r), calls, replays) for nw in (4, 8, 16))
+    del x, r
+    return best
 
 
 def copy_bandwidth() -> float:

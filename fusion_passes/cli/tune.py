@@ -19,7 +19,10 @@ token bucket, it times under CUDA graphs (``bench kernels``' machinery,
 
 First it times the launch floor (:func:`fusion_passes.cli.bench_cuda.launch_floor_us`): the
 least any option can take here, printed and kept in ``--json``, so a speedup target out of
-reach at a small bucket shows as such.
+reach at a small bucket shows as such. At world size 1 it also times, per bucket, the move
+floor (:func:`fusion_passes.cli.bench_cuda.move_floor_us`: the bucket's rows read and written
+by a kernel that computes nothing), printed on the bucket's line and kept in its ``--json`` row
+(``move_floor_us``); it decides nothing.
 
 Every rank times every option; the slowest rank's time counts and rank 0 picks the fastest
 (:func:`fusion_passes.backends.agree.decide`), so every rank writes the same table. The
@@ -35,6 +38,7 @@ calibrates.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -72,6 +76,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--with-max-autotune", action="store_true",
                         help="also count the epilogue compiled with max_autotune + coordinate_descent_tuning per "
                              "token count (slow: Inductor times its configs per shape)")
+    parser.add_argument("--move-floor", action=argparse.BooleanOptionalAction, default=True,
+                        help="at world size 1, also time each bucket's move floor: its rows read and written by a "
+                             "kernel that computes nothing (default on; calibration on first use turns it off)")
     parser.add_argument("--file", help="the measured-table file to write (or, with --show, to read) instead of "
                         "$FUSION_PASSES_TUNED or ~/.cache/fusion_passes/tuned.json")
     parser.add_argument("--json", help="also write every timing to this JSON file (rank 0)")
@@ -301,6 +308,9 @@ def tune_pair(ctx, variant: str, hidden: int, dtype: str) -> list[tuple[dict, di
         for tokens in ctx.args.tokens:
             times = _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb)
             entry, row = decide_bucket(ctx.group, variant, hidden, tokens, times, dtype)
+            floor = move_floor(ctx, variant, hidden, tokens, w.dtype)
+            if floor is not None:
+                row["move_floor_us"] = _us(floor)
             out.append((entry, row))
             if ctx.rank == 0:
                 launch = (f"{entry['path']}, {entry['num_warps']} warps, {entry['rows']} rows, "
@@ -308,7 +318,8 @@ def tune_pair(ctx, variant: str, hidden: int, dtype: str) -> list[tuple[dict, di
                           + (", evict_first" if entry.get("evict") else ""))
                 print(f"{variant:26s} H={hidden:5d} {dtype:8s} T={tokens:5d}  {entry['pick']:7s} "
                       f"fused {entry['fused_us']:8.2f} us ({launch})  unfused {entry['unfused_us']:8.2f} us "
-                      f"({entry['best_unfused']})  x{row['speedup']:.2f}", flush=True)
+                      f"({entry['best_unfused']})  x{row['speedup']:.2f}"
+                      + (f"  move floor {floor:.2f} us" if floor is not None else ""), flush=True)
     return out
 
 
@@ -323,7 +334,7 @@ def _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb) -> d
     torch.manual_seed(tokens)
     res = torch.randn(tokens, hidden, device=ctx.device).to(w.dtype)
     inputs = (x, res, w, scale)
-    calls = max(1, min(20, int(4e8 // max(br.bytes_moved(variant, tokens, hidden), 1))))
+    calls = _calls(variant, tokens, hidden)
     bk._timed(ctx, "compile_static", forms["static"], *inputs)
     if br.MAX_AUTOTUNE_FORM in forms:
         bk._timed(ctx, "compile_max_autotune", forms[br.MAX_AUTOTUNE_FORM], *inputs)
@@ -350,6 +361,22 @@ def _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb) -> d
     del x, res
     ctx.empty_cache()
     return times
+
+
+def _calls(variant: str, tokens: int, hidden: int) -> int:
+    """Calls per CUDA graph: up to 20, fewer where each moves over 20 MB."""
+    return max(1, min(20, int(4e8 // max(br.bytes_moved(variant, tokens, hidden), 1))))
+
+
+def move_floor(ctx, variant: str, hidden: int, tokens: int, dtype) -> float | None:
+    """At world size 1, the bucket's move floor (:func:`fusion_passes.cli.bench_cuda.move_floor_us`:
+    its rows read and written, nothing computed), timed as the options are; None at N (the
+    floor there is the all-reduce's) and for the variants it does not model (FP4)."""
+    if ctx.world != 1 or not getattr(ctx.args, "move_floor", True):
+        return None
+    from fusion_passes.cli import bench_cuda
+
+    return bench_cuda.move_floor_us(variant, tokens, hidden, dtype, _calls(variant, tokens, hidden), ctx.args.replays)
 
 
 def _time_fused(ctx, tb, option, fused, inputs, calls, times) -> None:
