@@ -209,6 +209,16 @@ MUTANTS = (
            "    return quant in (QUANT_NONE, QUANT_FP8_STATIC, QUANT_FP8_PER_TOKEN) and res_fp32 in (0, 1, 2)",
            ("tests/test_triton_interpret.py", "tests/test_measured.py", "-k", "interpret or looped or pieces"),
            "the looped kernel runs calls it does not compute (a per-token scale, the fp32 sum)"),
+    Mutant("tile_kernel_reduces_across_rows", "fusion_passes/backends/triton_kernels.py",
+           "    rstd = tl.math.rsqrt(tl.sum(v * v, axis=1)[:, None] / H + eps)\n",
+           "    rstd = tl.math.rsqrt(tl.sum(v * v, axis=0)[None, :] / H + eps)\n",
+           ("tests/test_triton_interpret.py",),
+           "the tile kernel's variance sums a column of rows, not a row"),
+    Mutant("tile_kernel_runs_a_dynamic_scale", "fusion_passes/backends/triton_kernels.py",
+           "    return quant in (QUANT_NONE, QUANT_FP8_STATIC)\n",
+           "    return quant in (QUANT_NONE, QUANT_FP8_STATIC, QUANT_FP8_PER_TOKEN)\n",
+           ("tests/test_triton_interpret.py", "tests/test_measured.py", "-k", "interpret or tile"),
+           "the tile kernel runs a per-token scale it does not compute"),
 )
 
 

@@ -122,6 +122,13 @@ def test_a_new_tune_replaces_its_pairs_and_keeps_the_others(machine):
     (json.dumps({"format": measured.FORMAT, "version": 2,
                  "tables": [table([entry(1, "fused", chunk=1024, path="barrier")], world_size=1)]}),
      "chunk 1024 on path 'barrier'"),
+    (json.dumps({"format": measured.FORMAT, "version": 2, "tables": [table([entry(1, "fused", tile=3)])]}),
+     "tile must be one of (1, 2, 4, 8), got 3"),
+    (json.dumps({"format": measured.FORMAT, "version": 2,
+                 "tables": [table([entry(1, "fused", tile=2, path="barrier")], world_size=1)]}),
+     "tile 2 on path 'barrier'"),
+    (json.dumps({"format": measured.FORMAT, "version": 2, "tables": [table([entry(1, "fused", tile=2, rows=2)])]}),
+     "a launch is one of the three"),
     (json.dumps({"format": measured.FORMAT, "version": 2, "tables": [table([entry(1, "fused", evict="yes")])]}),
      "evict must be true or false"),
     (json.dumps({"format": measured.FORMAT, "version": 2,
@@ -562,6 +569,25 @@ def test_a_bucket_measured_faster_in_pieces_runs_the_looped_kernel_where_it_comp
     FORCE["chunk"] = 0  # tune times the one-pass kernel whatever the table says
     try:
         assert plan(*_bound(one, 6), False, "add_rmsnorm").chunk == 0
+    finally:
+        FORCE.clear()
+
+
+def test_a_bucket_measured_faster_as_a_tile_runs_the_tile_kernel_where_it_computes_the_call(machine, fake_pg):
+    from fusion_passes.backends import triton_kernels as k
+    from fusion_passes.backends.triton import FORCE, TritonBackend, tile_rows
+    from fusion_passes.cli.model_trace import fake_world
+
+    one = "c10d:" + fake_world(1).group_name
+    measured.write(table([entry(8, "fused", num_warps=16, tile=2, evict=True), entry(64, "fused", num_warps=4)]))
+    plan = TritonBackend()._plan
+    p = plan(*_bound(one, 6), False, "add_rmsnorm")
+    assert (p.tile, p.evict, p.num_warps) == (2, True, 16) and plan(*_bound(one, 40), False, "add_rmsnorm").tile == 1
+    assert tile_rows(p, k.QUANT_NONE) == 2 and tile_rows(p, k.QUANT_FP8_STATIC) == 2
+    assert tile_rows(p, k.QUANT_FP8_PER_TOKEN) == 1 and tile_rows(p, k.QUANT_NVFP4) == 1  # one row per program
+    FORCE["tile"] = 1  # tune times one row per program whatever the table says
+    try:
+        assert plan(*_bound(one, 6), False, "add_rmsnorm").tile == 1
     finally:
         FORCE.clear()
 

@@ -17,6 +17,8 @@ import pytest
 
 LOOPED = ("add_rmsnorm", "sum_stored", "gemma", "weight_in_fp32", "no_residual", "fp8_static")
 ONE_PASS_ONLY = ("fp8_per_token", "residual_in_fp32")  # looped_supported declines them
+TILED = (*LOOPED, "residual_in_fp32")  # tile_supported takes every residual mode, no dynamic scale
+CONFIGS = ("default", "rows2", "pieces1024", "tile4")
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +32,11 @@ def found(tmp_path_factory):
 
 
 def test_every_case_and_config_ran(found):
-    want = {f"{c} {k}" for c in LOOPED + ONE_PASS_ONLY for k in ("default", "rows2", "pieces1024")}
+    want = {f"{c} {k}" for c in LOOPED + ONE_PASS_ONLY for k in CONFIGS}
     assert set(found) == want | {"move floor"}
 
 
-@pytest.mark.parametrize("config", ["default", "rows2", "pieces1024"])
+@pytest.mark.parametrize("config", CONFIGS)
 def test_the_kernel_computes_the_reference(found, config):
     """Against the reference backend, in steps of 2^-8 of the value (one bf16 step is 1-2):
     the residual within one bf16 step and the norm within four, because the interpreter
@@ -55,11 +57,20 @@ def test_the_looped_kernel_is_within_two_steps_of_the_one_pass_kernel(found):
         assert found[f"{case} pieces1024"]["norm_steps_vs_default"] <= 4.0, case
 
 
+def test_the_tile_kernel_is_within_two_steps_of_the_one_pass_kernel(found):
+    """Several rows at once as one block: the variance may sum in another order (the block's
+    layout is Triton's), so the same two bf16 steps; the residual is the add alone: equal."""
+    for case in TILED:
+        assert found[f"{case} tile4"]["norm_steps_vs_default"] <= 4.0, case
+        assert found[f"{case} tile4"]["residual_steps"] <= 2.0, case
+
+
 def test_rows_never_change_bytes_and_the_looped_kernel_only_runs_where_it_computes_the_call(found):
     for case in LOOPED + ONE_PASS_ONLY:
         assert found[f"{case} rows2"]["same_as_default"], case
     for case in ONE_PASS_ONLY:
         assert found[f"{case} pieces1024"]["same_as_default"], case
+    assert found["fp8_per_token tile4"]["same_as_default"]  # tile_supported declines a dynamic scale
 
 
 def test_the_move_floor_kernel_moves_the_rows(found):

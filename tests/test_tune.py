@@ -71,7 +71,8 @@ def test_bucket_times_every_candidate_and_every_unfused_chain(fake_pg, monkeypat
                           "none+tokdyn"}  # hidden 64: its own warp count (1) is a candidate too
     assert all(v > 0 for v in times.values())
     # forced, then cleared; one row and Triton's stages forced too (a table on disk must not change them)
-    assert seen == [{"num_warps": w, "rows": 1, "num_stages": None, "evict": False, "chunk": 0} for w in (1, 4, 8, 16)]
+    assert seen == [{"num_warps": w, "rows": 1, "num_stages": None, "evict": False, "chunk": 0, "tile": 1}
+                    for w in (1, 4, 8, 16)]
 
 
 def test_row_configs_only_at_world_size_1_where_the_programs_fill_the_sms_or_add_no_wave():
@@ -111,6 +112,27 @@ def test_the_looped_kernel_is_timed_in_pieces_below_the_hidden_size_where_it_com
         tune.parse_option("fused:local:8:x3")
 
 
+def test_the_tile_kernel_is_timed_where_its_block_fits_and_it_computes_the_variant():
+    names = [tune.option_name(o) for o in tune.tile_options(1, "add_rmsnorm", 4096, 1024, 132, (8, 16))]
+    assert names == ["fused:local:8:t2", "fused:local:16:t2", "fused:local:8:t4", "fused:local:16:t4"]
+    # 7168 (a block of 8192): 2 rows at once fit 16384 elements, 4 do not; static FP8 is computed
+    assert [tune.option_name(o) for o in tune.tile_options(1, "add_rmsnorm_fp8_static", 7168, 1024, 132, (8,))] == [
+        "fused:local:8:t2"]
+    assert tune.tile_options(1, "add_rmsnorm", 4096, 129, 132, (8,)) == []  # 129 tokens: one wave of one row
+    assert tune.tile_options(1, "add_rmsnorm_fp8_per_token", 4096, 1024, 132, (8,)) == []  # a dynamic scale
+    assert tune.tile_options(1, "add_rmsnorm_nvfp4", 4096, 1024, 132, (8,)) == []
+    assert tune.tile_options(2, "add_rmsnorm", 4096, 1024, 132, (8,)) == []
+    assert tune.tile_options(1, "add_rmsnorm", 4096, 1024, None, (8,)) == []
+    for name in ("fused:local:16:t2", "fused:local:16:t2:evict"):
+        assert tune.option_name(tune.parse_option(name)) == name
+    assert tune.parse_option("fused:local:16:t2:evict") == {"path": "local", "num_warps": 16, "rows": 1,
+                                                             "num_stages": None, "tile": 2, "evict": True}
+    # evict_first's one-row candidate is a one-row program, not a tile
+    times = {"fused:local:8": 3.0, "fused:local:16:t2": 2.0, "none+static": 1.0}
+    assert [tune.option_name(o) for o in tune.evict_options(times)] == ["fused:local:16:t2:evict",
+                                                                       "fused:local:8:evict"]
+
+
 def test_evict_first_is_tried_on_the_fastest_and_the_fastest_one_row_config():
     times = {"fused:local:4": 3.0, "fused:local:8": 2.5, "fused:local:8:r2:s1": 2.0, "fused:local:16": None,
              "none+static": 1.0}
@@ -146,11 +168,14 @@ def test_the_second_pass_times_rows_at_every_warp_count_and_the_entry_keeps_the_
     monkeypatch.setattr(bk, "_timed", lambda *a, **k: None)
     monkeypatch.setattr(bk, "_collectives", lambda ctx, x: {"none": lambda t: t})
     times = tune._bucket_times(ctx, "add_rmsnorm", 64, 4096, w, scale, forms, lambda *a: None, tb)
-    assert seen[4:20] == [{"num_warps": w, "rows": r, "num_stages": s, "evict": False, "chunk": 0}
+    assert seen[4:20] == [{"num_warps": w, "rows": r, "num_stages": s, "evict": False, "chunk": 0, "tile": 1}
                           for w in (1, 4, 8, 16) for r in (2, 4) for s in (1, 3)]  # hidden 64: 1 warp too
+    # no pieces below 64; then 2 and 4 rows at once at each warp count (the fake timer: no faster)
+    assert seen[20:28] == [{"num_warps": w, "rows": 1, "num_stages": None, "evict": False, "chunk": 0, "tile": t}
+                           for t in (2, 4) for w in (1, 4, 8, 16)]
     # then evict_first on the fastest so far (8 warps, 4 rows, 1 stage) and the fastest one-row (8 warps)
-    assert seen[20:] == [{"num_warps": 8, "rows": 4, "num_stages": 1, "evict": True, "chunk": 0},
-                        {"num_warps": 8, "rows": 1, "num_stages": None, "evict": True, "chunk": 0}]  # no pieces below 64
+    assert seen[28:] == [{"num_warps": 8, "rows": 4, "num_stages": 1, "evict": True, "chunk": 0, "tile": 1},
+                        {"num_warps": 8, "rows": 1, "num_stages": None, "evict": True, "chunk": 0, "tile": 1}]
     entry, row = tune.decide_bucket(ctx.group, "add_rmsnorm", 64, 4096, times, "bfloat16")
     assert (entry["pick"], entry["num_warps"], entry["rows"], entry["num_stages"]) == ("fused", 8, 4, 1)
     assert entry.get("evict", False) is (evict_gain > 0)

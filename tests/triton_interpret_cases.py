@@ -1,9 +1,10 @@
 """Run the triton backend's world-size-1 kernel on CPU, in Triton's interpreter.
 
 ``python tests/triton_interpret_cases.py OUT.json``: for each case, the backend's own launch
-(``TritonBackend._launch``, so its argument marshalling and the looped kernel's gating are the
-ones that run on a GPU) at the default config, at 2 rows per program and in pieces of 1024
-(the looped kernel, ``triton_kernels.epilogue_row_looped``), against the reference backend
+(``TritonBackend._launch``, so its argument marshalling and the looped and tile kernels' gating
+are the ones that run on a GPU) at the default config, at 2 rows per program, in pieces of 1024
+(the looped kernel, ``triton_kernels.epilogue_row_looped``) and 4 rows at once (the tile
+kernel, ``triton_kernels.epilogue_tile``: 6 rows, so the second block is partly masked), against the reference backend
 (``epilogue.py``); OUT gets one line of findings per case and config, which
 tests/test_triton_interpret.py asserts.
 
@@ -30,7 +31,7 @@ CASES = [  # (name, variant, flags for oracles.fused_args, params)
     ("fp8_per_token", "add_rmsnorm_fp8_per_token", {}, (None,)),  # not looped: the one-pass kernel
     ("residual_in_fp32", "add_rmsnorm", {"residual_in_fp32": True}, ()),  # not looped either
 ]
-CONFIGS = {"default": {}, "rows2": {"rows": 2}, "pieces1024": {"chunk": 1024}}
+CONFIGS = {"default": {}, "rows2": {"rows": 2}, "pieces1024": {"chunk": 1024}, "tile4": {"tile": 4}}
 T, H = 6, 3072  # 3 pieces of 1024; an odd row count for 2 rows per program
 
 

@@ -63,7 +63,8 @@ PATHS = ("local", "barrier", "lamport", "twoshot")
 VERSION_KEYS = ("torch", "triton", "driver")
 # The launch configs an entry may name besides its warps, and their values: the ones
 # ``fusion-passes tune`` times (fusion_passes/cli/tune.py ROWS, STAGES), each a valid Triton launch.
-LAUNCH = {"rows": (1, 2, 4, 8), "num_stages": (1, 2, 3, 4), "chunk": (256, 512, 1024, 2048, 4096)}
+LAUNCH = {"rows": (1, 2, 4, 8), "num_stages": (1, 2, 3, 4), "chunk": (256, 512, 1024, 2048, 4096),
+          "tile": (1, 2, 4, 8)}
 
 _log = logging.getLogger("fusion_passes")
 _warned: set[str] = set()
@@ -151,6 +152,7 @@ class Entry:
     best_unfused: str | None = None
     evict: bool | None = None  # world size 1: streamed loads evict_first (None: off)
     chunk: int | None = None  # world size 1: the row in pieces of this many elements, two passes (None: whole)
+    tile: int | None = None  # world size 1: rows per program at once, a [tile, H] block (None: one)
 
 
 def dtype_name(dtype) -> str:
@@ -242,6 +244,12 @@ def _entry(raw) -> tuple[tuple[str, int, str], Entry]:
         raise Invalid(f"rows per program {launch['rows']} on path {path_!r}: only the world-size-1 kernel takes it")
     if launch["chunk"] is not None and path_ != "local":
         raise Invalid(f"chunk {launch['chunk']} on path {path_!r}: only the world-size-1 kernel takes it")
+    if launch["tile"] is not None and launch["tile"] > 1:
+        if path_ != "local":
+            raise Invalid(f"tile {launch['tile']} on path {path_!r}: only the world-size-1 kernel takes it")
+        if launch["chunk"] is not None or (launch["rows"] or 1) > 1:
+            raise Invalid(f"tile {launch['tile']} with rows {launch['rows']} or chunk {launch['chunk']}: "
+                          "a launch is one of the three")
     times = {}
     for name in ("fused_us", "unfused_us"):
         v = raw.get(name)

@@ -285,9 +285,11 @@ class TritonBackend:
                 **plan.launch())
         else:
             chunk = looped_chunk(plan, hidden, quant, consts["RES_FP32"])
-            k.fused_allreduce_add_rmsnorm_kernel[(plan.grid,)](
+            tile = tile_rows(plan, quant)
+            grid = -(-x.shape[0] // tile) if tile > 1 else plan.grid
+            k.fused_allreduce_add_rmsnorm_kernel[(grid,)](
                 *tensors, plan.buf_ptrs, plan.sig_ptrs, *scalars, **consts, ROWS=plan.rows,
-                EVICT=plan.evict and plan.world == 1, CHUNK=chunk, **plan.launch())
+                EVICT=plan.evict and plan.world == 1, CHUNK=chunk, TILE=tile, **plan.launch())
         return _shaped(o, lead, hidden, fp4)
 
 
@@ -309,6 +311,7 @@ class _Plan:
     collective: str | None = None  # path "unfused": the measured fastest (symm.COLLECTIVES; None: the group's own)
     evict: bool = False  # world size 1: streamed loads evict_first, the weight evict_last (a tuned option)
     chunk: int = 0  # world size 1: the row in pieces of this many elements, two passes (a tuned option; 0: whole)
+    tile: int = 1  # world size 1: rows per program at once, a [tile, BLOCK] block (a tuned option)
 
     def launch(self) -> dict:
         """The launch options: warps, and the stages where a measured config names them."""
@@ -325,21 +328,32 @@ def looped_chunk(plan: _Plan, hidden: int, quant: int, res_fp32: int) -> int:
     return plan.chunk if ok else 0
 
 
+def tile_rows(plan: _Plan, quant: int) -> int:
+    """The rows each program runs at once (1: one row, or ``rows`` one after another): the
+    plan's tile, where the tile kernel computes this call (``triton_kernels.tile_supported``:
+    otherwise one row per program, whatever the table says) at world size 1."""
+    from fusion_passes.backends import triton_kernels as k
+
+    return plan.tile if plan.world == 1 and plan.tile > 1 and k.tile_supported(quant) else 1
+
+
 def _local_plan(tokens: int, nw: int, stages: int | None, entry, path: str = "local") -> _Plan:
     """A launch of the kernel at world size 1: ``rows`` rows per program (the measured entry's,
     or ``FORCE["rows"]`` while ``tune`` times it; 1 by default), ``ceil(tokens / rows)`` programs."""
     rows = FORCE.get("rows", (entry.rows if entry is not None and entry.rows else 1))
     evict = FORCE.get("evict", bool(entry is not None and entry.evict))
     chunk = FORCE.get("chunk", (entry.chunk if entry is not None and entry.chunk else 0))
-    return _Plan(max(1, -(-tokens // rows)), nw, path=path, rows=rows, num_stages=stages, evict=evict, chunk=chunk)
+    tile = FORCE.get("tile", (entry.tile if entry is not None and entry.tile else 1))
+    return _Plan(max(1, -(-tokens // rows)), nw, path=path, rows=rows, num_stages=stages, evict=evict, chunk=chunk,
+                 tile=tile)
 
 
 PATHS = ("barrier", "lamport", "twoshot")
 PATH_ENV = "FUSION_PASSES_TRITON_PATH"
 FORCE: dict = {}
 """``fusion-passes tune`` only: ``{"num_warps": n, "path": p, "rows": r, "num_stages": s, "evict": e,
-"chunk": c}`` (any of them) forced on every launch while it times the candidates (``path`` one of
-:data:`PATHS` or ``"unfused"``; ``rows``, ``evict`` and ``chunk`` at world size 1 only)."""
+"chunk": c, "tile": t}`` (any of them) forced on every launch while it times the candidates (``path`` one
+of :data:`PATHS` or ``"unfused"``; ``rows``, ``evict``, ``chunk`` and ``tile`` at world size 1 only)."""
 
 
 def path_for(world: int, tokens: int, hidden: int, itemsize: int, measured_path: str | None = None) -> str:

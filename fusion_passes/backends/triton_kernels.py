@@ -389,6 +389,46 @@ def looped_supported(quant: int, res_fp32: int) -> bool:
 
 
 @triton.jit
+def epilogue_tile(
+    pid, T, in_ptr, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, inv_scale, eps, H: tl.constexpr, BLOCK: tl.constexpr,
+    TILE: tl.constexpr, HAS_RES: tl.constexpr, RES_FP32: tl.constexpr, HAS_W: tl.constexpr, GEMMA: tl.constexpr,
+    W_FP32: tl.constexpr, WRITE_NORM: tl.constexpr, QUANT: tl.constexpr, FP8_MAX: tl.constexpr,
+    Q_RAW: tl.constexpr, EVICT: tl.constexpr,
+):
+    """:func:`epilogue_row` at world size 1 for ``TILE`` consecutive rows at once, a
+    ``[TILE, BLOCK]`` block (as Inductor's ``XBLOCK``): every row's loads in flight together,
+    one reduction per row along the block's second axis. Only where nothing after the norm
+    reduces a row again: no quant or static FP8 (:func:`tile_supported`). The variance's lanes
+    may be summed in another order than the one-pass kernel's (the block's layout is Triton's)."""
+    act = res_out_ptr.dtype.element_ty
+    out_ty = norm_ptr.dtype.element_ty
+    rows = pid * TILE + tl.arange(0, TILE)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    mask = (rows < T) & (cols < H)
+    off = tl.cast(rows, tl.int64) * H + cols
+    s = _stream(in_ptr + off, mask, EVICT).to(tl.float32)
+    v = s
+    if HAS_RES:
+        s, v = _add_residual(s, _stream(res_ptr + off, mask, EVICT).to(tl.float32), act, RES_FP32)
+    tl.store(res_out_ptr + off, s.to(act), mask=mask)
+    rstd = tl.math.rsqrt(tl.sum(v * v, axis=1)[:, None] / H + eps)
+    if HAS_W:
+        w = w[None, :]
+    y, yq = _scale(s, rstd, w, HAS_W, GEMMA, W_FP32, act, out_ty, Q_RAW == 1)
+    if WRITE_NORM:
+        tl.store(norm_ptr + off, y.to(out_ty), mask=mask)
+    if QUANT == 1:  # epilogue.fp8_static: y * (1 / scale)
+        q = tl.clamp(yq * inv_scale, -FP8_MAX, FP8_MAX)
+        tl.store(q_ptr + off, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def tile_supported(quant: int) -> bool:
+    """Whether :func:`epilogue_tile` computes this call: no dynamic scale (a row's amax, or a
+    group's, is laid out for one row per program) and no FP4."""
+    return quant in (QUANT_NONE, QUANT_FP8_STATIC)
+
+
+@triton.jit
 def fused_allreduce_add_rmsnorm_kernel(
     in_ptr,
     res_ptr,
@@ -428,6 +468,7 @@ def fused_allreduce_add_rmsnorm_kernel(
     ROWS: tl.constexpr = 1,  # world size 1: rows per program (a tuned launch config)
     EVICT: tl.constexpr = False,  # world size 1: streamed loads evict_first (a tuned launch config)
     CHUNK: tl.constexpr = 0,  # world size 1: the row in CHUNK-wide pieces, two passes (a tuned launch config; 0: whole)
+    TILE: tl.constexpr = 1,  # world size 1: TILE rows at once, a [TILE, BLOCK] block (a tuned launch config)
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -443,7 +484,10 @@ def fused_allreduce_add_rmsnorm_kernel(
     # epilogue.nvfp4: 1 / global_scale, with vLLM's get_reciprocal (1/0 := 1e-8)
     inv_gs = tl.math.div_rn(1.0, gs + (gs == 0).to(tl.float32) * 1e8) if QUANT == 4 else 0.0
 
-    if WS == 1 and CHUNK > 0:  # ROWS rows per program, each in CHUNK-wide pieces (epilogue_row_looped)
+    if WS == 1 and TILE > 1:  # TILE rows per program at once (epilogue_tile)
+        epilogue_tile(pid, T, in_ptr, res_ptr, w, res_out_ptr, norm_ptr, q_ptr, inv_scale, eps, H, BLOCK,
+                      TILE, HAS_RES, RES_FP32, HAS_W, GEMMA, W_FP32, WRITE_NORM, QUANT, FP8_MAX, Q_RAW, EVICT)
+    elif WS == 1 and CHUNK > 0:  # ROWS rows per program, each in CHUNK-wide pieces (epilogue_row_looped)
         for row in range(pid * ROWS, tl.minimum(pid * ROWS + ROWS, T)):
             epilogue_row_looped(row, in_ptr, res_ptr, w_ptr, res_out_ptr, norm_ptr, q_ptr, inv_scale, eps, H, CHUNK,
                                 HAS_RES, RES_FP32, HAS_W, GEMMA, W_FP32, WRITE_NORM, QUANT, FP8_MAX, Q_RAW, EVICT)

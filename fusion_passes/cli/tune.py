@@ -10,8 +10,9 @@ token bucket, it times under CUDA graphs (``bench kernels``' machinery,
   world size 1, rows per program (2, 4: where the bucket still fills every SM with programs
   or adds no wave) at each warp count and pipelining depth (``num_stages`` 1, 3), the
   looped kernel (the row in pieces of 1024 or 2048, two passes, as Inductor's looped
-  reductions; add + RMSNorm and static FP8) at each warp count, and last
-  the fastest config so far and the fastest one-row config with their streamed loads
+  reductions; add + RMSNorm and static FP8) at each warp count, the tile kernel (2 or 4 rows
+  at once as one block, as Inductor's ``XBLOCK``; add + RMSNorm and static FP8) at each warp
+  count, and last the fastest config so far and the fastest one-row config with their streamed loads
   ``evict_first`` (the weight ``evict_last``, as Inductor marks them), one coordinate at a time as Inductor's
   coordinate descent does, to keep the options few;
 * every unfused chain: each collective (none at 1; NCCL, symm-mem one-shot and two-shot at
@@ -55,6 +56,12 @@ STAGES = (1, 3)  # num_stages timed with them (3: Triton's default on NVIDIA)
 # Inductor's looped add + RMSNorm beat the one-pass kernel at 4096 x 512 and 8192 x 256 on 1x H100
 # (results/tune_h100_ws1_add_rmsnorm_maxat_session9.json); powers of two below the hidden size.
 CHUNKS = (1024, 2048)
+# Rows per program at once (a [tile, H] block, triton_kernels.epilogue_tile) timed at world size 1, up to
+# TILE_ELEMS elements a block: on 1x H100 2 rows at once at 16 warps with evict_first took 7168 x 1024 from
+# 18.09 (one row) to 17.95 us, the only config above Inductor's 18.45 by more than 2% (.whl experiment in
+# results/README.md, session 11).
+TILES = (2, 4)
+TILE_ELEMS = 16384
 MP_PATHS = ("barrier", "lamport", "twoshot")
 DEFAULT_TOKENS = br.DEFAULT_TOKENS
 
@@ -215,6 +222,20 @@ def chunk_options(world: int, variant: str, hidden: int, sm_count: int | None, w
             for c in CHUNKS if c < hidden for w in warps]
 
 
+def tile_options(world: int, variant: str, hidden: int, tokens: int, sm_count: int | None, warps) -> list[dict]:
+    """The fourth pass at world size 1: the tile kernel, each of :data:`TILES` rows at once where
+    :func:`rows_fit` admits them and the block holds at most :data:`TILE_ELEMS` elements, at each
+    of *warps*, for the variants it computes (``triton_kernels.tile_supported``)."""
+    from fusion_passes.backends import triton as tb
+    from fusion_passes.backends import triton_kernels as k
+
+    if world != 1 or sm_count is None or not k.tile_supported(getattr(k, tb.KERNEL_QUANT[variant])):
+        return []
+    block = 1 << max(0, (hidden - 1).bit_length())
+    return [{"path": "local", "num_warps": w, "rows": 1, "num_stages": None, "tile": t}
+            for t in TILES if t * block <= TILE_ELEMS and rows_fit(tokens, t, sm_count) for w in warps]
+
+
 def evict_options(times: dict[str, float | None]) -> list[dict]:
     """The last pass at world size 1: the fastest fused config so far and the fastest with one
     row per program (the two differ where more rows won), each with its streamed loads
@@ -222,27 +243,29 @@ def evict_options(times: dict[str, float | None]) -> list[dict]:
     1024 tokens from 22.0 to 20.3 us at one row and 2 rows at 4096 x 1024 from 7.3 to 10.6 us
     (results/tune_h100_ws1_add_rmsnorm_evict.json)."""
     timed = {k: v for k, v in times.items() if k.startswith("fused:") and v is not None}
-    one_row = {k: v for k, v in timed.items() if parse_option(k)["rows"] == 1}
+    one_row = {k: v for k, v in timed.items() if parse_option(k)["rows"] == 1 and not parse_option(k).get("tile")}
     picks = [min(d, key=lambda k: (d[k], k)) for d in (timed, one_row) if d]
     return [{**parse_option(k), "evict": True} for k in dict.fromkeys(picks)]
 
 
 def option_name(o: dict) -> str:
     """``fused:PATH:WARPS``, then ``:rROWS:sSTAGES`` where either is not the default (one
-    row, Triton's stages), ``:cCHUNK`` for the looped kernel, then ``:evict`` where the
-    streamed loads are ``evict_first``."""
+    row, Triton's stages), ``:cCHUNK`` for the looped kernel, ``:tTILE`` for the tile kernel,
+    then ``:evict`` where the streamed loads are ``evict_first``."""
     name = f"fused:{o['path']}:{o['num_warps']}"
     if o.get("rows", 1) != 1 or o.get("num_stages") is not None:
         name += f":r{o.get('rows', 1)}:s{o.get('num_stages')}"
     if o.get("chunk"):
         name += f":c{o['chunk']}"
+    if o.get("tile", 1) > 1:
+        name += f":t{o['tile']}"
     return name + (":evict" if o.get("evict") else "")
 
 
 def parse_option(name: str) -> dict:
     """:func:`option_name` read back: ``{"path", "num_warps", "rows", "num_stages"}``, with
-    ``"chunk"`` for the looped kernel and ``"evict": True`` for a config timed with its
-    streamed loads ``evict_first``."""
+    ``"chunk"`` for the looped kernel, ``"tile"`` for the tile kernel and ``"evict": True`` for
+    a config timed with its streamed loads ``evict_first``."""
     _, path, warps, *rest = name.split(":")
     o = {"path": path, "num_warps": int(warps), "rows": 1, "num_stages": None}
     for part in rest:
@@ -254,6 +277,8 @@ def parse_option(name: str) -> dict:
             o["num_stages"] = None if part[1:] == "None" else int(part[1:])
         elif part[0] == "c":
             o["chunk"] = int(part[1:])
+        elif part[0] == "t":
+            o["tile"] = int(part[1:])
         else:
             raise ValueError(f"not a fused option name: {name!r}")
     return o
@@ -315,6 +340,7 @@ def tune_pair(ctx, variant: str, hidden: int, dtype: str) -> list[tuple[dict, di
             if ctx.rank == 0:
                 launch = (f"{entry['path']}, {entry['num_warps']} warps, {entry['rows']} rows, "
                           f"stages {entry['num_stages']}" + (f", pieces of {entry['chunk']}" if entry.get("chunk") else "")
+                          + (f", {entry['tile']} rows at once" if entry.get("tile") else "")
                           + (", evict_first" if entry.get("evict") else ""))
                 print(f"{variant:26s} H={hidden:5d} {dtype:8s} T={tokens:5d}  {entry['pick']:7s} "
                       f"fused {entry['fused_us']:8.2f} us ({launch})  unfused {entry['unfused_us']:8.2f} us "
@@ -345,8 +371,8 @@ def _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb) -> d
         first = {k: v for k, v in times.items() if v is not None}
         warps = sorted({parse_option(k)["num_warps"] for k in first}) or [tb.num_warps_for(hidden)]
         fill = programs_to_fill(x.device)
-        for option in row_options(ctx.world, tokens, fill, warps) + chunk_options(ctx.world, variant, hidden, fill,
-                                                                                   warps):
+        for option in (row_options(ctx.world, tokens, fill, warps) + chunk_options(ctx.world, variant, hidden, fill, warps)
+                       + tile_options(ctx.world, variant, hidden, tokens, fill, warps)):
             _time_fused(ctx, tb, option, fused, inputs, calls, times)
         if fill is not None:  # then evict_first on the fastest config so far and the fastest one-row config
             for option in evict_options(times):
@@ -383,7 +409,7 @@ def _time_fused(ctx, tb, option, fused, inputs, calls, times) -> None:
     """Time the fused call at one launch config (forced on the backend) into *times*. At world
     size 1 every launch field is forced (one row, Triton's stages unless named), so that no
     entry of a table already on disk changes the config being timed."""
-    local = {"rows": 1, "num_stages": None, "evict": False, "chunk": 0,
+    local = {"rows": 1, "num_stages": None, "evict": False, "chunk": 0, "tile": 1,
              **{k: v for k, v in option.items() if k != "path"}}
     tb.FORCE.update(option if option["path"] != "local" else local)
     try:

@@ -76,6 +76,7 @@ def _launch(e) -> str:
     """The entry's launch options beyond warps, where they are not the defaults."""
     parts = ([f"{e.rows} rows"] if e.rows and e.rows > 1 else []) + \
         ([f"stages {e.num_stages}"] if e.num_stages else []) + ([f"pieces of {e.chunk}"] if e.chunk else []) + \
+        ([f"{e.tile} rows at once"] if e.tile and e.tile > 1 else []) + \
         (["evict_first"] if e.evict else [])
     return f"  ({', '.join(parts)})" if parts else ""
 

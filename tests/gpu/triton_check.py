@@ -373,16 +373,18 @@ def check_launch_configs(group, rank, world, tokens=1000, hidden=7168):
 
 
 def check_looped_configs(group, rank, world, tokens=1000):
-    """The looped kernel (the row in pieces, two passes; a tuned option) against the default
-    one-pass launch and an fp64 reference. Its variance sums the lanes in another order, so
-    bytes may differ: the residual output must not (it is the add alone), the norm output by
-    at most two steps of its dtype (two roundings) and static FP8 codes by one, and the norm's
-    mean distance from fp64 at most 1.01x the one-pass kernel's. Cases it does not compute (a dynamic scale,
-    the norm of the unrounded fp32 sum) must run the one-pass kernel: equal bytes."""
+    """The looped kernel (the row in pieces, two passes) and the tile kernel (2 or 4 rows at
+    once as one block), tuned options, against the default one-pass launch and an fp64
+    reference. Each may sum the variance's lanes in another order, so bytes may differ: the
+    residual output must not (it is the add alone), the norm output by at most two steps of
+    its dtype (two roundings) and static FP8 codes by one, and the norm's mean distance from
+    fp64 at most 1.01x the one-pass kernel's. Cases one does not compute (a dynamic scale; for
+    the looped kernel the norm of the unrounded fp32 sum too) must run the one-pass kernel:
+    equal bytes."""
     from fusion_passes.backends import triton as tb
 
     if world != 1:
-        return "looped configs: world size 1 only (skipped)"
+        return "looped and tile configs: world size 1 only (skipped)"
     g = torch.Generator(device="cuda").manual_seed(11)
     backend, lines = TritonBackend(), []
     for hidden in (4096, 7168):
@@ -397,14 +399,16 @@ def check_looped_configs(group, rank, world, tokens=1000):
                                        ("add_rmsnorm", (), {"residual_in_fp32": True})):
             kw = dict(with_norm_out=variant != "add_rmsnorm", **flags)
             want = run(backend, variant, x, res, w, 1e-6, group, False, False, *params, **kw)
-            for chunk in (1024, 2048):
-                tb.FORCE["chunk"] = chunk
+            for force in ({"chunk": 1024}, {"chunk": 2048}, {"tile": 2}, {"tile": 4}):
+                tb.FORCE.update(force)
                 try:
                     got = run(backend, variant, x, res, w, 1e-6, group, False, False, *params, **kw)
                 finally:
                     tb.FORCE.clear()
-                tag = f"looped H{hidden} {variant} {flags or ''} pieces of {chunk}"
-                if variant == "add_rmsnorm_fp8_per_token" or flags.get("residual_in_fp32"):
+                looped = "chunk" in force
+                tag = (f"{'looped' if looped else 'tile'} H{hidden} {variant} {flags or ''} "
+                       f"{'pieces of ' + str(force['chunk']) if looped else str(force['tile']) + ' rows at once'}")
+                if variant == "add_rmsnorm_fp8_per_token" or (looped and flags.get("residual_in_fp32")):
                     if not same_outputs(got, want):
                         raise AssertionError(f"{tag}: not the one-pass kernel's bytes")
                     continue
@@ -419,14 +423,15 @@ def check_looped_configs(group, rank, world, tokens=1000):
                     # one e4m3 step
                     close(f"{tag} fp8 codes", got[0].float(), want[0].float(), 2.0**-3, atol=2.0**-9)
                 if not flags:
-                    d_loop = (norm.double() - exact_norm).abs().mean().item()
+                    d_new = (norm.double() - exact_norm).abs().mean().item()
                     d_one = (norm1.double() - exact_norm).abs().mean().item()
-                    if d_loop > 1.01 * d_one:
-                        raise AssertionError(f"{tag}: {d_loop:.3g} from fp64, the one-pass kernel {d_one:.3g}")
-                lines.append(f"{(norm != norm1).sum().item()}")
-    return (f"looped configs: {len(lines)} (pieces of 1024 / 2048, H 4096 / 7168): residual bytes equal, norm within "
-            f"two bf16 steps (differing elements of {tokens} rows: {' '.join(lines)}); per-token FP8 and the fp32 sum: "
-            "the one-pass kernel's bytes")
+                    if d_new > 1.01 * d_one:
+                        raise AssertionError(f"{tag}: {d_new:.3g} from fp64, the one-pass kernel {d_one:.3g}")
+                lines.append(f"{'c' if looped else 't'}{force.get('chunk', force.get('tile'))}:"
+                             f"{(norm != norm1).sum().item()}")
+    return (f"looped and tile configs: {len(lines)} (pieces of 1024 / 2048, 2 / 4 rows at once, H 4096 / 7168): "
+            f"residual bytes equal, norm within two bf16 steps (differing elements of {tokens} rows: {' '.join(lines)}); "
+            "per-token FP8 (and, looped, the fp32 sum): the one-pass kernel's bytes")
 
 
 def main() -> int:
