@@ -57,9 +57,8 @@ STAGES = (1, 3)  # num_stages timed with them (3: Triton's default on NVIDIA)
 # (results/tune_h100_ws1_add_rmsnorm_maxat_session9.json); powers of two below the hidden size.
 CHUNKS = (1024, 2048)
 # Rows per program at once (a [tile, H] block, triton_kernels.epilogue_tile) timed at world size 1, up to
-# TILE_ELEMS elements a block: on 1x H100 2 rows at once at 16 warps with evict_first took 7168 x 1024 from
-# 18.09 (one row) to 17.95 us, the only config above Inductor's 18.45 by more than 2% (.whl experiment in
-# results/README.md, session 11).
+# TILE_ELEMS elements a block: on 1x H100 2 rows at once at 16 warps with evict_first ran 7168 x 1024 in
+# 17.95 us, one row 18.09, Inductor 18.45 (tools/ab_kernel_shapes.py, results/ab_kernel_shapes_h100_session11.json).
 TILES = (2, 4)
 TILE_ELEMS = 16384
 MP_PATHS = ("barrier", "lamport", "twoshot")
