@@ -625,7 +625,7 @@ def test_every_shipped_table_parses_and_names_its_runs():
         (raw,) = measured.read_file(f)
         table = measured.parse_table(raw, f.name)
         assert table.key["gpu"] == H100 and table.key["world_size"] == 1
-        assert raw["command"].startswith("python -m tools.merge_tuned results/") and len(raw["sources"]) == 3
+        assert raw["command"].startswith("python -m tools.merge_tuned results/") and len(raw["sources"]) == 6
         assert all(s["command"].startswith("fusion-passes tune") for s in raw["sources"])
         assert set(table.buckets) == {("add_rmsnorm", h, "bfloat16") for h in (4096, 7168, 8192)}
 

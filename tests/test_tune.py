@@ -127,10 +127,13 @@ def test_the_tile_kernel_is_timed_where_its_block_fits_and_it_computes_the_varia
         assert tune.option_name(tune.parse_option(name)) == name
     assert tune.parse_option("fused:local:16:t2:evict") == {"path": "local", "num_warps": 16, "rows": 1,
                                                              "num_stages": None, "tile": 2, "evict": True}
-    # evict_first's one-row candidate is a one-row program, not a tile
+    # evict_first's one-row candidate is a one-row program, not a tile; the fastest tile is one too
     times = {"fused:local:8": 3.0, "fused:local:16:t2": 2.0, "none+static": 1.0}
     assert [tune.option_name(o) for o in tune.evict_options(times)] == ["fused:local:16:t2:evict",
                                                                        "fused:local:8:evict"]
+    times.update({"fused:local:8:r2:s1": 1.5})
+    assert [tune.option_name(o) for o in tune.evict_options(times)] == [
+        "fused:local:8:r2:s1:evict", "fused:local:8:evict", "fused:local:16:t2:evict"]
 
 
 def test_evict_first_is_tried_on_the_fastest_and_the_fastest_one_row_config():
@@ -173,9 +176,11 @@ def test_the_second_pass_times_rows_at_every_warp_count_and_the_entry_keeps_the_
     # no pieces below 64; then 2 and 4 rows at once at each warp count (the fake timer: no faster)
     assert seen[20:28] == [{"num_warps": w, "rows": 1, "num_stages": None, "evict": False, "chunk": 0, "tile": t}
                            for t in (2, 4) for w in (1, 4, 8, 16)]
-    # then evict_first on the fastest so far (8 warps, 4 rows, 1 stage) and the fastest one-row (8 warps)
+    # then evict_first on the fastest so far (8 warps, 4 rows, 1 stage), the fastest one-row (8 warps)
+    # and the fastest tile (8 warps, 2 rows at once: tied with 4, the first name)
     assert seen[28:] == [{"num_warps": 8, "rows": 4, "num_stages": 1, "evict": True, "chunk": 0, "tile": 1},
-                        {"num_warps": 8, "rows": 1, "num_stages": None, "evict": True, "chunk": 0, "tile": 1}]
+                        {"num_warps": 8, "rows": 1, "num_stages": None, "evict": True, "chunk": 0, "tile": 1},
+                        {"num_warps": 8, "rows": 1, "num_stages": None, "evict": True, "chunk": 0, "tile": 2}]
     entry, row = tune.decide_bucket(ctx.group, "add_rmsnorm", 64, 4096, times, "bfloat16")
     assert (entry["pick"], entry["num_warps"], entry["rows"], entry["num_stages"]) == ("fused", 8, 4, 1)
     assert entry.get("evict", False) is (evict_gain > 0)

@@ -97,8 +97,9 @@ def move_kernel():
         off = tl.cast(tl.program_id(0), tl.int64) * H
         cols = tl.arange(0, BLOCK)
         mask = cols < H
-        tl.store(a_ptr + off + cols, tl.load(x_ptr + off + cols, mask=mask), mask=mask)
-        r = tl.load(r_ptr + off + cols, mask=mask)
+        x = tl.load(x_ptr + off + cols, mask=mask)  # both loads before either store, as the fused kernel
+        r = tl.load(r_ptr + off + cols, mask=mask)  # orders them (a store first may hold the second load back)
+        tl.store(a_ptr + off + cols, x, mask=mask)
         tl.store(b_ptr + off + cols, r.to(tl.float32).to(b_ptr.dtype.element_ty), mask=mask)
 
     return _move_rows

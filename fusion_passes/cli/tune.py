@@ -12,7 +12,7 @@ token bucket, it times under CUDA graphs (``bench kernels``' machinery,
   looped kernel (the row in pieces of 1024 or 2048, two passes, as Inductor's looped
   reductions; add + RMSNorm and static FP8) at each warp count, the tile kernel (2 or 4 rows
   at once as one block, as Inductor's ``XBLOCK``; add + RMSNorm and static FP8) at each warp
-  count, and last the fastest config so far and the fastest one-row config with their streamed loads
+  count, and last the fastest config so far, the fastest one-row config and the fastest tile with their streamed loads
   ``evict_first`` (the weight ``evict_last``, as Inductor marks them), one coordinate at a time as Inductor's
   coordinate descent does, to keep the options few;
 * every unfused chain: each collective (none at 1; NCCL, symm-mem one-shot and two-shot at
@@ -236,14 +236,16 @@ def tile_options(world: int, variant: str, hidden: int, tokens: int, sm_count: i
 
 
 def evict_options(times: dict[str, float | None]) -> list[dict]:
-    """The last pass at world size 1: the fastest fused config so far and the fastest with one
-    row per program (the two differ where more rows won), each with its streamed loads
-    ``evict_first``. Both, because the option interacts with rows: on 1x H100 it took 7168 x
+    """The last pass at world size 1: the fastest fused config so far, the fastest with one
+    row per program and the fastest tile (they differ where more rows won), each with its
+    streamed loads ``evict_first`` (the tile kernel won 7168 x 1024 on 1x H100 only with it,
+    tools/ab_kernel_shapes.py). Both, because the option interacts with rows: on 1x H100 it took 7168 x
     1024 tokens from 22.0 to 20.3 us at one row and 2 rows at 4096 x 1024 from 7.3 to 10.6 us
     (results/tune_h100_ws1_add_rmsnorm_evict.json)."""
     timed = {k: v for k, v in times.items() if k.startswith("fused:") and v is not None}
     one_row = {k: v for k, v in timed.items() if parse_option(k)["rows"] == 1 and not parse_option(k).get("tile")}
-    picks = [min(d, key=lambda k: (d[k], k)) for d in (timed, one_row) if d]
+    tiles = {k: v for k, v in timed.items() if parse_option(k).get("tile")}
+    picks = [min(d, key=lambda k: (d[k], k)) for d in (timed, one_row, tiles) if d]
     return [{**parse_option(k), "evict": True} for k in dict.fromkeys(picks)]
 
 
@@ -373,7 +375,7 @@ def _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb) -> d
         for option in (row_options(ctx.world, tokens, fill, warps) + chunk_options(ctx.world, variant, hidden, fill, warps)
                        + tile_options(ctx.world, variant, hidden, tokens, fill, warps)):
             _time_fused(ctx, tb, option, fused, inputs, calls, times)
-        if fill is not None:  # then evict_first on the fastest config so far and the fastest one-row config
+        if fill is not None:  # then evict_first on the fastest so far, one-row and tile configs
             for option in evict_options(times):
                 _time_fused(ctx, tb, option, fused, inputs, calls, times)
     for coll_name, coll in bk._collectives(ctx, x).items():
