@@ -210,13 +210,17 @@ def test_show_prints_each_entry_and_its_source(monkeypatch, tmp_path):
                                  "best_unfused": "none+static"},
                                 {"variant": "add_rmsnorm", "hidden": 7168, "dtype": "float16", "tokens": 2048, "pick": "fused",
                                  "path": "local", "num_warps": 4, "rows": 2, "num_stages": 1, "evict": True,
-                                 "fused_us": 40.1, "unfused_us": 43.2, "best_unfused": "none+static"}]}, file)
+                                 "fused_us": 40.1, "unfused_us": 43.2, "best_unfused": "none+static"},
+                                {"variant": "add_rmsnorm", "hidden": 7168, "dtype": "float16", "tokens": 4096, "pick": "fused",
+                                 "path": "local", "num_warps": 16, "tile": 2, "fused_us": 80.5, "unfused_us": 84.0,
+                                 "best_unfused": "none+static"}]}, file)
     text = tune_show.render(str(file))
     measured.reset()
     assert f"measured tables in {file}:" in text and "NVIDIA H200, world size 1" in text and "[used here]" in text
     assert "from `fusion-passes tune --hidden 7168` at 2026-12-06T20:35:00Z" in text
     assert "add_rmsnorm                  7168  bfloat16    1024  unfused  local        8     16.71       16.13  none+static\n" in text
     assert "7168  float16     2048  fused    local        4     40.10       43.20  none+static  (2 rows, stages 1, evict_first)" in text
+    assert "7168  float16     4096  fused    local       16     80.50       84.00  none+static  (2 rows at once)" in text
     assert "the shipped table" in text.splitlines()[-1]
     monkeypatch.setenv("WORLD_SIZE", "abc")  # a bad WORLD_SIZE is a usage error naming it (exit 2), not a crash
     assert cli_main(["tune", "--show", "--file", str(file)]) == 2

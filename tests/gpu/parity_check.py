@@ -256,7 +256,7 @@ def launch_text(quant, tokens, hidden, device) -> str:
     if e is None:
         return "no measured entry: the shipped rules"
     return (f"{e.pick}, {e.num_warps} warps, rows {e.rows or 1}, pieces {e.chunk or 'whole'}"
-            f"{', evict_first' if e.evict else ''}")
+            f"{f', {e.tile} rows at once' if e.tile and e.tile > 1 else ''}{', evict_first' if e.evict else ''}")
 
 
 def cases(group):
