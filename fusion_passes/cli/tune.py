@@ -160,11 +160,14 @@ def _tune(args) -> int:
 
         where = measured.write(table, pathlib.Path(args.file) if args.file else None)
         print(f"wrote {len(entries)} entries for {key['gpu']} at world size {world} to {where} "
-              f"({time.perf_counter() - start:.0f} s; per pair: {seconds})")
+              f"({time.perf_counter() - start:.0f} s; per pair: {seconds}; compiling Inductor's forms: "
+              f"{', '.join(f'{k[8:]} {v:.1f} s' for k, v in ctx.phases.items() if k.startswith('compile_') and v)})")
         if args.json:
             pathlib.Path(args.json).write_text(json.dumps({
                 "command": table["command"], "machine": bench_cuda.machine(), "versions": bench_cuda.versions(),
-                "key": key, "seconds_per_pair": seconds, "launch_floor_us": round(floor, 3), "rows": rows}, indent=1))
+                "key": key, "seconds_per_pair": seconds,
+                "phases_s": {k: round(v, 1) for k, v in ctx.phases.items() if v}, "launch_floor_us": round(floor, 3),
+                "rows": rows}, indent=1))
     dist.barrier()
     dist.destroy_process_group()
     return 0
