@@ -62,7 +62,7 @@ PICKS = ("fused", "unfused")
 PATHS = ("local", "barrier", "lamport", "twoshot")
 VERSION_KEYS = ("torch", "triton", "driver")
 # The launch configs an entry may name besides its warps, and their values: the ones
-# ``fusion-passes tune`` times (fusion_passes/cli/tune.py ROWS, STAGES), each a valid Triton launch.
+# ``fusion-passes tune`` times (fusion_passes/cli/tune.py ROWS, STAGES, CHUNKS, TILES), each a valid Triton launch.
 LAUNCH = {"rows": (1, 2, 4, 8), "num_stages": (1, 2, 3, 4), "chunk": (256, 512, 1024, 2048, 4096),
           "tile": (1, 2, 4, 8)}
 
