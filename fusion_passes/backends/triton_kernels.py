@@ -27,7 +27,9 @@ codes, e4m3 / E8M0 scales, swizzle padding) to fusion_passes.epilogue on an H200
 
 World size 1: no symmetric memory, no barriers; one program per row (or per ``ROWS``
 consecutive rows, a launch config ``fusion-passes tune`` may pick with the warps and
-``num_stages``) reads the input in place (a fused add + RMSNorm (+ quant) kernel).
+``num_stages``; or the row in ``CHUNK``-wide pieces, :func:`epilogue_row_looped`; or ``TILE``
+rows at once, :func:`epilogue_tile`) reads the input in place (a fused add + RMSNorm (+ quant)
+kernel).
 
 World size > 1 (one-shot): a persistent grid of ``G`` programs; program ``b`` copies
 rows ``b, b+G, ...`` of its input into this rank's symmetric buffer, meets program ``b``

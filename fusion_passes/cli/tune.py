@@ -12,9 +12,10 @@ token bucket, it times under CUDA graphs (``bench kernels``' machinery,
   looped kernel (the row in pieces of 1024 or 2048, two passes, as Inductor's looped
   reductions; add + RMSNorm and static FP8) at each warp count, the tile kernel (2 or 4 rows
   at once as one block, as Inductor's ``XBLOCK``; add + RMSNorm and static FP8) at each warp
-  count, and last the fastest config so far, the fastest one-row config and the fastest tile with their streamed loads
-  ``evict_first`` (the weight ``evict_last``, as Inductor marks them), one coordinate at a time as Inductor's
-  coordinate descent does, to keep the options few;
+  count, and last the fastest config so far, the fastest one-row config and the fastest tile
+  with their streamed loads ``evict_first`` (the weight ``evict_last``, as Inductor marks
+  them), one coordinate at a time as Inductor's coordinate descent does, to keep the options
+  few;
 * every unfused chain: each collective (none at 1; NCCL, symm-mem one-shot and two-shot at
   N) + the epilogue compiled by Inductor (static per token count, token-dynamic).
 
@@ -241,13 +242,14 @@ def tile_options(world: int, variant: str, hidden: int, tokens: int, sm_count: i
 def evict_options(times: dict[str, float | None]) -> list[dict]:
     """The last pass at world size 1: the fastest fused config so far, the fastest with one
     row per program and the fastest tile (they differ where more rows won), each with its
-    streamed loads ``evict_first`` (the tile kernel won 7168 x 1024 on 1x H100 only with it,
-    tools/ab_kernel_shapes.py). Both, because the option interacts with rows: on 1x H100 it took 7168 x
-    1024 tokens from 22.0 to 20.3 us at one row and 2 rows at 4096 x 1024 from 7.3 to 10.6 us
-    (results/tune_h100_ws1_add_rmsnorm_evict.json)."""
+    streamed loads ``evict_first``. Each, because the option interacts with the launch: on 1x
+    H100 it took 7168 x 1024 tokens from 22.0 to 20.3 us at one row and 2 rows at 4096 x 1024
+    from 7.3 to 10.6 us (results/tune_h100_ws1_add_rmsnorm_evict.json), and the tile kernel
+    beat one row at 7168 x 1024 only with it (tools/ab_kernel_shapes.py)."""
     timed = {k: v for k, v in times.items() if k.startswith("fused:") and v is not None}
-    one_row = {k: v for k, v in timed.items() if parse_option(k)["rows"] == 1 and not parse_option(k).get("tile")}
-    tiles = {k: v for k, v in timed.items() if parse_option(k).get("tile")}
+    launch = {k: parse_option(k) for k in timed}
+    one_row = {k: v for k, v in timed.items() if launch[k]["rows"] == 1 and not launch[k].get("tile")}
+    tiles = {k: v for k, v in timed.items() if launch[k].get("tile")}
     picks = [min(d, key=lambda k: (d[k], k)) for d in (timed, one_row, tiles) if d]
     return [{**parse_option(k), "evict": True} for k in dict.fromkeys(picks)]
 
