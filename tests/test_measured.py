@@ -5,6 +5,8 @@ handing its compile range to the selector. The GPU is faked: a name and versions
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import pathlib
@@ -554,18 +556,25 @@ def test_a_bucket_measured_faster_with_evict_first_launches_with_it(machine, fak
 
 def test_a_bucket_measured_faster_in_pieces_runs_the_looped_kernel_where_it_computes_the_call(machine, fake_pg):
     from fusion_passes.backends import triton_kernels as k
-    from fusion_passes.backends.triton import FORCE, TritonBackend, looped_chunk
+    from fusion_passes.backends.triton import FORCE, TritonBackend, world1_form
     from fusion_passes.cli.model_trace import fake_world
 
     one = "c10d:" + fake_world(1).group_name
-    measured.write(table([entry(8, "fused", num_warps=4, chunk=2048), entry(64, "fused", num_warps=4)]))
+    pieces = [entry(8, "fused", num_warps=4, chunk=2048), entry(64, "fused", num_warps=4)]
+    measured.write(table(pieces + [dict(e, variant="add_rmsnorm_fp8_per_token") for e in pieces]))
     plan = TritonBackend()._plan
     p = plan(*_bound(one, 6), False, "add_rmsnorm")
-    assert p.chunk == 2048 and plan(*_bound(one, 40), False, "add_rmsnorm").chunk == 0
-    assert looped_chunk(p, 7168, k.QUANT_NONE, 0) == 2048 and looped_chunk(p, 7168, k.QUANT_FP8_STATIC, 2) == 2048
-    assert looped_chunk(p, 7168, k.QUANT_FP8_PER_TOKEN, 0) == 0  # a dynamic scale: the one-pass kernel
-    assert looped_chunk(p, 7168, k.QUANT_NONE, 1) == 0  # the norm of the unrounded fp32 sum: one pass
-    assert looped_chunk(p, 2048, k.QUANT_NONE, 0) == 0  # one piece would be the whole row
+    assert (p.chunk, p.grid) == (2048, 6) and plan(*_bound(one, 40), False, "add_rmsnorm").chunk == 0
+    # the plan is what runs: a dynamic scale or the norm of the unrounded fp32 sum runs one pass
+    assert plan(*_bound(one, 6), False, "add_rmsnorm_fp8_per_token").chunk == 0
+    a, x = _bound(one, 6)
+    fp32_sum = dataclasses.replace(a, flags=dataclasses.replace(a.flags, residual_in_fp32=True))
+    assert plan(fp32_sum, x, False, "add_rmsnorm").chunk == 0
+    assert world1_form(2048, 1, 7168, k.QUANT_NONE, 0) == (2048, 1)
+    assert world1_form(2048, 1, 7168, k.QUANT_FP8_STATIC, 2) == (2048, 1)
+    assert world1_form(2048, 1, 7168, k.QUANT_FP8_PER_TOKEN, 0) == (0, 1)  # a dynamic scale: the one-pass kernel
+    assert world1_form(2048, 1, 7168, k.QUANT_NONE, 1) == (0, 1)  # the norm of the unrounded fp32 sum: one pass
+    assert world1_form(2048, 1, 2048, k.QUANT_NONE, 0) == (0, 1)  # one piece would be the whole row
     FORCE["chunk"] = 0  # tune times the one-pass kernel whatever the table says
     try:
         assert plan(*_bound(one, 6), False, "add_rmsnorm").chunk == 0
@@ -575,19 +584,23 @@ def test_a_bucket_measured_faster_in_pieces_runs_the_looped_kernel_where_it_comp
 
 def test_a_bucket_measured_faster_as_a_tile_runs_the_tile_kernel_where_it_computes_the_call(machine, fake_pg):
     from fusion_passes.backends import triton_kernels as k
-    from fusion_passes.backends.triton import FORCE, TritonBackend, tile_rows
+    from fusion_passes.backends.triton import FORCE, TritonBackend, world1_form
     from fusion_passes.cli.model_trace import fake_world
 
     one = "c10d:" + fake_world(1).group_name
-    measured.write(table([entry(8, "fused", num_warps=16, tile=2, evict=True), entry(64, "fused", num_warps=4)]))
+    tiles = [entry(8, "fused", num_warps=16, tile=2, evict=True), entry(64, "fused", num_warps=4)]
+    measured.write(table(tiles + [dict(e, variant="add_rmsnorm_fp8_per_token") for e in tiles]))
     plan = TritonBackend()._plan
-    p = plan(*_bound(one, 6), False, "add_rmsnorm")
-    assert (p.tile, p.evict, p.num_warps) == (2, True, 16) and plan(*_bound(one, 40), False, "add_rmsnorm").tile == 1
-    assert tile_rows(p, k.QUANT_NONE) == 2 and tile_rows(p, k.QUANT_FP8_STATIC) == 2
-    assert tile_rows(p, k.QUANT_FP8_PER_TOKEN) == 1 and tile_rows(p, k.QUANT_NVFP4) == 1  # one row per program
+    p = plan(*_bound(one, 7), False, "add_rmsnorm")
+    assert (p.tile, p.grid, p.evict, p.num_warps) == (2, 4, True, 16)  # 7 rows: 4 programs of 2 at once
+    assert plan(*_bound(one, 40), False, "add_rmsnorm").tile == 1
+    q = plan(*_bound(one, 7), False, "add_rmsnorm_fp8_per_token")  # a dynamic scale: one row per program
+    assert (q.tile, q.grid) == (1, 7)
+    assert world1_form(0, 2, 7168, k.QUANT_NONE, 0) == (0, 2) and world1_form(0, 2, 7168, k.QUANT_FP8_STATIC, 1) == (0, 2)
+    assert world1_form(0, 2, 7168, k.QUANT_FP8_PER_TOKEN, 0) == (0, 1) and world1_form(0, 2, 7168, k.QUANT_NVFP4, 0) == (0, 1)
     FORCE["tile"] = 1  # tune times one row per program whatever the table says
     try:
-        assert plan(*_bound(one, 6), False, "add_rmsnorm").tile == 1
+        assert plan(*_bound(one, 7), False, "add_rmsnorm").tile == 1
     finally:
         FORCE.clear()
 

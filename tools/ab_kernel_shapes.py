@@ -59,6 +59,14 @@ def k_one(x_ptr, r_ptr, w_ptr, ro_ptr, y_ptr, T, eps, H: tl.constexpr, BLOCK: tl
         tl.store(y_ptr + off, y.to(tl.bfloat16), mask=mask)
 
 @triton.jit
+def _sum(x_ptr, r_ptr, off, mask, POLICY: tl.constexpr):
+    """``x + r`` rounded to bf16, in fp32; both loads with the eviction hint POLICY."""
+    x = tl.load(x_ptr + off, mask=mask, other=0.0, eviction_policy=POLICY).to(tl.float32)
+    r = tl.load(r_ptr + off, mask=mask, other=0.0, eviction_policy=POLICY).to(tl.float32)
+    return (x + r).to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
 def k_loop(x_ptr, r_ptr, w_ptr, ro_ptr, y_ptr, T, eps, H: tl.constexpr, CHUNK: tl.constexpr, XB: tl.constexpr,
            RECOMPUTE: tl.constexpr):
     pid = tl.program_id(0)
@@ -69,13 +77,10 @@ def k_loop(x_ptr, r_ptr, w_ptr, ro_ptr, y_ptr, T, eps, H: tl.constexpr, CHUNK: t
         cols = c + tl.arange(0, CHUNK)[None, :]
         mask = (cols < H) & rmask
         off = rows * H + cols
-        if RECOMPUTE:
-            x = tl.load(x_ptr + off, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            r = tl.load(r_ptr + off, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        if RECOMPUTE:  # the second pass reads the inputs again: keep them in L2
+            s = _sum(x_ptr, r_ptr, off, mask, "evict_last")
         else:
-            x = tl.load(x_ptr + off, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            r = tl.load(r_ptr + off, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        s = (x + r).to(tl.bfloat16).to(tl.float32)
+            s = _sum(x_ptr, r_ptr, off, mask, "evict_first")
         tl.store(ro_ptr + off, s.to(tl.bfloat16), mask=mask)
         acc += s * s
     rstd = tl.math.rsqrt(tl.sum(acc, axis=1)[:, None] / H + eps)
@@ -84,9 +89,7 @@ def k_loop(x_ptr, r_ptr, w_ptr, ro_ptr, y_ptr, T, eps, H: tl.constexpr, CHUNK: t
         mask = (cols < H) & rmask
         off = rows * H + cols
         if RECOMPUTE:
-            x = tl.load(x_ptr + off, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            r = tl.load(r_ptr + off, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            s = (x + r).to(tl.bfloat16).to(tl.float32)
+            s = _sum(x_ptr, r_ptr, off, mask, "evict_first")
         else:
             s = tl.load(ro_ptr + off, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
         w = tl.load(w_ptr + cols, mask=cols < H, other=0.0, eviction_policy="evict_last").to(tl.float32)

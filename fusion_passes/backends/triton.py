@@ -214,10 +214,12 @@ class TritonBackend:
             nw = entry.num_warps
         nw = FORCE.get("num_warps", nw)
         stages = FORCE.get("num_stages", entry.num_stages if entry is not None else None)
+        # what the world-size-1 kernel computes this call with: its quant and residual mode
+        form = (hidden, getattr(self._k, KERNEL_QUANT[variant]), _res_mode(a.flags) if a.residual is not None else 0)
         if not (tokens and world > 1):
-            return _local_plan(tokens, nw, stages, entry)
+            return _local_plan(tokens, nw, stages, entry, form)
         if FORCE.get("path", "unfused" if entry is not None and entry.pick == "unfused" else None) == "unfused":
-            plan = _local_plan(tokens, nw, stages, entry, path="unfused")
+            plan = _local_plan(tokens, nw, stages, entry, form, path="unfused")
             plan.collective = symm.collective_of(None if entry is None else entry.best_unfused)
             return plan
         dev = x.device
@@ -284,12 +286,9 @@ class TritonBackend:
                 BITS=tl.int16 if bits == torch.int16 else tl.int32, SENT=sent, TWO_SHOT=plan.path == "twoshot",
                 **plan.launch())
         else:
-            chunk = looped_chunk(plan, hidden, quant, consts["RES_FP32"])
-            tile = tile_rows(plan, quant)
-            grid = -(-x.shape[0] // tile) if tile > 1 else plan.grid
-            k.fused_allreduce_add_rmsnorm_kernel[(grid,)](
+            k.fused_allreduce_add_rmsnorm_kernel[(plan.grid,)](
                 *tensors, plan.buf_ptrs, plan.sig_ptrs, *scalars, **consts, ROWS=plan.rows,
-                EVICT=plan.evict and plan.world == 1, CHUNK=chunk, TILE=tile, **plan.launch())
+                EVICT=plan.evict and plan.world == 1, CHUNK=plan.chunk, TILE=plan.tile, **plan.launch())
         return _shaped(o, lead, hidden, fp4)
 
 
@@ -318,34 +317,31 @@ class _Plan:
         return {"num_warps": self.num_warps, **({"num_stages": self.num_stages} if self.num_stages else {})}
 
 
-def looped_chunk(plan: _Plan, hidden: int, quant: int, res_fp32: int) -> int:
-    """The piece size the kernel runs the row in (0: whole): the plan's, where the looped
-    kernel computes this call (``triton_kernels.looped_supported``: otherwise the one-pass
-    kernel, whatever the table says) at world size 1 and the row has two pieces or more."""
+def world1_form(chunk: int, tile: int, hidden: int, quant: int, res_fp32: int) -> tuple[int, int]:
+    """The looped kernel's piece size (0: the whole row) and the tile kernel's rows at once (1:
+    none) that a world-size-1 launch runs, from those asked (the table's entry, or ``FORCE``):
+    each only where that kernel computes the call (``triton_kernels.looped_supported``, and a
+    row of two pieces or more; ``triton_kernels.tile_supported``), otherwise the one-pass
+    kernel, whatever the table says."""
     from fusion_passes.backends import triton_kernels as k
 
-    ok = plan.world == 1 and 0 < plan.chunk < hidden and k.looped_supported(quant, res_fp32)
-    return plan.chunk if ok else 0
+    return (chunk if 0 < chunk < hidden and k.looped_supported(quant, res_fp32) else 0,
+            tile if tile > 1 and k.tile_supported(quant) else 1)
 
 
-def tile_rows(plan: _Plan, quant: int) -> int:
-    """The rows each program runs at once (1: one row, or ``rows`` one after another): the
-    plan's tile, where the tile kernel computes this call (``triton_kernels.tile_supported``:
-    otherwise one row per program, whatever the table says) at world size 1."""
-    from fusion_passes.backends import triton_kernels as k
-
-    return plan.tile if plan.world == 1 and plan.tile > 1 and k.tile_supported(quant) else 1
-
-
-def _local_plan(tokens: int, nw: int, stages: int | None, entry, path: str = "local") -> _Plan:
-    """A launch of the kernel at world size 1: ``rows`` rows per program (the measured entry's,
-    or ``FORCE["rows"]`` while ``tune`` times it; 1 by default), ``ceil(tokens / rows)`` programs."""
+def _local_plan(tokens: int, nw: int, stages: int | None, entry, form: tuple[int, int, int],
+                path: str = "local") -> _Plan:
+    """A launch of the kernel at world size 1: ``rows`` rows per program (or ``tile`` at once),
+    the measured entry's or ``FORCE``'s while ``tune`` times them (one by default), ``ceil(tokens
+    / rows)`` programs; the pieces and the tile as :func:`world1_form` admits them for *form*,
+    ``(hidden, quant, residual mode)``."""
     rows = FORCE.get("rows", (entry.rows if entry is not None and entry.rows else 1))
     evict = FORCE.get("evict", bool(entry is not None and entry.evict))
-    chunk = FORCE.get("chunk", (entry.chunk if entry is not None and entry.chunk else 0))
-    tile = FORCE.get("tile", (entry.tile if entry is not None and entry.tile else 1))
-    return _Plan(max(1, -(-tokens // rows)), nw, path=path, rows=rows, num_stages=stages, evict=evict, chunk=chunk,
-                 tile=tile)
+    chunk, tile = world1_form(FORCE.get("chunk", (entry.chunk if entry is not None and entry.chunk else 0)),
+                              FORCE.get("tile", (entry.tile if entry is not None and entry.tile else 1)), *form)
+    per_program = tile if tile > 1 else rows
+    return _Plan(max(1, -(-tokens // per_program)), nw, path=path, rows=rows, num_stages=stages, evict=evict,
+                 chunk=chunk, tile=tile)
 
 
 PATHS = ("barrier", "lamport", "twoshot")

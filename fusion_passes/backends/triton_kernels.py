@@ -278,6 +278,26 @@ def _stream(ptr, mask, EVICT: tl.constexpr):
 
 
 @triton.jit
+def _weight(w_ptr, cols, mask, HAS_W: tl.constexpr, EVICT: tl.constexpr):
+    """The norm weight's columns in fp32 (0.0 without a weight): with ``EVICT``, marked to stay
+    in L2 (``evict_last``), since every row reads it."""
+    if HAS_W:
+        if EVICT:
+            return tl.load(w_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        else:
+            return tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        return 0.0
+
+
+@triton.jit
+def _fp8_static(yq, inv_scale, q_ptr, off, mask, FP8_MAX: tl.constexpr):
+    """epilogue.fp8_static: ``clamp(yq * (1 / scale))`` stored as FP8 at ``q_ptr + off``."""
+    q = tl.clamp(yq * inv_scale, -FP8_MAX, FP8_MAX)
+    tl.store(q_ptr + off, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _add_residual(s, r_in, act, RES_FP32: tl.constexpr):
     """The residual add, ``(s, v)``: ``s`` the sum everything after reads and ``v`` the one the
     variance reads. RES_FP32 0: aten.add in the activation dtype, both rounded; 1: vLLM
@@ -324,9 +344,8 @@ def epilogue_row(
         ya = yq
     if Q_RAW == 2:  # amax_unrounded: the codes, a loop after the store in the compile, read y rounded
         yq = y
-    if QUANT == 1:  # epilogue.fp8_static: y * (1 / scale)
-        q = tl.clamp(yq * inv_scale, -FP8_MAX, FP8_MAX)
-        tl.store(q_ptr + off + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    if QUANT == 1:
+        _fp8_static(yq, inv_scale, q_ptr, off + cols, mask, FP8_MAX)
     elif QUANT == 2:
         _fp8_per_token(ya, yq, row, q_ptr, qscale_ptr, ub, cols, mask, scale_stride_t, HAS_UB, FP8_MAX, MIN_SCALE, H)
     elif QUANT == 3:
@@ -368,19 +387,12 @@ def epilogue_row_looped(
         cols = c + tl.arange(0, CHUNK)
         mask = cols < H
         s = _stream(res_out_ptr + off + cols, mask, EVICT).to(tl.float32)
-        if HAS_W:
-            if EVICT:
-                w = tl.load(w_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            else:
-                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        else:
-            w = 0.0
+        w = _weight(w_ptr, cols, mask, HAS_W, EVICT)
         y, yq = _scale(s, rstd, w, HAS_W, GEMMA, W_FP32, act, out_ty, Q_RAW == 1)
         if WRITE_NORM:
             tl.store(norm_ptr + off + cols, y.to(out_ty), mask=mask)
-        if QUANT == 1:  # epilogue.fp8_static: y * (1 / scale)
-            q = tl.clamp(yq * inv_scale, -FP8_MAX, FP8_MAX)
-            tl.store(q_ptr + off + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        if QUANT == 1:
+            _fp8_static(yq, inv_scale, q_ptr, off + cols, mask, FP8_MAX)
 
 
 def looped_supported(quant: int, res_fp32: int) -> bool:
@@ -419,9 +431,8 @@ def epilogue_tile(
     y, yq = _scale(s, rstd, w, HAS_W, GEMMA, W_FP32, act, out_ty, Q_RAW == 1)
     if WRITE_NORM:
         tl.store(norm_ptr + off, y.to(out_ty), mask=mask)
-    if QUANT == 1:  # epilogue.fp8_static: y * (1 / scale)
-        q = tl.clamp(yq * inv_scale, -FP8_MAX, FP8_MAX)
-        tl.store(q_ptr + off, q.to(q_ptr.dtype.element_ty), mask=mask)
+    if QUANT == 1:
+        _fp8_static(yq, inv_scale, q_ptr, off, mask, FP8_MAX)
 
 
 def tile_supported(quant: int) -> bool:
@@ -476,10 +487,7 @@ def fused_allreduce_add_rmsnorm_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < H
     act = in_ptr.dtype.element_ty
-    if EVICT:
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32) if HAS_W else 0.0
-    else:
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 0.0
+    w = _weight(w_ptr, cols, mask, HAS_W, EVICT)
     inv_scale = tl.math.div_rn(1.0, tl.load(qscale_ptr).to(tl.float32)) if QUANT == 1 else 0.0
     ub = tl.load(ub_ptr).to(tl.float32) if HAS_UB else 0.0
     gs = tl.load(ub_ptr).to(tl.float32) if QUANT == 4 else 0.0  # NVFP4's global scale

@@ -340,7 +340,7 @@ def _row(ctx, variant, hidden, tokens, w, scale, forms, fused, verdict) -> dict:
     torch.manual_seed(tokens)
     res = torch.randn(tokens, hidden, device=ctx.device).to(w.dtype)
     nbytes = br.bytes_moved(variant, tokens, hidden)
-    calls = max(1, min(20, int(4e8 // max(nbytes, 1))))
+    calls = br.calls_per_graph(variant, tokens, hidden)
     inputs = (x, res, w, scale)
     _timed(ctx, "compile_static", forms["static"], *inputs)
     if br.EXTRA_FORM in forms:

@@ -119,6 +119,12 @@ def format_row(row: dict) -> str:
             f"{'' if row['wins'] else ' SLOWER'}{floor}{pick}")
 
 
+def calls_per_graph(variant: str, tokens: int, hidden: int) -> int:
+    """Calls captured in one CUDA graph when timing a point: up to 20, fewer where each call
+    moves over 20 MB (:func:`bytes_moved`), so a replay stays near 400 MB."""
+    return max(1, min(20, int(4e8 // max(bytes_moved(variant, tokens, hidden), 1))))
+
+
 def bytes_moved(variant: str, tokens: int, hidden: int, itemsize: int = 2) -> int:
     """Inputs read once + outputs written once, in this rank's memory."""
     n = tokens * hidden

@@ -328,6 +328,7 @@ def tune_pair(ctx, variant: str, hidden: int, dtype: str) -> list[tuple[dict, di
 
     from fusion_passes.backends import triton as tb
     from fusion_passes.cli import bench_kernels as bk
+    from fusion_passes.cli import tune_show
 
     w = (torch.rand(hidden, device=ctx.device) + 0.5).to(getattr(torch, dtype))  # the weight in the activation dtype
     scale = torch.tensor([bk.NVFP4_GLOBAL_SCALE if variant.endswith("nvfp4") else bk.FP8_STATIC_SCALE],
@@ -344,10 +345,8 @@ def tune_pair(ctx, variant: str, hidden: int, dtype: str) -> list[tuple[dict, di
                 row["move_floor_us"] = _us(floor)
             out.append((entry, row))
             if ctx.rank == 0:
-                launch = (f"{entry['path']}, {entry['num_warps']} warps, {entry['rows']} rows, "
-                          f"stages {entry['num_stages']}" + (f", pieces of {entry['chunk']}" if entry.get("chunk") else "")
-                          + (f", {entry['tile']} rows at once" if entry.get("tile") else "")
-                          + (", evict_first" if entry.get("evict") else ""))
+                launch = ", ".join([entry["path"], f"{entry['num_warps']} warps", *tune_show.launch_options(
+                    entry["rows"], entry["num_stages"], entry.get("chunk"), entry.get("tile"), entry.get("evict"))])
                 print(f"{variant:26s} H={hidden:5d} {dtype:8s} T={tokens:5d}  {entry['pick']:7s} "
                       f"fused {entry['fused_us']:8.2f} us ({launch})  unfused {entry['unfused_us']:8.2f} us "
                       f"({entry['best_unfused']})  x{row['speedup']:.2f}"
@@ -366,7 +365,7 @@ def _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb) -> d
     torch.manual_seed(tokens)
     res = torch.randn(tokens, hidden, device=ctx.device).to(w.dtype)
     inputs = (x, res, w, scale)
-    calls = _calls(variant, tokens, hidden)
+    calls = br.calls_per_graph(variant, tokens, hidden)
     bk._timed(ctx, "compile_static", forms["static"], *inputs)
     if br.MAX_AUTOTUNE_FORM in forms:
         bk._timed(ctx, "compile_max_autotune", forms[br.MAX_AUTOTUNE_FORM], *inputs)
@@ -395,11 +394,6 @@ def _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb) -> d
     return times
 
 
-def _calls(variant: str, tokens: int, hidden: int) -> int:
-    """Calls per CUDA graph: up to 20, fewer where each moves over 20 MB."""
-    return max(1, min(20, int(4e8 // max(br.bytes_moved(variant, tokens, hidden), 1))))
-
-
 def move_floor(ctx, variant: str, hidden: int, tokens: int, dtype) -> float | None:
     """At world size 1, the bucket's move floor (:func:`fusion_passes.cli.bench_cuda.move_floor_us`:
     its rows read and written, nothing computed), timed as the options are; None at N (the
@@ -408,7 +402,8 @@ def move_floor(ctx, variant: str, hidden: int, tokens: int, dtype) -> float | No
         return None
     from fusion_passes.cli import bench_cuda
 
-    return bench_cuda.move_floor_us(variant, tokens, hidden, dtype, _calls(variant, tokens, hidden), ctx.args.replays)
+    calls = br.calls_per_graph(variant, tokens, hidden)
+    return bench_cuda.move_floor_us(variant, tokens, hidden, dtype, calls, ctx.args.replays)
 
 
 def _time_fused(ctx, tb, option, fused, inputs, calls, times) -> None:

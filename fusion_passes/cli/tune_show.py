@@ -72,12 +72,18 @@ def _table_lines(raw: dict, table, used: bool) -> list[str]:
     return lines
 
 
+def launch_options(rows=None, num_stages=None, chunk=None, tile=None, evict=None) -> list[str]:
+    """A launch's options beyond warps, where they are not the defaults, in words: ``2 rows``
+    (one after another), ``stages 1``, ``pieces of 2048``, ``2 rows at once``, ``evict_first``
+    (``tune``'s lines, ``tune --show``, tests/gpu/parity_check.py)."""
+    return (([f"{rows} rows"] if rows and rows > 1 else []) + ([f"stages {num_stages}"] if num_stages else [])
+            + ([f"pieces of {chunk}"] if chunk else []) + ([f"{tile} rows at once"] if tile and tile > 1 else [])
+            + (["evict_first"] if evict else []))
+
+
 def _launch(e) -> str:
-    """The entry's launch options beyond warps, where they are not the defaults."""
-    parts = ([f"{e.rows} rows"] if e.rows and e.rows > 1 else []) + \
-        ([f"stages {e.num_stages}"] if e.num_stages else []) + ([f"pieces of {e.chunk}"] if e.chunk else []) + \
-        ([f"{e.tile} rows at once"] if e.tile and e.tile > 1 else []) + \
-        (["evict_first"] if e.evict else [])
+    """The entry's launch options beyond warps (:func:`launch_options`), in brackets."""
+    parts = launch_options(e.rows, e.num_stages, e.chunk, e.tile, e.evict)
     return f"  ({', '.join(parts)})" if parts else ""
 
 

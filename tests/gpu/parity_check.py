@@ -247,6 +247,7 @@ def check_stream(group, quant, gather, tokens, hidden, device="cuda") -> str:
 def launch_text(quant, tokens, hidden, device) -> str:
     """The launch the measured table gives the stream's fused sites (world size 1)."""
     from fusion_passes.backends import measured
+    from fusion_passes.cli.tune_show import launch_options
 
     if device != "cuda":
         return "reference"
@@ -255,8 +256,7 @@ def launch_text(quant, tokens, hidden, device) -> str:
     e = None if table is None else table.lookup(variant, hidden, tokens, dtype=torch.bfloat16)
     if e is None:
         return "no measured entry: the shipped rules"
-    return (f"{e.pick}, {e.num_warps} warps, rows {e.rows or 1}, pieces {e.chunk or 'whole'}"
-            f"{f', {e.tile} rows at once' if e.tile and e.tile > 1 else ''}{', evict_first' if e.evict else ''}")
+    return ", ".join([e.pick, f"{e.num_warps} warps", *launch_options(e.rows, e.num_stages, e.chunk, e.tile, e.evict)])
 
 
 def cases(group):
