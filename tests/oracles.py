@@ -340,5 +340,9 @@ def oracle_quant(variant: str, y: torch.Tensor, params: tuple):
     except ModuleNotFoundError as e:
         if e.name.split(".")[0] not in ("vllm", "torchao"):
             raise
-        q, s = epilogue.quantize(variant, y, quant_params(variants.get(variant), *params))
-        return q.cpu(), None if s is None else s.cpu(), f"fusion_passes.epilogue ({e.name} not installed)"
+        # on the CPU too: on CUDA, torch divides by a CPU scalar as a multiply by its reciprocal
+        # (aten BinaryDivTrueKernel.cu, "may lose one bit"), so amax / 448 could be one ulp off (on
+        # 1x H100 without torchao, 1 to 6485 per-group FP8 codes then differed from the kernel's)
+        cpu = tuple(p.cpu() if isinstance(p, torch.Tensor) else p for p in params)
+        q, s = epilogue.quantize(variant, y.cpu(), quant_params(variants.get(variant), *cpu))
+        return q, s, f"fusion_passes.epilogue ({e.name} not installed)"

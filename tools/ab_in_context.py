@@ -1,0 +1,107 @@
+"""World size 1 A/B (a benchmark, not a test): the fused add + RMSNorm against Inductor,
+alone (as ``tune`` times it) and right after the GEMM that writes its input (as in a model).
+
+    PYTHONPATH=. python tools/ab_in_context.py 1x4096,128x7168,1024x7168 [ROUNDS]   (one GPU)
+
+Per shape ``T x H`` (bf16 activations and weight), under CUDA graphs (bench_cuda.capture), over
+ROUNDS interleaved rounds (median of 7 replays each, then the median over rounds), two contexts:
+* alone: the epilogue back to back, 20 calls a graph, on the same input each call;
+* after a GEMM: ``o = a @ W`` (cuBLAS, ``[T, H] x [H, H]``), then the epilogue on ``o``, 10 pairs
+  a graph; "epilogue" = pair - the GEMM alone (timed the same way).
+Forms: Inductor static and max-autotune + coordinate descent; the public fused op (backend
+triton) at the launch this machine's table gives ("table"), and forced to each of 4, 8 and 16
+warps with and without ``evict_first``, 2 rows per program, 2 rows at once; and the table's
+launch with programmatic dependent launch (``pdl``, sm90+: the kernel waits on
+``griddepcontrol.wait``; it does not trigger its dependents early, so back to back each call
+follows a kernel that completes normally, as after a cuBLAS GEMM). Every forced launch's outputs
+are checked equal, bit for bit, to the table launch's, except the tile's (it may sum the variance
+in another order): its residual output equal and the norm within one bf16 step.
+Prints a table per shape and writes $OUT/ab_in_context.json.
+"""
+import json, os, statistics, sys
+import torch
+import torch.distributed as dist
+from fusion_passes import epilogue
+from fusion_passes.backends import triton as tb
+from fusion_passes.cli import bench_cuda
+from fusion_passes.cli import bench_kernels as bk
+from fusion_passes.cli.bench_epilogue import fresh
+
+EPS = 1e-6
+FORCED = {"table": {}, "pdl": {"pdl": True}, "rows2 w8": {"rows": 2, "num_warps": 8},
+          "tile2 w16 ev": {"tile": 2, "num_warps": 16, "evict": True},
+          **{f"w{nw}{' ev' if ev else ''}": {"num_warps": nw, "evict": ev} for nw in (4, 8, 16) for ev in (False, True)}}
+
+
+def forced(fn, force):
+    """*fn* with ``tb.FORCE`` set to *force* while it runs (the launch is read at capture)."""
+    def call(*a):
+        tb.FORCE.update(force)
+        try:
+            return fn(*a)
+        finally:
+            tb.FORCE.clear()
+    return call
+
+
+def main():
+    bench_cuda.init_nccl()
+    group = "c10d:" + dist.group.WORLD.group_name
+    shapes = [tuple(map(int, s.split("x"))) for s in sys.argv[1].split(",")]
+    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    out = {"machine": bench_cuda.machine(), "versions": bench_cuda.versions(), "shapes": {}}
+    torch._dynamo.config.cache_size_limit = 256
+    fused = bk._fused_fn("add_rmsnorm", group)
+    for T, H in shapes:
+        torch.manual_seed(T)
+        a = torch.randn(T, H, device="cuda").bfloat16()
+        W = (torch.randn(H, H, device="cuda") / H ** 0.5).bfloat16()
+        o = torch.empty(T, H, device="cuda", dtype=torch.bfloat16)
+        r = torch.randn(T, H, device="cuda").bfloat16()
+        w = (torch.rand(H, device="cuda") + 0.5).bfloat16()
+        fn = lambda x, r, w: epilogue.add_rms_norm(x, r, w, EPS)
+        static = torch.compile(fresh(fn, f"s{T}_{H}"), dynamic=False)
+        maxat = torch.compile(fresh(fn, f"m{T}_{H}"), dynamic=False,
+                              options={"max_autotune": True, "coordinate_descent_tuning": True})
+        torch.mm(a, W, out=o)
+        epis = {"inductor static": lambda x: static(x, r, w), "inductor maxat": lambda x: maxat(x, r, w)}
+        want = fused(o, r, w, None)
+        checks = {}
+        for name, force in FORCED.items():
+            f = forced(lambda x: fused(x, r, w, None), force)
+            got = f(o)
+            torch.cuda.synchronize()
+            if "tile" in name:
+                ok = torch.equal(got[1], want[1]) and bool(((got[0].float() - want[0].float()).abs()
+                                                            <= 2 ** -7 * want[0].float().abs() + 1e-6).all())
+            else:
+                ok = all(torch.equal(p, q) for p, q in zip(got, want))
+            checks[name] = ok
+            epis[name] = f
+        reps = {}
+        for name, e in epis.items():
+            reps[("alone", name)] = bench_cuda.capture(lambda e=e: e(o), (), 20)
+            reps[("gemm", name)] = bench_cuda.capture(lambda e=e: e(torch.mm(a, W, out=o)), (), 10)
+        reps[("gemm", "gemm alone")] = bench_cuda.capture(lambda: torch.mm(a, W, out=o), (), 10)
+        times = {k: [] for k in reps}
+        for _ in range(rounds):
+            for k, rep in reps.items():
+                times[k].append(statistics.median(rep() for _ in range(7)))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        g = med[("gemm", "gemm alone")]
+        best_alone = min(med[("alone", "inductor static")], med[("alone", "inductor maxat")])
+        best_pair = min(med[("gemm", "inductor static")], med[("gemm", "inductor maxat")]) - g
+        print(f"== {T}x{H}: GEMM alone {g:.2f} us; forced launches equal to the table's: "
+              f"{'all' if all(checks.values()) else [k for k, v in checks.items() if not v]}", flush=True)
+        for name in epis:
+            al, pr = med[("alone", name)], med[("gemm", name)] - g
+            print(f"   {name:16s} alone {al:7.2f} us {best_alone / al:6.3f}x | after the GEMM {pr:7.2f} us "
+                  f"{best_pair / pr:6.3f}x", flush=True)
+        out["shapes"][f"{T}x{H}"] = {"checks": checks, "median_us": {" / ".join(k): v for k, v in med.items()},
+                                     "rounds": {" / ".join(k): v for k, v in times.items()}}
+        del reps
+    json.dump(out, open(os.path.join(os.environ.get("OUT", "/tmp"), "ab_in_context.json"), "w"), indent=1)
+    dist.destroy_process_group()
+
+
+main()
