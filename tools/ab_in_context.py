@@ -10,10 +10,9 @@ ROUNDS interleaved rounds (median of 7 replays each, then the median over rounds
   a graph; "epilogue" = pair - the GEMM alone (timed the same way).
 Forms: Inductor static and max-autotune + coordinate descent; the public fused op (backend
 triton) at the launch this machine's table gives ("table"), and forced to each of 4, 8 and 16
-warps with and without ``evict_first``, 2 rows per program, 2 rows at once; and the table's
-launch with programmatic dependent launch (``pdl``, sm90+: the kernel waits on
-``griddepcontrol.wait``; it does not trigger its dependents early, so back to back each call
-follows a kernel that completes normally, as after a cuBLAS GEMM). Every forced launch's outputs
+warps with and without ``evict_first``, 2 rows per program, 2 rows at once. (Its first form,
+session 12, also launched the table's config with programmatic dependent launch, a forced-only
+option of commit 028670b: results/README.md, "Session 12".) Every forced launch's outputs
 are checked equal, bit for bit, to the table launch's, except the tile's (it may sum the variance
 in another order): its residual output equal and the norm within one bf16 step.
 Prints a table per shape and writes $OUT/ab_in_context.json.
@@ -28,7 +27,7 @@ from fusion_passes.cli import bench_kernels as bk
 from fusion_passes.cli.bench_epilogue import fresh
 
 EPS = 1e-6
-FORCED = {"table": {}, "pdl": {"pdl": True}, "rows2 w8": {"rows": 2, "num_warps": 8},
+FORCED = {"table": {}, "rows2 w8": {"rows": 2, "num_warps": 8},
           "tile2 w16 ev": {"tile": 2, "num_warps": 16, "evict": True},
           **{f"w{nw}{' ev' if ev else ''}": {"num_warps": nw, "evict": ev} for nw in (4, 8, 16) for ev in (False, True)}}
 

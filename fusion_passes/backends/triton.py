@@ -311,12 +311,10 @@ class _Plan:
     evict: bool = False  # world size 1: streamed loads evict_first, the weight evict_last (a tuned option)
     chunk: int = 0  # world size 1: the row in pieces of this many elements, two passes (a tuned option; 0: whole)
     tile: int = 1  # world size 1: rows per program at once, a [tile, BLOCK] block (a tuned option)
-    pdl: bool = False  # world size 1: programmatic dependent launch (sm90+; kernel waits on griddepcontrol)
 
     def launch(self) -> dict:
-        """The launch options: warps, the stages where a measured config names them, and PDL."""
-        return {"num_warps": self.num_warps, **({"num_stages": self.num_stages} if self.num_stages else {}),
-                **({"PDL": True, "launch_pdl": True} if self.pdl else {})}
+        """The launch options: warps, and the stages where a measured config names them."""
+        return {"num_warps": self.num_warps, **({"num_stages": self.num_stages} if self.num_stages else {})}
 
 
 def world1_form(chunk: int, tile: int, hidden: int, quant: int, res_fp32: int) -> tuple[int, int]:
@@ -343,7 +341,7 @@ def _local_plan(tokens: int, nw: int, stages: int | None, entry, form: tuple[int
                               FORCE.get("tile", (entry.tile if entry is not None and entry.tile else 1)), *form)
     per_program = tile if tile > 1 else rows
     return _Plan(max(1, -(-tokens // per_program)), nw, path=path, rows=rows, num_stages=stages, evict=evict,
-                 chunk=chunk, tile=tile, pdl=FORCE.get("pdl", False))
+                 chunk=chunk, tile=tile)
 
 
 PATHS = ("barrier", "lamport", "twoshot")

@@ -482,10 +482,7 @@ def fused_allreduce_add_rmsnorm_kernel(
     EVICT: tl.constexpr = False,  # world size 1: streamed loads evict_first (a tuned launch config)
     CHUNK: tl.constexpr = 0,  # world size 1: the row in CHUNK-wide pieces, two passes (a tuned launch config; 0: whole)
     TILE: tl.constexpr = 1,  # world size 1: TILE rows at once, a [TILE, BLOCK] block (a tuned launch config)
-    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (sm90+): wait for the grid before
 ):
-    if PDL:  # every global access after the wait: the previous kernel's writes are visible, its reads done
-        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < H

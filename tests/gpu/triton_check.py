@@ -434,63 +434,6 @@ def check_looped_configs(group, rank, world, tokens=1000):
             "per-token FP8 (and, looped, the fp32 sum): the one-pass kernel's bytes")
 
 
-def _late_writer():
-    """A Triton kernel that lets its dependents launch at once (``griddepcontrol.launch_dependents``),
-    spins for SPIN_NS nanoseconds on the global timer, then copies ``src`` into ``dst``: a kernel
-    launched after it with programmatic dependent launch that reads ``dst`` before its
-    ``griddepcontrol.wait`` reads the rows unwritten."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def late_copy(src, dst, n, SPIN_NS: tl.constexpr, BLOCK: tl.constexpr):
-        # not tl.extra.cuda.gdc_launch_dependents (pure, its result unused: the compiler may drop it)
-        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-        t0 = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
-        t = t0
-        while t - t0 < SPIN_NS:
-            t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
-                                          pack=1)
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
-
-    return late_copy
-
-
-def check_pdl(group, rank, world, tokens=256, hidden=4096):
-    """Programmatic dependent launch (world size 1, sm90+): the fused kernel launched with PDL
-    right after a kernel that lets it launch early and writes the input rows 50 us later must
-    read the written rows (its ``griddepcontrol.wait`` comes before every global access): its
-    outputs equal those of a launch without PDL on the same rows, bit for bit. Without the wait
-    it reads the rows unwritten (checked once by removing it, results/README.md)."""
-    from fusion_passes.backends import triton as tb
-
-    if world != 1:
-        return "PDL: world size 1 only (skipped)"
-    if torch.cuda.get_device_capability()[0] < 9:
-        return "PDL: needs sm90+ (skipped)"
-    g = torch.Generator(device="cuda").manual_seed(13)
-    src = torch.randn(tokens, hidden, device="cuda", generator=g).to(torch.bfloat16)
-    res = torch.randn(tokens, hidden, device="cuda", generator=g).to(torch.bfloat16)
-    w = (torch.rand(hidden, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
-    backend, late, n = TritonBackend(), _late_writer(), src.numel()
-    want = run(backend, "add_rmsnorm", src, res, w, 1e-6, group, False, False)
-    for i in range(3):
-        dst = torch.zeros_like(src)
-        torch.cuda.synchronize()
-        late[(n // 4096,)](src, dst, n, SPIN_NS=50_000, BLOCK=4096)
-        tb.FORCE["pdl"] = True
-        try:
-            got = run(backend, "add_rmsnorm", dst, res, w, 1e-6, group, False, False)
-        finally:
-            tb.FORCE.clear()
-        torch.cuda.synchronize()
-        if not same_outputs(got, want):
-            raise AssertionError(f"PDL launch {i}: read the input before the previous kernel wrote it")
-    return "PDL: 3 launches after a late writer read the written rows (outputs equal to a launch without PDL)"
-
-
 def main() -> int:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
@@ -514,7 +457,7 @@ def main() -> int:
         if rank == 0:
             print(ok, tag, flush=True)
     extra = () if only else (check_graph_replay, check_back_to_back, check_op, check_launch_configs,
-                             check_looped_configs, check_pdl)
+                             check_looped_configs)
     for fn in extra:
         try:
             tag, ok = fn(group, rank, world), "ok  "
