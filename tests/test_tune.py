@@ -228,3 +228,19 @@ def test_show_prints_each_entry_and_its_source(monkeypatch, tmp_path):
     measured.reset()
     file.write_text("{")
     assert "unreadable" in tune_show.render(str(file))
+
+
+def test_the_kernel_compiles_twice_per_launch_config_over_the_token_buckets():
+    """Cold calibration compiles every launch config it times. Triton specializes an int argument
+    on ``== 1`` and on ``% 16 == 0``; the row count T only bounds loops and masks, so the
+    alignment split would only add binaries: over tune's buckets each config compiles for 1
+    token and once for all the rest (Triton's own specialization function decides)."""
+    native = pytest.importorskip("triton._C.libtriton", reason="needs Triton's compiled module").native_specialize_impl
+    cuda = pytest.importorskip("triton.backends.nvidia.compiler", reason="needs Triton's NVIDIA backend").CUDABackend
+    from fusion_passes.backends import triton_kernels
+
+    (t,) = [p for p in triton_kernels.fused_allreduce_add_rmsnorm_kernel.params if p.name == "T"]
+    keys = {native(cuda, n, False, not t.do_not_specialize, not t.do_not_specialize_on_alignment)
+            for n in tune.DEFAULT_TOKENS}
+    assert keys == {("constexpr", 1), ("i32", "")}, keys
+    assert native(cuda, 1024, False, True, True) == ("i32", "D")  # what the default would do

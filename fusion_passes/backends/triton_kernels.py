@@ -441,7 +441,9 @@ def tile_supported(quant: int) -> bool:
     return quant in (QUANT_NONE, QUANT_FP8_STATIC)
 
 
-@triton.jit
+# T (the row count) only bounds loops and masks, never an address: no binary per "T % 16 == 0", which
+# would compile every launch config once more across tune's buckets (1 token stays its own binary)
+@triton.jit(do_not_specialize_on_alignment=["T"])
 def fused_allreduce_add_rmsnorm_kernel(
     in_ptr,
     res_ptr,
