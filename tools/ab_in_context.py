@@ -12,10 +12,11 @@ Forms: Inductor static and max-autotune + coordinate descent; the public fused o
 triton) at the launch this machine's table gives ("table"), and forced to each of 4, 8 and 16
 warps with and without ``evict_first``, 2 rows per program, 2 rows at once. (Its first form,
 session 12, also launched the table's config with programmatic dependent launch, a forced-only
-option of commit 028670b: results/README.md, "Session 12".) Every forced launch's outputs
-are checked equal, bit for bit, to the table launch's, except the tile's (it may sum the variance
-in another order): its residual output equal and the norm within one bf16 step.
-Prints a table per shape and writes $OUT/ab_in_context.json.
+option of commit 028670b: results/README.md, "Session 12".) Every launch is checked
+against Inductor's static compile: the residual output equal, bit for bit, and the norm within two
+bf16 steps (the forms sum the variance in different orders, and the norm rounds twice).
+Prints a table per shape and writes $OUT/ab_in_context.json. Not yet run in this form: session
+12 had no machine for it after the first form's run.
 """
 import json, os, statistics, sys
 import torch
@@ -64,18 +65,14 @@ def main():
                               options={"max_autotune": True, "coordinate_descent_tuning": True})
         torch.mm(a, W, out=o)
         epis = {"inductor static": lambda x: static(x, r, w), "inductor maxat": lambda x: maxat(x, r, w)}
-        want = fused(o, r, w, None)
+        want_norm, want_res = static(o, r, w)
         checks = {}
         for name, force in FORCED.items():
             f = forced(lambda x: fused(x, r, w, None), force)
-            got = f(o)
+            norm, res = f(o)
             torch.cuda.synchronize()
-            if "tile" in name:
-                ok = torch.equal(got[1], want[1]) and bool(((got[0].float() - want[0].float()).abs()
-                                                            <= 2 ** -7 * want[0].float().abs() + 1e-6).all())
-            else:
-                ok = all(torch.equal(p, q) for p, q in zip(got, want))
-            checks[name] = ok
+            step = 2 * 2 ** -7 * want_norm.float().abs() + 1e-6
+            checks[name] = torch.equal(res, want_res) and bool(((norm.float() - want_norm.float()).abs() <= step).all())
             epis[name] = f
         reps = {}
         for name, e in epis.items():
@@ -90,7 +87,7 @@ def main():
         g = med[("gemm", "gemm alone")]
         best_alone = min(med[("alone", "inductor static")], med[("alone", "inductor maxat")])
         best_pair = min(med[("gemm", "inductor static")], med[("gemm", "inductor maxat")]) - g
-        print(f"== {T}x{H}: GEMM alone {g:.2f} us; forced launches equal to the table's: "
+        print(f"== {T}x{H}: GEMM alone {g:.2f} us; launches within the check: "
               f"{'all' if all(checks.values()) else [k for k, v in checks.items() if not v]}", flush=True)
         for name in epis:
             al, pr = med[("alone", name)], med[("gemm", name)] - g
