@@ -6,7 +6,6 @@ handing its compile range to the selector. The GPU is faked: a name and versions
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import logging
 import pathlib
