@@ -708,6 +708,10 @@ def test_merging_runs_ships_a_fused_pick_only_where_every_run_made_it(tmp_path):
         merge_tuned.merge([("a.json", a), ("c.json", table(a["entries"], world_size=2))])
     with pytest.raises(ValueError, match="different"):
         merge_tuned.merge([("a.json", a), ("d.json", run([(1, "fused", 2.0, 3.0, 8)]))])
+    c = {**b, "context": "after-write"}  # tune --context: runs timed otherwise are not merged
+    with pytest.raises(ValueError, match="different contexts"):
+        merge_tuned.merge([("a.json", a), ("c.json", c)])
+    assert merge_tuned.merge([("c.json", c), ("c2.json", c)])["context"] == "after-write"
     # the shipped H100 file is what the tool makes of the two runs it names
     shipped = measured.SHIPPED_DIR / "nvidia_h100_80gb_hbm3_ws1.json"
     (raw,) = measured.read_file(shipped)

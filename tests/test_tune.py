@@ -55,10 +55,12 @@ def _sweep_context(tokens: str):
                             fused_backend="reference")
 
 
-def test_bucket_times_every_candidate_and_every_unfused_chain(fake_pg, monkeypatch):
+@pytest.mark.parametrize("context", tune.CONTEXTS)
+def test_bucket_times_every_candidate_and_every_unfused_chain(fake_pg, monkeypatch, context):
     from fusion_passes.backends import triton as tb
 
     ctx = _sweep_context("3")
+    ctx.args.context = context  # after-write: real copies before real calls (eager on the CPU)
     seen = []
     monkeypatch.setattr(tb, "FORCE", _Recorder(seen))
     w, scale = torch.rand(64).bfloat16(), torch.tensor([0.02])
@@ -247,3 +249,36 @@ def test_the_kernel_compiles_twice_per_launch_config_over_the_token_buckets():
             for n in tune.DEFAULT_TOKENS}
     assert keys == {("constexpr", 1), ("i32", "")}, keys
     assert native(cuda, 1024, False, True, True) == ("i32", "D")  # what the default would do
+
+
+def test_after_write_times_each_option_right_after_its_input_is_written_less_the_write(fake_pg, monkeypatch):
+    """--context after-write: the write alone is timed once per bucket; every fused config and
+    every unfused chain runs with a write of its input right before it, and counts the pair
+    less the write (a fake timer that adds up what each captured call ran)."""
+    from fusion_passes.backends import triton as tb
+
+    ctx = _sweep_context("8")
+    ctx.args.context = "after-write"
+    log = []
+    monkeypatch.setattr(tune, "write_input", lambda dst, src: log.append("write") or dst)
+    monkeypatch.setattr(tune, "programs_to_fill", lambda device: None)  # the first pass only
+    cost = {"write": 3.0, "static": 5.0, "tokdyn": 6.0}
+
+    def fake_time(fn, inputs, calls, replays):
+        log.clear()
+        fn(*inputs)
+        return sum(cost[e] if isinstance(e, str) else 1.0 + e for e in log)
+
+    def fused(x, r, w, s):
+        log.append(tb.FORCE["num_warps"])  # costs 1 + warps
+    monkeypatch.setattr(ctx, "time_graph", fake_time)
+    monkeypatch.setattr(bk, "_timed", lambda *a, **k: None)
+    forms = {k: (lambda *a, k=k: log.append(k)) for k in ("static", "tokdyn")}
+    w, scale = torch.rand(64).bfloat16(), torch.tensor([0.02])
+    times = tune._bucket_times(ctx, "add_rmsnorm", 64, 8, w, scale, forms, fused, tb)
+    assert times == {"fused:local:1": 2.0, "fused:local:4": 5.0, "fused:local:8": 9.0, "fused:local:16": 17.0,
+                     "none+static": 5.0, "none+tokdyn": 6.0}
+    assert ctx.write_us == 3.0
+    ctx.args.context = "alone"  # the default: no write anywhere
+    times = tune._bucket_times(ctx, "add_rmsnorm", 64, 8, w, scale, forms, fused, tb)
+    assert times["fused:local:8"] == 9.0 and times["none+static"] == 5.0 and ctx.write_us is None

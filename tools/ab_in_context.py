@@ -1,13 +1,17 @@
 """World size 1 A/B (a benchmark, not a test): the fused add + RMSNorm against Inductor,
-alone (as ``tune`` times it) and right after the GEMM that writes its input (as in a model).
+alone (as ``tune`` times it by default), right after the GEMM that writes its input (as in a model)
+and right after a copy that writes it (as ``tune --context after-write`` times it).
 
     PYTHONPATH=. python tools/ab_in_context.py 1x4096,128x7168,1024x7168 [ROUNDS]   (one GPU)
 
 Per shape ``T x H`` (bf16 activations and weight), under CUDA graphs (bench_cuda.capture), over
-ROUNDS interleaved rounds (median of 7 replays each, then the median over rounds), two contexts:
+ROUNDS interleaved rounds (median of 7 replays each, then the median over rounds), three contexts:
 * alone: the epilogue back to back, 20 calls a graph, on the same input each call;
 * after a GEMM: ``o = a @ W`` (cuBLAS, ``[T, H] x [H, H]``), then the epilogue on ``o``, 10 pairs
-  a graph; "epilogue" = pair - the GEMM alone (timed the same way).
+  a graph; "epilogue" = pair - the GEMM alone (timed the same way);
+* after a copy: ``o`` written by the copy kernel that ``fusion-passes tune --context after-write``
+  puts before each option (``tune.write_input``), then the epilogue, less the copy alone: whether
+  the copy, cheap at every size, ranks the forms as the GEMM does.
 Forms: Inductor static and max-autotune + coordinate descent; the public fused op (backend
 triton) at the launch this machine's table gives ("table"), and forced to each of 4, 8 and 16
 warps with and without ``evict_first``, 2 rows per program, 2 rows at once. (Its first form,
@@ -16,7 +20,7 @@ option of commit 028670b: results/README.md, "Session 12".) Every launch is chec
 against Inductor's static compile: the residual output equal, bit for bit, and the norm within two
 bf16 steps (the forms sum the variance in different orders, and the norm rounds twice).
 Prints a table per shape and writes $OUT/ab_in_context.json. Not yet run in this form: session
-12 had no machine for it after the first form's run.
+12 had no machine for it after the first form's run, session 13 none at all.
 """
 import json, os, statistics, sys
 import torch
@@ -25,6 +29,7 @@ from fusion_passes import epilogue
 from fusion_passes.backends import triton as tb
 from fusion_passes.cli import bench_cuda
 from fusion_passes.cli import bench_kernels as bk
+from fusion_passes.cli import tune
 from fusion_passes.cli.bench_epilogue import fresh
 
 EPS = 1e-6
@@ -64,6 +69,7 @@ def main():
         maxat = torch.compile(fresh(fn, f"m{T}_{H}"), dynamic=False,
                               options={"max_autotune": True, "coordinate_descent_tuning": True})
         torch.mm(a, W, out=o)
+        src = o.clone()  # what tune --context after-write's copy writes
         epis = {"inductor static": lambda x: static(x, r, w), "inductor maxat": lambda x: maxat(x, r, w)}
         want_norm, want_res = static(o, r, w)
         checks = {}
@@ -78,7 +84,9 @@ def main():
         for name, e in epis.items():
             reps[("alone", name)] = bench_cuda.capture(lambda e=e: e(o), (), 20)
             reps[("gemm", name)] = bench_cuda.capture(lambda e=e: e(torch.mm(a, W, out=o)), (), 10)
+            reps[("copy", name)] = bench_cuda.capture(lambda e=e: e(tune.write_input(o, src)), (), 10)
         reps[("gemm", "gemm alone")] = bench_cuda.capture(lambda: torch.mm(a, W, out=o), (), 10)
+        reps[("copy", "copy alone")] = bench_cuda.capture(lambda: tune.write_input(o, src), (), 10)
         times = {k: [] for k in reps}
         for _ in range(rounds):
             for k, rep in reps.items():
@@ -87,12 +95,14 @@ def main():
         g = med[("gemm", "gemm alone")]
         best_alone = min(med[("alone", "inductor static")], med[("alone", "inductor maxat")])
         best_pair = min(med[("gemm", "inductor static")], med[("gemm", "inductor maxat")]) - g
-        print(f"== {T}x{H}: GEMM alone {g:.2f} us; launches within the check: "
+        c = med[("copy", "copy alone")]
+        best_copy = min(med[("copy", "inductor static")], med[("copy", "inductor maxat")]) - c
+        print(f"== {T}x{H}: GEMM alone {g:.2f} us, copy alone {c:.2f} us; launches within the check: "
               f"{'all' if all(checks.values()) else [k for k, v in checks.items() if not v]}", flush=True)
         for name in epis:
-            al, pr = med[("alone", name)], med[("gemm", name)] - g
+            al, pr, cp = med[("alone", name)], med[("gemm", name)] - g, med[("copy", name)] - c
             print(f"   {name:16s} alone {al:7.2f} us {best_alone / al:6.3f}x | after the GEMM {pr:7.2f} us "
-                  f"{best_pair / pr:6.3f}x", flush=True)
+                  f"{best_pair / pr:6.3f}x | after the copy {cp:7.2f} us {best_copy / cp:6.3f}x", flush=True)
         out["shapes"][f"{T}x{H}"] = {"checks": checks, "median_us": {" / ".join(k): v for k, v in med.items()},
                                      "rounds": {" / ".join(k): v for k, v in times.items()}}
         del reps

@@ -2,7 +2,8 @@
 
     python -m tools.merge_tuned RUN1.json RUN2.json [...] --out fusion_passes/backends/tables/NAME.json
 
-Every input must hold exactly one table, all of one GPU name and world size, and the same
+Every input must hold exactly one table, all of one GPU name and world size, timed in one
+``tune --context``, and the same
 (variant, hidden, dtype, tokens) buckets (a version-1 run's entries read as bfloat16). A bucket
 picks ``fused`` only where EVERY run picked it (the fused call at its tuned config beat the
 best unfused epilogue in each), with the launch config and times of the run whose fused call
@@ -29,6 +30,9 @@ def merge(runs: list[tuple[str, dict]]) -> dict:
     keys = {(t["key"].get("gpu"), t["key"].get("world_size"), t["key"].get("single_node")) for _, t in runs}
     if len(keys) != 1:
         raise ValueError(f"the runs are of different machines: {sorted(map(str, keys))}")
+    contexts = {t.get("context", "alone") for _, t in runs}  # a table before --context timed alone
+    if len(contexts) != 1:
+        raise ValueError(f"the runs timed their options in different contexts (tune --context): {sorted(contexts)}")
     by_run = [{(e["variant"], e["hidden"], e["dtype"], e["tokens"]): e for e in t["entries"]} for _, t in runs]
     buckets = set(by_run[0])
     if any(set(b) != buckets for b in by_run[1:]):
@@ -46,7 +50,7 @@ def merge(runs: list[tuple[str, dict]]) -> dict:
     return {"key": dict(first["key"]), "command": "python -m tools.merge_tuned " + " ".join(n for n, _ in runs),
             **({"written": written} if written else {}),  # the last run's: when it was measured
             "sources": [{"file": n, "command": t.get("command"), "written": t.get("written")} for n, t in runs],
-            "entries": entries}
+            **({} if contexts == {"alone"} else {"context": contexts.pop()}), "entries": entries}
 
 
 def main(argv=None) -> int:

@@ -19,6 +19,11 @@ token bucket, it times under CUDA graphs (``bench kernels``' machinery,
 * every unfused chain: each collective (none at 1; NCCL, symm-mem one-shot and two-shot at
   N) + the epilogue compiled by Inductor (static per token count, token-dynamic).
 
+``--context after-write`` times each option (fused or unfused) right after a copy kernel that
+writes its input, less the copy alone (:class:`_Timer`), as a model runs the epilogue right after
+the GEMM that writes its input; the default, ``alone``, times it back to back on the same input.
+Not yet run on a GPU.
+
 First it times the launch floor (:func:`fusion_passes.cli.bench_cuda.launch_floor_us`): the
 least any option can take here, printed and kept in ``--json``, so a speedup target out of
 reach at a small bucket shows as such. At world size 1 it also times, per bucket, the move
@@ -63,6 +68,10 @@ CHUNKS = (1024, 2048)
 TILES = (2, 4)
 TILE_ELEMS = 16384
 MP_PATHS = ("barrier", "lamport", "twoshot")
+# How an option is timed (--context, _Timer): on 1x H100 the add + RMSNorm epilogue right after the
+# cuBLAS GEMM writing its input ranked otherwise than alone (1024 x 7168: the table's launch 22.6 us
+# against Inductor's 15.6 us after the GEMM, 19.3 us each alone; results/README.md, "Session 12").
+CONTEXTS = ("alone", "after-write")
 DEFAULT_TOKENS = br.DEFAULT_TOKENS
 
 
@@ -83,6 +92,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--with-max-autotune", action="store_true",
                         help="also count the epilogue compiled with max_autotune + coordinate_descent_tuning per "
                              "token count (slow: Inductor times its configs per shape)")
+    parser.add_argument("--context", choices=CONTEXTS, default="alone",
+                        help="how each option is timed: alone, back to back on the same input (default), or "
+                             "after-write, each call right after a copy kernel that writes its input, as in a model "
+                             "the epilogue follows the GEMM that writes its input (its time: the pair's less the "
+                             "copy's; not yet run on a GPU)")
     parser.add_argument("--move-floor", action=argparse.BooleanOptionalAction, default=True,
                         help="at world size 1, also time each bucket's move floor: its rows read and written by a "
                              "kernel that computes nothing (default on; calibration on first use turns it off)")
@@ -155,7 +169,7 @@ def _tune(args) -> int:
     key = measured.machine_key(world, single_node=True)
     table = {"key": key, "command": command_line(world),
              "written": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-             "seconds_per_pair": seconds, "entries": entries}
+             "seconds_per_pair": seconds, "context": args.context, "entries": entries}
     if rank == 0:
         import pathlib
 
@@ -166,7 +180,7 @@ def _tune(args) -> int:
         if args.json:
             pathlib.Path(args.json).write_text(json.dumps({
                 "command": table["command"], "machine": bench_cuda.machine(), "versions": bench_cuda.versions(),
-                "key": key, "seconds_per_pair": seconds,
+                "key": key, "context": args.context, "seconds_per_pair": seconds,
                 "phases_s": {k: round(v, 1) for k, v in ctx.phases.items() if v}, "launch_floor_us": round(floor, 3),
                 "rows": rows}, indent=1))
     dist.barrier()
@@ -340,9 +354,13 @@ def tune_pair(ctx, variant: str, hidden: int, dtype: str) -> list[tuple[dict, di
         for tokens in ctx.args.tokens:
             times = _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb)
             entry, row = decide_bucket(ctx.group, variant, hidden, tokens, times, dtype)
+            t0 = time.perf_counter()
             floor = move_floor(ctx, variant, hidden, tokens, w.dtype)
+            ctx.phases["move_floor"] = ctx.phases.get("move_floor", 0.0) + time.perf_counter() - t0
             if floor is not None:
                 row["move_floor_us"] = _us(floor)
+            if getattr(ctx, "write_us", None) is not None:
+                row["write_us"] = _us(ctx.write_us)
             out.append((entry, row))
             if ctx.rank == 0:
                 launch = ", ".join([entry["path"], f"{entry['num_warps']} warps", *tune_show.launch_options(
@@ -350,7 +368,9 @@ def tune_pair(ctx, variant: str, hidden: int, dtype: str) -> list[tuple[dict, di
                 print(f"{variant:26s} H={hidden:5d} {dtype:8s} T={tokens:5d}  {entry['pick']:7s} "
                       f"fused {entry['fused_us']:8.2f} us ({launch})  unfused {entry['unfused_us']:8.2f} us "
                       f"({entry['best_unfused']})  x{row['speedup']:.2f}"
-                      + (f"  move floor {floor:.2f} us" if floor is not None else ""), flush=True)
+                      + (f"  move floor {floor:.2f} us" if floor is not None else "")
+                      + (f"  (each after a write of its input: {ctx.write_us:.2f} us, taken off)"
+                         if getattr(ctx, "write_us", None) is not None else ""), flush=True)
     return out
 
 
@@ -369,29 +389,71 @@ def _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb) -> d
     bk._timed(ctx, "compile_static", forms["static"], *inputs)
     if br.MAX_AUTOTUNE_FORM in forms:
         bk._timed(ctx, "compile_max_autotune", forms[br.MAX_AUTOTUNE_FORM], *inputs)
+    timer = _Timer(ctx, inputs, calls)
     times: dict[str, float | None] = {}
     for option in fused_options(ctx.world, variant, hidden):
-        _time_fused(ctx, tb, option, fused, inputs, calls, times)
+        _time_fused(ctx, tb, option, fused, inputs, timer, times)
     if ctx.world == 1:
         first = {k: v for k, v in times.items() if v is not None}
         warps = sorted({parse_option(k)["num_warps"] for k in first}) or [tb.num_warps_for(hidden)]
         fill = programs_to_fill(x.device)
         for option in (row_options(ctx.world, tokens, fill, warps) + chunk_options(ctx.world, variant, hidden, fill, warps)
                        + tile_options(ctx.world, variant, hidden, tokens, fill, warps)):
-            _time_fused(ctx, tb, option, fused, inputs, calls, times)
+            _time_fused(ctx, tb, option, fused, inputs, timer, times)
         if fill is not None:  # then evict_first on the fastest so far, one-row and tile configs
             for option in evict_options(times):
-                _time_fused(ctx, tb, option, fused, inputs, calls, times)
+                _time_fused(ctx, tb, option, fused, inputs, timer, times)
+    t0 = time.perf_counter()
     for coll_name, coll in bk._collectives(ctx, x).items():
         for form_name, form in forms.items():
             try:
-                times[f"{coll_name}+{form_name}"] = ctx.time_graph(
-                    lambda a, r, ww, s, form=form, coll=coll: form(coll(a), r, ww, s), inputs, calls, ctx.args.replays)
+                times[f"{coll_name}+{form_name}"] = timer(lambda a, r, ww, s, form=form, coll=coll: form(coll(a), r, ww, s))
             except Exception:  # noqa: BLE001 - a baseline that cannot run is left out
                 times[f"{coll_name}+{form_name}"] = None
+    ctx.phases["unfused_timing"] = ctx.phases.get("unfused_timing", 0.0) + time.perf_counter() - t0
+    ctx.write_us = timer.write_us  # tune_pair keeps it in the bucket's --json row
     del x, res
     ctx.empty_cache()
     return times
+
+
+# Where --context after-write times an option at or below the write alone (noise: both are timed
+# apart), the option counts this much (us): it won, and no speedup divides by zero.
+AFTER_WRITE_MIN_US = 0.01
+
+
+def write_input(dst, src):
+    """``--context after-write``'s producer: *dst* (the option's input) written from *src*, returned."""
+    return dst.copy_(src)
+
+
+class _Timer:
+    """``timer(fn)``: us of one ``fn(*inputs)`` as ``--context`` asks, timed as every option
+    (``ctx.time_graph``: CUDA graphs of *calls* calls on the GPU).
+
+    ``alone`` (the default): *fn* back to back on the same inputs. ``after-write``: each call
+    right after a copy kernel that writes its input (``x.copy_(src)``), as in a model the
+    epilogue runs right after the GEMM (or the collective) that writes its input, which then
+    sits in L2; the option's time is the pair's less the copy's alone (:attr:`write_us`, timed
+    once per bucket), at least :data:`AFTER_WRITE_MIN_US`. A copy stands in for the GEMM: it
+    leaves the input in L2 as the GEMM's stores do, and costs about one pass over the input
+    where a GEMM at 16384 x 8192 costs milliseconds, whose run-to-run spread would swamp the
+    epilogue's."""
+
+    def __init__(self, ctx, inputs, calls: int):
+        self._ctx, self._inputs, self._calls = ctx, inputs, calls
+        self.write_us = None
+        if getattr(ctx.args, "context", "alone") == "after-write":
+            src = inputs[0].clone()
+            self._write = lambda a: write_input(a, src)
+            self.write_us = ctx.time_graph(lambda a, *rest: self._write(a), inputs, calls, ctx.args.replays)
+
+    def __call__(self, fn) -> float:
+        ctx = self._ctx
+        if self.write_us is None:
+            return ctx.time_graph(fn, self._inputs, self._calls, ctx.args.replays)
+        pair = ctx.time_graph(lambda a, *rest: fn(self._write(a), *rest), self._inputs, self._calls, ctx.args.replays)
+        return max(pair - self.write_us, AFTER_WRITE_MIN_US)
 
 
 def move_floor(ctx, variant: str, hidden: int, tokens: int, dtype) -> float | None:
@@ -406,7 +468,7 @@ def move_floor(ctx, variant: str, hidden: int, tokens: int, dtype) -> float | No
     return bench_cuda.move_floor_us(variant, tokens, hidden, dtype, calls, ctx.args.replays)
 
 
-def _time_fused(ctx, tb, option, fused, inputs, calls, times) -> None:
+def _time_fused(ctx, tb, option, fused, inputs, timer, times) -> None:
     """Time the fused call at one launch config (forced on the backend) into *times*. At world
     size 1 every launch field is forced (one row, Triton's stages unless named), so that no
     entry of a table already on disk changes the config being timed."""
@@ -414,7 +476,13 @@ def _time_fused(ctx, tb, option, fused, inputs, calls, times) -> None:
              **{k: v for k, v in option.items() if k != "path"}}
     tb.FORCE.update(option if option["path"] != "local" else local)
     try:
-        times[option_name(option)] = ctx.time_graph(fused, inputs, calls, ctx.args.replays)
+        t0 = time.perf_counter()
+        fused(*inputs)  # the first call compiles this config's binary: kept apart in --json's phases_s
+        ctx.sync()
+        t1 = time.perf_counter()
+        ctx.phases["fused_warmup"] += t1 - t0
+        times[option_name(option)] = timer(fused)
+        ctx.phases["fused_timing"] = ctx.phases.get("fused_timing", 0.0) + time.perf_counter() - t1
     except Exception:  # noqa: BLE001 - a config that cannot run (e.g. a path's workspace) is skipped
         times[option_name(option)] = None
     finally:
