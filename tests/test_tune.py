@@ -6,6 +6,10 @@ runs on gloo processes in tests/test_agree.py; the GPU run is tests/gpu + result
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -282,3 +286,26 @@ def test_after_write_times_each_option_right_after_its_input_is_written_less_the
     ctx.args.context = "alone"  # the default: no write anywhere
     times = tune._bucket_times(ctx, "add_rmsnorm", 64, 8, w, scale, forms, fused, tb)
     assert times["fused:local:8"] == 9.0 and times["none+static"] == 5.0 and ctx.write_us is None
+
+
+def test_precompile_makes_in_threads_every_binary_the_timed_launches_look_up(tmp_path):
+    """tests/triton_precompile_case.py (its own process, about 10 s): tune's precompile for add +
+    RMSNorm at hidden 4096 over 1, 4 and 512 tokens, for an sm_90 target through a stand-in
+    driver, then every (bucket, option) call again one at a time: the second pass compiles
+    nothing, and the first compiled every binary in the pool's threads, none in the caller's."""
+    pytest.importorskip("triton", reason="needs triton (a torch dependency) to compile the kernel for sm_90")
+    out = tmp_path / "found.json"
+    script = pathlib.Path(__file__).with_name("triton_precompile_case.py")
+    run = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "cache")], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(out.read_text())
+    # 1 token: the 3 warp counts, the looped kernel at 2 piece sizes x 3 warps (no rows, no tile: one
+    # program); 4 tokens: the same (4 rows on 132 SMs fill nothing more); 512: + 2 and 4 rows x 2 stages
+    # and 2 and 4 rows at once, each x 3 warps
+    assert found["calls"] == 9 + 9 + 9 + 12 + 6
+    # 1 token is its own binary (Triton specializes T == 1); 4 and 512 tokens share theirs
+    assert found["binaries"] == found["compiles_first"] == 9 + 9 + 12 + 6
+    assert found["compiles_again"] == 0
+    assert found["main_thread_compiles"] == 0 and found["threads_first"] == 2
+    assert found["phases"] == ["precompile"]

@@ -53,6 +53,7 @@ every variant (2 bytes per element against 3 to 4 for residual_out + norm or cod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -281,12 +282,12 @@ class TritonBackend:
 
             lw = plan.lamport
             bits, sent = lamport.sentinel(x.dtype)
-            lamport_kernels.lamport_kernel[(plan.grid,)](
+            _launcher(lamport_kernels.lamport_kernel, plan.grid)(
                 *tensors, lw.peers, lw.state, *scalars, lw.slot_elems, **consts,
                 BITS=tl.int16 if bits == torch.int16 else tl.int32, SENT=sent, TWO_SHOT=plan.path == "twoshot",
                 **plan.launch())
         else:
-            k.fused_allreduce_add_rmsnorm_kernel[(plan.grid,)](
+            _launcher(k.fused_allreduce_add_rmsnorm_kernel, plan.grid)(
                 *tensors, plan.buf_ptrs, plan.sig_ptrs, *scalars, **consts, ROWS=plan.rows,
                 EVICT=plan.evict and plan.world == 1, CHUNK=plan.chunk, TILE=plan.tile, **plan.launch())
         return _shaped(o, lead, hidden, fp4)
@@ -346,6 +347,29 @@ def _local_plan(tokens: int, nw: int, stages: int | None, entry, form: tuple[int
 
 PATHS = ("barrier", "lamport", "twoshot")
 PATH_ENV = "FUSION_PASSES_TRITON_PATH"
+COMPILE_ONLY: list = []
+"""``fusion-passes tune`` only (:func:`compile_only`): while it holds an entry, a launch compiles its
+binary (Triton's ``warmup``) and runs nothing, leaving its outputs unwritten."""
+
+
+@contextlib.contextmanager
+def compile_only():
+    """Within: every launch of this backend's kernels only compiles its binary (``JITFunction.warmup``:
+    the binary a real launch with these arguments would use, from the same specialization). Under
+    Triton's ``AsyncCompileMode`` the compiles then run in its executor, several at once
+    (``fusion_passes.cli.tune.precompile``). The call's outputs are left unwritten."""
+    COMPILE_ONLY.append(True)
+    try:
+        yield
+    finally:
+        COMPILE_ONLY.pop()
+
+
+def _launcher(kernel, grid: int):
+    """``kernel[(grid,)]``, or within :func:`compile_only` its compile alone."""
+    return functools.partial(kernel.warmup, grid=(grid,)) if COMPILE_ONLY else kernel[(grid,)]
+
+
 FORCE: dict = {}
 """``fusion-passes tune`` only: ``{"num_warps": n, "path": p, "rows": r, "num_stages": s, "evict": e,
 "chunk": c, "tile": t}`` (any of them) forced on every launch while it times the candidates (``path`` one

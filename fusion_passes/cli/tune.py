@@ -19,6 +19,9 @@ token bucket, it times under CUDA graphs (``bench kernels``' machinery,
 * every unfused chain: each collective (none at 1; NCCL, symm-mem one-shot and two-shot at
   N) + the epilogue compiled by Inductor (static per token count, token-dynamic).
 
+At world size 1 it first compiles every launch config's binaries, several at once
+(:func:`precompile`, ``--precompile-threads``); not yet run on a GPU.
+
 ``--context after-write`` times each option (fused or unfused) right after a copy kernel that
 writes its input, less the copy alone (:class:`_Timer`), as a model runs the epilogue right after
 the GEMM that writes its input; the default, ``alone``, times it back to back on the same input.
@@ -49,6 +52,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import sys
 import time
 
@@ -73,6 +77,11 @@ MP_PATHS = ("barrier", "lamport", "twoshot")
 # against Inductor's 15.6 us after the GEMM, 19.3 us each alone; results/README.md, "Session 12").
 CONTEXTS = ("alone", "after-write")
 DEFAULT_TOKENS = br.DEFAULT_TOKENS
+# Compiles at once before timing (--precompile-threads): Triton's compile runs in a thread (on this
+# project's 2-core CI machine, the 36 binaries of add + RMSNorm at hidden 4096 over the 15 buckets, for
+# sm_90, took 5.1-5.6 s in one thread, 3.5-3.8 s in two; Triton 3.8, session 13, tests/triton_precompile_case.py
+# with every bucket), so up to one per CPU; 16: the lent GPU machines' CPUs.
+PRECOMPILE_THREADS = max(1, min(16, os.cpu_count() or 1))
 
 
 def add_arguments(parser) -> None:
@@ -97,6 +106,10 @@ def add_arguments(parser) -> None:
                              "after-write, each call right after a copy kernel that writes its input, as in a model "
                              "the epilogue follows the GEMM that writes its input (its time: the pair's less the "
                              "copy's; not yet run on a GPU)")
+    parser.add_argument("--precompile-threads", type=int_range(0, 64), default=PRECOMPILE_THREADS,
+                        help="at world size 1, compile every launch config's binary this many at a time before "
+                             f"timing (default {PRECOMPILE_THREADS}: this machine's CPUs, at most 16; 0: each when "
+                             "timed; not yet run on a GPU)")
     parser.add_argument("--move-floor", action=argparse.BooleanOptionalAction, default=True,
                         help="at world size 1, also time each bucket's move floor: its rows read and written by a "
                              "kernel that computes nothing (default on; calibration on first use turns it off)")
@@ -336,6 +349,65 @@ def command_line(world: int, argv: list[str] | None = None) -> str:
     return " ".join([head, "tune", *rest])
 
 
+def precompile(ctx, variant: str, hidden: int, w, scale, fused, tb) -> int:
+    """At world size 1, compile the binaries of every launch config the pair's buckets will
+    time, ``--precompile-threads`` at a time, before any is timed: each config's call at each
+    bucket's shape under :func:`fusion_passes.backends.triton.compile_only` (Triton's own
+    specialization, so the binaries the timed launches look up) inside Triton's
+    ``AsyncCompileMode`` over a thread pool, where Triton runs each compile in a thread. The
+    ``evict_first`` options, chosen from the timings, compile when timed. Returns the calls
+    made (0 where it does not apply); on any failure, one warning and the configs compile when
+    timed, as without it. Not yet run on a GPU: what it saves shows in ``--json``'s
+    ``phases_s`` (``precompile`` against ``fused_warmup``)."""
+    threads = getattr(ctx.args, "precompile_threads", 0)
+    if ctx.world != 1 or not threads or ctx.fused_backend != "triton":
+        return 0
+    import concurrent.futures
+
+    import torch
+
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode  # Triton 3.6 / 3.8: private, guarded
+    except ImportError as e:
+        print(f"fusion-passes tune: no precompile ({e}); each config compiles when timed", file=sys.stderr)
+        return 0
+    t0 = time.perf_counter()
+    device = torch.device(ctx.device)
+    fill = programs_to_fill(device)
+    warps = [o["num_warps"] for o in fused_options(ctx.world, variant, hidden)]
+    calls = 0
+    try:
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool, AsyncCompileMode(pool, ignore_errors=True), \
+                tb.compile_only():
+            for tokens in ctx.args.tokens:
+                x = torch.empty(tokens, hidden, device=device, dtype=w.dtype)
+                inputs = (x, torch.empty_like(x), w, scale)
+                for option in (fused_options(ctx.world, variant, hidden) + row_options(ctx.world, tokens, fill, warps)
+                               + chunk_options(ctx.world, variant, hidden, fill, warps)
+                               + tile_options(ctx.world, variant, hidden, tokens, fill, warps)):
+                    tb.FORCE.update(_forced(option))
+                    try:
+                        fused(*inputs)
+                    finally:
+                        tb.FORCE.clear()
+                    calls += 1
+    except Exception as e:  # noqa: BLE001 - a speed-up only: the configs then compile when timed
+        print(f"fusion-passes tune: precompile failed ({type(e).__name__}: {e}); each config compiles when timed",
+              file=sys.stderr)
+    ctx.phases["precompile"] = ctx.phases.get("precompile", 0.0) + time.perf_counter() - t0
+    return calls
+
+
+def _forced(option: dict) -> dict:
+    """What :data:`fusion_passes.backends.triton.FORCE` holds while *option* runs: at world size 1
+    every launch field (one row, Triton's stages unless named), so that no entry of a table
+    already on disk changes the config."""
+    if option["path"] != "local":
+        return option
+    return {"rows": 1, "num_stages": None, "evict": False, "chunk": 0, "tile": 1,
+            **{k: v for k, v in option.items() if k != "path"}}
+
+
 def tune_pair(ctx, variant: str, hidden: int, dtype: str) -> list[tuple[dict, dict]]:
     """Every bucket of one (variant, hidden) in the activation *dtype*: ``[(entry, row), ...]``."""
     import torch
@@ -351,6 +423,7 @@ def tune_pair(ctx, variant: str, hidden: int, dtype: str) -> list[tuple[dict, di
     fused = bk._fused_fn(variant, ctx.group, ctx.fused_backend)
     out = []
     with bk._triton_admitted(ctx.world, variant):
+        precompile(ctx, variant, hidden, w, scale, fused, tb)
         for tokens in ctx.args.tokens:
             times = _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb)
             entry, row = decide_bucket(ctx.group, variant, hidden, tokens, times, dtype)
@@ -472,9 +545,7 @@ def _time_fused(ctx, tb, option, fused, inputs, timer, times) -> None:
     """Time the fused call at one launch config (forced on the backend) into *times*. At world
     size 1 every launch field is forced (one row, Triton's stages unless named), so that no
     entry of a table already on disk changes the config being timed."""
-    local = {"rows": 1, "num_stages": None, "evict": False, "chunk": 0, "tile": 1,
-             **{k: v for k, v in option.items() if k != "path"}}
-    tb.FORCE.update(option if option["path"] != "local" else local)
+    tb.FORCE.update(_forced(option))
     try:
         t0 = time.perf_counter()
         fused(*inputs)  # the first call compiles this config's binary: kept apart in --json's phases_s

@@ -1,0 +1,98 @@
+"""``tune``'s precompile on CPU, its own process: ``python tests/triton_precompile_case.py OUT.json CACHE``.
+
+Triton's JIT is pointed at an sm_90 target through a stand-in driver (no GPU: Triton compiles
+for a target without one; nothing is launched, as :func:`fusion_passes.backends.triton.compile_only`
+launches nothing), and ``tune.precompile`` runs for add + RMSNorm at hidden 4096 over three token
+buckets, through the triton backend's own launch (``TritonBackend._launch``: its argument
+marshalling and Triton's own specialization of them). Then every (bucket, option) call is made
+again, one at a time, as the timed launches would be. OUT gets what tests/test_tune.py asserts:
+the calls made, the binaries compiled, the compiles of the second pass (none, if the precompile
+made the binaries the launches look up), and the threads the first pass compiled in. Its own
+process: the stand-in driver and Triton's cache directory (CACHE, empty) must not leak into
+other tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+
+
+def main(out: str, cache: str) -> int:
+    os.environ["TRITON_CACHE_DIR"] = cache
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import argparse
+    import types
+
+    import torch
+    import triton.compiler
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    import oracles
+    from fusion_passes import variants
+    from fusion_passes.backends import triton as tb
+    from fusion_passes.backends import triton_kernels as k
+    from fusion_passes.cli import tune
+    from fusion_passes.cli.model_trace import fake_world
+
+    class Sm90:  # what the JIT asks of a driver before it compiles
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+    driver.set_active(Sm90())
+    compiles = []
+    real = triton.compiler.compile  # what the JIT binds when it first compiles
+
+    def counted(*a, **kw):
+        compiles.append(threading.get_ident())
+        return real(*a, **kw)
+    triton.compiler.compile = counted
+
+    parser = argparse.ArgumentParser()
+    tune.add_arguments(parser)
+    args = parser.parse_args(["--tokens", "1", "4", "512", "--precompile-threads", "2"])
+    ctx = types.SimpleNamespace(world=1, device="cpu", fused_backend="triton", args=args, phases={})
+    tune.programs_to_fill = lambda device: 132  # an H100's SMs
+    group = "c10d:" + fake_world(1).group_name
+    backend, spec = tb.TritonBackend(), variants.get("add_rmsnorm")
+
+    def fused(x, r, w, s):
+        return backend._launch(oracles.fused_args(spec, x, r, w, 1e-6, group, False, False), k.QUANT_NONE,
+                               write_norm=True, variant="add_rmsnorm")
+    hidden = 4096
+    w = torch.ones(hidden, dtype=torch.bfloat16)
+    calls = tune.precompile(ctx, "add_rmsnorm", hidden, w, None, fused, tb)
+    first = list(compiles)
+    binaries = len(k.fused_allreduce_add_rmsnorm_kernel.device_caches[0][0])
+    compiles.clear()
+    fill, warps = 132, [o["num_warps"] for o in tune.fused_options(1, "add_rmsnorm", hidden)]
+    with tb.compile_only():
+        for tokens in args.tokens:
+            x = torch.empty(tokens, hidden, dtype=torch.bfloat16)
+            for option in (tune.fused_options(1, "add_rmsnorm", hidden) + tune.row_options(1, tokens, fill, warps)
+                           + tune.chunk_options(1, "add_rmsnorm", hidden, fill, warps)
+                           + tune.tile_options(1, "add_rmsnorm", hidden, tokens, fill, warps)):
+                tb.FORCE.update(tune._forced(option))
+                try:
+                    fused(x, torch.empty_like(x), w, None)
+                finally:
+                    tb.FORCE.clear()
+    with open(out, "w") as f:
+        json.dump({"calls": calls, "binaries": binaries, "compiles_first": len(first),
+                   "threads_first": len(set(first)), "main_thread_compiles": first.count(threading.get_ident()),
+                   "compiles_again": len(compiles), "phases": sorted(ctx.phases)}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))
