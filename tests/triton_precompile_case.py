@@ -10,19 +10,25 @@ the calls made, the binaries compiled, the compiles of the second pass (none, if
 made the binaries the launches look up), and the threads the first pass compiled in. Its own
 process: the stand-in driver and Triton's cache directory (CACHE, empty) must not leak into
 other tests.
+
+``--gpu`` (one NVIDIA GPU; not yet run): the same on the GPU's own driver and SM count, the second
+pass launching each config for real (``python tests/triton_precompile_case.py OUT CACHE --gpu``:
+OUT's ``compiles_again`` must be 0).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import threading
 
 
-def main(out: str, cache: str) -> int:
+def main(out: str, cache: str, gpu: bool = False) -> int:
     os.environ["TRITON_CACHE_DIR"] = cache
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if not gpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import argparse
     import types
@@ -49,7 +55,8 @@ def main(out: str, cache: str) -> int:
         def get_current_stream(self, device=None):
             return 0
 
-    driver.set_active(Sm90())
+    if not gpu:
+        driver.set_active(Sm90())
     compiles = []
     real = triton.compiler.compile  # what the JIT binds when it first compiles
 
@@ -61,8 +68,11 @@ def main(out: str, cache: str) -> int:
     parser = argparse.ArgumentParser()
     tune.add_arguments(parser)
     args = parser.parse_args(["--tokens", "1", "4", "512", "--precompile-threads", "2"])
-    ctx = types.SimpleNamespace(world=1, device="cpu", fused_backend="triton", args=args, phases={})
-    tune.programs_to_fill = lambda device: 132  # an H100's SMs
+    device = "cuda" if gpu else "cpu"
+    ctx = types.SimpleNamespace(world=1, device=device, fused_backend="triton", args=args, phases={})
+    if not gpu:
+        tune.programs_to_fill = lambda device: 132  # an H100's SMs
+    fill = tune.programs_to_fill(torch.device(device))
     group = "c10d:" + fake_world(1).group_name
     backend, spec = tb.TritonBackend(), variants.get("add_rmsnorm")
 
@@ -70,15 +80,15 @@ def main(out: str, cache: str) -> int:
         return backend._launch(oracles.fused_args(spec, x, r, w, 1e-6, group, False, False), k.QUANT_NONE,
                                write_norm=True, variant="add_rmsnorm")
     hidden = 4096
-    w = torch.ones(hidden, dtype=torch.bfloat16)
+    w = torch.ones(hidden, dtype=torch.bfloat16, device=device)
     calls = tune.precompile(ctx, "add_rmsnorm", hidden, w, None, fused, tb)
     first = list(compiles)
     binaries = len(k.fused_allreduce_add_rmsnorm_kernel.device_caches[0][0])
     compiles.clear()
-    fill, warps = 132, [o["num_warps"] for o in tune.fused_options(1, "add_rmsnorm", hidden)]
-    with tb.compile_only():
+    warps = [o["num_warps"] for o in tune.fused_options(1, "add_rmsnorm", hidden)]
+    with (contextlib.nullcontext() if gpu else tb.compile_only()):  # on a GPU, real launches
         for tokens in args.tokens:
-            x = torch.empty(tokens, hidden, dtype=torch.bfloat16)
+            x = torch.randn(tokens, hidden, device=device).bfloat16()
             for option in (tune.fused_options(1, "add_rmsnorm", hidden) + tune.row_options(1, tokens, fill, warps)
                            + tune.chunk_options(1, "add_rmsnorm", hidden, fill, warps)
                            + tune.tile_options(1, "add_rmsnorm", hidden, tokens, fill, warps)):
@@ -95,4 +105,4 @@ def main(out: str, cache: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(sys.argv[1], sys.argv[2], "--gpu" in sys.argv[3:]))
