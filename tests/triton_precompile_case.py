@@ -89,9 +89,8 @@ def main(out: str, cache: str, gpu: bool = False) -> int:
     with (contextlib.nullcontext() if gpu else tb.compile_only()):  # on a GPU, real launches
         for tokens in args.tokens:
             x = torch.randn(tokens, hidden, device=device).bfloat16()
-            for option in (tune.fused_options(1, "add_rmsnorm", hidden) + tune.row_options(1, tokens, fill, warps)
-                           + tune.chunk_options(1, "add_rmsnorm", hidden, fill, warps)
-                           + tune.tile_options(1, "add_rmsnorm", hidden, tokens, fill, warps)):
+            for option in (tune.fused_options(1, "add_rmsnorm", hidden)
+                           + tune.shape_options(1, "add_rmsnorm", hidden, tokens, fill, warps)):
                 tb.FORCE.update(tune._forced(option))
                 try:
                     fused(x, torch.empty_like(x), w, None)

@@ -266,6 +266,14 @@ def tile_options(world: int, variant: str, hidden: int, tokens: int, sm_count: i
             for t in TILES if t * block <= TILE_ELEMS and rows_fit(tokens, t, sm_count) for w in warps]
 
 
+def shape_options(world: int, variant: str, hidden: int, tokens: int, sm_count: int | None, warps) -> list[dict]:
+    """The passes after the first at one bucket, at each of *warps*: rows per program
+    (:func:`row_options`), the looped kernel (:func:`chunk_options`), the tile kernel
+    (:func:`tile_options`)."""
+    return (row_options(world, tokens, sm_count, warps) + chunk_options(world, variant, hidden, sm_count, warps)
+            + tile_options(world, variant, hidden, tokens, sm_count, warps))
+
+
 def evict_options(times: dict[str, float | None]) -> list[dict]:
     """The last pass at world size 1: the fastest fused config so far, the fastest with one
     row per program and the fastest tile (they differ where more rows won), each with its
@@ -382,9 +390,8 @@ def precompile(ctx, variant: str, hidden: int, w, scale, fused, tb) -> int:
             for tokens in ctx.args.tokens:
                 x = torch.empty(tokens, hidden, device=device, dtype=w.dtype)
                 inputs = (x, torch.empty_like(x), w, scale)
-                for option in (fused_options(ctx.world, variant, hidden) + row_options(ctx.world, tokens, fill, warps)
-                               + chunk_options(ctx.world, variant, hidden, fill, warps)
-                               + tile_options(ctx.world, variant, hidden, tokens, fill, warps)):
+                for option in fused_options(ctx.world, variant, hidden) + shape_options(
+                        ctx.world, variant, hidden, tokens, fill, warps):
                     tb.FORCE.update(_forced(option))
                     try:
                         fused(*inputs)
@@ -470,8 +477,7 @@ def _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb) -> d
         first = {k: v for k, v in times.items() if v is not None}
         warps = sorted({parse_option(k)["num_warps"] for k in first}) or [tb.num_warps_for(hidden)]
         fill = programs_to_fill(x.device)
-        for option in (row_options(ctx.world, tokens, fill, warps) + chunk_options(ctx.world, variant, hidden, fill, warps)
-                       + tile_options(ctx.world, variant, hidden, tokens, fill, warps)):
+        for option in shape_options(ctx.world, variant, hidden, tokens, fill, warps):
             _time_fused(ctx, tb, option, fused, inputs, timer, times)
         if fill is not None:  # then evict_first on the fastest so far, one-row and tile configs
             for option in evict_options(times):
