@@ -290,11 +290,17 @@ ORACLE = {
     "add_rmsnorm_fp8_static": ("vLLM QuantFP8.forward_native (static)",
                                lambda y, scale: (vllm_fp8_static(y, scale.cpu()), None)),
     "add_rmsnorm_fp8_per_token": ("vLLM QuantFP8.forward_native (per token)",
-                                  lambda y, ub=None: vllm_fp8_per_token(y, None if ub is None else ub.cpu())),
+                                  lambda y, ub=None: vllm_fp8_per_token(y, None if ub is None else ub.to(y.device))),
     "add_rmsnorm_fp8_per_group": ("torchao blockwise float8 / to_mx RCEIL", _fp8_group),
     "add_rmsnorm_nvfp4": ("vLLM ref_nvfp4_quant + swizzle_blockscale", _nvfp4),
     "add_rmsnorm_mxfp4": ("", _mxfp4),  # names the one it ran
 }
+
+
+# The oracles run where the norm output is, not on the CPU: vLLM's per-token QuantFP8 as it runs on a
+# GPU (its amax / 448 a multiply by 1 / 448 there; triton_kernels._fp8_per_token follows it), and vLLM's
+# own MXFP4 Triton kernel, which needs one.
+ON_DEVICE = frozenset({"add_rmsnorm_fp8_per_token", "add_rmsnorm_mxfp4"})
 
 
 def quant_params(spec, *params, **opts) -> dict:
@@ -335,14 +341,17 @@ def oracle_quant(variant: str, y: torch.Tensor, params: tuple):
 
     source, fn = ORACLE[variant]
     try:
-        q, s, *named = fn(y if variant == "add_rmsnorm_mxfp4" else y.cpu(), *params)
+        q, s, *named = fn(y if variant in ON_DEVICE else y.cpu(), *params)
         return q.cpu(), None if s is None else s.cpu(), named[0] if named else source
     except ModuleNotFoundError as e:
         if e.name.split(".")[0] not in ("vllm", "torchao"):
             raise
-        # on the CPU too: on CUDA, torch divides by a CPU scalar as a multiply by its reciprocal
-        # (aten BinaryDivTrueKernel.cu, "may lose one bit"), so amax / 448 could be one ulp off (on
-        # 1x H100 without torchao, 1 to 6485 per-group FP8 codes then differed from the kernel's)
-        cpu = tuple(p.cpu() if isinstance(p, torch.Tensor) else p for p in params)
-        q, s = epilogue.quantize(variant, y.cpu(), quant_params(variants.get(variant), *cpu))
-        return q, s, f"fusion_passes.epilogue ({e.name} not installed)"
+        # where the oracle runs: on CUDA, torch divides by a CPU scalar as a multiply by its reciprocal
+        # (aten BinaryDivTrueKernel.cu, "may lose one bit"), so amax / 448 can be one ulp off the true
+        # quotient. On the CPU for torchao's per-group (on 1x H100 without torchao, 1 to 6485 per-group
+        # codes differed from the kernel's, which divides correctly: session 12); on the GPU for vLLM's
+        # per-token, whose CUDA form the kernel follows (ON_DEVICE; 6 cases failed on the CPU: session 13)
+        dev = y.device if variant in ON_DEVICE else torch.device("cpu")
+        moved = tuple(p.to(dev) if isinstance(p, torch.Tensor) else p for p in params)
+        q, s = epilogue.quantize(variant, y.to(dev), quant_params(variants.get(variant), *moved))
+        return q.cpu(), None if s is None else s.cpu(), f"fusion_passes.epilogue ({e.name} not installed)"
