@@ -11,7 +11,7 @@ made the binaries the launches look up), and the threads the first pass compiled
 process: the stand-in driver and Triton's cache directory (CACHE, empty) must not leak into
 other tests.
 
-``--gpu`` (one NVIDIA GPU; not yet run): the same on the GPU's own driver and SM count, the second
+``--gpu`` (one NVIDIA GPU; on 1x H100 in session 13: no compile again): the same on the GPU's own driver and SM count, the second
 pass launching each config for real (``python tests/triton_precompile_case.py OUT CACHE --gpu``:
 OUT's ``compiles_again`` must be 0).
 """

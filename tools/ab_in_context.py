@@ -19,8 +19,8 @@ session 12, also launched the table's config with programmatic dependent launch,
 option of commit 028670b: results/README.md, "Session 12".) Every launch is checked
 against Inductor's static compile: the residual output equal, bit for bit, and the norm within two
 bf16 steps (the forms sum the variance in different orders, and the norm rounds twice).
-Prints a table per shape and writes $OUT/ab_in_context.json. Not yet run in this form: session
-12 had no machine for it after the first form's run, session 13 none at all.
+Prints a table per shape and writes $OUT/ab_in_context.json. Run twice on 1x H100 in
+session 13 (results/README.md, "Session 13").
 """
 import json, os, statistics, sys
 import torch

@@ -20,12 +20,11 @@ token bucket, it times under CUDA graphs (``bench kernels``' machinery,
   N) + the epilogue compiled by Inductor (static per token count, token-dynamic).
 
 At world size 1 it first compiles every launch config's binaries, several at once
-(:func:`precompile`, ``--precompile-threads``); not yet run on a GPU.
+(:func:`precompile`, ``--precompile-threads``).
 
 ``--context after-write`` times each option (fused or unfused) right after a copy kernel that
 writes its input, less the copy alone (:class:`_Timer`), as a model runs the epilogue right after
 the GEMM that writes its input; the default, ``alone``, times it back to back on the same input.
-Not yet run on a GPU.
 
 First it times the launch floor (:func:`fusion_passes.cli.bench_cuda.launch_floor_us`): the
 least any option can take here, printed and kept in ``--json``, so a speedup target out of
@@ -72,9 +71,11 @@ CHUNKS = (1024, 2048)
 TILES = (2, 4)
 TILE_ELEMS = 16384
 MP_PATHS = ("barrier", "lamport", "twoshot")
-# How an option is timed (--context, _Timer): on 1x H100 the add + RMSNorm epilogue right after the
-# cuBLAS GEMM writing its input ranked otherwise than alone (1024 x 7168: the table's launch 22.6 us
-# against Inductor's 15.6 us after the GEMM, 19.3 us each alone; results/README.md, "Session 12").
+# How an option is timed (--context, _Timer). after-write: right after a copy that writes the input, as
+# in a model. Not the GEMM itself: on 1x H100 "after the GEMM" (a pair less the GEMM, 150-180 us each at
+# 1024 tokens) moved one launch by 7.8 us between two runs, after the copy by under 0.1 us; the ranking
+# after the copy stayed close to the one alone (results/README.md, "Session 13"). Default alone until a
+# model step shows the other table faster.
 CONTEXTS = ("alone", "after-write")
 DEFAULT_TOKENS = br.DEFAULT_TOKENS
 # Compiles at once before timing (--precompile-threads): Triton's compile runs in a thread (on this
@@ -105,11 +106,11 @@ def add_arguments(parser) -> None:
                         help="how each option is timed: alone, back to back on the same input (default), or "
                              "after-write, each call right after a copy kernel that writes its input, as in a model "
                              "the epilogue follows the GEMM that writes its input (its time: the pair's less the "
-                             "copy's; not yet run on a GPU)")
+                             "copy's)")
     parser.add_argument("--precompile-threads", type=int_range(0, 64), default=PRECOMPILE_THREADS,
                         help="at world size 1, compile every launch config's binary this many at a time before "
                              f"timing (default {PRECOMPILE_THREADS}: this machine's CPUs, at most 16; 0: each when "
-                             "timed; not yet run on a GPU)")
+                             "timed)")
     parser.add_argument("--move-floor", action=argparse.BooleanOptionalAction, default=True,
                         help="at world size 1, also time each bucket's move floor: its rows read and written by a "
                              "kernel that computes nothing (default on; calibration on first use turns it off)")
@@ -365,8 +366,8 @@ def precompile(ctx, variant: str, hidden: int, w, scale, fused, tb) -> int:
     ``AsyncCompileMode`` over a thread pool, where Triton runs each compile in a thread. The
     ``evict_first`` options, chosen from the timings, compile when timed. Returns the calls
     made (0 where it does not apply); on any failure, one warning and the configs compile when
-    timed, as without it. Not yet run on a GPU: what it saves shows in ``--json``'s
-    ``phases_s`` (``precompile`` against ``fused_warmup``)."""
+    timed, as without it. What it takes shows in ``--json``'s ``phases_s`` (``precompile``; on
+    1x H100 3.2 s of a cold pair's 54.3 s, results/README.md, "Session 13")."""
     threads = getattr(ctx.args, "precompile_threads", 0)
     if ctx.world != 1 or not threads or ctx.fused_backend != "triton":
         return 0
