@@ -160,6 +160,7 @@ def test_the_second_pass_times_rows_at_every_warp_count_and_the_entry_keeps_the_
     from fusion_passes.backends import triton as tb
 
     ctx = _sweep_context("4096")
+    ctx.args.context = "alone"  # the fake timer's times are the options' own
     seen = []
     monkeypatch.setattr(tb, "FORCE", _Recorder(seen))
     monkeypatch.setattr(tune, "programs_to_fill", lambda device: 132)
@@ -263,7 +264,7 @@ def test_after_write_times_each_option_right_after_its_input_is_written_less_the
     from fusion_passes.backends import triton as tb
 
     ctx = _sweep_context("8")
-    ctx.args.context = "after-write"
+    assert ctx.args.context == "after-write"  # the default (tune.CONTEXTS: the model step measured faster)
     log = []
     monkeypatch.setattr(tune, "write_input", lambda dst, src: log.append("write") or dst)
     monkeypatch.setattr(tune, "programs_to_fill", lambda device: None)  # the first pass only
@@ -285,7 +286,7 @@ def test_after_write_times_each_option_right_after_its_input_is_written_less_the
     assert times == {"fused:local:1": 1.0, "fused:local:4": 4.0, "fused:local:8": 8.0, "fused:local:16": 16.0,
                      "none+static": 4.0, "none+tokdyn": 5.0}
     assert ctx.write_us == 3.0
-    ctx.args.context = "alone"  # the default: no write anywhere
+    ctx.args.context = "alone"  # no write anywhere
     times = tune._bucket_times(ctx, "add_rmsnorm", 64, 8, w, scale, forms, fused, tb)
     assert times["fused:local:8"] == 9.0 and times["none+static"] == 5.0 and ctx.write_us is None
 
