@@ -1,6 +1,6 @@
 """World size 1 A/B (a benchmark, not a test): the fused add + RMSNorm against Inductor,
-alone (as ``tune`` times it by default), right after the GEMM that writes its input (as in a model)
-and right after a copy that writes it (as ``tune --context after-write`` times it).
+alone (as ``tune --context alone`` times it), right after the GEMM that writes its input (as in a
+model) and right after a copy that writes it (as ``tune`` times it by default, ``--context after-write``).
 
     PYTHONPATH=. python tools/ab_in_context.py 1x4096,128x7168,1024x7168 [ROUNDS]   (one GPU)
 

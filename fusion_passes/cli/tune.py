@@ -404,8 +404,15 @@ def precompile(ctx, variant: str, hidden: int, w, scale, fused, tb) -> int:
     except Exception as e:  # noqa: BLE001 - a speed-up only: the configs then compile when timed
         print(f"fusion-passes tune: precompile failed ({type(e).__name__}: {e}); each config compiles when timed",
               file=sys.stderr)
-    ctx.phases["precompile"] = ctx.phases.get("precompile", 0.0) + time.perf_counter() - t0
+    _spent(ctx, "precompile", t0)
     return calls
+
+
+def _spent(ctx, phase: str, t0: float) -> float:
+    """Add the seconds since *t0* to ``ctx.phases[phase]`` (``--json``'s ``phases_s``); returns now."""
+    now = time.perf_counter()
+    ctx.phases[phase] = ctx.phases.get(phase, 0.0) + now - t0
+    return now
 
 
 def _forced(option: dict) -> dict:
@@ -439,10 +446,10 @@ def tune_pair(ctx, variant: str, hidden: int, dtype: str) -> list[tuple[dict, di
             entry, row = decide_bucket(ctx.group, variant, hidden, tokens, times, dtype)
             t0 = time.perf_counter()
             floor = move_floor(ctx, variant, hidden, tokens, w.dtype)
-            ctx.phases["move_floor"] = ctx.phases.get("move_floor", 0.0) + time.perf_counter() - t0
+            _spent(ctx, "move_floor", t0)
             if floor is not None:
                 row["move_floor_us"] = _us(floor)
-            if getattr(ctx, "write_us", None) is not None:
+            if ctx.write_us is not None:
                 row["write_us"] = _us(ctx.write_us)
             out.append((entry, row))
             if ctx.rank == 0:
@@ -453,7 +460,7 @@ def tune_pair(ctx, variant: str, hidden: int, dtype: str) -> list[tuple[dict, di
                       f"({entry['best_unfused']})  x{row['speedup']:.2f}"
                       + (f"  move floor {floor:.2f} us" if floor is not None else "")
                       + (f"  (each after a write of its input: {ctx.write_us:.2f} us, taken off)"
-                         if getattr(ctx, "write_us", None) is not None else ""), flush=True)
+                         if ctx.write_us is not None else ""), flush=True)
     return out
 
 
@@ -492,8 +499,8 @@ def _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb) -> d
                 times[f"{coll_name}+{form_name}"] = timer(lambda a, r, ww, s, form=form, coll=coll: form(coll(a), r, ww, s))
             except Exception:  # noqa: BLE001 - a baseline that cannot run is left out
                 times[f"{coll_name}+{form_name}"] = None
-    ctx.phases["unfused_timing"] = ctx.phases.get("unfused_timing", 0.0) + time.perf_counter() - t0
-    ctx.write_us = timer.write_us  # tune_pair keeps it in the bucket's --json row
+    _spent(ctx, "unfused_timing", t0)
+    ctx.write_us = timer.write_us  # the bucket's copy time, for tune_pair's line and --json row
     del x, res
     ctx.empty_cache()
     return times
@@ -559,10 +566,9 @@ def _time_fused(ctx, tb, option, fused, inputs, timer, times) -> None:
         t0 = time.perf_counter()
         fused(*inputs)  # the first call compiles this config's binary: kept apart in --json's phases_s
         ctx.sync()
-        t1 = time.perf_counter()
-        ctx.phases["fused_warmup"] += t1 - t0
+        t0 = _spent(ctx, "fused_warmup", t0)
         times[option_name(option)] = timer(fused)
-        ctx.phases["fused_timing"] = ctx.phases.get("fused_timing", 0.0) + time.perf_counter() - t1
+        _spent(ctx, "fused_timing", t0)
     except Exception:  # noqa: BLE001 - a config that cannot run (e.g. a path's workspace) is skipped
         times[option_name(option)] = None
     finally:
