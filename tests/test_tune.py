@@ -77,8 +77,12 @@ def test_bucket_times_every_candidate_and_every_unfused_chain(fake_pg, monkeypat
                           "none+tokdyn"}  # hidden 64: its own warp count (1) is a candidate too
     assert all(v > 0 for v in times.values())
     # forced, then cleared; one row and Triton's stages forced too (a table on disk must not change them)
-    assert seen == [{"num_warps": w, "rows": 1, "num_stages": None, "evict": False, "chunk": 0, "tile": 1}
-                    for w in (1, 4, 8, 16)]
+    assert seen[:4] == [{"num_warps": w, "rows": 1, "num_stages": None, "evict": False, "chunk": 0, "tile": 1}
+                        for w in (1, 4, 8, 16)]
+    # then the confirm step: the fastest of the four again, once a round
+    assert len(seen) == 4 + tune.CONFIRM_ROUNDS and seen[4] in seen[:4] and seen[4:] == [seen[4]] * tune.CONFIRM_ROUNDS
+    assert set(ctx.confirm_us) == {tune.option_name(tune.parse_option(f"fused:local:{seen[4]['num_warps']}")),
+                                   min(("none+static", "none+tokdyn"), key=lambda k: (times[k], k))}
 
 
 def test_row_configs_only_at_world_size_1_where_the_programs_fill_the_sms_or_add_no_wave():
@@ -185,10 +189,13 @@ def test_the_second_pass_times_rows_at_every_warp_count_and_the_entry_keeps_the_
                            for t in (2, 4) for w in (1, 4, 8, 16)]
     # then evict_first on the fastest so far (8 warps, 4 rows, 1 stage), the fastest one-row (8 warps)
     # and the fastest tile (8 warps, 2 rows at once: tied with 4, the first name)
-    assert seen[28:] == [{"num_warps": 8, "rows": 4, "num_stages": 1, "evict": True, "chunk": 0, "tile": 1},
-                        {"num_warps": 8, "rows": 1, "num_stages": None, "evict": True, "chunk": 0, "tile": 1},
-                        {"num_warps": 8, "rows": 1, "num_stages": None, "evict": True, "chunk": 0, "tile": 2}]
-    entry, row = tune.decide_bucket(ctx.group, "add_rmsnorm", 64, 4096, times, "bfloat16")
+    assert seen[28:31] == [{"num_warps": 8, "rows": 4, "num_stages": 1, "evict": True, "chunk": 0, "tile": 1},
+                           {"num_warps": 8, "rows": 1, "num_stages": None, "evict": True, "chunk": 0, "tile": 1},
+                           {"num_warps": 8, "rows": 1, "num_stages": None, "evict": True, "chunk": 0, "tile": 2}]
+    # then the confirm step times the fastest (8 warps, 4 rows, 1 stage; evict_first where it gained) again
+    assert seen[31:] == [{"num_warps": 8, "rows": 4, "num_stages": 1, "evict": evict_gain > 0, "chunk": 0,
+                          "tile": 1}] * tune.CONFIRM_ROUNDS
+    entry, row = tune.decide_bucket(ctx.group, "add_rmsnorm", 64, 4096, times, "bfloat16", ctx.confirm_us)
     assert (entry["pick"], entry["num_warps"], entry["rows"], entry["num_stages"]) == ("fused", 8, 4, 1)
     assert entry.get("evict", False) is (evict_gain > 0)
     assert entry["fused_us"] == 7.75 - max(evict_gain, 0) and entry["best_unfused"] in ("none+static", "none+tokdyn")
@@ -312,3 +319,41 @@ def test_precompile_makes_in_threads_every_binary_the_timed_launches_look_up(tmp
     assert found["compiles_again"] == 0
     assert found["main_thread_compiles"] == 0 and found["threads_first"] == 2
     assert found["phases"] == ["precompile"]
+
+
+def test_the_confirm_step_times_the_two_fastest_again_and_their_medians_decide(fake_pg, monkeypatch):
+    """The first pass keeps the luckiest draw of a dozen configs: a fake timer whose first timing
+    of 8 warps is 2 us low (a lucky draw) and every later one its true 10 us, against an unfused
+    chain at 9.5. The first pass alone would pick fused at 8.0; the confirm step times 8 warps and
+    the static chain again, three rounds in turns, and picks unfused on their medians."""
+    from fusion_passes.backends import triton as tb
+
+    ctx = _sweep_context("8")
+    ctx.args.context = "alone"
+    monkeypatch.setattr(tune, "programs_to_fill", lambda device: None)  # the first pass only
+    order, draws = [], {}
+
+    def fake_time(fn, inputs, calls, replays):
+        name = f"fused:{tb.FORCE['num_warps']}" if tb.FORCE else fn(*inputs)
+        order.append(name)
+        draws[name] = draws.get(name, 0) + 1
+        if name == "fused:8":
+            return 8.0 if draws[name] == 1 else 10.0
+        return {"static": 9.5, "tokdyn": 11.0}.get(name, 12.0)
+    monkeypatch.setattr(ctx, "time_graph", fake_time)
+    monkeypatch.setattr(bk, "_timed", lambda *a, **k: None)
+    monkeypatch.setattr(bk, "_collectives", lambda ctx, x: {"none": lambda t: t})
+    forms = {"static": lambda *a: "static", "tokdyn": lambda *a: "tokdyn"}
+    w, scale = torch.rand(64).bfloat16(), torch.tensor([0.02])
+    times = tune._bucket_times(ctx, "add_rmsnorm", 64, 8, w, scale, forms, lambda *a: None, tb)
+    assert times["fused:local:8"] == 8.0 and ctx.confirm_us == {"fused:local:8": 10.0, "none+static": 9.5}
+    # the first pass, then 8 warps and the static chain in turns, the order swapped each round
+    assert order[-tune.CONFIRM_ROUNDS * 2:] == ["fused:8", "static", "static", "fused:8", "fused:8", "static"]
+    entry, row = tune.decide_bucket(ctx.group, "add_rmsnorm", 64, 8, times, "bfloat16", ctx.confirm_us)
+    assert (entry["pick"], entry["num_warps"], entry["fused_us"], entry["unfused_us"]) == ("unfused", 8, 10.0, 9.5)
+    assert row["times_us"]["fused:local:8"] == 8.0 and row["confirm_us"] == {"fused:local:8": 10.0, "none+static": 9.5}
+    assert row["speedup"] == 0.95
+    first, _ = tune.decide_bucket(ctx.group, "add_rmsnorm", 64, 8, times, "bfloat16")  # the first pass alone
+    assert first["pick"] == "fused"
+    times = {k: None for k in times if k.startswith("fused:")} | {"none+static": 1.0}  # no fused time: nothing to confirm
+    assert tune.confirm(ctx, tb, times, None, {}, None) == {}

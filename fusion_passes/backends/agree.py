@@ -83,16 +83,22 @@ def gather(group: str, value) -> list:
     return out
 
 
-def decide(group: str, times: dict[str, float]) -> tuple[str, dict[str, float]]:
-    """The option every rank runs: each rank's *times* (us per option, same options on every
-    rank) gathered, the slowest rank's time per option kept, rank 0 picks the fastest and
-    broadcasts its pick. Returns ``(pick, slowest times)``."""
+def slowest(group: str, times: dict[str, float]) -> dict[str, float]:
+    """Every rank's *times* (us per option, same options on every rank) gathered: the slowest
+    rank's time per option, the same on every rank."""
     every = gather(group, dict(times))
     names = sorted(every[0])
     if any(sorted(t) != names for t in every):
         raise RuntimeError(f"fusion_passes: ranks timed different options: {[sorted(t) for t in every]}")
-    slowest = {k: max(float(t[k]) for t in every) for k in names}
+    return {k: max(float(t[k]) for t in every) for k in names}
+
+
+def decide(group: str, times: dict[str, float]) -> tuple[str, dict[str, float]]:
+    """The option every rank runs: each rank's *times* (us per option, same options on every
+    rank) gathered, the slowest rank's time per option kept, rank 0 picks the fastest and
+    broadcasts its pick. Returns ``(pick, slowest times)``."""
+    worst = slowest(group, times)
     pg = process_group(group)
-    pick = [min(names, key=lambda k: (slowest[k], k)) if dist.get_rank(pg) == 0 else None]
+    pick = [min(sorted(worst), key=lambda k: (worst[k], k)) if dist.get_rank(pg) == 0 else None]
     dist.broadcast_object_list(pick, src=dist.get_global_rank(pg, 0), group=pg)
-    return pick[0], slowest
+    return pick[0], worst
