@@ -524,7 +524,10 @@ def _bucket_times(ctx, variant, hidden, tokens, w, scale, forms, fused, tb) -> d
 # Rounds of the confirm step (confirm): the first pass's fastest fused config and fastest unfused chain
 # timed again this many times each, in turns, and the medians decide. 3: the fewest draws whose median
 # drops one outlier either way; one round costs two timings (about 6 ms each on 1x H100 at hidden 4096,
-# session 13's fused_timing phase: 1.2 s for about 200 timings).
+# session 13's fused_timing phase: 1.2 s for about 200 timings). On 1x H100 (session 14, two runs of
+# add + RMSNorm at hidden 4096/7168/8192) the first pass's fastest fused config took 0.9-1.2% longer on
+# average when timed again, the fastest unfused chain 0.05-0.09% less, and 8 of 90 picks changed
+# (results/README.md, "Session 14"); the step took 1.6-1.8 s of a run.
 CONFIRM_ROUNDS = 3
 
 
