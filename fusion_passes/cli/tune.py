@@ -35,7 +35,9 @@ by a kernel that computes nothing), printed on the bucket's line and kept in its
 (``move_floor_us``); it decides nothing.
 
 Every rank times every option; the slowest rank's time counts and rank 0 picks the fastest
-(:func:`fusion_passes.backends.agree.decide`), so every rank writes the same table. The
+(:func:`fusion_passes.backends.agree.decide`), so every rank writes the same table. The pick is
+made on a second timing (:func:`confirm`): the first pass's fastest fused config and fastest
+unfused chain timed again, in turns, and their medians compared. The
 bucket's entry is ``fused`` (with its path and warps) when a fused option was fastest,
 else ``unfused``. The table goes to the measured-table file
 (:mod:`fusion_passes.backends.measured`; ``--out`` for another file), replacing the pairs
