@@ -91,11 +91,8 @@ def main(out: str, cache: str, gpu: bool = False) -> int:
             x = torch.randn(tokens, hidden, device=device).bfloat16()
             for option in (tune.fused_options(1, "add_rmsnorm", hidden)
                            + tune.shape_options(1, "add_rmsnorm", hidden, tokens, fill, warps)):
-                tb.FORCE.update(tune._forced(option))
-                try:
+                with tune._forcing(tb, option):
                     fused(x, torch.empty_like(x), w, None)
-                finally:
-                    tb.FORCE.clear()
     with open(out, "w") as f:
         json.dump({"calls": calls, "binaries": binaries, "compiles_first": len(first),
                    "threads_first": len(set(first)), "main_thread_compiles": first.count(threading.get_ident()),

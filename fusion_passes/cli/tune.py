@@ -51,6 +51,7 @@ calibrates.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -81,7 +82,9 @@ MP_PATHS = ("barrier", "lamport", "twoshot")
 # after the copy stayed close to the one alone (results/README.md, "Session 13"). The default: with its
 # table a token-dynamic llama step (hidden 4096) was never slower than without the pass, 1.002-1.012x in
 # two runs (no round below 1.000x); with the alone table 0.998x and 0.999x at 1 token (bench model,
-# results/README.md, "Session 13").
+# results/README.md, "Session 13"). That difference did not repeat in session 14 (the alone table
+# 1.001-1.004x at 1 token, the after-write tables 0.999-1.000x; "Session 14"): the default stands on
+# the copy's repeatability.
 CONTEXTS = ("alone", "after-write")
 DEFAULT_TOKENS = br.DEFAULT_TOKENS
 # Compiles at once before timing (--precompile-threads): Triton's compile runs in a thread (on this
@@ -339,10 +342,7 @@ def decide_bucket(group: str, variant: str, hidden: int, tokens: int, times: dic
     keeps both passes (``times_us``, ``confirm_us``)."""
     from fusion_passes.backends import agree
 
-    def finite(t):
-        return {k: math.inf if v is None else v for k, v in t.items()}
-
-    pick, slowest = agree.decide(group, finite(confirmed or times))
+    pick, slowest = agree.decide(group, _inf_for_none(confirmed or times))
     unfused = {k: v for k, v in slowest.items() if not k.startswith("fused:")}
     fused = {k: v for k, v in slowest.items() if k.startswith("fused:")}
     best_u = min(unfused, key=lambda k: (unfused[k], k))
@@ -350,7 +350,7 @@ def decide_bucket(group: str, variant: str, hidden: int, tokens: int, times: dic
     entry = {"variant": variant, "hidden": hidden, "dtype": dtype, "tokens": tokens,
              "pick": "fused" if pick.startswith("fused:") else "unfused", **parse_option(best_f),
              "fused_us": _us(fused[best_f]), "unfused_us": _us(unfused[best_u]), "best_unfused": best_u}
-    first = agree.slowest(group, finite(times)) if confirmed else slowest
+    first = agree.slowest(group, _inf_for_none(times)) if confirmed else slowest
     row = {**entry, "times_us": {k: _us(v) for k, v in first.items()},
            "speedup": unfused[best_u] / fused[best_f] if math.isfinite(fused[best_f]) else 0.0}
     if confirmed:
@@ -406,11 +406,8 @@ def precompile(ctx, variant: str, hidden: int, w, scale, fused, tb) -> int:
                 inputs = (x, torch.empty_like(x), w, scale)
                 for option in fused_options(ctx.world, variant, hidden) + shape_options(
                         ctx.world, variant, hidden, tokens, fill, warps):
-                    tb.FORCE.update(_forced(option))
-                    try:
+                    with _forcing(tb, option):
                         fused(*inputs)
-                    finally:
-                        tb.FORCE.clear()
                     calls += 1
     except Exception as e:  # noqa: BLE001 - a speed-up only: the configs then compile when timed
         print(f"fusion-passes tune: precompile failed ({type(e).__name__}: {e}); each config compiles when timed",
@@ -434,6 +431,21 @@ def _forced(option: dict) -> dict:
         return option
     return {"rows": 1, "num_stages": None, "evict": False, "chunk": 0, "tile": 1,
             **{k: v for k, v in option.items() if k != "path"}}
+
+
+@contextlib.contextmanager
+def _forcing(tb, option: dict):
+    """*option*'s launch config forced on the backend (:func:`_forced`) for the block, then cleared."""
+    tb.FORCE.update(_forced(option))
+    try:
+        yield
+    finally:
+        tb.FORCE.clear()
+
+
+def _inf_for_none(times: dict[str, float | None]) -> dict[str, float]:
+    """*times* with an option that could not run (None) counted as never finishing."""
+    return {k: math.inf if v is None else v for k, v in times.items()}
 
 
 def tune_pair(ctx, variant: str, hidden: int, dtype: str) -> list[tuple[dict, dict]]:
@@ -547,7 +559,7 @@ def confirm(ctx, tb, times, fused, chains, timer) -> dict[str, float]:
     every rank re-times the same two options."""
     from fusion_passes.backends import agree
 
-    slowest = agree.slowest(ctx.group, {k: math.inf if v is None else v for k, v in times.items()})
+    slowest = agree.slowest(ctx.group, _inf_for_none(times))
     best = []
     for fused_side in (True, False):
         finite = [k for k, v in slowest.items() if k.startswith("fused:") is fused_side and math.isfinite(v)]
@@ -558,11 +570,8 @@ def confirm(ctx, tb, times, fused, chains, timer) -> dict[str, float]:
     for r in range(CONFIRM_ROUNDS):
         for name in best[:: 1 if r % 2 == 0 else -1]:
             if name.startswith("fused:"):
-                tb.FORCE.update(_forced(parse_option(name)))
-                try:
+                with _forcing(tb, parse_option(name)):
                     runs[name].append(timer(fused))
-                finally:
-                    tb.FORCE.clear()
             else:
                 runs[name].append(timer(chains[name]))
     return {name: statistics.median(v) for name, v in runs.items()}
@@ -623,15 +632,13 @@ def _time_fused(ctx, tb, option, fused, inputs, timer, times) -> None:
     """Time the fused call at one launch config (forced on the backend) into *times*. At world
     size 1 every launch field is forced (one row, Triton's stages unless named), so that no
     entry of a table already on disk changes the config being timed."""
-    tb.FORCE.update(_forced(option))
     try:
-        t0 = time.perf_counter()
-        fused(*inputs)  # the first call compiles this config's binary: kept apart in --json's phases_s
-        ctx.sync()
-        t0 = _spent(ctx, "fused_warmup", t0)
-        times[option_name(option)] = timer(fused)
-        _spent(ctx, "fused_timing", t0)
+        with _forcing(tb, option):
+            t0 = time.perf_counter()
+            fused(*inputs)  # the first call compiles this config's binary: kept apart in --json's phases_s
+            ctx.sync()
+            t0 = _spent(ctx, "fused_warmup", t0)
+            times[option_name(option)] = timer(fused)
+            _spent(ctx, "fused_timing", t0)
     except Exception:  # noqa: BLE001 - a config that cannot run (e.g. a path's workspace) is skipped
         times[option_name(option)] = None
-    finally:
-        tb.FORCE.clear()
