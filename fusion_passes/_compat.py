@@ -51,6 +51,19 @@ def dynamo_graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def inductor_deterministic_options() -> dict:
+    """``torch.compile`` options for Inductor's deterministic mode
+    (``torch._inductor.config.deterministic``, ``TORCHINDUCTOR_DETERMINISTIC=1``: no
+    benchmarking that picks between configs of different numerics, such as a Triton
+    reduction's block sizes; each kernel keeps that in its ``inductor_meta``), or ``{}``
+    where the running torch has no such setting (torch 2.14 has it; it is looked up, not
+    assumed, on the GPU machine's 2.11). An option of the compile, not a patch around it:
+    Dynamo restores ``torch.use_deterministic_algorithms`` after each frame, and in torch
+    2.14 that call writes ``config.deterministic`` too, so a patch is off again after the
+    first compile (``torch/_dynamo/convert_frame.py``, ``torch/__init__.py``)."""
+    return {"deterministic": True} if hasattr(inductor_config, "deterministic") else {}
+
+
 def mark_dynamic(t: torch.Tensor, dim: int) -> None:
     """``torch._dynamo.mark_dynamic``: compile *t*'s dimension *dim* symbolic, as vLLM does
     for the token dimension."""

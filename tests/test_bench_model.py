@@ -173,6 +173,34 @@ def test_numerics_report_the_fused_to_unfused_ratio_and_hold_it_to_1_02():
     assert model_step.RATIO_MAX == 1.02
 
 
+def test_numerics_decide_on_the_deterministic_compiles_where_there_are_some():
+    """With ``unfused_deterministic`` and ``fused_deterministic`` (GPU default), those two
+    decide: the timed compiles' ratio is reported (``ratio_timed``) with the unfused
+    compile's own movement between its timed and deterministic forms (``unfused_spread``),
+    and a timed pair apart by more than 1.02 does not fail the point, nor does a timed pair
+    within it pass one whose deterministic pair is apart. Distances of session 14's failing
+    prefill point on 1x H100: unfused 0.02536 (timed), fused 0.02597."""
+    torch.manual_seed(0)
+    ref = torch.randn(4, 2048)
+    noise = torch.randn(4, 2048)
+    at = lambda rms: ref + rms * noise  # noqa: E731
+    rms = noise.pow(2).mean().sqrt().item()
+    outs = {"unfused": at(0.02536 / rms), "fused": at(0.02597 / rms),
+            "unfused_deterministic": at(0.0261 / rms), "fused_deterministic": at(0.0260 / rms)}
+    timed = model_step.numerics({k: outs[k] for k in ("unfused", "fused")}, ref)
+    assert timed["decided_by"] == "timed compiles" and timed["ratio"] == pytest.approx(1.024, abs=1e-3)
+    assert not model_step.numerics_ok(timed) and "ratio_timed" not in timed
+    n = model_step.numerics(outs, ref)
+    assert n["decided_by"] == "deterministic compiles" and model_step.numerics_ok(n)
+    assert n["ratio"] == pytest.approx(0.0260 / 0.0261, abs=1e-4)
+    assert n["ratio_timed"] == pytest.approx(timed["ratio"]) and not n["ratio_timed"] <= model_step.RATIO_MAX
+    assert n["unfused_spread"] == pytest.approx(0.02536 / 0.0261, abs=1e-4)
+    # the other way round: the timed pair within the bound, the deterministic pair apart
+    outs.update(fused=outs["unfused"].clone(), fused_deterministic=at(0.0261 * 1.03 / rms))
+    n = model_step.numerics(outs, ref)
+    assert n["ratio_timed"] == 1.0 and n["fused_no_further"] and not n["ratio_ok"] and not model_step.numerics_ok(n)
+
+
 def test_sites_summary_counts_per_layer_and_backend():
     report = FusionReport(sites=[
         SiteReport("ar0", fused=True, variant="allreduce_add_rmsnorm", backend="triton"),
@@ -198,10 +226,17 @@ def test_runtime_backend_follows_the_selector():
 def test_plan_counts_compiles():
     args = type("A", (), dict(decode=[1, 8, 32, 64], prefill=[512, 4096], model=["llama"], precision=["bf16"],
                               layers=4, token_dynamic=False))()
+    args.numerics = "timed"
     assert bench_model.plan(args, 1)["compiles"] == 18
     assert bench_model.plan(args, 2)["compiles"] == 12
     args.token_dynamic = True  # one graph per step kind and form
     assert bench_model.plan(args, 1)["compiles"] == 6
+    # the GPU default compiles unfused and fused again under Inductor's deterministic mode
+    args.numerics = None
+    assert bench_model.default_numerics(args) == "deterministic"
+    assert bench_model.plan(args, 1)["compiles"] == 2 * (3 + len(model_step.CHECK_FORMS)) == 10
+    args.device = "cpu"
+    assert bench_model.default_numerics(args) == "timed" and bench_model.plan(args, 1)["compiles"] == 6
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -218,7 +253,9 @@ def test_bad_arguments_exit_2(argv, message, capsys):
 
 def test_plan_flag(capsys):
     assert cli_main(["bench", "model", "--plan", "--model", "llama", "--precision", "bf16"]) == 0
-    assert "18 compiles" in capsys.readouterr().out
+    assert "3 forms (+2 untimed, for the numerics) each: 30 compiles" in capsys.readouterr().out
+    assert cli_main(["bench", "model", "--plan", "--model", "llama", "--precision", "bf16", "--numerics", "timed"]) == 0
+    assert "3 forms each: 18 compiles" in capsys.readouterr().out
 
 
 def test_format_point_line():
@@ -240,6 +277,11 @@ def test_format_point_line():
     row["numerics"].update(fused={"rms": 0.1910}, unfused={"rms": 0.1887}, tolerance={"rms": 0.0022},
                            fused_no_further=False, ratio=0.1910 / 0.1887, ratio_ok=True)
     assert model_step.format_point("llama fp8", row).endswith("ratio 1.012): FAILED")
+    row["numerics"].update(fused_deterministic={"rms": 0.1880}, unfused_deterministic={"rms": 0.1887},
+                           decided_by="deterministic compiles", ratio=0.1880 / 0.1887, ratio_timed=0.1910 / 0.1887,
+                           fused_no_further=True, ratio_ok=True)
+    assert model_step.format_point("llama fp8", row).endswith(
+        "ratio 1.012; deterministic compiles: rms fused 0.188 vs unfused 0.1887, ratio 0.996): ok")
     assert json.loads(json.dumps(row)) == row
 
 

@@ -73,6 +73,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fp8-linear", choices=("vllm", "hf"), default="vllm",
                         help="vllm: our FP8 linear with vLLM's native per-token quant (default); hf: "
                              "transformers' CompressedTensorsFP8Linear (quantize_fp8_per_row)")
+    parser.add_argument("--numerics", choices=("deterministic", "timed"),
+                        help="which compiles the numerics check compares: deterministic (default on GPU): "
+                             "unfused and fused compiled again, untimed, under Inductor's deterministic mode, "
+                             "whose reduction configs do not depend on timing; timed (default on CPU, where "
+                             "Inductor's C++ kernels time nothing): the timed compiles, no extra compile")
     parser.add_argument("--token-dynamic", action="store_true",
                         help="compile each form once per step kind with the token dimension dynamic and "
                              "Dynamo's guards dropped (as vLLM compiles), at the kind's largest point, and run "
@@ -111,13 +116,14 @@ def plan(args, world: int) -> dict:
     """Compiles per (model, precision) and the rough duration of a run."""
     n_points = len(args.decode) + len(args.prefill)
     forms = 3 if world == 1 else 2
+    checks = 2 if default_numerics(args) == "deterministic" else 0  # model_step.CHECK_FORMS (a module with torch)
     combos = len(args.model) * len(args.precision)
     n_graphs = (bool(args.decode) + bool(args.prefill)) if args.token_dynamic else n_points
-    compiles = combos * n_graphs * forms
+    compiles = combos * n_graphs * (forms + checks)
     cold = SECONDS_COLD[0] + SECONDS_COLD[1] * args.layers
     warm = SECONDS_WARM[0] + SECONDS_WARM[1] * args.layers
-    per_point = cold + (forms - 1) * warm
-    return {"points": n_points, "forms": forms, "combinations": combos, "compiles": compiles,
+    per_point = cold + (forms + checks - 1) * warm
+    return {"points": n_points, "forms": forms, "check_forms": checks, "combinations": combos, "compiles": compiles,
             "estimate_s": round(combos * (SECONDS_SETUP + n_graphs * per_point))}
 
 
@@ -143,7 +149,8 @@ def run(args) -> int:
 
 
 def _format_plan(p: dict) -> str:
-    return (f"plan: {p['combinations']} model x precision, {p['points']} points, {p['forms']} forms each: "
+    checks = f" (+{p['check_forms']} untimed, for the numerics)" if p.get("check_forms") else ""
+    return (f"plan: {p['combinations']} model x precision, {p['points']} points, {p['forms']} forms{checks} each: "
             f"{p['compiles']} compiles; roughly {p['estimate_s'] / 60:.1f} min (narrow with --model / "
             "--precision / --decode / --prefill)")
 
@@ -190,8 +197,28 @@ def _setup(args):
         ctx = types.SimpleNamespace(device=torch.device("cpu"), device_kind="cpu", sync=lambda: None,
                                     empty_cache=lambda: None, capture=_wall_timer, deferred=False)
     ctx.rounds, ctx.replays = args.rounds, args.replays
+    ctx.numerics = numerics_mode(args)
     ctx.rank, ctx.world, ctx.group_name, ctx.handles = rank, world, dist.group.WORLD.group_name, []
     return ctx
+
+
+def default_numerics(args) -> str:
+    """``--numerics`` as given, else ``deterministic`` on GPU and ``timed`` on CPU."""
+    given = getattr(args, "numerics", None)
+    return given or ("deterministic" if getattr(args, "device", "cuda") == "cuda" else "timed")
+
+
+def numerics_mode(args) -> str:
+    """``--numerics``, its default by device, or ``timed`` (with a note on stderr) where
+    deterministic compiles were asked for but this torch's Inductor has no such mode."""
+    from fusion_passes import _compat
+
+    mode = default_numerics(args)
+    if mode == "deterministic" and not _compat.inductor_deterministic_options():
+        print("fusion-passes bench model: this torch's Inductor has no deterministic mode; the numerics check "
+              "compares the timed compiles", file=sys.stderr)
+        return "timed"
+    return mode
 
 
 def _wall_timer(fn):
@@ -307,7 +334,7 @@ def _benchmark(args, pts, p: dict) -> int:
                          "--replays replays, the forms of a point interleaved round by round; a step's time is "
                          "the median of its rounds" if args.device == "cuda" else
                          "CPU: median wall-clock time of eager calls, per round, rounds back to back"),
-              "rounds": args.rounds, "replays": args.replays,
+              "rounds": args.rounds, "replays": args.replays, "numerics": ctx.numerics,
               "phases_s": {k: round(v, 1) for k, v in ctx.phases.items()},
               "numerics_failed": len(failed), "numerics_failed_moe": len(noisy),
               "max_ratio": max(ratios, default=None), "ratio_max_allowed": model_step.RATIO_MAX, "rows": rows}
@@ -320,8 +347,8 @@ def _benchmark(args, pts, p: dict) -> int:
             print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["phases_s"].items()))
             worst = f"; fused/unfused distance at most {result['max_ratio']:.3f} (<= {model_step.RATIO_MAX})" \
                 if ratios else ""
-            print(f"numerics (fused no further from fp32 than unfused in RMS, within one bf16 rounding, "
-                  f"and at most {model_step.RATIO_MAX}x): "
+            print(f"numerics ({ctx.numerics} compiles: fused no further from fp32 than unfused in RMS, within one "
+                  f"bf16 rounding, and at most {model_step.RATIO_MAX}x): "
                   f"{'ok' if not failed else f'FAILED at {len(failed)} points'} (dense){worst}"
                   + (f"; MoE (router ties make it noisy): not within at {len(noisy)} points" if noisy else ""))
     dist.barrier()
