@@ -268,7 +268,8 @@ def test_format_point_line():
     assert "x1.051" in line and "no collective 100.0 us" in line and "FAILED" in line and "rounds" not in line
     row["rounds_us"] = {form: [t, t] for form, t in row["step_us"].items()}
     row["speedup_range"] = [0.98, 1.06]
-    assert "(x1.051, x0.980-1.060 over 2 rounds)" in model_step.format_point("llama bf16", row)
+    row.update(model_step.speed_verdict([0.98, 1.06]))
+    assert "(x1.051, x0.980-1.060 over 2 rounds: within noise)" in model_step.format_point("llama bf16", row)
     row["numerics"].update(fused_no_further=True, ratio=1.0211, ratio_ok=False)
     line = model_step.format_point("llama bf16", row)
     assert "ratio 1.021): FAILED" in line
@@ -311,4 +312,15 @@ def test_rounds_interleave_the_forms_and_report_the_median_and_range():
     rounds = {f: g["rounds_us"] for f, g in got.items()}
     per_round = [u / f for u, f in zip(rounds["unfused"], rounds["fused"])]
     assert per_round == [1.25, 1.5, 1.0] and (min(per_round), max(per_round)) == (1.0, 1.5)
+
+
+def test_speed_verdict_is_a_sign_test_over_the_rounds():
+    """``faster`` / ``slower`` only where every round agrees; a round at exactly 1.0 or
+    rounds on both sides are ``within noise``; ``p_noise`` is 0.5 ** rounds. The prefill
+    2048 rows of session 14 on 1x H100 (3 rounds): 0.958-1.022 within noise, 0.962-0.988
+    slower (p 0.125)."""
+    assert model_step.speed_verdict([1.25, 1.5, 1.0]) == {"speed": "within noise", "p_noise": 0.125}
+    assert model_step.speed_verdict([1.001, 1.01, 1.002, 1.2, 1.003]) == {"speed": "faster", "p_noise": 0.03125}
+    assert model_step.speed_verdict([0.958, 1.0, 1.022])["speed"] == "within noise"
+    assert model_step.speed_verdict([0.962, 0.988, 0.975]) == {"speed": "slower", "p_noise": 0.125}
 

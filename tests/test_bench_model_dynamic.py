@@ -64,4 +64,6 @@ def test_token_dynamic_forms_compile_once_per_kind_and_keep_parity(tmp_path):
         assert {f: len(ts) for f, ts in r["rounds_us"].items()} == {"nocoll": 2, "unfused": 2, "fused": 2}
         lo, hi = r["speedup_range"]
         assert lo <= r["speedup"] <= hi
+        assert r["speed"] in ("faster", "within noise", "slower") and r["p_noise"] == 0.25
+    assert sum(result["speed"].values()) == len(rows)
     assert result["numerics_failed"] == 0

@@ -16,7 +16,9 @@ Steps, forms and numerics: :mod:`fusion_passes.cli.model_step`. Each step is cap
 in a CUDA graph by hand (``torch.cuda.graph`` around the compiled step, one step per
 graph) and replayed in ``--rounds`` rounds, the forms of a point interleaved round by round
 (:func:`fusion_passes.cli.model_step.interleave`); a step's time is the median of its
-rounds' medians, and each row gives the speedup's range over the rounds. ``--dry-run`` traces the same
+rounds' medians, and each row gives the speedup's range over the rounds and what their
+signs say (``speed``: faster or slower in every round, or within noise;
+:func:`fusion_passes.cli.model_step.speed_verdict`). ``--dry-run`` traces the same
 models on CPU under the fake process group and reports the sites
 (:mod:`fusion_passes.cli.model_trace`); ``--device cpu`` runs the whole benchmark on CPU
 (gloo, Inductor's C++ kernels, wall-clock time of eager calls): a check of the tool whose
@@ -337,7 +339,9 @@ def _benchmark(args, pts, p: dict) -> int:
               "rounds": args.rounds, "replays": args.replays, "numerics": ctx.numerics,
               "phases_s": {k: round(v, 1) for k, v in ctx.phases.items()},
               "numerics_failed": len(failed), "numerics_failed_moe": len(noisy),
-              "max_ratio": max(ratios, default=None), "ratio_max_allowed": model_step.RATIO_MAX, "rows": rows}
+              "max_ratio": max(ratios, default=None), "ratio_max_allowed": model_step.RATIO_MAX,
+              "speed": {v: sum(r.get("speed") == v for r in rows) for v in ("faster", "within noise", "slower")},
+              "rows": rows}
     if ctx.rank == 0:
         if args.out:
             pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
@@ -345,6 +349,9 @@ def _benchmark(args, pts, p: dict) -> int:
             print(json.dumps(result, indent=1))
         else:
             print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["phases_s"].items()))
+            if args.rounds > 1:
+                print(f"speed (sign of every round's speedup; noise alone gives a verdict with probability "
+                      f"{0.5 ** args.rounds:.3f}): " + ", ".join(f"{v} at {n}" for v, n in result["speed"].items()))
             worst = f"; fused/unfused distance at most {result['max_ratio']:.3f} (<= {model_step.RATIO_MAX})" \
                 if ratios else ""
             print(f"numerics ({ctx.numerics} compiles: fused no further from fp32 than unfused in RMS, within one "

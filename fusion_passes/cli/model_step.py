@@ -264,7 +264,22 @@ def point_row(ctx, p: Point, ref: torch.Tensor, eager: torch.Tensor, results: di
         row["rounds_us"] = {form: [round(t, 2) for t in ts] for form, ts in rounds.items()}
         per_round = [u / f for u, f in zip(rounds["unfused"], rounds["fused"])]
         row["speedup_range"] = [min(per_round), max(per_round)]
+        row.update(speed_verdict(per_round))
     return row
+
+
+def speed_verdict(per_round: list[float]) -> dict:
+    """What the rounds' speedups say (``speed``): ``faster`` where every round's is above 1,
+    ``slower`` where every one is below, else ``within noise``. A sign test: if the pass
+    changed nothing, each round (on a GPU every form timed once, interleaved; on CPU the
+    rounds run back to back, and the verdict says little) is as likely above 1
+    as below, so noise alone gives either verdict with probability 0.5 ** rounds
+    (``p_noise``: 0.125 at 3 rounds, 0.031 at 5). Reported, not judged: 3 rounds cannot
+    show a point slower or faster at the 5% level."""
+    n = len(per_round)
+    speed = ("faster" if all(s > 1 for s in per_round) else
+             "slower" if all(s < 1 for s in per_round) else "within noise")
+    return {"speed": speed, "p_noise": 0.5 ** n}
 
 
 def token_dims(p: Point) -> tuple[int, int]:
@@ -411,7 +426,7 @@ def format_point(prefix: str, row: dict) -> str:
                  f"ratio {n['ratio']:.3f}")
     dyn = f" (token-dynamic graph compiled at {row['compiled_at']})" if "compiled_at" in row else ""
     spread = (f", x{row['speedup_range'][0]:.3f}-{row['speedup_range'][1]:.3f} over {len(row['rounds_us']['fused'])} "
-              "rounds" if "speedup_range" in row else "")
+              f"rounds: {row['speed']}" if "speedup_range" in row else "")
     return (f"{prefix} {row['kind']} {row['tokens']}{dyn}: unfused {us['unfused']:.1f} us, fused {us['fused']:.1f} us "
             f"(x{row['speedup']:.3f}{spread}){nocoll}; sites {s['fused']}/{s['total']} fused ({s['per_layer']:g}/layer; "
             f"{backends_}); rms fused {n['fused']['rms']:.4g} vs unfused {n['unfused']['rms']:.4g} "
