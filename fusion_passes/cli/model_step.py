@@ -217,32 +217,25 @@ def run_point(ctx, p: Point, ref: torch.Tensor) -> dict:
     per_form = {form: run_form(form, ctx, p, [p], dynamic=False) for form in ctx.forms}
     interleave(ctx, per_form)
     checks = check_forms(ctx, p, [p], dynamic=False)
-    return point_row(ctx, p, ref, eager, {form: _point_result(r, 0) for form, r in per_form.items()}, checks[0])
+    return point_row(ctx, p, ref, eager, {form: _point_result(r, 0) for form, r in per_form.items()},
+                     {form: _point_result(r, 0) for form, r in checks.items()})
 
 
-def check_forms(ctx, at: Point, pts: list[Point], dynamic: bool) -> list[dict]:
-    """Per point of *pts*, the logits of :data:`CHECK_FORMS` compiled (as :func:`run_form`
-    would, at *at*) under Inductor's deterministic mode and not timed, keyed
-    ``<form>_deterministic``, with the fused compile's site count (``sites_fused``),
-    whether both compiled with Inductor's setting on (``mode_on``) and their compile times
-    (``compile_s``, added to the row's); empty dicts unless
+def check_forms(ctx, at: Point, pts: list[Point], dynamic: bool) -> dict:
+    """:data:`CHECK_FORMS` compiled again as :func:`run_form` would, at *at*, under
+    Inductor's deterministic mode and not timed (``{form: run}``); none unless
     ``ctx.numerics`` is ``"deterministic"``."""
-    if getattr(ctx, "numerics", "timed") != "deterministic":
-        return [{} for _ in pts]
-    runs = {form: run_form(form, ctx, at, pts, dynamic, deterministic=True) for form in CHECK_FORMS}
-    fused = sum(s.fused for r in runs["fused"]["reports"] for s in r.sites)
-    on = all("deterministic" in r["inductor_options"] for r in runs.values())
-    return [{**{f"{form}_deterministic": r["points"][i]["logits"] for form, r in runs.items()},
-             "sites_fused": fused, "mode_on": on,
-             "compile_s": {f"{form}_deterministic": r["compile_s"] for form, r in runs.items()}}
-            for i in range(len(pts))]
+    if ctx.numerics != "deterministic":
+        return {}
+    return {form: run_form(form, ctx, at, pts, dynamic, deterministic=True) for form in CHECK_FORMS}
 
 
 def point_row(ctx, p: Point, ref: torch.Tensor, eager: torch.Tensor, results: dict, checks: dict) -> dict:
     """The row of point *p* from each form's result (``us``, ``compile_s``, ``logits``, and
-    the pass's ``reports`` for ``fused``) and :func:`check_forms`' entry for it."""
-    outs = {"eager": eager, **{form: r["logits"] for form, r in results.items()},
-            **{k: v for k, v in checks.items() if k.endswith("_deterministic")}}
+    the pass's ``reports`` for ``fused``), and each check form's (:func:`check_forms`; no
+    ``us``), named ``<form>_deterministic`` in the row."""
+    checks = {f"{form}_deterministic": r for form, r in checks.items()}
+    outs = {"eager": eager, **{form: r["logits"] for form, r in {**results, **checks}.items()}}
     step_us = {form: r["us"] for form, r in results.items()}
     cfg = ctx.model.config
     pick = runtime_backend_fn(cfg.hidden_size, ctx.world, p.batch * p.seq, ctx.device_kind)
@@ -250,13 +243,14 @@ def point_row(ctx, p: Point, ref: torch.Tensor, eager: torch.Tensor, results: di
         "kind": p.kind, "tokens": p.tokens, "batch": p.batch, "seq": p.seq, "cache_slots": p.max_len,
         "cached_tokens": p.start, "step_us": step_us,
         "speedup": step_us["unfused"] / step_us["fused"],
-        "compile_s": {form: round(t, 2) for form, t in
-                      {**{f: r["compile_s"] for f, r in results.items()}, **checks.get("compile_s", {})}.items()},
+        "compile_s": {form: round(r["compile_s"], 2) for form, r in {**results, **checks}.items()},
         "sites": sites(results["fused"]["reports"], cfg.num_hidden_layers, pick),
         "numerics": numerics(outs, ref),
     }
     if checks:
-        row["numerics"].update(sites_fused_deterministic=checks["sites_fused"], deterministic_mode_on=checks["mode_on"])
+        row["numerics"].update(
+            sites_fused_deterministic=sum(s.fused for r in checks["fused_deterministic"]["reports"] for s in r.sites),
+            deterministic_mode_on=all(r["deterministic"] for r in checks.values()))
     if "nocoll" in step_us:
         row["speedup_vs_nocoll"] = step_us["nocoll"] / step_us["fused"]
     rounds = {form: r["rounds_us"] for form, r in results.items()}
@@ -311,7 +305,7 @@ def run_dynamic(ctx, pts: list[Point], refs: list[torch.Tensor]) -> list[dict]:
     interleave(ctx, per_form)
     checks = check_forms(ctx, at, pts, dynamic=True)
     return [{**point_row(ctx, p, ref, eager[i], {form: _point_result(r, i) for form, r in per_form.items()},
-                         checks[i]),
+                         {form: _point_result(r, i) for form, r in checks.items()}),
              "compiled_at": at.tokens, "graphs": {form: r["graphs"] for form, r in per_form.items()}}
             for i, (p, ref) in enumerate(zip(pts, refs))]
 
@@ -347,7 +341,7 @@ def run_form(form: str, ctx, at: Point, pts: list[Point], dynamic: bool, determi
         models.step(compiled, ids, cache)
         ctx.sync()
         out["compile_s"] = time.perf_counter() - t0
-        out["inductor_options"] = sorted(k for k in options if k != "guard_filter_fn")
+        out["deterministic"] = options.get("deterministic", False)
         first = (ids, cache)  # the compile point's own inputs serve it (new ones would recompile a static step)
         del ids, cache
         for p in pts:
@@ -357,15 +351,13 @@ def run_form(form: str, ctx, at: Point, pts: list[Point], dynamic: bool, determi
             if tuple(logits.shape) != want:
                 raise RuntimeError(f"{form} graph compiled at {at.label} gave logits of shape "
                                    f"{tuple(logits.shape)} at {p.label} (expected {want}): it specialized a size")
-            if deterministic:
-                out["points"].append({"logits": logits})
-                del ids, cache
-                continue
-            replay = ctx.capture(lambda compiled=compiled, ids=ids, cache=cache: models.step(compiled, ids, cache))
-            out["points"].append({"logits": logits, "replay": replay, "rounds_us": []})
-            if not ctx.deferred:  # CPU: a later call would recompile under another form's config
-                out["points"][-1]["rounds_us"] = [_round_us(replay, ctx.replays) for _ in range(ctx.rounds)]
-                del out["points"][-1]["replay"]
+            out["points"].append({"logits": logits})
+            if not deterministic:  # timed
+                replay = ctx.capture(lambda compiled=compiled, ids=ids, cache=cache: models.step(compiled, ids, cache))
+                out["points"][-1].update(replay=replay, rounds_us=[])
+                if not ctx.deferred:  # CPU: a later call would recompile under another form's config
+                    out["points"][-1]["rounds_us"] = [_round_us(replay, ctx.replays) for _ in range(ctx.rounds)]
+                    del out["points"][-1]["replay"]
             del ids, cache
         del first
         if fusion is not None:
@@ -407,10 +399,13 @@ def _round_us(replay, replays: int) -> float:
 
 def _point_result(r: dict, i: int) -> dict:
     """Point *i*'s result of one :func:`run_form` run, as :func:`point_row` reads it: ``us``
-    is the median of its rounds."""
+    is the median of its rounds (a timed run's)."""
     pt = r["points"][i]
-    return {"compile_s": r["compile_s"], "reports": r["reports"], "logits": pt["logits"],
-            "rounds_us": pt["rounds_us"], "us": statistics.median(pt["rounds_us"])}
+    out = {"compile_s": r["compile_s"], "reports": r["reports"], "logits": pt["logits"],
+           "deterministic": r.get("deterministic", False)}
+    if "rounds_us" in pt:
+        out.update(rounds_us=pt["rounds_us"], us=statistics.median(pt["rounds_us"]))
+    return out
 
 
 def format_point(prefix: str, row: dict) -> str:
